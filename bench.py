@@ -1,0 +1,144 @@
+"""
+Speed and memory of each component, with the peer implementation measured in the same run.
+
+    python bench.py dit --config 13b --size 544x960x129    # bf16 DiT forward, ours vs diffusers
+    python bench.py dit                                     # on a CPU: the tiny config, a smoke run
+
+GPU timings use CUDA events after warm-up and report the median. Figures go into the README's
+Performance table with the GPU and the date.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import dit
+
+
+def timed(fn, warmup, iters):
+    """Median seconds of fn() after warm-up: CUDA events on a GPU, perf_counter on a CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def dit_flops(cfg, n_img, n_txt):
+    """Matmul FLOPs of one forward: every token passes ~12 D^2 weights per block (double: qkv 3, proj 1,
+    MLP 8 per stream; single: linear1 7, linear2 5), plus 4 L^2 D per block for QK^T and PV."""
+    D, L = cfg.hidden_size, n_img + n_txt
+    blocks = cfg.depth_double + cfg.depth_single
+    mlp = cfg.mlp_ratio
+    linear = 2 * L * D * D * (4 + 2 * mlp) * blocks
+    attn = 4 * L * L * D * blocks
+    return linear + attn
+
+
+def bench_dit(args):
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    name = args.config or ("13b" if cuda else "tiny")
+    cfg = dit.CONFIGS[name]
+    H, W, T = (int(v) for v in (args.size or ("544x960x129" if cuda else "64x64x9")).split("x"))
+    if H % 16 or W % 16 or (T - 1) % 4:
+        raise SystemExit(f"--size {H}x{W}x{T}: height/width must be multiples of 16 and frames 4k+1 (e.g. 544x960x129)")
+    lat = (1, cfg.in_channels, (T - 1) // 4 + 1, H // 8, W // 8)
+    n_img = lat[2] // cfg.patch_size[0] * (lat[3] // cfg.patch_size[1]) * (lat[4] // cfg.patch_size[2])
+    n_txt = 256 if cuda else 16
+    dtype = torch.bfloat16 if cuda else torch.float32
+    print(f"DiT {name} ({cfg.hidden_size}x{cfg.depth_double}+{cfg.depth_single}), video {H}x{W}x{T} -> latent "
+          f"{lat[2:]}, {n_img:,} image + {n_txt} text tokens, {dtype}, {device}"
+          + (f" ({torch.cuda.get_device_name()})" if cuda else ""))
+
+    # random weights (std 0.02 everywhere, so no block is the zero-initialised identity)
+    with torch.device("meta"):
+        model = dit.HunyuanVideoDiT(cfg)
+    model = model.to_empty(device=device).to(dtype).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    g = torch.Generator(device).manual_seed(0)
+    x = torch.randn(lat, device=device, generator=g).to(dtype)
+    t = torch.tensor([900.0], device=device)
+    text = torch.randn(1, n_txt, cfg.text_dim, device=device, generator=g).to(dtype)
+    mask = (torch.arange(n_txt, device=device) < n_txt * 3 // 4)[None].long()  # realistic padding
+    pooled = torch.randn(1, cfg.pooled_dim, device=device, generator=g).to(dtype)
+    guid = torch.tensor([6016.0], device=device, dtype=dtype)
+    warmup, iters = (1, 3) if cuda else (1, 2)
+
+    rows = []
+    with torch.no_grad():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        sec = timed(lambda: model(x, t, text, mask, pooled, guid), warmup, iters)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+        ours = model(x, t, text, mask, pooled, guid).float()
+        rows.append(("ours (dit.py)", sec, mem))
+        sd = dit.official_to_diffusers(model.state_dict()) if args.peer else None
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+
+        if args.peer:
+            try:
+                from diffusers import HunyuanVideoTransformer3DModel
+            except ImportError:
+                print("peer: diffusers is not installed, skipped (pip install diffusers)")
+            else:
+                with torch.device("meta"):
+                    ref = HunyuanVideoTransformer3DModel(
+                        in_channels=cfg.in_channels, out_channels=cfg.out_channels, num_attention_heads=cfg.num_heads,
+                        attention_head_dim=cfg.hidden_size // cfg.num_heads, num_layers=cfg.depth_double,
+                        num_single_layers=cfg.depth_single, num_refiner_layers=cfg.refiner_depth,
+                        mlp_ratio=cfg.mlp_ratio, patch_size=cfg.patch_size[1], patch_size_t=cfg.patch_size[0],
+                        guidance_embeds=cfg.guidance_embed, text_embed_dim=cfg.text_dim,
+                        pooled_projection_dim=cfg.pooled_dim, rope_theta=cfg.rope_theta, rope_axes_dim=cfg.rope_axes)
+                ref.load_state_dict({k: v.to(device) for k, v in sd.items()}, strict=True, assign=True)
+                ref = ref.to(device=device, dtype=dtype).eval()
+                del sd
+                run = lambda: ref(x, t, text, mask, pooled, guidance=guid, return_dict=False)[0]
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                psec = timed(run, warmup, iters)
+                pmem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
+                theirs = run().float()
+                rows.append(("diffusers HunyuanVideoTransformer3DModel", psec, pmem))
+                print(f"same weights, ours vs diffusers: relative difference "
+                      f"{((ours - theirs).norm() / theirs.norm()).item():.2e}")
+
+    flops = dit_flops(cfg, n_img, n_txt)
+    print(f"\n{'implementation':<42} {'seconds':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'peak GiB':>9}")
+    for label, sec, mem in rows:
+        print(f"{label:<42} {sec:>9.3f} {(n_img + n_txt) / sec:>10,.0f} {flops / sec / 1e12:>8.1f} {mem:>9.1f}")
+    print(f"({flops / 1e15:.2f} PFLOP per forward, matmuls only; median of {iters} after {warmup} warm-up)")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("dit", help="DiT forward time")
+    p.add_argument("--config", choices=list(dit.CONFIGS), help="default: 13b on a GPU, tiny on a CPU")
+    p.add_argument("--size", help="HxWxT video size, default 544x960x129 on a GPU, 64x64x9 on a CPU")
+    p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers comparison")
+    p.set_defaults(fn=bench_dit)
+    args = ap.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

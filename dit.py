@@ -1,0 +1,700 @@
+"""
+The HunyuanVideo diffusion transformer (paper §4.2, official `hyvideo/modules/models.py`).
+
+A latent video (B, 16, T', H', W') is cut into 1x2x2 patches, runs through 20 dual-stream blocks (image and
+text tokens keep their own weights but attend jointly) and 40 single-stream blocks (one fused sequence),
+and comes out as a flow-matching velocity of the same shape. Every module name below is the official
+state-dict key, so the released `mp_rank_00_model_states.pt` loads with strict=True.
+
+Numerics follow the official bf16 + autocast run: LayerNorm, the (1 + scale) modulation on its output,
+RMSNorm's normalisation and RoPE are computed in fp32; matmuls, attention and the residual stream are in
+the weights' dtype. With fp32 weights everything is fp32.
+
+Read top to bottom: config, attention, embedders, token refiner, blocks, the model, loading.
+"""
+
+import inspect
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class DiTConfig:
+    in_channels: int = 16             # VAE latent channels
+    out_channels: int = 16
+    patch_size: tuple = (1, 2, 2)     # (t, h, w)
+    hidden_size: int = 3072
+    num_heads: int = 24               # head dim 128
+    mlp_ratio: float = 4.0
+    depth_double: int = 20            # dual-stream blocks
+    depth_single: int = 40            # single-stream blocks
+    refiner_depth: int = 2            # token-refiner blocks (hard-coded 2 in the official code)
+    text_dim: int = 4096              # LLM hidden states
+    pooled_dim: int = 768             # CLIP pooled output
+    rope_axes: tuple = (16, 56, 56)   # (t, h, w) split of the head dim
+    rope_theta: float = 256.0         # official CLI default --rope-theta 256, not 10000
+    guidance_embed: bool = True       # the released weights are guidance-distilled
+    qkv_bias: bool = True
+
+    def __post_init__(self):
+        self.patch_size, self.rope_axes = tuple(self.patch_size), tuple(self.rope_axes)
+        head_dim, rem = divmod(self.hidden_size, self.num_heads)
+        if rem or sum(self.rope_axes) != head_dim or any(a % 2 for a in self.rope_axes):
+            raise ValueError(f"DiTConfig: hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must give "
+                             f"a head dim equal to sum(rope_axes)={sum(self.rope_axes)}, each axis even")
+
+
+CONFIGS = {
+    "13b": DiTConfig(),  # the released HYVideo-T/2-cfgdistill, 12,821,012,544 parameters
+    # ~1.1B: same head dim and RoPE split, so recipes transfer; for single-GPU training runs
+    "1b": DiTConfig(hidden_size=1536, num_heads=12, depth_double=7, depth_single=14),
+    # CPU tests and the embedded demo: seconds per step
+    "tiny": DiTConfig(hidden_size=64, num_heads=2, depth_double=2, depth_single=2, text_dim=32,
+                      pooled_dim=32, rope_axes=(8, 12, 12)),
+}
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention: one function for the refiner and all 60 blocks
+
+try:  # our fused kernel (attention_cuda/), used on CUDA tensors once it is built
+    from attention_cuda import attention as fused_attention, kernel_available
+except ImportError:
+    fused_attention, kernel_available = None, (lambda: False)
+
+
+# On an H100, cuDNN's fused attention runs 574-674 TFLOP/s forward against flash-SDPA's 357-368 at 128-d heads
+# (issue 8's measurements), but PyTorch does not try it first: ask for it, for inference (no autograd), on
+# PyTorch versions that can set the order (2.6+).
+_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+_CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def _sdpa(q, k, v):
+    """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D), no mask."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda and _CAN_ORDER and not torch.is_grad_enabled():
+        with sdpa_kernel(_CUDA_ORDER, set_priority=True):
+            o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v)
+    return o.transpose(1, 2).flatten(2)
+
+
+def attention(q, k, v, seg_lens=None):
+    """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
+
+    seg_lens[i] (a python int) reproduces the official flash-attn varlen call (attenion.py
+    get_cu_seqlens): in sample i, tokens [0, seg_lens[i]) (image + valid text) form one sequence and the
+    padding tail [seg_lens[i], L) another; the two never see each other. So padding cannot touch image
+    or valid-text outputs, and no dense L x L mask is ever built: each segment is attended unmasked.
+    """
+    B, L = q.shape[:2]
+    if seg_lens is None or all(n == L for n in seg_lens):
+        if fused_attention is not None and q.is_cuda and kernel_available():
+            return fused_attention(q, k, v).flatten(2)
+        return _sdpa(q, k, v)
+    if fused_attention is not None and q.is_cuda and kernel_available():
+        # The kernel skips keys at or past kv_lens, which is the first segment exactly; the short padding
+        # tails (< 256 tokens) are redone on their own below.
+        head = fused_attention(q, k, v, kv_lens=torch.tensor(seg_lens, device=q.device, dtype=torch.int32))
+        out = [torch.cat([head[i:i + 1, :n].flatten(2), _sdpa(q[i:i + 1, n:], k[i:i + 1, n:], v[i:i + 1, n:])], 1)
+               if n < L else head[i:i + 1].flatten(2) for i, n in enumerate(seg_lens)]
+        return torch.cat(out, 0)
+    out = []
+    for i, n in enumerate(seg_lens):
+        parts = [_sdpa(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n])]
+        if n < L:
+            parts.append(_sdpa(q[i:i + 1, n:], k[i:i + 1, n:], v[i:i + 1, n:]))
+        out.append(torch.cat(parts, 1))
+    return torch.cat(out, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small pieces: norms, modulation, RoPE
+
+def fp32(x):
+    """Upcast to at least fp32 (float64 stays float64, for reference checks)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def layer_norm(x, eps=1e-6):
+    """Affine-free LayerNorm in fp32 (official: bf16 model under autocast, where layer_norm runs in fp32)."""
+    return F.layer_norm(fp32(x), x.shape[-1:], eps=eps)
+
+
+def modulate(x, shift, scale):
+    """adaLN: x * (1 + scale) + shift, broadcast over the sequence (official "1 + scale" convention)."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class RMSNorm(nn.Module):
+    """q/k norm over the head dim: normalise in fp32, cast back, then scale (official norm_layers.py order)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = fp32(x)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def rope_tables(grid, axes, theta, dtype=torch.float32):
+    """3D RoPE cos/sin tables (L_img, head_dim), rows in token order (t slowest, w fastest); computed in
+    fp32 like the official code (float64 only for reference checks).
+
+    Positions are token indices per axis; each axis' sub-dim m gets m/2 frequencies theta^(-2k/m), and
+    cos/sin are repeated x2 so they line up with adjacent (2i, 2i+1) pairs (official posemb_layers.py).
+    """
+    cos, sin = [], []
+    mesh = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in grid], indexing="ij")
+    for pos, m in zip(mesh, axes):
+        freqs = 1.0 / theta ** (torch.arange(0, m, 2, dtype=dtype) / m)
+        ang = pos.reshape(-1, 1) * freqs  # (L, m/2)
+        cos.append(ang.cos().repeat_interleave(2, dim=1))
+        sin.append(ang.sin().repeat_interleave(2, dim=1))
+    return torch.cat(cos, 1), torch.cat(sin, 1)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate adjacent pairs (GPT-J style) of x (B, L, H, D) in fp32: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)."""
+    x32 = fp32(x)
+    rot = torch.stack([-x32[..., 1::2], x32[..., 0::2]], dim=-1).flatten(-2)
+    return (x32 * cos[:, None] + rot * sin[:, None]).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedders
+
+def timestep_embedding(t, dim=256, max_period=10000, dtype=torch.float32):
+    """Sinusoid of a float timestep, [cos | sin] (cos first, as the official embed_layers.py), in fp32."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    args = t.to(dtype)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """t (0..1000, or guidance x 1000) -> sinusoid(256) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(256, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+
+    def forward(self, t):
+        w = self.mlp[0].weight
+        return self.mlp(timestep_embedding(t, dtype=fp32(w).dtype).to(w.dtype))
+
+
+class MLPEmbedder(nn.Module):
+    """vector_in: CLIP pooled text -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden)
+        self.out_layer = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.out_layer(F.silu(self.in_layer(x)))
+
+
+class TextProjection(nn.Module):
+    """The refiner's c_embedder: pooled LLM states -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, in_dim, hidden):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, hidden)
+        self.linear_2 = nn.Linear(hidden, hidden)
+
+    def forward(self, x):
+        return self.linear_2(F.silu(self.linear_1(x)))
+
+
+class PatchEmbed(nn.Module):
+    """img_in: Conv3d with kernel = stride = patch, then (B, C, t, h, w) -> (B, t*h*w, C), w fastest."""
+
+    def __init__(self, patch, in_ch, hidden):
+        super().__init__()
+        self.proj = nn.Conv3d(in_ch, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class MLP(nn.Module):
+    """fc1 -> activation -> fc2 (keys fc1/fc2 as in the official checkpoint)."""
+
+    def __init__(self, dim, hidden, act):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), act, nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Modulation(nn.Module):
+    """ModulateDiT: SiLU(vec) -> Linear(D, factor*D), applied inside each block (not once globally)."""
+
+    def __init__(self, hidden, factor):
+        super().__init__()
+        self.linear = nn.Linear(hidden, factor * hidden)
+
+    def forward(self, vec):
+        return self.linear(F.silu(vec))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token refiner (txt_in): LLM states -> hidden size, refined by bidirectional attention over the prompt
+
+class IndividualTokenRefinerBlock(nn.Module):
+    """Pre-norm transformer block with gate-only adaLN (no shift/scale), affine LayerNorms, SiLU MLP."""
+
+    def __init__(self, hidden, heads, mlp_ratio):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.self_attn_qkv = nn.Linear(hidden, 3 * hidden)
+        self.self_attn_proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = MLP(hidden, int(hidden * mlp_ratio), nn.SiLU())
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+
+    def forward(self, x, c, seg_lens, mask):
+        gate_msa, gate_mlp = self.adaLN_modulation(c).unsqueeze(1).chunk(2, dim=-1)
+        dt = x.dtype
+        h = F.layer_norm(fp32(x), x.shape[-1:], fp32(self.norm1.weight), fp32(self.norm1.bias), 1e-6)
+        q, k, v = self.self_attn_qkv(h.to(dt)).unflatten(-1, (3, self.heads, -1)).unbind(2)
+        a = attention(q, k, v, seg_lens)
+        if mask is not None:
+            # Official mask: valid query i sees valid keys; key 0 is forced visible, so a padding query sees
+            # key 0 alone and its output is exactly v[:, 0]. (Padding outputs never reach the image.)
+            a = torch.where(mask.bool()[..., None], a, v[:, :1].flatten(2))
+        x = x + gate_msa * self.self_attn_proj(a)
+        h = F.layer_norm(fp32(x), x.shape[-1:], fp32(self.norm2.weight), fp32(self.norm2.bias), 1e-6)
+        return x + gate_mlp * self.mlp(h.to(dt))
+
+
+class IndividualTokenRefiner(nn.Module):
+    def __init__(self, hidden, heads, depth, mlp_ratio):
+        super().__init__()
+        self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
+
+
+class SingleTokenRefiner(nn.Module):
+    """txt_in: c = t-embedding + MLP(masked mean of the raw LLM states); x = Linear(states); refiner blocks."""
+
+    def __init__(self, in_dim, hidden, heads, depth, mlp_ratio):
+        super().__init__()
+        self.input_embedder = nn.Linear(in_dim, hidden)
+        self.t_embedder = TimestepEmbedder(hidden)
+        self.c_embedder = TextProjection(in_dim, hidden)
+        self.individual_token_refiner = IndividualTokenRefiner(hidden, heads, depth, mlp_ratio)
+
+    def forward(self, text, t, mask, seg_lens):
+        dt = self.input_embedder.weight.dtype
+        if mask is None:
+            pooled = fp32(text).mean(dim=1)
+        else:  # the mean is taken over the raw (un-projected) states of the valid tokens, in fp32
+            m = mask.to(fp32(text).dtype).unsqueeze(-1)
+            pooled = (fp32(text) * m).sum(dim=1) / m.sum(dim=1)
+        c = self.t_embedder(t) + self.c_embedder(pooled.to(dt))
+        x = self.input_embedder(text.to(dt))
+        for block in self.individual_token_refiner.blocks:
+            x = block(x, c, seg_lens, mask)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Transformer blocks
+
+class MMDoubleStreamBlock(nn.Module):
+    """Dual-stream block (paper §4.2): separate img_/txt_ weights, one joint attention over [img ; txt]."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, head_dim, mlp = cfg.hidden_size, cfg.hidden_size // cfg.num_heads, int(cfg.hidden_size * cfg.mlp_ratio)
+        self.heads = cfg.num_heads
+        for s in ("img", "txt"):
+            setattr(self, f"{s}_mod", Modulation(D, 6))
+            setattr(self, f"{s}_attn_qkv", nn.Linear(D, 3 * D, bias=cfg.qkv_bias))
+            setattr(self, f"{s}_attn_q_norm", RMSNorm(head_dim))
+            setattr(self, f"{s}_attn_k_norm", RMSNorm(head_dim))
+            setattr(self, f"{s}_attn_proj", nn.Linear(D, D, bias=cfg.qkv_bias))
+            setattr(self, f"{s}_mlp", MLP(D, mlp, nn.GELU(approximate="tanh")))
+
+    def forward(self, img, txt, vec, rope, seg_lens):
+        img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
+        txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
+
+        def qkv(s, x, mod):
+            h = modulate(layer_norm(x), mod[0], mod[1]).to(x.dtype)
+            q, k, v = getattr(self, f"{s}_attn_qkv")(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
+            return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
+
+        iq, ik, iv = qkv("img", img, img_mod)
+        iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)  # RoPE on image tokens only, after QK-norm
+        tq, tk, tv = qkv("txt", txt, txt_mod)
+        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens)
+        img_a, txt_a = a[:, :img.shape[1]], a[:, img.shape[1]:]
+
+        def residual(s, x, attn_out, mod):
+            x = x + mod[2].unsqueeze(1) * getattr(self, f"{s}_attn_proj")(attn_out)
+            h = modulate(layer_norm(x), mod[3], mod[4]).to(x.dtype)
+            return x + mod[5].unsqueeze(1) * getattr(self, f"{s}_mlp")(h)
+
+        return residual("img", img, img_a, img_mod), residual("txt", txt, txt_a, txt_mod)
+
+
+class MMSingleStreamBlock(nn.Module):
+    """Single-stream block: linear1 -> [q | k | v | mlp], linear2([attn | GELU(mlp)]), one gated residual."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+        self.heads, self.mlp_hidden = cfg.num_heads, int(D * cfg.mlp_ratio)
+        self.linear1 = nn.Linear(D, 3 * D + self.mlp_hidden)
+        self.linear2 = nn.Linear(D + self.mlp_hidden, D)
+        self.q_norm, self.k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.modulation = Modulation(D, 3)
+        self.mlp_act = nn.GELU(approximate="tanh")
+
+    def forward(self, x, vec, rope, seg_lens, n_img):
+        shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
+        h = modulate(layer_norm(x), shift, scale).to(x.dtype)
+        qkv, mlp = self.linear1(h).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
+        q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
+        q, k = self.q_norm(q), self.k_norm(k)
+        # RoPE on the image part [0, n_img) only; the text tail keeps no positional encoding
+        q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], 1)
+        k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], 1)
+        a = attention(q, k, v, seg_lens)
+        return x + gate.unsqueeze(1) * self.linear2(torch.cat([a, self.mlp_act(mlp)], -1))
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) -> Linear to patch pixels."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D = cfg.hidden_size
+        self.linear = nn.Linear(D, math.prod(cfg.patch_size) * cfg.out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+
+    def forward(self, x, vec):
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(modulate(layer_norm(x), shift, scale).to(x.dtype))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+class HunyuanVideoDiT(nn.Module):
+    """Latent video + text conditions -> flow-matching velocity (official HYVideoDiffusionTransformer)."""
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.hidden_size
+        self.img_in = PatchEmbed(cfg.patch_size, cfg.in_channels, D)
+        self.txt_in = SingleTokenRefiner(cfg.text_dim, D, cfg.num_heads, cfg.refiner_depth, cfg.mlp_ratio)
+        self.time_in = TimestepEmbedder(D)
+        self.vector_in = MLPEmbedder(cfg.pooled_dim, D)
+        self.guidance_in = TimestepEmbedder(D) if cfg.guidance_embed else None
+        self.double_blocks = nn.ModuleList([MMDoubleStreamBlock(cfg) for _ in range(cfg.depth_double)])
+        self.single_blocks = nn.ModuleList([MMSingleStreamBlock(cfg) for _ in range(cfg.depth_single)])
+        self.final_layer = FinalLayer(cfg)
+        self.gradient_checkpointing = False
+        self._rope_cache = {}
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        """Official init: PyTorch-default Linear/Conv, N(0, 0.02) timestep MLPs, zeros for every modulation
+        and the final layer, so each block starts as the identity (adaLN-Zero, as in DiT)."""
+        for emb in (self.time_in, self.guidance_in, self.txt_in.t_embedder):
+            if emb is not None:
+                nn.init.normal_(emb.mlp[0].weight, std=0.02)
+                nn.init.normal_(emb.mlp[2].weight, std=0.02)
+        zero = [self.final_layer.linear, self.final_layer.adaLN_modulation[1]]
+        zero += [b.adaLN_modulation[1] for b in self.txt_in.individual_token_refiner.blocks]
+        zero += [m for b in self.double_blocks for m in (b.img_mod.linear, b.txt_mod.linear)]
+        zero += [b.modulation.linear for b in self.single_blocks]
+        for m in zero:
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def rope(self, grid, device, dtype):
+        key = (grid, str(device), dtype)
+        if key not in self._rope_cache:
+            cos, sin = rope_tables(grid, self.cfg.rope_axes, self.cfg.rope_theta, fp32(torch.empty(0, dtype=dtype)).dtype)
+            self._rope_cache = {key: (cos.to(device), sin.to(device))}  # keep one resolution at a time
+        return self._rope_cache[key]
+
+    def forward(self, x, t, text, text_mask, pooled, guidance=None):
+        """x (B, C, T, H, W); t (B,) in 0..1000; text (B, L, text_dim); text_mask (B, L) 1 = real token,
+        right-padded (or None: all real); pooled (B, pooled_dim); guidance (B,) already x1000.
+        Returns the velocity (B, out_channels, T, H, W) in the weights' dtype."""
+        cfg = self.cfg
+        B, C, T, H, W = x.shape
+        pt, ph, pw = cfg.patch_size
+        if C != cfg.in_channels or T % pt or H % ph or W % pw:
+            raise ValueError(f"latent {tuple(x.shape)}: need {cfg.in_channels} channels and T, H, W divisible "
+                             f"by the patch {cfg.patch_size}; pad or crop the latent to fit")
+        if cfg.guidance_embed and guidance is None:
+            raise ValueError("this DiT is guidance-distilled: pass guidance = scale * 1000 (official default 6.0)")
+        if not cfg.guidance_embed and guidance is not None:
+            raise ValueError("this DiT has no guidance embedder: pass guidance=None (use real CFG instead)")
+        grid = (T // pt, H // ph, W // pw)
+        n_img, n_txt = math.prod(grid), text.shape[1]
+
+        seg_lens = None
+        if text_mask is not None:
+            text_len = text_mask.sum(1)
+            # The official varlen split assumes valid tokens are a prefix (the tokenizer pads on the right).
+            if (text_len == 0).any() or not torch.equal(
+                    text_mask.bool(), torch.arange(n_txt, device=text_mask.device) < text_len[:, None]):
+                raise ValueError("text_mask must be right-padded (ones then zeros) with at least one real "
+                                 "token per sample; encode prompts with padding on the right")
+            seg_lens = (text_len + n_img).tolist()
+        txt_seg = None if seg_lens is None else [n - n_img for n in seg_lens]
+
+        dt = self.img_in.proj.weight.dtype
+        vec = self.time_in(t) + self.vector_in(pooled.to(dt))  # plain sum of the conditioning vectors
+        if self.guidance_in is not None:
+            vec = vec + self.guidance_in(guidance)
+        img = self.img_in(x.to(dt))
+        txt = self.txt_in(text, t, text_mask, txt_seg)
+        rope = self.rope(grid, x.device, dt)
+
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.double_blocks:
+            args = (img, txt, vec, rope, seg_lens)
+            img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
+        for block in self.single_blocks:
+            args = (x, vec, rope, seg_lens, n_img)
+            x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        out = self.final_layer(x[:, :n_img], vec)  # (B, L_img, C*pt*ph*pw)
+
+        # unpatchify: channels laid out (c, pt, ph, pw), c slowest; tokens (t, h, w)
+        out = out.reshape(B, *grid, cfg.out_channels, pt, ph, pw)
+        out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, c, t, pt, h, ph, w, pw)
+        return out.reshape(B, cfg.out_channels, T, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official <-> diffusers key conversion (diffusers HunyuanVideoTransformer3DModel; facts §2.3)
+
+# (official module, diffusers module(s)); "#" is the block index. Several diffusers modules = the official
+# tensor is split along dim 0 (q/k/v, and the single block's q/k/v/mlp).
+_DIFFUSERS_NAMES = [
+    ("img_in.proj", ["x_embedder.proj"]),
+    ("time_in.mlp.0", ["time_text_embed.timestep_embedder.linear_1"]),
+    ("time_in.mlp.2", ["time_text_embed.timestep_embedder.linear_2"]),
+    ("vector_in.in_layer", ["time_text_embed.text_embedder.linear_1"]),
+    ("vector_in.out_layer", ["time_text_embed.text_embedder.linear_2"]),
+    ("guidance_in.mlp.0", ["time_text_embed.guidance_embedder.linear_1"]),
+    ("guidance_in.mlp.2", ["time_text_embed.guidance_embedder.linear_2"]),
+    ("txt_in.input_embedder", ["context_embedder.proj_in"]),
+    ("txt_in.t_embedder.mlp.0", ["context_embedder.time_text_embed.timestep_embedder.linear_1"]),
+    ("txt_in.t_embedder.mlp.2", ["context_embedder.time_text_embed.timestep_embedder.linear_2"]),
+    ("txt_in.c_embedder.linear_1", ["context_embedder.time_text_embed.text_embedder.linear_1"]),
+    ("txt_in.c_embedder.linear_2", ["context_embedder.time_text_embed.text_embedder.linear_2"]),
+    ("final_layer.linear", ["proj_out"]),
+    ("final_layer.adaLN_modulation.1", ["norm_out.linear"]),  # halves swapped: (shift, scale) <-> (scale, shift)
+]
+_REFINER = [("norm1", ["norm1"]), ("norm2", ["norm2"]), ("self_attn_proj", ["attn.to_out.0"]),
+            ("self_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+            ("mlp.fc1", ["ff.net.0.proj"]), ("mlp.fc2", ["ff.net.2"]), ("adaLN_modulation.1", ["norm_out.linear"])]
+_DOUBLE = [("img_mod.linear", ["norm1.linear"]), ("txt_mod.linear", ["norm1_context.linear"]),
+           ("img_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
+           ("txt_attn_qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+           ("img_attn_q_norm", ["attn.norm_q"]), ("img_attn_k_norm", ["attn.norm_k"]),
+           ("txt_attn_q_norm", ["attn.norm_added_q"]), ("txt_attn_k_norm", ["attn.norm_added_k"]),
+           ("img_attn_proj", ["attn.to_out.0"]), ("txt_attn_proj", ["attn.to_add_out"]),
+           ("img_mlp.fc1", ["ff.net.0.proj"]), ("img_mlp.fc2", ["ff.net.2"]),
+           ("txt_mlp.fc1", ["ff_context.net.0.proj"]), ("txt_mlp.fc2", ["ff_context.net.2"])]
+_SINGLE = [("linear1", ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"]), ("linear2", ["proj_out"]),
+           ("q_norm", ["attn.norm_q"]), ("k_norm", ["attn.norm_k"]), ("modulation.linear", ["norm.linear"])]
+
+
+def _name_pairs(sd_keys, diffusers_side):
+    """Expand the tables over the block indices present in a state dict's keys."""
+    def indices(prefix):
+        return sorted({int(k[len(prefix):].split(".")[0]) for k in sd_keys if k.startswith(prefix)})
+    pre = ("context_embedder.token_refiner.refiner_blocks.", "transformer_blocks.", "single_transformer_blocks.") \
+        if diffusers_side else ("txt_in.individual_token_refiner.blocks.", "double_blocks.", "single_blocks.")
+    pairs = list(_DIFFUSERS_NAMES)
+    for i in indices(pre[0]):
+        pairs += [(f"txt_in.individual_token_refiner.blocks.{i}.{o}",
+                   [f"context_embedder.token_refiner.refiner_blocks.{i}.{d}" for d in ds]) for o, ds in _REFINER]
+    for i in indices(pre[1]):
+        pairs += [(f"double_blocks.{i}.{o}", [f"transformer_blocks.{i}.{d}" for d in ds]) for o, ds in _DOUBLE]
+    for i in indices(pre[2]):
+        pairs += [(f"single_blocks.{i}.{o}", [f"single_transformer_blocks.{i}.{d}" for d in ds]) for o, ds in _SINGLE]
+    return pairs
+
+
+def _swap_halves(w):
+    a, b = w.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def official_to_diffusers(sd):
+    """Official state dict -> diffusers HunyuanVideoTransformer3DModel layout (no copies beyond the splits)."""
+    sd, out = dict(sd), {}
+    hidden = next((v.shape[0] for k, v in sd.items() if k.endswith(("img_in.proj.weight", "linear2.weight"))), 0)
+    for off, dif in _name_pairs(sd.keys(), diffusers_side=False):
+        for p in ("weight", "bias"):
+            if f"{off}.{p}" not in sd:
+                continue
+            w = sd.pop(f"{off}.{p}")
+            if off == "final_layer.adaLN_modulation.1":
+                w = _swap_halves(w)
+            if len(dif) == 3:
+                parts = w.chunk(3, dim=0)
+            elif len(dif) == 4:  # single-block linear1: q, k, v are hidden_size rows each, then the MLP
+                parts = w.split([hidden, hidden, hidden, w.shape[0] - 3 * hidden], dim=0)
+            else:
+                parts = [w]
+            out.update({f"{d}.{p}": t for d, t in zip(dif, parts)})
+    out.update(sd)  # anything unrecognised is passed through, so the strict load names it
+    return out
+
+
+def diffusers_to_official(sd):
+    """diffusers layout -> official state dict (the inverse of official_to_diffusers)."""
+    sd, out = dict(sd), {}
+    for off, dif in _name_pairs(sd.keys(), diffusers_side=True):
+        for p in ("weight", "bias"):
+            if not all(f"{d}.{p}" in sd for d in dif):
+                continue
+            w = torch.cat([sd.pop(f"{d}.{p}") for d in dif], dim=0)
+            out[f"{off}.{p}"] = _swap_halves(w) if off == "final_layer.adaLN_modulation.1" else w
+    out.update(sd)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and saving
+
+def _read_state_dict(path, load_key):
+    """Read tensors from an official .pt, a safetensors file, or a directory of (sharded) safetensors."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"DiT checkpoint not found: {path}")
+    meta = {}
+    if os.path.isdir(path):
+        names = sorted(os.listdir(path))
+        index = [n for n in names if n.endswith(".safetensors.index.json")]
+        if index:
+            with open(os.path.join(path, index[0])) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        else:
+            shards = [n for n in names if n.endswith(".safetensors")]
+        if not shards:
+            pts = [n for n in names if n.endswith(".pt")]
+            if len(pts) == 1:
+                return _read_state_dict(os.path.join(path, pts[0]), load_key)
+            raise FileNotFoundError(f"no *.safetensors (or single official .pt) in {path}")
+        sd = {}
+        for s in shards:
+            if not os.path.exists(os.path.join(path, s)):
+                raise FileNotFoundError(f"shard {s} listed in the index is missing from {path}")
+            sd.update(load_file(os.path.join(path, s)))
+        if os.path.exists(os.path.join(path, "config.json")):
+            with open(os.path.join(path, "config.json")) as f:
+                meta["diffusers_config"] = json.load(f)
+        return sd, meta
+    if path.endswith(".safetensors"):
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        return load_file(path), meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # truncated or not a torch file
+        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e}); re-download it") from e
+    if isinstance(obj, dict) and load_key in obj:  # DeepSpeed layout: weights under "module" (or "ema")
+        obj = obj[load_key]
+    elif isinstance(obj, dict) and load_key == "module" and "ema" not in obj and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"{path}: no state dict under key '{load_key}' (keys: {list(obj)[:5]}); try load_key='ema'")
+    return obj, meta
+
+
+def config_from_diffusers(c):
+    """A DiTConfig from a diffusers transformer config.json."""
+    return DiTConfig(in_channels=c["in_channels"], out_channels=c["out_channels"],
+                     patch_size=(c["patch_size_t"], c["patch_size"], c["patch_size"]),
+                     hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
+                     num_heads=c["num_attention_heads"], mlp_ratio=c["mlp_ratio"], depth_double=c["num_layers"],
+                     depth_single=c["num_single_layers"], refiner_depth=c["num_refiner_layers"],
+                     text_dim=c["text_embed_dim"], pooled_dim=c["pooled_projection_dim"],
+                     rope_axes=tuple(c["rope_axes_dim"]), rope_theta=c["rope_theta"],
+                     guidance_embed=c["guidance_embeds"])
+
+
+def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="module"):
+    """Load a DiT from the official mp_rank_00_model_states.pt, official-layout safetensors (ours, from
+    save_dit, carry their config), or diffusers-layout safetensors (file or sharded directory), detected
+    from the keys. config: a CONFIGS name or DiTConfig; default = the file's own config, else "13b".
+    Any missing, unexpected or mis-shaped tensor is an error: never a silent partial load."""
+    sd, meta = _read_state_dict(path, load_key)
+    if any(k.startswith(("transformer_blocks.", "x_embedder.", "context_embedder.")) for k in sd):
+        sd = diffusers_to_official(sd)
+        if config is None and "diffusers_config" in meta:
+            config = config_from_diffusers(meta["diffusers_config"])
+    if config is None:
+        config = DiTConfig(**json.loads(meta["config"])) if "config" in meta else "13b"
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+
+    with torch.device("meta"):
+        model = HunyuanVideoDiT(cfg)
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    wrong = sorted(k for k in set(want) & set(sd) if sd[k].shape != want[k])
+    if missing or unexpected or wrong:
+        def few(ks):
+            return ", ".join(ks[:4]) + (f" (+{len(ks) - 4} more)" if len(ks) > 4 else "")
+        problems = [f"{len(missing)} missing: {few(missing)}" if missing else "",
+                    f"{len(unexpected)} unexpected: {few(unexpected)}" if unexpected else "",
+                    f"{len(wrong)} wrong shape: " + few([f"{k} {tuple(sd[k].shape)} vs {tuple(want[k])}" for k in wrong])
+                    if wrong else ""]
+        raise ValueError(f"{path} does not match DiT config {cfg}: " + "; ".join(p for p in problems if p)
+                         + ". Is it a HunyuanVideo DiT checkpoint, complete, and the right config?")
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    return model
+
+
+def save_dit(model, path):
+    """Official-layout safetensors with our config in the metadata (atomic: temp file + rename)."""
+    from safetensors.torch import save_file
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path + ".tmp"
+    save_file(sd, tmp, metadata={"config": json.dumps(asdict(model.cfg))})
+    os.replace(tmp, path)
+
+
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Build a DiT config on the meta device and print its size")
+    ap.add_argument("--config", default="13b", choices=list(CONFIGS))
+    a = ap.parse_args()
+    with torch.device("meta"):
+        m = HunyuanVideoDiT(CONFIGS[a.config])
+    print(f"{a.config}: {num_params(m):,} parameters, {len(m.state_dict())} tensors")

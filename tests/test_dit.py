@@ -1,0 +1,423 @@
+"""dit.py against an independent float64 reference written from the facts (architecture.md §1), plus the
+invariants a reader relies on: padding invariance, RoPE algebra, checkpointing, loading, key layout."""
+
+import math
+import os
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dit
+
+TINY = dit.DiTConfig(hidden_size=64, num_heads=2, depth_double=2, depth_single=2, text_dim=32, pooled_dim=24,
+                     rope_axes=(8, 12, 12))
+
+
+def random_model(cfg=TINY, seed=0, std=0.1):
+    """The official init zeroes every modulation (blocks start as identity), which would make most checks
+    vacuous: draw every weight at random instead."""
+    torch.manual_seed(seed)
+    model = dit.HunyuanVideoDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+def inputs(cfg=TINY, B=2, T=3, H=4, W=6, L=7, lens=(7, 3), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, T, H, W, generator=g)
+    t = torch.rand(B, generator=g) * 1000
+    text = torch.randn(B, L, cfg.text_dim, generator=g)
+    mask = (torch.arange(L)[None] < torch.tensor(lens)[:, None]).long()
+    pooled = torch.randn(B, cfg.pooled_dim, generator=g)
+    guidance = torch.full((B,), 6016.0)
+    return x, t, text, mask, pooled, guidance
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Independent float64 reference: a straight transcription of the facts, dense masks, no code shared with dit.py
+
+def ref_forward(sd, cfg, x, t, text, mask, pooled, guidance):
+    sd = {k: v.double() for k, v in sd.items()}
+    x, text, pooled = x.double(), text.double(), pooled.double()
+    D, nh = cfg.hidden_size, cfg.num_heads
+    hd = D // nh
+    lin = lambda h, name: h @ sd[name + ".weight"].T + sd.get(name + ".bias", 0)
+    silu, ln = F.silu, lambda h: F.layer_norm(h, h.shape[-1:], eps=1e-6)
+    gelu = lambda h: 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h ** 3)))
+
+    def sinus(v):  # 256-d, cos first, max period 10000
+        f = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+        a = v.double()[:, None] * f
+        return torch.cat([a.cos(), a.sin()], 1)
+
+    def temb(v, name):
+        return lin(silu(lin(sinus(v), name + ".mlp.0")), name + ".mlp.2")
+
+    def rms(h, name):
+        return h / torch.sqrt((h * h).mean(-1, keepdim=True) + 1e-6) * sd[name + ".weight"]
+
+    def attend(q, k, v, allowed):  # q,k,v (L, nh, hd); allowed (L, L) bool
+        s = torch.einsum("qhd,khd->hqk", q, k) / math.sqrt(hd)
+        s = s.masked_fill(~allowed, float("-inf"))
+        return torch.einsum("hqk,khd->qhd", s.softmax(-1), v).reshape(q.shape[0], -1)
+
+    B, C, T, H, W = x.shape
+    pt, ph, pw = cfg.patch_size
+    tt, th, tw = T // pt, H // ph, W // pw
+    n_img = tt * th * tw
+    # RoPE angle table from the formula: per axis, frequency theta^(-2k/m) for pairs (2k, 2k+1)
+    pos = [(i, j, l) for i in range(tt) for j in range(th) for l in range(tw)]
+    ang = torch.zeros(n_img, hd // 2, dtype=torch.float64)
+    col = 0
+    for ax, m in enumerate(cfg.rope_axes):
+        for k in range(m // 2):
+            for r, p in enumerate(pos):
+                ang[r, col] = p[ax] * cfg.rope_theta ** (-2 * k / m)
+            col += 1
+
+    def rope(h):  # (n_img, nh, hd): rotate each adjacent pair by its angle
+        z = torch.view_as_complex(h.reshape(n_img, nh, hd // 2, 2).contiguous())
+        return torch.view_as_real(z * torch.polar(torch.ones_like(ang), ang)[:, None]).reshape(n_img, nh, hd)
+
+    outs = []
+    for b in range(B):
+        n = int(mask[b].sum())
+        L = text.shape[1]
+        vec = temb(t[b:b + 1], "time_in") + lin(silu(lin(pooled[b:b + 1], "vector_in.in_layer")), "vector_in.out_layer")
+        if cfg.guidance_embed:
+            vec = vec + temb(guidance[b:b + 1], "guidance_in")
+        # patch embedding as an explicit matmul over (c, pt, ph, pw) patches, tokens t-major then h then w
+        w = sd["img_in.proj.weight"].reshape(D, -1)
+        patches = x[b].reshape(C, tt, pt, th, ph, tw, pw).permute(1, 3, 5, 0, 2, 4, 6).reshape(n_img, -1)
+        img = patches @ w.T + sd["img_in.proj.bias"]
+        # token refiner
+        pre = "txt_in."
+        c = temb(t[b:b + 1], pre + "t_embedder") + lin(silu(lin(text[b, :n].mean(0, keepdim=True), pre + "c_embedder.linear_1")), pre + "c_embedder.linear_2")
+        txt = lin(text[b], pre + "input_embedder")
+        valid = torch.arange(L) < n
+        allowed = valid[:, None] & valid[None, :]
+        allowed[:, 0] = True  # key 0 forced visible
+        for r in range(cfg.refiner_depth):
+            p = f"{pre}individual_token_refiner.blocks.{r}."
+            g1, g2 = lin(silu(c), p + "adaLN_modulation.1").chunk(2, -1)
+            h = F.layer_norm(txt, (D,), sd[p + "norm1.weight"], sd[p + "norm1.bias"], 1e-6)
+            q, k, v = lin(h, p + "self_attn_qkv").reshape(L, 3, nh, hd).unbind(1)
+            txt = txt + g1 * lin(attend(q, k, v, allowed), p + "self_attn_proj")
+            h = F.layer_norm(txt, (D,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], 1e-6)
+            txt = txt + g2 * lin(silu(lin(h, p + "mlp.fc1")), p + "mlp.fc2")
+        # varlen segments: [image + valid text] and [padding text], blind to each other
+        seg = torch.arange(n_img + L) < n_img + n
+        allowed = seg[:, None] == seg[None, :]
+        for i in range(cfg.depth_double):
+            p = f"double_blocks.{i}."
+            qs, ks, vs, mods = [], [], [], {}
+            for s, h0 in (("img", img), ("txt", txt)):
+                mods[s] = lin(silu(vec), p + s + "_mod.linear").chunk(6, -1)
+                h = ln(h0) * (1 + mods[s][1]) + mods[s][0]
+                q, k, v = lin(h, p + s + "_attn_qkv").reshape(-1, 3, nh, hd).unbind(1)
+                q, k = rms(q, p + s + "_attn_q_norm"), rms(k, p + s + "_attn_k_norm")
+                if s == "img":
+                    q, k = rope(q), rope(k)
+                qs.append(q), ks.append(k), vs.append(v)
+            a = attend(torch.cat(qs), torch.cat(ks), torch.cat(vs), allowed)
+            new = []
+            for s, h0, a_s in (("img", img, a[:n_img]), ("txt", txt, a[n_img:])):
+                sh1, sc1, g1, sh2, sc2, g2 = mods[s]
+                h0 = h0 + g1 * lin(a_s, p + s + "_attn_proj")
+                h = ln(h0) * (1 + sc2) + sh2
+                new.append(h0 + g2 * lin(gelu(lin(h, p + s + "_mlp.fc1")), p + s + "_mlp.fc2"))
+            img, txt = new
+        xs = torch.cat([img, txt])
+        for i in range(cfg.depth_single):
+            p = f"single_blocks.{i}."
+            sh, sc, g = lin(silu(vec), p + "modulation.linear").chunk(3, -1)
+            h = lin(ln(xs) * (1 + sc) + sh, p + "linear1")
+            q, k, v = h[:, :3 * D].reshape(-1, 3, nh, hd).unbind(1)
+            q, k = rms(q, p + "q_norm"), rms(k, p + "k_norm")
+            q = torch.cat([rope(q[:n_img]), q[n_img:]])
+            k = torch.cat([rope(k[:n_img]), k[n_img:]])
+            a = attend(q, k, v, allowed)
+            xs = xs + g * lin(torch.cat([a, gelu(h[:, 3 * D:])], -1), p + "linear2")
+        sh, sc = lin(silu(vec), "final_layer.adaLN_modulation.1").chunk(2, -1)
+        o = lin(ln(xs[:n_img]) * (1 + sc) + sh, "final_layer.linear")  # (n_img, c*pt*ph*pw)
+        o = o.reshape(tt, th, tw, cfg.out_channels, pt, ph, pw).permute(3, 0, 4, 1, 5, 2, 6)
+        outs.append(o.reshape(cfg.out_channels, T, H, W))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("shape,lens", [((3, 4, 6), (7, 3)), ((1, 4, 4), (2, 7)), ((2, 2, 4), (7, 7))])
+def test_matches_float64_reference(shape, lens):
+    model = random_model().double()
+    x, t, text, mask, pooled, g = inputs(T=shape[0], H=shape[1], W=shape[2], lens=lens)
+    with torch.no_grad():
+        got = model(x.double(), t, text.double(), mask, pooled.double(), g)
+    ref = ref_forward(model.state_dict(), TINY, x, t, text, mask, pooled, g)
+    assert got.shape == x.shape
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-10
+
+
+def test_reference_without_guidance_and_bigger_patch():
+    cfg = dit.replace(TINY, guidance_embed=False, qkv_bias=False, patch_size=(2, 2, 2), in_channels=4, out_channels=8)
+    model = random_model(cfg).double()
+    x, t, text, mask, pooled, _ = inputs(cfg, T=4, lens=(5, 2))
+    with torch.no_grad():
+        got = model(x.double(), t, text.double(), mask, pooled.double())
+    ref = ref_forward(model.state_dict(), cfg, x, t, text, mask, pooled, None)
+    assert got.shape == (2, 8, 4, 4, 6)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-10
+
+
+def test_fp32_close_to_float64():
+    model = random_model()
+    x, t, text, mask, pooled, g = inputs()
+    # Timesteps near 1000 (and guidance 6016) put the fp32 sinusoid's argument error at ~1e-4 rad, as in the
+    # official fp32 embedder; small timesteps isolate the rest of the fp32 arithmetic.
+    for scale, tol in ((1.0, 2e-4), (1e-3, 2e-6)):
+        with torch.no_grad():
+            got = model(x, t * scale, text, mask, pooled, g * scale)
+        ref = ref_forward(model.state_dict(), TINY, x, t * scale, text, mask, pooled, g * scale)
+        assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Invariants
+
+def test_padding_invariance():
+    """More padded text tokens, whatever they contain, leave every output unchanged."""
+    model = random_model()
+    x, t, text, mask, pooled, g = inputs(L=5, lens=(5, 2))
+    extra = 9
+    text2 = torch.cat([text, 100 * torch.randn(2, extra, TINY.text_dim)], 1)
+    text2[1, 2:] = 50 * torch.randn_like(text2[1, 2:])  # garbage where sample 1 is padded
+    mask2 = F.pad(mask, (0, extra))
+    with torch.no_grad():
+        a = model(x, t, text, mask, pooled, g)
+        b = model(x, t, text2, mask2, pooled, g)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_batch_elements_independent():
+    model = random_model()
+    x, t, text, mask, pooled, g = inputs(lens=(7, 3))
+    with torch.no_grad():
+        both = model(x, t, text, mask, pooled, g)
+        one = model(x[1:], t[1:], text[1:], mask[1:], pooled[1:], g[1:])
+    torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_segments_match_dense_mask():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 10, 2, 8, dtype=torch.float64) for _ in range(3))
+    seg = [10, 6, 1]
+    got = dit.attention(q, k, v, seg)
+    for b, n in enumerate(seg):
+        inside = torch.arange(10) < n
+        allowed = inside[:, None] == inside[None, :]
+        s = torch.einsum("qhd,khd->hqk", q[b], k[b]) / math.sqrt(8)
+        ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~allowed, -math.inf).softmax(-1), v[b]).reshape(10, -1)
+        torch.testing.assert_close(got[b], ref)
+
+
+def test_rope_is_a_relative_rotation():
+    axes, theta = (8, 12, 12), 256.0
+    cos, sin = dit.rope_tables((5, 6, 7), axes, theta)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 32, dtype=torch.float64).unbind(0)
+    grid = torch.arange(5 * 6 * 7).reshape(5, 6, 7)
+
+    def rot(x, idx):
+        return dit.apply_rope(x.expand(1, 1, 1, 32).float(), cos[idx:idx + 1], sin[idx:idx + 1]).double().flatten()
+
+    # a rotation: norms are preserved
+    for idx in (0, 17, 209):
+        assert abs(rot(q, idx).norm() - q.float().double().norm()) < 1e-5
+    # relative: q.k depends only on the position difference, along every axis
+    for (a, b), shift in [(((0, 1, 2), (1, 3, 0)), (2, 1, 3)), (((4, 0, 6), (0, 5, 1)), (0, 0, 0))]:
+        base = rot(q, grid[a]) @ rot(k, grid[b])
+        a2 = tuple(x - s if x - s >= 0 else x for x, s in zip(a, shift))
+        d = [x2 - x for x, x2 in zip(a, a2)]
+        b2 = tuple(y + dd for y, dd in zip(b, d))
+        if all(0 <= y < n for y, n in zip(b2, (5, 6, 7))):
+            assert abs(rot(q, grid[a2]) @ rot(k, grid[b2]) - base) < 1e-4
+    # and the angle of pair j at position p is p * theta^(-2k/m) (direct formula, height axis, k=2)
+    p = (0, 3, 0)
+    j = axes[0] // 2 + 2
+    assert abs(math.atan2(sin[grid[p], 2 * j].item(), cos[grid[p], 2 * j].item()) - 3 * theta ** (-4 / 12)) < 1e-5
+
+
+def test_image_and_video_shapes_and_validation():
+    model = random_model()
+    for T, H, W in [(1, 4, 4), (5, 2, 8)]:
+        x, t, text, mask, pooled, g = inputs(T=T, H=H, W=W)
+        with torch.no_grad():
+            assert model(x, t, text, mask, pooled, g).shape == x.shape
+    x, t, text, mask, pooled, g = inputs()
+    with pytest.raises(ValueError, match="divisible by the patch"):
+        model(x[..., :3], t, text, mask, pooled, g)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(x, t, text, mask.flip(1), pooled, g)
+    with pytest.raises(ValueError, match="guidance"):
+        model(x, t, text, mask, pooled, None)
+
+
+def test_gradient_checkpointing_same_gradients():
+    model = random_model().double()
+    x, t, text, mask, pooled, g = inputs()
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing = ckpt
+        model(x.double(), t, text.double(), mask, pooled.double(), g).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_bf16_close_to_fp32():
+    model = random_model(std=0.05)
+    x, t, text, mask, pooled, g = inputs()
+    with torch.no_grad():
+        ref = model(x, t, text, mask, pooled, g)
+        got = model.to(torch.bfloat16)(x, t, text, mask, pooled, g.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 3e-2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The 13B layout, written by hand from the facts tables (§2.2), not generated from the model
+
+FIXTURE = {
+    "img_in.proj.weight": (3072, 16, 1, 2, 2), "img_in.proj.bias": (3072,),
+    "time_in.mlp.0.weight": (3072, 256), "time_in.mlp.0.bias": (3072,),
+    "time_in.mlp.2.weight": (3072, 3072), "time_in.mlp.2.bias": (3072,),
+    "vector_in.in_layer.weight": (3072, 768), "vector_in.in_layer.bias": (3072,),
+    "vector_in.out_layer.weight": (3072, 3072), "vector_in.out_layer.bias": (3072,),
+    "guidance_in.mlp.0.weight": (3072, 256), "guidance_in.mlp.0.bias": (3072,),
+    "guidance_in.mlp.2.weight": (3072, 3072), "guidance_in.mlp.2.bias": (3072,),
+    "final_layer.linear.weight": (64, 3072), "final_layer.linear.bias": (64,),
+    "final_layer.adaLN_modulation.1.weight": (6144, 3072), "final_layer.adaLN_modulation.1.bias": (6144,),
+    "txt_in.input_embedder.weight": (3072, 4096), "txt_in.input_embedder.bias": (3072,),
+    "txt_in.t_embedder.mlp.0.weight": (3072, 256), "txt_in.t_embedder.mlp.0.bias": (3072,),
+    "txt_in.t_embedder.mlp.2.weight": (3072, 3072), "txt_in.t_embedder.mlp.2.bias": (3072,),
+    "txt_in.c_embedder.linear_1.weight": (3072, 4096), "txt_in.c_embedder.linear_1.bias": (3072,),
+    "txt_in.c_embedder.linear_2.weight": (3072, 3072), "txt_in.c_embedder.linear_2.bias": (3072,),
+}
+REFINER = {"norm1.weight": (3072,), "norm1.bias": (3072,), "self_attn_qkv.weight": (9216, 3072),
+           "self_attn_qkv.bias": (9216,), "self_attn_proj.weight": (3072, 3072), "self_attn_proj.bias": (3072,),
+           "norm2.weight": (3072,), "norm2.bias": (3072,), "mlp.fc1.weight": (12288, 3072), "mlp.fc1.bias": (12288,),
+           "mlp.fc2.weight": (3072, 12288), "mlp.fc2.bias": (3072,), "adaLN_modulation.1.weight": (6144, 3072),
+           "adaLN_modulation.1.bias": (6144,)}
+DOUBLE = {"_mod.linear.weight": (18432, 3072), "_mod.linear.bias": (18432,), "_attn_qkv.weight": (9216, 3072),
+          "_attn_qkv.bias": (9216,), "_attn_q_norm.weight": (128,), "_attn_k_norm.weight": (128,),
+          "_attn_proj.weight": (3072, 3072), "_attn_proj.bias": (3072,), "_mlp.fc1.weight": (12288, 3072),
+          "_mlp.fc1.bias": (12288,), "_mlp.fc2.weight": (3072, 12288), "_mlp.fc2.bias": (3072,)}
+SINGLE = {"linear1.weight": (21504, 3072), "linear1.bias": (21504,), "linear2.weight": (3072, 15360),
+          "linear2.bias": (3072,), "q_norm.weight": (128,), "k_norm.weight": (128,),
+          "modulation.linear.weight": (9216, 3072), "modulation.linear.bias": (9216,)}
+for r in range(2):
+    FIXTURE.update({f"txt_in.individual_token_refiner.blocks.{r}.{k}": s for k, s in REFINER.items()})
+for n in range(20):
+    FIXTURE.update({f"double_blocks.{n}.{s}{k}": v for s in ("img", "txt") for k, v in DOUBLE.items()})
+for m in range(40):
+    FIXTURE.update({f"single_blocks.{m}.{k}": v for k, v in SINGLE.items()})
+
+
+def test_13b_on_meta_has_the_official_layout():
+    with torch.device("meta"):
+        model = dit.HunyuanVideoDiT(dit.CONFIGS["13b"])
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert len(FIXTURE) == 856
+    assert got == FIXTURE
+    assert dit.num_params(model) == sum(math.prod(s) for s in FIXTURE.values()) == 12_821_012_544
+    meta_sd = {k: torch.empty(s, device="meta") for k, s in FIXTURE.items()}
+    model.load_state_dict(meta_sd, strict=True, assign=True)
+
+
+def test_diffusers_conversion_round_trip_and_names():
+    sd = random_model().state_dict()
+    conv = dit.official_to_diffusers(sd)
+    back = dit.diffusers_to_official(conv)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert torch.equal(back[k], sd[k]), k
+    # facts §2.3: a few names and transforms, by hand
+    D = TINY.hidden_size
+    assert torch.equal(conv["transformer_blocks.1.attn.add_k_proj.weight"], sd["double_blocks.1.txt_attn_qkv.weight"][D:2 * D])
+    assert torch.equal(conv["single_transformer_blocks.0.proj_mlp.bias"], sd["single_blocks.0.linear1.bias"][3 * D:])
+    assert torch.equal(conv["norm_out.linear.weight"][:D], sd["final_layer.adaLN_modulation.1.weight"][D:])  # scale first
+    assert torch.equal(conv["context_embedder.token_refiner.refiner_blocks.0.ff.net.2.weight"],
+                       sd["txt_in.individual_token_refiner.blocks.0.mlp.fc2.weight"])
+    assert "transformer_blocks.0.attn.norm_added_q.weight" in conv and "x_embedder.proj.weight" in conv
+    assert not any(re.match(r"(double|single)_blocks|txt_in|final_layer", k) for k in conv)
+
+
+def test_matches_diffusers_transformer():
+    diffusers = pytest.importorskip("diffusers")
+    cfg = TINY
+    ref = diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32, num_layers=2,
+        num_single_layers=2, num_refiner_layers=2, text_embed_dim=32, pooled_projection_dim=24,
+        rope_axes_dim=(8, 12, 12))
+    ours = random_model(cfg)
+    ref.load_state_dict(dit.official_to_diffusers(ours.state_dict()), strict=True)
+    x, t, text, mask, pooled, g = inputs(lens=(7, 4))
+    with torch.no_grad():
+        want = ref(x, t, text, mask, pooled, guidance=g, return_dict=False)[0]
+        got = ours(x, t, text, mask, pooled, g)
+    assert ((got - want).norm() / want.norm()).item() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+
+def test_load_dit_formats(tmp_path):
+    model = random_model()
+    sd = model.state_dict()
+    x, t, text, mask, pooled, g = inputs()
+    with torch.no_grad():
+        want = model(x, t, text, mask, pooled, g)
+
+    torch.save({"module": sd, "ema": {}}, tmp_path / "mp_rank_00_model_states.pt")  # official DeepSpeed layout
+    dit.save_dit(model, str(tmp_path / "ours.safetensors"))
+    from safetensors.torch import save_file
+    conv = {k: v.contiguous() for k, v in dit.official_to_diffusers(sd).items()}
+    keys = sorted(conv)
+    (tmp_path / "diffusers").mkdir()
+    shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: conv[k] for k in ks}, tmp_path / "diffusers" / name)
+    import json
+    (tmp_path / "diffusers" / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
+
+    for path in ("mp_rank_00_model_states.pt", "ours.safetensors", "diffusers"):
+        m = dit.load_dit(str(tmp_path / path), config=TINY if path != "ours.safetensors" else None, dtype=torch.float32)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x, t, text, mask, pooled, g), want, rtol=0, atol=0, msg=path)
+
+
+def test_load_dit_refuses_bad_checkpoints(tmp_path):
+    sd = random_model().state_dict()
+    del sd["single_blocks.1.linear2.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    torch.save({"module": sd}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"1 missing: single_blocks\.1\.linear2\.bias.*1 unexpected: extra\.weight"):
+        dit.load_dit(str(tmp_path / "bad.pt"), config=TINY)
+    with pytest.raises(ValueError, match="wrong shape"):
+        dit.load_dit(_save(tmp_path, "ratio2.pt"), config=TINY)
+    (tmp_path / "trunc.pt").write_bytes(open(_save(tmp_path, "x.pt"), "rb").read()[:200])
+    with pytest.raises(ValueError, match="cannot read"):
+        dit.load_dit(str(tmp_path / "trunc.pt"), config=TINY)
+    with pytest.raises(FileNotFoundError):
+        dit.load_dit(str(tmp_path / "nope.pt"), config=TINY)
+
+
+def _save(tmp_path, name):
+    """A checkpoint whose shapes disagree with TINY (mlp ratio 2 instead of 4)."""
+    sd = random_model(dit.replace(TINY, mlp_ratio=2.0)).state_dict()
+    torch.save(sd, tmp_path / name)
+    return str(tmp_path / name)
