@@ -54,8 +54,8 @@ class DiTConfig:
 
 CONFIGS = {
     "13b": DiTConfig(),  # the released HYVideo-T/2-cfgdistill, 12,821,012,544 parameters
-    # ~1.1B: same head dim and RoPE split, so recipes transfer; for single-GPU training runs
-    "1b": DiTConfig(hidden_size=1536, num_heads=12, depth_double=7, depth_single=14),
+    # 1,344,137,280 parameters: same head dim and RoPE split, so recipes transfer; single-GPU training runs
+    "1.3b": DiTConfig(hidden_size=1536, num_heads=12, depth_double=8, depth_single=16),
     # CPU tests and the embedded demo: seconds per step
     "tiny": DiTConfig(hidden_size=64, num_heads=2, depth_double=2, depth_single=2, text_dim=32,
                       pooled_dim=32, rope_axes=(8, 12, 12)),
@@ -88,14 +88,18 @@ def _sdpa(q, k, v):
     return o.transpose(1, 2).flatten(2)
 
 
-def attention(q, k, v, seg_lens=None):
+def attention(q, k, v, seg_lens=None, sp=None):
     """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
 
     seg_lens[i] (a python int) reproduces the official flash-attn varlen call (attenion.py
     get_cu_seqlens): in sample i, tokens [0, seg_lens[i]) (image + valid text) form one sequence and the
     padding tail [seg_lens[i], L) another; the two never see each other. So padding cannot touch image
     or valid-text outputs, and no dense L x L mask is ever built: each segment is attended unmasked.
+
+    sp = (process group, local image length): sequence parallel, see ulysses_attention.
     """
+    if sp is not None:
+        return ulysses_attention(q, k, v, seg_lens, *sp)
     B, L = q.shape[:2]
     if seg_lens is None or all(n == L for n in seg_lens):
         if fused_attention is not None and q.is_cuda and kernel_available():
@@ -115,6 +119,37 @@ def attention(q, k, v, seg_lens=None):
             parts.append(_sdpa(q[i:i + 1, n:], k[i:i + 1, n:], v[i:i + 1, n:]))
         out.append(torch.cat(parts, 1))
     return torch.cat(out, 0)
+
+
+def ulysses_attention(q, k, v, seg_lens, group, n_img):
+    """Sequence parallel attention (DeepSpeed-Ulysses), for sampling one video on N GPUs.
+
+    Each rank holds a contiguous 1/N of the image tokens (its first n_img rows) and the whole text. An
+    all-to-all trades "my tokens, all heads" for "all tokens, my H/N heads"; attention then runs on the
+    full sequence for those heads (seg_lens are in full-sequence positions); a second all-to-all trades
+    back. Text is replicated, so each rank takes its heads' slice of it and the text outputs of all heads
+    are all-gathered. Plain torch.distributed collectives: no autograd, inference only.
+    """
+    import torch.distributed as dist
+    N, r = dist.get_world_size(group), dist.get_rank(group)
+    B, _, H, Dh = q.shape
+    h = H // N  # heads per rank
+
+    def to_heads(x):  # (B, n_img, H, Dh) local tokens -> (B, N * n_img, h, Dh) all tokens
+        send = x.reshape(B, n_img, N, h, Dh).permute(2, 0, 1, 3, 4).contiguous()  # chunk j -> rank j
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)  # recv[j] = rank j's tokens, my heads
+        return recv.permute(1, 0, 2, 3, 4).reshape(B, N * n_img, h, Dh)
+
+    full = [torch.cat([to_heads(x[:, :n_img]), x[:, n_img:, r * h:(r + 1) * h]], 1) for x in (q, k, v)]
+    o = attention(*full, seg_lens).unflatten(-1, (h, Dh))  # (B, N*n_img + L_txt, h, Dh)
+    send = o[:, :N * n_img].reshape(B, N, n_img, h, Dh).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[j] = my tokens, rank j's heads
+    img = recv.permute(1, 2, 0, 3, 4).reshape(B, n_img, H * Dh)
+    txt = [torch.empty_like(o[:, N * n_img:]) for _ in range(N)]
+    dist.all_gather(txt, o[:, N * n_img:].contiguous(), group=group)
+    return torch.cat([img, torch.cat(txt, 2).flatten(2)], 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,7 +366,7 @@ class MMDoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(D, D, bias=cfg.qkv_bias))
             setattr(self, f"{s}_mlp", MLP(D, mlp, nn.GELU(approximate="tanh")))
 
-    def forward(self, img, txt, vec, rope, seg_lens):
+    def forward(self, img, txt, vec, rope, seg_lens, sp=None):
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
 
@@ -343,7 +378,7 @@ class MMDoubleStreamBlock(nn.Module):
         iq, ik, iv = qkv("img", img, img_mod)
         iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)  # RoPE on image tokens only, after QK-norm
         tq, tk, tv = qkv("txt", txt, txt_mod)
-        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens)
+        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens, sp)
         img_a, txt_a = a[:, :img.shape[1]], a[:, img.shape[1]:]
 
         def residual(s, x, attn_out, mod):
@@ -367,7 +402,7 @@ class MMSingleStreamBlock(nn.Module):
         self.modulation = Modulation(D, 3)
         self.mlp_act = nn.GELU(approximate="tanh")
 
-    def forward(self, x, vec, rope, seg_lens, n_img):
+    def forward(self, x, vec, rope, seg_lens, n_img, sp=None):
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
         h = modulate(layer_norm(x), shift, scale).to(x.dtype)
         qkv, mlp = self.linear1(h).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
@@ -376,7 +411,7 @@ class MMSingleStreamBlock(nn.Module):
         # RoPE on the image part [0, n_img) only; the text tail keeps no positional encoding
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], 1)
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], 1)
-        a = attention(q, k, v, seg_lens)
+        a = attention(q, k, v, seg_lens, sp)
         return x + gate.unsqueeze(1) * self.linear2(torch.cat([a, self.mlp_act(mlp)], -1))
 
 
@@ -413,6 +448,7 @@ class HunyuanVideoDiT(nn.Module):
         self.single_blocks = nn.ModuleList([MMSingleStreamBlock(cfg) for _ in range(cfg.depth_single)])
         self.final_layer = FinalLayer(cfg)
         self.gradient_checkpointing = False
+        self.sp_group = None  # a torch.distributed group: sequence-parallel sampling (sample.py sets it)
         self._rope_cache = {}
         self.initialize_weights()
 
@@ -474,15 +510,31 @@ class HunyuanVideoDiT(nn.Module):
         txt = self.txt_in(text, t, text_mask, txt_seg)
         rope = self.rope(grid, x.device, dt)
 
+        sp, n_local = None, n_img
+        if self.sp_group is not None:  # each rank keeps a contiguous 1/N of the image tokens (and RoPE rows)
+            import torch.distributed as dist
+            N, r = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
+            if n_img % N or cfg.num_heads % N:
+                raise ValueError(f"sequence parallel over {N} ranks needs {N} to divide the {n_img} image tokens "
+                                 f"and the {cfg.num_heads} heads; choose another GPU count or video size")
+            n_local = n_img // N
+            img = img[:, r * n_local:(r + 1) * n_local]
+            rope = tuple(tab[r * n_local:(r + 1) * n_local] for tab in rope)
+            sp = (self.sp_group, n_local)
+
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.double_blocks:
-            args = (img, txt, vec, rope, seg_lens)
+            args = (img, txt, vec, rope, seg_lens, sp)
             img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
         for block in self.single_blocks:
-            args = (x, vec, rope, seg_lens, n_img)
+            args = (x, vec, rope, seg_lens, n_local, sp)
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
-        out = self.final_layer(x[:, :n_img], vec)  # (B, L_img, C*pt*ph*pw)
+        out = self.final_layer(x[:, :n_local], vec)  # (B, L_img, C*pt*ph*pw)
+        if sp is not None:  # every rank gets the whole video back
+            parts = [torch.empty_like(out) for _ in range(N)]
+            dist.all_gather(parts, out.contiguous(), group=self.sp_group)
+            out = torch.cat(parts, 1)
 
         # unpatchify: channels laid out (c, pt, ph, pw), c slowest; tokens (t, h, w)
         out = out.reshape(B, *grid, cfg.out_channels, pt, ph, pw)

@@ -421,3 +421,28 @@ def _save(tmp_path, name):
     sd = random_model(dit.replace(TINY, mlp_ratio=2.0)).state_dict()
     torch.save(sd, tmp_path / name)
     return str(tmp_path / name)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence parallel (Ulysses): 2 gloo processes on the CPU give exactly the single-process output
+
+def _sp_worker(rank, world, init_file, out_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    model = random_model()
+    model.sp_group = dist.group.WORLD
+    with torch.no_grad():
+        out = model(*inputs(T=2, H=4, W=4, lens=(7, 3)))
+    if rank == 0:
+        torch.save(out, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_sp_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out.pt")), nprocs=2, join=True)
+    with torch.no_grad():
+        want = random_model()(*inputs(T=2, H=4, W=4, lens=(7, 3)))
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), want, rtol=0, atol=0)
