@@ -1,0 +1,354 @@
+"""
+Sampling: prompt in, mp4 out (the official HunyuanVideo pipeline, facts §5).
+
+    python sample.py --prompt "a red circle moving left"                  # the embedded demo (out/demo)
+    python sample.py --prompt "..." --dit DIT.pt --vae VAE_DIR --llm LLM_DIR --clip CLIP_DIR   # official 13B
+    torchrun --nproc_per_node 4 sample.py ...                              # one video on 4 GPUs
+
+Stages: encode the prompt (LLM + CLIP), free the encoders; draw noise; 50 Euler steps of the flow ODE
+from sigma=1 (noise) to 0 with the time shift, calling the DiT at t = sigma*1000; decode the latent with the
+tiled VAE; write an mp4 (24 fps) and a PNG strip of frames.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import dit
+
+# ----------------------------------------------------------------------------------------------------------
+# The sampler
+
+
+def flow_sigmas(steps, shift):
+    """sigma_0..sigma_N, from 1 to 0: linspace(1, 0, N+1) through the SD3 time shift s*x / (1 + (s-1)*x)
+    (official FlowMatchDiscreteScheduler with --flow-reverse; shift 7 for the released model), fp32."""
+    s = torch.linspace(1, 0, steps + 1)
+    return shift * s / (1 + (shift - 1) * s)
+
+
+@torch.no_grad()
+def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None, progress=True):
+    """Integrate the flow ODE dx/dsigma = v from sigma=1 to 0 with Euler steps.
+
+    cond/uncond: (text, text_mask, pooled) for the prompt and the negative prompt. Real CFG (cfg_scale > 1)
+    runs the batch [uncond ; cond] and combines uncond + w*(cond - uncond); the released model is
+    guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype first
+    (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents are kept in fp32 between steps.
+    """
+    sigmas = flow_sigmas(steps, shift).to(noise.device)
+    dtype = next(model.parameters()).dtype
+    x = noise
+    use_cfg = cfg_scale > 1.0
+    if use_cfg:
+        cond = tuple(torch.cat([u, c]) for u, c in zip(uncond, cond))
+    text, mask, pooled = cond
+    B = text.shape[0]
+    g = None
+    if model.cfg.guidance_embed:
+        g = torch.full((B,), float(guidance), device=noise.device, dtype=torch.float32).to(dtype) * 1000.0
+    for i in tqdm(range(steps), desc="denoise", disable=not progress):
+        xin = torch.cat([x, x]) if use_cfg else x
+        t = (sigmas[i] * 1000).expand(B)
+        v = model(xin, t, text, mask, pooled, g)
+        if use_cfg:
+            v_u, v_c = v.chunk(2)
+            v = v_u + cfg_scale * (v_c - v_u)  # in the DiT's dtype, as the official pipeline combines them
+        x = x.float() + v.float() * (sigmas[i + 1] - sigmas[i])  # Euler step in fp32 (sigma decreases)
+    return x
+
+
+def initial_noise(shape, seed, device, dtype):
+    """One generator per sample, seeded seed + i, as the official pipeline draws its noise (in the text
+    encoder's dtype, fp16, on the GPU); no scaling: sigma=1 is pure noise."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator(device).manual_seed(seed + i),
+                                  device=device, dtype=dtype) for i in range(shape[0])])
+
+
+def to_frames(video):
+    """VAE output (3, T, H, W) in ~[-1, 1] -> uint8 (T, H, W, 3): clamp((x+1)/2) * 255, truncated like the
+    official save_videos_grid."""
+    v = (video.float() / 2 + 0.5).clamp(0, 1)
+    return (v.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)
+
+
+def write_mp4(frames, path, fps=24):
+    """uint8 (T, H, W, 3) RGB -> mp4 (MPEG-4 through OpenCV, no ffmpeg needed); temp file + rename."""
+    import cv2
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    T, H, W, _ = frames.shape
+    w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
+    if not w.isOpened():
+        raise RuntimeError(f"OpenCV cannot write mp4 files here ({path}); reinstall opencv-python-headless")
+    for f in frames:
+        w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
+    w.release()
+    os.replace(tmp, path)
+
+
+def write_strip(frames, path, n=8):
+    """A PNG of n evenly spaced frames side by side, for a quick look."""
+    import cv2
+    idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
+    strip = np.concatenate([frames[i] for i in idx], axis=1)
+    tmp = path + ".tmp.png"
+    cv2.imwrite(tmp, np.ascontiguousarray(strip[..., ::-1]))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoint folders written by train.py
+
+def load_ckpt_config(ckpt):
+    """config.json of a train.py folder, with the DiT and VAE configs as dataclasses."""
+    import vae as vae_lib
+    with open(os.path.join(ckpt, "config.json")) as f:
+        conf = json.load(f)
+    conf["dit"] = dit.DiTConfig(**conf["dit"])
+    conf["vae"] = vae_lib.VAEConfig(**conf["vae"])
+    return conf
+
+
+def load_ckpt_encoder(ckpt, device):
+    """The small frozen text encoder of a train.py folder -> (PromptEncoder, default video size)."""
+    import text_encoder as te
+    from safetensors.torch import load_file
+    conf = load_ckpt_config(ckpt)
+    t = conf["text"]
+    llm, clip = te.LlamaEncoder(te.LlamaConfig(**t["llm"])), te.CLIPTextEncoder(te.CLIPTextConfig(**t["clip"]))
+    sd = load_file(os.path.join(ckpt, "text_encoder.safetensors"))
+    llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
+    clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")}, strict=True)
+    tok = te.Tokenizer(os.path.join(ckpt, t["tokenizer"]))
+    llm, clip = (m.to(device).eval().requires_grad_(False) for m in (llm, clip))
+    enc = te.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=t["text_len"], device=device)
+    return enc, conf["video"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Memory: block-wise offload of the DiT
+
+def offload_blocks(model, device):
+    """Keep the DiT's 60 blocks in (pinned) CPU memory; each block's weights come to `device` for its own
+    forward and are dropped after, so the GPU holds the small embedders plus one block (~0.7 GB at 13B in
+    bf16) and the activations. Slower: every step streams the whole model over PCIe once."""
+    for name, child in model.named_children():
+        if name not in ("double_blocks", "single_blocks"):
+            child.to(device)
+    for block in list(model.double_blocks) + list(model.single_blocks):
+        host = {}
+        for n, p in block.named_parameters():
+            try:
+                host[n] = p.data.pin_memory() if torch.cuda.is_available() else p.data
+            except RuntimeError:  # no room for pinned memory: pageable copies work, more slowly
+                host[n] = p.data
+
+        def fetch(mod, args, host=host):
+            for n, p in mod.named_parameters():
+                p.data = host[n].to(device, non_blocking=True)
+
+        def drop(mod, args, out, host=host):
+            for n, p in mod.named_parameters():
+                p.data = host[n]
+
+        block.register_forward_pre_hook(fetch)
+        block.register_forward_hook(drop)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Command line
+
+def nearest(n, multiple, offset=0):
+    """The valid value (offset + k*multiple, k >= 0) closest to n."""
+    k = max(0, round((n - offset) / multiple))
+    return offset + k * multiple
+
+
+def check_args(args, prompts):
+    """Every rule, before any model loads: returns the problems, one line each."""
+    bad = []
+    if not prompts or any(not p.strip() for p in prompts):
+        bad.append("the prompt is empty: pass --prompt \"a red circle moving left\" or a --prompts file with one per line")
+    if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
+        bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); nearest valid: {nearest(args.frames, 4, 1)}")
+    for name in ("height", "width"):
+        v = getattr(args, name)
+        if v is not None and (v < 16 or v % 16):
+            bad.append(f"--{name} {v}: must be a positive multiple of 16; nearest valid: {max(16, nearest(v, 16))}")
+    if args.steps < 1:
+        bad.append(f"--steps {args.steps}: must be at least 1 (official: 50)")
+    if args.shift <= 0:
+        bad.append(f"--shift {args.shift}: must be positive (official: 7.0)")
+    if args.cfg_scale < 1:
+        bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
+    official = [args.dit, args.vae, args.llm, args.clip]
+    if any(official) and not all(official):
+        bad.append("the official weights need all four of --dit, --vae, --llm and --clip")
+    paths = [("--dit", args.dit), ("--vae", args.vae), ("--llm", args.llm), ("--clip", args.clip)]
+    if not any(official):
+        paths = [("--ckpt", args.ckpt)]
+        if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+            bad.append(f"--ckpt {args.ckpt}: no config.json there; run `python train.py` first (it writes out/demo) "
+                       f"or pass the official --dit/--vae/--llm/--clip files")
+            paths = []
+    for flag, p in paths:
+        if p and not os.path.exists(p):
+            bad.append(f"{flag} {p}: no such file or directory")
+    return bad
+
+
+def run(args, prompts):
+    import torch.distributed as dist
+    import text_encoder
+    import vae as vae_lib
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sequence parallel over all ranks
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    stage, t0 = {}, time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        stage[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+    # 1. text: encoders first, then freed, so they never share the GPU with the DiT
+    official = bool(args.dit)
+    if official:
+        encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, dtype=torch.float16, device=device,
+                                                             offload="model" if args.offload else None)
+        defaults = {"height": 720, "width": 1280, "frames": 129}
+    else:
+        encoder, defaults = load_ckpt_encoder(args.ckpt, device)
+    H, W, T = (getattr(args, k) or defaults[k] for k in ("height", "width", "frames"))
+    video_length = T
+    cond = encoder(prompts, video_length)
+    uncond = None
+    if args.cfg_scale > 1:
+        neg = args.negative_prompt if args.negative_prompt is not None else text_encoder.NEGATIVE_PROMPT
+        uncond = encoder([neg] * len(prompts), video_length)
+    noise_dtype = cond[0].dtype  # official: noise drawn in the text encoder's dtype (fp16)
+    del encoder
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    lap("text encoders")
+
+    # 2. the DiT
+    if official:
+        model = dit.load_dit(args.dit, dtype=dtype, device="cpu" if args.offload else device)
+    else:
+        model = dit.load_dit(os.path.join(args.ckpt, "dit.safetensors"), dtype=dtype,
+                             device="cpu" if args.offload else device)
+    model.eval().requires_grad_(False)
+    if args.offload and device.type == "cuda":
+        offload_blocks(model, device)
+    if world > 1:
+        model.sp_group = dist.group.WORLD
+    if official:
+        vae = vae_lib.load_vae(args.vae, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    else:
+        vae = vae_lib.load_vae(os.path.join(args.ckpt, "vae.safetensors"), cfg=load_ckpt_config(args.ckpt)["vae"],
+                               device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    c = vae.cfg
+    lat = (len(prompts), model.cfg.in_channels, (T - 1) // c.time_compression + 1,
+           H // c.spatial_compression, W // c.spatial_compression)
+    lap("load DiT + VAE")
+
+    # 3. denoise: every rank runs the same loop on the same noise; the DiT splits the tokens between them
+    noise = initial_noise(lat, args.seed, device, noise_dtype)
+    cond = tuple(x.to(device) for x in cond)
+    uncond = None if uncond is None else tuple(x.to(device) for x in uncond)
+    latents = denoise(model, noise, cond, args.steps, args.shift, args.guidance, args.cfg_scale, uncond,
+                      progress=rank == 0)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    lap("denoise")
+
+    # 4. decode (rank 0) and write
+    if rank == 0:
+        with torch.no_grad():
+            video = vae.decode(latents / c.scaling_factor, tiled=args.tiling)  # unscale, no shift
+        lap("VAE decode")
+        for i, p in enumerate(prompts):
+            frames = to_frames(video[i])
+            out = args.out or os.path.join("out", "samples", f"{args.seed + i}_{slug(p)}.mp4")
+            write_mp4(frames, out, args.fps)
+            write_strip(frames, out[:-4] + ".png" if out.endswith(".mp4") else out + ".png")
+            print(f"wrote {out} ({len(frames)} frames, {W}x{H}, {args.fps} fps) and its .png strip")
+        lap("write")
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
+        if device.type == "cuda":
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def slug(prompt, n=60):
+    keep = "".join(ch if ch.isalnum() else "_" for ch in prompt.strip())[:n]
+    return keep.strip("_") or "prompt"
+
+
+def main():
+    ap = argparse.ArgumentParser(description="Sample videos with HunyuanVideo: prompt in, mp4 out.")
+    ap.add_argument("--prompt", help="the text prompt")
+    ap.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
+    ap.add_argument("--ckpt", default="out/demo", help="a folder written by train.py (default: the embedded demo)")
+    ap.add_argument("--dit", help="official DiT weights (mp_rank_00_model_states.pt), or diffusers/ours safetensors")
+    ap.add_argument("--vae", help="official VAE folder or pytorch_model.pt")
+    ap.add_argument("--llm", help="official text_encoder folder (llava-llama-3 language model + tokenizer)")
+    ap.add_argument("--clip", help="official text_encoder_2 folder (CLIP ViT-L/14)")
+    ap.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 720)")
+    ap.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 1280)")
+    ap.add_argument("--frames", type=int, help="4k+1 frames (default: the checkpoint's; official 129)")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--shift", type=float, default=7.0, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma)")
+    ap.add_argument("--guidance", type=float, default=6.0, help="embedded (distilled) guidance scale")
+    ap.add_argument("--cfg-scale", type=float, default=1.0, help="real classifier-free guidance; 1 = off")
+    ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default: the official negative prompt)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
+    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--offload", action="store_true", help="stream DiT blocks and encoders from CPU memory")
+    ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT dtype (official bf16)")
+    args = ap.parse_args()
+
+    prompts = [args.prompt] if args.prompt else []
+    if args.prompts:
+        if not os.path.isfile(args.prompts):
+            sys.exit(f"error: --prompts {args.prompts}: no such file")
+        with open(args.prompts) as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if args.prompt is None and not args.prompts:
+        prompts = [""]
+    bad = check_args(args, prompts)
+    if bad:
+        sys.exit("error: " + "\nerror: ".join(bad))
+    if args.out and len(prompts) > 1:
+        sys.exit("error: --out names one file; with --prompts the files are named after each prompt")
+    run(args, prompts)
+
+
+if __name__ == "__main__":
+    main()

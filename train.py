@@ -1,0 +1,888 @@
+"""
+Flow-matching training of HunyuanVideo (paper §4.5), from one CPU to many GPUs, and the embedded demo.
+
+    python train.py                                   # the embedded demo: data -> VAE -> DiT -> samples
+    python train.py --quick                           # the same, in well under a minute (CI)
+    python train.py --preset 1.3b-gpu --data CURATED  # a DiT on curate.py's manifests, one GPU
+    torchrun --nproc_per_node 8 train.py --preset 13b-finetune --data CURATED --init-dit mp_rank_00_model_states.pt
+    python train.py ... --resume                      # continue a killed run from its last checkpoint
+
+One file, one loop per stage, read top to bottom: configs, flow matching, data (buckets, captions, caches),
+distributed setup, checkpoints, the VAE stage, the DiT stage, the demo, main(). `python train.py` and
+`torchrun ... train.py` run the same code: torchrun's RANK/WORLD_SIZE turn on FSDP2 sharding.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import dit
+import sample
+import text_encoder
+import vae as vae_lib
+
+# ----------------------------------------------------------------------------------------------------------
+# Configs
+
+
+@dataclass
+class Stage:
+    """One step of the progressive curriculum (paper §4.5.2-4.5.3). Each bucket is (height, width, frames,
+    batch size per rank); frames == 1 is an image bucket. Every clip/image goes to its nearest bucket."""
+    name: str
+    steps: int
+    buckets: tuple                  # ((H, W, T, batch), ...)
+    image_buckets: tuple = ()       # ((H, W, batch), ...): still frames mixed in at every stage
+    image_ratio: float = 0.0        # fraction of steps that take an image batch (paper: ratio varies by stage)
+    lr: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    dit: str = "tiny"                   # dit.CONFIGS preset...
+    dit_overrides: dict = field(default_factory=dict)  # ...with these fields changed
+    stages: tuple = ()
+    # optimisation (the paper states none of these: AdamW with the DiT defaults)
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup: int = 100                   # linear warmup steps at the start of every stage
+    min_lr_ratio: float = 0.1           # cosine decay to this fraction of the stage's lr
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    grad_checkpointing: bool = False
+    # flow matching (paper §4.5.1): sigma ~ logit-normal; mean/std not stated, SD3's (0, 1) by default
+    sigma_mean: float = 0.0
+    sigma_std: float = 1.0
+    # captions (paper §3.2): empty caption for CFG; structured-field dropout and permutation
+    caption_dropout: float = 0.1
+    field_dropout: float = 0.5
+    short_only: float = 0.4             # probability of the bare short description (what users type)
+    # embedded guidance: None = the DiT has none; a number = that scale (x1000) fed while training, as
+    # fine-tunes of the distilled release do; "distill" would need a teacher (paper §5.5), not done here
+    train_guidance: float = None
+    # VAE stage (paper §4.1): train from scratch on clips, L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL
+    vae: str = "tiny"
+    vae_steps: int = 0
+    vae_size: tuple = (64, 64, 9)       # training crops (H, W, T)
+    vae_batch: int = 4
+    vae_lr: float = 1e-3
+    vae_tile_prob: float = 0.0
+    # bookkeeping
+    ckpt_every: int = 500
+    log_every: int = 10
+    seed: int = 0
+
+
+PRESETS = {
+    # the embedded demo: 64x64 px, 9-frame clips of coloured shapes, minutes on a 2-core CPU
+    "demo": TrainConfig(
+        dit="tiny", dit_overrides=dict(in_channels=4, out_channels=4, hidden_size=128, num_heads=2,
+                                       rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
+                                       guidance_embed=False),
+        stages=(Stage("image", 300, buckets=(), image_buckets=((64, 64, 32),), image_ratio=1.0, lr=1e-3),
+                Stage("video", 700, buckets=((64, 64, 9, 16),), image_buckets=((64, 64, 32),), image_ratio=0.2,
+                      lr=1e-3)),
+        warmup=50, ema_decay=0.99, vae_steps=600, vae_size=(64, 64, 9), vae_batch=4, ckpt_every=200),
+    # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
+    "1.3b-gpu": TrainConfig(
+        dit="1.3b", stages=(
+            Stage("t2i-256", 20000, buckets=(), image_ratio=1.0, image_buckets=(
+                (256, 256, 64), (192, 320, 64), (320, 192, 64)), lr=1e-4),
+            Stage("t2v-256-short", 20000, buckets=((256, 256, 33, 8), (192, 320, 33, 8), (320, 192, 33, 8)),
+                  image_buckets=((256, 256, 64),), image_ratio=0.2, lr=1e-4),
+            Stage("t2v-256-long", 20000, buckets=((256, 256, 65, 4), (192, 320, 65, 4), (320, 192, 65, 4)),
+                  image_buckets=((256, 256, 64),), image_ratio=0.1, lr=5e-5)),
+        grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy"),
+    # fine-tuning the released 13B on curated 540p video (load it with --init-dit)
+    "13b-finetune": TrainConfig(
+        dit="13b", stages=(Stage("ft-540p", 5000, buckets=((544, 960, 65, 1), (960, 544, 65, 1), (720, 720, 65, 1)),
+                                 image_buckets=((544, 960, 4),), image_ratio=0.1, lr=1e-5),),
+        # guidance 1: the distilled model's plain conditional velocity, which is what the flow-matching target is
+        grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy", train_guidance=1.0, warmup=200),
+}
+
+
+def dit_config(cfg: TrainConfig):
+    return replace(dit.CONFIGS[cfg.dit], **cfg.dit_overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Flow matching (paper §4.5.1, in the official sampler's convention: sigma=1 is noise, sigma=0 is data)
+
+def sample_sigma(n, mean, std, generator=None):
+    """sigma ~ logit-normal: sigmoid of N(mean, std^2), which concentrates training on mid noise levels."""
+    return torch.sigmoid(mean + std * torch.randn(n, generator=generator))
+
+
+def flow_matching_loss(model, x0, noise, sigma, cond, guidance=None):
+    """x_sigma = (1 - sigma) x0 + sigma * noise; the model predicts v = noise - x0 (= dx/dsigma, the
+    velocity the Euler sampler integrates from sigma=1 to 0) at timestep sigma*1000; MSE."""
+    s = sigma.view(-1, *[1] * (x0.ndim - 1))
+    x = (1 - s) * x0 + s * noise
+    text, mask, pooled = cond
+    v = model(x, sigma * 1000, text, mask, pooled, guidance)
+    return F.mse_loss(v.float(), (noise - x0).float())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: clips and stills from curate.py's manifests, captions, buckets
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_items(data_dir, tier=None):
+    """Training items from a curate.py output folder: its clips (manifest.jsonl, or manifest_<tier>.jsonl)
+    and its stills (images.jsonl), each with an absolute path and its structured caption."""
+    name = f"manifest_{tier}.jsonl" if tier else "manifest.jsonl"
+    path = os.path.join(data_dir, name)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: --data {data_dir}: no {name}; run `python curate.py --input RAW --output {data_dir}` first")
+    clips = [dict(r, path=os.path.join(data_dir, r["path"]), kind="video") for r in read_jsonl(path)
+             if r.get("caption")]
+    img_path = os.path.join(data_dir, "images.jsonl")
+    images = [dict(r, path=os.path.join(data_dir, r["path"]), kind="image") for r in read_jsonl(img_path)
+              if r.get("caption")] if os.path.isfile(img_path) else []
+    if not clips and not images:
+        raise SystemExit(f"error: --data {data_dir}: no captioned clips or images in {name}")
+    return clips, images
+
+
+CAPTION_ORDER = ("dense_description", "background", "style", "shot_type", "lighting", "atmosphere")
+
+
+def build_caption(cap, gen, cfg: TrainConfig):
+    """Paper §3.2: captions of varied length and pattern from the structured fields, by dropout and
+    permutation. The short description always leads; with probability cfg.short_only it is all there is
+    (the form users type). Camera movement, source and quality tags are fields like the others."""
+    short = cap.get("short_description") or cap.get("dense_description") or ""
+    if torch.rand((), generator=gen) < cfg.short_only:
+        return short
+    extra = [cap[k] for k in CAPTION_ORDER if cap.get(k) and cap[k] != short]
+    if cap.get("camera_movement"):
+        extra.append(cap["camera_movement"])
+    extra += [", ".join(cap[k]) for k in ("quality_tags", "source_tags") if cap.get(k)]
+    keep = [e for e in extra if torch.rand((), generator=gen) >= cfg.field_dropout]
+    order = torch.randperm(len(keep), generator=gen).tolist()
+    return ". ".join([short] + [keep[i] for i in order])
+
+
+def read_clip(path, size, start=0, frames=None):
+    """Frames [start, start+frames) of an mp4 (all if None), resized to cover (H, W) and centre-cropped,
+    as a uint8 RGB tensor (3, T, H, W). Stills (jpg/png) come back with T = 1."""
+    import cv2
+    H, W = size
+    if path.lower().endswith((".jpg", ".jpeg", ".png")):
+        raw = [cv2.imread(path)]
+    else:
+        cap = cv2.VideoCapture(path)
+        cap.set(cv2.CAP_PROP_POS_FRAMES, start)
+        raw = []
+        while frames is None or len(raw) < frames:
+            ok, f = cap.read()
+            if not ok:
+                break
+            raw.append(f)
+        cap.release()
+    if not raw or raw[0] is None or (frames is not None and len(raw) < frames):
+        raise ValueError(f"{path}: could not read {frames or 'any'} frames from frame {start}")
+    h, w = raw[0].shape[:2]
+    scale = max(H / h, W / w)
+    nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
+    y, x = (nh - H) // 2, (nw - W) // 2
+    out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA)[y:y + H, x:x + W, ::-1] for f in raw])
+    return torch.from_numpy(out.copy()).permute(3, 0, 1, 2)
+
+
+def to_unit(x):
+    """uint8 video -> float in [-1, 1], the VAE's input range."""
+    return x.float() / 127.5 - 1
+
+
+def assign_buckets(items, buckets):
+    """Each item to its nearest bucket (paper §4.5.3): among buckets no longer than the clip, the aspect
+    ratio closest in log space, then the longest duration. Returns {bucket index: [item index, ...]}."""
+    out = {}
+    for i, it in enumerate(items):
+        n = it.get("frames", 1)
+        fits = [b for b in range(len(buckets)) if buckets[b][2] <= n] if it["kind"] == "video" else list(range(len(buckets)))
+        if not fits:
+            continue
+        ar = math.log(it["width"] / it["height"])
+        best = min(fits, key=lambda b: (abs(math.log(buckets[b][1] / buckets[b][0]) - ar), -buckets[b][2]))
+        out.setdefault(best, []).append(i)
+    return out
+
+
+def bucket_batches(groups, batch_sizes, seed, epoch, world=1):
+    """One epoch of global batches: each bucket's items shuffled and cut into batches of its per-rank batch
+    size x world, batches shuffled across buckets; every item appears exactly once. Rank r trains on slice
+    r of each global batch (rank_slice), so N ranks see exactly the batches one process with N times the
+    batch would. With several ranks a bucket's last, partial batch is topped up from the bucket's start
+    so that every rank gets the same number of items."""
+    g = torch.Generator().manual_seed(seed * 100003 + epoch)
+    batches = []
+    for b in sorted(groups):
+        idx = [groups[b][i] for i in torch.randperm(len(groups[b]), generator=g).tolist()]
+        n = batch_sizes[b] * world
+        for i in range(0, len(idx), n):
+            batch = idx[i:i + n]
+            if world > 1 and len(batch) % world:
+                batch += (idx * world)[:world - len(batch) % world]
+            batches.append((b, batch))
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def rank_slice(batch, rank, world):
+    per = len(batch) // world
+    return batch[rank * per:(rank + 1) * per]
+
+
+def sample_rng(seed, step, index):
+    """The generator for one sample of one step, keyed by (seed, step, position in the global batch): the
+    same sample gets the same caption dropout, sigma and noise whichever rank trains it and whether or not
+    the run was resumed, so no generator state has to be carried across a restart."""
+    h = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distributed: torchrun's environment turns it on; the DiT is sharded with FSDP2
+
+def setup_distributed():
+    """(rank, world, device). Under torchrun: NCCL on GPUs, gloo on CPUs; one GPU per local rank."""
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def shard_model(model, device):
+    """FSDP2: every block its own unit (its weights are gathered only while it runs), then the rest.
+    On GPUs the gathered weights are bf16 and gradients are reduced in fp32; parameters (and so the
+    optimizer and the EMA) stay fp32 shards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in list(model.double_blocks) + list(model.single_blocks):
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def all_mean(x, world):
+    """The mean of a scalar tensor over ranks (the global batch's loss)."""
+    if world > 1:
+        import torch.distributed as dist
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints: one safetensors file per stage of the pipeline, written by rank 0 as temp file + rename
+
+def full_tensor(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def save_train_state(path, parts, ema, meta, rank):
+    """parts {name: (model, optimizer)}: weights and optimizer states as full fp32 tensors (gathered from
+    FSDP shards), the EMA, and meta (step, stage, data position, config) in the safetensors header, plus
+    the torch RNG state. Collective under FSDP: every rank calls it; rank 0 writes, temp file + rename."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    tensors, groups = {}, {}
+    for name, (model, opt) in parts.items():
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        tensors.update({f"{name}.model.{k}": v.contiguous() for k, v in msd.items()})
+        for p, st in osd.get("state", {}).items():
+            for k, v in st.items():
+                tensors[f"{name}.optim.{p}.{k}"] = torch.as_tensor(v).reshape(1).contiguous() if k == "step" else v.contiguous()
+        groups[name] = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
+                        for g in osd.get("param_groups", [])]
+    ema_full = {k: full_tensor(v).detach().cpu() for k, v in ema.items()}
+    if rank != 0:
+        return
+    tensors.update({f"ema.{k}": v.contiguous() for k, v in ema_full.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = path + ".tmp"
+    save_file(tensors, tmp, metadata={"meta": json.dumps(dict(meta, param_groups=groups))})
+    os.replace(tmp, path)
+
+
+def load_train_state(path, parts, ema, device):
+    """The inverse of save_train_state; returns meta. Every rank reads the file (shared storage under
+    torchrun) and keeps its own shards."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    with safe_open(path, "pt") as f:
+        meta = json.loads(f.metadata()["meta"])
+    t = load_file(path)
+    groups = meta.pop("param_groups")
+    for name, (model, opt) in parts.items():
+        msd = {k[len(name) + 7:]: v for k, v in t.items() if k.startswith(f"{name}.model.")}
+        state = {}
+        for k, v in t.items():
+            if k.startswith(f"{name}.optim."):
+                p, key = k[len(name) + 7:].rsplit(".", 1)
+                state.setdefault(p, {})[key] = v.reshape(()) if key == "step" else v
+        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": groups[name]},
+                       options=StateDictOptions(full_state_dict=True))
+    for k, e in ema.items():
+        full = t[f"ema.{k}"].to(device)
+        if hasattr(e, "device_mesh"):  # FSDP: keep this rank's shard
+            from torch.distributed.tensor import distribute_tensor
+            full = distribute_tensor(full, e.device_mesh, e.placements)
+        e.copy_(full)
+    torch.set_rng_state(t["rng.torch"])
+    return meta
+
+
+def check_writable(out_dir, need_bytes):
+    """Fail before training, not at the first checkpoint: the folder must be writable and have room."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {out_dir} ({e.strerror}); pass a writable --out")
+    free = shutil.disk_usage(out_dir).free
+    if free < need_bytes:
+        raise SystemExit(f"error: {out_dir} has {free / 2**30:.1f} GiB free, checkpoints need about "
+                         f"{need_bytes / 2**30:.1f} GiB; free space or pass another --out")
+
+
+def lr_at(step, stage, cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio of the stage's learning rate."""
+    if step < cfg.warmup:
+        return stage.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, stage.steps - cfg.warmup)
+    return stage.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+
+def plot_losses(metrics_path, png_path, key="loss"):
+    """The loss curve as a PNG (OpenCV drawing, no plotting library): raw losses in grey, a running mean
+    in blue, log-scaled y axis, stage boundaries as vertical lines."""
+    import cv2
+    rows = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
+    rows = [r for r in rows if key in r and math.isfinite(r[key]) and r[key] > 0]
+    if len(rows) < 2:
+        return
+    W, H, m = 900, 420, 50
+    img = np.full((H, W, 3), 255, np.uint8)
+    steps = np.array([r["step"] for r in rows], float)
+    y = np.log10(np.array([r[key] for r in rows]))
+    k = max(1, len(y) // 50)
+    smooth = np.convolve(np.pad(y, (k - 1, 0), mode="edge"), np.ones(k) / k, mode="valid")
+    lo, hi = y.min(), y.max() + 1e-9
+
+    def pts(v):
+        px = m + (steps - steps[0]) / max(1.0, steps[-1] - steps[0]) * (W - 2 * m)
+        py = H - m - (v - lo) / (hi - lo) * (H - 2 * m)
+        return np.stack([px, py], 1).astype(np.int32)
+
+    for i in range(1, len(rows)):
+        if rows[i].get("stage") != rows[i - 1].get("stage"):
+            x = int(pts(y)[i][0])
+            cv2.line(img, (x, m), (x, H - m), (200, 200, 255), 1)
+            cv2.putText(img, str(rows[i]["stage"]), (x + 4, m + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 160), 1)
+    cv2.polylines(img, [pts(y)], False, (190, 190, 190), 1)
+    cv2.polylines(img, [pts(smooth)], False, (200, 80, 0), 2)
+    cv2.rectangle(img, (m, m), (W - m, H - m), (0, 0, 0), 1)
+    for v in (lo, (lo + hi) / 2, hi):
+        cv2.putText(img, f"{10 ** v:.3g}", (4, int(H - m - (v - lo) / (hi - lo) * (H - 2 * m)) + 4),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.putText(img, f"{key} vs step ({int(steps[0])}-{int(steps[-1])})", (m, 30), cv2.FONT_HERSHEY_SIMPLEX,
+                0.6, (0, 0, 0), 1)
+    tmp = png_path + ".tmp.png"
+    cv2.imwrite(tmp, img)
+    os.replace(tmp, png_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage "vae": the causal 3D VAE from scratch (paper §4.1)
+
+def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print):
+    """Trains vae.CONFIGS[cfg.vae] on random windows of the clips plus stills (4:1, as the paper mixes
+    videos and images), L1 + 1e-6 KL (+ LPIPS with local weights, + GAN after its start step). The clips are
+    read once, at the training size, into memory: this stage is for small data (the demo, ablations)."""
+    H, W, T = cfg.vae_size
+    need = sum(c["frames"] for c in clips) * H * W * 3 + len(images) * H * W * 3
+    if need > 8 * 2**30:
+        raise SystemExit(f"error: the VAE stage holds its clips in memory at {H}x{W}: {need / 2**30:.0f} GiB; "
+                         f"train on a smaller tier or fine-tune the released VAE instead")
+    data = [read_clip(c["path"], (H, W)) for c in tqdm(clips, desc="read clips", disable=rank != 0)]
+    data = [d for d in data if d.shape[1] >= T]
+    stills = [read_clip(i["path"], (H, W)) for i in images]
+    if not data:
+        raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
+    torch.manual_seed(cfg.seed)
+    model = vae_lib.CausalVAE(vae_lib.CONFIGS[cfg.vae]).to(device)
+    lossf = vae_lib.VAELoss(gan_start=cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9).to(device)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
+    opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
+    path = os.path.join(out_dir, "vae_state.safetensors")
+    parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
+    step = load_train_state(path, parts, {}, device)["step"] if resume and os.path.isfile(path) else 0
+    core = model.module if world > 1 else model
+    bar = tqdm(total=cfg.vae_steps, initial=step, desc="VAE", disable=rank != 0)
+    while step < cfg.vae_steps:
+        g = sample_rng(cfg.seed, step, rank)
+        if stills and torch.rand((), generator=g) < 0.2:
+            x = torch.stack([stills[int(torch.randint(len(stills), (), generator=g))] for _ in range(cfg.vae_batch)])
+        else:
+            x = []
+            for _ in range(cfg.vae_batch):
+                d = data[int(torch.randint(len(data), (), generator=g))]
+                s = int(torch.randint(d.shape[1] - T + 1, (), generator=g))
+                x.append(d[:, s:s + T])
+            x = torch.stack(x)
+        x = to_unit(x).to(device)
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100)
+        recon, mean, logvar = model(x, tile_prob=cfg.vae_tile_prob)
+        loss, terms = lossf(x, recon, mean, logvar, step)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; the last good checkpoint is {path}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        d_loss = lossf.disc_loss(x, recon, step)
+        if d_loss.requires_grad:
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+        step += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+        if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
+            save_train_state(path, parts, {}, {"step": step}, rank)
+        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.vae_steps):
+            log({"stage": "vae", "step": step - 1, **{f"vae_{k}": round(v.item(), 6) for k, v in terms.items()}})
+    bar.close()
+    core.eval().requires_grad_(False)
+    return core
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Stage "dit": caches, then flow matching through the progressive stages
+
+def item_id(it):
+    return it.get("clip") or it.get("image") or hashlib.sha1(it["path"].encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1):
+    """Encode every item once at a bucket size (H, W, T) -> cache_dir/HxWxT/<id>.safetensors holding the
+    posterior's mean and logvar (unscaled): training samples from it each step. Rank r encodes items
+    r, r+world, ...; files are written whole (temp + rename), so an interrupted run just continues."""
+    from safetensors.torch import save_file
+    H, W, T = size
+    folder = os.path.join(cache_dir, f"{H}x{W}x{T}")
+    os.makedirs(folder, exist_ok=True)
+    todo = [it for it in items[rank::world] if not os.path.isfile(os.path.join(folder, item_id(it) + ".safetensors"))]
+    for it in tqdm(todo, desc=f"cache latents {H}x{W}x{T}", disable=rank != 0 or not todo):
+        x = to_unit(read_clip(it["path"], (H, W), 0, T if it["kind"] == "video" else None))[None]
+        mean, logvar = vae.encode(x.to(device), tiled=max(H, W) > vae.cfg.tile_sample_size)
+        f = os.path.join(folder, item_id(it) + ".safetensors")
+        save_file({"mean": mean[0].float().cpu().contiguous(), "logvar": logvar[0].float().cpu().contiguous()},
+                  f + ".tmp")
+        os.replace(f + ".tmp", f)
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+    return folder
+
+
+def load_latent(folder, it, g, scale):
+    """A posterior sample z = (mean + std * eps) * scaling_factor (what the DiT sees)."""
+    from safetensors.torch import load_file
+    t = load_file(os.path.join(folder, item_id(it) + ".safetensors"))
+    return (t["mean"] + torch.exp(0.5 * t["logvar"]) * torch.randn(t["mean"].shape, generator=g)) * scale
+
+
+def export_dit(model, ema, path, rank):
+    """The EMA weights as an official-layout safetensors file with the config (what sample.py loads)."""
+    full = {k: full_tensor(v).detach().float().cpu() for k, v in ema.items()}
+    if rank == 0:
+        with torch.device("meta"):
+            m = dit.HunyuanVideoDiT(model.cfg)
+        m.load_state_dict(full, strict=True, assign=True)
+        dit.save_dit(m, path)
+
+
+def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False, init_dit=None,
+              log=print, nan_at=None):
+    """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
+    mcfg = dit_config(cfg)
+    torch.manual_seed(cfg.seed)
+    if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
+        model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device)
+    else:
+        model = dit.HunyuanVideoDiT(mcfg).to(device)
+    model.gradient_checkpointing = cfg.grad_checkpointing
+    model.train()
+    if world > 1:
+        shard_model(model, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
+    path = os.path.join(out_dir, "dit_state.safetensors")
+    meta = {"stage": 0, "stage_step": 0, "step": 0, "data": {}}
+    if resume and os.path.isfile(path):
+        meta = load_train_state(path, {"dit": (model, opt)}, ema, device)
+        if rank == 0:
+            print(f"resumed from {path} at step {meta['step']} (stage {cfg.stages[meta['stage']].name if meta['stage'] < len(cfg.stages) else 'done'})")
+    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 else None
+    scale = vae.cfg.scaling_factor
+    cache_dir = os.path.join(out_dir, "cache")
+
+    for si in range(meta["stage"], len(cfg.stages)):
+        stage = cfg.stages[si]
+        streams = {}
+        for kind, items, buckets in (("video", clips, [b for b in stage.buckets]),
+                                     ("image", images, [(h, w, 1, b) for h, w, b in stage.image_buckets])):
+            groups = assign_buckets(items, buckets) if buckets and items else {}
+            if groups:
+                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device, rank, world)
+                           for b, idx in groups.items()}
+                streams[kind] = dict(items=items, buckets=buckets, groups=groups, folders=folders)
+        if not streams:
+            raise SystemExit(f"error: stage {stage.name}: no clip or image fits its buckets")
+        bar = tqdm(total=stage.steps, initial=meta["stage_step"], desc=f"DiT {stage.name}", disable=rank != 0)
+        while meta["stage_step"] < stage.steps:
+            step = meta["step"]
+            # every rank draws the same kind of batch (same seed, step): ranks stay in step
+            want_image = torch.rand((), generator=sample_rng(cfg.seed, step, -1)) < stage.image_ratio
+            kind = "image" if ("image" in streams and (want_image or "video" not in streams)) else "video"
+            st = streams[kind]
+            pos = meta["data"].setdefault(f"{si}/{kind}", [0, 0])  # (epoch, batch) of this stream
+            batches = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
+                                     cfg.seed + 7 * si + (kind == "image"), pos[0], world)
+            if pos[1] >= len(batches):
+                pos[0], pos[1] = pos[0] + 1, 0
+                batches = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
+                                         cfg.seed + 7 * si + (kind == "image"), pos[0], world)
+            b, batch = batches[pos[1]]
+            pos[1] += 1
+            mine = rank_slice(batch, rank, world)
+            first = rank * len(mine)
+            x0, noise, sigma, caps = [], [], [], []
+            for j, i in enumerate(mine):
+                g = sample_rng(cfg.seed, step, first + j)
+                it = st["items"][i]
+                drop = torch.rand((), generator=g) < cfg.caption_dropout  # empty prompt: CFG learns uncond
+                caps.append("" if drop else build_caption(it["caption"], g, cfg))
+                z = load_latent(st["folders"][b], it, g, scale)
+                x0.append(z)
+                noise.append(torch.randn(z.shape, generator=g))
+                sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
+            x0, noise, sigma = torch.stack(x0).to(device), torch.stack(noise).to(device), torch.cat(sigma).to(device)
+            cond = encoder(caps, video_length=st["buckets"][b][2], cache_dir=os.path.join(cache_dir, "text"))
+            cond = tuple(c.to(device) for c in cond)
+            guidance = None
+            if mcfg.guidance_embed:
+                guidance = torch.full((len(mine),), float(cfg.train_guidance or 1.0) * 1000, device=device)
+
+            for group in opt.param_groups:
+                group["lr"] = lr_at(meta["stage_step"], stage, cfg)
+            with autocast or torch.autocast("cpu", enabled=False):
+                loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            gloss = all_mean(loss, world)
+            if nan_at is not None and step == nan_at:  # tests: a NaN injected into the loss
+                gloss = gloss * float("nan")
+            if not torch.isfinite(gloss):
+                raise SystemExit(f"error: the loss is {gloss.item()} at step {step} (stage {stage.name}); stopped "
+                                 f"before the update. The last good checkpoint is {path}: lower the lr and --resume")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warmup: early EMA tracks the model
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    ema[n].lerp_(p.detach().float(), 1 - decay)
+            meta["step"] += 1
+            meta["stage_step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{gloss.item():.4f}", kind=kind)
+            if rank == 0 and (step % cfg.log_every == 0 or meta["stage_step"] == stage.steps):
+                log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6), "lr": opt.param_groups[0]["lr"],
+                     "grad_norm": round(float(full_tensor(gnorm)), 4), "kind": kind, "time": round(time.time(), 2)})
+            if meta["step"] % cfg.ckpt_every == 0 or meta["stage_step"] == stage.steps:
+                saved = dict(meta, config=asdict(cfg))
+                if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
+                    saved.update(stage=si + 1, stage_step=0)
+                save_train_state(path, {"dit": (model, opt)}, ema, saved, rank)
+        bar.close()
+        meta.update(stage=si + 1, stage_step=0)
+    return model, ema
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The embedded demo: the whole pipeline on generated data
+
+DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
+    ("red", "circle", "left"), ("green", "square", "right"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
+    ("white", "square", "left"), ("red", "triangle", "right"), ("green", "circle", "up"), ("blue", "square", "down"),
+    ("yellow", "triangle", "left"), ("white", "circle", "right"), ("red", "square", "up"), ("green", "triangle", "down"),
+    ("blue", "circle", "left"), ("yellow", "square", "right"), ("white", "triangle", "up"), ("red", "circle", "down"),
+    ("green", "square", "left"), ("blue", "triangle", "right"), ("yellow", "circle", "up"), ("white", "square", "down")]]
+
+
+def train_tokenizer(captions, path, vocab_size):
+    """A small SentencePiece model on the training captions (our small text encoder's vocabulary)."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="unigram", bos_id=1, eos_id=2, pad_id=0, unk_id=3,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with open(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(path + ".tmp", path)
+
+
+def small_encoder(out, clips, images, cfg, device, rank, world):
+    """Paper §4.3 keeps the text encoders frozen; ours are small and random (text_encoder.PromptEncoder.tiny),
+    which still keeps every token distinguishable, on a SentencePiece vocabulary of the captions. Saved
+    to out/ (tokenizer.model, text_encoder.safetensors) for sample.py."""
+    tok_path = os.path.join(out, "tokenizer.model")
+    if rank == 0 and not os.path.isfile(tok_path):
+        texts = [v if isinstance(v, str) else ", ".join(v) for it in clips + images for v in it["caption"].values()]
+        train_tokenizer(texts + DEMO_PROMPTS, tok_path, vocab_size=256)
+    barrier(world)
+    encoder = text_encoder.PromptEncoder.tiny(text_encoder.Tokenizer(tok_path), seed=cfg.seed, text_len=DEMO_TEXT_LEN,
+                                              device=device)
+    if rank == 0:
+        save_encoder(encoder, os.path.join(out, "text_encoder.safetensors"))
+    return encoder
+
+
+def save_encoder(encoder, path):
+    from safetensors.torch import save_file
+    sd = {f"llm.{k}": v.contiguous() for k, v in encoder.llm.state_dict().items()}
+    sd.update({f"clip.{k}": v.contiguous() for k, v in encoder.clip.state_dict().items()})
+    save_file(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=None, tokenizer_path=None):
+    """VAE stage (or a given VAE), caches, DiT stages, export: what `--stage` selects. Returns the files."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if rank == 0:
+        if not args.resume and os.path.exists(metrics):
+            os.remove(metrics)
+        elif args.resume and os.path.exists(metrics):  # drop what a killed run logged past its checkpoint
+            done = {}
+            for f in ("vae_state.safetensors", "dit_state.safetensors"):
+                p = os.path.join(out, f)
+                if os.path.isfile(p):
+                    from safetensors import safe_open
+                    with safe_open(p, "pt") as h:
+                        done[f[:3]] = json.loads(h.metadata()["meta"])["step"]
+            keep = [r for r in read_jsonl(metrics)
+                    if r["step"] < done.get("vae" if r["stage"] == "vae" else "dit", 0)]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(metrics + ".tmp", metrics)
+    logf = open(metrics, "a") if rank == 0 else None
+
+    def log(row):
+        logf.write(json.dumps(row) + "\n")
+        logf.flush()
+
+    times = {}
+    t0 = time.perf_counter()
+    if args.vae:
+        vae = vae_lib.load_vae(args.vae, device=device)
+    elif cfg.vae_steps > 0:
+        vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log)
+        if rank == 0:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(out, "vae.safetensors.tmp"))
+            os.replace(os.path.join(out, "vae.safetensors.tmp"), os.path.join(out, "vae.safetensors"))
+    else:
+        raise SystemExit("error: this preset trains no VAE: pass the released one with --vae")
+    times["vae"] = time.perf_counter() - t0
+    if args.stage == "vae":
+        return times
+    t0 = time.perf_counter()
+    model, ema = train_dit(cfg, clips, images, encoder, vae, out, device, rank, world, args.resume,
+                           args.init_dit, log, nan_at=args.nan_at)
+    export_dit(model, ema, os.path.join(out, "dit.safetensors"), rank)
+    times["dit"] = time.perf_counter() - t0
+    if rank == 0:
+        logf.close()
+        plot_losses(metrics, os.path.join(out, "loss.png"))
+    return times
+
+
+def demo(args, rank, world, device):
+    """`python train.py`: synthetic videos -> curate.py -> tokenizer + frozen small text encoder -> VAE ->
+    DiT (images, then video) -> samples. Everything sample.py needs ends up in out/demo."""
+    import curate
+    t_start = time.perf_counter()
+    cfg = PRESETS["demo"]
+    n_videos, n_samples = 48, len(DEMO_PROMPTS)
+    if args.quick:  # CI: every stage runs, for a few steps
+        cfg = replace(cfg, vae_steps=20, ckpt_every=10, stages=tuple(replace(s, steps=10) for s in cfg.stages))
+        n_videos, n_samples = 4, 2
+    out = args.out or "out/demo"
+    check_writable(out, 200 * 2**20)
+    times = {}
+
+    # 1. data: raw multi-shot videos, then the curation pipeline (resumable: finished videos are skipped)
+    t0 = time.perf_counter()
+    raw, curated = os.path.join(out, "raw"), os.path.join(out, "curated")
+    if rank == 0:
+        if len([f for f in os.listdir(raw) if f.endswith(".mp4")] if os.path.isdir(raw) else []) < n_videos:
+            curate.make_synthetic(raw, n_videos, seed=cfg.seed, sizes=((456, 256),), size_p=(1.0,))
+        counts = curate.run(raw, curated, workers=min(2, os.cpu_count() or 1))
+        print(f"curated: {counts}")
+    barrier(world)
+    clips, images = load_items(curated)
+    times["data"] = time.perf_counter() - t0
+
+    # 2. a SentencePiece vocabulary on the captions and a frozen random text encoder
+    t0 = time.perf_counter()
+    encoder = small_encoder(out, clips, images, cfg, device, rank, world)
+    times["text"] = time.perf_counter() - t0
+
+    # 3-4. VAE, then the DiT
+    times.update(run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder))
+    if rank != 0:
+        return
+    write_json(os.path.join(out, "config.json"), {
+        "dit": asdict(dit_config(cfg)), "vae": asdict(vae_lib.CONFIGS[cfg.vae]),
+        "text": {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "text_len": DEMO_TEXT_LEN,
+                 "tokenizer": "tokenizer.model"},
+        "video": {"height": cfg.stages[-1].buckets[0][0], "width": cfg.stages[-1].buckets[0][1],
+                  "frames": cfg.stages[-1].buckets[0][2]},
+        "sample": DEMO_SAMPLING, "train": asdict(cfg)})
+
+    # 5. samples for the prompt grid, through sample.py's own loader and sampler
+    t0 = time.perf_counter()
+    files = sample_grid(out, DEMO_PROMPTS[:n_samples], device)
+    times["samples"] = time.perf_counter() - t0
+    rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
+    last = {k: next((r[k] for r in reversed(rows) if k in r), float("nan")) for k in ("loss", "vae_l1")}
+    print(f"\ndemo done in {time.perf_counter() - t_start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(f"final DiT loss {last['loss']:.4f}, VAE L1 {last['vae_l1']:.4f}")
+    print(f"model: {out}/ (config.json, dit.safetensors, vae.safetensors, text_encoder.safetensors, tokenizer.model)")
+    print(f"samples: {os.path.dirname(files[0])}/ ({len(files)} mp4 + png strips); loss curve: {out}/loss.png")
+    print(f"next: python sample.py --ckpt {out} --prompt \"a blue square moving up\"")
+
+
+DEMO_TEXT_LEN = 96
+DEMO_SAMPLING = {"steps": 30, "shift": 3.0, "guidance": None, "cfg_scale": 4.0}
+
+
+def sample_grid(ckpt, prompts, device):
+    """Sample each prompt with the exported checkpoint, as `python sample.py --ckpt` would."""
+    encoder, defaults = sample.load_ckpt_encoder(ckpt, device)
+    conf = sample.load_ckpt_config(ckpt)
+    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float32, device=device).eval()
+    vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=conf["vae"], device=device)
+    s = conf["sample"]
+    files = []
+    for i, p in enumerate(tqdm(prompts, desc="samples")):
+        cond = encoder([p], defaults["frames"])
+        uncond = encoder([""], defaults["frames"]) if s["cfg_scale"] > 1 else None
+        lat = (1, model.cfg.in_channels, (defaults["frames"] - 1) // 4 + 1, defaults["height"] // 8, defaults["width"] // 8)
+        noise = sample.initial_noise(lat, i, device, torch.float32)
+        z = sample.denoise(model, noise, cond, s["steps"], s["shift"], s["guidance"] or 0.0, s["cfg_scale"], uncond,
+                           progress=False)
+        with torch.no_grad():
+            frames = sample.to_frames(vae.decode(z / vae.cfg.scaling_factor)[0])
+        f = os.path.join(ckpt, "samples", f"{i:02d}_{sample.slug(p)}.mp4")
+        sample.write_mp4(frames, f, fps=8)
+        sample.write_strip(frames, f[:-4] + ".png")
+        files.append(f)
+    return files
+
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description="HunyuanVideo training; no arguments: the embedded demo.")
+    ap.add_argument("--preset", choices=list(PRESETS), help="a training config (default: the demo)")
+    ap.add_argument("--data", help="a curate.py output folder (its manifest.jsonl and images.jsonl)")
+    ap.add_argument("--tier", help="train on one tier's manifest (e.g. 256p), as the paper's stages do")
+    ap.add_argument("--stage", choices=["vae", "dit"], help="run only up to this stage (default: all)")
+    ap.add_argument("--out", help="output folder (default out/demo for the demo, out/<preset> otherwise)")
+    ap.add_argument("--vae", help="a trained or the released VAE (skips the VAE stage)")
+    ap.add_argument("--llm", help="official text_encoder folder (with --clip); default: the small frozen one")
+    ap.add_argument("--clip", help="official text_encoder_2 folder")
+    ap.add_argument("--init-dit", help="start the DiT from these weights (e.g. the official .pt)")
+    ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    ap.add_argument("--quick", action="store_true", help="the demo with a few steps per stage (CI smoke test)")
+    ap.add_argument("--steps", type=int, help="override every stage's step count")
+    ap.add_argument("--nan-at", type=int, help=argparse.SUPPRESS)  # tests: inject a NaN loss at this step
+    args = ap.parse_args()
+    if args.stage == "dit" and not args.vae and args.preset:
+        sys.exit("error: --stage dit needs a trained VAE: pass --vae")
+    rank, world, device = setup_distributed()
+    if args.preset is None and args.data is None:
+        demo(args, rank, world, device)
+        return
+    cfg = PRESETS[args.preset or "demo"]
+    if args.steps:
+        cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=min(cfg.vae_steps, args.steps))
+    if not args.data:
+        sys.exit("error: --preset needs --data, a curate.py output folder")
+    out = args.out or os.path.join("out", args.preset or "demo")
+    check_writable(out, 2**30)
+    clips, images = load_items(args.data, args.tier)
+    if args.llm or args.clip:
+        if not (args.llm and args.clip):
+            sys.exit("error: the official text encoders need both --llm and --clip")
+        encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, device=device)
+    else:  # our small frozen encoder, vocabulary from these captions
+        encoder = small_encoder(out, clips, images, cfg, device, rank, world)
+    times = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
+    if rank == 0:
+        print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
+
+
+if __name__ == "__main__":
+    main()
