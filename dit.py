@@ -77,14 +77,19 @@ _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBacken
 _CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
 
-def _sdpa(q, k, v):
-    """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D), no mask."""
+# Below this many mask entries (B * L * L) a batch with padding takes one masked call: cheaper than a call
+# per sample for the short sequences of tests and small models; video lengths always split instead.
+_DENSE_MASK_MAX = 1 << 22
+
+
+def _sdpa(q, k, v, mask=None):
+    """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D); mask (B, 1, L, L) bool or None."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda and _CAN_ORDER and not torch.is_grad_enabled():
+    if q.is_cuda and _CAN_ORDER and not torch.is_grad_enabled() and mask is None:
         with sdpa_kernel(_CUDA_ORDER, set_priority=True):
             o = F.scaled_dot_product_attention(q, k, v)
     else:
-        o = F.scaled_dot_product_attention(q, k, v)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2).flatten(2)
 
 
@@ -105,18 +110,21 @@ def attention(q, k, v, seg_lens=None, sp=None):
         if fused_attention is not None and q.is_cuda and kernel_available():
             return fused_attention(q, k, v).flatten(2)
         return _sdpa(q, k, v)
-    if fused_attention is not None and q.is_cuda and kernel_available():
-        # The kernel skips keys at or past kv_lens, which is the first segment exactly; the short padding
-        # tails (< 256 tokens) are redone on their own below.
-        head = fused_attention(q, k, v, kv_lens=torch.tensor(seg_lens, device=q.device, dtype=torch.int32))
-        out = [torch.cat([head[i:i + 1, :n].flatten(2), _sdpa(q[i:i + 1, n:], k[i:i + 1, n:], v[i:i + 1, n:])], 1)
-               if n < L else head[i:i + 1].flatten(2) for i, n in enumerate(seg_lens)]
-        return torch.cat(out, 0)
+    if B * L * L <= _DENSE_MASK_MAX:
+        inside = torch.arange(L, device=q.device) < torch.tensor(seg_lens, device=q.device)[:, None]  # (B, L)
+        return _sdpa(q, k, v, mask=(inside[:, :, None] == inside[:, None, :])[:, None])
+    # Per sample, per segment. unbind/split (not slicing) so the backward is one stack/cat, not a
+    # zero-filled copy of the whole input per piece.
+    qs, ks, vs = q.unbind(0), k.unbind(0), v.unbind(0)
+    use_kernel = fused_attention is not None and q.is_cuda and kernel_available()
     out = []
     for i, n in enumerate(seg_lens):
-        parts = [_sdpa(q[i:i + 1, :n], k[i:i + 1, :n], v[i:i + 1, :n])]
-        if n < L:
-            parts.append(_sdpa(q[i:i + 1, n:], k[i:i + 1, n:], v[i:i + 1, n:]))
+        pieces = [x.split([n, L - n]) for x in (qs[i], ks[i], vs[i])]
+        parts = []
+        for (qq, kk, vv) in zip(*pieces):
+            if qq.shape[0]:
+                qq, kk, vv = qq[None], kk[None], vv[None]
+                parts.append(fused_attention(qq, kk, vv).flatten(2) if use_kernel else _sdpa(qq, kk, vv))
         out.append(torch.cat(parts, 1))
     return torch.cat(out, 0)
 

@@ -149,8 +149,16 @@ def ref_forward(sd, cfg, x, t, text, mask, pooled, guidance):
     return torch.stack(outs)
 
 
+@pytest.fixture(params=["dense-mask", "split"])
+def attention_path(request, monkeypatch):
+    """Both ways dit.attention handles padding: one masked call (short sequences) or a call per segment."""
+    if request.param == "split":
+        monkeypatch.setattr(dit, "_DENSE_MASK_MAX", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("shape,lens", [((3, 4, 6), (7, 3)), ((1, 4, 4), (2, 7)), ((2, 2, 4), (7, 7))])
-def test_matches_float64_reference(shape, lens):
+def test_matches_float64_reference(shape, lens, attention_path):
     model = random_model().double()
     x, t, text, mask, pooled, g = inputs(T=shape[0], H=shape[1], W=shape[2], lens=lens)
     with torch.no_grad():
@@ -186,7 +194,7 @@ def test_fp32_close_to_float64():
 # ---------------------------------------------------------------------------------------------------------
 # Invariants
 
-def test_padding_invariance():
+def test_padding_invariance(attention_path):
     """More padded text tokens, whatever they contain, leave every output unchanged."""
     model = random_model()
     x, t, text, mask, pooled, g = inputs(L=5, lens=(5, 2))
@@ -209,7 +217,7 @@ def test_batch_elements_independent():
     torch.testing.assert_close(both[1:], one, rtol=1e-5, atol=1e-5)
 
 
-def test_attention_segments_match_dense_mask():
+def test_attention_segments_match_dense_mask(attention_path):
     torch.manual_seed(0)
     q, k, v = (torch.randn(3, 10, 2, 8, dtype=torch.float64) for _ in range(3))
     seg = [10, 6, 1]
@@ -264,7 +272,7 @@ def test_image_and_video_shapes_and_validation():
         model(x, t, text, mask, pooled, None)
 
 
-def test_gradient_checkpointing_same_gradients():
+def test_gradient_checkpointing_same_gradients(attention_path):
     model = random_model().double()
     x, t, text, mask, pooled, g = inputs()
     grads = []
