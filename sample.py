@@ -170,8 +170,11 @@ def offload_blocks(model, device):
 
 def nearest(n, multiple, offset=0):
     """The valid value (offset + k*multiple, k >= 0) closest to n."""
-    k = max(0, round((n - offset) / multiple))
+    k = max(0, math.floor((n - offset) / multiple + 0.5))  # ties round up, as the official size alignment
     return offset + k * multiple
+
+
+OFFICIAL_SAMPLING = {"steps": 50, "shift": 7.0, "guidance": 6.0, "cfg_scale": 1.0}  # facts §5, §6
 
 
 def check_args(args, prompts):
@@ -321,10 +324,11 @@ def main():
     ap.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 720)")
     ap.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 1280)")
     ap.add_argument("--frames", type=int, help="4k+1 frames (default: the checkpoint's; official 129)")
-    ap.add_argument("--steps", type=int, default=50)
-    ap.add_argument("--shift", type=float, default=7.0, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma)")
-    ap.add_argument("--guidance", type=float, default=6.0, help="embedded (distilled) guidance scale")
-    ap.add_argument("--cfg-scale", type=float, default=1.0, help="real classifier-free guidance; 1 = off")
+    # sampling defaults: the checkpoint folder's own (config.json "sample"), else the official ones
+    ap.add_argument("--steps", type=int, help="Euler steps (official 50)")
+    ap.add_argument("--shift", type=float, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma) (official 7.0)")
+    ap.add_argument("--guidance", type=float, help="embedded (distilled) guidance scale (official 6.0)")
+    ap.add_argument("--cfg-scale", type=float, help="real classifier-free guidance; 1 = off (official 1.0)")
     ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default: the official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
@@ -342,6 +346,13 @@ def main():
             prompts += [line.strip() for line in f if line.strip()]
     if args.prompt is None and not args.prompts:
         prompts = [""]
+    defaults = dict(OFFICIAL_SAMPLING)
+    if not args.dit and os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        with open(os.path.join(args.ckpt, "config.json")) as f:
+            defaults.update({k: v for k, v in json.load(f).get("sample", {}).items() if v is not None})
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     bad = check_args(args, prompts)
     if bad:
         sys.exit("error: " + "\nerror: ".join(bad))

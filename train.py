@@ -79,9 +79,10 @@ class TrainConfig:
     vae_batch: int = 4
     vae_lr: float = 1e-3
     vae_tile_prob: float = 0.0
+    frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
     # bookkeeping
     ckpt_every: int = 500
-    log_every: int = 10
+    log_every: int = 1
     seed: int = 0
 
 
@@ -91,10 +92,11 @@ PRESETS = {
         dit="tiny", dit_overrides=dict(in_channels=4, out_channels=4, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
-        stages=(Stage("image", 300, buckets=(), image_buckets=((64, 64, 32),), image_ratio=1.0, lr=1e-3),
-                Stage("video", 700, buckets=((64, 64, 9, 16),), image_buckets=((64, 64, 32),), image_ratio=0.2,
+        stages=(Stage("image", 300, buckets=(), image_buckets=((64, 112, 32),), image_ratio=1.0, lr=1e-3),
+                Stage("video", 700, buckets=((64, 112, 9, 16),), image_buckets=((64, 112, 32),), image_ratio=0.2,
                       lr=1e-3)),
-        warmup=50, ema_decay=0.99, vae_steps=600, vae_size=(64, 64, 9), vae_batch=4, ckpt_every=200),
+        warmup=50, ema_decay=0.99, vae_steps=600, vae_size=(32, 32, 9), vae_batch=4, frame_stride=3,
+        ckpt_every=200),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
     "1.3b-gpu": TrainConfig(
         dit="1.3b", stages=(
@@ -180,9 +182,9 @@ def build_caption(cap, gen, cfg: TrainConfig):
     return ". ".join([short] + [keep[i] for i in order])
 
 
-def read_clip(path, size, start=0, frames=None):
-    """Frames [start, start+frames) of an mp4 (all if None), resized to cover (H, W) and centre-cropped,
-    as a uint8 RGB tensor (3, T, H, W). Stills (jpg/png) come back with T = 1."""
+def read_clip(path, size, start=0, frames=None, stride=1):
+    """Frames start, start+stride, ... (`frames` of them; all if None) of an mp4, resized to cover (H, W)
+    and centre-cropped, as a uint8 RGB tensor (3, T, H, W). Stills (jpg/png) come back with T = 1."""
     import cv2
     H, W = size
     if path.lower().endswith((".jpg", ".jpeg", ".png")):
@@ -190,12 +192,14 @@ def read_clip(path, size, start=0, frames=None):
     else:
         cap = cv2.VideoCapture(path)
         cap.set(cv2.CAP_PROP_POS_FRAMES, start)
-        raw = []
+        raw, i = [], 0
         while frames is None or len(raw) < frames:
             ok, f = cap.read()
             if not ok:
                 break
-            raw.append(f)
+            if i % stride == 0:
+                raw.append(f)
+            i += 1
         cap.release()
     if not raw or raw[0] is None or (frames is not None and len(raw) < frames):
         raise ValueError(f"{path}: could not read {frames or 'any'} frames from frame {start}")
@@ -212,13 +216,15 @@ def to_unit(x):
     return x.float() / 127.5 - 1
 
 
-def assign_buckets(items, buckets):
-    """Each item to its nearest bucket (paper §4.5.3): among buckets no longer than the clip, the aspect
-    ratio closest in log space, then the longest duration. Returns {bucket index: [item index, ...]}."""
+def assign_buckets(items, buckets, stride=1):
+    """Each item to its nearest bucket (paper §4.5.3): among buckets no longer than the clip (T frames at
+    `stride` span (T-1)*stride+1), the aspect ratio closest in log space, then the longest duration.
+    Returns {bucket index: [item index, ...]}."""
     out = {}
     for i, it in enumerate(items):
         n = it.get("frames", 1)
-        fits = [b for b in range(len(buckets)) if buckets[b][2] <= n] if it["kind"] == "video" else list(range(len(buckets)))
+        fits = [b for b in range(len(buckets)) if (buckets[b][2] - 1) * stride + 1 <= n] \
+            if it["kind"] == "video" else list(range(len(buckets)))
         if not fits:
             continue
         ar = math.log(it["width"] / it["height"])
@@ -427,19 +433,27 @@ def plot_losses(metrics_path, png_path, key="loss"):
 # Stage "vae": the causal 3D VAE from scratch (paper §4.1)
 
 def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print):
-    """Trains vae.CONFIGS[cfg.vae] on random windows of the clips plus stills (4:1, as the paper mixes
-    videos and images), L1 + 1e-6 KL (+ LPIPS with local weights, + GAN after its start step). The clips are
-    read once, at the training size, into memory: this stage is for small data (the demo, ablations)."""
-    H, W, T = cfg.vae_size
-    need = sum(c["frames"] for c in clips) * H * W * 3 + len(images) * H * W * 3
+    """Trains vae.CONFIGS[cfg.vae] on random crops of size cfg.vae_size from the clips (read at the DiT's
+    video size and frame stride) plus stills (4:1, as the paper mixes videos and images): L1 + 1e-6 KL,
+    + LPIPS with local weights, + GAN after its start step. The clips are read once into memory: this
+    stage is for small data (the demo, ablations); at scale, fine-tune the released VAE instead."""
+    h, w, T = cfg.vae_size
+    video = [b for s in cfg.stages for b in s.buckets]
+    H, W = (video[-1][0], video[-1][1]) if video else (h, w)
+    need = sum(c["frames"] for c in clips) * H * W * 3 // cfg.frame_stride + len(images) * H * W * 3
     if need > 8 * 2**30:
         raise SystemExit(f"error: the VAE stage holds its clips in memory at {H}x{W}: {need / 2**30:.0f} GiB; "
                          f"train on a smaller tier or fine-tune the released VAE instead")
-    data = [read_clip(c["path"], (H, W)) for c in tqdm(clips, desc="read clips", disable=rank != 0)]
+    data = [read_clip(c["path"], (H, W), stride=cfg.frame_stride) for c in tqdm(clips, desc="read clips", disable=rank != 0)]
     data = [d for d in data if d.shape[1] >= T]
     stills = [read_clip(i["path"], (H, W)) for i in images]
     if not data:
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
+
+    def crop(d, g, t):  # a random (t, h, w) window
+        s, y, x = (int(torch.randint(n - m + 1, (), generator=g)) for n, m in zip(d.shape[1:], (t, h, w)))
+        return d[:, s:s + t, y:y + h, x:x + w]
+
     torch.manual_seed(cfg.seed)
     model = vae_lib.CausalVAE(vae_lib.CONFIGS[cfg.vae]).to(device)
     lossf = vae_lib.VAELoss(gan_start=cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9).to(device)
@@ -455,15 +469,10 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="VAE", disable=rank != 0)
     while step < cfg.vae_steps:
         g = sample_rng(cfg.seed, step, rank)
-        if stills and torch.rand((), generator=g) < 0.2:
-            x = torch.stack([stills[int(torch.randint(len(stills), (), generator=g))] for _ in range(cfg.vae_batch)])
-        else:
-            x = []
-            for _ in range(cfg.vae_batch):
-                d = data[int(torch.randint(len(data), (), generator=g))]
-                s = int(torch.randint(d.shape[1] - T + 1, (), generator=g))
-                x.append(d[:, s:s + T])
-            x = torch.stack(x)
+        image = bool(stills) and torch.rand((), generator=g) < 0.2
+        pool = stills if image else data
+        x = torch.stack([crop(pool[int(torch.randint(len(pool), (), generator=g))], g, 1 if image else T)
+                         for _ in range(cfg.vae_batch)])
         x = to_unit(x).to(device)
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100)
@@ -500,17 +509,17 @@ def item_id(it):
 
 
 @torch.no_grad()
-def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1):
+def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1):
     """Encode every item once at a bucket size (H, W, T) -> cache_dir/HxWxT/<id>.safetensors holding the
     posterior's mean and logvar (unscaled): training samples from it each step. Rank r encodes items
     r, r+world, ...; files are written whole (temp + rename), so an interrupted run just continues."""
     from safetensors.torch import save_file
     H, W, T = size
-    folder = os.path.join(cache_dir, f"{H}x{W}x{T}")
+    folder = os.path.join(cache_dir, f"{H}x{W}x{T}" + (f"s{stride}" if stride > 1 and T > 1 else ""))
     os.makedirs(folder, exist_ok=True)
     todo = [it for it in items[rank::world] if not os.path.isfile(os.path.join(folder, item_id(it) + ".safetensors"))]
     for it in tqdm(todo, desc=f"cache latents {H}x{W}x{T}", disable=rank != 0 or not todo):
-        x = to_unit(read_clip(it["path"], (H, W), 0, T if it["kind"] == "video" else None))[None]
+        x = to_unit(read_clip(it["path"], (H, W), 0, T if it["kind"] == "video" else None, stride))[None]
         mean, logvar = vae.encode(x.to(device), tiled=max(H, W) > vae.cfg.tile_sample_size)
         f = os.path.join(folder, item_id(it) + ".safetensors")
         save_file({"mean": mean[0].float().cpu().contiguous(), "logvar": logvar[0].float().cpu().contiguous()},
@@ -569,9 +578,10 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
         streams = {}
         for kind, items, buckets in (("video", clips, [b for b in stage.buckets]),
                                      ("image", images, [(h, w, 1, b) for h, w, b in stage.image_buckets])):
-            groups = assign_buckets(items, buckets) if buckets and items else {}
+            groups = assign_buckets(items, buckets, cfg.frame_stride) if buckets and items else {}
             if groups:
-                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device, rank, world)
+                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device, rank, world,
+                                            cfg.frame_stride)
                            for b, idx in groups.items()}
                 streams[kind] = dict(items=items, buckets=buckets, groups=groups, folders=folders)
         if not streams:
@@ -728,7 +738,7 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
     times = {}
     t0 = time.perf_counter()
     if args.vae:
-        vae = vae_lib.load_vae(args.vae, device=device)
+        vae = vae_lib.load_vae(args.vae, cfg=None if os.path.isdir(args.vae) else vae_lib.CONFIGS[cfg.vae], device=device)
     elif cfg.vae_steps > 0:
         vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log)
         if rank == 0:
@@ -759,8 +769,8 @@ def demo(args, rank, world, device):
     cfg = PRESETS["demo"]
     n_videos, n_samples = 48, len(DEMO_PROMPTS)
     if args.quick:  # CI: every stage runs, for a few steps
-        cfg = replace(cfg, vae_steps=20, ckpt_every=10, stages=tuple(replace(s, steps=10) for s in cfg.stages))
-        n_videos, n_samples = 4, 2
+        cfg = replace(cfg, vae_steps=4, ckpt_every=10, stages=tuple(replace(s, steps=3) for s in cfg.stages))
+        n_videos, n_samples = 2, 1
     out = args.out or "out/demo"
     check_writable(out, 200 * 2**20)
     times = {}
@@ -857,6 +867,8 @@ def main():
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--quick", action="store_true", help="the demo with a few steps per stage (CI smoke test)")
     ap.add_argument("--steps", type=int, help="override every stage's step count")
+    ap.add_argument("--batch", type=int, help="override every bucket's per-rank batch size")
+    ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
     ap.add_argument("--nan-at", type=int, help=argparse.SUPPRESS)  # tests: inject a NaN loss at this step
     args = ap.parse_args()
     if args.stage == "dit" and not args.vae and args.preset:
@@ -868,6 +880,12 @@ def main():
     cfg = PRESETS[args.preset or "demo"]
     if args.steps:
         cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=min(cfg.vae_steps, args.steps))
+    if args.ckpt_every:
+        cfg = replace(cfg, ckpt_every=args.ckpt_every)
+    if args.batch:
+        cfg = replace(cfg, stages=tuple(replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
+                                                image_buckets=tuple((h, w, args.batch) for h, w, _ in s.image_buckets))
+                                        for s in cfg.stages))
     if not args.data:
         sys.exit("error: --preset needs --data, a curate.py output folder")
     out = args.out or os.path.join("out", args.preset or "demo")

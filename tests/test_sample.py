@@ -1,0 +1,216 @@
+"""sample.py: the official schedule, the Euler/CFG arithmetic, prompt -> mp4 end to end with tiny random
+models, sequence parallel == single process, and clean errors for bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import dit
+import sample
+import text_encoder
+import train
+import vae as vae_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sigma_schedule_is_the_official_one():
+    s = sample.flow_sigmas(50, 7.0)
+    assert s.dtype == torch.float32 and len(s) == 51
+    x = torch.linspace(1, 0, 51, dtype=torch.float64)
+    torch.testing.assert_close(s.double(), 7 * x / (1 + 6 * x), rtol=0, atol=1e-6)
+    # facts §5.1: 1.0, 0.99709, ..., 0.30882, 0.22581, 0.125, then 0
+    assert s[0] == 1.0 and s[-1] == 0.0 and s[-2] == 0.125
+    assert [round(v, 5) for v in s[[1, -4, -3]].tolist()] == [0.99709, 0.30882, 0.22581]
+
+
+class FakeDiT(nn.Module):
+    """Returns a velocity chosen by the test; records what it was called with."""
+
+    def __init__(self, fn, guidance_embed=False):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(1))
+        self.cfg = dit.replace(dit.CONFIGS["tiny"], guidance_embed=guidance_embed)
+        self.fn, self.calls = fn, []
+
+    def forward(self, x, t, text, mask, pooled, guidance=None):
+        self.calls.append(dict(t=t.clone(), guidance=None if guidance is None else guidance.clone(), B=x.shape[0]))
+        return self.fn(x, t, pooled)
+
+
+def cond(B=1, value=1.0):
+    return torch.zeros(B, 3, 32), torch.ones(B, 3, dtype=torch.long), torch.full((B, 32), value)
+
+
+def test_euler_integrates_a_straight_path_exactly():
+    """Along x_sigma = (1 - sigma) x0 + sigma eps the velocity eps - x0 is constant, so Euler is exact for
+    any schedule: starting from eps at sigma=1 it must land on x0."""
+    torch.manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4)
+    model = FakeDiT(lambda x, t, p: eps - x0)
+    out = sample.denoise(model, eps, cond(2), steps=7, shift=5.0, progress=False)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+    ts = torch.stack([c["t"][0] for c in model.calls])
+    torch.testing.assert_close(ts, sample.flow_sigmas(7, 5.0)[:-1] * 1000)  # model sees t = sigma * 1000
+
+
+def test_velocity_field_one_step():
+    """One Euler step on the field v = 3x from sigma=1 to 0: x + v * (0 - 1), by hand."""
+    x = torch.full((1, 4, 1, 2, 2), 2.0)
+    model = FakeDiT(lambda x, t, p: 3 * x)
+    out = sample.denoise(model, x, cond(), steps=1, shift=1.0, progress=False)
+    torch.testing.assert_close(out, x + 3 * x * (0.0 - 1.0))
+
+
+def test_cfg_combination_and_batch_order():
+    """Real CFG: batch [uncond ; cond], v = v_u + w (v_c - v_u)."""
+    model = FakeDiT(lambda x, t, p: p[:, :1].view(-1, 1, 1, 1, 1).expand_as(x).clone())  # velocity = pooled value
+    x = torch.zeros(1, 4, 1, 2, 2)
+    out = sample.denoise(model, x, cond(1, 5.0), steps=1, shift=1.0, cfg_scale=3.0, uncond=cond(1, 2.0), progress=False)
+    assert model.calls[0]["B"] == 2
+    torch.testing.assert_close(out, x - (2.0 + 3.0 * (5.0 - 2.0)))
+
+
+def test_embedded_guidance_is_x1000_in_the_dit_dtype():
+    model = FakeDiT(lambda x, t, p: torch.zeros_like(x), guidance_embed=True).to(torch.bfloat16)
+    sample.denoise(model, torch.zeros(1, 4, 1, 2, 2), cond(), steps=1, guidance=6.0, progress=False)
+    g = model.calls[0]["guidance"]
+    assert g.dtype == torch.bfloat16 and g.item() == 6016.0  # official: 6.0 -> bf16 -> x1000
+
+
+def test_frames_are_truncated_like_the_official_writer():
+    video = torch.tensor([-1.0, 0.0, 0.999, 2.0]).view(1, 4, 1, 1).expand(3, 4, 1, 1)
+    f = sample.to_frames(video)
+    assert f.shape == (4, 1, 1, 3) and f[:, 0, 0, 0].tolist() == [0, 127, 254, 255]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# End to end with a tiny checkpoint folder, as train.py writes it
+
+def make_ckpt(path, H=32, W=48, T=5):
+    os.makedirs(path, exist_ok=True)
+    tok = os.path.join(path, "tokenizer.model")
+    words = [f"a {c} {s} moving {d}" for c in ("red", "green", "blue") for s in ("circle", "square")
+             for d in ("left", "right")]
+    train.train_tokenizer(words * 3, tok, vocab_size=40)
+    enc = text_encoder.PromptEncoder.tiny(text_encoder.Tokenizer(tok), text_len=16)
+    train.save_encoder(enc, os.path.join(path, "text_encoder.safetensors"))
+    torch.manual_seed(0)
+    dcfg = dit.replace(dit.CONFIGS["tiny"], in_channels=4, out_channels=4, guidance_embed=False)
+    model = dit.HunyuanVideoDiT(dcfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    dit.save_dit(model, os.path.join(path, "dit.safetensors"))
+    vcfg = vae_lib.CONFIGS["tiny"]
+    from safetensors.torch import save_file
+    save_file(vae_lib.CausalVAE(vcfg).state_dict(), os.path.join(path, "vae.safetensors"))
+    from dataclasses import asdict
+    train.write_json(os.path.join(path, "config.json"), {
+        "dit": asdict(dcfg), "vae": asdict(vcfg),
+        "text": {"llm": asdict(enc.llm.cfg), "clip": asdict(enc.clip.cfg), "text_len": 16, "tokenizer": "tokenizer.model"},
+        "video": {"height": H, "width": W, "frames": T},
+        "sample": {"steps": 3, "shift": 3.0, "guidance": None, "cfg_scale": 1.0}})
+    return path
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_ckpt(str(tmp_path_factory.mktemp("ckpt")))
+
+
+def test_prompt_to_mp4(ckpt, tmp_path):
+    import cv2
+    out = str(tmp_path / "v.mp4")
+    r = run_sample("--ckpt", ckpt, "--prompt", "a red circle moving left", "--out", out, "--steps", "2",
+                   "--frames", "9", "--cfg-scale", "2")
+    assert r.returncode == 0, r.stderr
+    cap = cv2.VideoCapture(out)
+    n, frames = 0, []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        frames.append(f)
+    assert len(frames) == 9 and frames[0].shape == (32, 48, 3)
+    assert cap.get(cv2.CAP_PROP_FPS) == 24
+    strip = cv2.imread(out[:-4] + ".png")
+    assert strip is not None and strip.shape[0] == 32
+    assert "seconds:" in r.stdout
+
+
+def test_prompts_file_batch(ckpt, tmp_path):
+    pf = tmp_path / "p.txt"
+    pf.write_text("a red circle moving left\n\na blue square moving up\n")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--prompts", str(pf),
+                        "--steps", "1"], capture_output=True, text=True, cwd=str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stderr
+    made = sorted(os.listdir(tmp_path / "out" / "samples"))
+    assert made == ["0_a_red_circle_moving_left.mp4", "0_a_red_circle_moving_left.png",
+                    "1_a_blue_square_moving_up.mp4", "1_a_blue_square_moving_up.png"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--frames", "8"], "--frames 8: must be 4k+1"),
+    (["--height", "40"], "--height 40: must be a positive multiple of 16; nearest valid: 48"),
+    (["--width", "0"], "--width 0"),
+    (["--steps", "0"], "--steps 0: must be at least 1"),
+    (["--prompt", "  "], "the prompt is empty"),
+    (["--ckpt", "/nonexistent"], "--ckpt /nonexistent: no config.json"),
+    (["--dit", "/nonexistent.pt"], "need all four"),
+    (["--dit", "/x.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "--dit /x.pt: no such file"),
+])
+def test_bad_input_is_one_clean_line(ckpt, args, needle, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left"] + args)
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    msg = str(e.value.code)
+    assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg  # a line per problem
+
+
+def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
+    r = run_sample("--ckpt", ckpt, "--prompt", "x", "--frames", "8", "--height", "40")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines() == ["error: --frames 8: must be 4k+1 (1 for an image); nearest valid: 9",
+                                     "error: --height 40: must be a positive multiple of 16; nearest valid: 48"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequence parallel: two gloo processes give exactly the single-process latents
+
+def _sp_worker(rank, world, init_file, ckpt, out_file):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    z = _denoise_ckpt(ckpt, dist.group.WORLD)
+    if rank == 0:
+        torch.save(z, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _denoise_ckpt(ckpt, group):
+    enc, video = sample.load_ckpt_encoder(ckpt, "cpu")
+    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float32)
+    model.sp_group = group
+    c = enc(["a red circle moving left"], 5)
+    u = enc([""], 5)
+    noise = sample.initial_noise((1, 4, 2, 4, 6), 0, "cpu", torch.float32)
+    return sample.denoise(model, noise, c, steps=3, shift=3.0, cfg_scale=2.0, uncond=u, progress=False)
+
+
+def test_sequence_parallel_sampling_equals_single_process(ckpt, tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_sp_worker, args=(2, str(tmp_path / "init"), ckpt, str(tmp_path / "z.pt")), nprocs=2, join=True)
+    torch.testing.assert_close(torch.load(tmp_path / "z.pt"), _denoise_ckpt(ckpt, None), rtol=0, atol=0)

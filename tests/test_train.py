@@ -1,0 +1,201 @@
+"""train.py: the flow-matching target and sigma sampler, buckets and captions, FSDP on gloo against one
+process, kill + resume == uninterrupted, NaN stop, and the quick demo end to end."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import curate
+import dit
+import train
+import vae as vae_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_sigma_sampler_is_logit_normal():
+    g = torch.Generator().manual_seed(0)
+    s = train.sample_sigma(40000, 0.5, 0.8, g)
+    logit = torch.log(s / (1 - s))
+    assert (s > 0).all() and (s < 1).all()
+    assert abs(logit.mean().item() - 0.5) < 0.02 and abs(logit.std().item() - 0.8) < 0.02
+
+
+def test_flow_matching_target_and_input():
+    seen = {}
+
+    class Fake(nn.Module):
+        def forward(self, x, t, text, mask, pooled, guidance=None):
+            seen.update(x=x, t=t)
+            return torch.ones_like(x)
+
+    torch.manual_seed(0)
+    x0, noise = torch.randn(3, 4, 2, 2, 2), torch.randn(3, 4, 2, 2, 2)
+    sigma = torch.tensor([0.1, 0.5, 0.9])
+    loss = train.flow_matching_loss(Fake(), x0, noise, sigma, (None, None, None))
+    s = sigma.view(3, 1, 1, 1, 1)
+    torch.testing.assert_close(seen["x"], (1 - s) * x0 + s * noise)  # sigma=1 is noise, as the sampler
+    torch.testing.assert_close(seen["t"], sigma * 1000)
+    torch.testing.assert_close(loss, ((1 - (noise - x0)) ** 2).mean())  # target v = noise - x0
+
+
+def test_lr_schedule():
+    st = train.Stage("s", 100, buckets=(), lr=1.0)
+    cfg = train.TrainConfig(warmup=10, min_lr_ratio=0.1)
+    assert train.lr_at(0, st, cfg) == pytest.approx(0.1) and train.lr_at(9, st, cfg) == pytest.approx(1.0)
+    assert train.lr_at(10, st, cfg) == pytest.approx(1.0) and train.lr_at(100, st, cfg) == pytest.approx(0.1)
+    assert train.lr_at(55, st, cfg) == pytest.approx(0.55)
+
+
+def test_buckets_every_item_once_with_per_bucket_batches():
+    rng = np.random.default_rng(0)
+    items = [dict(kind="video", width=int(w), height=int(h), frames=int(f))
+             for w, h, f in zip(rng.choice([640, 360, 480], 60), rng.choice([360, 640, 480], 60), rng.choice([40, 70], 60))]
+    buckets = [(256, 448, 33, 4), (448, 256, 33, 3), (256, 256, 65, 2), (256, 448, 65, 5)]
+    groups = train.assign_buckets(items, buckets)
+    for b, idx in groups.items():
+        for i in idx:  # nearest aspect ratio, then the longest duration that fits
+            it = items[i]
+            ar = math.log(it["width"] / it["height"])
+            fits = [j for j in range(4) if buckets[j][2] <= it["frames"]]
+            best = min(abs(math.log(buckets[j][1] / buckets[j][0]) - ar) for j in fits)
+            assert abs(math.log(buckets[b][1] / buckets[b][0]) - ar) == best and it["frames"] >= buckets[b][2]
+    sizes = {b: buckets[b][3] for b in groups}
+    for epoch in range(2):
+        batches = train.bucket_batches(groups, sizes, seed=1, epoch=epoch)
+        seen = sorted(i for _, batch in batches for i in batch)
+        assert seen == sorted(i for idx in groups.values() for i in idx)  # every item exactly once
+        for b, batch in batches:
+            assert all(i in groups[b] for i in batch) and len(batch) <= sizes[b]
+        assert sum(len(batch) < sizes[b] for b, batch in batches) <= len(groups)  # one short batch per bucket at most
+    assert train.bucket_batches(groups, sizes, 1, 0) != train.bucket_batches(groups, sizes, 1, 1)  # reshuffled
+    two = train.bucket_batches(groups, sizes, seed=1, epoch=0, world=2)
+    for b, batch in two:
+        assert len(batch) % 2 == 0 and len(batch) <= 2 * sizes[b]
+        r0, r1 = train.rank_slice(batch, 0, 2), train.rank_slice(batch, 1, 2)
+        assert len(r0) == len(r1) and r0 + r1 == batch
+
+
+def test_caption_dropout_and_permutation():
+    cap = {"short_description": "a red circle moving left", "dense_description": "dense", "background": "bg",
+           "style": "style", "lighting": "light", "camera_movement": "static shot", "quality_tags": ["256p", "sharp"]}
+    cfg = train.TrainConfig(short_only=0.0, field_dropout=0.0)
+    outs = {train.build_caption(cap, torch.Generator().manual_seed(i), cfg) for i in range(40)}
+    for o in outs:
+        parts = o.split(". ")
+        assert parts[0] == "a red circle moving left"
+        assert sorted(parts[1:]) == sorted(["dense", "bg", "style", "light", "static shot", "256p, sharp"])
+    assert len(outs) > 5  # permuted
+    only = train.TrainConfig(short_only=1.0)
+    assert train.build_caption(cap, torch.Generator().manual_seed(0), only) == "a red circle moving left"
+    half = train.TrainConfig(short_only=0.0, field_dropout=0.5)
+    lens = [len(train.build_caption(cap, torch.Generator().manual_seed(i), half).split(". ")) for i in range(200)]
+    assert 2.5 < np.mean(lens) - 1 < 3.5  # about half of the 6 other fields kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs of train.py on a small curated folder
+
+def make_data(root):
+    """A curate.py-shaped folder: 6 clips of moving shapes with captions, 4 stills."""
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    clips, images = [], []
+    for i, (colour, shape, d) in enumerate([("red", "circle", "left"), ("green", "square", "right"),
+                                            ("blue", "triangle", "up"), ("yellow", "circle", "down"),
+                                            ("white", "square", "left"), ("red", "triangle", "right")]):
+        frames = curate.render_shot(rng, 112, 64, 30, shape, colour, d)
+        path = f"clips/c{i}.mp4"
+        curate.write_video(os.path.join(root, path), frames)
+        cap = {"short_description": f"a {colour} {shape} moving {d}", "style": "flat", "camera_movement": "static shot"}
+        clips.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": 30, "caption": cap})
+        if i < 4:
+            cv2.imwrite(os.path.join(root, f"clips/i{i}.jpg"), frames[0][..., ::-1])
+            images.append({"image": f"i{i}", "path": f"clips/i{i}.jpg", "width": 112, "height": 64, "caption": cap})
+    for name, rows in (("manifest.jsonl", clips), ("images.jsonl", images)):
+        with open(os.path.join(root, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    save_file(vae_lib.CausalVAE(vae_lib.CONFIGS["tiny"]).state_dict(), os.path.join(root, "vae.safetensors"))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_data(str(tmp_path_factory.mktemp("data")))
+
+
+def run_train(data, out, *extra, torchrun=False):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533"] \
+        if torchrun else [sys.executable]
+    cmd += [os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", data, "--vae",
+            os.path.join(data, "vae.safetensors"), "--out", out, "--steps", "3", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def losses(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+def test_fsdp_two_ranks_match_one_process(data, tmp_path):
+    one = run_train(data, str(tmp_path / "one"), "--batch", "4", "--ckpt-every", "100")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_train(data, str(tmp_path / "two"), "--batch", "2", "--ckpt-every", "100", torchrun=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
+    assert len(a) == len(b) == 6  # 3 image steps, 3 video steps
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-4), (a, b)
+
+
+def test_resume_after_a_stop_equals_the_uninterrupted_run(data, tmp_path):
+    from safetensors.torch import load_file
+    full = run_train(data, str(tmp_path / "full"), "--ckpt-every", "2")
+    assert full.returncode == 0, full.stderr[-3000:]
+    # a NaN at step 5 stops the run before its update; the checkpoint of step 4 stays intact
+    stop = run_train(data, str(tmp_path / "cut"), "--ckpt-every", "2", "--nan-at", "5")
+    assert stop.returncode != 0 and "the loss is nan at step 5" in stop.stderr and "Traceback" not in stop.stderr
+    state = str(tmp_path / "cut" / "dit_state.safetensors")
+    from safetensors import safe_open
+    with safe_open(state, "pt") as f:
+        assert json.loads(f.metadata()["meta"])["step"] == 4
+    res = run_train(data, str(tmp_path / "cut"), "--ckpt-every", "2", "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
+    a, b = load_file(str(tmp_path / "full" / "dit.safetensors")), load_file(str(tmp_path / "cut" / "dit.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise on a CPU
+
+
+def test_unwritable_output_is_a_clear_error(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = run_train(data, str(blocker / "sub"))
+    assert r.returncode != 0 and "error: cannot write to" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--quick", "--out", str(tmp_path / "demo")],
+                       capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "demo"
+    for f in ("config.json", "dit.safetensors", "vae.safetensors", "text_encoder.safetensors", "tokenizer.model",
+              "loss.png", "metrics.jsonl"):
+        assert (out / f).is_file(), f
+    assert any(p.suffix == ".mp4" for p in (out / "samples").iterdir())
+    # and sample.py takes the folder as it is
+    s = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--prompt",
+                        "a red circle moving left", "--steps", "2", "--out", str(tmp_path / "s.mp4")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert s.returncode == 0, s.stderr[-3000:]
+    assert (tmp_path / "s.mp4").is_file()
