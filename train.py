@@ -553,14 +553,26 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
     mcfg = dit_config(cfg)
     torch.manual_seed(cfg.seed)
-    if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
-        model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device)
+    if init_dit and world > 1:
+        # fine-tuning the 13B on N GPUs: shard an empty model, then rank 0 reads the file and broadcasts,
+        # so no GPU ever holds the whole fp32 model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        with torch.device("meta"):
+            model = dit.HunyuanVideoDiT(mcfg)
+        shard_model(model, device)
+        model.to_empty(device=device)
+        full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32).state_dict() if rank == 0 else {}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        del full
     else:
-        model = dit.HunyuanVideoDiT(mcfg).to(device)
+        if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
+            model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device)
+        else:
+            model = dit.HunyuanVideoDiT(mcfg).to(device)
+        if world > 1:
+            shard_model(model, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
-    if world > 1:
-        shard_model(model, device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     path = os.path.join(out_dir, "dit_state.safetensors")
