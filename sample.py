@@ -76,7 +76,7 @@ def initial_noise(shape, seed, device, dtype):
 def to_frames(video):
     """VAE output (3, T, H, W) in ~[-1, 1] -> uint8 (T, H, W, 3): clamp((x+1)/2) * 255, truncated like the
     official save_videos_grid."""
-    v = (video.float() / 2 + 0.5).clamp(0, 1)
+    v = (video / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype first, then fp32, as the official pipeline
     return (v.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)
 
 

@@ -95,7 +95,7 @@ PRESETS = {
         stages=(Stage("image", 300, buckets=(), image_buckets=((64, 112, 32),), image_ratio=1.0, lr=1e-3),
                 Stage("video", 700, buckets=((64, 112, 9, 16),), image_buckets=((64, 112, 32),), image_ratio=0.2,
                       lr=1e-3)),
-        warmup=50, ema_decay=0.99, vae_steps=600, vae_size=(32, 32, 9), vae_batch=4, frame_stride=3,
+        warmup=50, ema_decay=0.99, vae_steps=400, vae_size=(32, 32, 9), vae_batch=4, frame_stride=3,
         ckpt_every=200),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
     "1.3b-gpu": TrainConfig(
