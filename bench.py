@@ -5,6 +5,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py dit                                     # on a CPU: the tiny config, a smoke run
     python bench.py train                                   # 1.3B training step: s/step, MFU, memory
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
+    python bench.py curate                                  # shot detection vs PySceneDetect, pipeline fps
 
 GPU timings use CUDA events after warm-up and report the median. Figures go into the README's
 Performance table with the GPU and the date.
@@ -236,6 +237,67 @@ def bench_sample(args):
     print("(diffusers on the same GPU, 2026-11-24: 11.2 s per DiT step, 15.4 s VAE decode; official 544p peak 45 GB)")
 
 
+def bench_curate(args):
+    """Shot detection F1 (+-2 frames) and speed, ours vs PySceneDetect's ContentDetector (if installed), on
+    synthetic multi-shot videos with known cuts; then the whole curation pipeline's frames per second."""
+    import glob, json, os, shutil, tempfile, time
+    import curate
+    n_videos = int(getattr(args, "videos", 0) or 12)
+    tmp = tempfile.mkdtemp(prefix="bench_curate_")
+    raw, out = os.path.join(tmp, "raw"), os.path.join(tmp, "out")
+    try:
+        # same files for both detectors: 640x360 demo videos, 3-5 shots each, some shorter than 20 frames
+        curate.make_synthetic(raw, n_videos, seed=1234, sizes=((640, 360),), size_p=(1.0,))
+        videos = sorted(glob.glob(os.path.join(raw, "*.mp4")))
+        truth = {v: [s["start"] for s in json.load(open(v[:-4] + ".json"))["shots"]][1:] for v in videos}
+        n_frames = sum(json.load(open(v[:-4] + ".json"))["shots"][-1]["end"] for v in videos)
+
+        def f1(found):
+            tp = fp = fn = 0
+            for v in videos:
+                t, f = list(truth[v]), list(found[v])
+                for c in f:                       # greedy one-to-one matching within +-2 frames
+                    m = [x for x in t if abs(x - c) <= 2]
+                    if m:
+                        t.remove(min(m, key=lambda x: abs(x - c)))
+                        tp += 1
+                    else:
+                        fp += 1
+                fn += len(t)
+            p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
+            return 2 * p * r / max(1e-9, p + r), p, r
+
+        rows = []
+        t0 = time.perf_counter()
+        ours = {v: [s for s, _ in curate.detect_shots(v)][1:] for v in videos}
+        rows.append(("curate.detect_shots", time.perf_counter() - t0, *f1(ours)))
+        try:
+            from scenedetect import ContentDetector, detect
+            def frame_no(tc):   # FrameTimecode: .frame_num in 0.7+, get_frames() before
+                return tc.frame_num if hasattr(tc, "frame_num") else tc.get_frames()
+            for name, kw in (("PySceneDetect ContentDetector (defaults: threshold 27)", {}),
+                             ("PySceneDetect ContentDetector (tuned: threshold 5, min_scene_len 4)",
+                              {"threshold": 5.0, "min_scene_len": 4})):
+                t0 = time.perf_counter()
+                theirs = {v: [frame_no(s) for s, _ in detect(v, ContentDetector(**kw))][1:] for v in videos}
+                rows.append((name, time.perf_counter() - t0, *f1(theirs)))
+        except ImportError:
+            print("PySceneDetect not installed (pip install scenedetect): comparison skipped")
+        n_cuts = sum(len(t) for t in truth.values())
+        print(f"shot detection on {len(videos)} synthetic videos, {n_frames} frames, {n_cuts} hard cuts (640x360)")
+        print(f"{'detector':68s} {'F1':>6s} {'prec':>6s} {'recall':>6s} {'seconds':>8s} {'frames/s':>9s}")
+        for name, sec, f, p, r in rows:
+            print(f"{name:68s} {f:6.3f} {p:6.3f} {r:6.3f} {sec:8.2f} {n_frames / sec:9.0f}")
+        for name, sec, *_ in rows[1:]:
+            print(f"speed-up of ours vs {name}: {sec / rows[0][1]:.2f}x")
+        # the whole pipeline (shots, clarity, flow, camera, overlays, quality, writing clips), one process
+        t0 = time.perf_counter()
+        counts = curate.run(raw, out, workers=1)
+        sec = time.perf_counter() - t0
+        print(f"pipeline (1 worker): {n_frames} input frames in {sec:.1f}s = {n_frames / sec:.0f} frames/s; {counts}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -250,6 +312,9 @@ def main():
     p = sub.add_parser("sample", help="end-to-end sampling (DiT steps + VAE decode)")
     p.add_argument("--steps", type=int, default=50)
     p.set_defaults(fn=bench_sample)
+    p = sub.add_parser("curate", help="shot detection F1/speed vs PySceneDetect, pipeline frames/s (CPU)")
+    p.add_argument("--videos", type=int, default=12, help="synthetic 640x360 videos to measure on")
+    p.set_defaults(fn=bench_curate)
     args = ap.parse_args()
     args.fn(args)
 

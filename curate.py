@@ -1,0 +1,1149 @@
+"""
+HunyuanVideo data curation (paper §3, §3.1, §3.2): raw videos in, filtered, tiered, captioned clips out.
+
+    python curate.py --input RAW_DIR --output OUT_DIR [--workers N] [--labels human_labels.jsonl]
+    python curate.py --synthetic N --output RAW_DIR [--seed S]      # the embedded demo's raw videos
+
+Per video: split into shots -> move each clip's start to its sharpest frame -> crop letterbox borders
+-> measure clarity, motion, camera movement, static overlays, technical quality -> filter -> write the
+clip -> caption from a sidecar file. Across videos: de-duplicate by embedding cosine distance, balance
+concepts with k-means weights, and sort clips into nested resolution tiers, a fine-tuning set and two
+image sets. OUT_DIR gets manifest.jsonl, rejected.jsonl, images.jsonl, clips/, images/, and one
+manifest per tier (tier_256p.jsonl ... finetune.jsonl, images_256p.jsonl, images_512p.jsonl).
+
+The paper uses in-house or heavy models we cannot ship. Each stand-in here is one function to replace:
+  VideoCLIP embedding -> clip_embedding()   (pooled thumbnails + colour histogram)
+  DOVER quality       -> quality_score()    (exposure, contrast, noise; technical view only)
+  VLM captioner       -> captioner()        (returns None: captions come only from sidecar files)
+  OCR / YOLOX overlay -> static_overlay()   (pixels that stay fixed while the picture changes)
+  camera classifier   -> camera_movement()  (global motion model fitted to optical flow)
+PySceneDetect is replaced by detect_shots() (plain OpenCV; `bench.py curate` compares the two).
+"""
+import argparse
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, asdict
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+
+@dataclass
+class CurateConfig:
+    # --- shot detection (content change between consecutive 64x36 thumbnails) ---
+    thumb_w: int = 64
+    thumb_h: int = 36
+    cut_min_score: float = 1.5        # mean |RGB diff| (0-255) a cut must exceed in absolute terms
+    cut_ratio: float = 3.0            # ...and this multiple of the median change before or after it (adaptive)
+    cut_offset: float = 1.0           # ...plus this, so near-still footage (median ~0) needs a real jump
+    cut_window: int = 12              # frames on each side for those medians
+    min_shot_frames: int = 4          # two cuts are never closer than this (flash frames)
+    # --- clips ---
+    analysis_w: int = 256             # width of the frames all measurements run on (resolution-independent units)
+    clarity_side: int = 360           # Laplacian variance is taken at this short side, so scores compare across sizes
+    sharp_search: int = 12            # paper §3.1: clip start = sharpest frame among the shot's first N frames
+    min_clip_frames: int = 33         # shorter shots are rejected ("too short"); clips are 4n+1 frames
+    max_clip_frames: int = 129        # paper §4: longest training clip is 129 frames (720x1280x129)
+    # --- basic filters (every accepted clip passes these; tiers tighten them) ---
+    min_clarity: float = 30.0         # variance of Laplacian at 360p; blurry footage scores < 10, sharp 100+
+    min_motion: float = 0.5           # 99th-percentile flow speed, px/frame at 256 px width: below = static
+    max_motion: float = 25.0          # above = too fast (whip pans, strobing); ~10% of the width per frame
+    min_quality: float = 0.25         # quality_score() in [0, 1]
+    dedup_max_dist: float = 0.006     # cosine distance below which two clips are duplicates (copies, re-encodes)
+    # --- letterbox and static overlays ---
+    border_luma: float = 16.0         # a letterbox row/column never gets brighter than this
+    overlay_std: float = 2.5          # luma std below which a pixel counts as fixed (across frames or shots)
+    overlay_min_area: float = 0.002   # overlays smaller than this fraction of the frame are ignored
+    min_area_after_crop: float = 0.7  # crop an overlay off the edge only if this much of the frame remains
+    # --- camera movement (paper §3.2; thresholds in px/frame at analysis_w) ---
+    cam_static: float = 0.12          # drift below this on every component: no camera move
+    cam_jitter: float = 0.3           # frame-to-frame wobble above this (and no drift) is a handheld shot
+    cam_consistency: float = 0.5      # |mean| / rms of a component: a real move keeps its direction
+    cam_parallax_frac: float = 0.08   # a second motion layer must hold this fraction of tracked points...
+    cam_parallax_pairs: float = 0.5   # ...in this fraction of frame pairs to call the shot parallax
+    cam_min_conf: float = 0.5         # paper §3.2: only high-confidence labels go into captions
+    cam_pairs: int = 24               # frame pairs sampled per clip for flow
+    # --- hierarchical tiers (paper §3.1, Fig. 4): each tier also passes every looser one ---
+    tier_names: tuple = ("256p", "360p", "540p", "720p")
+    tier_side: tuple = (256, 360, 540, 720)           # minimum short side after cropping
+    tier_frames: tuple = (65, 65, 97, 129)            # paper: 256x256x65 first stage ... 720x1280x129 last
+    tier_clarity: tuple = (30.0, 50.0, 70.0, 90.0)
+    tier_quality: tuple = (0.25, 0.35, 0.45, 0.55)
+    tier_overlay_ok: tuple = (True, True, False, False)  # 540p and up: no uncropped watermark at all
+    finetune_tier: str = "540p"       # fine-tune set (no human labels): clips of this tier or above...
+    finetune_quality: float = 0.6     # ...with at least this quality...
+    finetune_clarity: float = 70.0    # ...and this clarity. A --labels file of human picks replaces the rule
+    # --- image sets (paper §3.1: the video filters without the motion ones) ---
+    image_side: tuple = (256, 512)    # T2I stage 1 (256px) and stage 2 (256/512px)
+    image_clarity: tuple = (50.0, 100.0)
+    image_quality: tuple = (0.3, 0.45)
+    # --- concept balancing (paper §3.1: k-means over clip embeddings, ~10K centroids at their scale) ---
+    clips_per_concept: int = 20       # k = n_clips / this, at least 1
+    max_concepts: int = 10000
+
+
+CFG = CurateConfig()
+VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+CAPTION_FIELDS = ("short_description", "dense_description", "background", "style", "shot_type",
+                  "lighting", "atmosphere")
+CAMERA_CLASSES = ("zoom in", "zoom out", "pan up", "pan down", "pan left", "pan right", "tilt up",
+                  "tilt down", "tilt left", "tilt right", "around left", "around right", "static shot",
+                  "handheld shot")
+
+# -----------------------------------------------------------------------------
+# synthetic source: multi-shot videos with known cuts, captions and camera moves (the demo's data)
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 230),
+           "yellow": (230, 210, 40), "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# the camera's own motion, as the label says it (see camera_movement() for the conventions)
+CAMERA_WORDS = {"static shot": "the camera is static", "handheld shot": "the handheld camera wobbles",
+                "zoom in": "the camera zooms in", "zoom out": "the camera zooms out",
+                "pan left": "the camera pans left", "pan right": "the camera pans right",
+                "pan up": "the camera rises", "pan down": "the camera sinks",
+                "tilt up": "the camera tilts up", "tilt down": "the camera tilts down",
+                "tilt left": "the camera rolls to the left", "tilt right": "the camera rolls to the right",
+                "around left": "the camera circles left", "around right": "the camera circles right"}
+
+
+def texture(rng, h, w, lo=24, hi=56, grain=4.0):
+    """Dark, mildly textured backdrop: smooth multi-scale noise plus film grain, luma in [lo, hi]."""
+    t = np.zeros((h, w), np.float32)
+    for sigma, amp in ((24, 1.0), (6, 0.6), (2, 0.4)):
+        f = max(1, sigma // 3)   # blur noise at 1/f size and upsample: same field statistics, far cheaper
+        n = cv2.GaussianBlur(rng.standard_normal((h // f + 1, w // f + 1)).astype(np.float32), (0, 0), sigma / f)
+        t += amp / f * cv2.resize(n, (w, h), interpolation=cv2.INTER_LINEAR)   # / f: the std at full size
+    p1, p99 = np.percentile(t, (1, 99))
+    t = np.clip((t - p1) / (p99 - p1 + 1e-6), 0, 1)
+    t = lo + grain + (hi - lo - 2 * grain) * t + grain * rng.standard_normal((h, w)).astype(np.float32)
+    t = np.clip(t, lo, hi)
+    tint = np.array([0.9, 1.0, 1.15], np.float32)  # slightly blue-grey; luma = 0.99 t < 60 for hi <= 60
+    return np.clip(t[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+def draw_shape(img, shape, colour, cx, cy, r):
+    if shape == "circle":
+        cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), colour, -1, cv2.LINE_AA)
+    else:
+        pts = np.array([[cx, cy - r], [cx - r * 1.1, cy + r * 0.8], [cx + r * 1.1, cy + r * 0.8]], np.int32)
+        cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+
+
+def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", camera="static shot",
+                cam_speed=None, still=False, blur=0.0, focus_pull=0):
+    """One shot as (n, h, w, 3) RGB uint8. The camera moves the backdrop (content moves opposite to the
+    camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one."""
+    lo, hi = rng.uniform(20, 34), rng.uniform(44, 58)
+    big = texture(rng, 2 * h, 2 * w, lo, hi)            # far layer, twice the frame so pans stay inside
+    near = texture(rng, 2 * h, 2 * w, lo + 4, hi)       # near "ground" layer
+    horizon = int(0.62 * h)
+    cy0, cx0 = h, w                                     # canvas point shown at the frame centre at t=0
+    big[cy0 + horizon - h // 2:] = near[cy0 + horizon - h // 2:]  # ground, rigid with the backdrop
+    v = cam_speed if cam_speed is not None else rng.uniform(0.004, 0.009) * w   # px/frame
+    v = min(v, 0.45 * w / max(n, 1))
+    vv = min(v, 0.45 * h / max(n, 1))                   # vertical moves: the canvas margin is h/2
+    jit = rng.uniform(0, 2 * np.pi, 6)
+    r = 0.12 * min(h, w)
+    dx, dy = DIRECTIONS[direction]
+    speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, 0.5 * w / max(n, 1))
+    x0, y0 = w / 2 - dx * speed * n / 2, h / 2 - dy * speed * n / 2
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        px = py = ang = 0.0
+        zoom = 1.0
+        if camera == "pan left": px = -v * t           # camera turns left -> content slides right
+        elif camera == "pan right": px = v * t
+        elif camera == "tilt up": py = -vv * t          # camera looks up -> content slides down
+        elif camera == "tilt down": py = vv * t
+        elif camera == "zoom in": zoom = (1 + v / w * 0.8) ** t
+        elif camera == "zoom out": zoom = (1 + v / w * 0.8) ** -t * 1.25
+        elif camera == "tilt right": ang = 60 * v / w * t   # degrees; camera rolls clockwise -> content CCW
+        elif camera == "tilt left": ang = -60 * v / w * t
+        elif camera == "handheld shot":                  # smooth wobble, no drift
+            s = t / 24.0
+            px = 0.012 * w * (np.sin(2 * np.pi * 1.3 * s + jit[0]) + 0.5 * np.sin(2 * np.pi * 3.1 * s + jit[1]))
+            py = 0.010 * w * (np.sin(2 * np.pi * 1.7 * s + jit[2]) + 0.5 * np.sin(2 * np.pi * 2.7 * s + jit[3]))
+            ang = 0.4 * np.sin(2 * np.pi * 1.1 * s + jit[4])
+        if camera in ("around left", "around right", "pan up", "pan down"):
+            # two layers, horizon fixed in the frame: far = upper 62%, near = ground below
+            if camera == "around left": far, nr = (v * 0.7 * t, 0), (-v * 0.9 * t, 0)   # far slides left, near right
+            elif camera == "around right": far, nr = (-v * 0.7 * t, 0), (v * 0.9 * t, 0)
+            elif camera == "pan up": far, nr = (0, -0.4 * vv * t), (0, -1.2 * vv * t)  # rises: near slides faster
+            else: far, nr = (0, 0.4 * vv * t), (0, 1.2 * vv * t)
+            img = np.empty((h, w, 3), np.uint8)
+            mf = np.float32([[1, 0, w / 2 - cx0 - far[0]], [0, 1, h / 2 - cy0 - far[1]]])
+            mn = np.float32([[1, 0, w / 2 - cx0 - nr[0]], [0, 1, h / 2 - cy0 - nr[1]]])
+            img[:] = cv2.warpAffine(big, mf, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            img[horizon:] = cv2.warpAffine(near, mn, (w, h), flags=cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_REFLECT)[horizon:]
+        else:
+            m = cv2.getRotationMatrix2D((cx0 + px, cy0 + py), ang, zoom)  # cv2: positive angle = CCW on screen
+            m[0, 2] += w / 2 - (cx0 + px)
+            m[1, 2] += h / 2 - (cy0 + py)
+            img = cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        draw_shape(img, shape, COLOURS[colour], x0 + dx * speed * t, y0 + dy * speed * t, r)
+        sigma = blur
+        if t < focus_pull:
+            sigma = max(sigma, 3.0 * (focus_pull - t) / focus_pull)
+        if sigma > 0:
+            img = cv2.GaussianBlur(img, (0, 0), sigma * min(h, w) / 360)
+        frames[t] = img
+    return frames
+
+
+def write_video(path, frames, fps=24.0):
+    """RGB frames -> mp4 (OpenCV's built-in 'mp4v' encoder: no ffmpeg binary needed). Temp + rename."""
+    h, w = frames[0].shape[:2]
+    tmp = path + ".tmp.mp4"
+    vw = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert vw.isOpened(), f"cannot write {path}"
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    vw.release()
+    os.replace(tmp, path)
+
+
+def synthetic_video(rng, w, h, n_shots):
+    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video."""
+    cams = [c for c in CAMERA_CLASSES if c != "static shot"]
+    frames, shots, t = [], [], 0
+    letterbox = int(0.12 * h) if rng.random() < 0.2 else 0
+    logo = None
+    if rng.random() < 0.25:
+        logo = np.full((max(12, w // 21), max(24, w // 9), 3), 200, np.uint8)
+        cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    logo.shape[0] / 30, (60, 60, 60), 2)
+    for _ in range(n_shots):
+        n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(72, 161))
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        direction = str(rng.choice(list(DIRECTIONS)))
+        camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
+        still = camera == "static shot" and rng.random() < 0.15
+        blur = 4.0 if rng.random() < 0.12 else 0.0
+        pull = int(rng.integers(4, 9)) if rng.random() < 0.2 else 0
+        f = render_shot(rng, w, h - 2 * letterbox, n, shape, colour, direction, camera, still=still,
+                        blur=blur, focus_pull=pull)
+        if letterbox:
+            f = np.pad(f, ((0, 0), (letterbox, letterbox), (0, 0), (0, 0)))
+        if logo is not None:  # a static watermark in the top-right corner, the same in every shot
+            lh, lw = logo.shape[:2]
+            f[:, letterbox + 10:letterbox + 10 + lh, w - 10 - lw:w - 10] = logo
+        motion = "standing still" if still else f"moving {direction}"
+        shots.append({"start": t, "end": t + n, "blurred": bool(blur), "focus_pull": pull, "still": still,
+                      "caption": {
+                          "short_description": f"a {colour} {shape} {motion}",
+                          "dense_description": f"A {colour} {shape} {motion} across a dark, mildly textured "
+                                               f"backdrop above darker ground; {CAMERA_WORDS[camera]}.",
+                          "background": "a dark, mildly textured backdrop above darker ground",
+                          "style": "synthetic flat graphics",
+                          "shot_type": "medium shot",
+                          "lighting": "dim, even lighting",
+                          "atmosphere": "calm",
+                          "camera_movement": camera}})
+        frames.append(f)
+        t += n
+    return np.concatenate(frames), {"fps": 24.0, "width": w, "height": h, "letterbox": letterbox,
+                                    "logo": logo is not None, "shots": shots}
+
+
+def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
+                   size_p=(0.4, 0.3, 0.2, 0.1)):
+    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir."""
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in tqdm(range(n), desc="synthetic", disable=n < 2):
+        w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
+        frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)))
+        path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
+        write_video(path, frames)
+        with open(path[:-4] + ".json", "w") as f:
+            json.dump(side, f, indent=1)
+        paths.append(path)
+    return paths
+
+# -----------------------------------------------------------------------------
+# reading video
+
+def iter_frames(path, size=None):
+    """Yield RGB frames (optionally resized to size=(w, h)); stops quietly at the first unreadable frame."""
+    cap = cv2.VideoCapture(path)
+    try:
+        while True:
+            ok, f = cap.read()
+            if not ok or f is None:
+                return
+            if size is not None:
+                f = cv2.resize(f, size, interpolation=cv2.INTER_AREA)
+            yield cv2.cvtColor(f, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+
+
+def probe(path):
+    """(width, height, fps) of a readable video, else raise ValueError with the reason."""
+    if os.path.getsize(path) == 0:
+        raise ValueError("empty file")
+    cap = cv2.VideoCapture(path)
+    try:
+        if not cap.isOpened():
+            raise ValueError("cannot open as video")
+        ok, f = cap.read()
+        if not ok or f is None:
+            raise ValueError("no decodable frames")
+        fps = cap.get(cv2.CAP_PROP_FPS)
+        return f.shape[1], f.shape[0], fps if 1 <= fps <= 240 else 24.0
+    finally:
+        cap.release()
+
+
+def resize_w(frame, w):
+    h = max(2, int(round(frame.shape[0] * w / frame.shape[1] / 2)) * 2)
+    return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
+
+# -----------------------------------------------------------------------------
+# shot detection (paper §3.1 uses PySceneDetect; this is our own, faster and tuned for hard cuts)
+
+def frame_change(a, b, win, cfg=CFG):
+    """Mean |BGR diff| of two uint8 thumbnails, or the diff after undoing the global (sub-pixel) shift
+    between them when that shift explains the change: a fast pan moves content but keeps it, a cut
+    brings new content, even in the same palette."""
+    d0 = cv2.norm(a, b, cv2.NORM_L1) / a.size
+    ga, gb = (cv2.cvtColor(x, cv2.COLOR_BGR2GRAY).astype(np.float32) for x in (a, b))
+    (sx, sy), _ = cv2.phaseCorrelate(ga, gb, win)
+    h, w = a.shape[:2]
+    if abs(sx) > w // 3 or abs(sy) > h // 3 or (abs(sx) < 0.25 and abs(sy) < 0.25):
+        return d0
+    wa = cv2.warpAffine(a, np.float32([[1, 0, sx], [0, 1, sy]]), (w, h), flags=cv2.INTER_LINEAR)
+    x0, x1 = int(np.ceil(max(0, sx))), w - int(np.ceil(max(0, -sx)))
+    y0, y1 = int(np.ceil(max(0, sy))), h - int(np.ceil(max(0, -sy)))
+    aa, bb = np.ascontiguousarray(wa[y0:y1, x0:x1]), np.ascontiguousarray(b[y0:y1, x0:x1])
+    d1 = cv2.norm(aa, bb, cv2.NORM_L1) / aa.size
+    # the shift explains the change if it does so across the frame (most of a 4x4 grid of blocks), not
+    # just for one object that happens to sit where another sat in the previous shot
+    raw = cv2.resize(cv2.absdiff(a, b)[y0:y1, x0:x1].mean(2), (4, 4), interpolation=cv2.INTER_AREA)
+    comp = cv2.resize(cv2.absdiff(aa, bb).mean(2), (4, 4), interpolation=cv2.INTER_AREA)
+    explained = ((comp <= 0.5 * raw) | (comp <= cfg.cut_min_score)).mean()
+    return d1 if explained >= 0.75 else d0
+
+
+def cuts_from_scores(d, cfg=CFG):
+    """Frame indices i where a new shot starts, from d[i] = change between frames i-1 and i (d[0] = 0).
+    Adaptive threshold: d[i] must beat cut_ratio x the median change on the calmer side of it (the
+    frames before or after), so a cut from a still shot into a moving one is found, and be a spike
+    (1.5x both neighbours), so the sustained change of a zoom, pan or handheld shot is not a cut."""
+    d = np.asarray(d, np.float64)
+    n, W = len(d), cfg.cut_window
+    if n < 2:
+        return []
+    pad = np.pad(d, W, mode="edge")
+    win = np.lib.stride_tricks.sliding_window_view(pad, W)       # win[j] = pad[j:j+W]
+    left = np.median(win[:n], axis=1)                              # d[i-W:i]
+    right = np.median(win[W + 1:W + 1 + n], axis=1)                # d[i+1:i+W+1]
+    calm = np.minimum(left, right)
+    cuts, last = [], 0
+    for i in range(1, n):
+        lo, hi = max(1, i - 2), min(n, i + 3)
+        nb = max(d[i - 1] if i > 1 else 0.0, d[i + 1] if i + 1 < n else 0.0)
+        if (d[i] > cfg.cut_min_score and d[i] > cfg.cut_ratio * calm[i] + cfg.cut_offset and d[i] > 1.5 * nb
+                and d[i] == d[lo:hi].max() and i - last >= cfg.min_shot_frames):
+            cuts.append(i)
+            last = i
+    return cuts
+
+
+def detect_shots(path, cfg=CFG):
+    """[(start, end)] frame ranges of single shots, end exclusive. Raises ValueError if unreadable."""
+    cap = cv2.VideoCapture(path)
+    if not cap.isOpened():
+        raise ValueError("cannot open as video")
+    tw, th = cfg.thumb_w, cfg.thumb_h
+    win = cv2.createHanningWindow((tw, th), cv2.CV_32F)
+    d, prev = [], None
+    try:
+        while True:
+            ok, f = cap.read()
+            if not ok or f is None:
+                break
+            # two cheap bilinear steps instead of one INTER_AREA (25x slower, the same scores in practice)
+            t = cv2.resize(cv2.resize(f, (2 * tw, 2 * th), interpolation=cv2.INTER_LINEAR), (tw, th),
+                           interpolation=cv2.INTER_AREA)
+            if prev is None:
+                d.append(0.0)
+            else:
+                d0 = cv2.norm(t, prev, cv2.NORM_L1) / t.size
+                # only a big change can be a cut; only then is the (slower) pan-compensated score needed
+                d.append(d0 if d0 <= cfg.cut_min_score else frame_change(prev, t, win, cfg))
+            prev = t
+    finally:
+        cap.release()
+    if not d:
+        return []
+    bounds = [0] + cuts_from_scores(d, cfg) + [len(d)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+# -----------------------------------------------------------------------------
+# per-clip measurements: clarity, motion, camera movement
+
+def clarity(frame):
+    """Variance of the Laplacian of the grey frame (paper §3.1: OpenCV Laplacian); falls as blur grows."""
+    g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
+    return float(cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F))[1][0, 0] ** 2)
+
+
+_DIS = None
+
+
+def flow(a, b):
+    """Dense optical flow (DIS, OpenCV) between two grey uint8 frames: (h, w, 2) in px/frame."""
+    global _DIS
+    if _DIS is None:
+        _DIS = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    return _DIS.calc(a, b, None)
+
+
+def _gray_small(frames, w):
+    return [cv2.cvtColor(resize_w(f, w), cv2.COLOR_RGB2GRAY) for f in frames]
+
+
+def _pair_indices(n, k):
+    """Up to k consecutive-frame pairs spread evenly over n frames."""
+    if n < 2:
+        return []
+    return sorted(set(np.linspace(0, n - 2, min(k, n - 1)).round().astype(int).tolist()))
+
+
+def pair_flows(frames, cfg=CFG):
+    """[(grey frame, flow to a frame `step` later, step)] for up to cam_pairs pairs spread over the clip,
+    at analysis_w. Long, slow clips use a longer baseline (up to 4 frames): slow moves and small parallax
+    then rise above the flow noise, while fast ones keep step 1 so flow stays accurate; results are
+    divided back to px/frame. motion() and camera_movement() share these (flow is the expensive part)."""
+    g = _gray_small(frames, cfg.analysis_w)
+    if len(g) < 2:
+        return []
+    mid = len(g) // 2 - 1                                  # baseline: ~2 px of motion, at most 4 frames
+    speed = np.median(np.linalg.norm(flow(g[mid], g[mid + 1]), axis=2))   # the camera's share, not a subject's
+    step = int(np.clip(min(2.0 / max(speed, 1e-3), (len(g) - 1) // cfg.cam_pairs), 1, 4))
+    return [(g[i], flow(g[i], g[i + step]), step) for i in _pair_indices(len(g) - step + 1, cfg.cam_pairs)]
+
+
+def motion(frames, cfg=CFG, flows=None):
+    """Motion speed (paper §3.1, optical flow): mean over sampled frame pairs of the 99th-percentile flow
+    magnitude, in px/frame at analysis_w. A high percentile so a small subject moving on a still
+    background still counts as motion; a still shot scores ~0."""
+    flows = pair_flows(frames, cfg) if flows is None else flows
+    speeds = [np.percentile(np.linalg.norm(fl, axis=2), 99) / step for _, fl, step in flows]
+    return float(np.mean(speeds)) if speeds else 0.0
+
+
+def _fit_similarity(src, dst):
+    """RANSAC similarity (translation, scale, rotation) mapping src -> dst; returns (matrix, inlier mask)."""
+    if len(src) < 8:
+        return None, np.zeros(len(src), bool)
+    m, inl = cv2.estimateAffinePartial2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=0.6,
+                                         maxIters=500, confidence=0.99)
+    if m is None:
+        return None, np.zeros(len(src), bool)
+    return m, inl.ravel().astype(bool)
+
+
+def _pair_motion(a, fl, step, cfg):
+    """Global motion between two grey frames: dict with translation tx, ty (px/frame), scale rate ds,
+    rotation (rad/frame; + = content turns clockwise on screen, image y points down), RANSAC inlier
+    fraction, and a second motion layer (parallax) if one spans enough of the frame."""
+    h, w = a.shape
+    gx, gy = cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1)
+    ys, xs = np.mgrid[4:h - 4:4, 4:w - 4:4]
+    mag = np.hypot(gx, gy)[ys, xs]
+    keep = mag > max(4.0, np.percentile(mag, 30))      # textured points only: flat areas have no flow signal
+    ys, xs = ys[keep], xs[keep]
+    src = np.stack([xs - w / 2, ys - h / 2], 1).astype(np.float32)   # centred, so rotation/zoom are about the centre
+    dst = src + fl[ys, xs]
+    m, inl = _fit_similarity(src, dst)
+    if m is None:
+        return None
+    out = {"tx": float(m[0, 2]) / step, "ty": float(m[1, 2]) / step,
+           "ds": float(np.hypot(m[0, 0], m[1, 0]) ** (1 / step) - 1), "rot": float(np.arctan2(m[1, 0], m[0, 0])) / step,
+           "radius": float(np.linalg.norm(src, axis=1).mean()), "inliers": float(inl.mean()), "layers": None}
+    # parallax: a second, coherent layer among the outliers (near and far move differently)
+    if (~inl).mean() >= cfg.cam_parallax_frac:
+        m2, inl2 = _fit_similarity(src[~inl], dst[~inl])
+        p2 = src[~inl][inl2]
+        spread = (np.ptp(np.percentile(p2[:, 0], (5, 95))) / w if len(p2) else 0,
+                  np.ptp(np.percentile(p2[:, 1], (5, 95))) / h if len(p2) else 0)
+        # a depth layer spans the frame (ground, backdrop); a moving subject is compact: not parallax
+        if m2 is not None and inl2.sum() >= cfg.cam_parallax_frac * len(src) and max(spread) > 0.5:
+            l1 = (float(m[0, 2]) / step, float(m[1, 2]) / step, float(inl.mean()))
+            l2 = (float(m2[0, 2]) / step, float(m2[1, 2]) / step, float(inl2.sum() / len(src)))
+            out["layers"] = (l1, l2) if l1[2] >= l2[2] else (l2, l1)   # (far, near): far = larger area
+    return out
+
+
+def camera_movement(frames, cfg=CFG, flows=None):
+    """(label, confidence): one of the paper's 14 camera-movement classes (§3.2) from a global motion
+    model fitted to optical flow. The label names the CAMERA's motion; content moves the other way.
+      pan left/right   camera turns left/right (no parallax)   -> content slides right/left
+      tilt up/down     camera turns up/down (no parallax)      -> content slides down/up
+      pan up/down      camera rises/sinks (pedestal; parallax: near content slides faster than far, same way)
+      tilt left/right  camera rolls: 'tilt right' = the camera rolls clockwise as seen from behind it (the
+                       operator's head leans right) -> content turns COUNTER-clockwise on screen; 'tilt left'
+                       is the opposite
+      zoom in/out      content grows/shrinks
+      around left/right the camera orbits the subject: near and far layers slide in opposite directions.
+                       'around left' = the camera travels to its left around the subject -> the far layer
+                       (taken to be the larger-area layer) slides LEFT, the near layer slides right
+      handheld shot    frame-to-frame wobble with no net drift;  static shot: no motion at all
+    Horizontal translation with parallax in one direction (a truck) is labelled like a pan.
+    Model: per sampled frame pair, RANSAC similarity (translation, zoom, roll) on textured flow vectors;
+    a second RANSAC on the outliers finds a parallax layer. Components are compared as px/frame at the
+    mean point radius; the largest consistent drift names the move, wobble without drift is handheld.
+    Confidence: consistency of direction x margin over the runner-up x size of the move."""
+    flows = pair_flows(frames, cfg) if flows is None else flows
+    pm = [p for p in (_pair_motion(a, fl, step, cfg) for a, fl, step in flows) if p]
+    if not pm:
+        return "static shot", 0.0
+    layered = [p["layers"] for p in pm if p["layers"]]
+    if len(layered) >= cfg.cam_parallax_pairs * len(pm):
+        far = np.array([l[0][:2] for l in layered]).mean(0)
+        near = np.array([l[1][:2] for l in layered]).mean(0)
+        if abs(far[0]) + abs(near[0]) >= abs(far[1]) + abs(near[1]):
+            if far[0] * near[0] < 0:       # opposite ways: orbit
+                label = "around left" if far[0] < 0 else "around right"
+            else:                          # same way, different speeds: truck, named like a pan
+                label = "pan left" if far[0] + near[0] > 0 else "pan right"
+            sep = abs(far[0] - near[0])
+        else:                              # vertical with parallax: pedestal
+            label = "pan up" if far[1] + near[1] > 0 else "pan down"
+            sep = abs(far[1] - near[1])
+        conf = min(1.0, len(layered) / len(pm)) * min(1.0, sep / (4 * cfg.cam_static))
+        return label, round(float(conf), 3)
+    # single layer: compare components as displacement at the mean point radius (px/frame)
+    comp = np.array([[p["tx"], p["ty"], p["ds"] * p["radius"], p["rot"] * p["radius"]] for p in pm])
+    drift, rms = np.abs(comp.mean(0)), np.sqrt((comp ** 2).mean(0))
+    wobble = np.sqrt(((comp - comp.mean(0)) ** 2).mean(0))
+    jitter = float(np.hypot(wobble[0], wobble[1]))
+    k = int(np.argmax(drift))
+    consistency = drift[k] / (rms[k] + 1e-9)
+    if drift[k] < cfg.cam_static or consistency < cfg.cam_consistency:
+        if jitter > cfg.cam_jitter:
+            return "handheld shot", round(float(min(1.0, jitter / (2 * cfg.cam_jitter)) * (1 - consistency / 2)), 3)
+        conf = 1 - 0.5 * max(drift.max() / cfg.cam_static, jitter / cfg.cam_jitter)
+        return "static shot", round(float(np.clip(conf, 0, 1)), 3)
+    sign = comp.mean(0)[k]
+    label = [("pan left", "pan right"), ("tilt up", "tilt down"), ("zoom in", "zoom out"),
+             ("tilt left", "tilt right")][k][0 if sign > 0 else 1]
+    second = np.sort(drift)[-2]
+    conf = consistency * (1 - second / drift[k]) * min(1.0, drift[k] / (2 * cfg.cam_static))
+    return label, round(float(conf), 3)
+
+# -----------------------------------------------------------------------------
+# borders, overlays, technical quality (stand-ins for the paper's YOLOX-like detectors and DOVER)
+
+def letterbox(frames, cfg=CFG):
+    """(x0, y0, x1, y1) content box inside black letterbox/pillarbox bars: rows and columns at the edges
+    that stay darker than border_luma in every sampled frame are cut off."""
+    g = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).max(0)   # brightest over time
+    h, w = g.shape
+    rows, cols = g.max(1) > cfg.border_luma, g.max(0) > cfg.border_luma
+    if not rows.any() or not cols.any():
+        return 0, 0, w, h                      # an all-black clip: nothing to crop, other filters reject it
+    y0, y1 = int(np.argmax(rows)), int(h - np.argmax(rows[::-1]))
+    x0, x1 = int(np.argmax(cols)), int(w - np.argmax(cols[::-1]))
+    # one more row/column inside a detected bar: the bar's edge is blurred by scaling and compression
+    return x0 + (x0 > 0), y0 + (y0 > 0), x1 - (x1 < w), y1 - (y1 < h)
+
+
+def static_overlay(frames, others=(), cfg=CFG):
+    """Boolean mask of burnt-in overlays (watermarks, logos, subtitles): sharp edges that stay fixed
+    while the picture around them changes, within the shot (if it moves) and across the video's other
+    shots (`others`: one frame from each, same size). A stand-in for the paper's OCR and YOLOX-like
+    detectors (§3.1); it misses semi-transparent marks and text that changes every few seconds."""
+    g = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float32)
+    stacks = [g]                                             # within the shot
+    if len(others) >= 2:                                     # one frame per shot, across the video
+        stacks.append(np.stack([g[len(g) // 2]] + [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32)
+                                                   for f in others]))
+    mask = np.zeros(g.shape[1:], bool)
+    k5 = np.ones((5, 5), np.uint8)
+    for n_stack, st in enumerate(stacks):
+        m = st.mean(0)
+        gx, gy = np.abs(cv2.Sobel(m, cv2.CV_32F, 1, 0)), np.abs(cv2.Sobel(m, cv2.CV_32F, 0, 1))
+        # logo/text-like: strong edges in both directions nearby (a straight edge sliding along itself
+        # during a pan also looks fixed, but has edges in one direction only)
+        corner = cv2.dilate((gx > 40).astype(np.uint8), k5) & cv2.dilate((gy > 40).astype(np.uint8), k5)
+        # the whole 5x5 patch must stay fixed: an edge sliding along itself in a pan keeps its own
+        # pixels but not its neighbourhood's; a logo keeps both
+        still = cv2.erode((st.std(0) < cfg.overlay_std).astype(np.uint8), k5)
+        fixed = (still > 0) & (corner > 0) & (m > cfg.border_luma)
+        moving = (st.std(0) > 2 * cfg.overlay_std).mean()
+        if (n_stack == 0 and moving < 0.2) or fixed.sum() > 0.25 * fixed.size:
+            continue                  # a still shot, or shots of one still scene: fixed tells us nothing
+        mask |= fixed                 # (black bars are letterbox, not overlay: luma > border_luma)
+    if not mask.any():
+        return mask
+    mask = cv2.morphologyEx(cv2.dilate(mask.astype(np.uint8), k5), cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
+    keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= cfg.overlay_min_area * mask.size]
+    return np.isin(lab, keep)
+
+
+def crop_overlay(box, mask, cfg=CFG):
+    """Shrink box (x0, y0, x1, y1) to cut an overlay off the nearest edge (subtitles at the bottom, logos
+    in a corner), if enough of the frame remains. Returns (box, overlay_left_inside)."""
+    x0, y0, x1, y1 = box
+    m = mask[y0:y1, x0:x1]
+    if not m.any():
+        return box, False
+    ys, xs = np.nonzero(m)
+    h, w = m.shape
+    options = [(x0, y0 + ys.max() + 1, x1, y1), (x0, y0, x1, y0 + ys.min()),   # cut top / bottom band
+               (x0 + xs.max() + 1, y0, x1, y1), (x0, y0, x0 + xs.min(), y1)]   # cut left / right band
+    best = max(options, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
+    if (best[2] - best[0]) * (best[3] - best[1]) >= cfg.min_area_after_crop * w * h:
+        return best, False
+    return box, True
+
+
+def quality_score(frames):
+    """Technical quality in [0, 1]: a transparent stand-in for DOVER's technical view (paper §3.1).
+    Product of exposure (few clipped pixels), contrast (luma spread) and noise (Immerkaer's estimator)."""
+    scores = []
+    for f in frames:
+        g = cv2.cvtColor(f, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        clipped = float(((g < 3) | (g > 252)).mean())
+        exposure = 1 - min(1.0, 2 * clipped)
+        contrast = min(1.0, g.std() / 16)
+        k = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float32)
+        sigma = np.sqrt(np.pi / 2) * np.abs(cv2.filter2D(g, -1, k)[1:-1, 1:-1]).mean() / 6
+        noise = float(np.exp(-max(0.0, sigma - 2) / 10))
+        scores.append(exposure * contrast * noise)
+    return float(np.mean(scores)) if scores else 0.0
+
+# -----------------------------------------------------------------------------
+# embeddings, de-duplication, concept balancing (stand-in for the paper's VideoCLIP, §3.1)
+
+def clip_embedding(frames):
+    """Unit vector describing a clip: zero-mean 32x18 grey thumbnails, each averaged over one half of
+    the clip (layout and coarse motion; averaging makes it insensitive to a few frames' offset in the
+    clip start), and a 4x4x4 RGB histogram (colour). Cheap and honest: it finds copies and re-encodes
+    and groups clips by look, not by meaning; swap in VideoCLIP/SigLIP for semantic concepts. On the
+    synthetic demo, re-encoded copies are ~0.001 apart, distinct sharp shots > 0.01."""
+    thumbs = np.stack([cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (32, 18), interpolation=cv2.INTER_AREA)
+                       .astype(np.float32).ravel() for f in frames])
+    parts = []
+    for half in np.array_split(thumbs, 2) if len(thumbs) > 1 else [thumbs]:
+        t = half.mean(0) - half.mean()
+        parts.append(t / (np.linalg.norm(t) + 1e-6) / np.sqrt(2))
+    hist = np.mean([np.sqrt(cv2.calcHist([f], [0, 1, 2], None, [4, 4, 4], [0, 256] * 3).ravel() / f[..., 0].size)
+                    for f in frames], 0)                     # Hellinger: sqrt of colour frequencies
+    e = np.concatenate([0.9 * np.concatenate(parts), np.sqrt(0.19) * hist])
+    return e / (np.linalg.norm(e) + 1e-9)
+
+
+def nearest_duplicate(e, embs, ids, cfg=CFG):
+    """Id of an earlier clip within dedup_max_dist cosine distance of e, else None."""
+    if not len(embs):
+        return None
+    d = 1 - np.asarray(embs) @ e
+    i = int(np.argmin(d))
+    return ids[i] if d[i] < cfg.dedup_max_dist else None
+
+
+def kmeans(x, k, iters=30, seed=0):
+    """k-means with k-means++ seeding (numpy). Returns (centroids (k, d), labels (n,))."""
+    rng = np.random.default_rng(seed)
+    x = np.asarray(x, np.float64)
+    k = max(1, min(k, len(x)))
+    xx = (x * x).sum(1)
+
+    def sqdist(c):  # (n, len(c)) squared distances without an (n, k, d) temporary
+        return np.maximum(xx[:, None] - 2 * x @ c.T + (c * c).sum(1)[None], 0)
+    c = [x[rng.integers(len(x))]]
+    d2 = sqdist(np.array(c))[:, 0]
+    for _ in range(1, k):    # k-means++: next centre drawn with probability ~ squared distance to the nearest
+        c.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[rng.integers(len(x))])
+        d2 = np.minimum(d2, sqdist(c[-1][None])[:, 0])
+    c = np.array(c)
+    for _ in range(iters):
+        lab = sqdist(c).argmin(1)
+        counts = np.bincount(lab, minlength=k)[:, None]
+        sums = np.zeros_like(c)
+        np.add.at(sums, lab, x)
+        new = np.where(counts > 0, sums / np.maximum(counts, 1), c)   # an empty cluster keeps its centre
+        if np.allclose(new, c):
+            break
+        c = new
+    return c, sqdist(c).argmin(1)
+
+
+def balance_weights(labels):
+    """Resampling weight per clip, inverse to its concept's cluster size, mean 1: every concept is drawn
+    equally often (the paper balances concepts with k-means but does not give the rule)."""
+    labels = np.asarray(labels)
+    sizes = np.bincount(labels)[labels].astype(np.float64)
+    w = 1 / sizes
+    return w * len(w) / w.sum()
+
+# -----------------------------------------------------------------------------
+# structured captions (paper §3.2): from a sidecar file or a pluggable captioner, never invented
+
+def captioner(frames):
+    """Plug a VLM here (frames -> dict with CAPTION_FIELDS). Default: no captioner, so no caption."""
+    return None
+
+
+def load_sidecar(video_path):
+    """name.json ({"shots": [{"start", "end", "caption": {...}}]} or one caption dict for the whole
+    video) or name.txt (plain text = the short description), else None."""
+    stem = os.path.splitext(video_path)[0]
+    if os.path.exists(stem + ".json"):
+        with open(stem + ".json") as f:
+            side = json.load(f)
+        return side if "shots" in side else {"shots": [{"start": 0, "end": 1 << 62, "caption": side}]}
+    if os.path.exists(stem + ".txt"):
+        with open(stem + ".txt") as f:
+            text = f.read().strip()
+        return {"shots": [{"start": 0, "end": 1 << 62, "caption": {"short_description": text}}]} if text else None
+    return None
+
+
+def caption_for(side, start, end, frames):
+    """The sidecar caption of the shot overlapping [start, end) most, else the captioner's, else None."""
+    if side:
+        best = max(side["shots"], key=lambda s: min(end, s["end"]) - max(start, s["start"]))
+        if min(end, best["end"]) - max(start, best["start"]) > 0 and best.get("caption"):
+            return {k: v for k, v in best["caption"].items() if k in CAPTION_FIELDS + ("camera_movement",)}
+    return captioner(frames)
+
+# -----------------------------------------------------------------------------
+# hierarchical tiers (paper §3.1, Fig. 4)
+
+def tiers_of(rec, cfg=CFG):
+    """Names of the video tiers a clip belongs to: a prefix of cfg.tier_names, so tiers are nested."""
+    out = []
+    for i, name in enumerate(cfg.tier_names):
+        ok = (min(rec["width"], rec["height"]) >= cfg.tier_side[i] and rec["frames"] >= cfg.tier_frames[i]
+              and rec["clarity"] >= cfg.tier_clarity[i] and rec["quality"] >= cfg.tier_quality[i]
+              and (cfg.tier_overlay_ok[i] or not rec["overlay"]))
+        if not ok:
+            break
+        out.append(name)
+    return out
+
+
+def image_sets_of(rec, cfg=CFG):
+    """Image sets (T2I stage 1, stage 2) a still frame belongs to; nested like the video tiers."""
+    out = []
+    for side, cl, q in zip(cfg.image_side, cfg.image_clarity, cfg.image_quality):
+        if min(rec["width"], rec["height"]) < side or rec["clarity"] < cl or rec["quality"] < q or rec["overlay"]:
+            break
+        out.append(f"{side}p")
+    return out
+
+# -----------------------------------------------------------------------------
+# one raw video -> clips, images, rejections
+
+def video_id(rel):
+    """Stable, filesystem-safe id for an input path (relative to the input folder)."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in os.path.splitext(rel)[0])[-60:]
+    return f"{stem}_{hashlib.sha1(rel.encode()).hexdigest()[:8]}"
+
+
+def quality_tags(rec, cfg=CFG):
+    """Paper §3.2: quality tags from metadata and scores, appended to the structured caption."""
+    side = min(rec["width"], rec["height"])
+    res = [n for n, s in zip(cfg.tier_names, cfg.tier_side) if side >= s]
+    return ([res[-1]] if res else [f"{side}p"]) + \
+        ["sharp" if rec["clarity"] >= cfg.tier_clarity[-1] else "soft"] + \
+        ["high quality" if rec["quality"] >= cfg.tier_quality[-1] else "fair quality"]
+
+
+def _analyse_shot(small, grey, s, e, cfg):
+    """Measurements of one shot from its first frames: small RGB (analysis_w wide) and grey frames at
+    clarity_side. Chooses the clip: start at the sharpest early frame, 4n+1 frames long."""
+    n = e - s
+    clar_raw = [clarity(g) if g is not None else -1.0 for g in grey]   # grey is None off the sampled frames
+    search = max(1, min(cfg.sharp_search, n - cfg.min_clip_frames + 1)) if n >= cfg.min_clip_frames else len(grey)
+    j = int(np.argmax(clar_raw[:search]))            # paper §3.1: start on a sharp frame
+    L = min(n - j, cfg.max_clip_frames, len(small) - j)
+    L = max(1, (L - 1) // 4 * 4 + 1)                  # 4n+1 frames: the VAE's causal first frame + groups of 4
+    clip = small[j:j + L]
+    sample = [clip[i] for i in np.linspace(0, L - 1, min(L, 16)).round().astype(int)]
+    box = letterbox(sample, cfg)
+    crop = [f[box[1]:box[3], box[0]:box[2]] for f in clip]
+    flows = pair_flows(crop, cfg)
+    cam, conf = camera_movement(crop, cfg, flows) if L > 1 else ("static shot", 0.0)
+    return {"start": s + j, "end": s + j + L, "shot": (s, e), "box": box, "sample": sample,
+            "mid": small[len(small) // 2], "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
+            "camera": cam, "camera_conf": conf, "grey": [g for g in grey[j:j + L] if g is not None][::2],
+            "best": s + int(np.argmax(clar_raw)), "best_grey": grey[int(np.argmax(clar_raw))]}
+
+
+def process_video(path, rel, out_dir, cfg=CFG):
+    """Everything for one input file. Returns {"clips", "images", "rejected"} record lists; the clip and
+    image files are already written (temp + rename) under out_dir/clips/<id>/ and out_dir/images/<id>/."""
+    def reject(reason, **kw):
+        return {"path": rel, "reason": reason, **kw}
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in VIDEO_EXTS:
+        return {"clips": [], "images": [], "rejected": [reject(f"not a video file ({ext or 'no extension'})")]}
+    vid = video_id(rel)
+    try:
+        W, H, fps = probe(path)
+        shots = detect_shots(path, cfg)
+    except (ValueError, cv2.error, OSError) as e:
+        return {"clips": [], "images": [], "rejected": [reject(f"unreadable: {e}")]}
+    n_frames = shots[-1][1] if shots else 0
+    if n_frames < cfg.min_clip_frames:
+        return {"clips": [], "images": [], "rejected": [reject(f"too short: {n_frames} frames in the whole file")]}
+
+    # pass 2: the first frames of every shot, small for motion/camera, grey at clarity_side for sharpness
+    aw = cfg.analysis_w
+    ah = max(2, int(round(H * aw / W / 2)) * 2)
+    cs = min(1.0, cfg.clarity_side / min(W, H))
+    gsize = (max(2, int(W * cs)), max(2, int(H * cs)))
+    windows = [(s, min(e, s + cfg.sharp_search + cfg.max_clip_frames)) for s, e in shots]
+    shot_data, k, small, grey = [], 0, [], []
+    cap = cv2.VideoCapture(path)
+    for i in range(n_frames):
+        if k >= len(windows):
+            break
+        s, we = windows[k]
+        if i < s:
+            if not cap.grab():
+                break
+            continue
+        ok, f = cap.read()
+        if not ok:
+            break
+        small.append(cv2.cvtColor(cv2.resize(f, (aw, ah), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
+        # clarity only where needed: the start search, then every 4th frame
+        grey.append(cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), gsize, interpolation=cv2.INTER_AREA)
+                    if i - s < cfg.sharp_search or (i - s) % 4 == 0 else None)
+        if i == we - 1:
+            shot_data.append(_analyse_shot(small, grey, *shots[k], cfg))
+            small, grey, k = [], [], k + 1
+    cap.release()
+    if small:                                        # the file ended early (truncated): use what was read
+        shot_data.append(_analyse_shot(small, grey, shots[k][0], shots[k][0] + len(small), cfg))
+
+    # decide each shot
+    fx, fy = W / aw, H / ah
+    clips, images, rejected, writes = [], [], [], []
+    side = load_sidecar(path)
+    for k, sd in enumerate(shot_data):
+        bx0, by0, bx1, by1 = sd["box"]
+        others = [o["mid"][by0:by1, bx0:bx1] for o in shot_data if o is not sd]
+        inner = static_overlay([f[by0:by1, bx0:bx1] for f in sd["sample"]], others, cfg)
+        mask = np.zeros(sd["sample"][0].shape[:2], bool)
+        mask[by0:by1, bx0:bx1] = inner
+        box, overlay = crop_overlay(sd["box"], mask, cfg)
+        x0, y0, x1, y1 = box
+        full = [int(x0 * fx) // 2 * 2, int(y0 * fy) // 2 * 2,                 # even sizes for the encoder
+                int(np.ceil(x1 * fx)) // 2 * 2, int(np.ceil(y1 * fy)) // 2 * 2]
+        full[2], full[3] = min(full[2], W), min(full[3], H)
+        gb = [int(v * cs) for v in full]                 # the same box on the clarity-size grey frames
+        crop = [f[y0:y1, x0:x1] for f in sd["sample"]]
+        rec = {"clip": f"{vid}_{k:03d}", "video": rel, "start": sd["start"], "end": sd["end"],
+               "frames": sd["end"] - sd["start"], "fps": round(fps, 3), "width": full[2] - full[0],
+               "height": full[3] - full[1], "crop": full,
+               "clarity": round(float(np.median([clarity(g[gb[1]:gb[3], gb[0]:gb[2]]) for g in sd["grey"]])), 2),
+               "motion": round(sd["motion"], 3), "quality": round(quality_score(crop), 3),
+               "camera": sd["camera"], "camera_conf": sd["camera_conf"], "overlay": bool(overlay)}
+        shot_len = sd["shot"][1] - sd["shot"][0]
+        why = []
+        if shot_len < cfg.min_clip_frames:
+            why.append(f"too short ({shot_len} < {cfg.min_clip_frames} frames)")
+        if rec["clarity"] < cfg.min_clarity:
+            why.append(f"blurry (clarity {rec['clarity']:.1f} < {cfg.min_clarity})")
+        if rec["motion"] < cfg.min_motion:
+            why.append(f"static (motion {rec['motion']:.2f} < {cfg.min_motion})")
+        if rec["motion"] > cfg.max_motion:
+            why.append(f"too fast (motion {rec['motion']:.1f} > {cfg.max_motion})")
+        if min(rec["width"], rec["height"]) < 16:
+            why.append("nothing but border")
+        if rec["quality"] < cfg.min_quality:
+            why.append(f"low quality ({rec['quality']:.2f} < {cfg.min_quality})")
+        cap_ = caption_for(side, rec["start"], rec["end"], crop)
+        if cap_ is not None:
+            cap_ = dict(cap_)
+            if "camera_movement" not in cap_ and rec["camera_conf"] >= cfg.cam_min_conf:
+                cap_["camera_movement"] = rec["camera"]   # paper §3.2: only confident labels enter captions
+            cap_["source_tags"] = [rel.split(os.sep)[0] if os.sep in rel else "raw"]
+            cap_["quality_tags"] = quality_tags(rec, cfg)
+        rec["caption"] = cap_
+        # image candidate: the sharpest frame of the shot, video filters minus the motion ones (§3.1)
+        bg = sd["best_grey"][gb[1]:gb[3], gb[0]:gb[2]]
+        img = {**{k_: rec[k_] for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
+               "image": f"{rec['clip']}_img", "frame": sd["best"], "clarity": round(clarity(bg), 2)}
+        if (img["clarity"] >= cfg.min_clarity and img["quality"] >= cfg.min_quality and not img["overlay"]
+                and min(img["width"], img["height"]) >= 16):
+            img["path"] = f"images/{vid}/{img['image']}.jpg"
+            images.append(img)
+            writes.append(("image", sd["best"], sd["best"] + 1, full, img["path"]))
+        if why:
+            rejected.append(reject("; ".join(why), clip=rec["clip"], start=rec["start"], end=rec["end"]))
+            continue
+        rec["path"] = f"clips/{vid}/{rec['clip']}.mp4"
+        rec["embedding"] = [round(float(v), 4) for v in clip_embedding(crop)]
+        clips.append(rec)
+        writes.append(("clip", rec["start"], rec["end"], full, rec["path"]))
+
+    # pass 3: write clips and images at full resolution, each to a temp file renamed when complete
+    if writes:
+        write_segments(path, writes, out_dir, fps)
+    return {"clips": clips, "images": images, "rejected": rejected}
+
+
+def write_segments(path, writes, out_dir, fps):
+    """Copy frame ranges [a, b) of `path`, cropped to box, to mp4 clips or jpg stills (one decode pass)."""
+    todo = sorted(writes, key=lambda w: w[1])
+    open_w = {}
+    cap = cv2.VideoCapture(path)
+    last = max(w[2] for w in todo)
+    for i in range(last):
+        starting = [w for w in todo if w[1] == i]
+        active = [w for w in todo if w[1] <= i < w[2]]
+        if not active:
+            cap.grab()
+            continue
+        ok, f = cap.read()
+        if not ok:
+            break
+        if _orphaned():
+            os._exit(1)
+        for w in active:
+            kind, a, b, (x0, y0, x1, y1), rel = w
+            dst = os.path.join(out_dir, rel)
+            crop = np.ascontiguousarray(f[y0:y1, x0:x1])
+            if kind == "image":
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                cv2.imwrite(dst + f".{os.getpid()}.tmp.jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
+                os.replace(dst + f".{os.getpid()}.tmp.jpg", dst)
+                continue
+            if w in starting:
+                os.makedirs(os.path.dirname(dst), exist_ok=True)
+                open_w[rel] = cv2.VideoWriter(dst + f".{os.getpid()}.tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"), fps,
+                                              (x1 - x0, y1 - y0))
+            open_w[rel].write(crop)
+            if i == b - 1:
+                open_w.pop(rel).release()
+                os.replace(dst + f".{os.getpid()}.tmp.mp4", dst)
+    cap.release()
+    for rel, vw in open_w.items():          # a truncated file ended inside a clip: keep what was read
+        vw.release()
+        os.replace(os.path.join(out_dir, rel) + f".{os.getpid()}.tmp.mp4", os.path.join(out_dir, rel))
+
+# -----------------------------------------------------------------------------
+# the resumable run over a folder, and the dataset-level steps
+
+def _read_jsonl(path):
+    """Parsed lines of a jsonl file; a torn last line (killed mid-write) is dropped."""
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out
+
+
+def _write_jsonl(path, recs):
+    """Replace a jsonl file atomically (temp + rename)."""
+    with open(path + ".tmp", "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def _append(f, recs):
+    for r in recs:
+        f.write(json.dumps(r) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def list_inputs(inp, out):
+    """Relative paths of every file under inp, except sidecar captions of a video, hidden files and out."""
+    files = []
+    for root, dirs, names in os.walk(inp):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and os.path.abspath(os.path.join(root, d)) != os.path.abspath(out))
+        stems = {os.path.splitext(n)[0] for n in names if os.path.splitext(n)[1].lower() in VIDEO_EXTS}
+        for n in sorted(names):
+            stem, ext = os.path.splitext(n)
+            if n.startswith(".") or (ext.lower() in (".json", ".txt") and stem in stems):
+                continue
+            files.append(os.path.relpath(os.path.join(root, n), inp))
+    return files
+
+
+_PARENT = None   # pid of the process that runs the curation; set in workers
+
+
+def _orphaned():
+    """True when the run was killed under a worker: an orphaned worker must stop writing at once."""
+    return _PARENT is not None and os.getppid() != _PARENT
+
+
+def _worker(job):
+    global _PARENT
+    path, rel, out, cfg, _PARENT = job
+    if _orphaned():
+        os._exit(1)
+    try:
+        return rel, process_video(path, rel, out, cfg)
+    except Exception as e:          # a broken input must never stop the run
+        reason = f"error: {type(e).__name__}: {e}"
+        return rel, {"clips": [], "images": [], "rejected": [{"path": rel, "reason": reason}]}
+
+
+def _init_worker():
+    cv2.setNumThreads(1)
+
+
+def run(inp, out, workers=1, labels=None, cfg=CFG):
+    """Curate every file under inp into out. Resumable: out/done.jsonl lists finished inputs; on start,
+    records of unfinished inputs (a kill mid-video) are dropped and their files redone, so a kill at any
+    moment loses at most the videos in progress and never duplicates a line."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.json"), "w") as f:   # the thresholds this output was made with
+        json.dump(asdict(cfg), f, indent=1)
+    P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
+    done = {r["path"] for r in _read_jsonl(P["done"])}
+    for k in ("done", "manifest", "rejected", "images"):   # drop torn lines and records of unfinished inputs
+        recs = _read_jsonl(P[k])
+        kept = [r for r in recs if (r["path"] if k in ("done", "rejected") else r["video"]) in done]
+        if k == "done":
+            kept = list({r["path"]: r for r in recs}.values())
+        if os.path.exists(P[k]):
+            _write_jsonl(P[k], kept)
+    manifest = _read_jsonl(P["manifest"])
+    embs, ids = [np.array(r["embedding"]) for r in manifest], [r["clip"] for r in manifest]
+    files = list_inputs(inp, out)
+    todo = [rel for rel in files if rel not in done]
+    for rel in todo:                                       # leftovers of a killed run
+        for d in ("clips", "images"):
+            shutil.rmtree(os.path.join(out, d, video_id(rel)), ignore_errors=True)
+    jobs = [(os.path.join(inp, rel), rel, out, cfg, os.getpid()) for rel in todo]
+    files_out = {k: open(P[k], "a") for k in P}
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker)
+        results = pool.imap(_worker, jobs)                # ordered: the same input order every run
+    else:
+        jobs = [j[:4] + (None,) for j in jobs]             # in this process: no orphan check
+        results = map(_worker, jobs)
+    n_clips = len(manifest)
+    bar = tqdm(results, total=len(jobs), unit="video", desc="curate", dynamic_ncols=True)
+    try:
+        for rel, res in bar:
+            keep = []
+            for rec in res["clips"]:                       # de-duplicate against everything kept so far
+                e = np.array(rec["embedding"])
+                dup = nearest_duplicate(e, embs, ids, cfg)
+                if dup is None:
+                    keep.append(rec)
+                    embs.append(e)
+                    ids.append(rec["clip"])
+                else:
+                    res["rejected"].append({"path": rel, "clip": rec["clip"], "start": rec["start"],
+                                            "end": rec["end"], "reason": f"duplicate of {dup}"})
+                    os.remove(os.path.join(out, rec["path"]))
+            _append(files_out["manifest"], keep)
+            _append(files_out["images"], res["images"])
+            _append(files_out["rejected"], res["rejected"])
+            _append(files_out["done"], [{"path": rel}])    # last: the input counts as finished only now
+            n_clips += len(keep)
+            bar.set_postfix(clips=n_clips)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for f in files_out.values():
+            f.close()
+    return finalize(out, labels, cfg)
+
+
+def finalize(out, labels=None, cfg=CFG):
+    """Dataset-level steps over the whole manifest: concept balancing weights (k-means), nested tiers,
+    fine-tune set, image sets. Rewritten (temp + rename) on every run, so it is always consistent."""
+    manifest = _read_jsonl(os.path.join(out, "manifest.jsonl"))
+    images = _read_jsonl(os.path.join(out, "images.jsonl"))
+    if manifest:
+        x = np.array([r["embedding"] for r in manifest])
+        _, lab = kmeans(x, min(cfg.max_concepts, max(1, len(x) // cfg.clips_per_concept)))
+        w = balance_weights(lab)
+    slim = []
+    for i, r in enumerate(manifest):
+        s = {k: v for k, v in r.items() if k != "embedding"}
+        s["concept"], s["weight"] = int(lab[i]), round(float(w[i]), 4)
+        s["tiers"] = tiers_of(r, cfg)
+        slim.append(s)
+    counts = {}
+    for name in cfg.tier_names:
+        sel = [s for s in slim if name in s["tiers"]]
+        _write_jsonl(os.path.join(out, f"tier_{name}.jsonl"), sel)
+        counts[name] = len(sel)
+    if labels:   # human labels (paper §3.1: the fine-tune set is hand-picked): {"clip": id, "keep": bool}
+        keep = {r["clip"]: bool(r.get("keep")) for r in _read_jsonl(labels)}
+        ft = [s for s in slim if keep.get(s["clip"])]
+    else:        # no labels: the best clips of the high-resolution tiers
+        ft = [s for s in slim if cfg.finetune_tier in s["tiers"] and s["quality"] >= cfg.finetune_quality
+              and s["clarity"] >= cfg.finetune_clarity]
+    _write_jsonl(os.path.join(out, "finetune.jsonl"), ft)
+    counts["finetune"] = len(ft)
+    for side in cfg.image_side:
+        sel = [r for r in images if f"{side}p" in image_sets_of(r, cfg)]
+        _write_jsonl(os.path.join(out, f"images_{side}p.jsonl"), sel)
+        counts[f"images_{side}p"] = len(sel)
+    counts["clips"], counts["rejected"] = len(manifest), len(_read_jsonl(os.path.join(out, "rejected.jsonl")))
+    return counts
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="HunyuanVideo data curation (paper §3).")
+    p.error = lambda msg: sys.exit(f"curate.py: error: {msg}")      # one clear line, exit status 1
+    p.add_argument("--input", help="folder of raw videos (searched recursively)")
+    p.add_argument("--output", required=True, help="output folder (curated), or raw folder with --synthetic")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
+    p.add_argument("--labels", help="jsonl of human labels {\"clip\": id, \"keep\": true} for the fine-tune set")
+    p.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic demo videos to --output")
+    p.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+    a = p.parse_args(argv)
+    if a.synthetic is not None:
+        if a.synthetic < 1:
+            p.error("--synthetic N needs N >= 1")
+        if a.input:
+            p.error("--synthetic writes to --output; do not pass --input")
+        make_synthetic(a.output, a.synthetic, a.seed)
+        return
+    if not a.input:
+        p.error("--input RAW_DIR is required (or --synthetic N)")
+    if not os.path.isdir(a.input):
+        p.error(f"--input {a.input} is not a folder")
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    if a.labels and not os.path.isfile(a.labels):
+        p.error(f"--labels {a.labels} not found")
+    t0 = time.time()
+    counts = run(a.input, a.output, a.workers, a.labels)
+    print(json.dumps(counts), f"({time.time() - t0:.1f}s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""Tests for curate.py (CPU only, small synthetic videos in temp folders).
+
+Camera clips are rendered here by an independent generator (a crop window moving over a random picture,
+not curate.render_shot), so the labels are checked against the issue's conventions, not against the code.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import curate as C  # noqa: E402
+
+CURATE = os.path.join(os.path.dirname(__file__), "..", "curate.py")
+
+
+def write_mp4(path, frames, fps=24):
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert vw.isOpened()
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    vw.release()
+
+
+def picture(rng, h, w):
+    """A random 'scene': coloured rectangles and discs on a flat background."""
+    img = np.full((h, w, 3), rng.integers(0, 255, 3), np.uint8)
+    for _ in range(250):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        if rng.random() < 0.5:
+            cv2.rectangle(img, (x, y), (x + int(rng.integers(5, 60)), y + int(rng.integers(5, 60))), c, -1)
+        else:
+            cv2.circle(img, (x, y), int(rng.integers(3, 30)), c, -1)
+    return img
+
+
+def camera_clip(rng, cam, w=256, h=144, n=32):
+    """Frames seen by a camera window over a big picture. Conventions from the issue: the label names
+    the camera's motion (camera pans right -> window moves right -> content moves left); in-plane roll:
+    'tilt right' = the camera rolls clockwise -> content turns counter-clockwise (cv2 positive angle)."""
+    img = picture(rng, 3 * h, 3 * w)
+    cx, cy, sp = 1.5 * w, 1.5 * h, 0.008 * w
+    frames, walk = [], np.zeros(2)
+    for t in range(n):
+        dx = dy = ang = 0.0
+        z = 1.0
+        if cam == "pan right": dx = sp * t
+        if cam == "pan left": dx = -sp * t
+        if cam == "tilt up": dy = -sp * t
+        if cam == "tilt down": dy = sp * t
+        if cam == "zoom in": z = 1.006 ** t
+        if cam == "zoom out": z = 1.006 ** -t
+        if cam == "tilt right": ang = 0.4 * t
+        if cam == "tilt left": ang = -0.4 * t
+        if cam == "handheld shot":   # mean-reverting random jitter: no drift
+            walk = 0.5 * walk + rng.normal(0, 0.012 * w, 2)
+            dx, dy = walk
+        m = cv2.getRotationMatrix2D((cx + dx, cy + dy), ang, z)
+        m[0, 2] += w / 2 - (cx + dx)
+        m[1, 2] += h / 2 - (cy + dy)
+        frames.append(cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR))
+    return np.stack(frames)
+
+
+# -----------------------------------------------------------------------------
+# library functions
+
+def test_detect_shots_finds_known_cuts(tmp_path):
+    rng = np.random.default_rng(0)
+    w, h = 192, 108
+    shots = [
+        C.render_shot(rng, w, h, 30, "circle", "red", "left"),
+        C.render_shot(rng, w, h, 26, "circle", "red", "left"),       # same palette as the shot before
+        C.render_shot(rng, w, h, 34, "square", "blue", "up", camera="pan right", cam_speed=0.04 * w),  # fast pan
+        C.render_shot(rng, w, h, 9, "triangle", "green", "down"),    # a very short shot
+        C.render_shot(rng, w, h, 28, "circle", "white", "right", camera="zoom in"),
+    ]
+    write_mp4(tmp_path / "v.mp4", np.concatenate(shots))
+    cuts = np.cumsum([len(s) for s in shots])
+    expected = list(zip([0, *cuts[:-1]], cuts))
+    found = C.detect_shots(str(tmp_path / "v.mp4"))
+    assert len(found) == len(expected), found
+    for (s, e), (ts, te) in zip(found, expected):
+        assert abs(s - ts) <= 1 and abs(e - te) <= 1, (found, expected)
+
+
+def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
+    rng = np.random.default_rng(1)
+    pan = camera_clip(rng, "pan left", n=40)                             # another picture: a real cut at 30
+    still = camera_clip(rng, "static shot", n=1)[0]
+    fast = np.stack([np.roll(still, 9 * t, axis=1) for t in range(30)])   # 9 px/frame whip pan
+    write_mp4(tmp_path / "p.mp4", np.concatenate([fast, pan]))
+    assert C.detect_shots(str(tmp_path / "p.mp4")) == [(0, 30), (30, 70)]
+
+
+@pytest.mark.parametrize("cam", ["pan left", "pan right", "tilt up", "tilt down", "zoom in", "zoom out",
+                                 "tilt left", "tilt right", "static shot", "handheld shot"])
+def test_camera_movement_labels(cam):
+    rng = np.random.default_rng(abs(hash(cam)) % 1000)
+    label, conf = C.camera_movement(camera_clip(rng, cam))
+    assert label == cam, (label, conf)
+    assert conf >= C.CFG.cam_min_conf
+
+
+@pytest.mark.parametrize("cam", ["around left", "around right", "pan up", "pan down"])
+def test_camera_movement_parallax_labels(cam):
+    # two depth layers from the demo renderer: orbit = near and far slide opposite ways; pedestal = same way
+    rng = np.random.default_rng(7)
+    label, _ = C.camera_movement(C.render_shot(rng, 256, 144, 32, camera=cam))
+    assert label == cam
+
+
+def test_camera_movement_ignores_moving_subject_on_static_camera():
+    rng = np.random.default_rng(3)
+    frames = C.render_shot(rng, 256, 144, 32, "square", "yellow", "right", camera="static shot")
+    assert C.camera_movement(frames)[0] == "static shot"
+    assert C.motion(frames) > C.CFG.min_motion        # ...but the subject's motion counts as motion
+    still = C.render_shot(rng, 256, 144, 32, "square", "yellow", "right", still=True)
+    assert C.motion(still) < C.CFG.min_motion
+
+
+def test_synthetic_shot_matches_the_spec():
+    rng = np.random.default_rng(8)
+    f = C.render_shot(rng, 320, 180, 10, "triangle", "green", "up")
+    luma = cv2.cvtColor(f[0], cv2.COLOR_RGB2GRAY).astype(int)
+    shape = np.all(np.abs(f[0].astype(int) - (40, 200, 40)) < 3, axis=-1)     # exactly the issue's green
+    assert shape.sum() > 0.01 * shape.size
+    ring = cv2.dilate(shape.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
+    assert luma[~ring].max() < 60 and luma[~ring].std() > 2          # dark, mildly textured background
+    ys = [np.nonzero(np.all(np.abs(g.astype(int) - (40, 200, 40)) < 3, axis=-1))[0].mean() for g in f]
+    assert ys[-1] < ys[0]                                              # "moving up"
+
+
+def test_clarity_falls_as_blur_grows():
+    rng = np.random.default_rng(4)
+    frame = C.render_shot(rng, 320, 180, 1)[0]
+    scores = [C.clarity(cv2.GaussianBlur(frame, (0, 0), s) if s else frame) for s in (0, 0.8, 1.5, 3, 6)]
+    assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    # independent check of the definition: variance of a float64 Laplacian computed with numpy
+    g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    p = np.pad(g, 1, mode="reflect")
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * g
+    assert abs(C.clarity(frame) - lap.var()) < 1e-3 * lap.var()
+
+
+def test_letterbox_and_overlay():
+    rng = np.random.default_rng(5)
+    f = camera_clip(rng, "pan right", w=256, h=144, n=12)
+    f = np.pad(f, ((0, 0), (18, 18), (0, 0), (0, 0)))          # black bars top and bottom
+    assert C.letterbox(list(f)) == (0, 19, 256, 161)
+    f[:, 25:40, 200:245] = picture(rng, 15, 45)                  # a logo that stays put while the camera pans
+    x0, y0, x1, y1 = C.letterbox(list(f))
+    mask = np.zeros(f.shape[1:3], bool)
+    mask[y0:y1, x0:x1] = C.static_overlay([g[y0:y1, x0:x1] for g in f])
+    ys, xs = np.nonzero(mask)
+    assert mask.any() and ys.min() >= 20 and ys.max() <= 45 and xs.min() >= 195, (ys.min(), ys.max(), xs.min())
+    box, left_inside = C.crop_overlay((x0, y0, x1, y1), mask)
+    assert not left_inside and (box[1] >= 40 or box[2] <= 200)    # cut off the top band or the right band
+    assert not C.static_overlay(list(camera_clip(rng, "pan right", n=12))).any()   # no logo, no overlay
+
+
+def test_embedding_matches_rescaled_copies_not_other_shots():
+    rng = np.random.default_rng(10)
+    a, b = camera_clip(rng, "pan left"), camera_clip(rng, "pan left")
+    small = [cv2.resize(cv2.resize(f, (160, 90), interpolation=cv2.INTER_AREA), (256, 144)) for f in a]
+    ea, eb, es = C.clip_embedding(list(a)), C.clip_embedding(list(b)), C.clip_embedding(small)
+    assert np.isclose(np.linalg.norm(ea), 1) and 1 - ea @ es < C.CFG.dedup_max_dist < 1 - ea @ eb
+
+
+def test_kmeans_and_balance_weights():
+    rng = np.random.default_rng(6)
+    x = np.concatenate([rng.normal(0, 0.05, (30, 4)), rng.normal(3, 0.05, (10, 4))])
+    _, lab = C.kmeans(x, 2, seed=0)
+    assert len(set(lab[:30])) == 1 and len(set(lab[30:])) == 1 and lab[0] != lab[-1]
+    w = C.balance_weights(lab)
+    assert np.isclose(w[:30].sum(), w[30:].sum()) and np.isclose(w.mean(), 1)   # each concept drawn equally
+
+
+def test_tiers_are_nested():
+    rng = np.random.default_rng(7)
+    names = C.CFG.tier_names
+    for _ in range(500):
+        rec = {"width": int(rng.integers(100, 1400)), "height": int(rng.integers(100, 800)),
+               "frames": int(rng.integers(20, 140)), "clarity": float(rng.uniform(0, 200)),
+               "quality": float(rng.uniform(0, 1)), "overlay": bool(rng.random() < 0.3)}
+        t = C.tiers_of(rec)
+        assert t == list(names[:len(t)])
+        for i, name in enumerate(t):      # in a tier => passes that tier's own thresholds
+            assert min(rec["width"], rec["height"]) >= C.CFG.tier_side[i]
+            assert rec["quality"] >= C.CFG.tier_quality[i] and rec["clarity"] >= C.CFG.tier_clarity[i]
+
+# -----------------------------------------------------------------------------
+# the pipeline
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory):
+    d = tmp_path_factory.mktemp("raw")
+    C.make_synthetic(str(d), 3, seed=3, sizes=((384, 256),), size_p=(1.0,))
+    return d
+
+
+def _clip_keys(out):
+    return sorted((r["clip"], r["start"], r["end"]) for r in C._read_jsonl(os.path.join(out, "manifest.jsonl")))
+
+
+@pytest.fixture(scope="module")
+def reference(raw, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref")
+    counts = C.run(str(raw), str(out), workers=1)
+    return out, counts
+
+
+def test_pipeline_outputs_and_captions(raw, reference):
+    out, counts = reference
+    man = C._read_jsonl(os.path.join(out, "manifest.jsonl"))
+    assert man and counts["clips"] == len(man)
+    truth = {}
+    for p in raw.glob("*.json"):
+        truth[p.stem + ".mp4"] = json.load(open(p))
+    for r in man:
+        assert os.path.exists(os.path.join(out, r["path"]))
+        assert (r["frames"] - 1) % 4 == 0 and r["camera"] in C.CAMERA_CLASSES
+        shot = max(truth[r["video"]]["shots"], key=lambda s: min(r["end"], s["end"]) - max(r["start"], s["start"]))
+        assert r["caption"]["short_description"] == shot["caption"]["short_description"]   # from the sidecar
+        assert shot["start"] <= r["start"] < r["end"] <= shot["end"]                      # inside one shot
+        assert not shot["blurred"] and not shot["still"]                                   # filters worked
+        cap = cv2.VideoCapture(os.path.join(out, r["path"]))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == r["frames"]
+        assert int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == r["width"]
+    rej = C._read_jsonl(os.path.join(out, "rejected.jsonl"))
+    for v, side in truth.items():     # every deliberately bad shot is rejected with a reason
+        for s in side["shots"]:
+            if s["blurred"] or s["still"] or s["end"] - s["start"] < C.CFG.min_clip_frames:
+                assert any(x["path"] == v and x["start"] >= s["start"] and x["end"] <= s["end"] for x in rej), s
+    for name in C.CFG.tier_names:
+        assert os.path.exists(os.path.join(out, f"tier_{name}.jsonl"))
+
+
+def test_tier_files_nested(reference):
+    out, _ = reference
+    sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"tier_{n}.jsonl"))} for n in C.CFG.tier_names]
+    assert sets[0], "the 256p tier should not be empty on the demo data"
+    assert all(b <= a for a, b in zip(sets, sets[1:]))
+    img = [{r["image"] for r in C._read_jsonl(os.path.join(out, f"images_{s}p.jsonl"))} for s in C.CFG.image_side]
+    assert img[1] <= img[0]
+
+
+def test_human_labels_pick_the_finetune_set(reference, tmp_path):
+    out, _ = reference
+    clips = [r["clip"] for r in C._read_jsonl(os.path.join(out, "manifest.jsonl"))]
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(json.dumps({"clip": c, "keep": i % 2 == 0}) for i, c in enumerate(clips)))
+    counts = C.finalize(str(out), labels=str(labels))
+    ft = [r["clip"] for r in C._read_jsonl(os.path.join(out, "finetune.jsonl"))]
+    assert ft == clips[::2] and counts["finetune"] == len(ft)
+    C.finalize(str(out))     # back to the rule-based set for the other tests
+
+
+def test_broken_inputs_never_stop_the_run(raw, tmp_path):
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    good = sorted(raw.glob("*.mp4"))[0]
+    (mixed / "good.mp4").write_bytes(good.read_bytes())
+    (mixed / "empty.mp4").write_bytes(b"")
+    (mixed / "random.mp4").write_bytes(np.random.default_rng(0).bytes(50_000))
+    (mixed / "truncated.mp4").write_bytes(good.read_bytes()[: good.stat().st_size // 3])
+    write_mp4(mixed / "one_frame.mp4", C.render_shot(np.random.default_rng(1), 128, 96, 1))
+    (mixed / "notes.txt").write_text("not a video")
+    out = tmp_path / "out"
+    C.run(str(mixed), str(out), workers=1)
+    rej = C._read_jsonl(os.path.join(out, "rejected.jsonl"))
+    reasons = {r["path"]: r["reason"] for r in rej if "clip" not in r}
+    for name in ("empty.mp4", "random.mp4", "one_frame.mp4", "notes.txt"):
+        assert name in reasons, (name, rej)
+    # the truncated file is either rejected whole or yields clips only from the part that decodes
+    man = C._read_jsonl(os.path.join(out, "manifest.jsonl"))
+    assert any(r["video"] == "good.mp4" for r in man)
+    assert "truncated.mp4" in reasons or any(r["path"] == "truncated.mp4" for r in rej) or \
+        any(r["video"] == "truncated.mp4" for r in man)
+    done = {r["path"] for r in C._read_jsonl(os.path.join(out, "done.jsonl"))}
+    assert done == {"good.mp4", "empty.mp4", "random.mp4", "truncated.mp4", "one_frame.mp4", "notes.txt"}
+
+
+def test_duplicate_copy_is_rejected(tmp_path):
+    d = tmp_path / "dup"
+    d.mkdir()
+    rng = np.random.default_rng(9)
+    write_mp4(d / "a.mp4", np.concatenate([C.render_shot(rng, 256, 144, 40, "circle", "red", "left"),
+                                           C.render_shot(rng, 256, 144, 40, "square", "blue", "up")]))
+    (d / "b.mp4").write_bytes((d / "a.mp4").read_bytes())                       # an exact copy
+    write_mp4(d / "c.mp4", list(C.iter_frames(str(d / "a.mp4"))))                 # decoded and re-encoded
+    C.run(str(d), str(tmp_path / "out"), workers=1)
+    man = C._read_jsonl(str(tmp_path / "out" / "manifest.jsonl"))
+    rej = C._read_jsonl(str(tmp_path / "out" / "rejected.jsonl"))
+    assert len(man) == 2 and all(r["video"] == "a.mp4" for r in man)
+    for copy in ("b.mp4", "c.mp4"):
+        assert sum("duplicate of" in r["reason"] for r in rej if r["path"] == copy) == 2
+
+
+def test_killed_run_resumes_to_the_same_manifest(raw, reference, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, CURATE, "--input", str(raw), "--output", str(out), "--workers", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / "done.jsonl"
+    t0 = time.time()
+    while time.time() - t0 < 60 and p.poll() is None:     # kill as soon as the first video is finished
+        if done.exists() and done.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.02)
+    if p.poll() is None:
+        p.send_signal(signal.SIGKILL)
+    p.wait()
+    # and a torn half-written line, as if the kill hit mid-write
+    with open(out / "manifest.jsonl", "a") as f:
+        f.write('{"clip": "torn", "vid')
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    keys = _clip_keys(out)
+    assert keys == _clip_keys(reference[0])
+    assert len({k[0] for k in keys}) == len(keys)          # no duplicates
+    # a third run has nothing left to do and changes nothing
+    subprocess.run(cmd, capture_output=True, timeout=120, check=True)
+    assert _clip_keys(out) == keys
+
+
+def test_cli_bad_arguments_exit_with_one_line(tmp_path):
+    for args in (["--output", str(tmp_path)], ["--input", str(tmp_path / "nope"), "--output", str(tmp_path)],
+                 ["--synthetic", "0", "--output", str(tmp_path)]):
+        r = subprocess.run([sys.executable, CURATE, *args], capture_output=True, text=True, timeout=60)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_cli_synthetic_writes_videos_and_sidecars(tmp_path):
+    r = subprocess.run([sys.executable, CURATE, "--synthetic", "1", "--output", str(tmp_path), "--seed", "11"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    side = json.load(open(next(tmp_path.glob("*.json"))))
+    cap = cv2.VideoCapture(str(next(tmp_path.glob("*.mp4"))))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == side["shots"][-1]["end"]
+    s = side["shots"][0]["caption"]["short_description"].split()
+    assert s[0] == "a" and s[1] in C.COLOURS and s[2] in C.SHAPES
