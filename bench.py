@@ -5,6 +5,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py dit                                     # on a CPU: the tiny config, a smoke run
     python bench.py train                                   # 1.3B training step: s/step, MFU, memory
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
+    python bench.py vae                                     # tiled VAE decode 544x960x129: seconds, peak GB
     python bench.py curate                                  # shot detection vs PySceneDetect, pipeline fps
 
 GPU timings use CUDA events after warm-up and report the median. Figures go into the README's
@@ -298,6 +299,87 @@ def bench_curate(args):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+def bench_vae(args):
+    """`python bench.py vae`: tiled fp16 decode of a 33x68x120 latent (544x960x129 video) and tiled encode of a
+    129x256x256 clip with the released config (random weights, or args.vae_path if given) on CUDA; a tiny
+    config on CPU. The diffusers VAE with the same weights is timed in the same run when importable."""
+    import time
+
+    import torch
+
+    import vae
+
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    if cuda:
+        cfg, dtype, lat, clip = vae.CONFIGS["884-16c-hy"], torch.float16, (33, 68, 120), (129, 256, 256)
+    else:  # tiny model, tiles of 64 px / 16 frames, so the same tiled code paths run
+        cfg, dtype, lat, clip = vae.CONFIGS["tiny"], torch.float32, (6, 10, 10), (17, 64, 64)
+    path = getattr(args, "vae_path", None)
+    if path and cuda:
+        model = vae.load_vae(path, device=dev, dtype=dtype)
+    else:
+        torch.manual_seed(0)
+        model = vae.CausalVAE(cfg).to(dev, dtype).eval().requires_grad_(False)
+    g = torch.Generator(dev).manual_seed(0)
+    z = torch.randn((1, cfg.latent_channels) + lat, generator=g, device=dev, dtype=dtype)
+    x = torch.rand((1, 3) + clip, generator=g, device=dev, dtype=dtype) * 2 - 1
+
+    def timed(fn):
+        """(seconds, peak GB allocated during fn, output); CUDA events after a synchronize, CPU wall clock."""
+        if not cuda:
+            t0 = time.perf_counter()
+            out = fn()
+            return time.perf_counter() - t0, float("nan"), out
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, torch.cuda.max_memory_allocated() / 2**30, out
+
+    h, w = lat[1] * cfg.spatial_compression, lat[2] * cfg.spatial_compression
+    t = cfg.time_compression * (lat[0] - 1) + 1
+    print(f"vae: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu (tiny config)'}, {dtype}, "
+          f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GB")
+    with torch.inference_mode():
+        # warm-up: one temporal window through every tiled code path (cuDNN/kernel selection, allocator)
+        model.decode(z[:, :, :cfg.tile_sample_frames // cfg.time_compression + 1], tiled=True)
+        model.encode(x[:, :, :cfg.tile_sample_frames + 1], tiled=True)
+        sec, peak, video = timed(lambda: model.decode(z, tiled=True))
+        print(f"  decode {lat[0]}x{lat[1]}x{lat[2]} -> {t}x{h}x{w}, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated "
+              f"(output {tuple(video.shape)})")
+        del video
+        sec, peak, _ = timed(lambda: model.encode(x, tiled=True))
+        print(f"  encode {clip[0]}x{clip[1]}x{clip[2]}, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated")
+
+    try:
+        import diffusers
+        from diffusers import AutoencoderKLHunyuanVideo
+    except ImportError:
+        print("  diffusers not importable: no peer timing")
+        return
+    c = model.cfg
+    peer = AutoencoderKLHunyuanVideo(
+        in_channels=c.in_channels, out_channels=c.out_channels, latent_channels=c.latent_channels,
+        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_groups, mid_block_add_attention=c.mid_attention)
+    peer.load_state_dict(model.state_dict())  # same key names
+    del model
+    peer = peer.to(dev, dtype).eval()
+    peer.enable_tiling()  # diffusers defaults: 256 px tiles, 16-frame temporal tiles (not the official 64)
+    print(f"  (tiles differ: ours {c.tile_sample_size} px / {c.tile_sample_frames}-frame windows as the official "
+          f"code, diffusers 256 px / 16 frames)")
+    with torch.inference_mode():
+        peer.decode(z[:, :, :cfg.tile_sample_frames // cfg.time_compression + 1])
+        sec, peak, _ = timed(lambda: peer.decode(z).sample)
+        print(f"  diffusers {diffusers.__version__} decode, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated")
+        sec, peak, _ = timed(lambda: peer.encode(x).latent_dist.mean)
+        print(f"  diffusers encode, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated")
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -312,6 +394,9 @@ def main():
     p = sub.add_parser("sample", help="end-to-end sampling (DiT steps + VAE decode)")
     p.add_argument("--steps", type=int, default=50)
     p.set_defaults(fn=bench_sample)
+    p = sub.add_parser("vae", help="tiled fp16 decode of 33x68x120 (544x960x129) and encode of 129x256x256")
+    p.add_argument("--vae-path", help="real weights (default: random)")
+    p.set_defaults(fn=bench_vae)
     p = sub.add_parser("curate", help="shot detection F1/speed vs PySceneDetect, pipeline frames/s (CPU)")
     p.add_argument("--videos", type=int, default=12, help="synthetic 640x360 videos to measure on")
     p.set_defaults(fn=bench_curate)

@@ -1,0 +1,449 @@
+import json
+import math
+import os
+import sys
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.utils._python_dispatch
+import torch.utils._pytree
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import vae  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny(seed=0, **kw):
+    torch.manual_seed(seed)
+    m = vae.CausalVAE(vae.VAEConfig(**{**vars(vae.CONFIGS["tiny"]), **kw})).eval()
+    with torch.no_grad():  # non-trivial GroupNorm affines, so the norms matter in every comparison
+        for n, p in m.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return m
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def video(B, T, H, W, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, T, H, W, generator=g) * 2 - 1
+
+
+# -----------------------------------------------------------------------------
+# shapes and errors
+
+
+def test_latent_shape_formula():
+    m = tiny()
+    for T, H, W in [(1, 16, 24), (5, 16, 16), (9, 8, 16), (13, 16, 8)]:
+        with torch.no_grad():
+            mean, logvar = m.encode(video(2, T, H, W))
+        want = (2, 4, (T - 1) // 4 + 1, H // 8, W // 8)
+        assert mean.shape == logvar.shape == want, (T, H, W)
+        assert m.latent_shape(T, H, W) == want[2:]
+        with torch.no_grad():
+            out = m.decode(mean)
+        assert out.shape == (2, 3, 4 * (want[2] - 1) + 1, H, W)  # T' -> 4(T'-1)+1 recovers T
+
+
+def test_bad_shapes_raise_with_rule_and_nearest_size():
+    m = tiny()
+    with pytest.raises(ValueError, match=r"T=10 frames must be 4k\+1.*nearest valid T=9"):
+        m.encode(video(1, 10, 16, 16))
+    with pytest.raises(ValueError, match=r"T=12 .*nearest valid T=13"):
+        m.encode(video(1, 12, 16, 16))
+    with pytest.raises(ValueError, match=r"H=30 must be a multiple of 8, nearest valid H=32.*W=20 .*valid W=16"):
+        m.encode(video(1, 5, 30, 20))
+    with pytest.raises(ValueError, match=r"H=4 .*nearest valid H=8"):
+        m.encode(video(1, 1, 4, 16))
+    with pytest.raises(ValueError, match=r"expected a video \(B, 3, T, H, W\)"):
+        m.encode(torch.zeros(1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"expected a latent \(B, 4,"):
+        m.decode(torch.zeros(1, 16, 2, 2, 2))
+
+
+# -----------------------------------------------------------------------------
+# building blocks against independent computations
+
+
+def test_causal_conv_matches_naive_loop_and_is_causal():
+    torch.manual_seed(0)
+    conv = vae.CausalConv3d(3, 5, 3).double()
+    x = torch.randn(2, 3, 7, 6, 5, dtype=torch.float64)
+    y = conv(x)
+    # naive: output frame t = sum over the 3 taps of a 2D conv of frame max(t-2+i, 0) (front replicate),
+    # each frame replicate-padded by 1 in space
+    w, b = conv.conv.weight, conv.conv.bias
+    ref = torch.stack([
+        sum(F.conv2d(F.pad(x[:, :, max(t - 2 + i, 0)], (1, 1, 1, 1), mode="replicate"), w[:, :, i]) for i in range(3))
+        + b.view(1, -1, 1, 1) for t in range(7)], dim=2)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    # causality: changing input frame j changes output frames >= j only
+    for j in range(7):
+        x2 = x.clone()
+        x2[:, :, j] += 1.0
+        d = (conv(x2) - y).abs().amax(dim=(0, 1, 3, 4))
+        assert (d[:j] == 0).all() and d[j] > 0, j
+
+
+def test_frame_causal_attention_matches_masked_softmax():
+    torch.manual_seed(0)
+    B, T, n, C = 2, 3, 4, 8
+    q, k, v = (torch.randn(B, T * n, C, dtype=torch.float64) for _ in range(3))
+    frame = torch.arange(T * n) // n
+    s = q @ k.transpose(1, 2) / math.sqrt(C)
+    s = s.masked_fill(frame[None, :] > frame[:, None], float("-inf"))  # token of frame f sees frames <= f
+    torch.testing.assert_close(vae._frame_causal_attention(q, k, v, n), s.softmax(-1) @ v)
+
+
+def test_upsample_first_frame_spatial_only():
+    up = vae.Upsample(2, (2, 2, 2))
+    x = torch.randn(1, 2, 3, 2, 2)
+    u = up._frames(x, 0, 5)  # 3 frames -> 1 + 2*2
+    sp = lambda f: f.repeat_interleave(2, -1).repeat_interleave(2, -2)
+    ref = torch.stack([sp(x[:, :, 0]), sp(x[:, :, 1]), sp(x[:, :, 1]), sp(x[:, :, 2]), sp(x[:, :, 2])], dim=2)
+    assert torch.equal(u, ref)
+
+
+def test_stream_path_equals_plain_path(monkeypatch):
+    # one frame per chunk so every cache/in-place branch of the stream path is exercised; float64 so that
+    # any difference beyond rounding would show
+    monkeypatch.setattr(vae, "STREAM_ELEMENTS", 1)
+    m = tiny().double()
+    x = video(1, 9, 16, 24).double()
+    with torch.enable_grad():
+        mean_p, logvar_p = m.encode(x)
+        dec_p = m.decode(mean_p.detach())
+    with torch.no_grad():
+        mean_s, logvar_s = m.encode(x)
+        dec_s = m.decode(mean_p)
+    assert rel(mean_s, mean_p) < 1e-12 and rel(logvar_s, logvar_p) < 1e-12
+    assert rel(dec_s, dec_p) < 1e-12
+
+
+@pytest.mark.parametrize("dtype, tol_enc, tol_dec", [(torch.bfloat16, 3e-2, 0.3), (torch.float16, 5e-3, 5e-2)])
+def test_half_precision_inference_close_to_fp32(dtype, tol_enc, tol_dec):
+    # loose decode bounds: a random decoder amplifies rounding ~100x (diffusers' VAE with the same weights is
+    # off from fp32 by the same 16% in bf16, 3% in fp16)
+    m = tiny()
+    x = video(1, 5, 16, 16)
+    with torch.no_grad():
+        mean, _ = m.encode(x)
+        ref = m.decode(mean)
+        m = m.to(dtype)
+        mean_h, _ = m.encode(x)
+        out = m.decode(mean)
+    assert mean_h.dtype == out.dtype == dtype
+    assert rel(mean_h, mean) < tol_enc and rel(out, ref) < tol_dec
+
+
+# -----------------------------------------------------------------------------
+# tiling
+
+
+def test_tiled_equals_untiled_when_one_tile_covers():
+    m = tiny()  # tiles: 64 px / 16 frames
+    x = video(1, 5, 64, 48)  # exactly the tile size: not tiled
+    z = torch.randn(1, 4, 4, 8, 6)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(m.encode(x, tiled=True), m.encode(x)))
+        assert torch.equal(m.decode(z, tiled=True), m.decode(z))
+
+
+def _ramp(e):
+    return torch.arange(e, dtype=torch.float64) / e
+
+
+def test_spatial_tiled_decode_assembles_official_blend():
+    # tiny tiles: 8 latent (64 px), stride 6 latent, blend 16 px, keep 48 px. H'=6: one row of tiles;
+    # W'=10: tiles [0,8) and [6,10)
+    m = tiny()
+    z = torch.randn(1, 4, 2, 6, 10)
+    with torch.no_grad():
+        out = m.decode(z, tiled=True).double()
+        a, b = m.decode(z[..., 0:8]).double(), m.decode(z[..., 6:10]).double()
+    y = _ramp(16)
+    ref = torch.cat([a[..., :48], a[..., 48:64] * (1 - y) + b[..., :16] * y, b[..., 16:]], dim=-1)
+    assert out.shape == (1, 3, 5, 48, 80)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_temporal_tiled_decode_assembles_official_blend():
+    # tiny: windows of 4+1 latent frames every 3, blend 4 frames, keep 12 (13 for the first window)
+    m = tiny()
+    z = torch.randn(1, 4, 6, 2, 3)
+    with torch.no_grad():
+        out = m.decode(z, tiled=True).double()
+        a, b = m.decode(z[:, :, 0:5]).double(), m.decode(z[:, :, 3:6]).double()
+    b = b[:, :, 1:]  # a later window's first (image) frame is dropped
+    y = _ramp(4).view(-1, 1, 1)
+    ref = torch.cat([a[:, :, :13], a[:, :, 13:17] * (1 - y) + b[:, :, :4] * y, b[:, :, 4:]], dim=2)
+    assert out.shape == (1, 3, 21, 16, 24)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_temporal_tiled_encode_assembles_official_blend():
+    # tiny: windows of 16+1 frames every 12, latent blend 1, keep 3 (4 for the first window); T=21 -> 6 latents
+    m = tiny()
+    x = video(1, 21, 16, 16)
+    with torch.no_grad():
+        mean, _ = m.encode(x, tiled=True)
+        a, _ = m.encode(x[:, :, 0:17])
+        b, _ = m.encode(x[:, :, 12:21])
+    b = b[:, :, 1:]
+    ref = torch.cat([a[:, :, :4], a[:, :, 4:5], b[:, :, 1:]], dim=2)  # blend of 1: weight 0 on b's first frame
+    assert mean.shape == (1, 4, 6, 2, 2)
+    torch.testing.assert_close(mean.double(), ref.double(), rtol=1e-6, atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# the released layout, at full size on meta
+
+
+def official_keys():
+    """Keys and shapes from the architecture facts §3.10 table (written out, not read from the model)."""
+    keys = {}
+
+    def conv(name, o, i, k):
+        keys[f"{name}.conv.weight"], keys[f"{name}.conv.bias"] = (o, i, k, k, k), (o,)
+
+    def norm(name, c):
+        keys[f"{name}.weight"], keys[f"{name}.bias"] = (c,), (c,)
+
+    def resnet(name, i, o):
+        norm(f"{name}.norm1", i), conv(f"{name}.conv1", o, i, 3)
+        norm(f"{name}.norm2", o), conv(f"{name}.conv2", o, o, 3)
+        if i != o:
+            conv(f"{name}.conv_shortcut", o, i, 1)
+
+    def mid(name):
+        resnet(f"{name}.resnets.0", 512, 512), resnet(f"{name}.resnets.1", 512, 512)
+        norm(f"{name}.attentions.0.group_norm", 512)
+        for p in ("to_q", "to_k", "to_v", "to_out.0"):
+            keys[f"{name}.attentions.0.{p}.weight"], keys[f"{name}.attentions.0.{p}.bias"] = (512, 512), (512,)
+
+    conv("encoder.conv_in", 128, 3, 3)
+    for i, (ci, co) in enumerate([(128, 128), (128, 256), (256, 512), (512, 512)]):
+        for r in range(2):
+            resnet(f"encoder.down_blocks.{i}.resnets.{r}", ci if r == 0 else co, co)
+        if i < 3:
+            conv(f"encoder.down_blocks.{i}.downsamplers.0.conv", co, co, 3)
+    mid("encoder.mid_block")
+    norm("encoder.conv_norm_out", 512), conv("encoder.conv_out", 32, 512, 3)
+    keys["quant_conv.weight"], keys["quant_conv.bias"] = (32, 32, 1, 1, 1), (32,)
+    keys["post_quant_conv.weight"], keys["post_quant_conv.bias"] = (16, 16, 1, 1, 1), (16,)
+    conv("decoder.conv_in", 512, 16, 3)
+    mid("decoder.mid_block")
+    for i, (ci, co) in enumerate([(512, 512), (512, 512), (512, 256), (256, 128)]):
+        for r in range(3):
+            resnet(f"decoder.up_blocks.{i}.resnets.{r}", ci if r == 0 else co, co)
+        if i < 3:
+            conv(f"decoder.up_blocks.{i}.upsamplers.0.conv", co, co, 3)
+    norm("decoder.conv_norm_out", 128), conv("decoder.conv_out", 3, 128, 3)
+    return keys
+
+
+def test_full_size_keys_shapes_and_parameter_count():
+    with torch.device("meta"):
+        m = vae.CausalVAE(vae.CONFIGS["884-16c-hy"])
+    got = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    want = official_keys()
+    assert sorted(set(want) - set(got)) == [] and sorted(set(got) - set(want)) == []
+    assert got == want
+    assert len(got) == 248
+    assert sum(p.numel() for p in m.parameters()) == 246_478_803
+
+
+def test_resample_layout_of_released_config():
+    # facts §3.4/3.5: spatial in blocks 0-2, temporal in blocks 1-2, nothing in block 3
+    assert vae._resample_factors(vae.CONFIGS["884-16c-hy"]) == [(1, 2, 2), (2, 2, 2), (2, 2, 2), None]
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+
+def test_load_vae_official_pt_safetensors_and_mismatch(tmp_path):
+    m = tiny()
+    sd = m.state_dict()
+    cfg_json = {"block_out_channels": [16, 32, 32, 32], "layers_per_block": 1, "norm_num_groups": 8,
+                "latent_channels": 4, "sample_size": 64, "sample_tsize": 16, "scaling_factor": 0.476986}
+    # official layout: vae/pytorch_model.pt with a state_dict wrapper and a vae. prefix, plus config.json
+    (tmp_path / "vae").mkdir()
+    torch.save({"state_dict": {f"vae.{k}": v for k, v in sd.items()}}, tmp_path / "vae" / "pytorch_model.pt")
+    (tmp_path / "vae" / "config.json").write_text(json.dumps(cfg_json))
+    z = torch.randn(1, 4, 2, 2, 2)
+    with torch.no_grad():
+        ref = m.decode(z)
+        assert torch.equal(vae.load_vae(tmp_path / "vae").decode(z), ref)
+    # safetensors file with an explicit config
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "w.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(vae.load_vae(tmp_path / "w.safetensors", cfg=m.cfg).decode(z), ref)
+    # a mismatch is one clear line naming the keys, never a partial load
+    bad = dict(sd)
+    bad.pop("decoder.conv_out.conv.bias")
+    bad["decoder.extra.weight"] = torch.zeros(1)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(ValueError) as e:
+        vae.load_vae(tmp_path / "bad.pt", cfg=m.cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "decoder.conv_out.conv.bias" in msg and "decoder.extra.weight" in msg
+    with pytest.raises(ValueError, match="wrong shape [1-9]"):  # the tiny weights do not fit the released config
+        vae.load_vae(tmp_path / "w.safetensors")
+
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def lpips_weights(path):
+    """A random state dict in the layout of torchvision vgg16 `features` + LPIPS v0.1 `lin*` files."""
+    torch.manual_seed(0)
+    sd, c, i = {}, 3, 0
+    for v in vae.LPIPS.CFG:
+        if v == "M":
+            i += 1
+        else:
+            sd[f"features.{i}.weight"] = torch.randn(v, c, 3, 3) * (2 / (9 * c)) ** 0.5
+            sd[f"features.{i}.bias"] = torch.zeros(v)
+            c, i = v, i + 2
+    for k, ch in enumerate((64, 128, 256, 512, 512)):
+        sd[f"lin{k}.model.1.weight"] = torch.rand(1, ch, 1, 1)
+    sd["classifier.0.weight"] = torch.zeros(1)  # extra keys of the torchvision file are ignored
+    torch.save(sd, path)
+    return path
+
+
+def test_losses_finite_with_gradients(tmp_path):
+    m = tiny().train()
+    loss_fn = vae.VAELoss(perceptual_weights=lpips_weights(tmp_path / "lpips.pt"), gan_start=0,
+                          disc_channels=8, disc_layers=2)
+    x = video(2, 5, 16, 16)
+    recon, mean, logvar = m(x)
+    total, logs = loss_fn(x, recon, mean, logvar, step=0)
+    assert set(logs) == {"l1", "kl", "perceptual", "gan"}
+    assert all(torch.isfinite(v) for v in logs.values()) and torch.isfinite(total)
+    total.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+    assert all(p.grad is None for p in loss_fn.discriminator.parameters())  # the VAE step leaves D alone
+    d = loss_fn.disc_loss(x, recon, step=0)
+    d.backward()
+    assert torch.isfinite(d) and all(p.grad is not None for p in loss_fn.discriminator.parameters())
+    # KL against its closed form; LPIPS of identical images is 0
+    kl = 0.5 * (mean.double() ** 2 + logvar.double().exp() - 1 - logvar.double()).sum() / 2
+    assert abs(logs["kl"].item() - kl.item()) < 1e-3 * kl.item()
+    img = x[:, :, 0]
+    assert loss_fn.lpips(img, img).abs().max() < 1e-6 and (loss_fn.lpips(img, -img) > 0).all()
+
+
+def test_perceptual_off_is_announced_and_gan_waits_for_start():
+    m = tiny()
+    with pytest.warns(UserWarning, match="perceptual term .* is OFF"):
+        loss_fn = vae.VAELoss(gan_start=10, disc_channels=8, disc_layers=2)
+    x = video(1, 1, 16, 16)
+    recon, mean, logvar = m(x)
+    _, logs = loss_fn(x, recon, mean, logvar, step=9)
+    assert set(logs) == {"l1", "kl"} and loss_fn.disc_loss(x, recon, step=9) == 0
+    _, logs = loss_fn(x, recon, mean, logvar, step=10)
+    assert "gan" in logs
+
+
+def test_random_tiling_switch_trains_through_tiles():
+    m = tiny()
+    x = video(1, 5, 16, 80)  # wider than the tiny 64 px tile
+    torch.manual_seed(0)
+    recon_t, mean_t, _ = m(x, sample_posterior=False, tile_prob=1.0)
+    recon_u, mean_u, _ = m(x, sample_posterior=False, tile_prob=0.0)
+    with torch.no_grad():
+        assert rel(mean_t, m.encode(x, tiled=True)[0]) < 1e-5  # grad (plain) path vs no-grad (stream) path
+        assert rel(recon_t, m.decode(mean_t, tiled=True)) < 1e-5
+    assert not torch.allclose(recon_t, recon_u)
+    recon_t.square().mean().backward()
+    assert m.encoder.conv_in.conv.weight.grad is not None
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    m = tiny().train()
+    x = video(1, 5, 16, 16)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.encoder.gradient_checkpointing = m.decoder.gradient_checkpointing = ckpt
+        recon, _, _ = m(x, sample_posterior=False)
+        recon.square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert rel(grads[1], grads[0]) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# memory of the stream path, counted on the meta device (no compute): every tensor storage created is
+# counted until Python frees it
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def _free(self, key):
+        self.now -= self.live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and id(t.untyped_storage()) not in self.live:
+                st = t.untyped_storage()
+                self.live[id(st)] = st.nbytes()
+                self.now += st.nbytes()
+                self.peak = max(self.peak, self.now)
+                weakref.finalize(st, self._free, id(st))
+        return out
+
+
+def test_stream_decode_of_an_official_tile_stays_small():
+    # released config, fp16, one official decode tile (17x32x32 latent -> 65x256x256 video)
+    with torch.device("meta"):
+        m = vae.CausalVAE(vae.CONFIGS["884-16c-hy"]).half().eval()
+        z = torch.empty(1, 16, 17, 32, 32, dtype=torch.half)
+    peaks = []
+    for stream in (True, False):
+        with torch.no_grad(), _LiveBytes() as mem:
+            out = m.decoder.stream(z) if stream else m.decoder(z)
+        assert out.shape == (1, 3, 65, 256, 256)
+        peaks.append(mem.peak / 2**30)
+    # the 256-channel 65x256x256 input of the last up block alone is 2 GB; the plain path holds ~7 GB
+    assert peaks[0] < 3.8 and peaks[0] < 0.55 * peaks[1], peaks
+
+
+# -----------------------------------------------------------------------------
+# cross-check against diffusers' implementation of the same network (test-only dependency)
+
+
+def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    m = tiny()
+    c = m.cfg
+    ref = diffusers.AutoencoderKLHunyuanVideo(
+        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
+        latent_channels=c.latent_channels).eval()
+    ref.load_state_dict(m.state_dict(), strict=True)
+    ref.use_framewise_encoding = ref.use_framewise_decoding = False  # untiled: diffusers' time tiles differ
+    for T in (1, 9):
+        x = video(1, T, 16, 24)
+        with torch.no_grad():
+            dist = ref.encode(x).latent_dist
+            mean, logvar = m.encode(x)
+            assert rel(mean, dist.mean) < 1e-4 and rel(logvar, dist.logvar) < 1e-4
+            assert rel(m.decode(dist.mean), ref.decode(dist.mean).sample) < 1e-4
+    ref.save_pretrained(tmp_path)  # config.json + diffusion_pytorch_model.safetensors
+    loaded = vae.load_vae(tmp_path)
+    assert loaded.cfg.block_out_channels == c.block_out_channels and loaded.cfg.latent_channels == c.latent_channels
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))

@@ -1,0 +1,719 @@
+"""
+HunyuanVideo causal 3D VAE (paper §4.1; the official "884-16c-hy" AutoencoderKLCausal3D).
+
+video (B, 3, 4k+1, H, W) in [-1, 1]  <->  latent (B, 16, k+1, H/8, W/8)
+
+Every conv pads only the past in time, so the first frame is encoded on its own and one model serves
+images (T=1) and videos. Latents are unscaled: callers multiply by cfg.scaling_factor before the DiT and
+divide before decoding.
+
+Two ways through the same weights:
+- `forward` paths: plain autograd code, used for training (and whenever grad is enabled);
+- `stream` paths: used under torch.no_grad()/inference_mode. Each causal conv runs a few frames at a time
+  with a small cache of the previous frames, GroupNorm statistics are accumulated over those chunks, and
+  residuals are added in place, so no layer holds more than its input and output at full size. This is
+  what lets a 544x960x129 decode run in a few GB. The result equals the plain path up to float rounding.
+
+Also here: tiled encode/decode with the official windows and linear blends (facts §3.9), a loader for the
+released checkpoint, and the training losses of paper eq. 1 (L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL).
+"""
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class VAEConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    latent_channels: int = 16
+    block_out_channels: tuple = (128, 256, 512, 512)
+    layers_per_block: int = 2  # resnets per encoder block; decoder blocks have one more (official)
+    norm_groups: int = 32
+    time_compression: int = 4
+    spatial_compression: int = 8
+    scaling_factor: float = 0.476986  # applied by the callers, no shift
+    mid_attention: bool = True
+    # tiling (facts §3.9): HF config sample_size / sample_tsize and the official 25% overlap
+    tile_sample_size: int = 256
+    tile_sample_frames: int = 64
+    tile_overlap: float = 0.25
+
+
+CONFIGS = {
+    "884-16c-hy": VAEConfig(),
+    # a few-second CPU model with the same topology (4 blocks: 8x space, 4x time) and small tiles
+    "tiny": VAEConfig(block_out_channels=(16, 32, 32, 32), layers_per_block=1, norm_groups=8,
+                      latent_channels=4, tile_sample_size=64, tile_sample_frames=16),
+}
+
+# stream path: elements of conv input processed per chunk (bounds the fp32 temporaries to ~128 MB each)
+STREAM_ELEMENTS = 1 << 25
+
+# -----------------------------------------------------------------------------
+# streaming helpers (no autograd; see the module docstring)
+
+
+def _group_norm_affine(norm, x):
+    """GroupNorm of x as a per-(sample, channel) affine map x * scale + shift, in fp32 (or x's dtype if wider),
+    with the group statistics accumulated a few frames at a time (Chan's merge of partial variances)."""
+    B, C, T = x.shape[:3]
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    n = max(1, STREAM_ELEMENTS // x[:, :, 0].numel())
+    count, mean, m2 = 0, 0.0, 0.0
+    for t in range(0, T, n):
+        xc = x[:, :, t:t + n].to(dtype).reshape(B, norm.num_groups, -1)
+        var_c, mean_c = torch.var_mean(xc, dim=2, correction=0)
+        k = xc.shape[2]
+        delta = mean_c - mean
+        mean = mean + delta * (k / (count + k))
+        m2 = m2 + var_c * k + delta.square() * (count * k / (count + k))
+        count += k
+    rstd = torch.rsqrt(m2 / count + norm.eps)
+    per_channel = lambda v: v.repeat_interleave(C // norm.num_groups, dim=1)  # (B, G) -> (B, C)
+    scale = per_channel(rstd) * norm.weight.to(dtype)
+    shift = norm.bias.to(dtype) - per_channel(mean) * scale
+    return scale.view(B, C, 1, 1, 1), shift.view(B, C, 1, 1, 1)
+
+
+def _norm_silu(affine, x):
+    """GroupNorm (precomputed affine) then SiLU on a chunk, in fp32 like the official autocast run; the fp32
+    result is cast to the conv dtype when _stream_conv copies it into its padded buffer."""
+    scale, shift = affine
+    return F.silu(torch.addcmul(shift, x, scale), inplace=True)  # x * scale + shift, promoted to fp32
+
+
+def _stream_conv(conv, read, T_in, out=None, accumulate=False):
+    """CausalConv3d over the frames read(a, b) returns (the conv input, already normalised/upsampled),
+    a few output frames at a time. Frames are read strictly in order and each once; the last k - stride
+    padded frames are kept as the causal cache. `out` may be the tensor read() reads from: every frame is
+    read before its slot is overwritten. With accumulate the conv output is added to `out`."""
+    k, s = conv.conv.kernel_size[0], conv.conv.stride[0]
+    p = conv.conv.kernel_size[1] // 2
+    dtype = conv.conv.weight.dtype
+    T_out = (T_in - 1) // s + 1
+    cache, pos, n, j0 = None, 0, 1, 0  # the first chunk is one output frame; it sizes the others
+    while j0 < T_out:
+        j1 = min(j0 + n, T_out)
+        b = s * (j1 - 1) + 1
+        new = read(pos, b)
+        pos = b
+        if j0 == 0:
+            n = max(1, STREAM_ELEMENTS // (new[:, :, :1].numel() * s))
+        if k == 1:
+            seq = new.to(dtype)
+        else:  # [cache | new] with replicate padding, built in one buffer (the copy also casts)
+            B, C, t, H, W = new.shape
+            f = k - 1 if cache is None else cache.shape[2]  # past frames in front of the new ones
+            seq = new.new_empty((B, C, f + t, H + 2 * p, W + 2 * p), dtype=dtype)
+            seq[:, :, f:, p:p + H, p:p + W] = new
+            if cache is None:  # official pad mode: frame 0 replicated into the k-1 past frames
+                seq[:, :, :f, p:p + H, p:p + W] = seq[:, :, f:f + 1, p:p + H, p:p + W]
+            else:
+                seq[:, :, :f] = cache
+            if p:  # rows, then columns over the full height (which fills the corners)
+                seq[:, :, :, :p] = seq[:, :, :, p:p + 1]
+                seq[:, :, :, p + H:] = seq[:, :, :, p + H - 1:p + H]
+                seq[..., :p] = seq[..., p:p + 1]
+                seq[..., p + W:] = seq[..., p + W - 1:p + W]
+            cache = seq[:, :, seq.shape[2] - (k - s):].clone()
+        y = conv.conv(seq)
+        del seq
+        if out is None:
+            out = y.new_empty(y.shape[:2] + (T_out,) + y.shape[3:])
+        if accumulate:
+            out[:, :, j0:j1] += y
+        else:
+            out[:, :, j0:j1] = y
+        j0 = j1
+    return out
+
+
+def _frame_causal_attention(q, k, v, n):
+    """Single-head attention where the n tokens of frame f see all tokens of frames <= f (official mask)."""
+    # one SDPA call per query frame over its visible prefix: same result as the additive -inf block mask,
+    # without materialising an (L, L) mask
+    q, k, v = q[:, None], k[:, None], v[:, None]  # (B, 1, L, C)
+    frames = q.shape[2] // n
+    out = [F.scaled_dot_product_attention(q[:, :, f * n:(f + 1) * n], k[:, :, :(f + 1) * n], v[:, :, :(f + 1) * n])
+           for f in range(frames)]
+    return torch.cat(out, dim=2)[:, 0]
+
+
+# -----------------------------------------------------------------------------
+# building blocks, in the order data flows through them
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d with replicate padding: k//2 on both sides in space, k-1 frames in front only in time."""
+
+    def __init__(self, cin, cout, kernel_size=3, stride=1):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, kernel_size, stride=stride)  # key: <name>.conv.weight
+        p = kernel_size // 2
+        self.padding = (p, p, p, p, kernel_size - 1, 0)  # (W, W, H, H, T front, T back)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, self.padding, mode="replicate"))
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice plus a (1x1x1-projected when channels change) shortcut (ResnetBlockCausal3D)."""
+
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=1e-6)
+        self.conv1 = CausalConv3d(cin, cout, 3)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=1e-6)
+        self.conv2 = CausalConv3d(cout, cout, 3)  # dropout 0 in the released model: omitted
+        self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
+
+    def stream(self, x):  # consumes x: its memory may hold the output
+        T = x.shape[2]
+        s1 = _group_norm_affine(self.norm1, x)
+        h = _stream_conv(self.conv1, lambda a, b: _norm_silu(s1, x[:, :, a:b]), T)
+        s2 = _group_norm_affine(self.norm2, h)
+        read2 = lambda a, b: _norm_silu(s2, h[:, :, a:b])
+        if self.conv_shortcut is None:
+            return _stream_conv(self.conv2, read2, T, out=x, accumulate=True)  # x + conv2(...), in place
+        out = _stream_conv(self.conv2, read2, T, out=h)  # overwrite h frame by frame, then add the shortcut
+        return _stream_conv(self.conv_shortcut, lambda a, b: x[:, :, a:b], T, out=out, accumulate=True)
+
+
+class Downsample(nn.Module):
+    """Strided causal conv, stride (t, h, w) = (2|1, 2|1, 2|1); frame 0 sees only itself (DownsampleCausal3D)."""
+
+    def __init__(self, channels, stride):
+        super().__init__()
+        self.conv = CausalConv3d(channels, channels, 3, stride=stride)
+
+    def forward(self, x):
+        return self.conv(x)
+
+    def stream(self, x):
+        return _stream_conv(self.conv, lambda a, b: x[:, :, a:b], x.shape[2])
+
+
+class Upsample(nn.Module):
+    """Nearest upsampling then a causal conv; the first frame is upsampled in space only (UpsampleCausal3D),
+    so T frames become 1 + ft*(T-1)."""
+
+    def __init__(self, channels, factor):
+        super().__init__()
+        self.factor = factor  # (ft, fh, fw)
+        self.conv = CausalConv3d(channels, channels, 3)
+
+    def _frames(self, x, a, b):
+        """Upsampled frames a..b-1: frame 0 comes from input frame 0, frame u >= 1 from 1 + (u-1)//ft."""
+        ft = self.factor[0]
+        src = (torch.arange(a, b, device=x.device) + ft - 1) // ft
+        x = x.index_select(2, src)
+        return F.interpolate(x, scale_factor=(1,) + tuple(self.factor[1:]), mode="nearest")
+
+    def forward(self, x):
+        return self.conv(self._frames(x, 0, 1 + self.factor[0] * (x.shape[2] - 1)))
+
+    def stream(self, x):
+        T_up = 1 + self.factor[0] * (x.shape[2] - 1)
+        return _stream_conv(self.conv, lambda a, b: self._frames(x, a, b), T_up)
+
+
+class Attention(nn.Module):
+    """Single-head (dim = channels) frame-causal self-attention with its own GroupNorm and a residual."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # key to_out.0 (diffusers Attention layout)
+
+    def forward(self, x):
+        B, C, T, H, W = x.shape
+        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, T*H*W, C), frame-major tokens
+        h = _frame_causal_attention(self.to_q(h), self.to_k(h), self.to_v(h), H * W)  # scale 1/sqrt(C)
+        h = self.to_out[0](h)
+        return x + h.transpose(1, 2).reshape(B, C, T, H, W)
+
+    stream = forward  # latent resolution: small enough for the plain path
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution (UNetMidBlockCausal3D)."""
+
+    def __init__(self, channels, groups, attention):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(channels, channels, groups) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)]) if attention else None
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        if self.attentions is not None:
+            x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+    def layers(self):  # for the stream path
+        return [self.resnets[0]] + ([self.attentions[0]] if self.attentions is not None else []) + [self.resnets[1]]
+
+
+class Block(nn.Module):
+    """A down block (resnets, then a Downsample if any) or an up block (resnets, then an Upsample if any)."""
+
+    def __init__(self, cin, cout, n_resnets, groups, down=None, up=None):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock(cin if i == 0 else cout, cout, groups) for i in range(n_resnets)])
+        if down is not None:
+            self.downsamplers = nn.ModuleList([Downsample(cout, down)])
+        if up is not None:
+            self.upsamplers = nn.ModuleList([Upsample(cout, up)])
+
+    def layers(self):  # in order; the stream path runs them one by one
+        return [*self.resnets, *getattr(self, "downsamplers", []), *getattr(self, "upsamplers", [])]
+
+    def forward(self, x):
+        for layer in self.layers():
+            x = layer(x)
+        return x
+
+
+def _resample_factors(cfg):
+    """Per block (t, h, w) factor, official rule: space in the first log2(cs) blocks, time in the log2(ct)
+    blocks before the last; the last block never resamples. None = no resampler."""
+    n = len(cfg.block_out_channels)
+    ns, nt = cfg.spatial_compression.bit_length() - 1, cfg.time_compression.bit_length() - 1
+    ts = [(2 if n - 1 - nt <= i < n - 1 else 1, 2 if i < ns else 1) for i in range(n)]
+    got = (2 ** sum(t == 2 for t, _ in ts), 2 ** sum(s == 2 for _, s in ts))
+    assert got == (cfg.time_compression, cfg.spatial_compression), f"{n} blocks give {got[0]}x time, {got[1]}x space"
+    return [(t, s, s) if (t, s) != (1, 1) else None for t, s in ts]
+
+
+class Encoder(nn.Module):
+    """conv_in, down blocks, mid block, GroupNorm-SiLU-conv_out to 2*latent channels (mean, logvar)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = cfg.block_out_channels
+        self.conv_in = CausalConv3d(cfg.in_channels, ch[0], 3)
+        self.down_blocks = nn.ModuleList([
+            Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, cfg.norm_groups, down=f)
+            for i, f in enumerate(_resample_factors(cfg))])
+        self.mid_block = MidBlock(ch[-1], cfg.norm_groups, cfg.mid_attention)
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(ch[-1], 2 * cfg.latent_channels, 3)
+        self.gradient_checkpointing = False
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in list(self.down_blocks) + [self.mid_block]:
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing else block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def stream(self, video):
+        x = _stream_conv(self.conv_in, lambda a, b: video[:, :, a:b], video.shape[2])
+        # one flat loop, so no caller frame keeps a finished layer's input alive
+        for layer in [l for blk in self.down_blocks for l in blk.layers()] + self.mid_block.layers():
+            x = layer.stream(x)
+        s = _group_norm_affine(self.conv_norm_out, x)
+        return _stream_conv(self.conv_out, lambda a, b: _norm_silu(s, x[:, :, a:b]), x.shape[2])
+
+
+class Decoder(nn.Module):
+    """conv_in, mid block, up blocks (layers_per_block + 1 resnets each), GroupNorm-SiLU-conv_out to RGB."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch = list(reversed(cfg.block_out_channels))
+        self.conv_in = CausalConv3d(cfg.latent_channels, ch[0], 3)
+        self.mid_block = MidBlock(ch[0], cfg.norm_groups, cfg.mid_attention)
+        # mirror of the encoder: block i upsamples like encoder block i downsamples
+        self.up_blocks = nn.ModuleList([
+            Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, cfg.norm_groups, up=f)
+            for i, f in enumerate(_resample_factors(cfg))])
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_groups, ch[-1], eps=1e-6)
+        self.conv_out = CausalConv3d(ch[-1], cfg.out_channels, 3)
+        self.gradient_checkpointing = False
+
+    def forward(self, z):
+        x = self.conv_in(z)
+        for block in [self.mid_block] + list(self.up_blocks):
+            x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing else block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+    def stream(self, z):
+        x = _stream_conv(self.conv_in, lambda a, b: z[:, :, a:b], z.shape[2])
+        for layer in self.mid_block.layers() + [l for blk in self.up_blocks for l in blk.layers()]:
+            x = layer.stream(x)
+        s = _group_norm_affine(self.conv_norm_out, x)
+        return _stream_conv(self.conv_out, lambda a, b: _norm_silu(s, x[:, :, a:b]), x.shape[2])
+
+
+# -----------------------------------------------------------------------------
+# tiling (official windows and blends, facts §3.9)
+
+
+def _blend(a, b, extent, dim):
+    """Cross-fade the head of b with the tail of a over `extent` positions along dim: position y of b gets
+    weight y/E, the matching position of a's tail 1 - y/E. Returns a new b."""
+    e = min(a.shape[dim], b.shape[dim], extent)
+    if e == 0:
+        return b
+    y = torch.arange(e, dtype=torch.float64, device=b.device) / e
+    shape = [1] * b.ndim
+    shape[dim] = e
+    wa, wb = (1 - y).to(b.dtype).view(shape), y.to(b.dtype).view(shape)
+    head = a.narrow(dim, a.shape[dim] - e, e) * wa + b.narrow(dim, 0, e) * wb
+    return torch.cat([head, b.narrow(dim, e, b.shape[dim] - e)], dim=dim)
+
+
+def _tile_space(x, fn, size, stride, extent, keep):
+    """fn on overlapping size x size tiles of x (stride apart), each tile blended with the finished tile
+    above and then the one to its left, keeping keep x keep of each (the last row/column keeps the rest)."""
+    H, W = x.shape[-2:]
+    rows = [[fn(x[..., i:i + size, j:j + size]) for j in range(0, W, stride)] for i in range(0, H, stride)]
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = _blend(rows[i - 1][j], row[j], extent, dim=-2)
+            if j > 0:
+                row[j] = _blend(row[j - 1], row[j], extent, dim=-1)
+    return torch.cat([torch.cat([t[..., :keep, :keep] for t in row], dim=-1) for row in rows], dim=-2)
+
+
+def _tile_time(x, fn, size, stride, extent, keep):
+    """fn on windows of size+1 frames starting every `stride` frames. A later window's first output frame
+    (its causal 'image' frame) is dropped, the rest blended with the previous window's tail; the first window
+    keeps keep+1 frames, the others keep."""
+    out, prev = [], None
+    for n, i in enumerate(range(0, x.shape[2], stride)):
+        t = fn(x[:, :, i:i + size + 1])
+        if n > 0:
+            t = _blend(prev, t[:, :, 1:], extent, dim=2)
+        out.append(t[:, :, :keep + (n == 0)])
+        prev = t
+    return torch.cat(out, dim=2)
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class CausalVAE(nn.Module):
+    """HunyuanVideo's causal 3D VAE (AutoencoderKLCausal3D); state-dict keys identical to the release."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        c = cfg.latent_channels
+        self.quant_conv = nn.Conv3d(2 * c, 2 * c, 1)
+        self.post_quant_conv = nn.Conv3d(c, c, 1)
+        # weights: PyTorch default init, as the official (diffusers ModelMixin) model trained from scratch
+
+    @property
+    def dtype(self):
+        return self.quant_conv.weight.dtype
+
+    # --- shapes
+
+    def latent_shape(self, T, H, W):
+        """Latent (T', H', W') for a valid video (T, H, W)."""
+        ct, cs = self.cfg.time_compression, self.cfg.spatial_compression
+        return (T - 1) // ct + 1, H // cs, W // cs
+
+    def _check_video(self, x):
+        c = self.cfg
+        if x.ndim != 5 or x.shape[1] != c.in_channels:
+            raise ValueError(f"CausalVAE.encode: expected a video (B, {c.in_channels}, T, H, W), got {tuple(x.shape)}")
+        T, H, W = x.shape[2:]
+        ct, cs = c.time_compression, c.spatial_compression
+        bad = []
+        if T < 1 or (T - 1) % ct:
+            lo = max(1, (T - 1) // ct * ct + 1)
+            near = lo if T <= lo or T - lo <= lo + ct - T else lo + ct
+            bad.append(f"T={T} frames must be {ct}k+1 (1 for an image), nearest valid T={near}")
+        for name, n in (("H", H), ("W", W)):
+            if n < cs or n % cs:
+                lo = max(cs, n // cs * cs)
+                near = lo if n <= lo or n - lo <= lo + cs - n else lo + cs
+                bad.append(f"{name}={n} must be a multiple of {cs}, nearest valid {name}={near}")
+        if bad:
+            raise ValueError("CausalVAE.encode: " + "; ".join(bad))
+
+    # --- one tile, untiled: stream path for inference, plain path when gradients are needed
+
+    def _encode(self, x):
+        return self.quant_conv(self.encoder(x) if torch.is_grad_enabled() else self.encoder.stream(x))
+
+    def _decode(self, z):
+        z = self.post_quant_conv(z)
+        return self.decoder(z) if torch.is_grad_enabled() else self.decoder.stream(z)
+
+    def _tiled(self, x, fn, size_in, size_out, frames_in, frames_out):
+        """Official tiling (facts §3.9): windows of frames_in+1 frames if x is longer than frames_in, inside
+        them size_in x size_in tiles if x is larger than size_in; both overlap by tile_overlap, and outputs
+        are blended over tile_overlap of the output tile (size_out, frames_out) and cropped to the rest."""
+        ov = self.cfg.tile_overlap
+        spatial = lambda v: (fn(v) if max(v.shape[-2:]) <= size_in else _tile_space(
+            v, fn, size_in, int(size_in * (1 - ov)), int(size_out * ov), size_out - int(size_out * ov)))
+        if x.shape[2] <= frames_in:
+            return spatial(x)
+        return _tile_time(x, spatial, frames_in, int(frames_in * (1 - ov)), int(frames_out * ov),
+                          frames_out - int(frames_out * ov))
+
+    # --- public API (call under torch.no_grad()/inference_mode() for the memory-light stream path)
+
+    def encode(self, x, tiled=False):
+        """x (B, 3, T, H, W) in [-1, 1], T = 4k+1, H, W multiples of 8 -> (mean, logvar), each (B, C, k+1, H/8, W/8);
+        logvar clamped to [-30, 20] as the official posterior does. tiled: official spatial+temporal tiling."""
+        self._check_video(x)
+        c = self.cfg
+        px, lat = c.tile_sample_size, c.tile_sample_size // c.spatial_compression
+        frames, lat_frames = c.tile_sample_frames, c.tile_sample_frames // c.time_compression
+        run = (lambda v: self._tiled(v, self._encode, px, lat, frames, lat_frames)) if tiled else self._encode
+        x = x.to(self.dtype)
+        # batch slicing without grad: one sample at a time (GroupNorm is per sample, so the result is the same)
+        moments = run(x) if torch.is_grad_enabled() else torch.cat([run(xi) for xi in x.split(1)])
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z, tiled=False):
+        """z (B, C, T', H', W') unscaled latent -> video (B, 3, 4(T'-1)+1, 8H', 8W'), roughly in [-1, 1]."""
+        c = self.cfg
+        if z.ndim != 5 or z.shape[1] != c.latent_channels:
+            raise ValueError(f"CausalVAE.decode: expected a latent (B, {c.latent_channels}, T', H', W'), "
+                             f"got {tuple(z.shape)}")
+        px, lat = c.tile_sample_size, c.tile_sample_size // c.spatial_compression
+        frames, lat_frames = c.tile_sample_frames, c.tile_sample_frames // c.time_compression
+        run = (lambda v: self._tiled(v, self._decode, lat, px, lat_frames, frames)) if tiled else self._decode
+        z = z.to(self.dtype)
+        return run(z) if torch.is_grad_enabled() else torch.cat([run(zi) for zi in z.split(1)])
+
+    def forward(self, x, sample_posterior=True, tile_prob=0.0):
+        """Training round trip -> (reconstruction, mean, logvar). tile_prob: paper §4.1 anti-tiling-artifact
+        fine-tune; with this probability the step encodes and decodes tiled (only has an effect when the clip
+        is larger than the tiles, so set cfg.tile_sample_size/frames below the training clip size)."""
+        tiled = bool(tile_prob > 0 and torch.rand(()) < tile_prob)
+        mean, logvar = self.encode(x, tiled=tiled)
+        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean) if sample_posterior else mean
+        return self.decode(z, tiled=tiled), mean, logvar
+
+
+# -----------------------------------------------------------------------------
+# loading the released weights
+
+
+def _config_from_json(path, base):
+    """VAEConfig from an official or diffusers config.json (the two name a few fields differently)."""
+    j = json.loads(Path(path).read_text())
+    get = lambda *names, default: next((j[n] for n in names if n in j), default)
+    sample_size = get("sample_size", default=base.tile_sample_size)
+    return replace(
+        base,
+        in_channels=get("in_channels", default=base.in_channels),
+        out_channels=get("out_channels", default=base.out_channels),
+        latent_channels=get("latent_channels", default=base.latent_channels),
+        block_out_channels=tuple(get("block_out_channels", default=base.block_out_channels)),
+        layers_per_block=get("layers_per_block", default=base.layers_per_block),
+        norm_groups=get("norm_num_groups", default=base.norm_groups),
+        time_compression=get("time_compression_ratio", "temporal_compression_ratio", default=base.time_compression),
+        spatial_compression=get("spatial_compression_ratio", default=base.spatial_compression),
+        scaling_factor=get("scaling_factor", default=base.scaling_factor),
+        mid_attention=get("mid_block_add_attention", default=base.mid_attention),
+        tile_sample_size=sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size,
+        tile_sample_frames=get("sample_tsize", default=base.tile_sample_frames),
+    )
+
+
+def load_vae(path, cfg=None, device="cpu", dtype=torch.float32):
+    """Load the released VAE: the official vae/ dir or its pytorch_model.pt, a .safetensors file, or a
+    diffusers VAE dir (same key names). config.json next to the weights, if any, sets the config unless cfg
+    is given. Strict: any missing, unexpected or mis-shaped key is an error. Returns an eval, frozen model."""
+    path = Path(path)
+    base = cfg or CONFIGS["884-16c-hy"]
+    if path.is_dir():
+        names = ["pytorch_model.pt", "diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.bin"]
+        found = [path / n for n in names if (path / n).exists()]
+        if not found:
+            raise FileNotFoundError(f"load_vae: {path} holds none of {names}")
+        if cfg is None and (path / "config.json").exists():
+            base = _config_from_json(path / "config.json", base)
+        path = found[0]
+    if not path.exists():
+        raise FileNotFoundError(f"load_vae: {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        sd = load_file(str(path))
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):  # official training checkpoints wrap it
+        sd = sd["state_dict"]
+    if any(k.startswith("vae.") for k in sd):  # ...and may prefix the keys
+        sd = {k[4:]: v for k, v in sd.items() if k.startswith("vae.")}
+
+    with torch.device("meta"):
+        model = CausalVAE(base)
+    want = model.state_dict()
+    missing = [k for k in want if k not in sd]
+    unexpected = [k for k in sd if k not in want]
+    shapes = [f"{k} {tuple(sd[k].shape)} != {tuple(v.shape)}"
+              for k, v in want.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        show = lambda ks: f"{len(ks)} ({', '.join(ks[:4])}{', ...' if len(ks) > 4 else ''})"
+        raise ValueError(f"load_vae: {path} does not match VAEConfig {base}: missing {show(missing)}; "
+                         f"unexpected {show(unexpected)}; wrong shape {show(shapes)}")
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# training losses (paper §4.1 eq. 1: L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL)
+
+
+class Discriminator3D(nn.Module):
+    """3D PatchGAN: a grid of real/fake logits, one per overlapping space-time patch.
+
+    The paper does not describe its discriminator. This is the pix2pix N-layer design with 3D convs; time
+    kernels are 3 with stride 1 so the same net judges images (T=1) and videos (4:1 video:image mix, paper
+    §4.1). GroupNorm instead of BatchNorm: small per-GPU batches and DDP."""
+
+    def __init__(self, in_channels=3, channels=64, n_layers=3):
+        super().__init__()
+        layers = [nn.Conv3d(in_channels, channels, (3, 4, 4), stride=(1, 2, 2), padding=1), nn.LeakyReLU(0.2)]
+        c = channels
+        for n in range(1, n_layers + 1):
+            c_out = channels * min(2 ** n, 8)
+            stride = (1, 2, 2) if n < n_layers else 1
+            layers += [nn.Conv3d(c, c_out, (3, 4, 4), stride=stride, padding=1, bias=False),
+                       nn.GroupNorm(min(32, c_out), c_out), nn.LeakyReLU(0.2)]
+            c = c_out
+        layers.append(nn.Conv3d(c, 1, (3, 4, 4), padding=1))
+        self.net = nn.Sequential(*layers)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():  # pix2pix / taming init
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.GroupNorm):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class LPIPS(nn.Module):
+    """LPIPS (Zhang et al. 2018) on VGG16: unit-normalised features of 5 layers, squared difference, learned
+    per-channel weights, spatial mean, summed. Needs pretrained weights we cannot ship: a state dict with
+    torchvision VGG16 keys `features.N.*` and the LPIPS v0.1 keys `linK.model.1.weight` (e.g. the two
+    released files, both passed in)."""
+
+    # torchvision vgg16.features layout; 'M' = max pool. LPIPS taps relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    TAPS = (3, 8, 15, 22, 29)  # indices in features after whose ReLU LPIPS reads
+    SHIFT = (-0.030, -0.088, -0.188)  # LPIPS ScalingLayer constants (ImageNet stats in [-1, 1] units)
+    SCALE = (0.458, 0.448, 0.450)
+
+    def __init__(self, paths):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+                c = v
+        self.features = nn.Sequential(*layers)
+        for k, ch in enumerate((64, 128, 256, 512, 512)):
+            setattr(self, f"lin{k}", nn.Module())
+            # LPIPS keys linK.model.1.weight: model.0 is a dropout in the original, inert at eval
+            getattr(self, f"lin{k}").model = nn.Sequential(nn.Identity(), nn.Conv2d(ch, 1, 1, bias=False))
+        self.register_buffer("shift", torch.tensor(self.SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(self.SCALE).view(1, 3, 1, 1), persistent=False)
+        sd = {}
+        for p in [paths] if isinstance(paths, (str, Path)) else paths:
+            sd.update(torch.load(p, map_location="cpu", weights_only=True))
+        want = self.state_dict()
+        sd = {k: v for k, v in sd.items() if k in want}  # drop e.g. the VGG classifier
+        missing = [k for k in want if k not in sd]
+        if missing:
+            raise ValueError(f"LPIPS: weights {paths} lack {len(missing)} keys, e.g. {missing[:3]}")
+        self.load_state_dict(sd)
+        self.requires_grad_(False).eval()
+
+    def forward(self, x, y):  # images (N, 3, H, W) in [-1, 1] -> (N,)
+        feats = []
+        for inp in (x, y):
+            h, out = (inp - self.shift) / self.scale, []
+            for i, layer in enumerate(self.features[:self.TAPS[-1] + 1]):
+                h = layer(h)
+                if i in self.TAPS:
+                    out.append(h / (h.square().sum(1, keepdim=True).sqrt() + 1e-10))
+            feats.append(out)
+        return sum(getattr(self, f"lin{k}").model((a - b).square()).mean((1, 2, 3))
+                   for k, (a, b) in enumerate(zip(*feats)))
+
+
+class VAELoss(nn.Module):
+    """Paper eq. 1: L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL, with a 3D PatchGAN discriminator.
+
+    Choices the paper leaves open (and why):
+    - GAN objective: hinge (VQGAN/LDM autoencoders, whose loss this recipe follows): D minimises
+      relu(1 - D(x)) + relu(1 + D(x_hat)), the VAE minimises -D(x_hat).
+    - Fixed weight 0.05 (the paper's) switched on at `gan_start` steps, no LDM adaptive weight, which would
+      replace the paper's 0.05 by a gradient-norm ratio; the delay lets reconstruction settle before the
+      discriminator's gradients matter.
+    - Reductions: L1 and LPIPS are means; KL is summed over latent elements and averaged over the batch (the
+      official posterior's kl()), which is what makes 1e-6 a meaningful weight.
+    - Perceptual: LPIPS only from a local weights file; without one the term is off, said once."""
+
+    def __init__(self, perceptual_weights=None, gan_start=50_000, disc_channels=64, disc_layers=3,
+                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6):
+        super().__init__()
+        self.discriminator = Discriminator3D(3, disc_channels, disc_layers)
+        self.lpips = LPIPS(perceptual_weights) if perceptual_weights else None
+        if self.lpips is None:
+            warnings.warn("VAELoss: no LPIPS/VGG weights given (perceptual_weights=...): "
+                          "the 0.1 x perceptual term of paper eq. 1 is OFF for this run.", stacklevel=2)
+        self.gan_start, self.w_perceptual, self.w_gan, self.w_kl = gan_start, w_perceptual, w_gan, w_kl
+
+    def forward(self, x, recon, mean, logvar, step):
+        """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
+        logs = {"l1": (x - recon).abs().mean()}
+        logs["kl"] = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        total = logs["l1"] + self.w_kl * logs["kl"]
+        if self.lpips is not None:
+            frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W): LPIPS is per image
+            logs["perceptual"] = self.lpips(frames(x), frames(recon)).mean()
+            total = total + self.w_perceptual * logs["perceptual"]
+        if step >= self.gan_start:
+            self.discriminator.requires_grad_(False)  # D is a fixed critic here; trained in disc_loss
+            logs["gan"] = -self.discriminator(recon).mean()
+            self.discriminator.requires_grad_(True)
+            total = total + self.w_gan * logs["gan"]
+        return total, logs
+
+    def disc_loss(self, x, recon, step):
+        """Hinge loss for the discriminator (zero before gan_start)."""
+        if step < self.gan_start:
+            return x.new_zeros(())
+        real, fake = self.discriminator(x), self.discriminator(recon.detach())
+        return F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean()
