@@ -79,6 +79,9 @@ class TrainConfig:
     vae_batch: int = 4
     vae_lr: float = 1e-3
     vae_tile_prob: float = 0.0
+    vae_mse: float = 0.0                # an extra MSE term (vae.VAELoss w_mse); 0 = the paper's loss
+    vae_sample_posterior: bool = True   # train through z ~ q(z|x); False = through its mean
+    latent_sample: bool = True          # the DiT sees posterior samples; False = the means
     frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
     # bookkeeping
     ckpt_every: int = 500
@@ -96,7 +99,9 @@ PRESETS = {
                 Stage("video", 700, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
                       lr=1e-3)),
         warmup=50, ema_decay=0.99, vae_steps=400, vae_size=(32, 32, 9), vae_batch=4, frame_stride=3,
-        ckpt_every=200),
+        # a few CPU minutes cannot settle a posterior variance nor learn small objects from L1 alone: the
+        # demo's VAE is trained through the posterior mean with an MSE term, and the DiT reads the means
+        vae_mse=1.0, vae_sample_posterior=False, latent_sample=False, ckpt_every=200),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
     "1.3b-gpu": TrainConfig(
         dit="1.3b", stages=(
@@ -456,11 +461,13 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
 
     torch.manual_seed(cfg.seed)
     model = vae_lib.CausalVAE(vae_lib.CONFIGS[cfg.vae]).to(device)
-    lossf = vae_lib.VAELoss(gan_start=cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9).to(device)
+    gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
+    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
+    # GAN-style betas (0.5, 0.9) once a discriminator is in the loop; Adam's defaults otherwise
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
     opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
@@ -476,7 +483,7 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         x = to_unit(x).to(device)
         for group in opt.param_groups:
             group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100)
-        recon, mean, logvar = model(x, tile_prob=cfg.vae_tile_prob)
+        recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior, tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; the last good checkpoint is {path}")
@@ -531,11 +538,12 @@ def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1
     return folder
 
 
-def load_latent(folder, it, g, scale):
-    """A posterior sample z = (mean + std * eps) * scaling_factor (what the DiT sees)."""
+def load_latent(folder, it, g, scale, sample=True):
+    """A posterior sample z = (mean + std * eps) * scaling_factor (what the DiT sees), or the mean."""
     from safetensors.torch import load_file
     t = load_file(os.path.join(folder, item_id(it) + ".safetensors"))
-    return (t["mean"] + torch.exp(0.5 * t["logvar"]) * torch.randn(t["mean"].shape, generator=g)) * scale
+    eps = torch.randn(t["mean"].shape, generator=g)  # drawn either way: the same stream of numbers
+    return (t["mean"] + torch.exp(0.5 * t["logvar"]) * eps if sample else t["mean"]) * scale
 
 
 def export_dit(model, ema, path, rank):
@@ -622,7 +630,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 it = st["items"][i]
                 drop = torch.rand((), generator=g) < cfg.caption_dropout  # empty prompt: CFG learns uncond
                 caps.append("" if drop else build_caption(it["caption"], g, cfg))
-                z = load_latent(st["folders"][b], it, g, scale)
+                z = load_latent(st["folders"][b], it, g, scale, cfg.latent_sample)
                 x0.append(z)
                 noise.append(torch.randn(z.shape, generator=g))
                 sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
@@ -753,7 +761,16 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
         vae = vae_lib.load_vae(args.vae, cfg=None if os.path.isdir(args.vae) else vae_lib.CONFIGS[cfg.vae], device=device)
     elif cfg.vae_steps > 0:
         vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log)
+        # A VAE of our own gets its own scaling factor, 1/std of its latents (the released 0.476986 was found
+        # the same way for the released VAE), so the DiT's data has unit variance like its noise.
+        with torch.no_grad():
+            H, W, T = vae_size_for_scale(cfg)
+            zs = [vae.encode(to_unit(read_clip(c["path"], (H, W), 0, T, cfg.frame_stride))[None].to(device))[0]
+                  for c in clips[:32] if c["frames"] >= (T - 1) * cfg.frame_stride + 1]
+        if zs:
+            vae.cfg = replace(vae.cfg, scaling_factor=round(1.0 / torch.cat([z.flatten() for z in zs]).std().item(), 6))
         if rank == 0:
+            write_json(os.path.join(out, "vae_config.json"), asdict(vae.cfg))
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(out, "vae.safetensors.tmp"))
             os.replace(os.path.join(out, "vae.safetensors.tmp"), os.path.join(out, "vae.safetensors"))
@@ -761,7 +778,7 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
         raise SystemExit("error: this preset trains no VAE: pass the released one with --vae")
     times["vae"] = time.perf_counter() - t0
     if args.stage == "vae":
-        return times
+        return times, vae
     t0 = time.perf_counter()
     model, ema = train_dit(cfg, clips, images, encoder, vae, out, device, rank, world, args.resume,
                            args.init_dit, log, nan_at=args.nan_at)
@@ -770,7 +787,13 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
     if rank == 0:
         logf.close()
         plot_losses(metrics, os.path.join(out, "loss.png"))
-    return times
+    return times, vae
+
+
+def vae_size_for_scale(cfg):
+    """(H, W, T) of the clips the DiT will see: its last video bucket, else the VAE crop size."""
+    video = [b for s in cfg.stages for b in s.buckets]
+    return video[-1][:3] if video else cfg.vae_size
 
 
 def demo(args, rank, world, device):
@@ -805,11 +828,12 @@ def demo(args, rank, world, device):
     times["text"] = time.perf_counter() - t0
 
     # 3-4. VAE, then the DiT
-    times.update(run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder))
+    stage_times, vae = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
+    times.update(stage_times)
     if rank != 0:
         return
     write_json(os.path.join(out, "config.json"), {
-        "dit": asdict(dit_config(cfg)), "vae": asdict(vae_lib.CONFIGS[cfg.vae]),
+        "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg),
         "text": {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "text_len": DEMO_TEXT_LEN,
                  "tokenizer": "tokenizer.model"},
         "video": {"height": cfg.stages[-1].buckets[0][0], "width": cfg.stages[-1].buckets[0][1],
@@ -913,7 +937,7 @@ def main():
         encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, device=device)
     else:  # our small frozen encoder, vocabulary from these captions
         encoder = small_encoder(out, clips, images, cfg, device, rank, world)
-    times = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
+    times, _ = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
     if rank == 0:
         print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
 

@@ -686,7 +686,7 @@ class VAELoss(nn.Module):
     - Perceptual: LPIPS only from a local weights file; without one the term is off, said once."""
 
     def __init__(self, perceptual_weights=None, gan_start=50_000, disc_channels=64, disc_layers=3,
-                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6):
+                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0):
         super().__init__()
         self.discriminator = Discriminator3D(3, disc_channels, disc_layers)
         self.lpips = LPIPS(perceptual_weights) if perceptual_weights else None
@@ -694,12 +694,18 @@ class VAELoss(nn.Module):
             warnings.warn("VAELoss: no LPIPS/VGG weights given (perceptual_weights=...): "
                           "the 0.1 x perceptual term of paper eq. 1 is OFF for this run.", stacklevel=2)
         self.gan_start, self.w_perceptual, self.w_gan, self.w_kl = gan_start, w_perceptual, w_gan, w_kl
+        # Not in the paper: an optional MSE term. L1 alone is median-seeking, so with neither LPIPS nor a GAN
+        # (short CPU runs) a small bright object on a large background is ignored for a long time.
+        self.w_mse = w_mse
 
     def forward(self, x, recon, mean, logvar, step):
         """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
         logs = {"l1": (x - recon).abs().mean()}
         logs["kl"] = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
         total = logs["l1"] + self.w_kl * logs["kl"]
+        if self.w_mse:
+            logs["mse"] = (x - recon).square().mean()
+            total = total + self.w_mse * logs["mse"]
         if self.lpips is not None:
             frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W): LPIPS is per image
             logs["perceptual"] = self.lpips(frames(x), frames(recon)).mean()
