@@ -13,11 +13,12 @@ the weights' dtype. With fp32 weights everything is fp32.
 Read top to bottom: config, attention, embedders, token refiner, blocks, the model, loading.
 """
 
+import functools
 import inspect
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace  # noqa: F401  (replace: dit.replace(cfg, ...))
 
 import torch
 import torch.nn as nn
@@ -93,6 +94,13 @@ def _sdpa(q, k, v, mask=None):
     return o.transpose(1, 2).flatten(2)
 
 
+@functools.lru_cache(maxsize=8)
+def _segment_mask(seg_lens, L, device):
+    """(B, 1, L, L) bool: query and key in the same segment. Built once per forward, not once per block."""
+    inside = torch.arange(L, device=device) < torch.tensor(seg_lens, device=device)[:, None]  # (B, L)
+    return (inside[:, :, None] == inside[:, None, :])[:, None]
+
+
 def attention(q, k, v, seg_lens=None, sp=None):
     """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
 
@@ -111,8 +119,7 @@ def attention(q, k, v, seg_lens=None, sp=None):
             return fused_attention(q, k, v).flatten(2)
         return _sdpa(q, k, v)
     if B * L * L <= _DENSE_MASK_MAX:
-        inside = torch.arange(L, device=q.device) < torch.tensor(seg_lens, device=q.device)[:, None]  # (B, L)
-        return _sdpa(q, k, v, mask=(inside[:, :, None] == inside[:, None, :])[:, None])
+        return _sdpa(q, k, v, mask=_segment_mask(tuple(seg_lens), L, q.device))
     # Per sample, per segment. unbind/split (not slicing) so the backward is one stack/cat, not a
     # zero-filled copy of the whole input per piece.
     qs, ks, vs = q.unbind(0), k.unbind(0), v.unbind(0)

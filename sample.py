@@ -16,7 +16,6 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -243,12 +242,11 @@ def run(args, prompts):
     else:
         encoder, defaults = load_ckpt_encoder(args.ckpt, device)
     H, W, T = (getattr(args, k) or defaults[k] for k in ("height", "width", "frames"))
-    video_length = T
-    cond = encoder(prompts, video_length)
+    cond = encoder(prompts, T)
     uncond = None
     if args.cfg_scale > 1:
         neg = args.negative_prompt if args.negative_prompt is not None else text_encoder.NEGATIVE_PROMPT
-        uncond = encoder([neg] * len(prompts), video_length)
+        uncond = encoder([neg] * len(prompts), T)
     noise_dtype = cond[0].dtype  # official: noise drawn in the text encoder's dtype (fp16)
     del encoder
     if device.type == "cuda":

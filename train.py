@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import shutil
 import sys
 import time
@@ -614,13 +613,16 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             kind = "image" if ("image" in streams and (want_image or "video" not in streams)) else "video"
             st = streams[kind]
             pos = meta["data"].setdefault(f"{si}/{kind}", [0, 0])  # (epoch, batch) of this stream
-            batches = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
-                                     cfg.seed + 7 * si + (kind == "image"), pos[0], world)
-            if pos[1] >= len(batches):
+            if st.get("epoch") is not None and pos[1] >= len(st["batches"]):
                 pos[0], pos[1] = pos[0] + 1, 0
-                batches = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
-                                         cfg.seed + 7 * si + (kind == "image"), pos[0], world)
-            b, batch = batches[pos[1]]
+            if st.get("epoch") != pos[0]:  # an epoch's batch list is built once, not every step
+                st["epoch"] = pos[0]
+                st["batches"] = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
+                                               cfg.seed + 7 * si + (kind == "image"), pos[0], world)
+                if pos[1] >= len(st["batches"]):  # resumed exactly at the end of an epoch
+                    pos[0], pos[1], st["epoch"] = pos[0] + 1, 0, None
+                    continue
+            b, batch = st["batches"][pos[1]]
             pos[1] += 1
             mine = rank_slice(batch, rank, world)
             first = rank * len(mine)

@@ -2,7 +2,6 @@
 invariants a reader relies on: padding invariance, RoPE algebra, checkpointing, loading, key layout."""
 
 import math
-import os
 import re
 
 import pytest

@@ -1,12 +1,10 @@
 """sample.py: the official schedule, the Euler/CFG arithmetic, prompt -> mp4 end to end with tiny random
 models, sequence parallel == single process, and clean errors for bad input."""
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -137,7 +135,7 @@ def test_prompt_to_mp4(ckpt, tmp_path):
                    "--frames", "9", "--cfg-scale", "2")
     assert r.returncode == 0, r.stderr
     cap = cv2.VideoCapture(out)
-    n, frames = 0, []
+    frames = []
     while True:
         ok, f = cap.read()
         if not ok:

@@ -14,7 +14,6 @@ import torch
 import torch.nn as nn
 
 import curate
-import dit
 import train
 import vae as vae_lib
 
