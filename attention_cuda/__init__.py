@@ -1,0 +1,184 @@
+"""
+Fused attention for Hopper: softmax(Q K^T / sqrt(d)) V over (B, L, heads, head_dim) tensors, with a
+per-sample number of valid keys, forward and backward.
+
+    from attention_cuda import attention, kernel_available
+    o = attention(q, k, v)                              # (B, Lq, H, D), non-causal
+    o = attention(q, k, v, kv_lens=[n_img + 40, n_img + 90])
+
+kv_lens[b] = n: in sample b, keys and values at positions >= n are skipped (the kernel never reads them;
+the fallback zeroes them before the product), so padding cannot leak into any output, and their
+gradients are zero. Every query row, padded or not, attends to the n valid keys and gets a finite
+output. n must lie in [1, Lk]: with no valid key the softmax is undefined, so 0 is an error. Lq may
+differ from Lk (cross-attention shapes work too).
+
+On CUDA tensors in bf16/fp16 the CUDA kernel (attention.cu, head_dim 64 or 128) runs, built on first use
+by torch.utils.cpp_extension.load (ninja; cached in attention_cuda/build/). Everywhere else (CPU tensors,
+fp32/fp64, no GPU, or a build that failed) the same call goes through torch's
+scaled_dot_product_attention with a boolean key mask: the same function, autograd included.
+ATTENTION_CUDA=0 in the environment turns the kernel off.
+"""
+
+import functools
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SOURCES = [os.path.join(HERE, "binding.cpp"), os.path.join(HERE, "attention.cu")]
+# sm_90a for the H100 (the target later versions with wgmma need), sm_80 machine code plus compute_80 PTX
+# so any other GPU from Ampere on runs the same mma.sync kernel.
+NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo",
+              "-gencode=arch=compute_90a,code=sm_90a",
+              "-gencode=arch=compute_80,code=sm_80",
+              "-gencode=arch=compute_80,code=compute_80"]
+KERNEL_HEAD_DIMS = (64, 128)
+
+_ext = None        # the loaded extension module
+_available = None  # cached answer of kernel_available()
+
+
+# -----------------------------------------------------------------------------
+# Building and loading the extension
+
+def build(verbose=False):
+    """JIT-build (or load the cached build of) the extension and return the module. Needs nvcc and a CUDA
+    build of torch; raises on failure."""
+    from torch.utils.cpp_extension import load
+    build_dir = os.path.join(HERE, "build")
+    try:
+        os.makedirs(build_dir, exist_ok=True)
+    except OSError:  # a read-only checkout: torch's default cache (~/.cache/torch_extensions)
+        build_dir = None
+    return load(name="attention_cuda_ext", sources=SOURCES, extra_cflags=["-O3", "-std=c++17"],
+                extra_cuda_cflags=NVCC_FLAGS, build_directory=build_dir, verbose=verbose)
+
+
+def kernel_available():
+    """True when the CUDA kernel can run here: a GPU from sm_80 on, a CUDA build of torch, and the
+    extension built. Decided once and cached; on a CPU-only machine it returns False at once, compiling
+    nothing."""
+    global _ext, _available
+    if _available is None:
+        _available = False
+        if (os.environ.get("ATTENTION_CUDA", "1") != "0" and torch.version.cuda is not None
+                and torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)):
+            try:
+                _ext = build()
+                _available = True
+            except Exception as e:  # no nvcc, a compile error: say so once, then use SDPA
+                warnings.warn(f"attention_cuda: the CUDA kernel did not build ({type(e).__name__}: "
+                              f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                              "using torch SDPA. Run `python attention_cuda/build.py` to see the log.")
+    return _available
+
+
+# -----------------------------------------------------------------------------
+# Input checks (errors a caller can cause, one line each)
+
+def _check(q, k, v, kv_lens):
+    """Validate shapes; return kv_lens as a tuple of python ints, or None when no key is padded."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"attention: {name} must be a 4-d tensor (B, L, heads, head_dim), got {shape}; "
+                             "reshape it (e.g. x.unflatten(-1, (heads, head_dim)))")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads "
+                         "and head_dim (only the sequence length may differ)")
+    if not (q.dtype == k.dtype == v.dtype) or not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
+                         f"on {q.device}/{k.device}/{v.device}; cast them with .to()")
+    B, Lk = k.shape[0], k.shape[1]
+    if kv_lens is None:
+        return None
+    if isinstance(kv_lens, torch.Tensor):
+        if kv_lens.shape != (B,) or kv_lens.is_floating_point() or kv_lens.is_complex():
+            raise ValueError(f"attention: kv_lens must be an integer tensor of shape ({B},), got "
+                             f"{kv_lens.dtype} {tuple(kv_lens.shape)}; pass one key count per sample")
+        kv_lens = kv_lens.tolist()
+    lens = tuple(kv_lens)
+    if len(lens) != B or not all(isinstance(n, int) and not isinstance(n, bool) for n in lens):
+        raise ValueError(f"attention: kv_lens must hold {B} ints (one per sample), got {lens!r}")
+    bad = [n for n in lens if not 1 <= n <= Lk]
+    if bad:
+        raise ValueError(f"attention: kv_lens must lie in [1, Lk={Lk}], got {bad[0]}; a sample with no valid "
+                         "key has no softmax: drop it from the batch instead")
+    return None if all(n == Lk for n in lens) else lens
+
+
+# -----------------------------------------------------------------------------
+# The fallback: torch SDPA with a boolean key mask
+
+def _sdpa(q, k, v, lens):
+    """(B, Lq, H, D) in and out. Padded keys and values are zeroed before the product (not only masked),
+    so a NaN in the padding cannot reach an output through 0 * NaN, as in the kernel, which never reads
+    them; their gradients come out zero."""
+    mask = None
+    if lens is not None:
+        keep = torch.arange(k.shape[1], device=k.device) < torch.tensor(lens, device=k.device)[:, None]  # (B, Lk)
+        k = k.masked_fill(~keep[:, :, None, None], 0)
+        v = v.masked_fill(~keep[:, :, None, None], 0)
+        mask = keep[:, None, None, :]  # (B, 1, 1, Lk), broadcast over heads and queries
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    return o.transpose(1, 2)  # (B, Lq, H, D)
+
+
+# -----------------------------------------------------------------------------
+# The kernel path
+
+def _aligned(x):
+    """The kernel reads rows with 16-byte loads: the last dim must be contiguous and every row start
+    16-byte aligned. Anything else is copied once."""
+    ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in x.stride()[:3])
+    return x if ok else x.contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _lens_tensor(lens, B, Lk, device):
+    """kv_lens as an int32 device tensor; cached so a model that passes the same lengths to every block
+    copies them to the GPU once."""
+    return torch.tensor(lens if lens is not None else [Lk] * B, dtype=torch.int32, device=device)
+
+
+class FusedAttention(torch.autograd.Function):
+    """Forward saves the per-row log-sum-exp (log2 units, scaled scores); backward recomputes P from it."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lens_t):
+        with torch.cuda.device(q.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            o, lse = _ext.forward(q, k, v, lens_t, stream)
+        ctx.save_for_backward(q, k, v, o, lse, lens_t)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, lens_t = ctx.saved_tensors
+        with torch.cuda.device(q.device):
+            stream = torch.cuda.current_stream().cuda_stream
+            dq, dk, dv = _ext.backward(q, k, v, o, lse, _aligned(do), lens_t, stream)
+        return dq, dk, dv, None
+
+
+# -----------------------------------------------------------------------------
+
+def attention(q, k, v, kv_lens=None):
+    """softmax(q k^T / sqrt(head_dim)) v, non-causal. q (B, Lq, H, D), k and v (B, Lk, H, D), kv_lens None
+    or (B,) ints in [1, Lk] (list, tuple or tensor; a python list costs no device sync). Returns
+    (B, Lq, H, D) in q's dtype."""
+    lens = _check(q, k, v, kv_lens)
+    use_kernel = q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.numel() > 0
+    if use_kernel and kernel_available():
+        if q.shape[-1] not in KERNEL_HEAD_DIMS:
+            raise ValueError(f"attention: the CUDA kernel takes head_dim 64 or 128, got {q.shape[-1]}; "
+                             "pass fp32 tensors or set ATTENTION_CUDA=0 for torch SDPA")
+        B, Lk = k.shape[:2]
+        lens_t = _lens_tensor(lens, B, Lk, q.device)
+        return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t)
+    return _sdpa(q, k, v, lens)
+
