@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, "binding.cpp"), os.path.join(HERE, "attention.cu")]
 # sm_90a for the H100 (the target later versions with wgmma need), sm_80 machine code plus compute_80 PTX
 # so any other GPU from Ampere on runs the same mma.sync kernel.
-NVCC_FLAGS = ["-O3", "-std=c++17", "-lineinfo",
+NVCC_FLAGS = ["-O3", "-lineinfo",
               "-gencode=arch=compute_90a,code=sm_90a",
               "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_80,code=compute_80"]
@@ -52,7 +52,7 @@ def build(verbose=False):
         os.makedirs(build_dir, exist_ok=True)
     except OSError:  # a read-only checkout: torch's default cache (~/.cache/torch_extensions)
         build_dir = None
-    return load(name="attention_cuda_ext", sources=SOURCES, extra_cflags=["-O3", "-std=c++17"],
+    return load(name="attention_cuda_ext", sources=SOURCES, extra_cflags=["-O3"],
                 extra_cuda_cflags=NVCC_FLAGS, build_directory=build_dir, verbose=verbose)
 
 
@@ -134,7 +134,8 @@ def _sdpa(q, k, v, lens):
 def _aligned(x):
     """The kernel reads rows with 16-byte loads: the last dim must be contiguous and every row start
     16-byte aligned. Anything else is copied once."""
-    ok = x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(s % 8 == 0 for s in x.stride()[:3])
+    ok = (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
+          and all(s % 8 == 0 or n == 1 for s, n in zip(x.stride()[:3], x.shape[:3])))  # size-1 dims: any stride
     return x if ok else x.contiguous()
 
 

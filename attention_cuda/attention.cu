@@ -1,0 +1,552 @@
+// Fused attention, version 1: FlashAttention-2 style tiling on the tensor cores through mma.sync
+// (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies from
+// global memory, online softmax in base 2, per-sample key lengths. Forward and backward.
+//
+// Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
+// Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
+//
+// Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D (recomputing
+// Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. Bytes are ~4*L*D*2 per (b, h) for the forward:
+// at L = 67,576 that is ~1,600 FLOP/byte, so the tensor cores set the pace, not memory.
+//
+// mma.m16n8k16 fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4*g + t:
+//   A 16x16 row-major, 4 regs of 2 halves: a0 (row g,   cols 2t..2t+1)   a1 (row g+8, cols 2t..2t+1)
+//                                          a2 (row g,   cols 2t+8..+9)   a3 (row g+8, cols 2t+8..+9)
+//   B 16x8 (k x n),    2 regs:             b0 (k 2t..2t+1, col g)        b1 (k 2t+8..2t+9, col g)
+//   C 16x8 fp32,       4 floats:           c0,c1 (row g, cols 2t, 2t+1)  c2,c3 (row g+8, same cols)
+// ldmatrix .x4 loads four 8x8 tiles; lanes 8i..8i+7 give the row addresses of tile i, and register i of
+// lane (g, t) gets row g, cols 2t..2t+1 of tile i (of its transpose with .trans).
+// Two useful consequences: the C fragments of two adjacent 8-column blocks are exactly the A fragment
+// of one 16-wide k-step (so P never leaves registers between the two products), and a row-major
+// [n][k] tile in shared memory (K, for Q K^T) gives B fragments with plain ldmatrix, while a [k][n]
+// tile (V, for P V) needs .trans.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdint.h>
+
+#include "attention.h"
+
+namespace {
+
+constexpr int WARPS = 4;
+constexpr int THREADS = WARPS * 32;
+constexpr int FWD_BM = 16 * WARPS;  // forward: query rows per block, 16 per warp
+constexpr int FWD_BN = 64;          // forward: keys per tile
+constexpr int BWD_BN = 16 * WARPS;  // backward: keys per block, 16 per warp
+constexpr int BWD_BM = 32;          // backward: queries per tile
+// Shared-memory rows are padded by 16 bytes: with D = 128 a row is 272 bytes, so the 8 row addresses of
+// one ldmatrix tile fall 4 banks apart and cover all 32 banks once (no conflicts). Same for D = 64.
+constexpr int PAD = 8;
+constexpr float LOG2E = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------------------------------
+// PTX wrappers
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy global -> shared. With valid == false the source is not read and 16 zero bytes
+// are written: that is how rows past L (or past kv_len) become zeros without a branch around the copy.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
+                 :: "r"(smem_u32(dst)), "l"(src), "r"(valid ? 16 : 0) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
+}
+
+// c += a * b for one 16x8x16 block.
+template <typename T> __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
+template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> __device__ __forceinline__ void mma<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats -> one register of two 16-bit values, the first in the low half (the lower column).
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <> __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 x = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&x);
+}
+template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 x = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&x);
+}
+
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// 2^x on the special-function unit; 2^-inf = 0, which the masking relies on.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tiles
+
+// Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
+// [ROWS][D + PAD] shared tile; rows >= n are zero-filled and never read. Consecutive threads take
+// consecutive 16-byte chunks of a row: each row is one coalesced 256-byte (D = 128) read.
+template <typename T, int ROWS, int D>
+__device__ __forceinline__ void load_tile(T* tile, const T* g, long long ld, int row0, int n) {
+    constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
+    static_assert((ROWS * CHUNKS) % THREADS == 0, "tile chunks must split evenly over the threads");
+#pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
+        const int c = i * THREADS + threadIdx.x;
+        const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
+        const bool valid = row0 + r < n;
+        cp_async_16(tile + r * (D + PAD) + col, valid ? g + (row0 + r) * ld + col : g, valid);
+    }
+}
+
+// ldmatrix row address of lane `lane` for an A fragment (16x16 at row r0, col c0 of a [.][stride]
+// tile, A row-major in the tile), and likewise the .trans B fragment of a [k][n] tile: tiles 0..3 =
+// (rows 0-7, cols 0-7), (rows 8-15, cols 0-7), (rows 0-7, cols 8-15), (rows 8-15, cols 8-15).
+template <typename T>
+__device__ __forceinline__ const T* frag_a(const T* tile, int stride, int r0, int c0, int lane) {
+    return tile + (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
+}
+// ldmatrix row address for the B fragments of two adjacent 8-wide n blocks from an [n][k] tile:
+// tiles 0..3 = (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so r[0], r[1] are
+// b0, b1 of n block n0 and r[2], r[3] those of block n0 + 8. With .trans on a [k][m] tile the same
+// addresses give the A fragment of the transposed tile (used for dS in the backward).
+template <typename T>
+__device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, int k0, int lane) {
+    return tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + k0 + ((lane >> 3) & 1) * 8;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward: one block = FWD_BM query rows of one (b, h); each warp owns 16 rows and streams all valid
+// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j).
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
+    constexpr int STRIDE = D + PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
+    T* sK = sQ + FWD_BM * STRIDE;        // [2][FWD_BN][STRIDE]
+    T* sV = sK + 2 * FWD_BN * STRIDE;    // [2][FWD_BN][STRIDE]
+
+    const int m0 = blockIdx.x * FWD_BM, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + FWD_BN - 1) / FWD_BN;  // keys past kv_len cost nothing
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+
+    load_tile<T, FWD_BM, D>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile<T, FWD_BN, D>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, FWD_BN, D>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    // This warp's 16 query rows as A fragments, held in registers for the whole key loop (D/4 regs).
+    uint32_t qf[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, warp * 16, ks * 16, lane));
+
+    // Two rows per thread: r = 0 is row g, r = 1 is row g + 8. Scores are kept in base-2 units, x * s *
+    // log2(e), so each exponential is one ex2 instruction.
+    const float scale_log2 = p.scale * LOG2E;
+    float o[D / 8][4] = {};
+    float m_row[2] = {-INFINITY, -INFINITY};
+    float l_row[2] = {0.f, 0.f};  // this thread's part of the row sums; the quad is summed at the end
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
+            load_tile<T, FWD_BN, D>(sK + (buf ^ 1) * FWD_BN * STRIDE, k, p.k.stride_l, (j + 1) * FWD_BN, kv_len);
+            load_tile<T, FWD_BN, D>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
+            cp_async_commit();
+        }
+        const T* sKj = sK + buf * FWD_BN * STRIDE;
+        const T* sVj = sV + buf * FWD_BN * STRIDE;
+
+        // S = Q K^T: 16 rows x FWD_BN keys per warp.
+        float s[FWD_BN / 8][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+            for (int nb = 0; nb < FWD_BN / 8; nb += 2) {
+                uint32_t kf[4];
+                ldmatrix_x4(kf, frag_b(sKj, STRIDE, nb * 8, ks * 16, lane));
+                mma<T>(s[nb], qf[ks], kf[0], kf[1]);
+                mma<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
+            }
+        }
+        // Keys past kv_len (only in the last tile) drop out of the softmax. Every tile holds at least one
+        // valid key (key j*FWD_BN < kv_len), so each row max below is finite: no inf - inf.
+        if ((j + 1) * FWD_BN > kv_len) {
+#pragma unroll
+            for (int nb = 0; nb < FWD_BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (j * FWD_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[nb][e] = -INFINITY;
+        }
+
+        // Online softmax: new running max, rescale what was accumulated under the old one.
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float mx = -INFINITY;
+#pragma unroll
+            for (int nb = 0; nb < FWD_BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            const float m_new = fmaxf(m_row[r], mx * scale_log2);
+            alpha[r] = fast_exp2(m_row[r] - m_new);  // first tile: 2^-inf = 0
+            m_row[r] = m_new;
+            float sum = 0.f;
+#pragma unroll
+            for (int nb = 0; nb < FWD_BN / 8; ++nb) {
+#pragma unroll
+                for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                    s[nb][e] = fast_exp2(fmaf(s[nb][e], scale_log2, -m_new));
+                    sum += s[nb][e];
+                }
+            }
+            l_row[r] = l_row[r] * alpha[r] + sum;
+        }
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            o[nd][0] *= alpha[0]; o[nd][1] *= alpha[0];
+            o[nd][2] *= alpha[1]; o[nd][3] *= alpha[1];
+        }
+
+        // O += P V. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk.
+#pragma unroll
+        for (int kk = 0; kk < FWD_BN / 16; ++kk) {
+            const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                    pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd += 2) {
+                uint32_t vf[4];
+                ldmatrix_x4_trans(vf, frag_a(sVj, STRIDE, kk * 16, nd * 8, lane));
+                mma<T>(o[nd], pa, vf[0], vf[1]);
+                mma<T>(o[nd + 1], pa, vf[2], vf[3]);
+            }
+        }
+        cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
+        __syncthreads();      // ... everyone's, and everyone is done reading tile j
+    }
+
+    // O = acc / l, and the row's log2-sum-exp2 m + log2(l) for the backward. l >= 1 (the max term is 1).
+    T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
+        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
+        const int row = m0 + warp * 16 + g + 8 * r;
+        if (row >= p.len_q) continue;
+        const float inv = 1.f / l_row[r];
+        T* orow = out + row * p.o.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd)
+            *reinterpret_cast<uint32_t*>(orow + nd * 8) = pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv);
+        if (t == 0) p.lse[(static_cast<long long>(b) * p.heads + h) * p.len_q + row] = m_row[r] + log2f(l_row[r]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Backward, step 1: delta[b, h, i] = sum_d dO[i, d] * O[i, d] (= rowsum(P * dP)), one warp per row.
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p) {
+    const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+    const int lane = threadIdx.x % 32;
+    if (row >= static_cast<long long>(p.batch) * p.len_q * p.heads) return;
+    const int h = row % p.heads, i = (row / p.heads) % p.len_q, b = row / (static_cast<long long>(p.heads) * p.len_q);
+    const T* o = static_cast<const T*>(p.o.ptr) + b * p.o.stride_b + i * p.o.stride_l + h * p.o.stride_h;
+    const T* d = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + i * p.dout.stride_l + h * p.dout.stride_h;
+    float acc = 0.f;
+#pragma unroll
+    for (int c = lane; c < D; c += 32) acc += to_float(o[c]) * to_float(d[c]);
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) p.delta[(static_cast<long long>(b) * p.heads + h) * p.len_q + i] = acc;
+}
+
+// Backward, step 2: one block = BWD_BN keys of one (b, h), each warp owning 16 of them, looping over all
+// queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
+//   S^T = K Q^T, P^T = 2^(S^T s log2e - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//   dV += P^T dO, dK += dS^T Q  (in registers: this warp's keys only, no reduction across warps)
+//   dQ += dS K                  (every key block adds to the same rows: fp32 atomics into dq_accum)
+// Computing the transposes directly gives each warp whole key rows. dS^T goes through shared memory so
+// that the dQ product can split the work by query rows instead.
+
+template <typename T, int D>
+__global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
+    constexpr int STRIDE = D + PAD;
+    constexpr int SSTRIDE = BWD_BM + PAD;  // dS^T rows: 80 bytes, so ldmatrix rows fall 20 banks apart
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sK = reinterpret_cast<T*>(smem);  // [BWD_BN][STRIDE]
+    T* sV = sK + BWD_BN * STRIDE;        // [BWD_BN][STRIDE]
+    T* sQ = sV + BWD_BN * STRIDE;        // [2][BWD_BM][STRIDE]
+    T* sdO = sQ + 2 * BWD_BM * STRIDE;   // [2][BWD_BM][STRIDE]
+    T* sdS = sdO + 2 * BWD_BM * STRIDE;  // [BWD_BN][SSTRIDE], dS^T
+    float* sLse = reinterpret_cast<float*>(sdS + BWD_BN * SSTRIDE);  // [2][BWD_BM]
+    float* sDelta = sLse + 2 * BWD_BM;                               // [2][BWD_BM]
+
+    const int n0 = blockIdx.x * BWD_BN, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
+    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
+
+    if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
+        const int rows = min(BWD_BN, p.len_k - n0);
+        for (int c = threadIdx.x; c < rows * (D / 8); c += THREADS) {
+            const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
+            *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
+        }
+        return;
+    }
+
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
+    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    float* dq_accum = p.dq_accum + static_cast<long long>(b) * p.len_q * p.heads * D + h * D;
+    const long long dq_ld = static_cast<long long>(p.heads) * D;
+
+    // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
+    auto load_queries = [&](int tile, int buf) {
+        load_tile<T, BWD_BM, D>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
+        load_tile<T, BWD_BM, D>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
+        if (threadIdx.x < BWD_BM) {
+            const int i = tile * BWD_BM + threadIdx.x;
+            sLse[buf * BWD_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
+            sDelta[buf * BWD_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
+        }
+    };
+    load_tile<T, BWD_BN, D>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
+    load_tile<T, BWD_BN, D>(sV, v, p.v.stride_l, n0, kv_len);
+    load_queries(0, 0);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();
+
+    const float scale_log2 = p.scale * LOG2E;
+    const int kw = warp * 16;  // this warp's first key within the block
+    const int q_tiles = (p.len_q + BWD_BM - 1) / BWD_BM;
+    // dQ split: warp w takes query rows 16 (w % 2) .. +16 and head dims (D/2)(w / 2) .. +D/2.
+    static_assert(WARPS == 4 && BWD_BM == 32, "the dQ split assumes 2 x 2 warps over 32 queries");
+    const int dq_row = (warp % 2) * 16, dq_col = (warp / 2) * (D / 2);
+    float dk_acc[D / 8][4] = {};
+    float dv_acc[D / 8][4] = {};
+
+    for (int it = 0; it < q_tiles; ++it) {
+        const int buf = it & 1;
+        if (it + 1 < q_tiles) {  // buffer buf^1 was last read before the previous iteration's final barrier
+            load_queries(it + 1, buf ^ 1);
+            cp_async_commit();
+        }
+        const T* sQi = sQ + buf * BWD_BM * STRIDE;
+        const T* sdOi = sdO + buf * BWD_BM * STRIDE;
+        const float* lse_i = sLse + buf * BWD_BM;
+        const float* delta_i = sDelta + buf * BWD_BM;
+
+        // S^T = K Q^T and dP^T = V dO^T: 16 keys x BWD_BM queries per warp.
+        float st[BWD_BM / 8][4] = {};
+        float dpt[BWD_BM / 8][4] = {};
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            uint32_t ka[4], va[4];
+            ldmatrix_x4(ka, frag_a(sK, STRIDE, kw, ks * 16, lane));
+            ldmatrix_x4(va, frag_a(sV, STRIDE, kw, ks * 16, lane));
+#pragma unroll
+            for (int nb = 0; nb < BWD_BM / 8; nb += 2) {
+                uint32_t qb[4], db[4];
+                ldmatrix_x4(qb, frag_b(sQi, STRIDE, nb * 8, ks * 16, lane));
+                ldmatrix_x4(db, frag_b(sdOi, STRIDE, nb * 8, ks * 16, lane));
+                mma<T>(st[nb], ka, qb[0], qb[1]);
+                mma<T>(st[nb + 1], ka, qb[2], qb[3]);
+                mma<T>(dpt[nb], va, db[0], db[1]);
+                mma<T>(dpt[nb + 1], va, db[2], db[3]);
+            }
+        }
+        // P^T from the saved lse (key rows g, g+8; query columns 2t, 2t+1), then dS^T in place of dP^T.
+#pragma unroll
+        for (int nb = 0; nb < BWD_BM / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = nb * 8 + 2 * t + (e & 1);
+                const bool valid_key = n0 + kw + g + 8 * (e >> 1) < kv_len;
+                const float pv = valid_key ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+                st[nb][e] = pv;
+                dpt[nb][e] = pv * (dpt[nb][e] - delta_i[qi]);
+            }
+        }
+        // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q tiles ([query][d]: .trans).
+#pragma unroll
+        for (int kk = 0; kk < BWD_BM / 16; ++kk) {
+            const uint32_t pa[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
+                                    pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
+                                    pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
+            const uint32_t sa[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                    pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                    pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+            for (int nd = 0; nd < D / 8; nd += 2) {
+                uint32_t db[4], qb[4];
+                ldmatrix_x4_trans(db, frag_a(sdOi, STRIDE, kk * 16, nd * 8, lane));
+                ldmatrix_x4_trans(qb, frag_a(sQi, STRIDE, kk * 16, nd * 8, lane));
+                mma<T>(dv_acc[nd], pa, db[0], db[1]);
+                mma<T>(dv_acc[nd + 1], pa, db[2], db[3]);
+                mma<T>(dk_acc[nd], sa, qb[0], qb[1]);
+                mma<T>(dk_acc[nd + 1], sa, qb[2], qb[3]);
+            }
+        }
+        // dS^T to shared memory ([key][query]), rounded as it was for dK.
+#pragma unroll
+        for (int nb = 0; nb < BWD_BM / 8; ++nb) {
+            *reinterpret_cast<uint32_t*>(sdS + (kw + g) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][0], dpt[nb][1]);
+            *reinterpret_cast<uint32_t*>(sdS + (kw + g + 8) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][2], dpt[nb][3]);
+        }
+        __syncthreads();
+
+        // dQ (16 queries x D/2 per warp) = dS K over this block's BWD_BN keys. A = dS, read from the
+        // [key][query] tile with .trans; B = K ([key][d]: .trans).
+        float dq[D / 16][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < BWD_BN / 16; ++kk) {
+            uint32_t sa[4];
+            ldmatrix_x4_trans(sa, frag_b(sdS, SSTRIDE, kk * 16, dq_row, lane));
+#pragma unroll
+            for (int nd = 0; nd < D / 16; nd += 2) {
+                uint32_t kb[4];
+                ldmatrix_x4_trans(kb, frag_a(sK, STRIDE, kk * 16, dq_col + nd * 8, lane));
+                mma<T>(dq[nd], sa, kb[0], kb[1]);
+                mma<T>(dq[nd + 1], sa, kb[2], kb[3]);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int row = it * BWD_BM + dq_row + g + 8 * r;
+            if (row >= p.len_q) continue;
+            float* dst = dq_accum + row * dq_ld + dq_col + 2 * t;
+#pragma unroll
+            for (int nd = 0; nd < D / 16; ++nd) {
+                atomicAdd(dst + nd * 8, dq[nd][2 * r]);
+                atomicAdd(dst + nd * 8 + 1, dq[nd][2 * r + 1]);
+            }
+        }
+        cp_async_wait_all();
+        __syncthreads();  // next tile landed; sQ/sdO/sdS of this one free to overwrite
+    }
+
+    // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = n0 + kw + g + 8 * r;
+        if (row >= p.len_k) continue;
+        T* dkr = dk + row * p.dk.stride_l + 2 * t;
+        T* dvr = dv + row * p.dv.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            *reinterpret_cast<uint32_t*>(dkr + nd * 8) = pack2<T>(dk_acc[nd][2 * r] * p.scale, dk_acc[nd][2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack2<T>(dv_acc[nd][2 * r], dv_acc[nd][2 * r + 1]);
+        }
+    }
+}
+
+// Backward, step 3: dQ = s * dq_accum, to the input dtype.
+template <typename T, int D>
+__global__ void __launch_bounds__(256) attn_bwd_convert_kernel(const AttnParams p) {
+    const long long n = static_cast<long long>(p.batch) * p.len_q * p.heads * D;
+    for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+         idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+        const int c = idx % D, h = (idx / D) % p.heads;
+        const long long i = (idx / (static_cast<long long>(D) * p.heads)) % p.len_q;
+        const long long b = idx / (static_cast<long long>(D) * p.heads * p.len_q);
+        T* dq = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + i * p.dq.stride_l + h * p.dq.stride_h;
+        dq[c] = from_float<T>(p.dq_accum[idx] * p.scale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Launchers
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int bytes) {
+    // Above 48 KB a block gets dynamic shared memory only after raising the kernel's limit.
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+template <typename T, int D>
+cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
+    const int smem = (FWD_BM + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // 87,040 B at D = 128
+    cudaError_t err = allow_smem(attn_fwd_kernel<T, D>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + FWD_BM - 1) / FWD_BM, p.heads, p.batch);
+    attn_fwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, int D>
+cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
+    const long long rows = static_cast<long long>(p.batch) * p.len_q * p.heads;
+    attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+
+    const int smem = (2 * BWD_BN * (D + PAD) + 4 * BWD_BM * (D + PAD) + BWD_BN * (BWD_BM + PAD)) * static_cast<int>(sizeof(T))
+                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // 75,264 B at D = 128
+    err = allow_smem(attn_bwd_kernel<T, D>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_k + BWD_BN - 1) / BWD_BN, p.heads, p.batch);
+    attn_bwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+
+    const long long n = rows * D;
+    const unsigned blocks = static_cast<unsigned>(min((n + 255) / 256, 65536LL));
+    attn_bwd_convert_kernel<T, D><<<blocks, 256, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+}  // namespace
+
+int attn_forward(const AttnParams& p, void* stream) {
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (p.is_bf16) return p.head_dim == 128 ? forward<__nv_bfloat16, 128>(p, s) : forward<__nv_bfloat16, 64>(p, s);
+    return p.head_dim == 128 ? forward<__half, 128>(p, s) : forward<__half, 64>(p, s);
+}
+
+int attn_backward(const AttnParams& p, void* stream) {
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (p.is_bf16) return p.head_dim == 128 ? backward<__nv_bfloat16, 128>(p, s) : backward<__nv_bfloat16, 64>(p, s);
+    return p.head_dim == 128 ? backward<__half, 128>(p, s) : backward<__half, 64>(p, s);
+}
+
+const char* attn_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }

@@ -1,0 +1,85 @@
+"""
+Build the attention extension explicitly (attention() also builds it on first use).
+
+    python attention_cuda/build.py           # JIT build through torch (CUDA torch + nvcc), full log
+    python attention_cuda/build.py --check   # compile only, no GPU and no CUDA torch needed (CI):
+                                             # attention.cu with nvcc for sm_90a and sm_80, binding.cpp
+                                             # against torch's headers; prints the register report
+
+A failure exits non-zero with the compiler's message.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import attention_cuda  # noqa: E402  (after the path: `python attention_cuda/build.py` runs from anywhere)
+
+
+def report(ptxas_log):
+    """ptxas -v's per-kernel lines, one row per kernel and arch: registers, stack frame (non-zero means
+    an array went to local memory) and spills."""
+    name = None
+    for line in ptxas_log.splitlines():
+        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E.*' for '(\w+)'", line)
+        if m:
+            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}> {m[4]}"
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m and name:
+            frame = f"stack {m[1]} B, spills {m[2]}/{m[3]} B"
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name:
+            print(f"  {name:46s} {m[1]:>3} registers, {frame}")
+            name = None
+
+
+def check():
+    """Compile attention.cu (nvcc, every arch of the real build) and binding.cpp (syntax, host compiler)
+    into a temporary directory. The .cu needs only CUDA headers, so the CPU wheel of torch is enough."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        sys.exit("build.py --check: nvcc is not on the PATH; install the CUDA toolkit or skip the check")
+    from torch.utils.cpp_extension import include_paths
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", "-std=c++17", *attention_cuda.NVCC_FLAGS, "-Xptxas", "-v",
+               os.path.join(HERE, "attention.cu"), "-o", os.path.join(tmp, "attention.o")]
+        print(" ".join(cmd), flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"build.py --check: nvcc failed:\n{r.stderr}")
+        report(r.stderr)
+        cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+        if cxx is None:
+            print("no host C++ compiler: binding.cpp not checked")
+            return
+        incs = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+        cmd = [cxx, "-fsyntax-only", "-std=c++20", "-DTORCH_EXTENSION_NAME=attention_cuda_ext", *incs,
+               os.path.join(HERE, "binding.cpp")]
+        print(f"{cxx} -fsyntax-only -std=c++20 <torch includes> binding.cpp", flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            sys.exit(f"build.py --check: binding.cpp failed:\n{r.stderr}")
+    print("attention_cuda: compiles")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compile only (no GPU needed)")
+    args = ap.parse_args()
+    if args.check:
+        check()
+    else:
+        ext = attention_cuda.build(verbose=True)
+        print(f"attention_cuda: built {ext.__file__}")
+
+
+if __name__ == "__main__":
+    main()
