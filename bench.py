@@ -7,6 +7,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py vae                                     # tiled VAE decode 544x960x129: seconds, peak GB
     python bench.py curate                                  # shot detection vs PySceneDetect, pipeline fps
+    python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
 
 GPU timings use CUDA events after warm-up and report the median. Figures go into the README's
 Performance table with the GPU and the date.
@@ -380,6 +381,12 @@ def bench_vae(args):
         sec, peak, _ = timed(lambda: peer.encode(x).latent_dist.mean)
         print(f"  diffusers encode, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated")
 
+
+def bench_attention(args):
+    from attention_cuda import bench as attention_bench  # its own options: python bench.py attention -h
+    attention_bench.main(args.rest)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -400,6 +407,11 @@ def main():
     p = sub.add_parser("curate", help="shot detection F1/speed vs PySceneDetect, pipeline frames/s (CPU)")
     p.add_argument("--videos", type=int, default=12, help="synthetic 640x360 videos to measure on")
     p.set_defaults(fn=bench_curate)
+    # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass through)
+    p = sub.add_parser("attention", prefix_chars="+", add_help=False,
+                       help="fused attention vs SDPA flash/cuDNN, fwd and fwd+bwd TFLOP/s (attention_cuda/bench.py)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=bench_attention)
     args = ap.parse_args()
     args.fn(args)
 

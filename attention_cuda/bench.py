@@ -1,0 +1,162 @@
+"""
+Attention on the GPU: ours vs torch SDPA, forward and forward+backward, TFLOP/s of useful work.
+
+    python attention_cuda/bench.py                       # the issue's lengths, batch 2, padded text
+    python attention_cuda/bench.py --lengths 16640 --batch 1
+    python bench.py attention                            # the same
+
+Shapes as in HunyuanVideo's joint attention: 24 heads x 128, bf16, L = image tokens + 256 text tokens of
+which 40 (sample 0) and 90 (sample 1) are valid, so kv_lens = [L - 216, L - 166]. Useful FLOPs count the
+valid keys only: forward 4 * H * L * kv_len * D per sample, backward 2.5x that. Contenders:
+  ours          attention_cuda.attention with kv_lens (the key loop stops at kv_len)
+  flash         SDPA's flash backend, UNMASKED over all L keys (it takes no mask): a speed reference only,
+                its output is not the padded answer
+  cudnn+mask    SDPA's cuDNN backend with a boolean (B, 1, 1, L) key mask
+  cudnn split   SDPA's cuDNN backend per sample on k[:kv_len], unmasked (exact, B launches)
+Before timing, ours is checked against float64: the full forward and gradients at a small L, and 256
+random query rows of the forward at every timed L. Timing: CUDA events, warm-up, median.
+"""
+
+import argparse
+import math
+import os
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import attention_cuda  # noqa: E402
+
+LENGTHS = (4352, 16640, 67576, 119056)  # 544x960 at 1, 9 (x2 frames), 33 and 65 latent frames, + 256 text
+HEADS, HEAD_DIM, TEXT_PAD = 24, 128, (216, 166)
+
+
+def time_ms(fn, budget_s=2.0):
+    """Median ms of fn() with CUDA events: one warm-up call, then as many as fit in budget_s (3 to 50)."""
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    n = max(3, min(50, int(budget_s * 1000 / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(n):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+def reference_rows(q, k, v, lens, rows):
+    """float64 forward for the given query rows of every sample and head: (B, len(rows), H, D)."""
+    out = []
+    for b, n in enumerate(lens):
+        qb, kb, vb = q[b, rows].double(), k[b, :n].double(), v[b, :n].double()  # (r, H, D), (n, H, D)
+        s = torch.einsum("rhd,nhd->hrn", qb, kb) / math.sqrt(q.shape[-1])
+        out.append(torch.einsum("hrn,nhd->rhd", s.softmax(-1), vb))
+    return torch.stack(out)
+
+
+def check_small():
+    """Full forward and gradients against float64 autograd at a length off the tile, padded per sample."""
+    L, lens = 1000 + 37, [1037 - 216, 1037 - 166]
+    q, k, v = (torch.randn(2, L, 4, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    go = torch.randn_like(q)
+    o = attention_cuda.attention(q, k, v, lens)
+    grads = torch.autograd.grad(o, (q, k, v), go)
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = torch.stack([F.scaled_dot_product_attention(  # float64 math backend, per sample on valid keys
+        ref_in[0][b:b + 1].transpose(1, 2), ref_in[1][b:b + 1, :n].transpose(1, 2),
+        ref_in[2][b:b + 1, :n].transpose(1, 2)).transpose(1, 2)[0] for b, n in enumerate(lens)])
+    ref_grads = torch.autograd.grad(ref, ref_in, go.double())
+    errs = [rel_err(o, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
+    print(f"check L={L}, kv_lens={lens}: rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
+          f"dv {errs[3]:.1e} (bound 1e-2)")
+    return all(e < 1e-2 for e in errs) and all(torch.isfinite(x).all() for x in (o, *grads))
+
+
+def contenders(q, k, v, lens):
+    """name -> function returning the (B, L, H, D) output."""
+    qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views for SDPA
+    keep = torch.arange(k.shape[1], device="cuda") < torch.tensor(lens, device="cuda")[:, None]
+    mask = keep[:, None, None, :]
+    def sdpa(backend, *args, **kw):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*args, **kw)
+
+    return {
+        "ours": lambda: attention_cuda.attention(q, k, v, lens),
+        "flash (unmasked)": lambda: sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt).transpose(1, 2),
+        "cudnn + mask": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, attn_mask=mask).transpose(1, 2),
+        "cudnn split": lambda: torch.cat([sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
+                                          for b, n in enumerate(lens)]).transpose(1, 2),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="total tokens L per sample")
+    ap.add_argument("--batch", type=int, choices=(1, 2), default=2, help="1: 40 valid text tokens; 2: 40 and 90")
+    ap.add_argument("--no-backward", dest="backward", action="store_false", help="forward only")
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per measurement")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("attention_cuda/bench.py needs a CUDA GPU; none here, nothing to time.")
+        return
+    if not attention_cuda.kernel_available():
+        sys.exit("attention_cuda/bench.py: the extension did not build; run python attention_cuda/build.py")
+    torch.manual_seed(0)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {HEADS} heads x {HEAD_DIM}")
+    if not check_small():
+        sys.exit("attention_cuda/bench.py: the kernel is wrong at the small check; not timing it")
+
+    rows = []
+    for L in args.lengths:
+        lens = [L - pad for pad in TEXT_PAD[:args.batch]]
+        q, k, v = (torch.randn(args.batch, L, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        r = torch.randperm(L, device="cuda")[:256]
+        err = rel_err(attention_cuda.attention(q, k, v, lens)[:, r], reference_rows(q, k, v, lens, r))
+        print(f"L={L}: ours vs float64 on 256 random query rows: rel err {err:.1e}")
+        if not err < 1e-2:
+            sys.exit("attention_cuda/bench.py: wrong at this size; not timing it")
+        flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs
+        go = torch.randn_like(q)
+        for name, fn in contenders(q, k, v, lens).items():
+            try:
+                fwd = time_ms(fn, args.budget)
+                fb = None
+                if args.backward:
+                    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+                    f_grad = contenders(qg, kg, vg, lens)[name]
+                    fb = time_ms(lambda: torch.autograd.grad(f_grad(), (qg, kg, vg), go), args.budget)
+            except RuntimeError as e:  # a backend that refuses the shape or the mask
+                print(f"  {name}: refused ({str(e).splitlines()[0][:100]})")
+                continue
+            rows.append((L, name, fwd, flops / fwd / 1e9, fb, 3.5 * flops / fb / 1e9 if fb else None))
+            print(f"  {name:18s} fwd {fwd:9.2f} ms {rows[-1][3]:6.0f} TFLOP/s"
+                  + (f"   fwd+bwd {fb:9.2f} ms {rows[-1][5]:6.0f} TFLOP/s" if fb else ""), flush=True)
+        q = k = v = go = None  # free this length's tensors before the next
+        torch.cuda.empty_cache()
+
+    print(f"\nbatch {args.batch}, kv_lens = L - {list(TEXT_PAD[:args.batch])}; TFLOP/s of useful work (valid keys "
+          "only); flash runs unmasked over all L keys")
+    print(f"{'L':>7}  {'':18s} {'fwd ms':>9} {'TFLOP/s':>7}  {'fwd+bwd ms':>10} {'TFLOP/s':>7}")
+    for L, name, fwd, tf, fb, tfb in rows:
+        print(f"{L:>7}  {name:18s} {fwd:9.2f} {tf:7.0f}  " + (f"{fb:10.2f} {tfb:7.0f}" if fb else f"{'-':>10} {'-':>7}"))
+
+
+if __name__ == "__main__":
+    main()
