@@ -20,6 +20,7 @@ ATTENTION_CUDA=0 in the environment turns the kernel off.
 """
 
 import functools
+import operator
 import os
 import warnings
 
@@ -101,9 +102,12 @@ def _check(q, k, v, kv_lens):
             raise ValueError(f"attention: kv_lens must be an integer tensor of shape ({B},), got "
                              f"{kv_lens.dtype} {tuple(kv_lens.shape)}; pass one key count per sample")
         kv_lens = kv_lens.tolist()
-    lens = tuple(kv_lens)
-    if len(lens) != B or not all(isinstance(n, int) and not isinstance(n, bool) for n in lens):
-        raise ValueError(f"attention: kv_lens must hold {B} ints (one per sample), got {lens!r}")
+    try:
+        lens = tuple(operator.index(n) for n in kv_lens)  # python or numpy ints, not floats
+    except TypeError:
+        lens = None
+    if lens is None or len(lens) != B:
+        raise ValueError(f"attention: kv_lens must hold {B} ints (one per sample), got {kv_lens!r}")
     bad = [n for n in lens if not 1 <= n <= Lk]
     if bad:
         raise ValueError(f"attention: kv_lens must lie in [1, Lk={Lk}], got {bad[0]}; a sample with no valid "

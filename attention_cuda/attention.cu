@@ -6,8 +6,9 @@
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
 //
 // Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D (recomputing
-// Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. Bytes are ~4*L*D*2 per (b, h) for the forward:
-// at L = 67,576 that is ~1,600 FLOP/byte, so the tensor cores set the pace, not memory.
+// Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. The forward moves at least 4*L*D*2 bytes per
+// (b, h) (read Q, K, V, write O): n/2 FLOP per byte, ~34,000 at L = 67,576, against the H100's ~230
+// (779 TFLOP/s over 3.35 TB/s). The tensor cores set the pace, not memory.
 //
 // mma.m16n8k16 fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4*g + t:
 //   A 16x16 row-major, 4 regs of 2 halves: a0 (row g,   cols 2t..2t+1)   a1 (row g+8, cols 2t..2t+1)
