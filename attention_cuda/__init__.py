@@ -26,6 +26,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, "binding.cpp"), os.path.join(HERE, "attention.cu")]
@@ -95,6 +96,8 @@ def _check(q, k, v, kv_lens):
         raise ValueError(f"attention: q, k, v must share dtype and device, got {q.dtype}/{k.dtype}/{v.dtype} "
                          f"on {q.device}/{k.device}/{v.device}; cast them with .to()")
     B, Lk = k.shape[0], k.shape[1]
+    if Lk == 0:
+        raise ValueError("attention: k and v have no keys (Lk = 0), so the softmax is undefined; skip the call")
     if kv_lens is None:
         return None
     if isinstance(kv_lens, torch.Tensor):
@@ -137,10 +140,10 @@ def _sdpa(q, k, v, lens):
 
 def _aligned(x):
     """The kernel reads rows with 16-byte loads: the last dim must be contiguous and every row start
-    16-byte aligned. Anything else is copied once."""
+    16-byte aligned. Anything else is copied once (clone: .contiguous() would keep a misaligned view)."""
     ok = (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
           and all(s % 8 == 0 or n == 1 for s, n in zip(x.stride()[:3], x.shape[:3])))  # size-1 dims: any stride
-    return x if ok else x.contiguous()
+    return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
 @functools.lru_cache(maxsize=64)
@@ -162,6 +165,7 @@ class FusedAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @once_differentiable  # the backward kernels are not themselves differentiable
     def backward(ctx, do):
         q, k, v, o, lse, lens_t = ctx.saved_tensors
         with torch.cuda.device(q.device):

@@ -103,6 +103,7 @@ def test_bad_inputs():
         ((q, k, v, torch.tensor([8.0, 8.0])), "integer tensor"),
         ((q, k, v, [8, 0]), "drop it"),
         ((q, k, v, [9, 8]), r"\[1, Lk=8\]"),
+        ((q, k[:, :0], v[:, :0], None), "no keys"),
     ]
     for args, msg in cases:
         with pytest.raises(ValueError, match=msg):
