@@ -114,16 +114,18 @@ def attention(q, k, v, seg_lens=None, sp=None):
     if sp is not None:
         return ulysses_attention(q, k, v, seg_lens, *sp)
     B, L = q.shape[:2]
+    if fused_attention is not None and q.is_cuda and kernel_available():
+        # Our kernel skips keys at or past kv_lens[i] in one batched launch. Image and valid-text rows get
+        # exactly the official result; padded rows attend to the valid keys instead of to each other, which
+        # changes nothing downstream: no valid row ever reads them and the output keeps only image rows.
+        return fused_attention(q, k, v, kv_lens=None if seg_lens is None else list(seg_lens)).flatten(2)
     if seg_lens is None or all(n == L for n in seg_lens):
-        if fused_attention is not None and q.is_cuda and kernel_available():
-            return fused_attention(q, k, v).flatten(2)
         return _sdpa(q, k, v)
     if B * L * L <= _DENSE_MASK_MAX:
         return _sdpa(q, k, v, mask=_segment_mask(tuple(seg_lens), L, q.device))
     # Per sample, per segment. unbind/split (not slicing) so the backward is one stack/cat, not a
     # zero-filled copy of the whole input per piece.
     qs, ks, vs = q.unbind(0), k.unbind(0), v.unbind(0)
-    use_kernel = fused_attention is not None and q.is_cuda and kernel_available()
     out = []
     for i, n in enumerate(seg_lens):
         pieces = [x.split([n, L - n]) for x in (qs[i], ks[i], vs[i])]
@@ -131,7 +133,7 @@ def attention(q, k, v, seg_lens=None, sp=None):
         for (qq, kk, vv) in zip(*pieces):
             if qq.shape[0]:
                 qq, kk, vv = qq[None], kk[None], vv[None]
-                parts.append(fused_attention(qq, kk, vv).flatten(2) if use_kernel else _sdpa(qq, kk, vv))
+                parts.append(_sdpa(qq, kk, vv))
         out.append(torch.cat(parts, 1))
     return torch.cat(out, 0)
 

@@ -182,8 +182,8 @@ def test_kernel_matches_fallback_and_other_shapes():
 
 
 @gpu
-def test_kernel_rejects_other_head_dims():
-    assert kernel_available()
-    q = rand(1, 16, 2, 96, dtype=torch.bfloat16, device="cuda")
-    with pytest.raises(ValueError, match="head_dim 64 or 128"):
-        attention(q, q, q)
+def test_other_head_dims_fall_back_to_sdpa():
+    """Head sizes the kernel does not cover (tiny test configs) take SDPA, with the same semantics."""
+    q, k, v = qkv(1, 16, 16, 2, 96, dtype=torch.bfloat16, device="cuda")
+    o = attention(q, k, v, kv_lens=[10])
+    assert rel_err(o, reference(q, k, v, [10])) < 1e-2
