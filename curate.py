@@ -139,7 +139,7 @@ def draw_shape(img, shape, colour, cx, cy, r):
 
 
 def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", camera="static shot",
-                cam_speed=None, still=False, blur=0.0, focus_pull=0):
+                cam_speed=None, still=False, blur=0.0, focus_pull=0, size=0.12):
     """One shot as (n, h, w, 3) RGB uint8. The camera moves the backdrop (content moves opposite to the
     camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one."""
     lo, hi = rng.uniform(20, 34), rng.uniform(44, 58)
@@ -152,7 +152,7 @@ def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", ca
     v = min(v, 0.45 * w / max(n, 1))
     vv = min(v, 0.45 * h / max(n, 1))                   # vertical moves: the canvas margin is h/2
     jit = rng.uniform(0, 2 * np.pi, 6)
-    r = 0.12 * min(h, w)
+    r = size * min(h, w)                                # the shape's radius
     dx, dy = DIRECTIONS[direction]
     speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, 0.5 * w / max(n, 1))
     x0, y0 = w / 2 - dx * speed * n / 2, h / 2 - dy * speed * n / 2
@@ -212,7 +212,7 @@ def write_video(path, frames, fps=24.0):
     os.replace(tmp, path)
 
 
-def synthetic_video(rng, w, h, n_shots):
+def synthetic_video(rng, w, h, n_shots, size=0.12):
     """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video."""
     cams = [c for c in CAMERA_CLASSES if c != "static shot"]
     frames, shots, t = [], [], 0
@@ -231,7 +231,7 @@ def synthetic_video(rng, w, h, n_shots):
         blur = 4.0 if rng.random() < 0.12 else 0.0
         pull = int(rng.integers(4, 9)) if rng.random() < 0.2 else 0
         f = render_shot(rng, w, h - 2 * letterbox, n, shape, colour, direction, camera, still=still,
-                        blur=blur, focus_pull=pull)
+                        blur=blur, focus_pull=pull, size=size)
         if letterbox:
             f = np.pad(f, ((0, 0), (letterbox, letterbox), (0, 0), (0, 0)))
         if logo is not None:  # a static watermark in the top-right corner, the same in every shot
@@ -256,14 +256,15 @@ def synthetic_video(rng, w, h, n_shots):
 
 
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
-                   size_p=(0.4, 0.3, 0.2, 0.1)):
-    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir."""
+                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12):
+    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir.
+    shape_size: the shapes' radius as a fraction of the frame's shorter side."""
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
     for i in tqdm(range(n), desc="synthetic", disable=n < 2):
         w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
-        frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)))
+        frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)), shape_size)
         path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
         write_video(path, frames)
         with open(path[:-4] + ".json", "w") as f:

@@ -124,7 +124,7 @@ def make_data(root):
             f.writelines(json.dumps(r) + "\n" for r in rows)
     from safetensors.torch import save_file
     torch.manual_seed(0)
-    save_file(vae_lib.CausalVAE(vae_lib.CONFIGS["tiny"]).state_dict(), os.path.join(root, "vae.safetensors"))
+    save_file(vae_lib.CausalVAE(train.vae_config(train.PRESETS["demo"])).state_dict(), os.path.join(root, "vae.safetensors"))
     return root
 
 
