@@ -79,14 +79,17 @@ class TrainConfig:
     vae_batch: int = 4
     vae_image_ratio: float = 0.2        # fraction of steps on stills (paper §4.1 mixes video:image 4:1)
     vae_image_batch: int = 4
+    vae_image_size: tuple = None        # (H, W) crops of the stills; None = vae_size's
     vae_lr: float = 1e-3
     vae_tile_prob: float = 0.0
     vae_mse: float = 0.0                # an extra MSE term (vae.VAELoss w_mse); 0 = the paper's loss
+    vae_chroma: float = 0.0             # an extra MSE on the error's colour part (vae.VAELoss w_chroma)
     vae_crop_tries: int = 1             # >1: train on the most varied of this many random crops, so small
                                         # objects on flat backgrounds are not drowned by background pixels
     vae_sample_posterior: bool = True   # train through z ~ q(z|x); False = through its mean
     latent_sample: bool = True          # the DiT sees posterior samples; False = the means
     frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
+    clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip
     # bookkeeping
     ckpt_every: int = 500
     log_every: int = 1
@@ -468,10 +471,11 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
 
     def crop(d, g, t):  # a (t, h, w) window: the most varied of cfg.vae_crop_tries random ones
+        ch, cw = (cfg.vae_image_size or (h, w)) if t == 1 else (h, w)
         best = None
         for _ in range(cfg.vae_crop_tries):
-            s, y, x = (int(torch.randint(n - m + 1, (), generator=g)) for n, m in zip(d.shape[1:], (t, h, w)))
-            c = d[:, s:s + t, y:y + h, x:x + w]
+            s, y, x = (int(torch.randint(n - m + 1, (), generator=g)) for n, m in zip(d.shape[1:], (t, ch, cw)))
+            c = d[:, s:s + t, y:y + ch, x:x + cw]
             score = c.float().std().item() if cfg.vae_crop_tries > 1 else 0.0
             if best is None or score > best[0]:
                 best = (score, c)
@@ -482,7 +486,7 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     if device.type == "cpu":  # oneDNN's 3D convolutions run ~30% faster on channels-last tensors
         model.to(memory_format=torch.channels_last_3d)
     gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
-    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse).to(device)
+    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse, w_chroma=cfg.vae_chroma).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
@@ -534,7 +538,22 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
 # Stage "dit": caches, then flow matching through the progressive stages
 
 def item_id(it):
-    return it.get("clip") or it.get("image") or hashlib.sha1(it["path"].encode()).hexdigest()[:16]
+    base = it.get("clip") or it.get("image") or hashlib.sha1(it["path"].encode()).hexdigest()[:16]
+    return base + (f"@{it['start']}" if it.get("start") else "")
+
+
+def clip_windows(items, groups, buckets, stride, n):
+    """Each clip in `groups` as up to n non-overlapping windows of its bucket's length (items with a "start"
+    frame): a long clip holds several distinct training videos, and the cache encodes each once.
+    Returns (items, groups) over the windows."""
+    out, new = [], {}
+    for b, idx in groups.items():
+        span = (buckets[b][2] - 1) * stride + 1
+        for i in idx:
+            for k in range(max(1, min(n, items[i].get("frames", 1) // span))):
+                new.setdefault(b, []).append(len(out))
+                out.append(dict(items[i], start=k * span))
+    return out, new
 
 
 @torch.no_grad()
@@ -552,7 +571,7 @@ def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1
     bar = tqdm(total=len(todo), desc=f"cache latents {H}x{W}x{T}", disable=rank != 0 or not todo)
     for i in range(0, len(todo), n):
         chunk = todo[i:i + n]
-        x = torch.stack([to_unit(read_clip(it["path"], (H, W), 0, T if it["kind"] == "video" else None, stride))
+        x = torch.stack([to_unit(read_clip(it["path"], (H, W), it.get("start", 0), T if it["kind"] == "video" else None, stride))
                          for it in chunk])
         mean, logvar = vae.encode(x.to(device), tiled=max(H, W) > vae.cfg.tile_sample_size)
         for it, m, lv in zip(chunk, mean, logvar):
@@ -628,6 +647,8 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
         for kind, items, buckets in (("video", clips, [b for b in stage.buckets]),
                                      ("image", images, [(h, w, 1, b) for h, w, b in stage.image_buckets])):
             groups = assign_buckets(items, buckets, cfg.frame_stride) if buckets and items else {}
+            if kind == "video" and cfg.clip_windows > 1:
+                items, groups = clip_windows(items, groups, buckets, cfg.frame_stride, cfg.clip_windows)
             if groups:
                 folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device, rank, world,
                                             cfg.frame_stride)

@@ -59,6 +59,10 @@ CONFIGS = {
 
 # stream path: elements of conv input processed per chunk (bounds the fp32 temporaries to ~128 MB each)
 STREAM_ELEMENTS = 1 << 25
+# a no-grad call whose widest activation (widest block x batch x full-resolution voxels) has at most this many
+# elements takes the plain path on the whole batch: streaming saves memory at scale, but on small clips
+# (caching a demo's latents) its one-sample, few-frame convolutions are several times slower
+PLAIN_ELEMENTS = 1 << 25
 
 # -----------------------------------------------------------------------------
 # streaming helpers (no autograd; see the module docstring)
@@ -458,12 +462,17 @@ class CausalVAE(nn.Module):
 
     # --- one tile, untiled: stream path for inference, plain path when gradients are needed
 
-    def _encode(self, x):
-        return self.quant_conv(self.encoder(x) if torch.is_grad_enabled() else self.encoder.stream(x))
+    def _encode(self, x, plain):
+        return self.quant_conv(self.encoder(x) if plain else self.encoder.stream(x))
 
-    def _decode(self, z):
+    def _decode(self, z, plain):
         z = self.post_quant_conv(z)
-        return self.decoder(z) if torch.is_grad_enabled() else self.decoder.stream(z)
+        return self.decoder(z) if plain else self.decoder.stream(z)
+
+    def _plain(self, batch, frames, height, width):
+        """The plain path when gradients are needed, or when a no-grad call is small (see PLAIN_ELEMENTS)."""
+        widest = batch * frames * height * width * max(self.cfg.block_out_channels)
+        return torch.is_grad_enabled() or widest <= PLAIN_ELEMENTS
 
     def _tiled(self, x, fn, size_in, size_out, frames_in, frames_out):
         """Official tiling (facts §3.9): windows of frames_in+1 frames if x is longer than frames_in, inside
@@ -486,10 +495,12 @@ class CausalVAE(nn.Module):
         c = self.cfg
         px, lat = c.tile_sample_size, c.tile_sample_size // c.spatial_compression
         frames, lat_frames = c.tile_sample_frames, c.tile_sample_frames // c.time_compression
-        run = (lambda v: self._tiled(v, self._encode, px, lat, frames, lat_frames)) if tiled else self._encode
+        plain = self._plain(*x.shape[:1], *x.shape[2:])
+        enc = lambda v: self._encode(v, plain)
+        run = (lambda v: self._tiled(v, enc, px, lat, frames, lat_frames)) if tiled else enc
         x = x.to(self.dtype)
-        # batch slicing without grad: one sample at a time (GroupNorm is per sample, so the result is the same)
-        moments = run(x) if torch.is_grad_enabled() else torch.cat([run(xi) for xi in x.split(1)])
+        # stream path: one sample at a time (GroupNorm is per sample, so the result is the same)
+        moments = run(x) if plain else torch.cat([run(xi) for xi in x.split(1)])
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
@@ -501,9 +512,12 @@ class CausalVAE(nn.Module):
                              f"got {tuple(z.shape)}")
         px, lat = c.tile_sample_size, c.tile_sample_size // c.spatial_compression
         frames, lat_frames = c.tile_sample_frames, c.tile_sample_frames // c.time_compression
-        run = (lambda v: self._tiled(v, self._decode, lat, px, lat_frames, frames)) if tiled else self._decode
+        sc, tc = c.spatial_compression, c.time_compression
+        plain = self._plain(z.shape[0], (z.shape[2] - 1) * tc + 1, z.shape[3] * sc, z.shape[4] * sc)
+        dec = lambda v: self._decode(v, plain)
+        run = (lambda v: self._tiled(v, dec, lat, px, lat_frames, frames)) if tiled else dec
         z = z.to(self.dtype)
-        return run(z) if torch.is_grad_enabled() else torch.cat([run(zi) for zi in z.split(1)])
+        return run(z) if plain else torch.cat([run(zi) for zi in z.split(1)])
 
     def forward(self, x, sample_posterior=True, tile_prob=0.0):
         """Training round trip -> (reconstruction, mean, logvar). tile_prob: paper §4.1 anti-tiling-artifact
@@ -686,7 +700,7 @@ class VAELoss(nn.Module):
     - Perceptual: LPIPS only from a local weights file; without one the term is off, said once."""
 
     def __init__(self, perceptual_weights=None, gan_start=50_000, disc_channels=64, disc_layers=3,
-                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0):
+                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0, w_chroma=0.0):
         super().__init__()
         self.discriminator = Discriminator3D(3, disc_channels, disc_layers)
         self.lpips = LPIPS(perceptual_weights) if perceptual_weights else None
@@ -697,6 +711,10 @@ class VAELoss(nn.Module):
         # Not in the paper: an optional MSE term. L1 alone is median-seeking, so with neither LPIPS nor a GAN
         # (short CPU runs) a small bright object on a large background is ignored for a long time.
         self.w_mse = w_mse
+        # Also not in the paper: an MSE on the error's chroma (its part orthogonal to grey, the per-pixel mean
+        # over RGB). Gradient descent learns the data's strong directions first; in mostly-grey footage colour
+        # is a weak one and is learned last, so a short run reweights it.
+        self.w_chroma = w_chroma
 
     def forward(self, x, recon, mean, logvar, step):
         """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
@@ -706,6 +724,10 @@ class VAELoss(nn.Module):
         if self.w_mse:
             logs["mse"] = (x - recon).square().mean()
             total = total + self.w_mse * logs["mse"]
+        if self.w_chroma:
+            err = x - recon
+            logs["chroma"] = (err - err.mean(1, keepdim=True)).square().mean()
+            total = total + self.w_chroma * logs["chroma"]
         if self.lpips is not None:
             frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W): LPIPS is per image
             logs["perceptual"] = self.lpips(frames(x), frames(recon)).mean()

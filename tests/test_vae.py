@@ -115,6 +115,7 @@ def test_stream_path_equals_plain_path(monkeypatch):
     # one frame per chunk so every cache/in-place branch of the stream path is exercised; float64 so that
     # any difference beyond rounding would show
     monkeypatch.setattr(vae, "STREAM_ELEMENTS", 1)
+    monkeypatch.setattr(vae, "PLAIN_ELEMENTS", 0)  # no-grad calls stream however small
     m = tiny().double()
     x = video(1, 9, 16, 24).double()
     with torch.enable_grad():
@@ -125,6 +126,21 @@ def test_stream_path_equals_plain_path(monkeypatch):
         dec_s = m.decode(mean_p)
     assert rel(mean_s, mean_p) < 1e-12 and rel(logvar_s, logvar_p) < 1e-12
     assert rel(dec_s, dec_p) < 1e-12
+
+
+def test_small_no_grad_batches_take_the_plain_path_with_the_same_result(monkeypatch):
+    m = tiny().double()  # float64: the two paths may differ by rounding only
+    x = video(3, 5, 16, 24).double()
+    with torch.no_grad():
+        for part in (m.encoder, m.decoder):
+            part.stream = lambda *a: pytest.fail("a small no-grad call streamed")
+        mean_b, _ = m.encode(x)  # small: plain path, whole batch at once
+        dec_b = m.decode(mean_b)
+        del m.encoder.stream, m.decoder.stream
+        monkeypatch.setattr(vae, "PLAIN_ELEMENTS", 0)
+        mean_s, _ = m.encode(x)  # stream path, one sample at a time
+        dec_s = m.decode(mean_b)
+    assert rel(mean_b, mean_s) < 1e-12 and rel(dec_b, dec_s) < 1e-12
 
 
 @pytest.mark.parametrize("dtype, tol_enc, tol_dec", [(torch.bfloat16, 3e-2, 0.3), (torch.float16, 5e-3, 5e-2)])
@@ -356,7 +372,8 @@ def test_perceptual_off_is_announced_and_gan_waits_for_start():
     assert "gan" in logs
 
 
-def test_random_tiling_switch_trains_through_tiles():
+def test_random_tiling_switch_trains_through_tiles(monkeypatch):
+    monkeypatch.setattr(vae, "PLAIN_ELEMENTS", 0)
     m = tiny()
     x = video(1, 5, 16, 80)  # wider than the tiny 64 px tile
     torch.manual_seed(0)
