@@ -256,21 +256,29 @@ def synthetic_video(rng, w, h, n_shots, size=0.12):
 
 
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
-                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12):
-    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir.
+                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, workers=1):
+    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
+    draws from its own generator (seed, i), so the files are the same for any number of workers.
     shape_size: the shapes' radius as a fraction of the frame's shorter side."""
     os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for i in tqdm(range(n), desc="synthetic", disable=n < 2):
-        w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
-        frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)), shape_size)
-        path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
-        write_video(path, frames)
-        with open(path[:-4] + ".json", "w") as f:
-            json.dump(side, f, indent=1)
-        paths.append(path)
-    return paths
+    jobs = [(out_dir, seed, i, sizes, size_p, shape_size) for i in range(n)]
+    if workers > 1 and n > 1:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+            return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
+    return [_synthetic_one(j) for j in tqdm(jobs, desc="synthetic", disable=n < 2)]
+
+
+def _synthetic_one(job):
+    out_dir, seed, i, sizes, size_p, shape_size = job
+    rng = np.random.default_rng([seed, i])
+    w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
+    frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)), shape_size)
+    path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
+    write_video(path, frames)
+    with open(path[:-4] + ".json.tmp", "w") as f:
+        json.dump(side, f, indent=1)
+    os.replace(path[:-4] + ".json.tmp", path[:-4] + ".json")
+    return path
 
 # -----------------------------------------------------------------------------
 # reading video
@@ -1131,7 +1139,7 @@ def main(argv=None):
             p.error("--synthetic N needs N >= 1")
         if a.input:
             p.error("--synthetic writes to --output; do not pass --input")
-        make_synthetic(a.output, a.synthetic, a.seed)
+        make_synthetic(a.output, a.synthetic, a.seed, workers=a.workers)
         return
     if not a.input:
         p.error("--input RAW_DIR is required (or --synthetic N)")

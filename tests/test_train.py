@@ -83,6 +83,20 @@ def test_buckets_every_item_once_with_per_bucket_batches():
         assert len(r0) == len(r1) and r0 + r1 == batch
 
 
+def test_clip_windows_are_disjoint_and_fit_their_clip():
+    items = [dict(kind="video", clip=f"c{i}", width=112, height=64, frames=f) for i, f in enumerate([33, 65, 66, 200, 40])]
+    buckets = [(64, 112, 9, 4)]  # 9 frames at stride 4 span 33 source frames
+    groups = train.assign_buckets(items, buckets, stride=4)
+    wins, wgroups = train.clip_windows(items, groups, buckets, stride=4, n=4)
+    per_clip = {}
+    for i in wgroups[0]:
+        per_clip.setdefault(wins[i]["clip"], []).append(wins[i]["start"])
+    assert per_clip == {"c0": [0], "c1": [0], "c2": [0, 33], "c3": [0, 33, 66, 99], "c4": [0]}
+    assert all(w["start"] + 33 <= w["frames"] for w in wins)
+    assert len({train.item_id(w) for w in wins}) == len(wins)  # each window its own cache file
+    assert train.item_id(wins[0]) == "c0"  # a clip's first window keeps the clip's cache name
+
+
 def test_caption_dropout_and_permutation():
     cap = {"short_description": "a red circle moving left", "dense_description": "dense", "background": "bg",
            "style": "style", "lighting": "light", "camera_movement": "static shot", "quality_tags": ["256p", "sharp"]}
@@ -111,11 +125,11 @@ def make_data(root):
     for i, (colour, shape, d) in enumerate([("red", "circle", "left"), ("green", "square", "right"),
                                             ("blue", "triangle", "up"), ("yellow", "circle", "down"),
                                             ("white", "square", "left"), ("red", "triangle", "right")]):
-        frames = curate.render_shot(rng, 112, 64, 30, shape, colour, d)
+        frames = curate.render_shot(rng, 112, 64, 40, shape, colour, d)  # >= the demo's 9 frames at stride 4
         path = f"clips/c{i}.mp4"
         curate.write_video(os.path.join(root, path), frames)
         cap = {"short_description": f"a {colour} {shape} moving {d}", "style": "flat", "camera_movement": "static shot"}
-        clips.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": 30, "caption": cap})
+        clips.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": 40, "caption": cap})
         if i < 4:
             cv2.imwrite(os.path.join(root, f"clips/i{i}.jpg"), frames[0][..., ::-1])
             images.append({"image": f"i{i}", "path": f"clips/i{i}.jpg", "width": 112, "height": 64, "caption": cap})
