@@ -102,7 +102,7 @@ PRESETS = {
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
-        stages=(Stage("image", 250, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
+        stages=(Stage("image", 200, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
                 Stage("video", 1700, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
                       lr=1e-3)),
         warmup=50, ema_decay=0.995, frame_stride=4, clip_windows=4, ckpt_every=500,
@@ -114,8 +114,8 @@ PRESETS = {
         # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
         # bright objects and their colour are learned last. Trained and read through the posterior mean.
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=1200, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
-        vae_image_ratio=0.5, vae_image_batch=4, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
+        vae_steps=900, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
+        vae_image_ratio=0.5, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_sample_posterior=False, latent_sample=False),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
     "1.3b-gpu": TrainConfig(
@@ -511,8 +511,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         x = to_unit(x).to(device)
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        for group in opt.param_groups:
-            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / cfg.warmup)
+        for group in opt.param_groups:  # warmup + cosine decay, as the DiT stages: the decay is what sharpens
+            group["lr"] = lr_at(step, Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr), cfg)  # a short run's details
         recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior, tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):
