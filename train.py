@@ -118,7 +118,7 @@ PRESETS = {
         # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
         # bright objects and their colour are learned last. Trained and read through the posterior mean.
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=800, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
+        vae_steps=900, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
         vae_image_ratio=0.5, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_sample_posterior=False, latent_sample=False),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
