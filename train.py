@@ -103,7 +103,7 @@ PRESETS = {
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
         stages=(Stage("image", 200, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
-                Stage("video", 1500, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
+                Stage("video", 1700, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
                       lr=1e-3)),
         warmup=50, ema_decay=0.995, frame_stride=4, clip_windows=4, ckpt_every=500,
         short_only=0.6,  # the sample prompts are bare short descriptions
