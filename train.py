@@ -501,6 +501,7 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     # GAN-style betas (0.5, 0.9) once a discriminator is in the loop; Adam's defaults otherwise
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
     opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
+    schedule = Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
     step = load_train_state(path, parts, {}, device)["step"] if resume and os.path.isfile(path) else 0
@@ -516,7 +517,7 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
         for group in opt.param_groups:  # warmup + cosine decay, as the DiT stages: the decay is what sharpens
-            group["lr"] = lr_at(step, Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr), cfg)  # a short run's details
+            group["lr"] = lr_at(step, schedule, cfg)  # a short run's details
         recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior, tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):

@@ -9,7 +9,8 @@ divide before decoding.
 
 Two ways through the same weights:
 - `forward` paths: plain autograd code, used for training (and whenever grad is enabled);
-- `stream` paths: used under torch.no_grad()/inference_mode. Each causal conv runs a few frames at a time
+- `stream` paths: used under torch.no_grad()/inference_mode unless the call is small (PLAIN_ELEMENTS, where
+  the plain path runs without grad on the whole batch). Each causal conv runs a few frames at a time
   with a small cache of the previous frames, GroupNorm statistics are accumulated over those chunks, and
   residuals are added in place, so no layer holds more than its input and output at full size. This is
   what lets a 544x960x129 decode run in a few GB. The result equals the plain path up to float rounding.
@@ -460,7 +461,7 @@ class CausalVAE(nn.Module):
         if bad:
             raise ValueError("CausalVAE.encode: " + "; ".join(bad))
 
-    # --- one tile, untiled: stream path for inference, plain path when gradients are needed
+    # --- one tile, untiled: plain path when gradients are needed or the call is small, else the stream path
 
     def _encode(self, x, plain):
         return self.quant_conv(self.encoder(x) if plain else self.encoder.stream(x))
@@ -718,14 +719,14 @@ class VAELoss(nn.Module):
 
     def forward(self, x, recon, mean, logvar, step):
         """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
-        logs = {"l1": (x - recon).abs().mean()}
+        err = x - recon
+        logs = {"l1": err.abs().mean()}
         logs["kl"] = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
         total = logs["l1"] + self.w_kl * logs["kl"]
         if self.w_mse:
-            logs["mse"] = (x - recon).square().mean()
+            logs["mse"] = err.square().mean()
             total = total + self.w_mse * logs["mse"]
         if self.w_chroma:
-            err = x - recon
             logs["chroma"] = (err - err.mean(1, keepdim=True)).square().mean()
             total = total + self.w_chroma * logs["chroma"]
         if self.lpips is not None:

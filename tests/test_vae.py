@@ -464,3 +464,15 @@ def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
     loaded = vae.load_vae(tmp_path)
     assert loaded.cfg.block_out_channels == c.block_out_channels and loaded.cfg.latent_channels == c.latent_channels
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
+
+
+def test_chroma_term_is_the_error_orthogonal_to_grey():
+    with pytest.warns(UserWarning):  # no LPIPS weights: said once
+        loss_fn = vae.VAELoss(gan_start=10**9, disc_channels=8, disc_layers=2, w_kl=0.0, w_chroma=2.0)
+    x = torch.zeros(1, 3, 1, 4, 4, dtype=torch.float64)
+    mean = logvar = torch.zeros(1, 4, 1, 1, 1, dtype=torch.float64)
+    total, logs = loss_fn(x, x + 0.3, mean, logvar, 0)  # a grey error: no colour part
+    assert logs["chroma"].item() == pytest.approx(0.0, abs=1e-15) and total.item() == pytest.approx(0.3)
+    err = torch.tensor([0.6, 0.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1, 1).expand(1, 3, 1, 4, 4)
+    _, logs = loss_fn(x, x - err, mean, logvar, 0)  # (0.6, 0, 0) = grey 0.2 + colour (0.4, -0.2, -0.2)
+    assert logs["chroma"].item() == pytest.approx((0.4**2 + 0.2**2 + 0.2**2) / 3)
