@@ -638,7 +638,10 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             shard_model(model, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+    # fused AdamW: one kernel over all parameters instead of several ops per tensor (12% of a demo step on a
+    # CPU); sharded (DTensor) parameters keep the default implementation
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                            fused=world == 1)
     ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     path = os.path.join(out_dir, "dit_state.safetensors")
     meta = {"stage": 0, "stage_step": 0, "step": 0, "data": {}}
