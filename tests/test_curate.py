@@ -92,6 +92,26 @@ def test_detect_shots_finds_known_cuts(tmp_path):
         assert abs(s - ts) <= 1 and abs(e - te) <= 1, (found, expected)
 
 
+def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
+    """The read-ahead thread finishes with detect_shots, also when scoring stops early with an error while
+    the reader is blocked on a full queue."""
+    import threading
+    rng = np.random.default_rng(2)
+    write_mp4(tmp_path / "s.mp4", np.concatenate([C.render_shot(rng, 96, 54, 40), C.render_shot(rng, 96, 54, 40)]))
+    before = threading.active_count()
+    assert len(C.detect_shots(str(tmp_path / "s.mp4"))) == 2
+    assert threading.active_count() == before
+    calls = []
+
+    def failing(*a, **k):  # the first big change raises, 30 frames in: the reader has filled its queue
+        calls.append(1)
+        raise RuntimeError("boom")
+    monkeypatch.setattr(C, "frame_change", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        C.detect_shots(str(tmp_path / "s.mp4"))
+    assert calls and threading.active_count() == before
+
+
 def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
     rng = np.random.default_rng(1)
     pan = camera_clip(rng, "pan left", n=40)                             # another picture: a real cut at 30

@@ -97,6 +97,19 @@ def test_clip_windows_are_disjoint_and_fit_their_clip():
     assert train.item_id(wins[0]) == "c0"  # a clip's first window keeps the clip's cache name
 
 
+def test_demo_tokenizer_keeps_caption_words_whole(tmp_path):
+    """BPE on the captions: one token per word (a unigram model on so few distinct words spelled most of
+    them letter by letter, so 'a yellow triangle moving left' took 15 tokens)."""
+    import sentencepiece as spm
+    words = ["red", "green", "blue", "yellow", "white"], ["circle", "square", "triangle"], ["left", "right", "up", "down"]
+    caps = [f"a {c} {s} moving {d}. A {c} {s} moving {d} across a dark backdrop." for c in words[0] for s in words[1]
+            for d in words[2]]
+    train.train_tokenizer(caps, str(tmp_path / "tok.model"), vocab_size=512)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    assert sp.encode("a yellow triangle moving left", out_type=str) == ["▁a", "▁yellow", "▁triangle", "▁moving", "▁left"]
+    assert sp.decode(sp.encode("a white square moving up")) == "a white square moving up"
+
+
 def test_caption_dropout_and_permutation():
     cap = {"short_description": "a red circle moving left", "dense_description": "dense", "background": "bg",
            "style": "style", "lighting": "light", "camera_movement": "static shot", "quality_tags": ["256p", "sharp"]}
