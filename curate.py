@@ -386,11 +386,14 @@ def detect_shots(path, cfg=CFG):
     stop = threading.Event()
 
     def reader():
-        while not stop.is_set():
-            ok, f = cap.read()
-            frames.put(f if ok else None)
-            if not ok or f is None:
-                return
+        try:
+            while not stop.is_set():
+                ok, f = cap.read()
+                if not ok or f is None:
+                    break
+                frames.put(f)
+        finally:  # the end of the stream, also if decoding raised: the scoring loop never waits forever
+            frames.put(None)
 
     thread = threading.Thread(target=reader, daemon=True)
     thread.start()
