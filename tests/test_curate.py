@@ -103,8 +103,9 @@ def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
     assert threading.active_count() == before
     calls = []
 
-    def failing(*a, **k):  # the first big change raises, 30 frames in: the reader has filled its queue
-        calls.append(1)
+    def failing(*a, **k):  # the cut, 40 frames in, raises; the pause lets the reader fill its 16-frame queue
+        calls.append(1)    # with the 40 frames left and block on it
+        time.sleep(0.3)
         raise RuntimeError("boom")
     monkeypatch.setattr(C, "frame_change", failing)
     with pytest.raises(RuntimeError, match="boom"):
