@@ -214,8 +214,9 @@ def write_video(path, frames, fps=24.0):
     os.replace(tmp, path)
 
 
-def synthetic_video(rng, w, h, n_shots, size=0.12):
-    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video."""
+def synthetic_video(rng, w, h, subjects, size=0.12):
+    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; subjects: one
+    (shape, colour, direction) per shot."""
     cams = [c for c in CAMERA_CLASSES if c != "static shot"]
     frames, shots, t = [], [], 0
     letterbox = int(0.12 * h) if rng.random() < 0.2 else 0
@@ -224,10 +225,8 @@ def synthetic_video(rng, w, h, n_shots, size=0.12):
         logo = np.full((max(12, w // 21), max(24, w // 9), 3), 200, np.uint8)
         cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
                     logo.shape[0] / 30, (60, 60, 60), 2)
-    for _ in range(n_shots):
+    for shape, colour, direction in subjects:
         n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(72, 161))
-        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
-        direction = str(rng.choice(list(DIRECTIONS)))
         camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
         still = camera == "static shot" and rng.random() < 0.15
         blur = 4.0 if rng.random() < 0.12 else 0.0
@@ -257,13 +256,29 @@ def synthetic_video(rng, w, h, n_shots, size=0.12):
                                     "logo": logo is not None, "shots": shots}
 
 
+def deal_subjects(n, seed=0):
+    """n shot subjects (shape, colour, direction), dealt rather than drawn: shuffled rounds of all 60, so every
+    combination comes up equally often (within one) and no colour or shape goes with one direction by chance.
+    Drawn independently, the demo's ~190 shots left some colour-shape pairs with a majority direction, and
+    the small DiT learned those majorities instead of the direction word (most of its wrong directions were
+    exactly them). The rounds come in sequence, so the first k subjects do not depend on n."""
+    all_ = [(s, c, d) for s in SHAPES for c in COLOURS for d in DIRECTIONS]
+    rng = np.random.default_rng(seed)
+    order = np.concatenate([rng.permutation(len(all_)) for _ in range(-(-n // len(all_)))] or [np.zeros(0, int)])
+    return [all_[k] for k in order[:n]]
+
+
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
                    size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, workers=1):
     """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
-    draws from its own generator (seed, i), so the files are the same for any number of workers.
+    gets its subjects from deal_subjects and draws the rest from its own generator, so the files are the
+    same for any number of workers.
     shape_size: the shapes' radius as a fraction of the frame's shorter side."""
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [(out_dir, seed, i, sizes, size_p, shape_size) for i in range(n)]
+    counts = [int(np.random.default_rng([seed, i]).integers(3, 6)) for i in range(n)]  # shots per video
+    ends = np.cumsum(counts)
+    subjects = deal_subjects(int(ends[-1]) if n else 0, seed)
+    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, subjects[e - c:e]) for i, (c, e) in enumerate(zip(counts, ends))]
     if workers > 1 and n > 1:
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
@@ -271,10 +286,10 @@ def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540)
 
 
 def _synthetic_one(job):
-    out_dir, seed, i, sizes, size_p, shape_size = job
-    rng = np.random.default_rng([seed, i])
+    out_dir, seed, i, sizes, size_p, shape_size, subjects = job
+    rng = np.random.default_rng([seed, i, 1])
     w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
-    frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(3, 6)), shape_size)
+    frames, side = synthetic_video(rng, int(w), int(h), subjects, shape_size)
     path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
     write_video(path, frames)
     with open(path[:-4] + ".json.tmp", "w") as f:
@@ -325,11 +340,11 @@ def resize_w(frame, w):
 # shot detection (paper §3.1 uses PySceneDetect; this is our own, faster and tuned for hard cuts)
 
 def frame_change(a, b, win, cfg=CFG):
-    """Mean |BGR diff| of two uint8 thumbnails, or the diff after undoing the global (sub-pixel) shift
-    between them when that shift explains the change: a fast pan moves content but keeps it, a cut
+    """Mean |diff| of two uint8 thumbnails (grey or BGR), or the diff after undoing the global (sub-pixel)
+    shift between them when that shift explains the change: a fast pan moves content but keeps it, a cut
     brings new content, even in the same palette."""
     d0 = cv2.norm(a, b, cv2.NORM_L1) / a.size
-    ga, gb = (cv2.cvtColor(x, cv2.COLOR_BGR2GRAY).astype(np.float32) for x in (a, b))
+    ga, gb = ((x if x.ndim == 2 else cv2.cvtColor(x, cv2.COLOR_BGR2GRAY)).astype(np.float32) for x in (a, b))
     (sx, sy), _ = cv2.phaseCorrelate(ga, gb, win)
     h, w = a.shape[:2]
     if abs(sx) > w // 3 or abs(sy) > h // 3 or (abs(sx) < 0.25 and abs(sy) < 0.25):
@@ -341,8 +356,9 @@ def frame_change(a, b, win, cfg=CFG):
     d1 = cv2.norm(aa, bb, cv2.NORM_L1) / aa.size
     # the shift explains the change if it does so across the frame (most of a 4x4 grid of blocks), not
     # just for one object that happens to sit where another sat in the previous shot
-    raw = cv2.resize(cv2.absdiff(a, b)[y0:y1, x0:x1].mean(2), (4, 4), interpolation=cv2.INTER_AREA)
-    comp = cv2.resize(cv2.absdiff(aa, bb).mean(2), (4, 4), interpolation=cv2.INTER_AREA)
+    grid = lambda x: cv2.resize(x if x.ndim == 2 else x.mean(2), (4, 4), interpolation=cv2.INTER_AREA)
+    raw = grid(cv2.absdiff(a, b)[y0:y1, x0:x1].astype(np.float32))
+    comp = grid(cv2.absdiff(aa, bb).astype(np.float32))
     explained = ((comp <= 0.5 * raw) | (comp <= cfg.cut_min_score)).mean()
     return d1 if explained >= 0.75 else d0
 
@@ -380,19 +396,39 @@ def detect_shots(path, cfg=CFG):
     tw, th = cfg.thumb_w, cfg.thumb_h
     win = cv2.createHanningWindow((tw, th), cv2.CV_32F)
     d, prev = [], None
-    # Decoding is most of the cost. A reader thread decodes the next frames while this one scores the last
-    # (OpenCV releases the GIL while it decodes); PySceneDetect's SceneManager reads ahead the same way.
+    # Decoding is most of the cost, and a third of it is converting each full-size decoded frame from YUV to
+    # BGR. Cuts are found on luma, so that step is skipped: without CONVERT_RGB OpenCV's FFmpeg reader hands
+    # over the decoded picture's Y plane (as (H, W), or (3H/2, W) with the chroma planes below it in some
+    # builds; a backend that still converts gives BGR, which is turned to grey here).
+    cap.set(cv2.CAP_PROP_CONVERT_RGB, 0)
+    height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+
+    def luma(f):
+        if f.ndim == 3:
+            return cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
+        return f[:height] if height and f.shape[0] == height * 3 // 2 else f
+
+    # A reader thread decodes the next frames while this one scores the last (OpenCV releases the GIL
+    # while it decodes); PySceneDetect's SceneManager reads ahead the same way.
     frames = queue.Queue(maxsize=16)
     stop = threading.Event()
 
+    failed = []
+
     def reader():
+        level = cv2.utils.logging.getLogLevel()
         try:
+            # OpenCV warns once per frame that it passes the YUV picture through as one channel: intended
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
             while not stop.is_set():
                 ok, f = cap.read()
                 if not ok or f is None:
                     break
-                frames.put(f)
+                frames.put(luma(f))
+        except Exception as e:  # re-raised by the caller: a decoding error must not look like the end
+            failed.append(e)
         finally:  # the end of the stream, also if decoding raised: the scoring loop never waits forever
+            cv2.utils.logging.setLogLevel(level)
             frames.put(None)
 
     thread = threading.Thread(target=reader, daemon=True)
@@ -420,6 +456,8 @@ def detect_shots(path, cfg=CFG):
             except queue.Empty:
                 thread.join(0.01)
         cap.release()
+    if failed:
+        raise failed[0]
     if not d:
         return []
     bounds = [0] + cuts_from_scores(d, cfg) + [len(d)]
