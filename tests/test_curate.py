@@ -415,6 +415,17 @@ def test_cli_synthetic_writes_videos_and_sidecars(tmp_path):
     assert s[0] == "a" and s[1] in C.COLOURS and s[2] in C.SHAPES
 
 
+def test_synthetic_shot_count_and_length_are_configurable(tmp_path):
+    (p,) = C.make_synthetic(str(tmp_path), 1, seed=2, sizes=((96, 64),), size_p=(1.0,), shots=(6, 6),
+                            shot_frames=(40, 41))
+    shots = json.load(open(p[:-4] + ".json"))["shots"]
+    assert len(shots) == 6
+    assert all(40 <= s["end"] - s["start"] <= 41 or 8 <= s["end"] - s["start"] < 20 for s in shots)
+    assert [s["caption"]["short_description"] for s in shots] == \
+        [f"a {c} {s} " + ("standing still" if sh["still"] else f"moving {d}")
+         for (s, c, d), sh in zip(C.deal_subjects(6, seed=2), shots)]
+
+
 def test_synthetic_videos_are_the_same_for_any_worker_count(tmp_path):
     kw = dict(seed=5, sizes=((160, 96),), size_p=(1.0,))
     one = C.make_synthetic(str(tmp_path / "one"), 2, **kw)
