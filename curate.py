@@ -214,10 +214,9 @@ def write_video(path, frames, fps=24.0):
     os.replace(tmp, path)
 
 
-def synthetic_video(rng, w, h, subjects, size=0.12, shot_frames=(72, 160)):
-    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; subjects: one
-    (shape, colour, direction) per shot; shot lengths uniform in shot_frames, except 1 in 10 shots that are
-    too short on purpose (8-19 frames)."""
+def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
+    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; shot lengths uniform
+    in shot_frames, except 1 in 10 shots that are too short on purpose (8-19 frames)."""
     cams = [c for c in CAMERA_CLASSES if c != "static shot"]
     frames, shots, t = [], [], 0
     letterbox = int(0.12 * h) if rng.random() < 0.2 else 0
@@ -226,8 +225,10 @@ def synthetic_video(rng, w, h, subjects, size=0.12, shot_frames=(72, 160)):
         logo = np.full((max(12, w // 21), max(24, w // 9), 3), 200, np.uint8)
         cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
                     logo.shape[0] / 30, (60, 60, 60), 2)
-    for shape, colour, direction in subjects:
+    for _ in range(n_shots):
         n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(shot_frames[0], shot_frames[1] + 1))
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        direction = str(rng.choice(list(DIRECTIONS)))
         camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
         still = camera == "static shot" and rng.random() < 0.15
         blur = 4.0 if rng.random() < 0.12 else 0.0
@@ -257,31 +258,14 @@ def synthetic_video(rng, w, h, subjects, size=0.12, shot_frames=(72, 160)):
                                     "logo": logo is not None, "shots": shots}
 
 
-def deal_subjects(n, seed=0):
-    """n shot subjects (shape, colour, direction), dealt rather than drawn: shuffled rounds of all 60, so every
-    combination comes up equally often (within one) and no colour or shape goes with one direction by chance.
-    Drawn independently, the demo's ~190 shots left some colour-shape pairs with a majority direction, and
-    the small DiT learned those majorities instead of the direction word (most of its wrong directions were
-    exactly them). The rounds come in sequence, so the first k subjects do not depend on n."""
-    all_ = [(s, c, d) for s in SHAPES for c in COLOURS for d in DIRECTIONS]
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(all_)) for _ in range(-(-n // len(all_)))] or [np.zeros(0, int)])
-    return [all_[k] for k in order[:n]]
-
-
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
                    size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160), workers=1):
     """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
-    gets its subjects from deal_subjects and draws the rest from its own generator, so the files are the
-    same for any number of workers.
+    draws from its own generator (seed, i), so the files are the same for any number of workers.
     shape_size: the shapes' radius as a fraction of the frame's shorter side; shots: (fewest, most) shots
     per video; shot_frames: (shortest, longest) regular shot."""
     os.makedirs(out_dir, exist_ok=True)
-    counts = [int(np.random.default_rng([seed, i]).integers(shots[0], shots[1] + 1)) for i in range(n)]
-    ends = np.cumsum(counts)
-    subjects = deal_subjects(int(ends[-1]) if n else 0, seed)
-    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shot_frames, subjects[e - c:e])
-            for i, (c, e) in enumerate(zip(counts, ends))]
+    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames) for i in range(n)]
     if workers > 1 and n > 1:
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
@@ -289,10 +273,11 @@ def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540)
 
 
 def _synthetic_one(job):
-    out_dir, seed, i, sizes, size_p, shape_size, shot_frames, subjects = job
-    rng = np.random.default_rng([seed, i, 1])
+    out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames = job
+    rng = np.random.default_rng([seed, i])
     w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
-    frames, side = synthetic_video(rng, int(w), int(h), subjects, shape_size, shot_frames)
+    frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(shots[0], shots[1] + 1)), shape_size,
+                                   shot_frames)
     path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
     write_video(path, frames)
     with open(path[:-4] + ".json.tmp", "w") as f:
