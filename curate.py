@@ -328,11 +328,11 @@ def resize_w(frame, w):
 # shot detection (paper §3.1 uses PySceneDetect; this is our own, faster and tuned for hard cuts)
 
 def frame_change(a, b, win, cfg=CFG):
-    """Mean |diff| of two uint8 thumbnails (grey or BGR), or the diff after undoing the global (sub-pixel)
-    shift between them when that shift explains the change: a fast pan moves content but keeps it, a cut
+    """Mean |BGR diff| of two uint8 thumbnails, or the diff after undoing the global (sub-pixel) shift
+    between them when that shift explains the change: a fast pan moves content but keeps it, a cut
     brings new content, even in the same palette."""
     d0 = cv2.norm(a, b, cv2.NORM_L1) / a.size
-    ga, gb = ((x if x.ndim == 2 else cv2.cvtColor(x, cv2.COLOR_BGR2GRAY)).astype(np.float32) for x in (a, b))
+    ga, gb = (cv2.cvtColor(x, cv2.COLOR_BGR2GRAY).astype(np.float32) for x in (a, b))
     (sx, sy), _ = cv2.phaseCorrelate(ga, gb, win)
     h, w = a.shape[:2]
     if abs(sx) > w // 3 or abs(sy) > h // 3 or (abs(sx) < 0.25 and abs(sy) < 0.25):
@@ -344,9 +344,8 @@ def frame_change(a, b, win, cfg=CFG):
     d1 = cv2.norm(aa, bb, cv2.NORM_L1) / aa.size
     # the shift explains the change if it does so across the frame (most of a 4x4 grid of blocks), not
     # just for one object that happens to sit where another sat in the previous shot
-    grid = lambda x: cv2.resize(x if x.ndim == 2 else x.mean(2), (4, 4), interpolation=cv2.INTER_AREA)
-    raw = grid(cv2.absdiff(a, b)[y0:y1, x0:x1].astype(np.float32))
-    comp = grid(cv2.absdiff(aa, bb).astype(np.float32))
+    raw = cv2.resize(cv2.absdiff(a, b)[y0:y1, x0:x1].mean(2), (4, 4), interpolation=cv2.INTER_AREA)
+    comp = cv2.resize(cv2.absdiff(aa, bb).mean(2), (4, 4), interpolation=cv2.INTER_AREA)
     explained = ((comp <= 0.5 * raw) | (comp <= cfg.cut_min_score)).mean()
     return d1 if explained >= 0.75 else d0
 
@@ -384,39 +383,23 @@ def detect_shots(path, cfg=CFG):
     tw, th = cfg.thumb_w, cfg.thumb_h
     win = cv2.createHanningWindow((tw, th), cv2.CV_32F)
     d, prev = [], None
-    # Decoding is most of the cost, and a third of it is converting each full-size decoded frame from YUV to
-    # BGR. Cuts are found on luma, so that step is skipped: without CONVERT_RGB OpenCV's FFmpeg reader hands
-    # over the decoded picture's Y plane (as (H, W), or (3H/2, W) with the chroma planes below it in some
-    # builds; a backend that still converts gives BGR, which is turned to grey here).
-    cap.set(cv2.CAP_PROP_CONVERT_RGB, 0)
-    height = int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
-
-    def luma(f):
-        if f.ndim == 3:
-            return cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
-        return f[:height] if height and f.shape[0] == height * 3 // 2 else f
-
-    # A reader thread decodes the next frames while this one scores the last (OpenCV releases the GIL
-    # while it decodes); PySceneDetect's SceneManager reads ahead the same way.
+    # Decoding is most of the cost. A reader thread decodes the next frames while this one scores the last
+    # (OpenCV releases the GIL while it decodes); PySceneDetect's SceneManager reads ahead the same way.
     frames = queue.Queue(maxsize=16)
     stop = threading.Event()
 
     failed = []
 
     def reader():
-        level = cv2.utils.logging.getLogLevel()
         try:
-            # OpenCV warns once per frame that it passes the YUV picture through as one channel: intended
-            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
             while not stop.is_set():
                 ok, f = cap.read()
                 if not ok or f is None:
                     break
-                frames.put(luma(f))
+                frames.put(f)
         except Exception as e:  # re-raised by the caller: a decoding error must not look like the end
             failed.append(e)
         finally:  # the end of the stream, also if decoding raised: the scoring loop never waits forever
-            cv2.utils.logging.setLogLevel(level)
             frames.put(None)
 
     thread = threading.Thread(target=reader, daemon=True)

@@ -113,36 +113,6 @@ def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
     assert calls and threading.active_count() == before
 
 
-def test_detect_shots_reads_luma_in_any_layout_a_reader_returns(tmp_path, monkeypatch):
-    """Cuts come from the decoded Y plane; whichever way the OpenCV build hands frames over with CONVERT_RGB
-    off ((H, W) luma, (3H/2, W) YUV 4:2:0, or BGR when it converts anyway) the cuts are the same."""
-    rng = np.random.default_rng(4)
-    shots = [C.render_shot(rng, 96, 54, n, "circle", c, "left") for n, c in ((20, "red"), (25, "blue"), (18, "green"))]
-    write_mp4(tmp_path / "y.mp4", np.concatenate(shots))
-    truth = [(0, 20), (20, 45), (45, 63)]
-    assert C.detect_shots(str(tmp_path / "y.mp4")) == truth
-    real = cv2.VideoCapture
-
-    class Reader:  # a real capture whose frames are re-laid out as another build would return them
-        def __init__(self, path, layout):
-            self.cap, self.layout = real(path), layout
-        def read(self):
-            ok, f = self.cap.read()
-            if not ok:
-                return ok, f
-            if self.layout == "bgr":
-                return ok, f
-            yuv = cv2.cvtColor(f, cv2.COLOR_BGR2YUV_I420)   # (3H/2, W): Y, then the U and V planes
-            return ok, yuv if self.layout == "i420" else yuv[:f.shape[0]]
-        def set(self, *a):  # keep the real capture converting to BGR: the layouts are made from that
-            return False
-        def __getattr__(self, k):
-            return getattr(self.cap, k)
-    for layout in ("bgr", "i420", "y"):
-        monkeypatch.setattr(cv2, "VideoCapture", lambda p, layout=layout: Reader(p, layout))
-        assert C.detect_shots(str(tmp_path / "y.mp4")) == truth, layout
-
-
 def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
     rng = np.random.default_rng(1)
     pan = camera_clip(rng, "pan left", n=40)                             # another picture: a real cut at 30
