@@ -113,6 +113,26 @@ def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
     assert calls and threading.active_count() == before
 
 
+def test_detect_shots_raises_a_decoding_error_instead_of_ending_early(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    write_mp4(tmp_path / "e.mp4", np.concatenate([C.render_shot(rng, 96, 54, 20), C.render_shot(rng, 96, 54, 20)]))
+    real = cv2.VideoCapture
+
+    class Failing:  # a capture whose decoder fails on the 8th frame
+        def __init__(self, path):
+            self.cap, self.n = real(path), 0
+        def read(self):
+            self.n += 1
+            if self.n == 8:
+                raise cv2.error("corrupt frame")
+            return self.cap.read()
+        def __getattr__(self, k):
+            return getattr(self.cap, k)
+    monkeypatch.setattr(cv2, "VideoCapture", Failing)
+    with pytest.raises(cv2.error, match="corrupt frame"):
+        C.detect_shots(str(tmp_path / "e.mp4"))
+
+
 def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
     rng = np.random.default_rng(1)
     pan = camera_clip(rng, "pan left", n=40)                             # another picture: a real cut at 30
