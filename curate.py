@@ -387,8 +387,7 @@ def detect_shots(path, cfg=CFG):
     # (OpenCV releases the GIL while it decodes); PySceneDetect's SceneManager reads ahead the same way.
     frames = queue.Queue(maxsize=16)
     stop = threading.Event()
-
-    failed = []
+    failed = []  # an exception the reader hit, re-raised here after it ends
 
     def reader():
         try:
