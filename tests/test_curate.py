@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import cv2
 import numpy as np
@@ -145,7 +146,7 @@ def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
 @pytest.mark.parametrize("cam", ["pan left", "pan right", "tilt up", "tilt down", "zoom in", "zoom out",
                                  "tilt left", "tilt right", "static shot", "handheld shot"])
 def test_camera_movement_labels(cam):
-    rng = np.random.default_rng(abs(hash(cam)) % 1000)
+    rng = np.random.default_rng(zlib.crc32(cam.encode()) % 1000)  # str hash() changes per process
     label, conf = C.camera_movement(camera_clip(rng, cam))
     assert label == cam, (label, conf)
     assert conf >= C.CFG.cam_min_conf
