@@ -92,6 +92,23 @@ def test_causal_conv_matches_naive_loop_and_is_causal():
         assert (d[:j] == 0).all() and d[j] > 0, j
 
 
+def test_single_frame_conv_equals_the_padded_3d_conv():
+    # one frame takes a 2D path with the time taps summed; it must be the 3D conv of the replicate-padded frame,
+    # for the time-strided downsampling conv too, with the same gradients
+    torch.manual_seed(0)
+    for stride in (1, (2, 2, 2), (1, 2, 2)):
+        conv = vae.CausalConv3d(4, 5, 3, stride=stride).double()
+        x = torch.randn(2, 4, 1, 6, 8, dtype=torch.float64, requires_grad=True)
+        y = conv(x)
+        ref = conv.conv(F.pad(x, conv.padding, mode="replicate"))  # the general path, written out
+        assert y.shape == ref.shape
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        g = torch.autograd.grad(y.square().sum(), (x, conv.conv.weight, conv.conv.bias))
+        gr = torch.autograd.grad(ref.square().sum(), (x, conv.conv.weight, conv.conv.bias))
+        for a, b in zip(g, gr):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_frame_causal_attention_matches_masked_softmax():
     torch.manual_seed(0)
     B, T, n, C = 2, 3, 4, 8
