@@ -238,10 +238,11 @@ def run(args, prompts):
     if official:
         encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, dtype=torch.float16, device=device,
                                                              offload="model" if args.offload else None)
-        defaults = {"height": 720, "width": 1280, "frames": 129}
+        defaults = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
     else:
         encoder, defaults = load_ckpt_encoder(args.ckpt, device)
     H, W, T = (getattr(args, k) or defaults[k] for k in ("height", "width", "frames"))
+    fps = args.fps or defaults.get("fps", 24)  # a train.py folder: the rate its training clips play at
     cond = encoder(prompts, T)
     uncond = None
     if args.cfg_scale > 1:
@@ -293,9 +294,9 @@ def run(args, prompts):
         for i, p in enumerate(prompts):
             frames = to_frames(video[i])
             out = args.out or os.path.join("out", "samples", f"{args.seed + i}_{slug(p)}.mp4")
-            write_mp4(frames, out, args.fps)
+            write_mp4(frames, out, fps)
             write_strip(frames, out[:-4] + ".png" if out.endswith(".mp4") else out + ".png")
-            print(f"wrote {out} ({len(frames)} frames, {W}x{H}, {args.fps} fps) and its .png strip")
+            print(f"wrote {out} ({len(frames)} frames, {W}x{H}, {fps} fps) and its .png strip")
         lap("write")
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
         if device.type == "cuda":
@@ -330,7 +331,7 @@ def main():
     ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default: the official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
-    ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")
     ap.add_argument("--offload", action="store_true", help="stream DiT blocks and encoders from CPU memory")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT dtype (official bf16)")

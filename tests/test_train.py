@@ -225,3 +225,8 @@ def test_quick_demo_end_to_end(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert s.returncode == 0, s.stderr[-3000:]
     assert (tmp_path / "s.mp4").is_file()
+    # both play at the training clips' rate (24 fps source, every frame_stride-th frame), not a fixed 24 fps
+    fps = 24 / train.PRESETS["demo"].frame_stride
+    assert json.loads((out / "config.json").read_text())["video"]["fps"] == fps
+    for p in (next((out / "samples").glob("*.mp4")), tmp_path / "s.mp4"):
+        assert cv2.VideoCapture(str(p)).get(cv2.CAP_PROP_FPS) == pytest.approx(fps, abs=0.01), p
