@@ -103,9 +103,10 @@ PRESETS = {
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
-        # Direction is learned last and needs steps (measured on one VAE, 40 samples each): 1,900 DiT steps
-        # moved 35-43% of samples the prompted way, 3,600 steps 65%; batch 4 (more, cheaper steps) fell to
-        # 28%, lr 5e-4 or 2e-3 to 18-23%; 4 heads (40%) or sigma_mean 1.5 (48%) stayed within run-to-run noise
+        # Direction is learned last. At frame stride 4 it needed steps (3,600 for 65% of samples) and no other
+        # knob helped (batch 4 or 16, lr 5e-4 or 2e-3, 4 heads: 18-43%); at stride 8 (below), on one VAE with
+        # 40 samples each: 1,500 video steps 37/40 directions, 2,000 40/40, but 3-4 whites read as yellow (the
+        # VAE renders white greenish); 2,500 read 60/60 colours and directions in the full run.
         stages=(Stage("image", 100, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
                 Stage("video", 2500, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
                       lr=1e-3)),
@@ -129,8 +130,9 @@ PRESETS = {
         vae_steps=900, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
         vae_image_ratio=0.5, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_sample_posterior=False, latent_sample=False,
-        # The VAE's clips at stride 4: its colours were learned in the draws at that motion and lost at stride 8
-        # (median foreground colour error 42 against 62-157 per colour); it still encodes the DiT's stride-8 clips.
+        # The VAE's clips at stride 4: trained on stride-8 clips it lost the colours (median error of the mean
+        # foreground RGB per colour 62-157 of 255, blue read as dark grey; one draw), on stride-4 ones 30-64 (same
+        # data and seed), and it still encodes and decodes the DiT's stride-8 clips.
         vae_frame_stride=4),
     # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
     "1.3b-gpu": TrainConfig(
