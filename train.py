@@ -924,7 +924,7 @@ def demo(args, rank, world, device):
         "text": {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "text_len": DEMO_TEXT_LEN,
                  "tokenizer": "tokenizer.model"},
         "video": {"height": cfg.stages[-1].buckets[0][0], "width": cfg.stages[-1].buckets[0][1],
-                  "frames": cfg.stages[-1].buckets[0][2], "fps": DEMO_FPS / cfg.frame_stride},
+                  "frames": cfg.stages[-1].buckets[0][2], "fps": clips[0].get("fps", 24.0) / cfg.frame_stride},  # the source rate, from the manifest
         "sample": DEMO_SAMPLING, "train": asdict(cfg)})
 
     # 5. samples for the prompt grid, through sample.py's own loader and sampler
@@ -940,7 +940,6 @@ def demo(args, rank, world, device):
     print(f"next: python sample.py --ckpt {out} --prompt \"a blue square moving up\"")
 
 
-DEMO_FPS = 24.0  # curate.make_synthetic's frame rate
 DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enough for an 8x VAE
 DEMO_TEXT_LEN = 16  # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer
                     # caption loses detail only; half the text tokens of 32 make a DiT step ~20% cheaper
