@@ -93,9 +93,8 @@ def test_detect_shots_finds_known_cuts(tmp_path):
         assert abs(s - ts) <= 1 and abs(e - te) <= 1, (found, expected)
 
 
-def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
-    """The read-ahead thread finishes with detect_shots, also when scoring stops early with an error while
-    the reader is blocked on a full queue."""
+def test_detect_shots_second_reader_ends_with_the_call(tmp_path, monkeypatch):
+    """The thread decoding the second half finishes with detect_shots, also when scoring raises."""
     import threading
     rng = np.random.default_rng(2)
     write_mp4(tmp_path / "s.mp4", np.concatenate([C.render_shot(rng, 96, 54, 40), C.render_shot(rng, 96, 54, 40)]))
@@ -104,8 +103,8 @@ def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
     assert threading.active_count() == before
     calls = []
 
-    def failing(*a, **k):  # the cut, 40 frames in, raises; the pause lets the reader fill its 16-frame queue
-        calls.append(1)    # with the 40 frames left and block on it
+    def failing(*a, **k):  # the cut, 40 frames in (the first reader's half), raises
+        calls.append(1)
         time.sleep(0.3)
         raise RuntimeError("boom")
     monkeypatch.setattr(C, "frame_change", failing)
@@ -114,14 +113,77 @@ def test_detect_shots_reader_thread_ends_with_the_call(tmp_path, monkeypatch):
     assert calls and threading.active_count() == before
 
 
+def test_detect_shots_joins_the_halves_only_when_they_line_up(tmp_path, monkeypatch):
+    """The two halves decoded side by side give exactly the cuts of one reader going through every frame,
+    also when the second capture's seek lands a few frames off, the frame count is wrong, or the second
+    capture fails; a half that does not line up is never joined (the first reader reads on instead)."""
+    rng = np.random.default_rng(4)
+    w, h = 96, 54
+    lens = [37, 45, 30, 52, 26]   # cuts at 37, 82, 112, 164: both halves of 190 frames have some
+    write_mp4(tmp_path / "j.mp4", np.concatenate([C.render_shot(rng, w, h, n) for n in lens]))
+    path = str(tmp_path / "j.mp4")
+    real = C._open_single_threaded
+    mode = {"seek": 0, "count": 1.0, "fail": False}
+
+    class Capture:  # a real capture whose seek and frame count can be made wrong
+        def __init__(self, p):
+            self.cap = real(p)
+        def set(self, prop, v):
+            if prop == cv2.CAP_PROP_POS_FRAMES:
+                if mode["fail"]:
+                    raise cv2.error("cannot seek")
+                v += mode["seek"]
+            return self.cap.set(prop, v)
+        def get(self, prop):
+            v = self.cap.get(prop)
+            return v * mode["count"] if prop == cv2.CAP_PROP_FRAME_COUNT else v
+        def __getattr__(self, k):
+            return getattr(self.cap, k)
+
+    scans = []
+    real_scan = C._scan
+    monkeypatch.setattr(C, "_open_single_threaded", Capture)
+    monkeypatch.setattr(C, "_scan", lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
+    mode["count"] = 0.0                                   # no frame count: one reader, every frame in order
+    one_reader = C.detect_shots(path)
+    assert scans == [False]
+    assert [s for s, _ in one_reader] == [0, 37, 82, 112, 164] and one_reader[-1][1] == 190
+    # reads_on: the halves were not joined and the first reader went on to the end (its _scan with prev=);
+    # with 3x the frame count its limit is past the end, so it read everything in one go
+    for seek, count, fail, reads_on in [(0, 1.0, False, False), (3, 1.0, False, True), (-2, 1.0, False, True),
+                                        (0, 3.0, False, False), (0, 0.4, False, False), (0, 1.0, True, True)]:
+        mode.update(seek=seek, count=count, fail=fail)
+        scans.clear()
+        assert C.detect_shots(path) == one_reader, (seek, count, fail)
+        assert (True in scans) == reads_on, (seek, count, fail, scans)
+
+
+def test_detect_shots_does_not_join_halves_over_a_still_overlap(tmp_path, monkeypatch):
+    """Where the frames around the middle are identical, any seek offset would match: read on instead.
+    (MJPEG: every frame is coded alone, so repeated frames decode identically; mp4v's keyframes every 12
+    frames perturb a still a little, which is already enough to check the alignment.)"""
+    rng = np.random.default_rng(6)
+    still = np.repeat(C.render_shot(rng, 96, 54, 1), 40, axis=0)
+    frames = np.concatenate([C.render_shot(rng, 96, 54, 50), still, C.render_shot(rng, 96, 54, 50)])
+    vw = cv2.VideoWriter(str(tmp_path / "s.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 24, (96, 54))
+    for f in frames:
+        vw.write(f)
+    vw.release()
+    scans = []
+    real_scan = C._scan
+    monkeypatch.setattr(C, "_scan", lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
+    assert [s for s, _ in C.detect_shots(str(tmp_path / "s.avi"))] == [0, 50, 90]
+    assert True in scans
+
+
 def test_detect_shots_raises_a_decoding_error_instead_of_ending_early(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
     write_mp4(tmp_path / "e.mp4", np.concatenate([C.render_shot(rng, 96, 54, 20), C.render_shot(rng, 96, 54, 20)]))
     real = cv2.VideoCapture
 
     class Failing:  # a capture whose decoder fails on the 8th frame
-        def __init__(self, path):
-            self.cap, self.n = real(path), 0
+        def __init__(self, *args):
+            self.cap, self.n = real(*args), 0
         def read(self):
             self.n += 1
             if self.n == 8:
