@@ -576,6 +576,9 @@ def camera_movement(frames, cfg=CFG, flows=None):
     pm = [p for p in (_pair_motion(a, fl, step, cfg) for a, fl, step in flows) if p]
     if not pm:
         return "static shot", 0.0
+    # single layer: compare components as displacement at the mean point radius (px/frame)
+    comp = np.array([[p["tx"], p["ty"], p["ds"] * p["radius"], p["rot"] * p["radius"]] for p in pm])
+    drift, rms = np.abs(comp.mean(0)), np.sqrt((comp ** 2).mean(0))
     layered = [p["layers"] for p in pm if p["layers"]]
     if len(layered) >= cfg.cam_parallax_pairs * len(pm):
         far = np.array([l[0][:2] for l in layered]).mean(0)
@@ -589,11 +592,11 @@ def camera_movement(frames, cfg=CFG, flows=None):
         else:                              # vertical with parallax: pedestal
             label = "pan up" if far[1] + near[1] > 0 else "pan down"
             sep = abs(far[1] - near[1])
-        conf = min(1.0, len(layered) / len(pm)) * min(1.0, sep / (4 * cfg.cam_static))
-        return label, round(float(conf), 3)
-    # single layer: compare components as displacement at the mean point radius (px/frame)
-    comp = np.array([[p["tx"], p["ty"], p["ds"] * p["radius"], p["rot"] * p["radius"]] for p in pm])
-    drift, rms = np.abs(comp.mean(0)), np.sqrt((comp ** 2).mean(0))
+        # a second layer that moves only a little differently from the first, beside a bigger zoom or
+        # roll, is flow noise around that move (zoomed-in texture blurs), not parallax
+        if drift[2:].max() <= 2 * sep:
+            conf = min(1.0, len(layered) / len(pm)) * min(1.0, sep / (4 * cfg.cam_static))
+            return label, round(float(conf), 3)
     wobble = np.sqrt(((comp - comp.mean(0)) ** 2).mean(0))
     jitter = float(np.hypot(wobble[0], wobble[1]))
     k = int(np.argmax(drift))
