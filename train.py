@@ -919,6 +919,10 @@ def demo(args, rank, world, device):
     times.update(stage_times)
     if rank != 0:
         return
+    if args.stage == "vae":  # no DiT yet, so no samples: the VAE alone, e.g. to inspect or reuse with --vae
+        print(f"\nVAE stage done in {time.perf_counter() - t_start:.0f} s: {out}/vae.safetensors (+ vae_config.json); "
+              f"`python train.py --out {out} --resume` goes on to the DiT")
+        return
     write_json(os.path.join(out, "config.json"), {
         "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg),
         "text": {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "text_len": DEMO_TEXT_LEN,

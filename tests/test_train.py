@@ -230,3 +230,15 @@ def test_quick_demo_end_to_end(tmp_path):
     assert json.loads((out / "config.json").read_text())["video"]["fps"] == fps
     for p in (next((out / "samples").glob("*.mp4")), tmp_path / "s.mp4"):
         assert cv2.VideoCapture(str(p)).get(cv2.CAP_PROP_FPS) == pytest.approx(fps, abs=0.01), p
+
+
+def test_quick_demo_stops_after_the_vae_stage_and_resumes_to_the_end(tmp_path):
+    out = tmp_path / "demo"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "--quick", "--out", str(out)]
+    r = subprocess.run(cmd + ["--stage", "vae"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "VAE stage done" in r.stdout and (out / "vae.safetensors").is_file()
+    assert not (out / "dit.safetensors").exists() and not (out / "samples").exists()
+    r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "dit.safetensors").is_file() and any(p.suffix == ".mp4" for p in (out / "samples").iterdir())
