@@ -310,8 +310,25 @@ def bench_curate(args):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def smooth_photo(rng, h, w):
+    """A photo-like picture: smooth multi-scale colour noise with 20-80 small blobs (little fine texture, so
+    zoomed-in flow is noisy). camera_accuracy() films it; one camera test zooms into it as well."""
+    import cv2
+    import numpy as np
+    img = np.zeros((h, w, 3), np.float32)
+    for s in (4, 8, 16, 32, 64):
+        img += cv2.resize(rng.normal(0, 1, (max(2, h // s), max(2, w // s), 3)).astype(np.float32), (w, h),
+                          interpolation=cv2.INTER_CUBIC) * (s / 16)
+    img = ((img - img.min()) / np.ptp(img) * 200 + 20).astype(np.uint8)
+    for _ in range(int(rng.integers(20, 80))):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(3, max(4, w // 40))), c, -1)
+    return cv2.GaussianBlur(img, (3, 3), 0)
+
+
 def camera_accuracy(curate, tmp, per_class=6, seed=2026):
-    """camera_movement()'s labels on clips from a generator neither the tests nor the demo use: photo-like
+    """camera_movement()'s labels on clips from a generator the demo does not use and the tests' camera clips
+    do not either (one zoom test shares only its picture, smooth_photo): photo-like
     smooth multi-scale colour noise with small blobs, 5 frame sizes, random speed and length, mp4
     compression, a moving subject in 40% of them; rigid moves (pan, tilt, zoom, roll, handheld, static) by
     warping a window over the picture, and two-layer parallax (orbit, pedestal) with a near band over the
@@ -321,23 +338,12 @@ def camera_accuracy(curate, tmp, per_class=6, seed=2026):
     import numpy as np
     rng = np.random.default_rng(seed)
 
-    def photo(h, w):
-        img = np.zeros((h, w, 3), np.float32)
-        for s in (4, 8, 16, 32, 64):
-            img += cv2.resize(rng.normal(0, 1, (max(2, h // s), max(2, w // s), 3)).astype(np.float32), (w, h),
-                              interpolation=cv2.INTER_CUBIC) * (s / 16)
-        img = ((img - img.min()) / np.ptp(img) * 200 + 20).astype(np.uint8)
-        for _ in range(int(rng.integers(20, 80))):
-            c = tuple(int(v) for v in rng.integers(0, 255, 3))
-            cv2.circle(img, (int(rng.integers(0, w)), int(rng.integers(0, h))), int(rng.integers(3, max(4, w // 40))), c, -1)
-        return cv2.GaussianBlur(img, (3, 3), 0)
-
     def clip(cam, w, h, n):
         sp = rng.uniform(0.004, 0.025) * w                 # translation, px/frame
         zr, ar = rng.uniform(0.004, 0.015), rng.uniform(0.3, 1.2)  # zoom per frame, roll degrees per frame
         frames, walk = [], np.zeros(2)
         if cam.startswith("around") or cam in ("pan up", "pan down"):
-            far, near, band = photo(3 * h, 3 * w), photo(3 * h, 3 * w), int(h * rng.uniform(0.35, 0.5))
+            far, near, band = smooth_photo(rng, 3 * h, 3 * w), smooth_photo(rng, 3 * h, 3 * w), int(h * rng.uniform(0.35, 0.5))
             ratio = rng.uniform(1.8, 3.0)                  # near layer / far layer speed (pedestal)
             for t in range(n):   # far, near offsets: orbit = opposite ways, pedestal = same way, near faster
                 fx, nx, fy, ny = {"around left": (-sp * t, sp * t, 0, 0), "around right": (sp * t, -sp * t, 0, 0),
@@ -347,7 +353,7 @@ def camera_accuracy(curate, tmp, per_class=6, seed=2026):
                 f[h - band:] = cv2.warpAffine(near, np.float32([[1, 0, nx - w], [0, 1, ny - h]]), (w, h))[h - band:]
                 frames.append(f)
         else:
-            img = photo(3 * h, 3 * w)
+            img = smooth_photo(rng, 3 * h, 3 * w)
             for t in range(n):   # the camera's move; the content moves the other way
                 dx = {"pan right": sp * t, "pan left": -sp * t}.get(cam, 0.0)
                 dy = {"tilt down": sp * t, "tilt up": -sp * t}.get(cam, 0.0)

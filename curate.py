@@ -420,13 +420,16 @@ def detect_shots(path, cfg=CFG):
     second, stop = {}, threading.Event()
 
     def read_second_half():
+        cap2 = None
         try:
             cap2 = _open_single_threaded(path)
             if cap2.isOpened() and cap2.set(cv2.CAP_PROP_POS_FRAMES, mid):
                 second["scan"] = _scan(cap2, cfg, win, keep=range(seam), stop=stop)
-            cap2.release()
         except Exception:  # noqa: BLE001 -- a failed second reader only costs speed: the first reads on
             second.clear()
+        finally:
+            if cap2 is not None:
+                cap2.release()
 
     thread = threading.Thread(target=read_second_half, daemon=True) if mid >= 4 * seam else None
     try:
