@@ -71,9 +71,10 @@ except ImportError:
     fused_attention, kernel_available = None, (lambda: False)
 
 
-# On an H100, cuDNN's fused attention runs 574-674 TFLOP/s forward against flash-SDPA's 357-368 at 128-d heads
-# (issue 8's measurements), but PyTorch does not try it first: ask for it, for inference (no autograd), on
-# PyTorch versions that can set the order (2.6+).
+# cuDNN's fused attention is the fastest exact path we measured, forward and backward: on an H200
+# (2026-11-26, 24 heads x 128, bf16) 556-570 TFLOP/s forward and 517-545 forward+backward at 16k-119k tokens,
+# against flash-SDPA's 347-359 and 320-332 (issue 8 saw the same order on an H100). PyTorch does not try it
+# first: ask for it, on PyTorch versions that can set the order (2.6+).
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
@@ -86,7 +87,7 @@ _DENSE_MASK_MAX = 1 << 22
 def _sdpa(q, k, v, mask=None):
     """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D); mask (B, 1, L, L) bool or None."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda and _CAN_ORDER and not torch.is_grad_enabled() and mask is None:
+    if q.is_cuda and _CAN_ORDER and mask is None:
         with sdpa_kernel(_CUDA_ORDER, set_priority=True):
             o = F.scaled_dot_product_attention(q, k, v)
     else:
@@ -101,7 +102,14 @@ def _segment_mask(seg_lens, L, device):
     return (inside[:, :, None] == inside[:, None, :])[:, None]
 
 
-def attention(q, k, v, seg_lens=None, sp=None):
+# Our kernel (attention_cuda/, version 1, mma.sync) is exact but not yet the fastest: on the same H200 it runs
+# 260 TFLOP/s forward and 170 forward+backward, so the DiT uses it only when asked (ATTENTION_CUDA=1) and
+# otherwise takes cuDNN through SDPA on the per-segment split below. ATTENTION_CUDA=0 turns it off everywhere.
+USE_KERNEL = os.environ.get("ATTENTION_CUDA") == "1"
+
+
+@torch.compiler.disable  # compiled blocks (compile_blocks) break the graph here: the dispatch below branches
+def attention(q, k, v, seg_lens=None, sp=None):  # on python ints per batch, which would recompile every batch
     """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
 
     seg_lens[i] (a python int) reproduces the official flash-attn varlen call (attenion.py
@@ -114,10 +122,12 @@ def attention(q, k, v, seg_lens=None, sp=None):
     if sp is not None:
         return ulysses_attention(q, k, v, seg_lens, *sp)
     B, L = q.shape[:2]
-    if fused_attention is not None and q.is_cuda and kernel_available():
+    if USE_KERNEL and fused_attention is not None and q.is_cuda and kernel_available():
         # Our kernel skips keys at or past kv_lens[i] in one batched launch. Image and valid-text rows get
         # exactly the official result; padded rows attend to the valid keys instead of to each other, which
         # changes nothing downstream: no valid row ever reads them and the output keeps only image rows.
+        # Under autocast q and k leave the fp32 RMSNorm/RoPE in fp32 while v is bf16: one dtype for the kernel.
+        q, k = q.to(v.dtype), k.to(v.dtype)
         return fused_attention(q, k, v, kv_lens=None if seg_lens is None else list(seg_lens)).flatten(2)
     if seg_lens is None or all(n == L for n in seg_lens):
         return _sdpa(q, k, v)
@@ -279,7 +289,10 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_ch, hidden, kernel_size=patch, stride=patch)
 
     def forward(self, x):
-        return self.proj(x).flatten(2).transpose(1, 2)
+        # contiguous: every block then sees (B, L, D) tensors of one layout. Compiled blocks (compile_blocks)
+        # got wrong gradients in the next block when the first one's input was this transposed view
+        # (PyTorch 2.13 inductor, CPU; tests/test_dit.py checks compiled against eager gradients).
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()
 
 
 class MLP(nn.Module):
@@ -483,6 +496,15 @@ class HunyuanVideoDiT(nn.Module):
         for m in zero:
             nn.init.zeros_(m.weight)
             nn.init.zeros_(m.bias)
+
+    def compile_blocks(self):
+        """torch.compile every block in place (train.py --compile, bench.py train --compile). Inductor fuses the
+        element-wise work around the matmuls (fp32 LayerNorm, modulation, RMSNorm, RoPE, gates, GELU) that
+        eager PyTorch runs as dozens of memory-bound kernels per block; attention() stays eager (a graph
+        break), so varying text lengths do not recompile. Blocks of one kind share one compiled graph."""
+        for block in (*self.double_blocks, *self.single_blocks):
+            block.compile()
+        return self
 
     def rope(self, grid, device, dtype):
         key = (grid, str(device), dtype)

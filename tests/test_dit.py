@@ -229,6 +229,63 @@ def test_attention_segments_match_dense_mask(attention_path):
         torch.testing.assert_close(got[b], ref)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", [False, True], ids=["sdpa-cudnn", "attention_cuda"])
+def test_attention_on_gpu_in_training_matches_float64(kernel, monkeypatch):
+    """The GPU paths of dit.attention as training runs them: bf16 autocast, q and k in fp32 (they leave the
+    fp32 RMSNorm/RoPE) and v in bf16. Default: cuDNN through SDPA per segment; ATTENTION_CUDA=1: our kernel.
+    Output rows and gradients within 1e-2 of float64. Padded query rows get a zero upstream gradient, as in
+    the model (no output ever reads them), so both semantics for them give the same gradients."""
+    import attention_cuda
+    if kernel:
+        assert attention_cuda.kernel_available(), "CUDA is here, so the extension must build"
+    monkeypatch.setattr(dit, "USE_KERNEL", kernel)
+    monkeypatch.setattr(dit, "_DENSE_MASK_MAX", 0)  # the per-segment cuDNN calls that long sequences take
+    B, L, H, D, seg = 2, 1100, 4, 128, [1100 - 30, 1100 - 71]
+    g = torch.Generator("cuda").manual_seed(3)
+    q, k = (torch.randn(B, L, H, D, device="cuda", generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(B, L, H, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    go = torch.randn(B, L, H * D, device="cuda", generator=g)
+    for b, n in enumerate(seg):
+        go[b, n:] = 0
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = dit.attention(q, k, v, seg)
+    grads = torch.autograd.grad((out.float() * go).sum(), (q, k, v))
+
+    ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ref = torch.zeros(B, L, H * D, dtype=torch.float64, device="cuda")
+    for b, n in enumerate(seg):  # the valid segment, written out (padded rows: zero, their go is zero)
+        s = torch.einsum("qhd,khd->hqk", ref_in[0][b, :n], ref_in[1][b, :n]) / math.sqrt(D)
+        ref[b, :n] = torch.einsum("hqk,khd->qhd", s.softmax(-1), ref_in[2][b, :n]).reshape(n, -1)
+    ref_grads = torch.autograd.grad((ref * go.double()).sum(), ref_in)
+    rel = lambda x, r: ((x.double() - r).norm() / r.norm()).item()
+    valid = torch.stack([torch.arange(L, device="cuda") < n for n in seg])
+    assert rel(out[valid], ref[valid]) < 1e-2
+    for name, x, r in zip("qkv", grads, ref_grads):
+        assert torch.isfinite(x).all() and rel(x, r) < 1e-2, f"d{name}"
+
+
+def test_compiled_blocks_match_eager_and_do_not_recompile_for_new_text_lengths():
+    """compile_blocks (train.py --compile) computes the same function and gradients; a batch with other text
+    lengths reuses the compiled graphs (attention, which branches on them, is a graph break)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    model = random_model()
+    x, t, text, mask, pooled, g = inputs(lens=(7, 3))
+    ref = model(x, t, text, mask, pooled, g)
+    ref_grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    model.compile_blocks()
+    out = model(x, t, text, mask, pooled, g)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # it really compiled
+    model(x, t, text, (torch.arange(7) < torch.tensor([[5], [6]])).long(), pooled, g).sum().backward()
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_rope_is_a_relative_rotation():
     axes, theta = (8, 12, 12), 256.0
     cos, sin = dit.rope_tables((5, 6, 7), axes, theta)
