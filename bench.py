@@ -3,7 +3,7 @@ Speed and memory of each component, with the peer implementation measured in the
 
     python bench.py dit --config 13b --size 544x960x129    # bf16 DiT forward, ours vs diffusers
     python bench.py dit                                     # on a CPU: the tiny config, a smoke run
-    python bench.py train                                   # 1.3B training step: s/step, MFU, memory
+    python bench.py train [--compile]                       # 1.3B training step: s/step, MFU, memory
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py vae                                     # tiled VAE decode 544x960x129: seconds, peak GB
     python bench.py curate                                  # shot detection vs PySceneDetect, pipeline fps
