@@ -84,7 +84,7 @@ def bench_dit(args):
     mask = (torch.arange(n_txt, device=device) < n_txt * 3 // 4)[None].long()  # realistic padding
     pooled = torch.randn(1, cfg.pooled_dim, device=device, generator=g).to(dtype)
     guid = torch.tensor([6016.0], device=device, dtype=dtype)
-    warmup, iters = (1, 2) if cuda and name == "13b" else (1, 3) if cuda else (1, 2)  # a 13B forward is ~10 s
+    warmup, iters = (1, 3) if cuda and name != "13b" else (1, 2)  # a 13B forward is ~10 s
 
     rows = []
     with torch.no_grad():
@@ -150,10 +150,11 @@ def bench_train(args):
     # The convention of issue 7's diffusers figure (0.477 s = 46.5% of 779 TFLOP/s; it reproduces to 0.1%):
     # 6 x all parameters x tokens (image + valid text) + 3 x 4 L^2 D per block for attention over those tokens.
     # It counts the modulation weights per token, which run once per sample: larger than our matmul count.
-    tokens = n_img + n_valid
-    flops_6nd = 6 * args_params(cfg) * B * tokens + 3 * 4 * tokens**2 * cfg.hidden_size * (cfg.depth_double + cfg.depth_single) * B
+    tokens, n_params = n_img + n_valid, args_params(cfg)
+    blocks = cfg.depth_double + cfg.depth_single
+    flops_6nd = B * (6 * n_params * tokens + 3 * 4 * tokens**2 * cfg.hidden_size * blocks)
     print(f"DiT train step: {cfg.hidden_size}x{cfg.depth_double}+{cfg.depth_single} "
-          f"({args_params(cfg) / 1e9:.2f}B), {H}x{W}x{T} ({n_img} image + {n_txt} text "
+          f"({n_params / 1e9:.2f}B), {H}x{W}x{T} ({n_img} image + {n_txt} text "
           f"tokens, {n_valid} valid), batch {B}, bf16 autocast, AdamW, {device}")
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(lat, device=device, generator=g)
@@ -199,7 +200,7 @@ def bench_train(args):
             sec = timed(step, 2, 5 if cuda else 2)
             mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
             rows.append((f"ours{', compiled' if compiled else ''}, checkpointing {'on' if ckpt else 'off'}",
-                         sec, mem, first, ckpt))
+                         sec, mem, ckpt))
             print(f"{rows[-1][0]}: {sec:.3f} s/step (first step {first:.1f} s), peak {mem:.1f} GiB", flush=True)
             del model, opt
             if cuda:
@@ -207,7 +208,7 @@ def bench_train(args):
     diffusers = {False: 0.477, True: 0.633}  # issue 7: the diffusers transformer on this step, H100, 2026-11-24
     print(f"\n{'implementation':<44} {'s/step':>7} {'MFU 6ND':>8} {'MFU mm':>7} {'MFU mm@meas':>12} "
           f"{'vs diffusers':>13} {'peak GiB':>9}")
-    for label, sec, mem, first, ckpt in rows:
+    for label, sec, mem, ckpt in rows:
         meas = f"{flops / sec / measured / 1e12:>12.1%}" if measured else f"{'-':>12}"
         print(f"{label:<44} {sec:>7.3f} {flops_6nd / sec / args.peak_tflops / 1e12:>8.1%} "
               f"{flops / sec / args.peak_tflops / 1e12:>7.1%} {meas} "
@@ -488,18 +489,6 @@ def bench_vae(args):
         del video
         sec, peak, _ = timed(lambda: model.encode(x, tiled=True))
         print(f"  encode {clip[0]}x{clip[1]}x{clip[2]}, tiled: {sec:.2f} s, peak {peak:.2f} GB allocated")
-        if cuda and args.cudnn_benchmark:  # cuDNN times its conv3d algorithms per new shape, then reuses the winner
-            torch.backends.cudnn.benchmark = True
-            for run in ("first (autotuning)", "second"):
-                sec, peak, _ = timed(lambda: model.decode(z, tiled=True))
-                print(f"  decode with cudnn.benchmark, {run} call: {sec:.2f} s, peak {peak:.2f} GB allocated")
-            model.to(memory_format=torch.channels_last_3d)  # NDHWC weights: cuDNN's tensor-core layout
-            for run in ("first (autotuning)", "second"):
-                sec, peak, _ = timed(lambda: model.decode(z, tiled=True))
-                print(f"  decode with cudnn.benchmark + channels_last_3d weights, {run} call: {sec:.2f} s, "
-                      f"peak {peak:.2f} GB allocated")
-            model.to(memory_format=torch.contiguous_format)
-            torch.backends.cudnn.benchmark = False
 
     try:
         import diffusers
@@ -548,7 +537,6 @@ def main():
     p.set_defaults(fn=bench_sample)
     p = sub.add_parser("vae", help="tiled fp16 decode of 33x68x120 (544x960x129) and encode of 129x256x256")
     p.add_argument("--vae-path", help="real weights (default: random)")
-    p.add_argument("--cudnn-benchmark", action="store_true", help="also time decode with cudnn.benchmark on")
     p.set_defaults(fn=bench_vae)
     p = sub.add_parser("curate", help="shot detection F1/speed vs PySceneDetect, pipeline frames/s (CPU)")
     p.add_argument("--videos", type=int, default=12, help="synthetic 640x360 videos to measure on")
