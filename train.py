@@ -89,6 +89,8 @@ class TrainConfig:
                                         # objects on flat backgrounds are not drowned by background pixels
     vae_sample_posterior: bool = True   # train through z ~ q(z|x); False = through its mean
     vae_frame_stride: int = None        # the VAE's clips take every n-th source frame; None = frame_stride's
+    vae_motion_steps: int = 0           # >0: the last this many VAE steps train only the time taps (train_vae)
+    vae_motion_lr: float = 1e-3         # their lr, decaying linearly to a tenth
     latent_sample: bool = True          # the DiT sees posterior samples; False = the means
     frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
     clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip
@@ -121,15 +123,19 @@ PRESETS = {
         # where the layout and the motion are decided; at mean 0 those levels get ~8% of the training samples
         # (measured on this demo: 8/20 prompted directions at mean 0.8 against 3/20 at mean 0)
         sigma_mean=0.8,
-        # The VAE has the released model's 16 latent channels (4 lose the shapes' colour), a narrow first block
-        # (full-resolution layers dominate its cost) and a CPU-minutes version of the paper's low-to-high
-        # resolution curriculum: video steps on small crops, chosen to contain the moving shape (motion is
-        # local), stills at the full frame (so GroupNorm sees the statistics it will encode later). MSE and
+        # The VAE has the released model's 16 latent channels (4 lose the shapes' colour) and a narrow first
+        # block (full-resolution layers dominate its cost). It learns in two phases. 600 steps on stills at the
+        # full frame learn colour and shape: a still reaches each causal conv as the same frame in every time
+        # tap (replicate padding), so these steps train only each conv's sum over its taps. Then 300 steps on
+        # small video crops (chosen to contain the moving shape: motion is local) train only the 3D convs'
+        # weights, with every tap sum put back after each step, so what the stills taught stays exactly as it
+        # was and the clips teach only how frames differ. Mixing stills and clips throughout, in any ratio or
+        # order tried, let the video steps wash the colours out on some seeds (README, "The demo"). MSE and
         # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
         # bright objects and their colour are learned last. Trained and read through the posterior mean.
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=900, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
-        vae_image_ratio=0.5, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
+        vae_steps=900, vae_motion_steps=300, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4,
+        vae_batch=4, vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_sample_posterior=False, latent_sample=False,
         # The VAE's clips at stride 4: trained on stride-8 clips it lost the colours (median error of the mean
         # foreground RGB per colour 62-157 of 255, blue read as dark grey; one draw), on stride-4 ones 30-64 (same
@@ -477,8 +483,11 @@ def plot_losses(metrics_path, png_path, key="loss"):
 def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print):
     """Trains vae_config(cfg) on random crops of size cfg.vae_size from the clips (read at the DiT's
     video size and frame stride) plus stills (cfg.vae_image_ratio of the steps; the paper mixes 4:1): L1 + 1e-6 KL,
-    + LPIPS with local weights, + GAN after its start step. The clips are read once into memory: this
-    stage is for small data (the demo, ablations); at scale, fine-tune the released VAE instead."""
+    + LPIPS with local weights, + GAN after its start step. With cfg.vae_motion_steps > 0 the last that many
+    steps are clips only and train only the time taps of the 3D convs: each such conv's sum over its taps
+    (all a still or a static scene sees) is put back after every step, so only the taps' differences, which
+    only motion sees, learn. The clips are read once into memory: this stage is for small data (the demo,
+    ablations); at scale, fine-tune the released VAE instead."""
     h, w, T = cfg.vae_size
     video = [b for s in cfg.stages for b in s.buckets]
     H, W = (video[-1][0], video[-1][1]) if video else (h, w)
@@ -492,6 +501,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     stills = [read_clip(i["path"], (H, W)) for i in images]
     if not data:
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
+    if not 0 <= cfg.vae_motion_steps <= cfg.vae_steps:
+        raise SystemExit(f"error: vae_motion_steps {cfg.vae_motion_steps} must be between 0 and vae_steps ({cfg.vae_steps})")
 
     def crop(d, g, t):  # a (t, h, w) window: the most varied of cfg.vae_crop_tries random ones
         ch, cw = (cfg.vae_image_size or (h, w)) if t == 1 else (h, w)
@@ -516,32 +527,54 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     # GAN-style betas (0.5, 0.9) once a discriminator is in the loop; Adam's defaults otherwise
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
     opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
-    schedule = Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
+    n_first = cfg.vae_steps - cfg.vae_motion_steps
+    schedule = Stage("vae", n_first, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
     step = load_train_state(path, parts, {}, device)["step"] if resume and os.path.isfile(path) else 0
     core = model.module if world > 1 else model
+    taps = [m.weight for m in core.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] > 1]
+    frozen = [p for p in core.parameters() if all(p is not w for w in taps)]
+    tap_sums = None
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="VAE", disable=rank != 0)
     while step < cfg.vae_steps:
         g = sample_rng(cfg.seed, step, rank)
-        image = bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
+        motion = step >= n_first
+        if motion and tap_sums is None:  # entering the motion phase (or resuming inside it)
+            tap_sums = [w.detach().sum(2, keepdim=True).clone() for w in taps]
+            if world == 1:  # DDP needs every gradient; there the frozen ones are dropped after backward
+                for p in frozen:
+                    p.requires_grad_(False)
+            if step == n_first:  # fresh Adam moments: the stills' ones measured the tap sums' gradients
+                for weight in taps:
+                    opt.state.pop(weight, None)
+        image = not motion and bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
         pool = stills if image else data
         x = torch.stack([crop(pool[int(torch.randint(len(pool), (), generator=g))], g, 1 if image else T)
                          for _ in range(cfg.vae_image_batch if image else cfg.vae_batch)])
         x = to_unit(x).to(device)
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details
+        # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details (the
+        # motion phase: a linear decay from its own lr)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule, cfg)
+            group["lr"] = cfg.vae_motion_lr * (1.1 - (step - n_first) / cfg.vae_motion_steps) if motion else lr_at(step, schedule, cfg)
         recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior, tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; the last good checkpoint is {path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if motion:
+            for p in frozen:
+                p.grad = None
+        else:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        if motion:
+            with torch.no_grad():
+                for weight, total in zip(taps, tap_sums):
+                    weight -= (weight.sum(2, keepdim=True) - total) / weight.shape[2]
         d_loss = lossf.disc_loss(x, recon, step)
         if d_loss.requires_grad:
             opt_d.zero_grad(set_to_none=True)
@@ -893,7 +926,8 @@ def demo(args, rank, world, device):
     cfg = PRESETS["demo"]
     n_videos, n_samples = 48, len(DEMO_PROMPTS)
     if args.quick:  # CI: every stage runs, for a few steps
-        cfg = replace(cfg, vae_steps=4, ckpt_every=10, stages=tuple(replace(s, steps=3) for s in cfg.stages))
+        cfg = replace(cfg, vae_steps=4, vae_motion_steps=min(cfg.vae_motion_steps, 2), ckpt_every=10,
+                      stages=tuple(replace(s, steps=3) for s in cfg.stages))
         n_videos, n_samples = 2, 1
     out = args.out or "out/demo"
     check_writable(out, 200 * 2**20)
@@ -1018,7 +1052,9 @@ def main():
         return
     cfg = PRESETS[args.preset or "demo"]
     if args.steps:
-        cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=min(cfg.vae_steps, args.steps))
+        n = min(cfg.vae_steps, args.steps)  # the VAE keeps its phases' proportions (a third in motion, say)
+        cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=n,
+                      vae_motion_steps=round(n * cfg.vae_motion_steps / max(1, cfg.vae_steps)))
     if args.ckpt_every:
         cfg = replace(cfg, ckpt_every=args.ckpt_every)
     if args.compile:

@@ -242,3 +242,40 @@ def test_quick_demo_stops_after_the_vae_stage_and_resumes_to_the_end(tmp_path):
     r = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "dit.safetensors").is_file() and any(p.suffix == ".mp4" for p in (out / "samples").iterdir())
+
+
+def test_vae_motion_phase_leaves_stills_unchanged(data, tmp_path, monkeypatch):
+    """The demo VAE's second phase trains only the 3D convs' time taps and puts each conv's tap sum back:
+    every other tensor and every tap sum end as the stills phase left them, so an image (and a static
+    video) decodes the same before and after, while moving clips changed the taps."""
+    from dataclasses import replace
+    snaps = {}
+    save = train.save_train_state
+
+    def keep(path, parts, ema, meta, rank):
+        snaps[meta["step"]] = {k: v.detach().clone() for k, v in parts["vae"][0].state_dict().items()}
+        save(path, parts, ema, meta, rank)
+
+    monkeypatch.setattr(train, "save_train_state", keep)
+    cfg = replace(train.PRESETS["demo"], vae_steps=6, vae_motion_steps=3, vae_motion_lr=2e-2, ckpt_every=3, warmup=1)
+    clips, images = train.load_items(data)
+    model = train.train_vae(cfg, clips, images, str(tmp_path), torch.device("cpu"), log=lambda r: None)
+    before, after = snaps[3], snaps[6]
+    taps = {n + ".weight" for n, m in model.named_modules() if isinstance(m, nn.Conv3d) and m.kernel_size[0] > 1}
+    assert len(taps) > 10
+    for k in before:
+        if k in taps:
+            assert not torch.equal(before[k], after[k]), k  # the clips trained it
+            torch.testing.assert_close(after[k].sum(2), before[k].sum(2), rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(before[k], after[k]), k
+    still = train.to_unit(train.read_clip(images[0]["path"], (64, 112)))[None]
+    static = still.expand(-1, -1, 9, -1, -1).contiguous()
+    first = vae_lib.CausalVAE(model.cfg).eval()
+    first.load_state_dict(before)
+    with torch.no_grad():
+        for x in (still, static):
+            torch.testing.assert_close(model.decode(model.encode(x)[0]), first.decode(first.encode(x)[0]),
+                                       rtol=0, atol=1e-4)
+        moving = train.to_unit(train.read_clip(clips[0]["path"], (64, 112), 0, 9, 4))[None]
+        assert (model.decode(model.encode(moving)[0]) - first.decode(first.encode(moving)[0])).abs().max() > 1e-3
