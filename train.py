@@ -89,6 +89,7 @@ class TrainConfig:
                                         # objects on flat backgrounds are not drowned by background pixels
     vae_sample_posterior: bool = True   # train through z ~ q(z|x); False = through its mean
     vae_frame_stride: int = None        # the VAE's clips take every n-th source frame; None = frame_stride's
+    vae_latent_rgb: float = 0.0         # hold latent channels 0-2 to each cell's mean RGB (vae.VAELoss)
     vae_motion_steps: int = 0           # >0: the last this many VAE steps train only the time taps (train_vae)
     vae_motion_lr: float = 1e-3         # their lr, decaying linearly to a tenth
     latent_sample: bool = True          # the DiT sees posterior samples; False = the means
@@ -520,7 +521,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     if device.type == "cpu":  # oneDNN's 3D convolutions run ~30% faster on channels-last tensors
         model.to(memory_format=torch.channels_last_3d)
     gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
-    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse, w_chroma=cfg.vae_chroma).to(device)
+    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse, w_chroma=cfg.vae_chroma,
+                            w_latent_rgb=cfg.vae_latent_rgb).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)

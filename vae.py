@@ -708,7 +708,7 @@ class VAELoss(nn.Module):
     - Perceptual: LPIPS only from a local weights file; without one the term is off, said once."""
 
     def __init__(self, perceptual_weights=None, gan_start=50_000, disc_channels=64, disc_layers=3,
-                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0, w_chroma=0.0):
+                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0, w_chroma=0.0, w_latent_rgb=0.0):
         super().__init__()
         self.discriminator = Discriminator3D(3, disc_channels, disc_layers)
         self.lpips = LPIPS(perceptual_weights) if perceptual_weights else None
@@ -723,6 +723,9 @@ class VAELoss(nn.Module):
         # over RGB). Gradient descent learns the data's strong directions first; in mostly-grey footage colour
         # is a weak one and is learned last, so a short run reweights it.
         self.w_chroma = w_chroma
+        # Also not in the paper: latent channels 0-2 held to each cell's mean RGB. A small DiT trained for
+        # minutes learns the large directions of its latent space first; this keeps colour one of them.
+        self.w_latent_rgb = w_latent_rgb
 
     def forward(self, x, recon, mean, logvar, step):
         """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
@@ -736,6 +739,13 @@ class VAELoss(nn.Module):
         if self.w_chroma:
             logs["chroma"] = (err - err.mean(1, keepdim=True)).square().mean()
             total = total + self.w_chroma * logs["chroma"]
+        if self.w_latent_rgb:
+            s = x.shape[3] // mean.shape[3]  # cell means on the latent grid: frame 0 alone, then groups of 4
+            cells = F.avg_pool3d(x[:, :, :1], (1, s, s))
+            if x.shape[2] > 1:
+                cells = torch.cat([cells, F.avg_pool3d(x[:, :, 1:], ((x.shape[2] - 1) // (mean.shape[2] - 1), s, s))], 2)
+            logs["latent_rgb"] = (mean[:, :3] - cells).square().mean()
+            total = total + self.w_latent_rgb * logs["latent_rgb"]
         if self.lpips is not None:
             frames = lambda v: v.transpose(1, 2).flatten(0, 1)  # (B*T, 3, H, W): LPIPS is per image
             logs["perceptual"] = self.lpips(frames(x), frames(recon)).mean()

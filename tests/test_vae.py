@@ -493,3 +493,26 @@ def test_chroma_term_is_the_error_orthogonal_to_grey():
     err = torch.tensor([0.6, 0.0, 0.0], dtype=torch.float64).view(1, 3, 1, 1, 1).expand(1, 3, 1, 4, 4)
     _, logs = loss_fn(x, x - err, mean, logvar, 0)  # (0.6, 0, 0) = grey 0.2 + colour (0.4, -0.2, -0.2)
     assert logs["chroma"].item() == pytest.approx((0.4**2 + 0.2**2 + 0.2**2) / 3)
+
+
+def test_latent_rgb_term_is_each_cells_mean_colour():
+    """Latent channels 0-2 against the mean RGB of the pixels each latent cell covers: frame 0 alone, then
+    groups of 4 frames, 8x8 pixels (checked against a direct loop)."""
+    with pytest.warns(UserWarning):
+        loss_fn = vae.VAELoss(gan_start=10**9, disc_channels=8, disc_layers=2, w_kl=0.0, w_latent_rgb=1.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 9, 16, 24, generator=g, dtype=torch.float64) * 2 - 1
+    mean = torch.randn(2, 5, 3, 2, 3, generator=g, dtype=torch.float64)
+    cells = torch.zeros(2, 3, 3, 2, 3, dtype=torch.float64)
+    for t, frames in enumerate([[0], [1, 2, 3, 4], [5, 6, 7, 8]]):
+        for i in range(2):
+            for j in range(3):
+                cells[:, :, t, i, j] = x[:, :, frames, 8 * i:8 * i + 8, 8 * j:8 * j + 8].mean((2, 3, 4))
+    _, logs = loss_fn(x, x, mean, torch.zeros_like(mean), 0)
+    assert logs["latent_rgb"].item() == pytest.approx((mean[:, :3] - cells).square().mean().item(), rel=1e-12)
+    mean[:, :3] = cells
+    total, logs = loss_fn(x, x, mean, torch.zeros_like(mean), 0)
+    assert logs["latent_rgb"].item() == pytest.approx(0.0, abs=1e-15) and total.item() == pytest.approx(0.0, abs=1e-15)
+    still = x[:, :, :1]  # an image: one cell per 8x8 block of its only frame
+    _, logs = loss_fn(still, still, mean[:, :, :1], torch.zeros_like(mean[:, :, :1]), 0)
+    assert logs["latent_rgb"].item() == pytest.approx((mean[:, :3, :1] - cells[:, :, :1]).square().mean().item(), abs=1e-15)
