@@ -131,12 +131,16 @@ PRESETS = {
         # small video crops (chosen to contain the moving shape: motion is local) train only the 3D convs'
         # weights, with every tap sum put back after each step, so what the stills taught stays exactly as it
         # was and the clips teach only how frames differ. Mixing stills and clips throughout, in any ratio or
-        # order tried, let the video steps wash the colours out on some seeds (README, "The demo"). MSE and
-        # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
-        # bright objects and their colour are learned last. Trained and read through the posterior mean.
+        # order tried, let the video steps wash the colours out on some seeds (README, "The demo"). Latent
+        # channels 0-2 are held to each cell's mean RGB (vae_latent_rgb): a VAE that reconstructs a colour
+        # well can still put it within ~1 latent std of the background, and a DiT trained for minutes then
+        # misses it (green drawn red or whitish, blue yellowish, on two of three seeds). MSE and chroma terms
+        # stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small bright objects
+        # and their colour are learned last. Trained and read through the posterior mean.
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
         vae_steps=900, vae_motion_steps=300, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4,
         vae_batch=4, vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
+        vae_latent_rgb=10.0,
         vae_sample_posterior=False, latent_sample=False,
         # The VAE's clips at stride 4: trained on stride-8 clips it lost the colours (median error of the mean
         # foreground RGB per colour 62-157 of 255, blue read as dark grey; one draw), on stride-4 ones 30-64 (same
