@@ -124,23 +124,17 @@ PRESETS = {
         # where the layout and the motion are decided; at mean 0 those levels get ~8% of the training samples
         # (measured on this demo: 8/20 prompted directions at mean 0.8 against 3/20 at mean 0)
         sigma_mean=0.8,
-        # The VAE has the released model's 16 latent channels (4 lose the shapes' colour) and a narrow first
-        # block (full-resolution layers dominate its cost). It learns in two phases. 600 steps on stills at the
-        # full frame learn colour and shape: a still reaches each causal conv as the same frame in every time
-        # tap (replicate padding), so these steps train only each conv's sum over its taps. Then 300 steps on
-        # small video crops (chosen to contain the moving shape: motion is local) train only the 3D convs'
-        # weights, with every tap sum put back after each step, so what the stills taught stays exactly as it
-        # was and the clips teach only how frames differ. Mixing stills and clips throughout, in any ratio or
-        # order tried, let the video steps wash the colours out on some seeds (README, "The demo"). Latent
-        # channels 0-2 are held to each cell's mean RGB (vae_latent_rgb): a VAE that reconstructs a colour
-        # well can still put it within ~1 latent std of the background, and a DiT trained for minutes then
-        # misses it (green drawn red or whitish, blue yellowish, on two of three seeds). MSE and chroma terms
-        # stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small bright objects
-        # and their colour are learned last. Trained and read through the posterior mean.
+        # The VAE has the released model's 16 latent channels (4 lose the shapes' colour), a narrow first block
+        # (full-resolution layers dominate its cost) and a CPU-minutes version of the paper's low-to-high
+        # resolution curriculum: video steps on small crops, chosen to contain the moving shape (motion is
+        # local), stills at the full frame (so GroupNorm sees the statistics it will encode later). MSE and
+        # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
+        # bright objects and their colour are learned last. Trained and read through the posterior mean.
+        # vae_motion_steps and vae_latent_rgb are off here: on other seeds they fix the colours but cost this
+        # seed its motion (README, "The demo").
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=900, vae_motion_steps=300, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4,
-        vae_batch=4, vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
-        vae_latent_rgb=10.0,
+        vae_steps=900, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
+        vae_image_ratio=0.5, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_sample_posterior=False, latent_sample=False,
         # The VAE's clips at stride 4: trained on stride-8 clips it lost the colours (median error of the mean
         # foreground RGB per colour 62-157 of 255, blue read as dark grey; one draw), on stride-4 ones 30-64 (same
@@ -551,8 +545,11 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
             if world == 1:  # DDP needs every gradient; there the frozen ones are dropped after backward
                 for p in frozen:
                     p.requires_grad_(False)
-            if step == n_first:  # fresh Adam moments: the stills' ones measured the tap sums' gradients
-                for weight in taps:
+            if step == n_first:
+                with torch.no_grad():  # the taps' differences still hold their random init: start them at
+                    for weight in taps:  # zero, i.e. each tap the mean (a still decodes the same either way)
+                        weight.copy_(weight.sum(2, keepdim=True).expand_as(weight) / weight.shape[2])
+                for weight in taps:  # fresh Adam moments: the stills' ones measured the tap sums' gradients
                     opt.state.pop(weight, None)
         image = not motion and bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
         pool = stills if image else data
