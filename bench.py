@@ -273,7 +273,8 @@ def bench_sample(args):
         torch.cuda.synchronize()
     t_vae = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    print(f"\nsampling {name} {H}x{W}x{T}{', DiT blocks offloaded' if args.offload else ''}, {args.steps} steps: DiT {t_dit:.1f} s ({t_dit / args.steps:.2f} s/step), "
+    where = ", DiT blocks offloaded" if args.offload else ""
+    print(f"\nsampling {name} {H}x{W}x{T}{where}, {args.steps} steps: DiT {t_dit:.1f} s ({t_dit / args.steps:.2f} s/step), "
           f"VAE decode {t_vae:.1f} s, total {t_dit + t_vae:.1f} s, peak {mem:.1f} GiB, video {tuple(video.shape)}")
     print("(diffusers on the same GPU, 2026-11-24: 11.2 s per DiT step, 15.4 s VAE decode; official 544p peak 45 GB)")
 

@@ -91,7 +91,7 @@ class TrainConfig:
     vae_frame_stride: int = None        # the VAE's clips take every n-th source frame; None = frame_stride's
     vae_latent_rgb: float = 0.0         # hold latent channels 0-2 to each cell's mean RGB (vae.VAELoss)
     vae_motion_steps: int = 0           # >0: the last this many VAE steps train only the time taps (train_vae)
-    vae_motion_lr: float = 1e-3         # their lr, decaying linearly to a tenth
+    vae_motion_lr: float = 1e-3         # their lr: linear from 1.1x to 0.1x of this over the phase
     latent_sample: bool = True          # the DiT sees posterior samples; False = the means
     frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
     clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip

@@ -245,9 +245,9 @@ def test_quick_demo_stops_after_the_vae_stage_and_resumes_to_the_end(tmp_path):
 
 
 def test_vae_motion_phase_leaves_stills_unchanged(data, tmp_path, monkeypatch):
-    """The demo VAE's second phase trains only the 3D convs' time taps and puts each conv's tap sum back:
-    every other tensor and every tap sum end as the stills phase left them, so an image (and a static
-    video) decodes the same before and after, while moving clips changed the taps."""
+    """The VAE's motion phase (vae_motion_steps) trains only the 3D convs' time taps and puts each conv's tap
+    sum back: every other tensor and every tap sum end as the stills phase left them, so an image (and a
+    static video) decodes the same before and after, while moving clips changed the taps."""
     from dataclasses import replace
     snaps = {}
     save = train.save_train_state
