@@ -451,6 +451,7 @@ def bench_vae(args):
 
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
+    vae.FUSED_KERNELS = not getattr(args, "unfused", False)
     if cuda:
         cfg, dtype, lat, clip = vae.CONFIGS["884-16c-hy"], torch.float16, (33, 68, 120), (129, 256, 256)
     else:  # tiny model, tiles of 64 px / 16 frames, so the same tiled code paths run
@@ -483,7 +484,8 @@ def bench_vae(args):
 
     h, w = lat[1] * cfg.spatial_compression, lat[2] * cfg.spatial_compression
     t = cfg.time_compression * (lat[0] - 1) + 1
-    print(f"vae: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu (tiny config)'}, {dtype}, "
+    fused = "Triton norm-SiLU kernels" if cuda and vae.FUSED_KERNELS and vae.triton else "torch element-wise code"
+    print(f"vae: {'cuda ' + torch.cuda.get_device_name() if cuda else 'cpu (tiny config)'}, {dtype}, {fused}, "
           f"weights {sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30:.2f} GB")
     with torch.inference_mode():
         # warm-up: one temporal window through every tiled code path (cuDNN/kernel selection, allocator)
@@ -544,6 +546,7 @@ def main():
     p.set_defaults(fn=bench_sample)
     p = sub.add_parser("vae", help="tiled fp16 decode of 33x68x120 (544x960x129) and encode of 129x256x256")
     p.add_argument("--vae-path", help="real weights (default: random)")
+    p.add_argument("--unfused", action="store_true", help="torch element-wise code instead of the Triton kernels")
     p.set_defaults(fn=bench_vae)
     p = sub.add_parser("curate", help="shot detection F1/speed vs PySceneDetect, pipeline frames/s (CPU)")
     p.add_argument("--videos", type=int, default=12, help="synthetic 640x360 videos to measure on")

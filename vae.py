@@ -29,6 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+try:  # optional: fused element-wise kernels for the stream path on CUDA (CUDA builds of torch ship Triton)
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 # -----------------------------------------------------------------------------
 # config
 
@@ -64,45 +70,115 @@ STREAM_ELEMENTS = 1 << 25
 # elements takes the plain path on the whole batch: streaming saves memory at scale, but on small clips
 # (caching a demo's latents) its one-sample, few-frame convolutions are several times slower
 PLAIN_ELEMENTS = 1 << 25
+# on CUDA tensors the stream path's GroupNorm statistics and its norm-SiLU-cast-into-the-padded-buffer step run
+# as two Triton kernels (below) when Triton is installed: the same fp32 arithmetic as the torch code next to
+# them, but each activation is read once in fp16 instead of through fp32 temporaries (that element-wise
+# traffic was ~45% of a 544x960x129 decode). Set False to run the torch code everywhere.
+FUSED_KERNELS = True
 
 # -----------------------------------------------------------------------------
 # streaming helpers (no autograd; see the module docstring)
 
 
+if triton is not None:
+    @triton.jit
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, n, BLOCK: tl.constexpr):
+        """Program (r, j): mean and sum of squared deviations (fp32) of elements j*BLOCK.. of row r of x (rows, n)."""
+        r, j = tl.program_id(0), tl.program_id(1)
+        offs = j * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + r.to(tl.int64) * n + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / tl.minimum(n - j * BLOCK, BLOCK)
+        d = tl.where(mask, x - mean, 0.0)
+        i = r * tl.num_programs(1) + j
+        tl.store(mean_ptr + i, mean)
+        tl.store(m2_ptr + i, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def _norm_silu_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, n_rows, C, T, H, W,
+                          xs0, xs1, xs2, xs3, xs4, ys0, ys1, ys2, ys3, ys4, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """y = silu(x * scale[b, c] + shift[b, c]) in fp32, stored in y's dtype; x, y (B, C, T, H, W) with any
+        strides. A program takes ROWS rows of (b, c, t, h) and BLOCK columns w."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        w = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        h, t, bc = rows % H, (rows // H) % T, rows // (H * T)
+        c, b = bc % C, bc // C
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (w < W)[None, :]
+        b, c, t, h, w = b.to(tl.int64), c.to(tl.int64), t.to(tl.int64), h.to(tl.int64), w.to(tl.int64)
+        xo = (b * xs0 + c * xs1 + t * xs2 + h * xs3)[:, None] + (w * xs4)[None, :]
+        yo = (b * ys0 + c * ys1 + t * ys2 + h * ys3)[:, None] + (w * ys4)[None, :]
+        scale = tl.load(scale_ptr + bc, mask=rmask, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + bc, mask=rmask, other=0.0)[:, None]
+        v = tl.load(x_ptr + xo, mask=mask, other=0.0).to(tl.float32) * scale + shift
+        tl.store(y_ptr + yo, (v / (1.0 + tl.exp(-v))).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _fused(x):
+    return FUSED_KERNELS and triton is not None and x.is_cuda
+
+
 def _group_norm_affine(norm, x):
-    """GroupNorm of x as a per-(sample, channel) affine map x * scale + shift, in fp32 (or x's dtype if wider),
-    with the group statistics accumulated a few frames at a time (Chan's merge of partial variances)."""
+    """GroupNorm of x as a per-(sample, channel) affine map x * scale + shift (each (B, C, 1, 1, 1)), in fp32
+    (or x's dtype if wider). Statistics come as partial (count, mean, sum of squared deviations) over pieces of
+    x, merged with Chan's parallel formula: on CUDA per 4096-element piece of each channel (one Triton pass
+    over fp16 x), elsewhere a few frames at a time."""
     B, C, T = x.shape[:3]
+    G = norm.num_groups
     dtype = torch.promote_types(x.dtype, torch.float32)
-    n = max(1, STREAM_ELEMENTS // x[:, :, 0].numel())
-    count, mean, m2 = 0, 0.0, 0.0
-    for t in range(0, T, n):
-        xc = x[:, :, t:t + n].to(dtype).reshape(B, norm.num_groups, -1)
-        var_c, mean_c = torch.var_mean(xc, dim=2, correction=0)
-        k = xc.shape[2]
-        delta = mean_c - mean
-        mean = mean + delta * (k / (count + k))
-        m2 = m2 + var_c * k + delta.square() * (count * k / (count + k))
-        count += k
-    rstd = torch.rsqrt(m2 / count + norm.eps)
-    per_channel = lambda v: v.repeat_interleave(C // norm.num_groups, dim=1)  # (B, G) -> (B, C)
+    if _fused(x) and x.is_contiguous() and dtype == torch.float32:
+        n, block = x[0, 0].numel(), 4096
+        pieces = triton.cdiv(n, block)
+        mean_p = torch.empty(B * C, pieces, device=x.device, dtype=dtype)
+        m2_p = torch.empty_like(mean_p)
+        _stats_kernel[(B * C, pieces)](x, mean_p, m2_p, n, BLOCK=block, num_warps=8)
+        count = torch.full((pieces,), float(block), device=x.device, dtype=dtype)
+        count[-1] = n - block * (pieces - 1)
+        count = count.repeat(C // G).view(1, 1, -1)  # the group's pieces: C/G channels x pieces each
+        mean_p, m2_p = mean_p.view(B, G, -1), m2_p.view(B, G, -1)
+        total = count.sum()
+        mean = (mean_p * count).sum(2) / total
+        m2 = m2_p.sum(2) + ((mean_p - mean[..., None]).square() * count).sum(2)
+        var = m2 / total
+    else:
+        n = max(1, STREAM_ELEMENTS // x[:, :, 0].numel())
+        count, mean, m2 = 0, 0.0, 0.0
+        for t in range(0, T, n):
+            xc = x[:, :, t:t + n].to(dtype).reshape(B, G, -1)
+            var_c, mean_c = torch.var_mean(xc, dim=2, correction=0)
+            k = xc.shape[2]
+            delta = mean_c - mean
+            mean = mean + delta * (k / (count + k))
+            m2 = m2 + var_c * k + delta.square() * (count * k / (count + k))
+            count += k
+        var = m2 / count
+    rstd = torch.rsqrt(var + norm.eps)
+    per_channel = lambda v: v.repeat_interleave(C // G, dim=1)  # (B, G) -> (B, C)
     scale = per_channel(rstd) * norm.weight.to(dtype)
     shift = norm.bias.to(dtype) - per_channel(mean) * scale
     return scale.view(B, C, 1, 1, 1), shift.view(B, C, 1, 1, 1)
 
 
-def _norm_silu(affine, x):
-    """GroupNorm (precomputed affine) then SiLU on a chunk, in fp32 like the official autocast run; the fp32
-    result is cast to the conv dtype when _stream_conv copies it into its padded buffer."""
+def _norm_silu_into(dst, x, affine):
+    """dst[...] = SiLU(GroupNorm(x)) with the precomputed affine, computed in fp32 like the official autocast
+    run and cast once to dst's dtype."""
     scale, shift = affine
-    return F.silu(torch.addcmul(shift, x, scale), inplace=True)  # x * scale + shift, promoted to fp32
+    if _fused(x) and scale.dtype == torch.float32:
+        B, C, T, H, W = x.shape
+        rows, block = B * C * T * H, min(triton.next_power_of_2(W), 256)
+        grid = (triton.cdiv(rows, 4096 // block), triton.cdiv(W, block))
+        _norm_silu_kernel[grid](x, dst, scale, shift, rows, C, T, H, W, *x.stride(), *dst.stride(),
+                                ROWS=4096 // block, BLOCK=block, num_warps=8)
+    else:
+        dst.copy_(F.silu(torch.addcmul(shift, x, scale), inplace=True))  # x * scale + shift, promoted to fp32
 
 
-def _stream_conv(conv, read, T_in, out=None, accumulate=False):
-    """CausalConv3d over the frames read(a, b) returns (the conv input, already normalised/upsampled),
-    a few output frames at a time. Frames are read strictly in order and each once; the last k - stride
-    padded frames are kept as the causal cache. `out` may be the tensor read() reads from: every frame is
-    read before its slot is overwritten. With accumulate the conv output is added to `out`."""
+def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None):
+    """CausalConv3d over the frames read(a, b) returns (the conv input, e.g. upsampled), a few output frames
+    at a time; with `affine` (from _group_norm_affine) the conv sees SiLU(GroupNorm(frames)), applied as the
+    frames are copied into the padded buffer. Frames are read strictly in order and each once; the last
+    k - stride padded frames are kept as the causal cache. `out` may be the tensor read() reads from: every
+    frame is read before its slot is overwritten. With accumulate the conv output is added to `out`."""
     k, s = conv.conv.kernel_size[0], conv.conv.stride[0]
     p = conv.conv.kernel_size[1] // 2
     dtype = conv.conv.weight.dtype
@@ -116,12 +192,19 @@ def _stream_conv(conv, read, T_in, out=None, accumulate=False):
         if j0 == 0:
             n = max(1, STREAM_ELEMENTS // (new[:, :, :1].numel() * s))
         if k == 1:
-            seq = new.to(dtype)
+            if affine is None:
+                seq = new.to(dtype)
+            else:  # a fresh buffer: new may be a view of a tensor the caller still needs
+                seq = torch.empty_like(new, dtype=dtype)
+                _norm_silu_into(seq, new, affine)
         else:  # [cache | new] with replicate padding, built in one buffer (the copy also casts)
             B, C, t, H, W = new.shape
             f = k - 1 if cache is None else cache.shape[2]  # past frames in front of the new ones
             seq = new.new_empty((B, C, f + t, H + 2 * p, W + 2 * p), dtype=dtype)
-            seq[:, :, f:, p:p + H, p:p + W] = new
+            if affine is None:
+                seq[:, :, f:, p:p + H, p:p + W] = new
+            else:
+                _norm_silu_into(seq[:, :, f:, p:p + H, p:p + W], new, affine)
             if cache is None:  # official pad mode: frame 0 replicated into the k-1 past frames
                 seq[:, :, :f, p:p + H, p:p + W] = seq[:, :, f:f + 1, p:p + H, p:p + W]
             else:
@@ -198,12 +281,12 @@ class ResnetBlock(nn.Module):
     def stream(self, x):  # consumes x: its memory may hold the output
         T = x.shape[2]
         s1 = _group_norm_affine(self.norm1, x)
-        h = _stream_conv(self.conv1, lambda a, b: _norm_silu(s1, x[:, :, a:b]), T)
+        h = _stream_conv(self.conv1, lambda a, b: x[:, :, a:b], T, affine=s1)
         s2 = _group_norm_affine(self.norm2, h)
-        read2 = lambda a, b: _norm_silu(s2, h[:, :, a:b])
-        if self.conv_shortcut is None:
-            return _stream_conv(self.conv2, read2, T, out=x, accumulate=True)  # x + conv2(...), in place
-        out = _stream_conv(self.conv2, read2, T, out=h)  # overwrite h frame by frame, then add the shortcut
+        read2 = lambda a, b: h[:, :, a:b]
+        if self.conv_shortcut is None:  # x + conv2(...), in place
+            return _stream_conv(self.conv2, read2, T, out=x, accumulate=True, affine=s2)
+        out = _stream_conv(self.conv2, read2, T, out=h, affine=s2)  # overwrite h frame by frame, add the shortcut
         return _stream_conv(self.conv_shortcut, lambda a, b: x[:, :, a:b], T, out=out, accumulate=True)
 
 
@@ -342,7 +425,7 @@ class Encoder(nn.Module):
         for layer in [l for blk in self.down_blocks for l in blk.layers()] + self.mid_block.layers():
             x = layer.stream(x)
         s = _group_norm_affine(self.conv_norm_out, x)
-        return _stream_conv(self.conv_out, lambda a, b: _norm_silu(s, x[:, :, a:b]), x.shape[2])
+        return _stream_conv(self.conv_out, lambda a, b: x[:, :, a:b], x.shape[2], affine=s)
 
 
 class Decoder(nn.Module):
@@ -372,7 +455,7 @@ class Decoder(nn.Module):
         for layer in self.mid_block.layers() + [l for blk in self.up_blocks for l in blk.layers()]:
             x = layer.stream(x)
         s = _group_norm_affine(self.conv_norm_out, x)
-        return _stream_conv(self.conv_out, lambda a, b: _norm_silu(s, x[:, :, a:b]), x.shape[2])
+        return _stream_conv(self.conv_out, lambda a, b: x[:, :, a:b], x.shape[2], affine=s)
 
 
 # -----------------------------------------------------------------------------
