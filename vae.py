@@ -173,12 +173,13 @@ def _norm_silu_into(dst, x, affine):
         dst.copy_(F.silu(torch.addcmul(shift, x, scale), inplace=True))  # x * scale + shift, promoted to fp32
 
 
-def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None):
-    """CausalConv3d over the frames read(a, b) returns (the conv input, e.g. upsampled), a few output frames
-    at a time; with `affine` (from _group_norm_affine) the conv sees SiLU(GroupNorm(frames)), applied as the
-    frames are copied into the padded buffer. Frames are read strictly in order and each once; the last
-    k - stride padded frames are kept as the causal cache. `out` may be the tensor read() reads from: every
-    frame is read before its slot is overwritten. With accumulate the conv output is added to `out`."""
+def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None, up=(1, 1)):
+    """CausalConv3d over the frames read(a, b) returns, a few output frames at a time. The frames are
+    transformed as they are copied into the conv's padded buffer: with `affine` (from _group_norm_affine) the
+    conv sees SiLU(GroupNorm(frames)); with up = (fh, fw) (k > 1 only) it sees them nearest-upsampled in space.
+    Frames are read strictly in order and each once; the last k - stride padded frames are kept as the causal
+    cache. `out` may be the tensor read() reads from: every frame is read before its slot is overwritten.
+    With accumulate the conv output is added to `out`."""
     k, s = conv.conv.kernel_size[0], conv.conv.stride[0]
     p = conv.conv.kernel_size[1] // 2
     dtype = conv.conv.weight.dtype
@@ -190,7 +191,7 @@ def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None):
         new = read(pos, b)
         pos = b
         if j0 == 0:
-            n = max(1, STREAM_ELEMENTS // (new[:, :, :1].numel() * s))
+            n = max(1, STREAM_ELEMENTS // (new[:, :, :1].numel() * up[0] * up[1] * s))
         if k == 1:
             if affine is None:
                 seq = new.to(dtype)
@@ -198,13 +199,17 @@ def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None):
                 seq = torch.empty_like(new, dtype=dtype)
                 _norm_silu_into(seq, new, affine)
         else:  # [cache | new] with replicate padding, built in one buffer (the copy also casts)
-            B, C, t, H, W = new.shape
+            B, C, t, h, w = new.shape
+            H, W = h * up[0], w * up[1]
             f = k - 1 if cache is None else cache.shape[2]  # past frames in front of the new ones
             seq = new.new_empty((B, C, f + t, H + 2 * p, W + 2 * p), dtype=dtype)
-            if affine is None:
-                seq[:, :, f:, p:p + H, p:p + W] = new
-            else:
+            if affine is not None:
                 _norm_silu_into(seq[:, :, f:, p:p + H, p:p + W], new, affine)
+            elif up != (1, 1):  # nearest upsampling: each pixel broadcast over its fh x fw block in the copy
+                blocks = seq[:, :, f:, p:p + H, p:p + W].unflatten(4, (w, up[1])).unflatten(3, (h, up[0]))
+                blocks.copy_(new[:, :, :, :, None, :, None])
+            else:
+                seq[:, :, f:, p:p + H, p:p + W] = new
             if cache is None:  # official pad mode: frame 0 replicated into the k-1 past frames
                 seq[:, :, :f, p:p + H, p:p + W] = seq[:, :, f:f + 1, p:p + H, p:p + W]
             else:
@@ -214,7 +219,9 @@ def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None):
                 seq[:, :, :, p + H:] = seq[:, :, :, p + H - 1:p + H]
                 seq[..., :p] = seq[..., p:p + 1]
                 seq[..., p + W:] = seq[..., p + W - 1:p + W]
-            cache = seq[:, :, seq.shape[2] - (k - s):].clone()
+            # the next chunk's past frames: a view, so this buffer lives until the next one has copied them
+            # (one copy instead of a clone plus a copy)
+            cache = seq[:, :, seq.shape[2] - (k - s):]
         y = conv.conv(seq)
         del seq
         if out is None:
@@ -313,19 +320,21 @@ class Upsample(nn.Module):
         self.factor = factor  # (ft, fh, fw)
         self.conv = CausalConv3d(channels, channels, 3)
 
-    def _frames(self, x, a, b):
-        """Upsampled frames a..b-1: frame 0 comes from input frame 0, frame u >= 1 from 1 + (u-1)//ft."""
+    def _frames(self, x, a, b, spatial=True):
+        """Upsampled frames a..b-1: frame 0 comes from input frame 0, frame u >= 1 from 1 + (u-1)//ft.
+        spatial=False: upsampled in time only (the stream path upsamples in space as it pads)."""
         ft = self.factor[0]
         src = (torch.arange(a, b, device=x.device) + ft - 1) // ft
         x = x.index_select(2, src)
-        return F.interpolate(x, scale_factor=(1,) + tuple(self.factor[1:]), mode="nearest")
+        return F.interpolate(x, scale_factor=(1,) + tuple(self.factor[1:]), mode="nearest") if spatial else x
 
     def forward(self, x):
         return self.conv(self._frames(x, 0, 1 + self.factor[0] * (x.shape[2] - 1)))
 
     def stream(self, x):
         T_up = 1 + self.factor[0] * (x.shape[2] - 1)
-        return _stream_conv(self.conv, lambda a, b: self._frames(x, a, b), T_up)
+        read = lambda a, b: self._frames(x, a, b, spatial=False)
+        return _stream_conv(self.conv, read, T_up, up=tuple(self.factor[1:]))
 
 
 class Attention(nn.Module):
