@@ -38,6 +38,10 @@ constexpr int FWD_BM = 16 * WARPS;  // forward: query rows per block, 16 per war
 constexpr int FWD_BN = 64;          // forward: keys per tile
 constexpr int BWD_BN = 16 * WARPS;  // backward: keys per block, 16 per warp
 constexpr int BWD_BM = 32;          // backward: queries per tile
+constexpr int DQ_WARPS = 4;         // backward dQ kernel: warps per block
+constexpr int DQ_BM = 16 * DQ_WARPS;  // backward dQ kernel: query rows per block, 16 per warp
+constexpr int DQ_BN = 64;           // backward dQ kernel: keys per tile
+constexpr int DQ_CHUNK = 32;        // backward dQ kernel: keys taken from S to dQ at a time (see there)
 // Shared-memory rows are padded by 16 bytes: with D = 128 a row is 272 bytes, so the 8 row addresses of
 // one ldmatrix tile fall 4 banks apart and cover all 32 banks once (no conflicts). Same for D = 64.
 constexpr int PAD = 8;
@@ -94,9 +98,6 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // 2^x on the special-function unit; 2^-inf = 0, which the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -111,13 +112,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
 // [ROWS][D + PAD] shared tile; rows >= n are zero-filled and never read. Consecutive threads take
 // consecutive 16-byte chunks of a row: each row is one coalesced 256-byte (D = 128) read.
-template <typename T, int ROWS, int D>
+// NT is the block's thread count (kernels differ in their warp counts).
+template <typename T, int ROWS, int D, int NT = THREADS>
 __device__ __forceinline__ void load_tile(T* tile, const T* g, long long ld, int row0, int n) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    static_assert((ROWS * CHUNKS) % THREADS == 0, "tile chunks must split evenly over the threads");
+    static_assert((ROWS * CHUNKS) % NT == 0, "tile chunks must split evenly over the threads");
 #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-        const int c = i * THREADS + threadIdx.x;
+    for (int i = 0; i < ROWS * CHUNKS / NT; ++i) {
+        const int c = i * NT + threadIdx.x;
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         const bool valid = row0 + r < n;
         cp_async_16(tile + r * (D + PAD) + col, valid ? g + (row0 + r) * ld + col : g, valid);
@@ -294,26 +296,24 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p)
     if (lane == 0) p.delta[(static_cast<long long>(b) * p.heads + h) * p.len_q + i] = acc;
 }
 
-// Backward, step 2: one block = BWD_BN keys of one (b, h), each warp owning 16 of them, looping over all
-// queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
+// Backward, step 2 (dK, dV): one block = BWD_BN keys of one (b, h), each warp owning 16 of them, looping
+// over all queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
 //   S^T = K Q^T, P^T = 2^(S^T s log2e - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q  (in registers: this warp's keys only, no reduction across warps)
-//   dQ += dS K                  (every key block adds to the same rows: fp32 atomics into dq_accum)
-// Computing the transposes directly gives each warp whole key rows. dS^T goes through shared memory so
-// that the dQ product can split the work by query rows instead.
+// Computing the transposes directly gives each warp whole key rows. dQ is not computed here (version 1
+// added dS K into an fp32 dQ buffer with atomics from every key block: ~36 GB of reductions per (sample,
+// head) at 67k); attn_bwd_dq_kernel computes it instead, once per query tile.
 
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
+__global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const AttnParams p) {
     constexpr int STRIDE = D + PAD;
-    constexpr int SSTRIDE = BWD_BM + PAD;  // dS^T rows: 80 bytes, so ldmatrix rows fall 20 banks apart
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [BWD_BN][STRIDE]
     T* sV = sK + BWD_BN * STRIDE;        // [BWD_BN][STRIDE]
     T* sQ = sV + BWD_BN * STRIDE;        // [2][BWD_BM][STRIDE]
     T* sdO = sQ + 2 * BWD_BM * STRIDE;   // [2][BWD_BM][STRIDE]
-    T* sdS = sdO + 2 * BWD_BM * STRIDE;  // [BWD_BN][SSTRIDE], dS^T
-    float* sLse = reinterpret_cast<float*>(sdS + BWD_BN * SSTRIDE);  // [2][BWD_BM]
-    float* sDelta = sLse + 2 * BWD_BM;                               // [2][BWD_BM]
+    float* sLse = reinterpret_cast<float*>(sdO + 2 * BWD_BM * STRIDE);  // [2][BWD_BM]
+    float* sDelta = sLse + 2 * BWD_BM;                                 // [2][BWD_BM]
 
     const int n0 = blockIdx.x * BWD_BN, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -337,8 +337,6 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
     const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
     const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    float* dq_accum = p.dq_accum + static_cast<long long>(b) * p.len_q * p.heads * D + h * D;
-    const long long dq_ld = static_cast<long long>(p.heads) * D;
 
     // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
     auto load_queries = [&](int tile, int buf) {
@@ -360,9 +358,8 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     const float scale_log2 = p.scale * LOG2E;
     const int kw = warp * 16;  // this warp's first key within the block
     const int q_tiles = (p.len_q + BWD_BM - 1) / BWD_BM;
-    // dQ split: warp w takes query rows 16 (w % 2) .. +16 and head dims (D/2)(w / 2) .. +D/2.
-    static_assert(WARPS == 4 && BWD_BM == 32, "the dQ split assumes 2 x 2 warps over 32 queries");
-    const int dq_row = (warp % 2) * 16, dq_col = (warp / 2) * (D / 2);
+    // Which of this thread's two key rows (g, g + 8) are real keys; fixed for the whole query loop.
+    const bool valid_key[2] = {n0 + kw + g < kv_len, n0 + kw + g + 8 < kv_len};
     float dk_acc[D / 8][4] = {};
     float dv_acc[D / 8][4] = {};
 
@@ -402,8 +399,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int qi = nb * 8 + 2 * t + (e & 1);
-                const bool valid_key = n0 + kw + g + 8 * (e >> 1) < kv_len;
-                const float pv = valid_key ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+                const float pv = valid_key[e >> 1] ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
                 st[nb][e] = pv;
                 dpt[nb][e] = pv * (dpt[nb][e] - delta_i[qi]);
             }
@@ -428,42 +424,8 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
                 mma<T>(dk_acc[nd + 1], sa, qb[2], qb[3]);
             }
         }
-        // dS^T to shared memory ([key][query]), rounded as it was for dK.
-#pragma unroll
-        for (int nb = 0; nb < BWD_BM / 8; ++nb) {
-            *reinterpret_cast<uint32_t*>(sdS + (kw + g) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][0], dpt[nb][1]);
-            *reinterpret_cast<uint32_t*>(sdS + (kw + g + 8) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][2], dpt[nb][3]);
-        }
-        __syncthreads();
-
-        // dQ (16 queries x D/2 per warp) = dS K over this block's BWD_BN keys. A = dS, read from the
-        // [key][query] tile with .trans; B = K ([key][d]: .trans).
-        float dq[D / 16][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < BWD_BN / 16; ++kk) {
-            uint32_t sa[4];
-            ldmatrix_x4_trans(sa, frag_b(sdS, SSTRIDE, kk * 16, dq_row, lane));
-#pragma unroll
-            for (int nd = 0; nd < D / 16; nd += 2) {
-                uint32_t kb[4];
-                ldmatrix_x4_trans(kb, frag_a(sK, STRIDE, kk * 16, dq_col + nd * 8, lane));
-                mma<T>(dq[nd], sa, kb[0], kb[1]);
-                mma<T>(dq[nd + 1], sa, kb[2], kb[3]);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = it * BWD_BM + dq_row + g + 8 * r;
-            if (row >= p.len_q) continue;
-            float* dst = dq_accum + row * dq_ld + dq_col + 2 * t;
-#pragma unroll
-            for (int nd = 0; nd < D / 16; ++nd) {
-                atomicAdd(dst + nd * 8, dq[nd][2 * r]);
-                atomicAdd(dst + nd * 8 + 1, dq[nd][2 * r + 1]);
-            }
-        }
         cp_async_wait_all();
-        __syncthreads();  // next tile landed; sQ/sdO/sdS of this one free to overwrite
+        __syncthreads();  // next tile landed; sQ/sdO/sLse/sDelta of this one free to overwrite
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
@@ -481,17 +443,140 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     }
 }
 
-// Backward, step 3: dQ = s * dq_accum, to the input dtype.
+// Backward, step 3 (dQ): one block = DQ_WARPS x 16 query rows of one (b, h), each warp owning 16 rows,
+// streaming the valid keys in DQ_BN-key tiles (K and V double-buffered), the forward's loop shape:
+//   S = Q K^T, P = 2^(S s log2e - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K,
+// Q and dO held in registers as A fragments, dQ accumulated in registers and written once, scaled by s.
+// This recomputes S and dP, which the dK/dV kernel also computes (backward matmul work 5 -> 7 products,
+// 2.5x -> 3.5x the forward's), in exchange for no atomics and no fp32 dQ buffer.
+
 template <typename T, int D>
-__global__ void __launch_bounds__(256) attn_bwd_convert_kernel(const AttnParams p) {
-    const long long n = static_cast<long long>(p.batch) * p.len_q * p.heads * D;
-    for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-         idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const int c = idx % D, h = (idx / D) % p.heads;
-        const long long i = (idx / (static_cast<long long>(D) * p.heads)) % p.len_q;
-        const long long b = idx / (static_cast<long long>(D) * p.heads * p.len_q);
-        T* dq = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + i * p.dq.stride_l + h * p.dq.stride_h;
-        dq[c] = from_float<T>(p.dq_accum[idx] * p.scale);
+__global__ void __launch_bounds__(DQ_WARPS * 32) attn_bwd_dq_kernel(const AttnParams p) {
+    constexpr int NT = DQ_WARPS * 32;
+    constexpr int BM = DQ_BM, BN = DQ_BN;
+    constexpr int STRIDE = D + PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sQ = reinterpret_cast<T*>(smem);  // [BM][STRIDE]
+    T* sdO = sQ + BM * STRIDE;           // [BM][STRIDE]
+    T* sK = sdO + BM * STRIDE;           // [2][BN][STRIDE]
+    T* sV = sK + 2 * BN * STRIDE;        // [2][BN][STRIDE]
+
+    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
+    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+
+    // Rows past Lq load as zeros (their results are not stored).
+    load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile<T, BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
+    load_tile<T, BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+
+    // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once. A row past
+    // Lq gets lse = +inf, so its P is 2^-inf = 0 and everything stays finite.
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp * 16 + g + 8 * r;
+        row_lse[r] = row < p.len_q ? lse[row] : INFINITY;
+        row_delta[r] = row < p.len_q ? delta[row] : 0.f;
+    }
+
+    cp_async_wait_all();
+    __syncthreads();
+
+    // This warp's 16 rows of Q and dO as A fragments, in registers for the whole key loop (D/2 regs).
+    uint32_t qf[D / 16][4], df[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, warp * 16, ks * 16, lane));
+        ldmatrix_x4(df[ks], frag_a(sdO, STRIDE, warp * 16, ks * 16, lane));
+    }
+
+    const float scale_log2 = p.scale * LOG2E;
+    float dq[D / 8][4] = {};
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
+            load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * STRIDE, k, p.k.stride_l, (j + 1) * BN, kv_len);
+            load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * STRIDE, v, p.v.stride_l, (j + 1) * BN, kv_len);
+            cp_async_commit();
+        }
+        const T* sKj = sK + buf * BN * STRIDE;
+        const T* sVj = sV + buf * BN * STRIDE;
+        const bool tail = (j + 1) * BN > kv_len;  // the last tile, partly past kv_len
+
+        // The tile in chunks of DQ_CHUNK keys, each taken all the way from S to dQ, so only one chunk's S
+        // and dP are live next to Q, dO and dQ (all 64 keys at once: 255 registers and a spill at D = 128).
+        // The ldmatrix and mma counts are the same as for the whole tile at once.
+#pragma unroll
+        for (int c0 = 0; c0 < BN; c0 += DQ_CHUNK) {
+            // S = Q K^T and dP = dO V^T: 16 rows x DQ_CHUNK keys per warp. B fragments from the [key][d]
+            // tiles with plain ldmatrix, as in the forward.
+            float s[DQ_CHUNK / 8][4] = {};
+            float dp[DQ_CHUNK / 8][4] = {};
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+                for (int nb = 0; nb < DQ_CHUNK / 8; nb += 2) {
+                    uint32_t kf[4], vf[4];
+                    ldmatrix_x4(kf, frag_b(sKj, STRIDE, c0 + nb * 8, ks * 16, lane));
+                    ldmatrix_x4(vf, frag_b(sVj, STRIDE, c0 + nb * 8, ks * 16, lane));
+                    mma<T>(s[nb], qf[ks], kf[0], kf[1]);
+                    mma<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
+                    mma<T>(dp[nb], df[ks], vf[0], vf[1]);
+                    mma<T>(dp[nb + 1], df[ks], vf[2], vf[3]);
+                }
+            }
+            // dS = P (dP - delta), into s. Keys past kv_len (only in the last tile; their K and V rows were
+            // zero-filled, so s and dp are finite there) get P = 0.
+#pragma unroll
+            for (int nb = 0; nb < DQ_CHUNK / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float pv = fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
+                    if (tail && j * BN + c0 + nb * 8 + 2 * t + (e & 1) >= kv_len) pv = 0.f;
+                    s[nb][e] = pv * (dp[nb][e] - row_delta[e >> 1]);
+                }
+            }
+            // dQ += dS K. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk; K
+            // is a [key][d] = [k][n] tile, so its B fragments come with .trans (as V in the forward's P V).
+#pragma unroll
+            for (int kk = 0; kk < DQ_CHUNK / 16; ++kk) {
+                const uint32_t sa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                        pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int nd = 0; nd < D / 8; nd += 2) {
+                    uint32_t kb[4];
+                    ldmatrix_x4_trans(kb, frag_a(sKj, STRIDE, c0 + kk * 16, nd * 8, lane));
+                    mma<T>(dq[nd], sa, kb[0], kb[1]);
+                    mma<T>(dq[nd + 1], sa, kb[2], kb[3]);
+                }
+            }
+        }
+        cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
+        __syncthreads();      // ... everyone's, and everyone is done reading tile j
+    }
+
+    // dQ = s * dS K (the scale of S = s Q K^T), to the input dtype; rows past Lq are not stored.
+    T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp * 16 + g + 8 * r;
+        if (row >= p.len_q) continue;
+        T* dqr = dqp + row * p.dq.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd)
+            *reinterpret_cast<uint32_t*>(dqr + nd * 8) = pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale);
     }
 }
 
@@ -521,18 +606,22 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
-    const int smem = (2 * BWD_BN * (D + PAD) + 4 * BWD_BM * (D + PAD) + BWD_BN * (BWD_BM + PAD)) * static_cast<int>(sizeof(T))
-                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // 75,264 B at D = 128
-    err = allow_smem(attn_bwd_kernel<T, D>, smem);
+    // dK, dV: one block per BWD_BN keys.
+    const int smem = (2 * BWD_BN + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T))
+                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // 70,144 B at D = 128
+    err = allow_smem(attn_bwd_dkdv_kernel<T, D>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_k + BWD_BN - 1) / BWD_BN, p.heads, p.batch);
-    attn_bwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
+    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
 
-    const long long n = rows * D;
-    const unsigned blocks = static_cast<unsigned>(min((n + 255) / 256, 65536LL));
-    attn_bwd_convert_kernel<T, D><<<blocks, 256, 0, stream>>>(p);
+    // dQ: one block per DQ_BM queries (independent of the dK/dV kernel; both need only delta).
+    const int smem_dq = (2 * DQ_BM + 4 * DQ_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // 104,448 B at D = 128
+    err = allow_smem(attn_bwd_dq_kernel<T, D>, smem_dq);
+    if (err != cudaSuccess) return err;
+    const dim3 grid_dq((p.len_q + DQ_BM - 1) / DQ_BM, p.heads, p.batch);
+    attn_bwd_dq_kernel<T, D><<<grid_dq, DQ_WARPS * 32, smem_dq, stream>>>(p);
     return cudaGetLastError();
 }
 
