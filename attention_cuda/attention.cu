@@ -27,21 +27,19 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "attention.h"
 
 namespace {
 
-constexpr int WARPS = 4;
-constexpr int THREADS = WARPS * 32;
-constexpr int FWD_BM = 16 * WARPS;  // forward: query rows per block, 16 per warp
+// Every kernel below but the delta one is templated on its warp count W; each warp owns 16 rows (query
+// rows in the forward and the dQ kernel, key rows in the dK/dV kernel), so a block covers 16 W rows.
+// The choice per head_dim is made in the launchers at the bottom (warps_for).
 constexpr int FWD_BN = 64;          // forward: keys per tile
-constexpr int BWD_BN = 16 * WARPS;  // backward: keys per block, 16 per warp
-constexpr int BWD_BM = 32;          // backward: queries per tile
-constexpr int DQ_WARPS = 4;         // backward dQ kernel: warps per block
-constexpr int DQ_BM = 16 * DQ_WARPS;  // backward dQ kernel: query rows per block, 16 per warp
-constexpr int DQ_BN = 64;           // backward dQ kernel: keys per tile
-constexpr int DQ_CHUNK = 32;        // backward dQ kernel: keys taken from S to dQ at a time (see there)
+constexpr int BWD_BM = 32;          // backward dK/dV: queries per tile
+constexpr int DQ_BN = 64;           // backward dQ: keys per tile
+constexpr int DQ_CHUNK = 32;        // backward dQ: keys taken from S to dQ at a time (see there)
 // Shared-memory rows are padded by 16 bytes: with D = 128 a row is 272 bytes, so the 8 row addresses of
 // one ldmatrix tile fall 4 banks apart and cover all 32 banks once (no conflicts). Same for D = 64.
 constexpr int PAD = 8;
@@ -113,7 +111,7 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // [ROWS][D + PAD] shared tile; rows >= n are zero-filled and never read. Consecutive threads take
 // consecutive 16-byte chunks of a row: each row is one coalesced 256-byte (D = 128) read.
 // NT is the block's thread count (kernels differ in their warp counts).
-template <typename T, int ROWS, int D, int NT = THREADS>
+template <typename T, int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(T* tile, const T* g, long long ld, int row0, int n) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
     static_assert((ROWS * CHUNKS) % NT == 0, "tile chunks must split evenly over the threads");
@@ -143,11 +141,14 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: one block = FWD_BM query rows of one (b, h); each warp owns 16 rows and streams all valid
-// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j).
+// Forward: one block = BM = 16 W query rows of one (b, h); each warp owns 16 rows and streams all valid
+// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j). Every
+// warp reads every K/V tile from shared memory whatever W is; a larger W makes each tile copied from
+// L2 serve more rows (W = 4 at 67k: ~880 GB of K/V copied from L2 per call, ~4 TB/s at v1's speed).
 
-template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
+    constexpr int NT = W * 32, FWD_BM = 16 * W;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
@@ -162,9 +163,9 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
     const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
     const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
 
-    load_tile<T, FWD_BM, D>(sQ, q, p.q.stride_l, m0, p.len_q);
-    load_tile<T, FWD_BN, D>(sK, k, p.k.stride_l, 0, kv_len);
-    load_tile<T, FWD_BN, D>(sV, v, p.v.stride_l, 0, kv_len);
+    load_tile<T, FWD_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile<T, FWD_BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, FWD_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -184,8 +185,8 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j & 1;
         if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
-            load_tile<T, FWD_BN, D>(sK + (buf ^ 1) * FWD_BN * STRIDE, k, p.k.stride_l, (j + 1) * FWD_BN, kv_len);
-            load_tile<T, FWD_BN, D>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
+            load_tile<T, FWD_BN, D, NT>(sK + (buf ^ 1) * FWD_BN * STRIDE, k, p.k.stride_l, (j + 1) * FWD_BN, kv_len);
+            load_tile<T, FWD_BN, D, NT>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
             cp_async_commit();
         }
         const T* sKj = sK + buf * FWD_BN * STRIDE;
@@ -296,7 +297,7 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p)
     if (lane == 0) p.delta[(static_cast<long long>(b) * p.heads + h) * p.len_q + i] = acc;
 }
 
-// Backward, step 2 (dK, dV): one block = BWD_BN keys of one (b, h), each warp owning 16 of them, looping
+// Backward, step 2 (dK, dV): one block = BWD_BN = 16 W keys of one (b, h), each warp owning 16 of them, looping
 // over all queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
 //   S^T = K Q^T, P^T = 2^(S^T s log2e - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q  (in registers: this warp's keys only, no reduction across warps)
@@ -304,8 +305,9 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p)
 // added dS K into an fp32 dQ buffer with atomics from every key block: ~36 GB of reductions per (sample,
 // head) at 67k); attn_bwd_dq_kernel computes it instead, once per query tile.
 
-template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const AttnParams p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
+    constexpr int NT = W * 32, BWD_BN = 16 * W;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [BWD_BN][STRIDE]
@@ -323,7 +325,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const AttnParams
 
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
         const int rows = min(BWD_BN, p.len_k - n0);
-        for (int c = threadIdx.x; c < rows * (D / 8); c += THREADS) {
+        for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
             const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
             *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
             *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
@@ -340,16 +342,16 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const AttnParams
 
     // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
     auto load_queries = [&](int tile, int buf) {
-        load_tile<T, BWD_BM, D>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
-        load_tile<T, BWD_BM, D>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
-        if (threadIdx.x < BWD_BM) {
+        load_tile<T, BWD_BM, D, NT>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
+        load_tile<T, BWD_BM, D, NT>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
+        if (threadIdx.x < BWD_BM) {  // NT >= 128 > BWD_BM
             const int i = tile * BWD_BM + threadIdx.x;
             sLse[buf * BWD_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
             sDelta[buf * BWD_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
         }
     };
-    load_tile<T, BWD_BN, D>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
-    load_tile<T, BWD_BN, D>(sV, v, p.v.stride_l, n0, kv_len);
+    load_tile<T, BWD_BN, D, NT>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
+    load_tile<T, BWD_BN, D, NT>(sV, v, p.v.stride_l, n0, kv_len);
     load_queries(0, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -443,17 +445,17 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const AttnParams
     }
 }
 
-// Backward, step 3 (dQ): one block = DQ_WARPS x 16 query rows of one (b, h), each warp owning 16 rows,
+// Backward, step 3 (dQ): one block = DQ_BM = 16 W query rows of one (b, h), each warp owning 16 rows,
 // streaming the valid keys in DQ_BN-key tiles (K and V double-buffered), the forward's loop shape:
 //   S = Q K^T, P = 2^(S s log2e - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K,
 // Q and dO held in registers as A fragments, dQ accumulated in registers and written once, scaled by s.
 // This recomputes S and dP, which the dK/dV kernel also computes (backward matmul work 5 -> 7 products,
 // 2.5x -> 3.5x the forward's), in exchange for no atomics and no fp32 dQ buffer.
 
-template <typename T, int D>
-__global__ void __launch_bounds__(DQ_WARPS * 32) attn_bwd_dq_kernel(const AttnParams p) {
-    constexpr int NT = DQ_WARPS * 32;
-    constexpr int BM = DQ_BM, BN = DQ_BN;
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p) {
+    constexpr int NT = W * 32;
+    constexpr int BM = 16 * W, BN = DQ_BN;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);  // [BM][STRIDE]
@@ -589,13 +591,58 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
+// Warps per block of the three big kernels. At D = 128: the forward and the dQ kernel take 8 warps (128
+// query rows, so each K/V tile copied into shared memory serves 128 rows: half version 1's L2 -> SM
+// traffic; 242-253 registers x 256 threads and 104-139 KB of shared memory: 1 block of 8 warps per SM,
+// the same 8 warps per SM as version 1's 2 blocks of 4); the dK/dV kernel keeps version 1's 4 warps.
+// At D = 64 all three keep 4 warps (137-166 registers: 3 blocks per SM). For timing without a rebuild,
+// ATTENTION_CUDA_FWD_WARPS, ATTENTION_CUDA_DQ_WARPS, ATTENTION_CUDA_DKDV_WARPS = 4 or 8 override the
+// D = 128 choice (read at every launch; anything else is ignored).
+int warps_for(const char* env_name, int fallback) {
+    const char* s = std::getenv(env_name);
+    if (s != nullptr && (s[0] == '4' || s[0] == '8') && s[1] == '\0') return s[0] - '0';
+    return fallback;
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BM = 16 * W;
+    const int smem = (BM + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // D = 128: 87,040 B (W = 4), 104,448 B (W = 8)
+    cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
+    attn_fwd_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
-    const int smem = (FWD_BM + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // 87,040 B at D = 128
-    cudaError_t err = allow_smem(attn_fwd_kernel<T, D>, smem);
+    if constexpr (D == 128) {
+        if (warps_for("ATTENTION_CUDA_FWD_WARPS", 8) == 8) return launch_forward<T, D, 8>(p, stream);
+    }
+    return launch_forward<T, D, 4>(p, stream);
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BN = 16 * W;
+    const int smem = (2 * BN + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T))
+                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // D = 128: 70,144 B (W = 4), 104,960 B (W = 8)
+    cudaError_t err = allow_smem(attn_bwd_dkdv_kernel<T, D, W>, smem);
     if (err != cudaSuccess) return err;
-    const dim3 grid((p.len_q + FWD_BM - 1) / FWD_BM, p.heads, p.batch);
-    attn_fwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
+    const dim3 grid((p.len_k + BN - 1) / BN, p.heads, p.batch);
+    attn_bwd_dkdv_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_dq(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BM = 16 * W;
+    const int smem = (2 * BM + 4 * DQ_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // D = 128: 104,448 B (W = 4), 139,264 B (W = 8)
+    cudaError_t err = allow_smem(attn_bwd_dq_kernel<T, D, W>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
+    attn_bwd_dq_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -605,24 +652,21 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-
-    // dK, dV: one block per BWD_BN keys.
-    const int smem = (2 * BWD_BN + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T))
-                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // 70,144 B at D = 128
-    err = allow_smem(attn_bwd_dkdv_kernel<T, D>, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((p.len_k + BWD_BN - 1) / BWD_BN, p.heads, p.batch);
-    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-
-    // dQ: one block per DQ_BM queries (independent of the dK/dV kernel; both need only delta).
-    const int smem_dq = (2 * DQ_BM + 4 * DQ_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // 104,448 B at D = 128
-    err = allow_smem(attn_bwd_dq_kernel<T, D>, smem_dq);
-    if (err != cudaSuccess) return err;
-    const dim3 grid_dq((p.len_q + DQ_BM - 1) / DQ_BM, p.heads, p.batch);
-    attn_bwd_dq_kernel<T, D><<<grid_dq, DQ_WARPS * 32, smem_dq, stream>>>(p);
-    return cudaGetLastError();
+    // dK/dV and dQ are independent of each other; both need only delta (and lse from the forward).
+    int dkdv_warps = 4, dq_warps = 4;
+    if constexpr (D == 128) {
+        dkdv_warps = warps_for("ATTENTION_CUDA_DKDV_WARPS", 4);
+        dq_warps = warps_for("ATTENTION_CUDA_DQ_WARPS", 8);
+    }
+    if constexpr (D == 128) {
+        err = dkdv_warps == 8 ? launch_dkdv<T, D, 8>(p, stream) : launch_dkdv<T, D, 4>(p, stream);
+        if (err != cudaSuccess) return err;
+        return dq_warps == 8 ? launch_dq<T, D, 8>(p, stream) : launch_dq<T, D, 4>(p, stream);
+    } else {
+        err = launch_dkdv<T, D, 4>(p, stream);
+        if (err != cudaSuccess) return err;
+        return launch_dq<T, D, 4>(p, stream);
+    }
 }
 
 }  // namespace
