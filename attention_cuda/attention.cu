@@ -1,13 +1,15 @@
-// Fused attention, version 1: FlashAttention-2 style tiling on the tensor cores through mma.sync
+// Fused attention, version 1.1: FlashAttention-2 style tiling on the tensor cores through mma.sync
 // (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies from
 // global memory, online softmax in base 2, per-sample key lengths. Forward and backward.
 //
 // Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
 //
-// Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D (recomputing
-// Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. The forward moves at least 4*L*D*2 bytes per
-// (b, h) (read Q, K, V, write O): n/2 FLOP per byte, ~34,000 at L = 67,576, against the H100's ~230
+// Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D of useful work
+// (recomputing Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. Executed since version 1.1:
+// 14*Lq*n*D, 3.5x, because the dQ kernel recomputes Q K^T and dO V^T instead of taking dS from the dK/dV
+// kernel through fp32 atomics. The forward moves at least 4*L*D*2 bytes per (b, h) (read Q, K, V,
+// write O): n/2 FLOP per byte, ~34,000 at L = 67,576, against the H100's ~230
 // (779 TFLOP/s over 3.35 TB/s). The tensor cores set the pace, not memory.
 //
 // mma.m16n8k16 fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4*g + t:
