@@ -460,10 +460,13 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
     constexpr int BM = 16 * W, BN = DQ_BN;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
-    T* sQ = reinterpret_cast<T*>(smem);  // [BM][STRIDE]
-    T* sdO = sQ + BM * STRIDE;           // [BM][STRIDE]
-    T* sK = sdO + BM * STRIDE;           // [2][BN][STRIDE]
+    T* sK = reinterpret_cast<T*>(smem);  // [2][BN][STRIDE]
     T* sV = sK + 2 * BN * STRIDE;        // [2][BN][STRIDE]
+    // Q and dO pass through the K/V buffers before the key loop (they live in registers after it), so the
+    // block needs 69,632 B at D = 128 whatever W is: within the 99 KB per block of sm_86/sm_89 too.
+    static_assert(2 * BM <= 4 * BN, "Q and dO must fit in the K/V buffers");
+    T* sQ = sK;                 // [BM][STRIDE], before the key loop only
+    T* sdO = sQ + BM * STRIDE;  // [BM][STRIDE], before the key loop only
 
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -479,8 +482,6 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
     // Rows past Lq load as zeros (their results are not stored).
     load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
     load_tile<T, BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
-    load_tile<T, BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
-    load_tile<T, BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
     cp_async_commit();
 
     // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once. A row past
@@ -503,6 +504,12 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
         ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, warp * 16, ks * 16, lane));
         ldmatrix_x4(df[ks], frag_a(sdO, STRIDE, warp * 16, ks * 16, lane));
     }
+    __syncthreads();  // every warp has its Q and dO fragments: the buffers go to K and V now
+    load_tile<T, BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();  // tile 0 is in
 
     const float scale_log2 = p.scale * LOG2E;
     float dq[D / 8][4] = {};
@@ -606,10 +613,23 @@ int warps_for(const char* env_name, int fallback) {
     return fallback;
 }
 
+// Shared memory a block may opt into on the current device (227 KB on the H100, 163 KB on the A100,
+// 99 KB on sm_86/sm_89): an 8-warp choice that does not fit falls back to 4 warps.
+int max_smem_per_block() {
+    int dev = 0, bytes = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+    return bytes;
+}
+template <typename T, int D, int W> constexpr int fwd_smem() { return (16 * W + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T)); }
+template <typename T, int D, int W> constexpr int dkdv_smem() {
+    return (2 * 16 * W + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T)) + 4 * BWD_BM * static_cast<int>(sizeof(float));
+}
+
 template <typename T, int D, int W>
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     constexpr int BM = 16 * W;
-    const int smem = (BM + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // D = 128: 87,040 B (W = 4), 104,448 B (W = 8)
+    const int smem = fwd_smem<T, D, W>();  // D = 128: 87,040 B (W = 4), 104,448 B (W = 8)
     cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
@@ -620,7 +640,8 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     if constexpr (D == 128) {
-        if (warps_for("ATTENTION_CUDA_FWD_WARPS", 8) == 8) return launch_forward<T, D, 8>(p, stream);
+        if (warps_for("ATTENTION_CUDA_FWD_WARPS", 8) == 8 && fwd_smem<T, D, 8>() <= max_smem_per_block())
+            return launch_forward<T, D, 8>(p, stream);
     }
     return launch_forward<T, D, 4>(p, stream);
 }
@@ -628,8 +649,7 @@ cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D, int W>
 cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
     constexpr int BN = 16 * W;
-    const int smem = (2 * BN + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T))
-                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // D = 128: 70,144 B (W = 4), 104,960 B (W = 8)
+    const int smem = dkdv_smem<T, D, W>();  // D = 128: 70,144 B (W = 4), 104,960 B (W = 8)
     cudaError_t err = allow_smem(attn_bwd_dkdv_kernel<T, D, W>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_k + BN - 1) / BN, p.heads, p.batch);
@@ -640,7 +660,7 @@ cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D, int W>
 cudaError_t launch_dq(const AttnParams& p, cudaStream_t stream) {
     constexpr int BM = 16 * W;
-    const int smem = (2 * BM + 4 * DQ_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // D = 128: 104,448 B (W = 4), 139,264 B (W = 8)
+    const int smem = 4 * DQ_BN * (D + PAD) * static_cast<int>(sizeof(T));  // 69,632 B at D = 128 (Q, dO staged in it)
     cudaError_t err = allow_smem(attn_bwd_dq_kernel<T, D, W>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
@@ -658,6 +678,7 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     int dkdv_warps = 4, dq_warps = 4;
     if constexpr (D == 128) {
         dkdv_warps = warps_for("ATTENTION_CUDA_DKDV_WARPS", 4);
+        if (dkdv_smem<T, D, 8>() > max_smem_per_block()) dkdv_warps = 4;
         dq_warps = warps_for("ATTENTION_CUDA_DQ_WARPS", 8);
     }
     if constexpr (D == 128) {
