@@ -1,13 +1,15 @@
-// Fused attention, version 1: FlashAttention-2 style tiling on the tensor cores through mma.sync
+// Fused attention, version 1.1: FlashAttention-2 style tiling on the tensor cores through mma.sync
 // (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies from
 // global memory, online softmax in base 2, per-sample key lengths. Forward and backward.
 //
 // Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
 //
-// Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D (recomputing
-// Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. The forward moves at least 4*L*D*2 bytes per
-// (b, h) (read Q, K, V, write O): n/2 FLOP per byte, ~34,000 at L = 67,576, against the H100's ~230
+// Work: forward 4*Lq*n*D FLOPs per (b, h) (Q K^T and P V, 2 each); backward 10*Lq*n*D of useful work
+// (recomputing Q K^T, then dP = dO V^T, dV, dK, dQ), 2.5x the forward. Executed since version 1.1:
+// 14*Lq*n*D, 3.5x, because the dQ kernel recomputes Q K^T and dO V^T instead of taking dS from the dK/dV
+// kernel through fp32 atomics. The forward moves at least 4*L*D*2 bytes per (b, h) (read Q, K, V,
+// write O): n/2 FLOP per byte, ~34,000 at L = 67,576, against the H100's ~230
 // (779 TFLOP/s over 3.35 TB/s). The tensor cores set the pace, not memory.
 //
 // mma.m16n8k16 fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4*g + t:
@@ -27,17 +29,19 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "attention.h"
 
 namespace {
 
-constexpr int WARPS = 4;
-constexpr int THREADS = WARPS * 32;
-constexpr int FWD_BM = 16 * WARPS;  // forward: query rows per block, 16 per warp
+// Every kernel below but the delta one is templated on its warp count W; each warp owns 16 rows (query
+// rows in the forward and the dQ kernel, key rows in the dK/dV kernel), so a block covers 16 W rows.
+// The choice per head_dim is made in the launchers at the bottom (warps_for).
 constexpr int FWD_BN = 64;          // forward: keys per tile
-constexpr int BWD_BN = 16 * WARPS;  // backward: keys per block, 16 per warp
-constexpr int BWD_BM = 32;          // backward: queries per tile
+constexpr int BWD_BM = 32;          // backward dK/dV: queries per tile
+constexpr int DQ_BN = 64;           // backward dQ: keys per tile
+constexpr int DQ_CHUNK = 32;        // backward dQ: keys taken from S to dQ at a time (see there)
 // Shared-memory rows are padded by 16 bytes: with D = 128 a row is 272 bytes, so the 8 row addresses of
 // one ldmatrix tile fall 4 banks apart and cover all 32 banks once (no conflicts). Same for D = 64.
 constexpr int PAD = 8;
@@ -94,9 +98,6 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 // 2^x on the special-function unit; 2^-inf = 0, which the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -111,13 +112,14 @@ __device__ __forceinline__ float fast_exp2(float x) {
 // Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
 // [ROWS][D + PAD] shared tile; rows >= n are zero-filled and never read. Consecutive threads take
 // consecutive 16-byte chunks of a row: each row is one coalesced 256-byte (D = 128) read.
-template <typename T, int ROWS, int D>
+// NT is the block's thread count (kernels differ in their warp counts).
+template <typename T, int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(T* tile, const T* g, long long ld, int row0, int n) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
-    static_assert((ROWS * CHUNKS) % THREADS == 0, "tile chunks must split evenly over the threads");
+    static_assert((ROWS * CHUNKS) % NT == 0, "tile chunks must split evenly over the threads");
 #pragma unroll
-    for (int i = 0; i < ROWS * CHUNKS / THREADS; ++i) {
-        const int c = i * THREADS + threadIdx.x;
+    for (int i = 0; i < ROWS * CHUNKS / NT; ++i) {
+        const int c = i * NT + threadIdx.x;
         const int r = c / CHUNKS, col = (c % CHUNKS) * 8;
         const bool valid = row0 + r < n;
         cp_async_16(tile + r * (D + PAD) + col, valid ? g + (row0 + r) * ld + col : g, valid);
@@ -141,11 +143,14 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: one block = FWD_BM query rows of one (b, h); each warp owns 16 rows and streams all valid
-// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j).
+// Forward: one block = BM = 16 W query rows of one (b, h); each warp owns 16 rows and streams all valid
+// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j). Every
+// warp reads every K/V tile from shared memory whatever W is; a larger W makes each tile copied from
+// L2 serve more rows (W = 4 at 67k: ~880 GB of K/V copied from L2 per call, ~4 TB/s at v1's speed).
 
-template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
+    constexpr int NT = W * 32, FWD_BM = 16 * W;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
@@ -160,9 +165,9 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
     const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
     const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
 
-    load_tile<T, FWD_BM, D>(sQ, q, p.q.stride_l, m0, p.len_q);
-    load_tile<T, FWD_BN, D>(sK, k, p.k.stride_l, 0, kv_len);
-    load_tile<T, FWD_BN, D>(sV, v, p.v.stride_l, 0, kv_len);
+    load_tile<T, FWD_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile<T, FWD_BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, FWD_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
@@ -182,8 +187,8 @@ __global__ void __launch_bounds__(THREADS) attn_fwd_kernel(const AttnParams p) {
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j & 1;
         if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
-            load_tile<T, FWD_BN, D>(sK + (buf ^ 1) * FWD_BN * STRIDE, k, p.k.stride_l, (j + 1) * FWD_BN, kv_len);
-            load_tile<T, FWD_BN, D>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
+            load_tile<T, FWD_BN, D, NT>(sK + (buf ^ 1) * FWD_BN * STRIDE, k, p.k.stride_l, (j + 1) * FWD_BN, kv_len);
+            load_tile<T, FWD_BN, D, NT>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
             cp_async_commit();
         }
         const T* sKj = sK + buf * FWD_BN * STRIDE;
@@ -294,26 +299,25 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const AttnParams p)
     if (lane == 0) p.delta[(static_cast<long long>(b) * p.heads + h) * p.len_q + i] = acc;
 }
 
-// Backward, step 2: one block = BWD_BN keys of one (b, h), each warp owning 16 of them, looping over all
-// queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
+// Backward, step 2 (dK, dV): one block = BWD_BN = 16 W keys of one (b, h), each warp owning 16 of them, looping
+// over all queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
 //   S^T = K Q^T, P^T = 2^(S^T s log2e - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //   dV += P^T dO, dK += dS^T Q  (in registers: this warp's keys only, no reduction across warps)
-//   dQ += dS K                  (every key block adds to the same rows: fp32 atomics into dq_accum)
-// Computing the transposes directly gives each warp whole key rows. dS^T goes through shared memory so
-// that the dQ product can split the work by query rows instead.
+// Computing the transposes directly gives each warp whole key rows. dQ is not computed here (version 1
+// added dS K into an fp32 dQ buffer with atomics from every key block: ~36 GB of reductions per (sample,
+// head) at 67k); attn_bwd_dq_kernel computes it instead, once per query tile.
 
-template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams p) {
+    constexpr int NT = W * 32, BWD_BN = 16 * W;
     constexpr int STRIDE = D + PAD;
-    constexpr int SSTRIDE = BWD_BM + PAD;  // dS^T rows: 80 bytes, so ldmatrix rows fall 20 banks apart
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [BWD_BN][STRIDE]
     T* sV = sK + BWD_BN * STRIDE;        // [BWD_BN][STRIDE]
     T* sQ = sV + BWD_BN * STRIDE;        // [2][BWD_BM][STRIDE]
     T* sdO = sQ + 2 * BWD_BM * STRIDE;   // [2][BWD_BM][STRIDE]
-    T* sdS = sdO + 2 * BWD_BM * STRIDE;  // [BWD_BN][SSTRIDE], dS^T
-    float* sLse = reinterpret_cast<float*>(sdS + BWD_BN * SSTRIDE);  // [2][BWD_BM]
-    float* sDelta = sLse + 2 * BWD_BM;                               // [2][BWD_BM]
+    float* sLse = reinterpret_cast<float*>(sdO + 2 * BWD_BM * STRIDE);  // [2][BWD_BM]
+    float* sDelta = sLse + 2 * BWD_BM;                                 // [2][BWD_BM]
 
     const int n0 = blockIdx.x * BWD_BN, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -323,7 +327,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
 
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
         const int rows = min(BWD_BN, p.len_k - n0);
-        for (int c = threadIdx.x; c < rows * (D / 8); c += THREADS) {
+        for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
             const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
             *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
             *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
@@ -337,21 +341,19 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
     const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
     const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    float* dq_accum = p.dq_accum + static_cast<long long>(b) * p.len_q * p.heads * D + h * D;
-    const long long dq_ld = static_cast<long long>(p.heads) * D;
 
     // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
     auto load_queries = [&](int tile, int buf) {
-        load_tile<T, BWD_BM, D>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
-        load_tile<T, BWD_BM, D>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
-        if (threadIdx.x < BWD_BM) {
+        load_tile<T, BWD_BM, D, NT>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
+        load_tile<T, BWD_BM, D, NT>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
+        if (threadIdx.x < BWD_BM) {  // NT >= 128 > BWD_BM
             const int i = tile * BWD_BM + threadIdx.x;
             sLse[buf * BWD_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
             sDelta[buf * BWD_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
         }
     };
-    load_tile<T, BWD_BN, D>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
-    load_tile<T, BWD_BN, D>(sV, v, p.v.stride_l, n0, kv_len);
+    load_tile<T, BWD_BN, D, NT>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
+    load_tile<T, BWD_BN, D, NT>(sV, v, p.v.stride_l, n0, kv_len);
     load_queries(0, 0);
     cp_async_commit();
     cp_async_wait_all();
@@ -360,9 +362,8 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     const float scale_log2 = p.scale * LOG2E;
     const int kw = warp * 16;  // this warp's first key within the block
     const int q_tiles = (p.len_q + BWD_BM - 1) / BWD_BM;
-    // dQ split: warp w takes query rows 16 (w % 2) .. +16 and head dims (D/2)(w / 2) .. +D/2.
-    static_assert(WARPS == 4 && BWD_BM == 32, "the dQ split assumes 2 x 2 warps over 32 queries");
-    const int dq_row = (warp % 2) * 16, dq_col = (warp / 2) * (D / 2);
+    // Which of this thread's two key rows (g, g + 8) are real keys; fixed for the whole query loop.
+    const bool valid_key[2] = {n0 + kw + g < kv_len, n0 + kw + g + 8 < kv_len};
     float dk_acc[D / 8][4] = {};
     float dv_acc[D / 8][4] = {};
 
@@ -402,8 +403,7 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int qi = nb * 8 + 2 * t + (e & 1);
-                const bool valid_key = n0 + kw + g + 8 * (e >> 1) < kv_len;
-                const float pv = valid_key ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+                const float pv = valid_key[e >> 1] ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
                 st[nb][e] = pv;
                 dpt[nb][e] = pv * (dpt[nb][e] - delta_i[qi]);
             }
@@ -428,42 +428,8 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
                 mma<T>(dk_acc[nd + 1], sa, qb[2], qb[3]);
             }
         }
-        // dS^T to shared memory ([key][query]), rounded as it was for dK.
-#pragma unroll
-        for (int nb = 0; nb < BWD_BM / 8; ++nb) {
-            *reinterpret_cast<uint32_t*>(sdS + (kw + g) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][0], dpt[nb][1]);
-            *reinterpret_cast<uint32_t*>(sdS + (kw + g + 8) * SSTRIDE + nb * 8 + 2 * t) = pack2<T>(dpt[nb][2], dpt[nb][3]);
-        }
-        __syncthreads();
-
-        // dQ (16 queries x D/2 per warp) = dS K over this block's BWD_BN keys. A = dS, read from the
-        // [key][query] tile with .trans; B = K ([key][d]: .trans).
-        float dq[D / 16][4] = {};
-#pragma unroll
-        for (int kk = 0; kk < BWD_BN / 16; ++kk) {
-            uint32_t sa[4];
-            ldmatrix_x4_trans(sa, frag_b(sdS, SSTRIDE, kk * 16, dq_row, lane));
-#pragma unroll
-            for (int nd = 0; nd < D / 16; nd += 2) {
-                uint32_t kb[4];
-                ldmatrix_x4_trans(kb, frag_a(sK, STRIDE, kk * 16, dq_col + nd * 8, lane));
-                mma<T>(dq[nd], sa, kb[0], kb[1]);
-                mma<T>(dq[nd + 1], sa, kb[2], kb[3]);
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int row = it * BWD_BM + dq_row + g + 8 * r;
-            if (row >= p.len_q) continue;
-            float* dst = dq_accum + row * dq_ld + dq_col + 2 * t;
-#pragma unroll
-            for (int nd = 0; nd < D / 16; ++nd) {
-                atomicAdd(dst + nd * 8, dq[nd][2 * r]);
-                atomicAdd(dst + nd * 8 + 1, dq[nd][2 * r + 1]);
-            }
-        }
         cp_async_wait_all();
-        __syncthreads();  // next tile landed; sQ/sdO/sdS of this one free to overwrite
+        __syncthreads();  // next tile landed; sQ/sdO/sLse/sDelta of this one free to overwrite
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
@@ -481,17 +447,147 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_kernel(const AttnParams p) {
     }
 }
 
-// Backward, step 3: dQ = s * dq_accum, to the input dtype.
-template <typename T, int D>
-__global__ void __launch_bounds__(256) attn_bwd_convert_kernel(const AttnParams p) {
-    const long long n = static_cast<long long>(p.batch) * p.len_q * p.heads * D;
-    for (long long idx = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
-         idx += static_cast<long long>(gridDim.x) * blockDim.x) {
-        const int c = idx % D, h = (idx / D) % p.heads;
-        const long long i = (idx / (static_cast<long long>(D) * p.heads)) % p.len_q;
-        const long long b = idx / (static_cast<long long>(D) * p.heads * p.len_q);
-        T* dq = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + i * p.dq.stride_l + h * p.dq.stride_h;
-        dq[c] = from_float<T>(p.dq_accum[idx] * p.scale);
+// Backward, step 3 (dQ): one block = DQ_BM = 16 W query rows of one (b, h), each warp owning 16 rows,
+// streaming the valid keys in DQ_BN-key tiles (K and V double-buffered), the forward's loop shape:
+//   S = Q K^T, P = 2^(S s log2e - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K,
+// Q and dO held in registers as A fragments, dQ accumulated in registers and written once, scaled by s.
+// This recomputes S and dP, which the dK/dV kernel also computes (backward matmul work 5 -> 7 products,
+// 2.5x -> 3.5x the forward's), in exchange for no atomics and no fp32 dQ buffer.
+
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p) {
+    constexpr int NT = W * 32;
+    constexpr int BM = 16 * W, BN = DQ_BN;
+    constexpr int STRIDE = D + PAD;
+    extern __shared__ __align__(16) unsigned char smem[];
+    T* sK = reinterpret_cast<T*>(smem);  // [2][BN][STRIDE]
+    T* sV = sK + 2 * BN * STRIDE;        // [2][BN][STRIDE]
+    // Q and dO pass through the K/V buffers before the key loop (they live in registers after it), so the
+    // block needs 69,632 B at D = 128 whatever W is: within the 99 KB per block of sm_86/sm_89 too.
+    static_assert(2 * BM <= 4 * BN, "Q and dO must fit in the K/V buffers");
+    T* sQ = sK;                 // [BM][STRIDE], before the key loop only
+    T* sdO = sQ + BM * STRIDE;  // [BM][STRIDE], before the key loop only
+
+    const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
+    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+
+    // Rows past Lq load as zeros (their results are not stored).
+    load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile<T, BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
+    cp_async_commit();
+
+    // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once. A row past
+    // Lq gets lse = +inf, so its P is 2^-inf = 0 and everything stays finite.
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp * 16 + g + 8 * r;
+        row_lse[r] = row < p.len_q ? lse[row] : INFINITY;
+        row_delta[r] = row < p.len_q ? delta[row] : 0.f;
+    }
+
+    cp_async_wait_all();
+    __syncthreads();
+
+    // This warp's 16 rows of Q and dO as A fragments, in registers for the whole key loop (D/2 regs).
+    uint32_t qf[D / 16][4], df[D / 16][4];
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, warp * 16, ks * 16, lane));
+        ldmatrix_x4(df[ks], frag_a(sdO, STRIDE, warp * 16, ks * 16, lane));
+    }
+    __syncthreads();  // every warp has its Q and dO fragments: the buffers go to K and V now
+    load_tile<T, BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile<T, BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+    cp_async_wait_all();
+    __syncthreads();  // tile 0 is in
+
+    const float scale_log2 = p.scale * LOG2E;
+    float dq[D / 8][4] = {};
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
+            load_tile<T, BN, D, NT>(sK + (buf ^ 1) * BN * STRIDE, k, p.k.stride_l, (j + 1) * BN, kv_len);
+            load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * STRIDE, v, p.v.stride_l, (j + 1) * BN, kv_len);
+            cp_async_commit();
+        }
+        const T* sKj = sK + buf * BN * STRIDE;
+        const T* sVj = sV + buf * BN * STRIDE;
+        const bool tail = (j + 1) * BN > kv_len;  // the last tile, partly past kv_len
+
+        // The tile in chunks of DQ_CHUNK keys, each taken all the way from S to dQ, so only one chunk's S
+        // and dP are live next to Q, dO and dQ (all 64 keys at once: 255 registers and a spill at D = 128).
+        // The ldmatrix and mma counts are the same as for the whole tile at once.
+#pragma unroll
+        for (int c0 = 0; c0 < BN; c0 += DQ_CHUNK) {
+            // S = Q K^T and dP = dO V^T: 16 rows x DQ_CHUNK keys per warp. B fragments from the [key][d]
+            // tiles with plain ldmatrix, as in the forward.
+            float s[DQ_CHUNK / 8][4] = {};
+            float dp[DQ_CHUNK / 8][4] = {};
+#pragma unroll
+            for (int ks = 0; ks < D / 16; ++ks) {
+#pragma unroll
+                for (int nb = 0; nb < DQ_CHUNK / 8; nb += 2) {
+                    uint32_t kf[4], vf[4];
+                    ldmatrix_x4(kf, frag_b(sKj, STRIDE, c0 + nb * 8, ks * 16, lane));
+                    ldmatrix_x4(vf, frag_b(sVj, STRIDE, c0 + nb * 8, ks * 16, lane));
+                    mma<T>(s[nb], qf[ks], kf[0], kf[1]);
+                    mma<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
+                    mma<T>(dp[nb], df[ks], vf[0], vf[1]);
+                    mma<T>(dp[nb + 1], df[ks], vf[2], vf[3]);
+                }
+            }
+            // dS = P (dP - delta), into s. Keys past kv_len (only in the last tile; their K and V rows were
+            // zero-filled, so s and dp are finite there) get P = 0.
+#pragma unroll
+            for (int nb = 0; nb < DQ_CHUNK / 8; ++nb) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    float pv = fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
+                    if (tail && j * BN + c0 + nb * 8 + 2 * t + (e & 1) >= kv_len) pv = 0.f;
+                    s[nb][e] = pv * (dp[nb][e] - row_delta[e >> 1]);
+                }
+            }
+            // dQ += dS K. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk; K
+            // is a [key][d] = [k][n] tile, so its B fragments come with .trans (as V in the forward's P V).
+#pragma unroll
+            for (int kk = 0; kk < DQ_CHUNK / 16; ++kk) {
+                const uint32_t sa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                        pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int nd = 0; nd < D / 8; nd += 2) {
+                    uint32_t kb[4];
+                    ldmatrix_x4_trans(kb, frag_a(sKj, STRIDE, c0 + kk * 16, nd * 8, lane));
+                    mma<T>(dq[nd], sa, kb[0], kb[1]);
+                    mma<T>(dq[nd + 1], sa, kb[2], kb[3]);
+                }
+            }
+        }
+        cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
+        __syncthreads();      // ... everyone's, and everyone is done reading tile j
+    }
+
+    // dQ = s * dS K (the scale of S = s Q K^T), to the input dtype; rows past Lq are not stored.
+    T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = m0 + warp * 16 + g + 8 * r;
+        if (row >= p.len_q) continue;
+        T* dqr = dqp + row * p.dq.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd)
+            *reinterpret_cast<uint32_t*>(dqr + nd * 8) = pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale);
     }
 }
 
@@ -504,13 +600,71 @@ cudaError_t allow_smem(Kernel kernel, int bytes) {
     return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
+// Warps per block of the three big kernels. At D = 128: the forward and the dQ kernel take 8 warps (128
+// query rows, so each K/V tile copied into shared memory serves 128 rows: half version 1's L2 -> SM
+// traffic; 242-253 registers x 256 threads and 104-139 KB of shared memory: 1 block of 8 warps per SM,
+// the same 8 warps per SM as version 1's 2 blocks of 4); the dK/dV kernel keeps version 1's 4 warps.
+// At D = 64 all three keep 4 warps (137-166 registers: 3 blocks per SM). For timing without a rebuild,
+// ATTENTION_CUDA_FWD_WARPS, ATTENTION_CUDA_DQ_WARPS, ATTENTION_CUDA_DKDV_WARPS = 4 or 8 override the
+// D = 128 choice (read at every launch; anything else is ignored).
+int warps_for(const char* env_name, int fallback) {
+    const char* s = std::getenv(env_name);
+    if (s != nullptr && (s[0] == '4' || s[0] == '8') && s[1] == '\0') return s[0] - '0';
+    return fallback;
+}
+
+// Shared memory a block may opt into on the current device (227 KB on the H100, 163 KB on the A100,
+// 99 KB on sm_86/sm_89): an 8-warp choice that does not fit falls back to 4 warps.
+int max_smem_per_block() {
+    int dev = 0, bytes = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
+    return bytes;
+}
+template <typename T, int D, int W> constexpr int fwd_smem() { return (16 * W + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T)); }
+template <typename T, int D, int W> constexpr int dkdv_smem() {
+    return (2 * 16 * W + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T)) + 4 * BWD_BM * static_cast<int>(sizeof(float));
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BM = 16 * W;
+    const int smem = fwd_smem<T, D, W>();  // D = 128: 87,040 B (W = 4), 104,448 B (W = 8)
+    cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
+    attn_fwd_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
-    const int smem = (FWD_BM + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));  // 87,040 B at D = 128
-    cudaError_t err = allow_smem(attn_fwd_kernel<T, D>, smem);
+    if constexpr (D == 128) {
+        if (warps_for("ATTENTION_CUDA_FWD_WARPS", 8) == 8 && fwd_smem<T, D, 8>() <= max_smem_per_block())
+            return launch_forward<T, D, 8>(p, stream);
+    }
+    return launch_forward<T, D, 4>(p, stream);
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_dkdv(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BN = 16 * W;
+    const int smem = dkdv_smem<T, D, W>();  // D = 128: 70,144 B (W = 4), 104,960 B (W = 8)
+    cudaError_t err = allow_smem(attn_bwd_dkdv_kernel<T, D, W>, smem);
     if (err != cudaSuccess) return err;
-    const dim3 grid((p.len_q + FWD_BM - 1) / FWD_BM, p.heads, p.batch);
-    attn_fwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
+    const dim3 grid((p.len_k + BN - 1) / BN, p.heads, p.batch);
+    attn_bwd_dkdv_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, int D, int W>
+cudaError_t launch_dq(const AttnParams& p, cudaStream_t stream) {
+    constexpr int BM = 16 * W;
+    const int smem = 4 * DQ_BN * (D + PAD) * static_cast<int>(sizeof(T));  // 69,632 B at D = 128 (Q, dO staged in it)
+    cudaError_t err = allow_smem(attn_bwd_dq_kernel<T, D, W>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
+    attn_bwd_dq_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
     return cudaGetLastError();
 }
 
@@ -520,20 +674,22 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-
-    const int smem = (2 * BWD_BN * (D + PAD) + 4 * BWD_BM * (D + PAD) + BWD_BN * (BWD_BM + PAD)) * static_cast<int>(sizeof(T))
-                     + 4 * BWD_BM * static_cast<int>(sizeof(float));  // 75,264 B at D = 128
-    err = allow_smem(attn_bwd_kernel<T, D>, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((p.len_k + BWD_BN - 1) / BWD_BN, p.heads, p.batch);
-    attn_bwd_kernel<T, D><<<grid, THREADS, smem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-
-    const long long n = rows * D;
-    const unsigned blocks = static_cast<unsigned>(min((n + 255) / 256, 65536LL));
-    attn_bwd_convert_kernel<T, D><<<blocks, 256, 0, stream>>>(p);
-    return cudaGetLastError();
+    // dK/dV and dQ are independent of each other; both need only delta (and lse from the forward).
+    int dkdv_warps = 4, dq_warps = 4;
+    if constexpr (D == 128) {
+        dkdv_warps = warps_for("ATTENTION_CUDA_DKDV_WARPS", 4);
+        if (dkdv_smem<T, D, 8>() > max_smem_per_block()) dkdv_warps = 4;
+        dq_warps = warps_for("ATTENTION_CUDA_DQ_WARPS", 8);
+    }
+    if constexpr (D == 128) {
+        err = dkdv_warps == 8 ? launch_dkdv<T, D, 8>(p, stream) : launch_dkdv<T, D, 4>(p, stream);
+        if (err != cudaSuccess) return err;
+        return dq_warps == 8 ? launch_dq<T, D, 8>(p, stream) : launch_dq<T, D, 4>(p, stream);
+    } else {
+        err = launch_dkdv<T, D, 4>(p, stream);
+        if (err != cudaSuccess) return err;
+        return launch_dq<T, D, 4>(p, stream);
+    }
 }
 
 }  // namespace

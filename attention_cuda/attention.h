@@ -14,7 +14,7 @@ struct AttnParams {
     AttnTensor dout, dq, dk, dv;  // backward: dout in, dq, dk, dv out
     float* lse;                 // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out, backward in
     float* delta;               // (B, H, Lq) fp32 workspace: rowsum(dout * o)
-    float* dq_accum;            // (B, Lq, H, D) fp32 workspace, zeroed by the caller: dq before scaling
+    float* dq_accum;            // unused since version 1.1 (dQ is written once by its own kernel); may be null
     const int* kv_lens;         // (B,) int32 on the device: valid keys per sample, each in [1, len_k]
     int batch, heads, len_q, len_k, head_dim;
     float scale;                // softmax scale, 1/sqrt(head_dim)

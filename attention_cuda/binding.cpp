@@ -72,7 +72,6 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
     auto dv = torch::empty_like(v, at::MemoryFormat::Contiguous);
     auto f32 = q.options().dtype(torch::kFloat32);
     auto delta = torch::empty({p.batch, p.heads, p.len_q}, f32);
-    auto dq_accum = torch::zeros({p.batch, p.len_q, p.heads, p.head_dim}, f32);  // atomics add into it
     p.o = view(o);
     p.dout = view(dout);
     p.dq = view(dq);
@@ -80,7 +79,7 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
     p.dv = view(dv);
     p.lse = lse.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
-    p.dq_accum = dq_accum.data_ptr<float>();
+    p.dq_accum = nullptr;  // since version 1.1 dQ is written directly (no atomics, no fp32 buffer)
     const int err = attn_backward(p, reinterpret_cast<void*>(stream));
     TORCH_CHECK(err == 0, "attention_cuda backward: ", attn_error_string(err));
     return {dq, dk, dv};

@@ -29,15 +29,17 @@ def report(ptxas_log):
     an array went to local memory) and spills."""
     name = None
     for line in ptxas_log.splitlines():
-        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E.*' for '(\w+)'", line)
-        if m:
-            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}> {m[4]}"
+        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?.*' for '(\w+)'",
+                      line)
+        if m:  # template arguments: dtype, head_dim and (for most kernels) warps per block
+            warps = f", {m[4]} warps" if m[4] else ""
+            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}{warps}> {m[5]}"
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
             frame = f"stack {m[1]} B, spills {m[2]}/{m[3]} B"
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
-            print(f"  {name:46s} {m[1]:>3} registers, {frame}")
+            print(f"  {name:56s} {m[1]:>3} registers, {frame}")
             name = None
 
 

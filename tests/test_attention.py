@@ -167,6 +167,18 @@ def test_kernel_forward_backward(dtype, D, L, kv_lens):
 
 
 @gpu
+@pytest.mark.parametrize("warps", [{"ATTENTION_CUDA_FWD_WARPS": "4", "ATTENTION_CUDA_DQ_WARPS": "4",
+                                    "ATTENTION_CUDA_DKDV_WARPS": "8"}])
+def test_kernel_other_warp_counts(monkeypatch, warps):
+    """The head_dim-128 launch choices that are not the default (read from the environment at every
+    launch): the same checks as above with them."""
+    for name, value in warps.items():
+        monkeypatch.setenv(name, value)
+    test_kernel_forward_backward(torch.bfloat16, 128, 517, [517 - 216, 40])
+    test_kernel_forward_backward(torch.float16, 128, 300, [1, 300])
+
+
+@gpu
 def test_kernel_matches_fallback_and_other_shapes():
     """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens."""
     assert kernel_available()

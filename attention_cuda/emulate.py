@@ -1,0 +1,193 @@
+"""Lane-level CPU emulation of attn_bwd_dq_kernel and attn_fwd_kernel (attention.cu, version 1.1) in
+numpy, written to check the index math of kernels that could not be run when they were written.
+
+ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
+(the layouts version 1, verified on a GPU, relies on); the kernels' loops, fragment addresses, masks and
+stores are transcribed line by line (per warp; shared-memory tiles as zero-filled copies; float64 math,
+no bf16 rounding). It checks which element goes where, not speed or rounding. Keep it in step with the
+kernels by hand.
+
+    python attention_cuda/emulate.py    # ~15 s: forward (o, lse) and dQ vs float64, tails and kv_len = 1
+"""
+import numpy as np
+
+LANES = np.arange(32); G = LANES // 4; T = LANES % 4
+
+def ldmatrix_x4(tile, addr, trans=False):
+    """addr: list of 32 (row, col) element addresses (lane 8i+j gives row j of 8x8 tile i).
+    returns regs[4][32][2]"""
+    out = np.zeros((4, 32, 2))
+    for i in range(4):
+        rows = [addr[8 * i + j] for j in range(8)]
+        m = np.array([tile[r, c:c + 8] for r, c in rows])  # 8x8 tile i as stored
+        if trans:
+            m = m.T
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            out[i, lane] = m[g, 2 * t:2 * t + 2]
+    return out
+
+def frag_a(r0, c0):
+    return [(r0 + (lane & 15), c0 + (lane >> 4) * 8) for lane in range(32)]
+
+def frag_b(n0, k0):
+    return [(n0 + (lane & 7) + ((lane >> 4) << 3), k0 + ((lane >> 3) & 1) * 8) for lane in range(32)]
+
+def mma(c, a, b0, b1):
+    """c[32][4], a[4][32][2], b0/b1[32][2]; c += A B per PTX m16n8k16 layouts."""
+    A = np.zeros((16, 16)); B = np.zeros((16, 8))
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        A[g, 2 * t:2 * t + 2] = a[0][lane]; A[g + 8, 2 * t:2 * t + 2] = a[1][lane]
+        A[g, 2 * t + 8:2 * t + 10] = a[2][lane]; A[g + 8, 2 * t + 8:2 * t + 10] = a[3][lane]
+        B[2 * t:2 * t + 2, g] = b0[lane]; B[2 * t + 8:2 * t + 10, g] = b1[lane]
+    C = A @ B
+    for lane in range(32):
+        g, t = lane // 4, lane % 4
+        c[lane] += [C[g, 2 * t], C[g, 2 * t + 1], C[g + 8, 2 * t], C[g + 8, 2 * t + 1]]
+
+def pack2(lo, hi):  # per lane pair, no rounding
+    return np.stack([lo, hi], -1)
+
+def load_tile(rows_n, D, src, row0, n):
+    tile = np.zeros((rows_n, D))
+    for r in range(rows_n):
+        if row0 + r < n:
+            tile[r] = src[row0 + r]
+    return tile
+
+def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
+    Lq, D = q.shape
+    BM = 16 * W
+    dq_out = np.full((Lq, D), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    n_tiles = (kv_len + BN - 1) // BN
+    for blk in range((Lq + BM - 1) // BM):
+        m0 = blk * BM
+        sQ = load_tile(BM, D, q, m0, Lq); sdO = load_tile(BM, D, do, m0, Lq)
+        for warp in range(W):
+            row_lse = np.zeros((2, 32)); row_delta = np.zeros((2, 32))
+            for r in range(2):
+                row = m0 + warp * 16 + G + 8 * r
+                row_lse[r] = np.where(row < Lq, lse2[np.minimum(row, Lq - 1)], np.inf)
+                row_delta[r] = np.where(row < Lq, delta[np.minimum(row, Lq - 1)], 0.)
+            qf = [ldmatrix_x4(sQ, frag_a(warp * 16, ks * 16)) for ks in range(D // 16)]
+            df = [ldmatrix_x4(sdO, frag_a(warp * 16, ks * 16)) for ks in range(D // 16)]
+            dq = np.zeros((D // 8, 32, 4))
+            for j in range(n_tiles):
+                sKj = load_tile(BN, D, k, j * BN, kv_len); sVj = load_tile(BN, D, v, j * BN, kv_len)
+                tail = (j + 1) * BN > kv_len
+                for c0 in range(0, BN, CHUNK):
+                    s = np.zeros((CHUNK // 8, 32, 4)); dp = np.zeros((CHUNK // 8, 32, 4))
+                    for ks in range(D // 16):
+                        for nb in range(0, CHUNK // 8, 2):
+                            kf = ldmatrix_x4(sKj, frag_b(c0 + nb * 8, ks * 16))
+                            vf = ldmatrix_x4(sVj, frag_b(c0 + nb * 8, ks * 16))
+                            mma(s[nb], qf[ks], kf[0], kf[1]); mma(s[nb + 1], qf[ks], kf[2], kf[3])
+                            mma(dp[nb], df[ks], vf[0], vf[1]); mma(dp[nb + 1], df[ks], vf[2], vf[3])
+                    for nb in range(CHUNK // 8):
+                        for e in range(4):
+                            with np.errstate(invalid="ignore", over="ignore"):
+                                pv = np.exp2(s[nb][:, e] * scale_log2 - row_lse[e >> 1])
+                            if tail:
+                                pv = np.where(j * BN + c0 + nb * 8 + 2 * T + (e & 1) >= kv_len, 0., pv)
+                            s[nb][:, e] = pv * (dp[nb][:, e] - row_delta[e >> 1])
+                    for kk in range(CHUNK // 16):
+                        sa = [pack2(s[2 * kk][:, 0], s[2 * kk][:, 1]), pack2(s[2 * kk][:, 2], s[2 * kk][:, 3]),
+                              pack2(s[2 * kk + 1][:, 0], s[2 * kk + 1][:, 1]), pack2(s[2 * kk + 1][:, 2], s[2 * kk + 1][:, 3])]
+                        for nd in range(0, D // 8, 2):
+                            kb = ldmatrix_x4(sKj, frag_a(c0 + kk * 16, nd * 8), trans=True)
+                            mma(dq[nd], sa, kb[0], kb[1]); mma(dq[nd + 1], sa, kb[2], kb[3])
+            for r in range(2):
+                for lane in range(32):
+                    row = m0 + warp * 16 + lane // 4 + 8 * r
+                    if row >= Lq:
+                        continue
+                    t = lane % 4
+                    for nd in range(D // 8):
+                        dq_out[row, nd * 8 + 2 * t] = dq[nd][lane, 2 * r] * scale
+                        dq_out[row, nd * 8 + 2 * t + 1] = dq[nd][lane, 2 * r + 1] * scale
+    return dq_out
+
+def fwd_kernel(q, k, v, kv_len, W, scale, BN=64):
+    Lq, D = q.shape
+    BM = 16 * W
+    o_out = np.full((Lq, D), np.nan); lse_out = np.full(Lq, np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    n_tiles = (kv_len + BN - 1) // BN
+    for blk in range((Lq + BM - 1) // BM):
+        m0 = blk * BM
+        sQ = load_tile(BM, D, q, m0, Lq)
+        for warp in range(W):
+            qf = [ldmatrix_x4(sQ, frag_a(warp * 16, ks * 16)) for ks in range(D // 16)]
+            o = np.zeros((D // 8, 32, 4)); m_row = np.full((2, 32), -np.inf); l_row = np.zeros((2, 32))
+            for j in range(n_tiles):
+                sKj = load_tile(BN, D, k, j * BN, kv_len); sVj = load_tile(BN, D, v, j * BN, kv_len)
+                s = np.zeros((BN // 8, 32, 4))
+                for ks in range(D // 16):
+                    for nb in range(0, BN // 8, 2):
+                        kf = ldmatrix_x4(sKj, frag_b(nb * 8, ks * 16))
+                        mma(s[nb], qf[ks], kf[0], kf[1]); mma(s[nb + 1], qf[ks], kf[2], kf[3])
+                if (j + 1) * BN > kv_len:
+                    for nb in range(BN // 8):
+                        for e in range(4):
+                            s[nb][:, e] = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[nb][:, e])
+                alpha = np.zeros((2, 32))
+                for r in range(2):
+                    mx = np.max(s[:, :, 2 * r:2 * r + 2], axis=(0, 2))
+                    mx = np.maximum(mx, mx[LANES ^ 1]); mx = np.maximum(mx, mx[LANES ^ 2])
+                    m_new = np.maximum(m_row[r], mx * scale_log2)
+                    alpha[r] = np.exp2(m_row[r] - m_new); m_row[r] = m_new
+                    sm = np.zeros(32)
+                    for nb in range(BN // 8):
+                        for e in (2 * r, 2 * r + 1):
+                            s[nb][:, e] = np.exp2(s[nb][:, e] * scale_log2 - m_new); sm += s[nb][:, e]
+                    l_row[r] = l_row[r] * alpha[r] + sm
+                for nd in range(D // 8):
+                    o[nd][:, 0] *= alpha[0]; o[nd][:, 1] *= alpha[0]; o[nd][:, 2] *= alpha[1]; o[nd][:, 3] *= alpha[1]
+                for kk in range(BN // 16):
+                    pa = [pack2(s[2 * kk][:, 0], s[2 * kk][:, 1]), pack2(s[2 * kk][:, 2], s[2 * kk][:, 3]),
+                          pack2(s[2 * kk + 1][:, 0], s[2 * kk + 1][:, 1]), pack2(s[2 * kk + 1][:, 2], s[2 * kk + 1][:, 3])]
+                    for nd in range(0, D // 8, 2):
+                        vf = ldmatrix_x4(sVj, frag_a(kk * 16, nd * 8), trans=True)
+                        mma(o[nd], pa, vf[0], vf[1]); mma(o[nd + 1], pa, vf[2], vf[3])
+            for r in range(2):
+                l = l_row[r] + l_row[r][LANES ^ 1]; l = l + l[LANES ^ 2]
+                for lane in range(32):
+                    row = m0 + warp * 16 + lane // 4 + 8 * r
+                    if row >= Lq:
+                        continue
+                    t = lane % 4
+                    for nd in range(D // 8):
+                        o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[nd][lane, 2 * r:2 * r + 2] / l[lane]
+                    if t == 0:
+                        lse_out[row] = m_row[r][lane] + np.log2(l[lane])
+    return o_out, lse_out
+
+def reference(q, k, v, do, kv_len, scale):
+    kk, vv = k[:kv_len], v[:kv_len]
+    s = q @ kk.T * scale
+    p = np.exp(s - s.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    o = p @ vv
+    dp = do @ vv.T
+    delta = (do * o).sum(1)
+    ds = p * (dp - delta[:, None])
+    dq = ds @ kk * scale
+    lse2 = np.log2(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1) * np.log2(np.e)
+    return o, dq, lse2, delta
+
+if __name__ == "__main__":
+    rng = np.random.default_rng(0)
+    for (Lq, Lk, kv_len, D, W) in [(150, 150, 150, 64, 4), (150, 130, 1, 64, 8), (70, 200, 129, 32, 8),
+                                   (37, 100, 64, 32, 4), (200, 77, 65, 128, 8), (131, 131, 63, 64, 8)]:
+        q = rng.standard_normal((Lq, D)); k = rng.standard_normal((Lk, D)); v = rng.standard_normal((Lk, D))
+        do = rng.standard_normal((Lq, D))
+        k[kv_len:] = np.nan; v[kv_len:] = np.nan  # never read
+        scale = 1 / np.sqrt(D)
+        o_ref, dq_ref, lse_ref, delta = reference(q, k, v, do, kv_len, scale)
+        o, lse2 = fwd_kernel(q, k, v, kv_len, W, scale)
+        dq = dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale)
+        # relative error; absolute where the true value is 0 (kv_len = 1: P = 1 and dP = delta, so dQ = 0)
+        e = lambda x, r: np.linalg.norm(x - r) / (np.linalg.norm(r) if np.linalg.norm(r) > 1e-9 else 1.0)
+        print(f"Lq={Lq} Lk={Lk} kv_len={kv_len} D={D} W={W}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
+              f"dq {e(dq, dq_ref):.1e} finite {np.isfinite(dq).all() and np.isfinite(o).all()}", flush=True)
