@@ -176,7 +176,7 @@ def _norm_silu_into(dst, x, affine):
 def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None, up=(1, 1)):
     """CausalConv3d over the frames read(a, b) returns, a few output frames at a time. The frames are
     transformed as they are copied into the conv's padded buffer: with `affine` (from _group_norm_affine) the
-    conv sees SiLU(GroupNorm(frames)); with up = (fh, fw) (k > 1 only) it sees them nearest-upsampled in space.
+    conv sees SiLU(GroupNorm(frames)); with up = (fh, fw) it sees them nearest-upsampled in space (both: k > 1).
     Frames are read strictly in order and each once; the last k - stride padded frames are kept as the causal
     cache. `out` may be the tensor read() reads from: every frame is read before its slot is overwritten.
     With accumulate the conv output is added to `out`."""
@@ -192,12 +192,9 @@ def _stream_conv(conv, read, T_in, out=None, accumulate=False, affine=None, up=(
         pos = b
         if j0 == 0:
             n = max(1, STREAM_ELEMENTS // (new[:, :, :1].numel() * up[0] * up[1] * s))
-        if k == 1:
-            if affine is None:
-                seq = new.to(dtype)
-            else:  # a fresh buffer: new may be a view of a tensor the caller still needs
-                seq = torch.empty_like(new, dtype=dtype)
-                _norm_silu_into(seq, new, affine)
+        if k == 1:  # (only the shortcut convs, which take their input as it is)
+            assert affine is None and up == (1, 1), "_stream_conv: affine/up need a k > 1 conv"
+            seq = new.to(dtype)
         else:  # [cache | new] with replicate padding, built in one buffer (the copy also casts)
             B, C, t, h, w = new.shape
             H, W = h * up[0], w * up[1]
