@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = [os.path.join(HERE, "binding.cpp"), os.path.join(HERE, "attention.cu")]
 # sm_90a for the H100 (the target later versions with wgmma need), sm_80 machine code plus compute_80 PTX
 # so any other GPU from Ampere on runs the same mma.sync kernel.
-NVCC_FLAGS = ["-O3", "-lineinfo",
+# --threads 0: nvcc compiles the three targets in parallel (the build is one .cu file, so ninja cannot).
+NVCC_FLAGS = ["-O3", "-lineinfo", "--threads", "0",
               "-gencode=arch=compute_90a,code=sm_90a",
               "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_80,code=compute_80"]

@@ -30,6 +30,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "attention.h"
 
@@ -143,14 +144,19 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: one block = BM = 16 W query rows of one (b, h); each warp owns 16 rows and streams all valid
-// keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1 overlaps the math on tile j). Every
-// warp reads every K/V tile from shared memory whatever W is; a larger W makes each tile copied from
-// L2 serve more rows (W = 4 at 67k: ~880 GB of K/V copied from L2 per call, ~4 TB/s at v1's speed).
+// Forward: one block = BM = 16 MT W query rows of one (b, h); each warp owns 16 MT consecutive rows (MT
+// m-tiles of 16) and streams all valid keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1
+// overlaps the math on tile j). Every warp reads every K/V tile from shared memory: with MT = 1 each K/V
+// fragment loaded by ldmatrix feeds one mma (256 B of shared-memory reads per mma, Q held in registers);
+// with MT = 2 it feeds two, as in FlashAttention-2's 128-row tiles, and Q, which would then need D/2
+// registers, is re-read from shared memory at every k-step (Q K^T 192 B per mma, P V 128 B). At 128 B per
+// clock per SM, 256 B per 4,096-FLOP mma caps the SM at 2,048 FLOP/clock (~470 TFLOP/s on 132 SMs at
+// 1.75 GHz) before any other cost; MT = 2 lifts that cap to ~750. A larger W makes each tile copied from
+// L2 serve more rows (W = 4, MT = 1 at 67k: ~880 GB of K/V copied from L2 per call).
 
-template <typename T, int D, int W>
+template <typename T, int D, int W, int MT>
 __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
-    constexpr int NT = W * 32, FWD_BM = 16 * W;
+    constexpr int NT = W * 32, FWD_BM = 16 * MT * W;
     constexpr int STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
@@ -159,6 +165,7 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
 
     const int m0 = blockIdx.x * FWD_BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int r0 = warp * 16 * MT;  // this warp's first row in the block
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + FWD_BN - 1) / FWD_BN;  // keys past kv_len cost nothing
     const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
@@ -172,17 +179,21 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
     cp_async_wait_all();
     __syncthreads();
 
-    // This warp's 16 query rows as A fragments, held in registers for the whole key loop (D/4 regs).
-    uint32_t qf[D / 16][4];
+    // MT = 1: this warp's 16 query rows as A fragments, held in registers for the whole key loop (D/4
+    // regs). MT = 2 reads them from sQ inside the loop instead (sQ is never overwritten).
+    uint32_t qf[MT == 1 ? D / 16 : 1][4];
+    if constexpr (MT == 1) {
 #pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, warp * 16, ks * 16, lane));
+        for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, r0, ks * 16, lane));
+    }
 
-    // Two rows per thread: r = 0 is row g, r = 1 is row g + 8. Scores are kept in base-2 units, x * s *
-    // log2(e), so each exponential is one ex2 instruction.
+    // Two rows per thread and m-tile: r = 0 is row g, r = 1 is row g + 8. Scores are kept in base-2 units,
+    // x * s * log2(e), so each exponential is one ex2 instruction.
     const float scale_log2 = p.scale * LOG2E;
-    float o[D / 8][4] = {};
-    float m_row[2] = {-INFINITY, -INFINITY};
-    float l_row[2] = {0.f, 0.f};  // this thread's part of the row sums; the quad is summed at the end
+    float o[MT][D / 8][4] = {};
+    float m_row[MT][2], l_row[MT][2];  // l: this thread's part of the row sums; the quad is summed at the end
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) m_row[mt][0] = m_row[mt][1] = -INFINITY, l_row[mt][0] = l_row[mt][1] = 0.f;
 
     for (int j = 0; j < n_tiles; ++j) {
         const int buf = j & 1;
@@ -194,69 +205,95 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
         const T* sKj = sK + buf * FWD_BN * STRIDE;
         const T* sVj = sV + buf * FWD_BN * STRIDE;
 
-        // S = Q K^T: 16 rows x FWD_BN keys per warp.
-        float s[FWD_BN / 8][4] = {};
+        // S = Q K^T: 16 MT rows x FWD_BN keys per warp.
+        float s[MT][FWD_BN / 8][4] = {};
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
+            uint32_t qa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if constexpr (MT == 1) {
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) qa[0][e] = qf[ks][e];
+                } else {
+                    ldmatrix_x4(qa[mt], frag_a(sQ, STRIDE, r0 + 16 * mt, ks * 16, lane));
+                }
+            }
 #pragma unroll
             for (int nb = 0; nb < FWD_BN / 8; nb += 2) {
                 uint32_t kf[4];
                 ldmatrix_x4(kf, frag_b(sKj, STRIDE, nb * 8, ks * 16, lane));
-                mma<T>(s[nb], qf[ks], kf[0], kf[1]);
-                mma<T>(s[nb + 1], qf[ks], kf[2], kf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma<T>(s[mt][nb], qa[mt], kf[0], kf[1]);
+                    mma<T>(s[mt][nb + 1], qa[mt], kf[2], kf[3]);
+                }
             }
         }
         // Keys past kv_len (only in the last tile) drop out of the softmax. Every tile holds at least one
         // valid key (key j*FWD_BN < kv_len), so each row max below is finite: no inf - inf.
         if ((j + 1) * FWD_BN > kv_len) {
 #pragma unroll
-            for (int nb = 0; nb < FWD_BN / 8; ++nb)
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    if (j * FWD_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[nb][e] = -INFINITY;
+                for (int nb = 0; nb < FWD_BN / 8; ++nb)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e)
+                        if (j * FWD_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[mt][nb][e] = -INFINITY;
         }
 
         // Online softmax: new running max, rescale what was accumulated under the old one.
-        float alpha[2];
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float mx = -INFINITY;
+        for (int mt = 0; mt < MT; ++mt) {
+            float alpha[2];
 #pragma unroll
-            for (int nb = 0; nb < FWD_BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[nb][2 * r], s[nb][2 * r + 1]));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-            const float m_new = fmaxf(m_row[r], mx * scale_log2);
-            alpha[r] = fast_exp2(m_row[r] - m_new);  // first tile: 2^-inf = 0
-            m_row[r] = m_new;
-            float sum = 0.f;
+            for (int r = 0; r < 2; ++r) {
+                float mx = -INFINITY;
 #pragma unroll
-            for (int nb = 0; nb < FWD_BN / 8; ++nb) {
+                for (int nb = 0; nb < FWD_BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+                const float m_new = fmaxf(m_row[mt][r], mx * scale_log2);
+                alpha[r] = fast_exp2(m_row[mt][r] - m_new);  // first tile: 2^-inf = 0
+                m_row[mt][r] = m_new;
+                float sum = 0.f;
 #pragma unroll
-                for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                    s[nb][e] = fast_exp2(fmaf(s[nb][e], scale_log2, -m_new));
-                    sum += s[nb][e];
+                for (int nb = 0; nb < FWD_BN / 8; ++nb) {
+#pragma unroll
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
+                        s[mt][nb][e] = fast_exp2(fmaf(s[mt][nb][e], scale_log2, -m_new));
+                        sum += s[mt][nb][e];
+                    }
                 }
+                l_row[mt][r] = l_row[mt][r] * alpha[r] + sum;
             }
-            l_row[r] = l_row[r] * alpha[r] + sum;
-        }
 #pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) {
-            o[nd][0] *= alpha[0]; o[nd][1] *= alpha[0];
-            o[nd][2] *= alpha[1]; o[nd][3] *= alpha[1];
+            for (int nd = 0; nd < D / 8; ++nd) {
+                o[mt][nd][0] *= alpha[0]; o[mt][nd][1] *= alpha[0];
+                o[mt][nd][2] *= alpha[1]; o[mt][nd][3] *= alpha[1];
+            }
         }
 
         // O += P V. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk.
 #pragma unroll
         for (int kk = 0; kk < FWD_BN / 16; ++kk) {
-            const uint32_t pa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                    pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            uint32_t pa[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+            }
 #pragma unroll
             for (int nd = 0; nd < D / 8; nd += 2) {
                 uint32_t vf[4];
                 ldmatrix_x4_trans(vf, frag_a(sVj, STRIDE, kk * 16, nd * 8, lane));
-                mma<T>(o[nd], pa, vf[0], vf[1]);
-                mma<T>(o[nd + 1], pa, vf[2], vf[3]);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    mma<T>(o[mt][nd], pa[mt], vf[0], vf[1]);
+                    mma<T>(o[mt][nd + 1], pa[mt], vf[2], vf[3]);
+                }
             }
         }
         cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
@@ -266,17 +303,21 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
     // O = acc / l, and the row's log2-sum-exp2 m + log2(l) for the backward. l >= 1 (the max term is 1).
     T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 1);
-        l_row[r] += __shfl_xor_sync(0xffffffffu, l_row[r], 2);
-        const int row = m0 + warp * 16 + g + 8 * r;
-        if (row >= p.len_q) continue;
-        const float inv = 1.f / l_row[r];
-        T* orow = out + row * p.o.stride_l + 2 * t;
+    for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd)
-            *reinterpret_cast<uint32_t*>(orow + nd * 8) = pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv);
-        if (t == 0) p.lse[(static_cast<long long>(b) * p.heads + h) * p.len_q + row] = m_row[r] + log2f(l_row[r]);
+        for (int r = 0; r < 2; ++r) {
+            float l = l_row[mt][r];
+            l += __shfl_xor_sync(0xffffffffu, l, 1);
+            l += __shfl_xor_sync(0xffffffffu, l, 2);
+            const int row = m0 + r0 + 16 * mt + g + 8 * r;
+            if (row >= p.len_q) continue;
+            const float inv = 1.f / l;
+            T* orow = out + row * p.o.stride_l + 2 * t;
+#pragma unroll
+            for (int nd = 0; nd < D / 8; ++nd)
+                *reinterpret_cast<uint32_t*>(orow + nd * 8) = pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv);
+            if (t == 0) p.lse[(static_cast<long long>(b) * p.heads + h) * p.len_q + row] = m_row[mt][r] + log2f(l);
+        }
     }
 }
 
@@ -612,6 +653,14 @@ int warps_for(const char* env_name, int fallback) {
     if (s != nullptr && (s[0] == '4' || s[0] == '8') && s[1] == '\0') return s[0] - '0';
     return fallback;
 }
+// Query rows per warp in the forward, 16 or 32 (MT = 1 or 2 above), any head_dim;
+// ATTENTION_CUDA_FWD_ROWS = 16 or 32 overrides the default.
+int rows_for(const char* env_name, int fallback) {
+    const char* s = std::getenv(env_name);
+    if (s != nullptr && (strcmp(s, "16") == 0 || strcmp(s, "32") == 0)) return atoi(s);
+    return fallback;
+}
+constexpr int FWD_WARPS_DEFAULT = 8, FWD_ROWS_DEFAULT = 16;
 
 // Shared memory a block may opt into on the current device (227 KB on the H100, 163 KB on the A100,
 // 99 KB on sm_86/sm_89): an 8-warp choice that does not fit falls back to 4 warps.
@@ -621,29 +670,36 @@ int max_smem_per_block() {
         cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev) != cudaSuccess) return 0;
     return bytes;
 }
-template <typename T, int D, int W> constexpr int fwd_smem() { return (16 * W + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T)); }
+template <typename T, int D, int W, int MT> constexpr int fwd_smem() {
+    return (16 * MT * W + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));
+}
 template <typename T, int D, int W> constexpr int dkdv_smem() {
     return (2 * 16 * W + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T)) + 4 * BWD_BM * static_cast<int>(sizeof(float));
 }
 
-template <typename T, int D, int W>
+template <typename T, int D, int W, int MT>
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
-    constexpr int BM = 16 * W;
-    const int smem = fwd_smem<T, D, W>();  // D = 128: 87,040 B (W = 4), 104,448 B (W = 8)
-    cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W>, smem);
+    constexpr int BM = 16 * MT * W;
+    const int smem = fwd_smem<T, D, W, MT>();  // D = 128: 87,040 B (W = 4, MT = 1), 104,448 B (8, 1 or 4, 2)
+    cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W, MT>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
-    attn_fwd_kernel<T, D, W><<<grid, W * 32, smem, stream>>>(p);
+    attn_fwd_kernel<T, D, W, MT><<<grid, W * 32, smem, stream>>>(p);
     return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
+    const int smem_max = max_smem_per_block();
+    const bool rows32 = rows_for("ATTENTION_CUDA_FWD_ROWS", FWD_ROWS_DEFAULT) == 32;
     if constexpr (D == 128) {
-        if (warps_for("ATTENTION_CUDA_FWD_WARPS", 8) == 8 && fwd_smem<T, D, 8>() <= max_smem_per_block())
-            return launch_forward<T, D, 8>(p, stream);
+        if (warps_for("ATTENTION_CUDA_FWD_WARPS", FWD_WARPS_DEFAULT) == 8) {
+            if (rows32 && fwd_smem<T, D, 8, 2>() <= smem_max) return launch_forward<T, D, 8, 2>(p, stream);
+            if (!rows32 && fwd_smem<T, D, 8, 1>() <= smem_max) return launch_forward<T, D, 8, 1>(p, stream);
+        }
     }
-    return launch_forward<T, D, 4>(p, stream);
+    if (rows32 && fwd_smem<T, D, 4, 2>() <= smem_max) return launch_forward<T, D, 4, 2>(p, stream);
+    return launch_forward<T, D, 4, 1>(p, stream);
 }
 
 template <typename T, int D, int W>

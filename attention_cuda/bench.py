@@ -3,6 +3,8 @@ Attention on the GPU: ours vs torch SDPA, forward and forward+backward, TFLOP/s 
 
     python attention_cuda/bench.py                       # the lengths, batch 2, padded text
     python attention_cuda/bench.py --lengths 16640 --batch 1
+    python attention_cuda/bench.py --only ours --no-backward    # ours alone (e.g. to compare launch choices:
+                                                         # ATTENTION_CUDA_FWD_WARPS, ATTENTION_CUDA_FWD_ROWS)
     python bench.py attention                            # the same
 
 Shapes as in HunyuanVideo's joint attention: 24 heads x 128, bf16, L = image tokens + 256 text tokens of
@@ -112,6 +114,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, choices=(1, 2), default=2, help="1: 40 valid text tokens; 2: 40 and 90")
     ap.add_argument("--no-backward", dest="backward", action="store_false", help="forward only")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per measurement")
+    ap.add_argument("--only", nargs="+", metavar="NAME", help="time these contenders only (e.g. ours)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention_cuda/bench.py needs a CUDA GPU; none here, nothing to time.")
@@ -135,6 +138,8 @@ def main(argv=None):
         flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs
         go = torch.randn_like(q)
         for name, fn in contenders(q, k, v, lens).items():
+            if args.only and name.split()[0] not in args.only:
+                continue
             try:
                 fwd = time_ms(fn, args.budget)
                 fb = None

@@ -29,11 +29,12 @@ def report(ptxas_log):
     an array went to local memory) and spills."""
     name = None
     for line in ptxas_log.splitlines():
-        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?.*' for '(\w+)'",
-                      line)
-        if m:  # template arguments: dtype, head_dim and (for most kernels) warps per block
+        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?(?:Li(\d+)E)?.*' "
+                      r"for '(\w+)'", line)
+        if m:  # template arguments: dtype, head_dim, (most kernels) warps per block, (forward) m-tiles per warp
             warps = f", {m[4]} warps" if m[4] else ""
-            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}{warps}> {m[5]}"
+            rows = f" x {16 * int(m[5])} rows" if m[5] else ""
+            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}{warps}{rows}> {m[6]}"
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
             frame = f"stack {m[1]} B, spills {m[2]}/{m[3]} B"

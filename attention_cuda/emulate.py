@@ -1,4 +1,4 @@
-"""Lane-level CPU emulation of attn_bwd_dq_kernel and attn_fwd_kernel (attention.cu, version 1.1) in
+"""Lane-level CPU emulation of attn_bwd_dq_kernel and attn_fwd_kernel (attention.cu, version 1.2) in
 numpy, written to check the index math of kernels that could not be run when they were written.
 
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
@@ -7,7 +7,7 @@ stores are transcribed line by line (per warp; shared-memory tiles as zero-fille
 no bf16 rounding). It checks which element goes where, not speed or rounding. Keep it in step with the
 kernels by hand.
 
-    python attention_cuda/emulate.py    # ~15 s: forward (o, lse) and dQ vs float64, tails and kv_len = 1
+    python attention_cuda/emulate.py    # ~30 s: forward (o, lse; 16 and 32 rows per warp) and dQ vs float64, tails and kv_len = 1
 """
 import numpy as np
 
@@ -109,9 +109,9 @@ def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
                         dq_out[row, nd * 8 + 2 * t + 1] = dq[nd][lane, 2 * r + 1] * scale
     return dq_out
 
-def fwd_kernel(q, k, v, kv_len, W, scale, BN=64):
+def fwd_kernel(q, k, v, kv_len, W, scale, BN=64, MT=1):
     Lq, D = q.shape
-    BM = 16 * W
+    BM = 16 * MT * W
     o_out = np.full((Lq, D), np.nan); lse_out = np.full(Lq, np.nan)
     scale_log2 = scale * np.log2(np.e)
     n_tiles = (kv_len + BN - 1) // BN
@@ -119,49 +119,59 @@ def fwd_kernel(q, k, v, kv_len, W, scale, BN=64):
         m0 = blk * BM
         sQ = load_tile(BM, D, q, m0, Lq)
         for warp in range(W):
-            qf = [ldmatrix_x4(sQ, frag_a(warp * 16, ks * 16)) for ks in range(D // 16)]
-            o = np.zeros((D // 8, 32, 4)); m_row = np.full((2, 32), -np.inf); l_row = np.zeros((2, 32))
+            r0 = warp * 16 * MT
+            if MT == 1:
+                qf = [ldmatrix_x4(sQ, frag_a(r0, ks * 16)) for ks in range(D // 16)]
+            o = np.zeros((MT, D // 8, 32, 4)); m_row = np.full((MT, 2, 32), -np.inf); l_row = np.zeros((MT, 2, 32))
             for j in range(n_tiles):
                 sKj = load_tile(BN, D, k, j * BN, kv_len); sVj = load_tile(BN, D, v, j * BN, kv_len)
-                s = np.zeros((BN // 8, 32, 4))
+                s = np.zeros((MT, BN // 8, 32, 4))
                 for ks in range(D // 16):
+                    qa = [qf[ks]] if MT == 1 else [ldmatrix_x4(sQ, frag_a(r0 + 16 * mt, ks * 16)) for mt in range(MT)]
                     for nb in range(0, BN // 8, 2):
                         kf = ldmatrix_x4(sKj, frag_b(nb * 8, ks * 16))
-                        mma(s[nb], qf[ks], kf[0], kf[1]); mma(s[nb + 1], qf[ks], kf[2], kf[3])
+                        for mt in range(MT):
+                            mma(s[mt][nb], qa[mt], kf[0], kf[1]); mma(s[mt][nb + 1], qa[mt], kf[2], kf[3])
                 if (j + 1) * BN > kv_len:
-                    for nb in range(BN // 8):
-                        for e in range(4):
-                            s[nb][:, e] = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[nb][:, e])
-                alpha = np.zeros((2, 32))
-                for r in range(2):
-                    mx = np.max(s[:, :, 2 * r:2 * r + 2], axis=(0, 2))
-                    mx = np.maximum(mx, mx[LANES ^ 1]); mx = np.maximum(mx, mx[LANES ^ 2])
-                    m_new = np.maximum(m_row[r], mx * scale_log2)
-                    alpha[r] = np.exp2(m_row[r] - m_new); m_row[r] = m_new
-                    sm = np.zeros(32)
-                    for nb in range(BN // 8):
-                        for e in (2 * r, 2 * r + 1):
-                            s[nb][:, e] = np.exp2(s[nb][:, e] * scale_log2 - m_new); sm += s[nb][:, e]
-                    l_row[r] = l_row[r] * alpha[r] + sm
-                for nd in range(D // 8):
-                    o[nd][:, 0] *= alpha[0]; o[nd][:, 1] *= alpha[0]; o[nd][:, 2] *= alpha[1]; o[nd][:, 3] *= alpha[1]
+                    for mt in range(MT):
+                        for nb in range(BN // 8):
+                            for e in range(4):
+                                s[mt][nb][:, e] = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[mt][nb][:, e])
+                for mt in range(MT):
+                    alpha = np.zeros((2, 32))
+                    for r in range(2):
+                        mx = np.max(s[mt][:, :, 2 * r:2 * r + 2], axis=(0, 2))
+                        mx = np.maximum(mx, mx[LANES ^ 1]); mx = np.maximum(mx, mx[LANES ^ 2])
+                        m_new = np.maximum(m_row[mt][r], mx * scale_log2)
+                        alpha[r] = np.exp2(m_row[mt][r] - m_new); m_row[mt][r] = m_new
+                        sm = np.zeros(32)
+                        for nb in range(BN // 8):
+                            for e in (2 * r, 2 * r + 1):
+                                s[mt][nb][:, e] = np.exp2(s[mt][nb][:, e] * scale_log2 - m_new); sm += s[mt][nb][:, e]
+                        l_row[mt][r] = l_row[mt][r] * alpha[r] + sm
+                    for nd in range(D // 8):
+                        o[mt][nd][:, 0] *= alpha[0]; o[mt][nd][:, 1] *= alpha[0]
+                        o[mt][nd][:, 2] *= alpha[1]; o[mt][nd][:, 3] *= alpha[1]
                 for kk in range(BN // 16):
-                    pa = [pack2(s[2 * kk][:, 0], s[2 * kk][:, 1]), pack2(s[2 * kk][:, 2], s[2 * kk][:, 3]),
-                          pack2(s[2 * kk + 1][:, 0], s[2 * kk + 1][:, 1]), pack2(s[2 * kk + 1][:, 2], s[2 * kk + 1][:, 3])]
+                    pa = [[pack2(s[mt][2 * kk][:, 0], s[mt][2 * kk][:, 1]), pack2(s[mt][2 * kk][:, 2], s[mt][2 * kk][:, 3]),
+                           pack2(s[mt][2 * kk + 1][:, 0], s[mt][2 * kk + 1][:, 1]),
+                           pack2(s[mt][2 * kk + 1][:, 2], s[mt][2 * kk + 1][:, 3])] for mt in range(MT)]
                     for nd in range(0, D // 8, 2):
                         vf = ldmatrix_x4(sVj, frag_a(kk * 16, nd * 8), trans=True)
-                        mma(o[nd], pa, vf[0], vf[1]); mma(o[nd + 1], pa, vf[2], vf[3])
-            for r in range(2):
-                l = l_row[r] + l_row[r][LANES ^ 1]; l = l + l[LANES ^ 2]
-                for lane in range(32):
-                    row = m0 + warp * 16 + lane // 4 + 8 * r
-                    if row >= Lq:
-                        continue
-                    t = lane % 4
-                    for nd in range(D // 8):
-                        o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[nd][lane, 2 * r:2 * r + 2] / l[lane]
-                    if t == 0:
-                        lse_out[row] = m_row[r][lane] + np.log2(l[lane])
+                        for mt in range(MT):
+                            mma(o[mt][nd], pa[mt], vf[0], vf[1]); mma(o[mt][nd + 1], pa[mt], vf[2], vf[3])
+            for mt in range(MT):
+                for r in range(2):
+                    l = l_row[mt][r] + l_row[mt][r][LANES ^ 1]; l = l + l[LANES ^ 2]
+                    for lane in range(32):
+                        row = m0 + r0 + 16 * mt + lane // 4 + 8 * r
+                        if row >= Lq:
+                            continue
+                        t = lane % 4
+                        for nd in range(D // 8):
+                            o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[mt][nd][lane, 2 * r:2 * r + 2] / l[lane]
+                        if t == 0:
+                            lse_out[row] = m_row[mt][r][lane] + np.log2(l[lane])
     return o_out, lse_out
 
 def reference(q, k, v, do, kv_len, scale):
@@ -178,16 +188,19 @@ def reference(q, k, v, do, kv_len, scale):
 
 if __name__ == "__main__":
     rng = np.random.default_rng(0)
-    for (Lq, Lk, kv_len, D, W) in [(150, 150, 150, 64, 4), (150, 130, 1, 64, 8), (70, 200, 129, 32, 8),
-                                   (37, 100, 64, 32, 4), (200, 77, 65, 128, 8), (131, 131, 63, 64, 8)]:
+    # MT: the forward's m-tiles per warp (16 or 32 query rows); the dQ kernel has none
+    for (Lq, Lk, kv_len, D, W, MT) in [(150, 150, 150, 64, 4, 1), (150, 130, 1, 64, 8, 1), (70, 200, 129, 32, 8, 1),
+                                       (37, 100, 64, 32, 4, 1), (200, 77, 65, 128, 8, 1), (131, 131, 63, 64, 8, 1),
+                                       (300, 150, 150, 64, 4, 2), (150, 130, 1, 64, 8, 2), (70, 200, 129, 32, 8, 2),
+                                       (37, 100, 64, 32, 4, 2), (200, 77, 65, 128, 4, 2)]:
         q = rng.standard_normal((Lq, D)); k = rng.standard_normal((Lk, D)); v = rng.standard_normal((Lk, D))
         do = rng.standard_normal((Lq, D))
         k[kv_len:] = np.nan; v[kv_len:] = np.nan  # never read
         scale = 1 / np.sqrt(D)
         o_ref, dq_ref, lse_ref, delta = reference(q, k, v, do, kv_len, scale)
-        o, lse2 = fwd_kernel(q, k, v, kv_len, W, scale)
+        o, lse2 = fwd_kernel(q, k, v, kv_len, W, scale, MT=MT)
         dq = dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale)
         # relative error; absolute where the true value is 0 (kv_len = 1: P = 1 and dP = delta, so dQ = 0)
         e = lambda x, r: np.linalg.norm(x - r) / (np.linalg.norm(r) if np.linalg.norm(r) > 1e-9 else 1.0)
-        print(f"Lq={Lq} Lk={Lk} kv_len={kv_len} D={D} W={W}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
+        print(f"Lq={Lq} Lk={Lk} kv_len={kv_len} D={D} W={W} MT={MT}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
               f"dq {e(dq, dq_ref):.1e} finite {np.isfinite(dq).all() and np.isfinite(o).all()}", flush=True)

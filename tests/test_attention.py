@@ -168,14 +168,17 @@ def test_kernel_forward_backward(dtype, D, L, kv_lens):
 
 @gpu
 @pytest.mark.parametrize("warps", [{"ATTENTION_CUDA_FWD_WARPS": "4", "ATTENTION_CUDA_DQ_WARPS": "4",
-                                    "ATTENTION_CUDA_DKDV_WARPS": "8"}])
+                                    "ATTENTION_CUDA_DKDV_WARPS": "8", "ATTENTION_CUDA_FWD_ROWS": "16"},
+                                   {"ATTENTION_CUDA_FWD_WARPS": "8", "ATTENTION_CUDA_FWD_ROWS": "32"},
+                                   {"ATTENTION_CUDA_FWD_WARPS": "4", "ATTENTION_CUDA_FWD_ROWS": "32"}])
 def test_kernel_other_warp_counts(monkeypatch, warps):
-    """The head_dim-128 launch choices that are not the default (read from the environment at every
-    launch): the same checks as above with them."""
+    """Launch choices that are not the default (read from the environment at every launch): warps per
+    block at head_dim 128, query rows per warp in the forward at both head_dims; the same checks as above."""
     for name, value in warps.items():
         monkeypatch.setenv(name, value)
     test_kernel_forward_backward(torch.bfloat16, 128, 517, [517 - 216, 40])
     test_kernel_forward_backward(torch.float16, 128, 300, [1, 300])
+    test_kernel_forward_backward(torch.bfloat16, 64, 333, [333, 64])
 
 
 @gpu
