@@ -185,7 +185,7 @@ def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sequence parallel: two gloo processes give exactly the single-process latents
+# Sequence parallel: two gloo processes give the single-process latents (DiT in float64)
 
 def _sp_worker(rank, world, init_file, ckpt, out_file):
     import torch.distributed as dist
@@ -200,15 +200,18 @@ def _sp_worker(rank, world, init_file, ckpt, out_file):
 
 def _denoise_ckpt(ckpt, group):
     enc, video = sample.load_ckpt_encoder(ckpt, "cpu")
-    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float32)
+    # float64: each rank multiplies half the tokens, and fp32 GEMMs round by shape and machine (see test_dit.py)
+    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float64)
     model.sp_group = group
-    c = enc(["a red circle moving left"], 5)
-    u = enc([""], 5)
-    noise = sample.initial_noise((1, 4, 2, 4, 6), 0, "cpu", torch.float32)
+    c = tuple(x.double() if x.is_floating_point() else x for x in enc(["a red circle moving left"], 5))
+    u = tuple(x.double() if x.is_floating_point() else x for x in enc([""], 5))
+    noise = sample.initial_noise((1, 4, 2, 4, 6), 0, "cpu", torch.float64)
     return sample.denoise(model, noise, c, steps=3, shift=3.0, cfg_scale=2.0, uncond=u, progress=False)
 
 
 def test_sequence_parallel_sampling_equals_single_process(ckpt, tmp_path):
     import torch.multiprocessing as mp
     mp.spawn(_sp_worker, args=(2, str(tmp_path / "init"), ckpt, str(tmp_path / "z.pt")), nprocs=2, join=True)
-    torch.testing.assert_close(torch.load(tmp_path / "z.pt"), _denoise_ckpt(ckpt, None), rtol=0, atol=0)
+    # the DiT runs in float64, but denoise() keeps the latents in fp32 between steps (the official sampler
+    # does): the two runs' velocities agree to ~1e-16 and their latents to an fp32 rounding flip at most
+    torch.testing.assert_close(torch.load(tmp_path / "z.pt"), _denoise_ckpt(ckpt, None), rtol=1e-6, atol=1e-6)
