@@ -248,24 +248,32 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
             float alpha[2];
 #pragma unroll
             for (int r = 0; r < 2; ++r) {
-                float mx = -INFINITY;
+                // Row max and row sum as pairwise trees (4 dependent steps instead of a 16-long chain: with
+                // 2 warps per scheduler there is little else to hide each step's latency behind).
+                float red[FWD_BN / 8];
 #pragma unroll
-                for (int nb = 0; nb < FWD_BN / 8; ++nb) mx = fmaxf(mx, fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]));
+                for (int nb = 0; nb < FWD_BN / 8; ++nb) red[nb] = fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]);
+#pragma unroll
+                for (int w = FWD_BN / 16; w > 0; w /= 2)
+#pragma unroll
+                    for (int i = 0; i < w; ++i) red[i] = fmaxf(red[i], red[i + w]);
+                float mx = red[0];
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
                 mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
                 const float m_new = fmaxf(m_row[mt][r], mx * scale_log2);
                 alpha[r] = fast_exp2(m_row[mt][r] - m_new);  // first tile: 2^-inf = 0
                 m_row[mt][r] = m_new;
-                float sum = 0.f;
 #pragma unroll
                 for (int nb = 0; nb < FWD_BN / 8; ++nb) {
 #pragma unroll
-                    for (int e = 2 * r; e < 2 * r + 2; ++e) {
-                        s[mt][nb][e] = fast_exp2(fmaf(s[mt][nb][e], scale_log2, -m_new));
-                        sum += s[mt][nb][e];
-                    }
+                    for (int e = 2 * r; e < 2 * r + 2; ++e) s[mt][nb][e] = fast_exp2(fmaf(s[mt][nb][e], scale_log2, -m_new));
+                    red[nb] = s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
                 }
-                l_row[mt][r] = l_row[mt][r] * alpha[r] + sum;
+#pragma unroll
+                for (int w = FWD_BN / 16; w > 0; w /= 2)
+#pragma unroll
+                    for (int i = 0; i < w; ++i) red[i] += red[i + w];
+                l_row[mt][r] = l_row[mt][r] * alpha[r] + red[0];
             }
 #pragma unroll
             for (int nd = 0; nd < D / 8; ++nd) {
