@@ -4,7 +4,7 @@ numpy, written to check the index math of kernels that could not be run when the
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
 (the layouts version 1, verified on a GPU, relies on); the kernels' loops, fragment addresses, masks and
 stores are transcribed line by line (per warp; shared-memory tiles as zero-filled copies; float64 math,
-no bf16 rounding). It checks which element goes where, not speed or rounding. Keep it in step with the
+no bf16 rounding; row maxima and sums in numpy's order, not the forward's pairwise trees). It checks which element goes where, not speed or rounding. Keep it in step with the
 kernels by hand.
 
     python attention_cuda/emulate.py    # ~30 s: forward (o, lse; 16 and 32 rows per warp) and dQ vs float64, tails and kv_len = 1
