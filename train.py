@@ -135,9 +135,9 @@ PRESETS = {
         # motion steps on clips that train only the taps' differences (the sums put back after every step, so
         # stills decode exactly as before), on the DiT's stride-8 clips at a higher lr: every clip's direction
         # reconstructed on two seeds (87-89 of 87-89 at lr 3e-3 or 5e-3), against 54-69 at stride 4 and lr 1e-3
-        # (blue shapes stood still); 5e-3 keeps white the least green in videos (the motion phase tints it). Latent channels 0-2 are held to each cell's mean RGB (vae_latent_rgb), so
-        # that every colour lies far from the background in latent space, where the DiT finds it. The clips are
-        # read at the DiT's frame stride (8).
+        # (blue shapes stood still); 5e-3 keeps white the least green in videos (the motion phase tints it).
+        # Latent channels 0-2 are held to each cell's mean RGB (vae_latent_rgb), so that every colour lies far
+        # from the background in latent space, where the DiT finds it.
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
         vae_steps=800, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
         vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,

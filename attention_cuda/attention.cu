@@ -689,7 +689,7 @@ template <typename T, int D, int W> constexpr int dkdv_smem() {
 template <typename T, int D, int W, int MT>
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     constexpr int BM = 16 * MT * W;
-    const int smem = fwd_smem<T, D, W, MT>();  // D = 128: 87,040 B (W = 4, MT = 1), 104,448 B (8, 1 or 4, 2)
+    const int smem = fwd_smem<T, D, W, MT>();  // D = 128: 87,040 B (W, MT = 4, 1); 104,448 B (8, 1 or 4, 2); 139,264 B (8, 2)
     cudaError_t err = allow_smem(attn_fwd_kernel<T, D, W, MT>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);

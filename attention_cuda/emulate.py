@@ -7,7 +7,7 @@ stores are transcribed line by line (per warp; shared-memory tiles as zero-fille
 no bf16 rounding; row maxima and sums in numpy's order, not the forward's pairwise trees). It checks which element goes where, not speed or rounding. Keep it in step with the
 kernels by hand.
 
-    python attention_cuda/emulate.py    # ~30 s: forward (o, lse; 16 and 32 rows per warp) and dQ vs float64, tails and kv_len = 1
+    python attention_cuda/emulate.py    # ~10 s: forward (o, lse; 16 and 32 rows per warp) and dQ vs float64, tails and kv_len = 1
 """
 import numpy as np
 
@@ -199,8 +199,12 @@ if __name__ == "__main__":
         scale = 1 / np.sqrt(D)
         o_ref, dq_ref, lse_ref, delta = reference(q, k, v, do, kv_len, scale)
         o, lse2 = fwd_kernel(q, k, v, kv_len, W, scale, MT=MT)
-        dq = dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale)
         # relative error; absolute where the true value is 0 (kv_len = 1: P = 1 and dP = delta, so dQ = 0)
         e = lambda x, r: np.linalg.norm(x - r) / (np.linalg.norm(r) if np.linalg.norm(r) > 1e-9 else 1.0)
-        print(f"Lq={Lq} Lk={Lk} kv_len={kv_len} D={D} W={W} MT={MT}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
-              f"dq {e(dq, dq_ref):.1e} finite {np.isfinite(dq).all() and np.isfinite(o).all()}", flush=True)
+        msg = f"Lq={Lq} Lk={Lk} kv_len={kv_len} D={D} W={W} MT={MT}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e}"
+        finite = np.isfinite(o).all()
+        if MT == 1:  # the dQ kernel has no MT: run it once per shape
+            dq = dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale)
+            msg += f" dq {e(dq, dq_ref):.1e}"
+            finite = finite and np.isfinite(dq).all()
+        print(f"{msg} finite {finite}", flush=True)
