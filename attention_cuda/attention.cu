@@ -144,6 +144,87 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 }
 
 // ---------------------------------------------------------------------------------------------------
+// The forward's softmax, shared by both forward kernels. A thread holds two rows of a 16-row m-tile, g and
+// g + 8, as C fragments: s[nb][e] is row g + 8 (e / 2), key nb * 8 + 2t + (e % 2) of the tile (the mma C
+// layout above, and also wgmma's accumulator layout within each warp of a warpgroup).
+
+// Keys at or past kv_len (only in a tile that ends past it) drop out of the softmax. key0: the tile's first key.
+template <int NB>
+__device__ __forceinline__ void mask_keys(float (&s)[NB][4], int key0, int kv_len, int t) {
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            if (key0 + nb * 8 + 2 * t + (e & 1) >= kv_len) s[nb][e] = -INFINITY;
+}
+
+// One online-softmax step on a tile of raw scores S: the new running row max m (base-2 units, x * s *
+// log2(e), so each exponential is one ex2), P = 2^(S s log2e - m) in place of S, the row sums l and the
+// output accumulator o rescaled by 2^(m_old - m). Every tile holds at least one valid key (its first key is
+// below kv_len), so each row max is finite: no inf - inf. l is this thread's part of the row sum; the quad
+// is summed once, at the end.
+template <int NB, int ND>
+__device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4], float (&m_row)[2],
+                                             float (&l_row)[2], float scale_log2) {
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        // Row max and row sum as pairwise trees (4 dependent steps instead of a 16-long chain: with 2 warps per
+        // scheduler there is little else to hide each step's latency behind).
+        float red[NB];
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) red[nb] = fmaxf(s[nb][2 * r], s[nb][2 * r + 1]);
+#pragma unroll
+        for (int w = NB / 2; w > 0; w /= 2)
+#pragma unroll
+            for (int i = 0; i < w; ++i) red[i] = fmaxf(red[i], red[i + w]);
+        float mx = red[0];
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float m_new = fmaxf(m_row[r], mx * scale_log2);
+        alpha[r] = fast_exp2(m_row[r] - m_new);  // first tile: 2^-inf = 0
+        m_row[r] = m_new;
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+#pragma unroll
+            for (int e = 2 * r; e < 2 * r + 2; ++e) s[nb][e] = fast_exp2(fmaf(s[nb][e], scale_log2, -m_new));
+            red[nb] = s[nb][2 * r] + s[nb][2 * r + 1];
+        }
+#pragma unroll
+        for (int w = NB / 2; w > 0; w /= 2)
+#pragma unroll
+            for (int i = 0; i < w; ++i) red[i] += red[i + w];
+        l_row[r] = l_row[r] * alpha[r] + red[0];
+    }
+#pragma unroll
+    for (int nd = 0; nd < ND; ++nd) {
+        o[nd][0] *= alpha[0]; o[nd][1] *= alpha[0];
+        o[nd][2] *= alpha[1]; o[nd][3] *= alpha[1];
+    }
+}
+
+// O = acc / l to the output dtype, and the row's log2-sum-exp2 m + log2(l) for the backward (l >= 1: the
+// max term is 1). row_g: the global row of this thread's row g; rows at or past Lq are not stored.
+template <typename T, int ND>
+__device__ __forceinline__ void store_rows(const float (&o)[ND][4], const float (&m_row)[2], const float (&l_row)[2],
+                                           T* out, long long stride_l, float* lse, int row_g, int len_q, int t) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_row[r];
+        l += __shfl_xor_sync(0xffffffffu, l, 1);
+        l += __shfl_xor_sync(0xffffffffu, l, 2);
+        const int row = row_g + 8 * r;
+        if (row >= len_q) continue;
+        const float inv = 1.f / l;
+        T* orow = out + row * stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+            *reinterpret_cast<uint32_t*>(orow + nd * 8) = pack2<T>(o[nd][2 * r] * inv, o[nd][2 * r + 1] * inv);
+        if (t == 0) lse[row] = m_row[r] + log2f(l);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward: one block = BM = 16 MT W query rows of one (b, h); each warp owns 16 MT consecutive rows (MT
 // m-tiles of 16) and streams all valid keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1
 // overlaps the math on tile j). Every warp reads every K/V tile from shared memory: with MT = 1 each K/V
@@ -187,8 +268,7 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
         for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, r0, ks * 16, lane));
     }
 
-    // Two rows per thread and m-tile: r = 0 is row g, r = 1 is row g + 8. Scores are kept in base-2 units,
-    // x * s * log2(e), so each exponential is one ex2 instruction.
+    // Two rows per thread and m-tile: r = 0 is row g, r = 1 is row g + 8 (softmax_step above).
     const float scale_log2 = p.scale * LOG2E;
     float o[MT][D / 8][4] = {};
     float m_row[MT][2], l_row[MT][2];  // l: this thread's part of the row sums; the quad is summed at the end
@@ -230,57 +310,15 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
                 }
             }
         }
-        // Keys past kv_len (only in the last tile) drop out of the softmax. Every tile holds at least one
-        // valid key (key j*FWD_BN < kv_len), so each row max below is finite: no inf - inf.
+        // Keys past kv_len (only in the last tile) drop out of the softmax.
         if ((j + 1) * FWD_BN > kv_len) {
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int nb = 0; nb < FWD_BN / 8; ++nb)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e)
-                        if (j * FWD_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[mt][nb][e] = -INFINITY;
+            for (int mt = 0; mt < MT; ++mt) mask_keys(s[mt], j * FWD_BN, kv_len, t);
         }
 
         // Online softmax: new running max, rescale what was accumulated under the old one.
 #pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-            float alpha[2];
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                // Row max and row sum as pairwise trees (4 dependent steps instead of a 16-long chain: with
-                // 2 warps per scheduler there is little else to hide each step's latency behind).
-                float red[FWD_BN / 8];
-#pragma unroll
-                for (int nb = 0; nb < FWD_BN / 8; ++nb) red[nb] = fmaxf(s[mt][nb][2 * r], s[mt][nb][2 * r + 1]);
-#pragma unroll
-                for (int w = FWD_BN / 16; w > 0; w /= 2)
-#pragma unroll
-                    for (int i = 0; i < w; ++i) red[i] = fmaxf(red[i], red[i + w]);
-                float mx = red[0];
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
-                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                const float m_new = fmaxf(m_row[mt][r], mx * scale_log2);
-                alpha[r] = fast_exp2(m_row[mt][r] - m_new);  // first tile: 2^-inf = 0
-                m_row[mt][r] = m_new;
-#pragma unroll
-                for (int nb = 0; nb < FWD_BN / 8; ++nb) {
-#pragma unroll
-                    for (int e = 2 * r; e < 2 * r + 2; ++e) s[mt][nb][e] = fast_exp2(fmaf(s[mt][nb][e], scale_log2, -m_new));
-                    red[nb] = s[mt][nb][2 * r] + s[mt][nb][2 * r + 1];
-                }
-#pragma unroll
-                for (int w = FWD_BN / 16; w > 0; w /= 2)
-#pragma unroll
-                    for (int i = 0; i < w; ++i) red[i] += red[i + w];
-                l_row[mt][r] = l_row[mt][r] * alpha[r] + red[0];
-            }
-#pragma unroll
-            for (int nd = 0; nd < D / 8; ++nd) {
-                o[mt][nd][0] *= alpha[0]; o[mt][nd][1] *= alpha[0];
-                o[mt][nd][2] *= alpha[1]; o[mt][nd][3] *= alpha[1];
-            }
-        }
+        for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], o[mt], m_row[mt], l_row[mt], scale_log2);
 
         // O += P V. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk.
 #pragma unroll
@@ -308,25 +346,11 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
         __syncthreads();      // ... everyone's, and everyone is done reading tile j
     }
 
-    // O = acc / l, and the row's log2-sum-exp2 m + log2(l) for the backward. l >= 1 (the max term is 1).
+    // O = acc / l, and the row's log2-sum-exp2 for the backward.
     T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+    float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_row[mt][r];
-            l += __shfl_xor_sync(0xffffffffu, l, 1);
-            l += __shfl_xor_sync(0xffffffffu, l, 2);
-            const int row = m0 + r0 + 16 * mt + g + 8 * r;
-            if (row >= p.len_q) continue;
-            const float inv = 1.f / l;
-            T* orow = out + row * p.o.stride_l + 2 * t;
-#pragma unroll
-            for (int nd = 0; nd < D / 8; ++nd)
-                *reinterpret_cast<uint32_t*>(orow + nd * 8) = pack2<T>(o[mt][nd][2 * r] * inv, o[mt][nd][2 * r + 1] * inv);
-            if (t == 0) p.lse[(static_cast<long long>(b) * p.heads + h) * p.len_q + row] = m_row[mt][r] + log2f(l);
-        }
-    }
+    for (int mt = 0; mt < MT; ++mt) store_rows(o[mt], m_row[mt], l_row[mt], out, p.o.stride_l, lse, m0 + r0 + 16 * mt + g, p.len_q, t);
 }
 
 // ---------------------------------------------------------------------------------------------------
