@@ -246,7 +246,7 @@ def run(args, prompts):
     cond = encoder(prompts, T)
     uncond = None
     if args.cfg_scale > 1:
-        neg = args.negative_prompt if args.negative_prompt is not None else text_encoder.NEGATIVE_PROMPT
+        neg = args.negative_prompt or text_encoder.NEGATIVE_PROMPT  # official inference.py: "" too means the default
         uncond = encoder([neg] * len(prompts), T)
     noise_dtype = cond[0].dtype  # official: noise drawn in the text encoder's dtype (fp16)
     del encoder
@@ -328,7 +328,7 @@ def main():
     ap.add_argument("--shift", type=float, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma) (official 7.0)")
     ap.add_argument("--guidance", type=float, help="embedded (distilled) guidance scale (official 6.0)")
     ap.add_argument("--cfg-scale", type=float, help="real classifier-free guidance; 1 = off (official 1.0)")
-    ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default: the official negative prompt)")
+    ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default, also for an empty string: the official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
     ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")

@@ -28,6 +28,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import unicodedata
 import warnings
 from dataclasses import dataclass, fields, replace
 
@@ -494,14 +496,16 @@ class Tokenizer:
         if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
             # CLIP: its tokenizer.json follows transformers' fast tokenizer, which splits CJK text differently
             # from the (slow) CLIPTokenizer the official code uses; rebuild the latter from the BPE files
-            tok = clip_bpe_tokenizer(path)
+            tok, clean = clip_bpe_tokenizer(path), clip_clean
         elif os.path.isfile(os.path.join(path, "tokenizer.json")):
             tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
             tok.no_truncation()
             tok.no_padding()
+            clean = None
         else:
             raise FileNotFoundError(f"{path!r} has neither tokenizer.json nor vocab.json + merges.txt")
-        self._encode = lambda texts: [e.ids for e in tok.encode_batch(texts, add_special_tokens=False)]
+        self._encode = lambda texts: [e.ids for e in tok.encode_batch(
+            [clean(t) for t in texts] if clean else texts, add_special_tokens=False)]
         # which special tokens wrap a text (Llama 3: BOS only; CLIP: start and end of text), read off a probe
         full, body = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
         i = next(i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body)
@@ -531,12 +535,44 @@ class Tokenizer:
         return ids, mask
 
 
+# The CJK ranges transformers' BasicTokenizer puts spaces around (each ideograph becomes a word of its own)
+_CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+        (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+_CLIP_SPECIALS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
+
+
+def clip_clean(text):
+    """The text clean-up of the transformers CLIPTokenizer the official code instantiates (no ftfy installed, so
+    its BasicTokenizer runs), in its order: control characters dropped and whitespace made spaces; spaces around
+    each CJK ideograph; NFC; split on whitespace; each word lower-cased by Python (str.lower: a word-final
+    capital sigma becomes the final form). The two special tokens typed literally in a prompt are matched on the
+    raw text first, as transformers does, and left as they are."""
+    out = []
+    for piece in _CLIP_SPECIALS.split(text):
+        if _CLIP_SPECIALS.fullmatch(piece):
+            out.append(piece)
+            continue
+        chars = []
+        for ch in piece:
+            cp, cat = ord(ch), unicodedata.category(ch)
+            if cp == 0 or cp == 0xFFFD or (cat.startswith("C") and ch not in "\t\n\r"):
+                continue
+            if ch in " \t\n\r" or cat == "Zs":
+                chars.append(" ")
+            elif any(lo <= cp <= hi for lo, hi in _CJK):
+                chars.append(f" {ch} ")
+            else:
+                chars.append(ch)
+        out.extend(w.lower() for w in unicodedata.normalize("NFC", "".join(chars)).split())
+    return " ".join(out)
+
+
 def clip_bpe_tokenizer(path):
-    """CLIP's tokenizer from vocab.json + merges.txt, with the text clean-up of the transformers CLIPTokenizer the
-    official code instantiates (no ftfy installed): NFC, control characters dropped, lower case, each CJK
-    ideograph a word of its own; then OpenAI CLIP's word pattern, byte-level BPE with an end-of-word '</w>',
-    and <|startoftext|> ... <|endoftext|> around the text."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, models, normalizers, pre_tokenizers, processors
+    """CLIP's tokenizer from vocab.json + merges.txt as the official (slow, transformers) CLIPTokenizer: text
+    cleaned by clip_clean (in Python, before this tokenizer), then OpenAI CLIP's word pattern, byte-level BPE
+    with an end-of-word '</w>', and <|startoftext|> ... <|endoftext|> around the text. The two specials are
+    added tokens, so a literal one in a prompt gets its id (and CLIP's pooling stops at the first end-of-text)."""
+    from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, processors
     with open(os.path.join(path, "vocab.json"), encoding="utf-8") as fh:
         vocab = json.load(fh)
     with open(os.path.join(path, "merges.txt"), encoding="utf-8") as fh:
@@ -544,18 +580,14 @@ def clip_bpe_tokenizer(path):
     merges = merges[:49152 - 256 - 2]  # as CLIPTokenizer (and OpenAI's): 49152 tokens less bytes and specials
     tok = HFTokenizer(models.BPE(vocab, merges, unk_token="<|endoftext|>", end_of_word_suffix="</w>",
                                  continuing_subword_prefix="", fuse_unk=False))
-    tok.normalizer = normalizers.Sequence([
-        normalizers.NFC(), normalizers.Replace(Regex(r"[\x00\x{FFFD}]|[\p{C}&&[^\t\n\r]]"), ""),
-        normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-    cjk = (r"[\x{4E00}-\x{9FFF}\x{3400}-\x{4DBF}\x{20000}-\x{2A6DF}\x{2A700}-\x{2B73F}\x{2B740}-\x{2B81F}"
-           r"\x{2B820}-\x{2CEAF}\x{F900}-\x{FAFF}\x{2F800}-\x{2FA1F}]")
     # OpenAI CLIP's word pattern; the pieces it matches are kept, whitespace between them dropped
     words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(cjk), behavior="isolated"),
         pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     bos, eos = "<|startoftext|>", "<|endoftext|>"
+    tok.add_special_tokens([AddedToken(bos, normalized=False, special=True),
+                            AddedToken(eos, normalized=False, special=True)])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])])
     return tok
@@ -568,10 +600,11 @@ def clip_bpe_tokenizer(path):
 class PromptEncoder:
     """The official prompt path (hyvideo/text_encoder + pipeline encode_prompt), for batches of prompts.
 
-    Image mode (video_length == 1) uses the image template. The official code there tokenises to the video
-    budget (256 + 95 = 351) and crops 36, giving 315 text positions (facts §7.22). We tokenise to 256 + 36,
-    so `text` is always (B, 256, D). The DiT masks padding everywhere, so its output is the same for every
-    prompt shorter than 256 tokens; longer ones keep 256 tokens here and up to 315 officially.
+    Image mode (video_length == 1) uses the image template but, as the official code, the video template's
+    token budget (text_len + 95 = 351; official inference.py sets max_length from the video template's
+    crop_start in both modes) and crops the image template's 36: `text` is (B, 315, D) there, (B, 256, D) for
+    video (facts §7.22). The length matters beyond long prompts: the padded length changes the LLM's
+    attention arithmetic, so even short prompts' states differ in fp16 if it is not the official one.
     """
 
     def __init__(self, llm, clip, llm_tokenizer, clip_tokenizer, templates=PROMPT_TEMPLATE,
@@ -620,13 +653,15 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompts, video_length=129):
-        """list of str -> text (B, text_len, D_llm), text_mask (B, text_len) long, pooled (B, D_clip)."""
+        """list of str -> text (B, N, D_llm), text_mask (B, N) long, pooled (B, D_clip); N = text_len for video
+        (and without templates), text_len + 95 - 36 for an image (see the class docstring)."""
         prompts = [p.strip() for p in prompts]  # the official sampler strips prompts
         tpl = None if self.templates is None else self.templates[
             "dit-llm-encode-video" if video_length > 1 else "dit-llm-encode"]
         crop = 0 if tpl is None else tpl["crop_start"]
+        budget = self.text_len + (0 if tpl is None else self.templates["dit-llm-encode-video"]["crop_start"])
         llm_in = prompts if tpl is None else [tpl["template"].format(p) for p in prompts]
-        ids, mask = self.llm_tok(llm_in, self.text_len + crop, shown=[f"LLM prompt {p}" for p in prompts])
+        ids, mask = self.llm_tok(llm_in, budget, shown=[f"LLM prompt {p}" for p in prompts])
         if self.offload == "model":
             self.llm.to(self.device)
         text = self.llm(ids.to(self.device), mask.to(self.device), skip_layers=self.skip_layers,

@@ -434,6 +434,14 @@ def test_clip_tokenizer_from_vocab_and_merges(clip_tok_dir):
     ids, mask = tok(["数字\x07"], 10)
     words = [next(k for k, v in vocab.items() if v == i) for i in ids[0, 1:int(mask.sum()) - 1].tolist()]
     assert "".join(words).count("</w>") == 2 and len(tok._encode(["数字"])[0]) == len(words)
+    # the slow tokenizer's order: control characters go before NFC composes (a zero-width space between a
+    # letter and its accent), and Python's str.lower gives a word-final capital sigma its final form
+    assert te.clip_clean("Cafe\u200b\u0301  OK") == "caf\u00e9 ok"
+    assert te.clip_clean("\u039f\u0394\u039f\u03a3 \u03a3\u0391") == "\u03bf\u03b4\u03bf\u03c2 \u03c3\u03b1"
+    # a literal special token in a prompt is that token (CLIP pools at the first end-of-text)
+    a, b = tok._encode(["a"])[0], tok._encode(["cat"])[0]
+    assert tok._encode(["A <|endoftext|>Cat"])[0] == a + [eot] + b
+    assert tok._encode(["<|startoftext|> a"])[0] == [sot] + a
 
 
 def make_prompt_encoder(llama_tok_dir, clip_tok_dir, text_len=24, **kw):
@@ -446,16 +454,20 @@ def make_prompt_encoder(llama_tok_dir, clip_tok_dir, text_len=24, **kw):
 def test_prompt_path_crops_the_template(llama_tok_dir, clip_tok_dir):
     pe = make_prompt_encoder(llama_tok_dir, clip_tok_dir)
     prompts = ["A cat sits on a red mat.", "  Two dogs run across a green park.  "]
+    video_crop = pe.templates["dit-llm-encode-video"]["crop_start"]
     for video_length, name in ((129, "dit-llm-encode-video"), (1, "dit-llm-encode")):
         text, mask, pooled = pe(prompts, video_length=video_length)
-        assert text.shape == (2, 24, 32) and mask.shape == (2, 24) and pooled.shape == (2, 32)
         crop = pe.templates[name]["crop_start"]
-        ids, full_mask = pe.llm_tok([pe.templates[name]["template"].format(p.strip()) for p in prompts], 24 + crop)
+        # as the official: both modes tokenise to text_len + the video template's crop, each crops its own
+        n = 24 + video_crop - crop
+        assert text.shape == (2, n, 32) and mask.shape == (2, n) and pooled.shape == (2, 32)
+        assert (n == 24) == (name == "dit-llm-encode-video")
+        ids, full_mask = pe.llm_tok([pe.templates[name]["template"].format(p.strip()) for p in prompts], 24 + video_crop)
         eot = pe.llm_tok.tok.token_to_id("<|eot_id|>")
         for b, p in enumerate(prompts):
             want = pe.llm_tok._encode([p.strip()])[0] + [eot]  # the prompt's tokens and the closing <|eot_id|>
             assert ids[b, crop:crop + len(want)].tolist() == want
-            assert mask[b].tolist() == [1] * len(want) + [0] * (24 - len(want))
+            assert mask[b].tolist() == [1] * len(want) + [0] * (n - len(want))
         torch.testing.assert_close(text, pe.llm(ids, full_mask, skip_layers=2)[:, crop:], rtol=0, atol=0)
         clip_ids, clip_mask = pe.clip_tok([p.strip() for p in prompts], 77)
         torch.testing.assert_close(pooled, pe.clip(clip_ids), rtol=0, atol=0)
