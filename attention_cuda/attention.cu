@@ -32,6 +32,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "attention.h"
 
 namespace {
@@ -108,6 +110,101 @@ __device__ __forceinline__ float fast_exp2(float x) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// wgmma (sm_90a only; PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). A warpgroup, 4
+// consecutive warps starting at a multiple of 4, computes D (64 x N, fp32, in registers) (+)= A (64 x 16)
+// B (16 x N) asynchronously: issue (wgmma.mma_async), close a group (commit_group), wait for it
+// (wait_group). Within the warpgroup, warp w holds rows 16w..16w+15 of D in exactly the mma.m16n8 C layout
+// above, repeated over the N/8 column blocks, and an A taken from registers is the mma.m16n8k16 A fragment
+// of the warp's 16 rows: the fragment bookkeeping of the mma.sync kernel carries over unchanged.
+//
+// Operands in shared memory are described by a 64-bit descriptor (bits 0-13 start address >> 4, 16-29
+// "leading" byte offset >> 4, 32-45 "stride" byte offset >> 4, 62-63 swizzle: 1 = 128-byte) and must lie
+// in the canonical 128-byte-swizzled layout: rows of 64 elements (128 B) in 1024-byte groups of 8 rows,
+// the 16-byte chunk c of row r stored at chunk position c ^ (r % 8) (the hardware XORs address bits 4-6
+// with bits 7-9, so the tiles start 1024-byte aligned). A tile with D = 128 columns is stored as two
+// such 64-column halves one after the other. Then:
+//   K-major operand (the 16-wide k-slice contiguous: Q as A, K as B of Q K^T): 8-row groups 1024 B apart
+//     (stride offset); the k-step's start address moves 32 B along the 128-byte row, then to the next half.
+//   MN-major operand (V as B of P V: rows are keys = k, columns d = n; "transpose B" set): 8-key groups
+//     1024 B apart (stride offset), the two 64-column halves of d one half-tile apart (leading offset).
+
+__device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr, uint32_t leading_bytes, uint32_t stride_bytes) {
+    return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | static_cast<uint64_t>(leading_bytes >> 4) << 16 |
+           static_cast<uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;
+}
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The compiler sees a wgmma's accumulators as written when the instruction is issued, not when wait_group
+// returns: this pins every read of them after the wait (an empty volatile asm that "rewrites" each one).
+template <int NB>
+__device__ __forceinline__ void fence_regs(float (&d)[NB][4]) {
+#pragma unroll
+    for (int i = 0; i < NB; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e]) :: "memory");
+}
+
+#define WGMMA_ACC64 \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+#define WGMMA_REGS64 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
+    " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WGMMA_ACC128 \
+    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
+    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
+    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
+    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
+    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
+    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
+    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
+    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+#define WGMMA_REGS128 \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
+    " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
+    " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
+    " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+
+// d (+)= A B, m64n128k16, A (64 x 16) and B (16 x 128, K-major) from shared memory; accumulate = 0
+// overwrites d (the first k-step of a product).
+template <typename T>
+__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#define WGMMA_SS(TY)                                                                                         \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " WGMMA_REGS128                  \
+                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                             \
+                 : WGMMA_ACC128 : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16"); else WGMMA_SS("f16");
+#undef WGMMA_SS
+}
+
+// d += A B, m64nNk16 (N = 64 or 128), A from registers (the m16n8k16 A fragment of the warp's 16 rows), B
+// (16 x N) MN-major from shared memory (transpose bit set).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&a)[4], uint64_t desc_b) {
+#define WGMMA_RS(TY, NN, A0, A1, A2, A3, B, P)                                                               \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                               \
+                 "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN               \
+                 ", {" A0 ", " A1 ", " A2 ", " A3 "}, " B ", p, 1, 1, 1;\n}\n"                                 \
+                 : WGMMA_ACC##NN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
+    if constexpr (N == 128) {
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+        else WGMMA_RS("f16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+    } else {
+        static_assert(N == 64, "wgmma_rs: N = 64 or 128");
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
+        else WGMMA_RS("f16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
+    }
+#undef WGMMA_RS
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Tiles
 
 // Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
@@ -175,9 +272,10 @@ __device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) red[nb] = fmaxf(s[nb][2 * r], s[nb][2 * r + 1]);
 #pragma unroll
-        for (int w = NB / 2; w > 0; w /= 2)
+        for (int w = NB / 2; w > 0; w /= 2)  // constant trip counts (i < NB / 2), so NB = 16 unrolls fully too
 #pragma unroll
-            for (int i = 0; i < w; ++i) red[i] = fmaxf(red[i], red[i + w]);
+            for (int i = 0; i < NB / 2; ++i)
+                if (i < w) red[i] = fmaxf(red[i], red[i + w]);
         float mx = red[0];
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));  // the 4 lanes of a quad share a row
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
@@ -193,7 +291,8 @@ __device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4
 #pragma unroll
         for (int w = NB / 2; w > 0; w /= 2)
 #pragma unroll
-            for (int i = 0; i < w; ++i) red[i] += red[i + w];
+            for (int i = 0; i < NB / 2; ++i)
+                if (i < w) red[i] += red[i + w];
         l_row[r] = l_row[r] * alpha[r] + red[0];
     }
 #pragma unroll
@@ -351,6 +450,127 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
     float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) store_rows(o[mt], m_row[mt], l_row[mt], out, p.o.stride_l, lse, m0 + r0 + 16 * mt + g, p.len_q, t);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward, version 2.0 (sm_90a): both products on wgmma. One block = two warpgroups = WG_BM = 128 query
+// rows of one (b, h), 64 per warpgroup; keys in WG_BN = 128-key tiles, K and V double-buffered through
+// cp.async into the 128-byte-swizzled layout wgmma reads (load_tile_sw128). Per tile and warpgroup:
+//   S = Q K^T   8 (D = 128) wgmma m64n128k16, Q and K from shared memory, one commit, wait;
+//   softmax     softmax_step on the accumulators, exactly as in the mma.sync kernel (same layout);
+//   O += P V    8 wgmma m64nDk16, P from registers (the C -> A fragment identity again), V from shared.
+// The tensor cores read Q, K and V from shared memory themselves: no ldmatrix, no per-warp fragment loads,
+// and one instruction does the work of 16 (S, D = 128) or 32 (P V) mma.sync. What this version does not do
+// yet (FlashAttention-3's next steps, NOTES.md): overlap one warpgroup's softmax with the other's products
+// (here both run in step between the per-tile barriers), TMA copies from a producer warp, and the next
+// tile's Q K^T issued before this tile's softmax.
+constexpr int WG_BM = 128, WG_BN = 128;
+
+// Start async copies of rows [row0, row0 + ROWS) (rows >= n zero-filled) into a [ROWS][D] tile in the
+// 128-byte-swizzled layout: 16-byte chunk c of row r at (c / 8) * ROWS * 128 + r * 128 + ((c % 8) ^ (r % 8))
+// * 16 bytes. Consecutive threads take consecutive chunks of a global row, as in load_tile.
+template <typename T, int ROWS, int D, int NT>
+__device__ __forceinline__ void load_tile_sw128(unsigned char* tile, const T* g, long long ld, int row0, int n) {
+    constexpr int CHUNKS = D / 8;
+    static_assert((ROWS * CHUNKS) % NT == 0 && ROWS % 8 == 0, "tile chunks must split evenly over the threads");
+#pragma unroll
+    for (int i = 0; i < ROWS * CHUNKS / NT; ++i) {
+        const int c = i * NT + threadIdx.x;
+        const int r = c / CHUNKS, col = c % CHUNKS;
+        const bool valid = row0 + r < n;
+        cp_async_16(tile + (col / 8) * ROWS * 128 + r * 128 + (((col % 8) ^ (r % 8)) * 16),
+                    valid ? g + (row0 + r) * ld + col * 8 : g, valid);
+    }
+}
+
+template <typename T, int D> constexpr int fwd_wgmma_smem() {  // Q, 2 x K, 2 x V, + 1 KB to align to 1024
+    return (WG_BM + 4 * WG_BN) * D * static_cast<int>(sizeof(T)) + 1024;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = 256;
+    constexpr int Q_BYTES = WG_BM * D * 2, KV_BYTES = WG_BN * D * 2;  // 32 KB each at D = 128
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sK = sQ + Q_BYTES;     // [2][KV_BYTES]
+    unsigned char* sV = sK + 2 * KV_BYTES;  // [2][KV_BYTES]
+
+    const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + WG_BN - 1) / WG_BN;
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+
+    load_tile_sw128<T, WG_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile_sw128<T, WG_BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile_sw128<T, WG_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+
+    // This warpgroup's 64 query rows start 64 * 128 B into each 64-column half of sQ.
+    const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128;
+    const float scale_log2 = p.scale * LOG2E;
+    float o[D / 8][4] = {};
+    float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
+            load_tile_sw128<T, WG_BN, D, NT>(sK + (buf ^ 1) * KV_BYTES, k, p.k.stride_l, (j + 1) * WG_BN, kv_len);
+            load_tile_sw128<T, WG_BN, D, NT>(sV + (buf ^ 1) * KV_BYTES, v, p.v.stride_l, (j + 1) * WG_BN, kv_len);
+            cp_async_commit();
+        }
+        const uint32_t k_addr = smem_u32(sK + buf * KV_BYTES), v_addr = smem_u32(sV + buf * KV_BYTES);
+
+        // S = Q K^T: 64 rows x 128 keys per warpgroup. k-step ks covers columns 16 ks..16 ks + 15 of Q and K:
+        // half ks / 4, 32 B per step along the 128-byte row.
+        float s[WG_BN / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t col = (ks % 4) * 32;  // leading offset: unused by swizzled K-major operands
+            wgmma_ss_n128<T>(s, sw128_desc(q_addr + (ks / 4) * WG_BM * 128 + col, 16, 1024),
+                             sw128_desc(k_addr + (ks / 4) * WG_BN * 128 + col, 16, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(s);
+
+        if ((j + 1) * WG_BN > kv_len) mask_keys(s, j * WG_BN, kv_len, t);
+        softmax_step(s, o, m_row, l_row, scale_log2);
+
+        // O += P V: k-step kk takes keys 16 kk..16 kk + 15, i.e. 2 groups of 8 rows of V, 2,048 B in.
+        uint32_t pa[WG_BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < WG_BN / 16; ++kk) {
+            pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
+            pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
+            pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+        }
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WG_BN / 16; ++kk)
+            wgmma_rs<T, D>(o, pa[kk], sw128_desc(v_addr + kk * 16 * 128, WG_BN * 128, 1024));
+        wgmma_commit();
+        wgmma_wait_all();
+        fence_regs(o);
+
+        cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
+        fence_proxy_async();  // ... is visible to wgmma ...
+        __syncthreads();      // ... everyone's, and everyone is done reading tile j
+    }
+
+    T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+    float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    store_rows(o, m_row, l_row, out, p.o.stride_l, lse, m0 + wg * 64 + warp * 16 + lane / 4, p.len_q, t);
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -721,9 +941,32 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
+// Version 2.0's forward (wgmma) runs only where asked, ATTENTION_CUDA_FWD_WGMMA=1, and only on compute
+// capability 9.0 (its sm_90a code exists for nothing else): it is not yet measured on a GPU (NOTES.md).
+bool use_wgmma_forward() {
+    const char* s = std::getenv("ATTENTION_CUDA_FWD_WGMMA");
+    if (s == nullptr || strcmp(s, "1") != 0) return false;
+    int dev = 0, major = 0, minor = 0;
+    return cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
+           minor == 0;
+}
+
+template <typename T, int D>
+cudaError_t launch_forward_wgmma(const AttnParams& p, cudaStream_t stream) {
+    const int smem = fwd_wgmma_smem<T, D>();  // D = 128: 164,864 B; D = 64: 82,944 B
+    cudaError_t err = allow_smem(attn_fwd_wgmma_kernel<T, D>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch);
+    attn_fwd_wgmma_kernel<T, D><<<grid, 256, smem, stream>>>(p);
+    return cudaGetLastError();
+}
+
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     const int smem_max = max_smem_per_block();
+    if (use_wgmma_forward() && fwd_wgmma_smem<T, D>() <= smem_max) return launch_forward_wgmma<T, D>(p, stream);
     const bool rows32 = rows_for("ATTENTION_CUDA_FWD_ROWS", FWD_ROWS_DEFAULT) == 32;
     if constexpr (D == 128) {
         if (warps_for("ATTENTION_CUDA_FWD_WARPS", FWD_WARPS_DEFAULT) == 8) {

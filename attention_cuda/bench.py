@@ -11,6 +11,7 @@ Shapes as in HunyuanVideo's joint attention: 24 heads x 128, bf16, L = image tok
 which 40 (sample 0) and 90 (sample 1) are valid, so kv_lens = [L - 216, L - 166]. Useful FLOPs count the
 valid keys only: forward 4 * H * L * kv_len * D per sample, backward 2.5x that. Contenders:
   ours          attention_cuda.attention with kv_lens (the key loop stops at kv_len)
+  ours-wgmma    the same with version 2.0's forward (wgmma; Hopper only, opt-in until measured)
   flash         SDPA's flash backend, UNMASKED over all L keys (it takes no mask): a speed reference only,
                 its output is not the padded answer
   cudnn+mask    SDPA's cuDNN backend with a boolean (B, 1, 1, L) key mask
@@ -71,7 +72,7 @@ def reference_rows(q, k, v, lens, rows):
     return torch.stack(out)
 
 
-def check_small():
+def check_small(label=""):
     """Full forward and gradients against float64 autograd at a length off the tile, padded per sample."""
     L, lens = 1000 + 37, [1037 - 216, 1037 - 166]
     q, k, v = (torch.randn(2, L, 4, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -85,9 +86,25 @@ def check_small():
         ref_in[2][b:b + 1, :n].transpose(1, 2)).transpose(1, 2)[0] for b, n in enumerate(lens)])
     ref_grads = torch.autograd.grad(ref, ref_in, go.double())
     errs = [rel_err(o, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
-    print(f"check L={L}, kv_lens={lens}: rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
+    print(f"check{label} L={L}, kv_lens={lens}: rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
           f"dv {errs[3]:.1e} (bound 1e-2)")
     return all(e < 1e-2 for e in errs) and all(torch.isfinite(x).all() for x in (o, *grads))
+
+
+def wgmma_forward(fn):
+    """fn() with version 2.0's forward (wgmma, sm_90a; opt-in while unmeasured): the launcher reads
+    ATTENTION_CUDA_FWD_WGMMA at every call."""
+    def run():
+        old = os.environ.get("ATTENTION_CUDA_FWD_WGMMA")
+        os.environ["ATTENTION_CUDA_FWD_WGMMA"] = "1"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["ATTENTION_CUDA_FWD_WGMMA"]
+            else:
+                os.environ["ATTENTION_CUDA_FWD_WGMMA"] = old
+    return run
 
 
 def contenders(q, k, v, lens):
@@ -101,6 +118,7 @@ def contenders(q, k, v, lens):
 
     return {
         "ours": lambda: attention_cuda.attention(q, k, v, lens),
+        "ours-wgmma": wgmma_forward(lambda: attention_cuda.attention(q, k, v, lens)),
         "flash (unmasked)": lambda: sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt).transpose(1, 2),
         "cudnn + mask": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, attn_mask=mask).transpose(1, 2),
         "cudnn split": lambda: torch.cat([sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
@@ -125,20 +143,29 @@ def main(argv=None):
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {HEADS} heads x {HEAD_DIM}")
     if not check_small():
         sys.exit("attention_cuda/bench.py: the kernel is wrong at the small check; not timing it")
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    wgmma_ok = hopper and wgmma_forward(lambda: check_small(" (wgmma forward)"))()
+    if hopper and not wgmma_ok:
+        print("  the wgmma forward fails the small check: not timing ours-wgmma")
 
     rows = []
     for L in args.lengths:
         lens = [L - pad for pad in TEXT_PAD[:args.batch]]
         q, k, v = (torch.randn(args.batch, L, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         r = torch.randperm(L, device="cuda")[:256]
-        err = rel_err(attention_cuda.attention(q, k, v, lens)[:, r], reference_rows(q, k, v, lens, r))
+        ref = reference_rows(q, k, v, lens, r)
+        err = rel_err(attention_cuda.attention(q, k, v, lens)[:, r], ref)
         print(f"L={L}: ours vs float64 on 256 random query rows: rel err {err:.1e}")
         if not err < 1e-2:
             sys.exit("attention_cuda/bench.py: wrong at this size; not timing it")
+        if wgmma_ok:
+            err = rel_err(wgmma_forward(lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
+            print(f"L={L}: ours-wgmma vs float64 on 256 random query rows: rel err {err:.1e}")
+            wgmma_ok = err < 1e-2
         flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs
         go = torch.randn_like(q)
         for name, fn in contenders(q, k, v, lens).items():
-            if args.only and name.split()[0] not in args.only:
+            if (args.only and name.split()[0] not in args.only) or (name == "ours-wgmma" and not wgmma_ok):
                 continue
             try:
                 fwd = time_ms(fn, args.budget)

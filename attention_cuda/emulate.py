@@ -1,13 +1,17 @@
-"""Lane-level CPU emulation of attn_bwd_dq_kernel and attn_fwd_kernel (attention.cu, version 1.2) in
-numpy, written to check the index math of kernels that could not be run when they were written.
+"""Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2) and
+attn_fwd_wgmma_kernel (version 2.0) in numpy, written to check the index math of kernels that could not be
+run when they were written.
 
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
-(the layouts version 1, verified on a GPU, relies on); the kernels' loops, fragment addresses, masks and
-stores are transcribed line by line (per warp; shared-memory tiles as zero-filled copies; float64 math,
-no bf16 rounding; row maxima and sums in numpy's order, not the forward's pairwise trees). It checks which element goes where, not speed or rounding. Keep it in step with the
-kernels by hand.
+(the layouts version 1, verified on a GPU, relies on); wgmma from the PTX ISA's accumulator layout and its
+canonical 128-byte-swizzled shared-memory layouts, read through the descriptor the kernel encodes (see
+there). The kernels' loops, fragment addresses, masks and stores are transcribed line by line (per warp;
+float64 math, no bf16 rounding; row maxima and sums in numpy's order, not the forward's pairwise trees). It
+checks which element goes where, not speed, rounding, or the ordering of asynchronous copies, barriers and
+fences. Keep it in step with the kernels by hand.
 
-    python attention_cuda/emulate.py    # ~10 s: forward (o, lse; 16 and 32 rows per warp) and dQ vs float64, tails and kv_len = 1
+    python attention_cuda/emulate.py    # ~15 s: forward (o, lse; 16 and 32 rows per warp; wgmma) and dQ vs
+                                        # float64, tails and kv_len = 1
 """
 import numpy as np
 
@@ -109,6 +113,44 @@ def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
                         dq_out[row, nd * 8 + 2 * t + 1] = dq[nd][lane, 2 * r + 1] * scale
     return dq_out
 
+def mask_keys(s, key0, kv_len):
+    """s[NB][32][4]: one warp's C fragments of a 16-row m-tile; keys at or past kv_len -> -inf."""
+    for nb in range(len(s)):
+        for e in range(4):
+            s[nb][:, e] = np.where(key0 + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[nb][:, e])
+
+def softmax_step(s, o, m_row, l_row, scale_log2):
+    """attention.cu's softmax_step for one warp: s[NB][32][4] -> P in place, o[ND][32][4] rescaled,
+    m_row[2][32], l_row[2][32] updated."""
+    alpha = np.zeros((2, 32))
+    for r in range(2):
+        mx = np.max(s[:, :, 2 * r:2 * r + 2], axis=(0, 2))
+        mx = np.maximum(mx, mx[LANES ^ 1]); mx = np.maximum(mx, mx[LANES ^ 2])
+        m_new = np.maximum(m_row[r], mx * scale_log2)
+        alpha[r] = np.exp2(m_row[r] - m_new); m_row[r] = m_new
+        sm = np.zeros(32)
+        for nb in range(len(s)):
+            for e in (2 * r, 2 * r + 1):
+                s[nb][:, e] = np.exp2(s[nb][:, e] * scale_log2 - m_new); sm += s[nb][:, e]
+        l_row[r] = l_row[r] * alpha[r] + sm
+    for nd in range(len(o)):
+        o[nd][:, 0] *= alpha[0]; o[nd][:, 1] *= alpha[0]
+        o[nd][:, 2] *= alpha[1]; o[nd][:, 3] *= alpha[1]
+
+def store_rows(o, m_row, l_row, o_out, lse_out, row_base, Lq):
+    """attention.cu's store_rows for one warp whose 16-row m-tile starts at global row row_base."""
+    for r in range(2):
+        l = l_row[r] + l_row[r][LANES ^ 1]; l = l + l[LANES ^ 2]
+        for lane in range(32):
+            row = row_base + lane // 4 + 8 * r
+            if row >= Lq:
+                continue
+            t = lane % 4
+            for nd in range(len(o)):
+                o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[nd][lane, 2 * r:2 * r + 2] / l[lane]
+            if t == 0:
+                lse_out[row] = m_row[r][lane] + np.log2(l[lane])
+
 def fwd_kernel(q, k, v, kv_len, W, scale, BN=64, MT=1):
     Lq, D = q.shape
     BM = 16 * MT * W
@@ -134,24 +176,9 @@ def fwd_kernel(q, k, v, kv_len, W, scale, BN=64, MT=1):
                             mma(s[mt][nb], qa[mt], kf[0], kf[1]); mma(s[mt][nb + 1], qa[mt], kf[2], kf[3])
                 if (j + 1) * BN > kv_len:
                     for mt in range(MT):
-                        for nb in range(BN // 8):
-                            for e in range(4):
-                                s[mt][nb][:, e] = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[mt][nb][:, e])
+                        mask_keys(s[mt], j * BN, kv_len)
                 for mt in range(MT):
-                    alpha = np.zeros((2, 32))
-                    for r in range(2):
-                        mx = np.max(s[mt][:, :, 2 * r:2 * r + 2], axis=(0, 2))
-                        mx = np.maximum(mx, mx[LANES ^ 1]); mx = np.maximum(mx, mx[LANES ^ 2])
-                        m_new = np.maximum(m_row[mt][r], mx * scale_log2)
-                        alpha[r] = np.exp2(m_row[mt][r] - m_new); m_row[mt][r] = m_new
-                        sm = np.zeros(32)
-                        for nb in range(BN // 8):
-                            for e in (2 * r, 2 * r + 1):
-                                s[mt][nb][:, e] = np.exp2(s[mt][nb][:, e] * scale_log2 - m_new); sm += s[mt][nb][:, e]
-                        l_row[mt][r] = l_row[mt][r] * alpha[r] + sm
-                    for nd in range(D // 8):
-                        o[mt][nd][:, 0] *= alpha[0]; o[mt][nd][:, 1] *= alpha[0]
-                        o[mt][nd][:, 2] *= alpha[1]; o[mt][nd][:, 3] *= alpha[1]
+                    softmax_step(s[mt], o[mt], m_row[mt], l_row[mt], scale_log2)
                 for kk in range(BN // 16):
                     pa = [[pack2(s[mt][2 * kk][:, 0], s[mt][2 * kk][:, 1]), pack2(s[mt][2 * kk][:, 2], s[mt][2 * kk][:, 3]),
                            pack2(s[mt][2 * kk + 1][:, 0], s[mt][2 * kk + 1][:, 1]),
@@ -161,17 +188,117 @@ def fwd_kernel(q, k, v, kv_len, W, scale, BN=64, MT=1):
                         for mt in range(MT):
                             mma(o[mt][nd], pa[mt], vf[0], vf[1]); mma(o[mt][nd + 1], pa[mt], vf[2], vf[3])
             for mt in range(MT):
-                for r in range(2):
-                    l = l_row[mt][r] + l_row[mt][r][LANES ^ 1]; l = l + l[LANES ^ 2]
-                    for lane in range(32):
-                        row = m0 + r0 + 16 * mt + lane // 4 + 8 * r
-                        if row >= Lq:
-                            continue
-                        t = lane % 4
-                        for nd in range(D // 8):
-                            o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[mt][nd][lane, 2 * r:2 * r + 2] / l[lane]
-                        if t == 0:
-                            lse_out[row] = m_row[mt][r][lane] + np.log2(l[lane])
+                store_rows(o[mt], m_row[mt], l_row[mt], o_out, lse_out, m0 + r0 + 16 * mt, Lq)
+    return o_out, lse_out
+
+# ---------------------------------------------------------------------------------------------------
+# Version 2.0, attn_fwd_wgmma_kernel. Shared memory is a flat array of 16-bit slots (byte address // 2),
+# NaN until written. The kernel's side (load_tile_sw128, descriptor encoding, k-step offsets, fragments) is
+# transcribed; the hardware's side (how wgmma reads an operand through a descriptor, and where its
+# accumulator elements live) is modelled from the PTX ISA's canonical 128-byte-swizzle layouts, written
+# here without looking at the kernel's store formula, so a mismatch between the two shows up as wrong
+# numbers (or NaN).
+
+def sw128(addr):
+    """The 128-byte swizzle on absolute shared-memory byte addresses: bits 4-6 ^= bits 7-9."""
+    return addr ^ (((addr >> 7) & 7) << 4)
+
+def sw128_desc(addr, leading, stride):  # transcribed from attention.cu
+    return ((addr & 0x3FFFF) >> 4) | (leading >> 4) << 16 | (stride >> 4) << 32 | 1 << 62
+
+def decode(desc):
+    assert desc >> 62 == 1, "128-byte swizzle expected"
+    return (desc & 0x3FFF) << 4, ((desc >> 16) & 0x3FFF) << 4, ((desc >> 32) & 0x3FFF) << 4
+
+def read_k_major(mem, desc, rows):
+    """A (64 x 16) or B^T (N x 16) operand, K-major: layout ((8, m), (8, 2)) : ((64, SBO), (1, 8)) elements."""
+    start, _, sbo = decode(desc)
+    r = np.arange(rows)[:, None]; kk = np.arange(16)[None, :]
+    return mem[sw128(start + (r // 8) * sbo + (r % 8) * 128 + (kk // 8) * 16 + (kk % 8) * 2) // 2]
+
+def read_mn_major(mem, desc, n):
+    """B (16 x N) operand, MN-major: layout ((8, 8, n / 64), (8, 2)) : ((1, 8, LBO), (64, SBO)) elements."""
+    start, lbo, sbo = decode(desc)
+    kk = np.arange(16)[:, None]; c = np.arange(n)[None, :]
+    return mem[sw128(start + (c // 64) * lbo + (c % 64) * 2 + (kk // 8) * sbo + (kk % 8) * 128) // 2]
+
+def wg_frags(Dm):
+    """64 x N accumulator -> d[warp][N / 8][lane][4]: warp w holds rows 16w.., in the m16n8 C layout."""
+    d = np.zeros((4, Dm.shape[1] // 8, 32, 4))
+    for e in range(4):
+        rows = 16 * np.arange(4)[:, None, None] + G + 8 * (e // 2)
+        cols = 8 * np.arange(Dm.shape[1] // 8)[None, :, None] + 2 * T + (e % 2)
+        d[..., e] = Dm[rows, cols]
+    return d
+
+def wg_matrix(d):
+    Dm = np.zeros((64, d.shape[1] * 8))
+    for e in range(4):
+        rows = 16 * np.arange(4)[:, None, None] + G + 8 * (e // 2)
+        cols = 8 * np.arange(d.shape[1])[None, :, None] + 2 * T + (e % 2)
+        Dm[np.broadcast_to(rows, d.shape[:3]), np.broadcast_to(cols, d.shape[:3])] = d[..., e]
+    return Dm
+
+def wgmma_ss(d, mem, desc_a, desc_b, accumulate, n):
+    Dm = (wg_matrix(d) if accumulate else 0) + read_k_major(mem, desc_a, 64) @ read_k_major(mem, desc_b, n).T
+    return wg_frags(Dm)
+
+def wgmma_rs(d, a, mem, desc_b):
+    """a[warp] = the 4 A registers ([32][2] each) of the warp's 16 rows (m16n8k16 A layout)."""
+    A = np.zeros((64, 16))
+    for w in range(4):
+        for lane in range(32):
+            g, t = lane // 4, lane % 4
+            A[16 * w + g, 2 * t:2 * t + 2] = a[w][0][lane]; A[16 * w + g + 8, 2 * t:2 * t + 2] = a[w][1][lane]
+            A[16 * w + g, 2 * t + 8:2 * t + 10] = a[w][2][lane]; A[16 * w + g + 8, 2 * t + 8:2 * t + 10] = a[w][3][lane]
+    return wg_frags(wg_matrix(d) + A @ read_mn_major(mem, desc_b, d.shape[1] * 8))
+
+def load_tile_sw128(mem, base, rows_n, D, src, row0, n):  # transcribed: all threads' chunks together
+    chunks = D // 8
+    for c in range(rows_n * chunks):
+        r, col = c // chunks, c % chunks
+        dst = base + (col // 8) * rows_n * 128 + r * 128 + ((col % 8) ^ (r % 8)) * 16
+        mem[dst // 2:dst // 2 + 8] = src[row0 + r, col * 8:col * 8 + 8] if row0 + r < n else 0.
+
+def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
+    Lq, D = q.shape
+    Q_BYTES, KV_BYTES = BM * D * 2, BN * D * 2
+    o_out = np.full((Lq, D), np.nan); lse_out = np.full(Lq, np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    n_tiles = (kv_len + BN - 1) // BN
+    for blk in range((Lq + BM - 1) // BM):
+        m0 = blk * BM
+        mem = np.full((Q_BYTES + 4 * KV_BYTES) // 2, np.nan)  # address 0 is 1024-byte aligned, as in the kernel
+        sQ, sK = 0, Q_BYTES; sV = sK + 2 * KV_BYTES
+        load_tile_sw128(mem, sQ, BM, D, q, m0, Lq)
+        load_tile_sw128(mem, sK, BN, D, k, 0, kv_len); load_tile_sw128(mem, sV, BN, D, v, 0, kv_len)
+        o = np.zeros((2, 4, D // 8, 32, 4)); m_row = np.full((2, 4, 2, 32), -np.inf); l_row = np.zeros((2, 4, 2, 32))
+        for j in range(n_tiles):
+            buf = j & 1
+            if j + 1 < n_tiles:
+                load_tile_sw128(mem, sK + (buf ^ 1) * KV_BYTES, BN, D, k, (j + 1) * BN, kv_len)
+                load_tile_sw128(mem, sV + (buf ^ 1) * KV_BYTES, BN, D, v, (j + 1) * BN, kv_len)
+            k_addr, v_addr = sK + buf * KV_BYTES, sV + buf * KV_BYTES
+            for wg in range(2):
+                q_addr = sQ + wg * 64 * 128
+                s = None
+                for ks in range(D // 16):
+                    col = (ks % 4) * 32
+                    s = wgmma_ss(s, mem, sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024),
+                                 sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
+                pa = []
+                for w in range(4):
+                    if (j + 1) * BN > kv_len:
+                        mask_keys(s[w], j * BN, kv_len)
+                    softmax_step(s[w], o[wg][w], m_row[wg][w], l_row[wg][w], scale_log2)
+                    pa.append([[pack2(s[w][2 * kk][:, 0], s[w][2 * kk][:, 1]), pack2(s[w][2 * kk][:, 2], s[w][2 * kk][:, 3]),
+                                pack2(s[w][2 * kk + 1][:, 0], s[w][2 * kk + 1][:, 1]),
+                                pack2(s[w][2 * kk + 1][:, 2], s[w][2 * kk + 1][:, 3])] for kk in range(BN // 16)])
+                for kk in range(BN // 16):
+                    o[wg] = wgmma_rs(o[wg], [pa[w][kk] for w in range(4)], mem, sw128_desc(v_addr + kk * 16 * 128, BN * 128, 1024))
+        for wg in range(2):
+            for w in range(4):
+                store_rows(o[wg][w], m_row[wg][w], l_row[wg][w], o_out, lse_out, m0 + wg * 64 + w * 16, Lq)
     return o_out, lse_out
 
 def reference(q, k, v, do, kv_len, scale):
@@ -208,3 +335,14 @@ if __name__ == "__main__":
             msg += f" dq {e(dq, dq_ref):.1e}"
             finite = finite and np.isfinite(dq).all()
         print(f"{msg} finite {finite}", flush=True)
+    # version 2.0 (wgmma): head_dim 64 and 128 only; query blocks of 128 rows, key tiles of 128
+    for (Lq, Lk, kv_len, D) in [(200, 300, 300, 128), (130, 300, 129, 64), (128, 256, 1, 128), (77, 260, 256, 64),
+                                (300, 140, 127, 128)]:
+        q = rng.standard_normal((Lq, D)); k = rng.standard_normal((Lk, D)); v = rng.standard_normal((Lk, D))
+        k[kv_len:] = np.nan; v[kv_len:] = np.nan
+        scale = 1 / np.sqrt(D)
+        o_ref, _, lse_ref, _ = reference(q, k, v, q, kv_len, scale)
+        o, lse2 = fwd_wgmma_kernel(q, k, v, kv_len, scale)
+        e = lambda x, r: np.linalg.norm(x - r) / np.linalg.norm(r)
+        print(f"wgmma Lq={Lq} Lk={Lk} kv_len={kv_len} D={D}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
+              f"finite {np.isfinite(o).all()}", flush=True)

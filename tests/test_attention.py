@@ -182,6 +182,20 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
+                                        (517, [517 - 216, 40]), (129, [128, 129])])
+def test_kernel_wgmma_forward(monkeypatch, dtype, D, L, kv_lens):
+    """Version 2.0's forward (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA=1, compute capability 9.0 only): the
+    same checks, including the backward, which reads the log-sum-exp this forward saves."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the wgmma forward is sm_90a code: it needs an H100/H200")
+    monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", "1")
+    test_kernel_forward_backward(dtype, D, L, kv_lens)
+
+
+@gpu
 def test_kernel_matches_fallback_and_other_shapes():
     """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens."""
     assert kernel_available()
