@@ -32,6 +32,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "attention.h"
@@ -128,15 +129,20 @@ __device__ __forceinline__ float fast_exp2(float x) {
 //   MN-major operand (V as B of P V: rows are keys = k, columns d = n; "transpose B" set): 8-key groups
 //     1024 B apart (stride offset), the two 64-column halves of d one half-tile apart (leading offset).
 
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a code only (unused helpers warn elsewhere)
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr, uint32_t leading_bytes, uint32_t stride_bytes) {
     return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | static_cast<uint64_t>(leading_bytes >> 4) << 16 |
            static_cast<uint64_t>(stride_bytes >> 4) << 32 | 1ull << 62;
 }
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Wait until at most N of this thread's most recent groups are pending (older groups complete in order).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+#endif
 // The compiler sees a wgmma's accumulators as written when the instruction is issued, not when wait_group
 // returns: this pins every read of them after the wait (an empty volatile asm that "rewrites" each one).
 template <int NB>
@@ -171,16 +177,23 @@ __device__ __forceinline__ void fence_regs(float (&d)[NB][4]) {
     " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
 
 
-// d (+)= A B, m64n128k16, A (64 x 16) and B (16 x 128, K-major) from shared memory; accumulate = 0
-// overwrites d (the first k-step of a product).
-template <typename T>
-__device__ __forceinline__ void wgmma_ss_n128(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-#define WGMMA_SS(TY)                                                                                         \
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                 \
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY " " WGMMA_REGS128                  \
-                 ", %64, %65, p, 1, 1, 0, 0;\n}\n"                                                             \
-                 : WGMMA_ACC128 : "l"(desc_a), "l"(desc_b), "r"(accumulate))
-    if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16"); else WGMMA_SS("f16");
+// d (+)= A B, m64nNk16 (N = 64 or 128), A (64 x 16) and B (16 x N, K-major) from shared memory;
+// accumulate = 0 overwrites d (the first k-step of a product).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#define WGMMA_SS(TY, NN, A, B, P)                                                                            \
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " P ", 0;\n"                                              \
+                 "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN              \
+                 ", " A ", " B ", p, 1, 1, 0, 0;\n}\n"                                                          \
+                 : WGMMA_ACC##NN : "l"(desc_a), "l"(desc_b), "r"(accumulate))
+    if constexpr (N == 128) {
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 128, "%64", "%65", "%66");
+        else WGMMA_SS("f16", 128, "%64", "%65", "%66");
+    } else {
+        static_assert(N == 64, "wgmma_ss: N = 64 or 128");
+        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 64, "%32", "%33", "%34");
+        else WGMMA_SS("f16", 64, "%32", "%33", "%34");
+    }
 #undef WGMMA_SS
 }
 
@@ -535,7 +548,7 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
             const uint32_t col = (ks % 4) * 32;  // leading offset: unused by swizzled K-major operands
-            wgmma_ss_n128<T>(s, sw128_desc(q_addr + (ks / 4) * WG_BM * 128 + col, 16, 1024),
+            wgmma_ss<T, WG_BN>(s, sw128_desc(q_addr + (ks / 4) * WG_BM * 128 + col, 16, 1024),
                              sw128_desc(k_addr + (ks / 4) * WG_BN * 128 + col, 16, 1024), ks > 0);
         }
         wgmma_commit();
@@ -885,6 +898,309 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Backward, version 2.0 (sm_90a, opt-in: ATTENTION_CUDA_BWD_WGMMA=1): the same three steps and the same
+// recomputation as the mma.sync backward (delta kernel unchanged), every product a wgmma. One tile in shared
+// memory serves both as a K-major operand (its rows on the N side of B, e.g. Q in S^T = K Q^T) and as an
+// MN-major one (its rows on the k side, e.g. Q in dK += dS^T Q): the 128-byte-swizzled layout is the same,
+// only the descriptor differs (see the wgmma notes above).
+constexpr int WGB_BN = 128, WGB_BM = 64;  // dK/dV: keys per block (64 per warpgroup), queries per tile
+constexpr int WGQ_BM = 128, WGQ_BN = 64;  // dQ: queries per block (64 per warpgroup), keys per tile
+
+template <typename T, int D> constexpr int dkdv_wgmma_smem() {  // K, V, 2 x (Q, dO), 2 x (lse, delta), + align
+    return (2 * WGB_BN + 4 * WGB_BM) * D * static_cast<int>(sizeof(T)) + 4 * WGB_BM * static_cast<int>(sizeof(float)) + 1024;
+}
+template <typename T, int D> constexpr int dq_wgmma_smem() {  // Q, dO, 2 x (K, V), + align
+    return (2 * WGQ_BM + 4 * WGQ_BN) * D * static_cast<int>(sizeof(T)) + 1024;
+}
+
+// dK, dV: one block = 128 keys of one (b, h), 64 per warpgroup, looping over the queries in 64-row tiles
+// (Q, dO, lse, delta double-buffered). Per tile and warpgroup, as attn_bwd_dkdv_kernel:
+//   S^T = K Q^T, dP^T = V dO^T  (wgmma m64n64k16, A and B from shared memory; issued as two groups)
+//   P^T = 2^(S^T s log2e - lse) (0 for keys past kv_len), dS^T = P^T (dP^T - delta)
+//   dV += P^T dO, dK += dS^T Q  (wgmma m64nDk16, A from registers, dO and Q as MN-major B)
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = 256;
+    constexpr int KV_BYTES = WGB_BN * D * 2, QT_BYTES = WGB_BM * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sK = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sV = sK + KV_BYTES;
+    unsigned char* sQ = sV + KV_BYTES;       // [2][QT_BYTES]
+    unsigned char* sdO = sQ + 2 * QT_BYTES;  // [2][QT_BYTES]
+    float* sLse = reinterpret_cast<float*>(sdO + 2 * QT_BYTES);  // [2][WGB_BM]
+    float* sDelta = sLse + 2 * WGB_BM;                          // [2][WGB_BM]
+
+    const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
+    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
+
+    if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
+        const int rows = min(WGB_BN, p.len_k - n0);
+        for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
+            const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
+            *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
+            *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
+        }
+        return;
+    }
+
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
+    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+
+    // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
+    auto load_queries = [&](int tile, int buf) {
+        load_tile_sw128<T, WGB_BM, D, NT>(sQ + buf * QT_BYTES, q, p.q.stride_l, tile * WGB_BM, p.len_q);
+        load_tile_sw128<T, WGB_BM, D, NT>(sdO + buf * QT_BYTES, dout, p.dout.stride_l, tile * WGB_BM, p.len_q);
+        if (threadIdx.x < WGB_BM) {
+            const int i = tile * WGB_BM + threadIdx.x;
+            sLse[buf * WGB_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
+            sDelta[buf * WGB_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
+        }
+    };
+    load_tile_sw128<T, WGB_BN, D, NT>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
+    load_tile_sw128<T, WGB_BN, D, NT>(sV, v, p.v.stride_l, n0, kv_len);
+    load_queries(0, 0);
+    cp_async_commit();
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+
+    const float scale_log2 = p.scale * LOG2E;
+    const int q_tiles = (p.len_q + WGB_BM - 1) / WGB_BM;
+    const int key_g = n0 + wg * 64 + warp * 16 + g;  // this thread's key rows: key_g and key_g + 8
+    const bool valid_key[2] = {key_g < kv_len, key_g + 8 < kv_len};
+    const uint32_t k_addr = smem_u32(sK) + wg * 64 * 128, v_addr = smem_u32(sV) + wg * 64 * 128;
+    float dk_acc[D / 8][4] = {};
+    float dv_acc[D / 8][4] = {};
+
+    for (int it = 0; it < q_tiles; ++it) {
+        const int buf = it & 1;
+        if (it + 1 < q_tiles) {  // buffer buf^1 was last read before the previous iteration's final barrier
+            load_queries(it + 1, buf ^ 1);
+            cp_async_commit();
+        }
+        const uint32_t q_addr = smem_u32(sQ + buf * QT_BYTES), do_addr = smem_u32(sdO + buf * QT_BYTES);
+        const float* lse_i = sLse + buf * WGB_BM;
+        const float* delta_i = sDelta + buf * WGB_BM;
+
+        float st[WGB_BM / 8][4], dpt[WGB_BM / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t col = (ks % 4) * 32;
+            wgmma_ss<T, WGB_BM>(st, sw128_desc(k_addr + (ks / 4) * WGB_BN * 128 + col, 16, 1024),
+                                sw128_desc(q_addr + (ks / 4) * WGB_BM * 128 + col, 16, 1024), ks > 0);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t col = (ks % 4) * 32;
+            wgmma_ss<T, WGB_BM>(dpt, sw128_desc(v_addr + (ks / 4) * WGB_BN * 128 + col, 16, 1024),
+                                sw128_desc(do_addr + (ks / 4) * WGB_BM * 128 + col, 16, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // S^T is in (dP^T may still be running)
+        fence_regs(st);
+        // P^T (key rows g, g + 8 of the warp; query columns nb * 8 + 2t + (e & 1)), packed as A fragments
+        uint32_t pa[WGB_BM / 16][4], sa[WGB_BM / 16][4];
+#pragma unroll
+        for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int qi = nb * 8 + 2 * t + (e & 1);
+                st[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+            }
+#pragma unroll
+        for (int kk = 0; kk < WGB_BM / 16; ++kk) {
+            pa[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
+            pa[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
+            pa[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+            pa[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+        }
+        wgmma_wait<0>();
+        fence_regs(dpt);
+#pragma unroll
+        for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dpt[nb][e] = st[nb][e] * (dpt[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]);
+#pragma unroll
+        for (int kk = 0; kk < WGB_BM / 16; ++kk) {
+            sa[kk][0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
+            sa[kk][1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
+            sa[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+            sa[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+        }
+        // k-step kk takes queries 16 kk..16 kk + 15: 2,048 B into the dO / Q tile; its two 64-column halves
+        // of d are 64 rows x 128 B apart.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WGB_BM / 16; ++kk)
+            wgmma_rs<T, D>(dv_acc, pa[kk], sw128_desc(do_addr + kk * 16 * 128, WGB_BM * 128, 1024));
+#pragma unroll
+        for (int kk = 0; kk < WGB_BM / 16; ++kk)
+            wgmma_rs<T, D>(dk_acc, sa[kk], sw128_desc(q_addr + kk * 16 * 128, WGB_BM * 128, 1024));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dv_acc);
+        fence_regs(dk_acc);
+
+        cp_async_wait_all();  // the next tile has landed (this thread's copies) ...
+        fence_proxy_async();  // ... is visible to wgmma ...
+        __syncthreads();      // ... everyone's, and this tile's buffers are free to overwrite
+    }
+
+    // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = key_g + 8 * r;
+        if (row >= p.len_k) continue;
+        T* dkr = dk + row * p.dk.stride_l + 2 * t;
+        T* dvr = dv + row * p.dv.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            *reinterpret_cast<uint32_t*>(dkr + nd * 8) = pack2<T>(dk_acc[nd][2 * r] * p.scale, dk_acc[nd][2 * r + 1] * p.scale);
+            *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack2<T>(dv_acc[nd][2 * r], dv_acc[nd][2 * r + 1]);
+        }
+    }
+#endif
+}
+
+// dQ: one block = 128 queries of one (b, h), 64 per warpgroup, streaming the valid keys in 64-key tiles (K, V
+// double-buffered; Q and dO stay in shared memory, where the tensor cores read them every tile). Per tile and
+// warpgroup, as attn_bwd_dq_kernel: S = Q K^T, dP = dO V^T (m64n64k16, two groups), dS = P (dP - delta),
+// dQ += dS K (m64nDk16, dS from registers, K as an MN-major B).
+template <typename T, int D>
+__global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int NT = 256;
+    constexpr int QT_BYTES = WGQ_BM * D * 2, KV_BYTES = WGQ_BN * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sdO = sQ + QT_BYTES;
+    unsigned char* sK = sdO + QT_BYTES;      // [2][KV_BYTES]
+    unsigned char* sV = sK + 2 * KV_BYTES;   // [2][KV_BYTES]
+
+    const int m0 = blockIdx.x * WGQ_BM, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;  // keys past kv_len cost nothing
+    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
+    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
+    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
+    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
+    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+
+    // Rows past Lq load as zeros (their results are not stored).
+    load_tile_sw128<T, WGQ_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
+    load_tile_sw128<T, WGQ_BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
+    load_tile_sw128<T, WGQ_BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
+    load_tile_sw128<T, WGQ_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
+    cp_async_commit();
+
+    // This thread's two rows (g and g + 8 of its warp's 16): lse and delta, read once. A row past Lq gets
+    // lse = +inf, so its P is 2^-inf = 0 and everything stays finite.
+    const int row_g = m0 + wg * 64 + warp * 16 + g;
+    float row_lse[2], row_delta[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        row_lse[r] = row_g + 8 * r < p.len_q ? lse[row_g + 8 * r] : INFINITY;
+        row_delta[r] = row_g + 8 * r < p.len_q ? delta[row_g + 8 * r] : 0.f;
+    }
+    cp_async_wait_all();
+    fence_proxy_async();
+    __syncthreads();
+
+    const uint32_t q_addr = smem_u32(sQ) + wg * 64 * 128, do_addr = smem_u32(sdO) + wg * 64 * 128;
+    const float scale_log2 = p.scale * LOG2E;
+    float dq[D / 8][4] = {};
+
+    for (int j = 0; j < n_tiles; ++j) {
+        const int buf = j & 1;
+        if (j + 1 < n_tiles) {  // buffer buf^1 was last read in iteration j-1, before its closing barrier
+            load_tile_sw128<T, WGQ_BN, D, NT>(sK + (buf ^ 1) * KV_BYTES, k, p.k.stride_l, (j + 1) * WGQ_BN, kv_len);
+            load_tile_sw128<T, WGQ_BN, D, NT>(sV + (buf ^ 1) * KV_BYTES, v, p.v.stride_l, (j + 1) * WGQ_BN, kv_len);
+            cp_async_commit();
+        }
+        const uint32_t k_addr = smem_u32(sK + buf * KV_BYTES), v_addr = smem_u32(sV + buf * KV_BYTES);
+
+        float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t col = (ks % 4) * 32;
+            wgmma_ss<T, WGQ_BN>(s, sw128_desc(q_addr + (ks / 4) * WGQ_BM * 128 + col, 16, 1024),
+                                sw128_desc(k_addr + (ks / 4) * WGQ_BN * 128 + col, 16, 1024), ks > 0);
+        }
+        wgmma_commit();
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ++ks) {
+            const uint32_t col = (ks % 4) * 32;
+            wgmma_ss<T, WGQ_BN>(dp, sw128_desc(do_addr + (ks / 4) * WGQ_BM * 128 + col, 16, 1024),
+                                sw128_desc(v_addr + (ks / 4) * WGQ_BN * 128 + col, 16, 1024), ks > 0);
+        }
+        wgmma_commit();
+        wgmma_wait<1>();  // S is in (dP may still be running)
+        fence_regs(s);
+        const bool tail = (j + 1) * WGQ_BN > kv_len;  // the last tile, partly past kv_len
+#pragma unroll
+        for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                s[nb][e] = fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
+                if (tail && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[nb][e] = 0.f;
+            }
+        wgmma_wait<0>();
+        fence_regs(dp);
+        uint32_t sa[WGQ_BN / 16][4];
+#pragma unroll
+        for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dp[nb][e] = s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
+#pragma unroll
+        for (int kk = 0; kk < WGQ_BN / 16; ++kk) {
+            sa[kk][0] = pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
+            sa[kk][1] = pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
+            sa[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+            sa[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+        }
+        // dQ += dS K: k-step kk takes keys 16 kk..16 kk + 15, 2,048 B into the K tile, whose two 64-column
+        // halves of d are 64 rows x 128 B apart.
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WGQ_BN / 16; ++kk)
+            wgmma_rs<T, D>(dq, sa[kk], sw128_desc(k_addr + kk * 16 * 128, WGQ_BN * 128, 1024));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(dq);
+
+        cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
+        fence_proxy_async();  // ... is visible to wgmma ...
+        __syncthreads();      // ... everyone's, and everyone is done reading tile j
+    }
+
+    // dQ = s * dS K, to the input dtype; rows past Lq are not stored.
+    T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row_g + 8 * r;
+        if (row >= p.len_q) continue;
+        T* dqr = dqp + row * p.dq.stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd)
+            *reinterpret_cast<uint32_t*>(dqr + nd * 8) = pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale);
+    }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launchers
 
 template <typename Kernel>
@@ -941,10 +1257,11 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// Version 2.0's forward (wgmma) runs only where asked, ATTENTION_CUDA_FWD_WGMMA=1, and only on compute
-// capability 9.0 (its sm_90a code exists for nothing else): it is not yet measured on a GPU (NOTES.md).
-bool use_wgmma_forward() {
-    const char* s = std::getenv("ATTENTION_CUDA_FWD_WGMMA");
+// Version 2.0's kernels (wgmma) run only where asked, ATTENTION_CUDA_FWD_WGMMA=1 for the forward and
+// ATTENTION_CUDA_BWD_WGMMA=1 for the backward, and only on compute capability 9.0 (their sm_90a code exists
+// for nothing else): they are not yet measured on a GPU (NOTES.md).
+bool use_wgmma(const char* env_name) {
+    const char* s = std::getenv(env_name);
     if (s == nullptr || strcmp(s, "1") != 0) return false;
     int dev = 0, major = 0, minor = 0;
     return cudaGetDevice(&dev) == cudaSuccess &&
@@ -966,7 +1283,7 @@ cudaError_t launch_forward_wgmma(const AttnParams& p, cudaStream_t stream) {
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     const int smem_max = max_smem_per_block();
-    if (use_wgmma_forward() && fwd_wgmma_smem<T, D>() <= smem_max) return launch_forward_wgmma<T, D>(p, stream);
+    if (use_wgmma("ATTENTION_CUDA_FWD_WGMMA") && fwd_wgmma_smem<T, D>() <= smem_max) return launch_forward_wgmma<T, D>(p, stream);
     const bool rows32 = rows_for("ATTENTION_CUDA_FWD_ROWS", FWD_ROWS_DEFAULT) == 32;
     if constexpr (D == 128) {
         if (warps_for("ATTENTION_CUDA_FWD_WARPS", FWD_WARPS_DEFAULT) == 8) {
@@ -1001,11 +1318,29 @@ cudaError_t launch_dq(const AttnParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D>
+cudaError_t launch_backward_wgmma(const AttnParams& p, cudaStream_t stream) {
+    cudaError_t err = allow_smem(attn_bwd_dkdv_wgmma_kernel<T, D>, dkdv_wgmma_smem<T, D>());  // D = 128: 133,120 B
+    if (err != cudaSuccess) return err;
+    err = allow_smem(attn_bwd_dq_wgmma_kernel<T, D>, dq_wgmma_smem<T, D>());  // D = 128: 132,096 B
+    if (err != cudaSuccess) return err;
+    attn_bwd_dkdv_wgmma_kernel<T, D><<<dim3((p.len_k + WGB_BN - 1) / WGB_BN, p.heads, p.batch), 256,
+                                       dkdv_wgmma_smem<T, D>(), stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    attn_bwd_dq_wgmma_kernel<T, D><<<dim3((p.len_q + WGQ_BM - 1) / WGQ_BM, p.heads, p.batch), 256,
+                                     dq_wgmma_smem<T, D>(), stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T, int D>
 cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     const long long rows = static_cast<long long>(p.batch) * p.len_q * p.heads;
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
+    if (use_wgmma("ATTENTION_CUDA_BWD_WGMMA") &&
+        std::max(dkdv_wgmma_smem<T, D>(), dq_wgmma_smem<T, D>()) <= max_smem_per_block())
+        return launch_backward_wgmma<T, D>(p, stream);
     // dK/dV and dQ are independent of each other; both need only delta (and lse from the forward).
     int dkdv_warps = 4, dq_warps = 4;
     if constexpr (D == 128) {

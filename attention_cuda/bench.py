@@ -11,7 +11,7 @@ Shapes as in HunyuanVideo's joint attention: 24 heads x 128, bf16, L = image tok
 which 40 (sample 0) and 90 (sample 1) are valid, so kv_lens = [L - 216, L - 166]. Useful FLOPs count the
 valid keys only: forward 4 * H * L * kv_len * D per sample, backward 2.5x that. Contenders:
   ours          attention_cuda.attention with kv_lens (the key loop stops at kv_len)
-  ours-wgmma    the same with version 2.0's forward (wgmma; Hopper only, opt-in until measured)
+  ours-wgmma    the same with version 2.0's kernels (wgmma; Hopper only, opt-in until measured)
   flash         SDPA's flash backend, UNMASKED over all L keys (it takes no mask): a speed reference only,
                 its output is not the padded answer
   cudnn+mask    SDPA's cuDNN backend with a boolean (B, 1, 1, L) key mask
@@ -91,19 +91,21 @@ def check_small(label=""):
     return all(e < 1e-2 for e in errs) and all(torch.isfinite(x).all() for x in (o, *grads))
 
 
-def wgmma_forward(fn):
-    """fn() with version 2.0's forward (wgmma, sm_90a; opt-in while unmeasured): the launcher reads
-    ATTENTION_CUDA_FWD_WGMMA at every call."""
+def wgmma(fn):
+    """fn() with version 2.0's kernels (wgmma, sm_90a; opt-in while unmeasured), forward and backward: the
+    launchers read ATTENTION_CUDA_FWD_WGMMA and ATTENTION_CUDA_BWD_WGMMA at every call."""
+    names = ("ATTENTION_CUDA_FWD_WGMMA", "ATTENTION_CUDA_BWD_WGMMA")
     def run():
-        old = os.environ.get("ATTENTION_CUDA_FWD_WGMMA")
-        os.environ["ATTENTION_CUDA_FWD_WGMMA"] = "1"
+        old = {n: os.environ.get(n) for n in names}
+        os.environ.update({n: "1" for n in names})
         try:
             return fn()
         finally:
-            if old is None:
-                del os.environ["ATTENTION_CUDA_FWD_WGMMA"]
-            else:
-                os.environ["ATTENTION_CUDA_FWD_WGMMA"] = old
+            for n, value in old.items():
+                if value is None:
+                    del os.environ[n]
+                else:
+                    os.environ[n] = value
     return run
 
 
@@ -118,7 +120,7 @@ def contenders(q, k, v, lens):
 
     return {
         "ours": lambda: attention_cuda.attention(q, k, v, lens),
-        "ours-wgmma": wgmma_forward(lambda: attention_cuda.attention(q, k, v, lens)),
+        "ours-wgmma": wgmma(lambda: attention_cuda.attention(q, k, v, lens)),
         "flash (unmasked)": lambda: sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt).transpose(1, 2),
         "cudnn + mask": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, attn_mask=mask).transpose(1, 2),
         "cudnn split": lambda: torch.cat([sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
@@ -144,9 +146,9 @@ def main(argv=None):
     if not check_small():
         sys.exit("attention_cuda/bench.py: the kernel is wrong at the small check; not timing it")
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    wgmma_ok = hopper and wgmma_forward(lambda: check_small(" (wgmma forward)"))()
+    wgmma_ok = hopper and wgmma(lambda: check_small(" (wgmma)"))()
     if hopper and not wgmma_ok:
-        print("  the wgmma forward fails the small check: not timing ours-wgmma")
+        print("  the wgmma kernels fail the small check: not timing ours-wgmma")
 
     rows = []
     for L in args.lengths:
@@ -159,7 +161,7 @@ def main(argv=None):
         if not err < 1e-2:
             sys.exit("attention_cuda/bench.py: wrong at this size; not timing it")
         if wgmma_ok:
-            err = rel_err(wgmma_forward(lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
+            err = rel_err(wgmma(lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
             print(f"L={L}: ours-wgmma vs float64 on 256 random query rows: rel err {err:.1e}")
             wgmma_ok = err < 1e-2
         flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs

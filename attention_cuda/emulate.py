@@ -1,6 +1,7 @@
-"""Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2) and
-attn_fwd_wgmma_kernel (version 2.0) in numpy, written to check the index math of kernels that could not be
-run when they were written.
+"""Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2) and the
+three wgmma kernels of version 2.0 (attn_fwd_wgmma_kernel, attn_bwd_dkdv_wgmma_kernel,
+attn_bwd_dq_wgmma_kernel) in numpy, written to check the index math of kernels that could not be run when
+they were written.
 
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
 (the layouts version 1, verified on a GPU, relies on); wgmma from the PTX ISA's accumulator layout and its
@@ -10,8 +11,8 @@ float64 math, no bf16 rounding; row maxima and sums in numpy's order, not the fo
 checks which element goes where, not speed, rounding, or the ordering of asynchronous copies, barriers and
 fences. Keep it in step with the kernels by hand.
 
-    python attention_cuda/emulate.py    # ~15 s: forward (o, lse; 16 and 32 rows per warp; wgmma) and dQ vs
-                                        # float64, tails and kv_len = 1
+    python attention_cuda/emulate.py    # ~15 s: forwards (o, lse; 16 and 32 rows per warp; wgmma), dQ and the
+                                        # wgmma backward (dQ, dK, dV) vs float64, tails and kv_len = 1
 """
 import numpy as np
 
@@ -301,6 +302,141 @@ def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
                 store_rows(o[wg][w], m_row[wg][w], l_row[wg][w], o_out, lse_out, m0 + wg * 64 + w * 16, Lq)
     return o_out, lse_out
 
+def pack_a(x):
+    """C fragments x[NB][32][4] of one warp -> A fragments [NB / 2][4][32][2] (k-step kk = blocks 2kk, 2kk+1)."""
+    return [[pack2(x[2 * kk][:, 0], x[2 * kk][:, 1]), pack2(x[2 * kk][:, 2], x[2 * kk][:, 3]),
+             pack2(x[2 * kk + 1][:, 0], x[2 * kk + 1][:, 1]), pack2(x[2 * kk + 1][:, 2], x[2 * kk + 1][:, 3])]
+            for kk in range(len(x) // 2)]
+
+def dkdv_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BN=128, BM=64):
+    """attn_bwd_dkdv_wgmma_kernel: dK, dV (Lk x D)."""
+    Lq, D = q.shape; Lk = k.shape[0]
+    KV_BYTES, QT_BYTES = BN * D * 2, BM * D * 2
+    dk_out = np.full((Lk, D), np.nan); dv_out = np.full((Lk, D), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    q_tiles = (Lq + BM - 1) // BM
+    for blk in range((Lk + BN - 1) // BN):
+        n0 = blk * BN
+        if n0 >= kv_len:
+            dk_out[n0:n0 + BN] = 0.; dv_out[n0:n0 + BN] = 0.
+            continue
+        mem = np.full((2 * KV_BYTES + 4 * QT_BYTES) // 2, np.nan)
+        sK, sV, sQ = 0, KV_BYTES, 2 * KV_BYTES; sdO = sQ + 2 * QT_BYTES
+        sLse = np.zeros((2, BM)); sDelta = np.zeros((2, BM))
+        def load_queries(tile, buf):
+            load_tile_sw128(mem, sQ + buf * QT_BYTES, BM, D, q, tile * BM, Lq)
+            load_tile_sw128(mem, sdO + buf * QT_BYTES, BM, D, do, tile * BM, Lq)
+            i = tile * BM + np.arange(BM)
+            sLse[buf] = np.where(i < Lq, lse2[np.minimum(i, Lq - 1)], np.inf)
+            sDelta[buf] = np.where(i < Lq, delta[np.minimum(i, Lq - 1)], 0.)
+        load_tile_sw128(mem, sK, BN, D, k, n0, kv_len); load_tile_sw128(mem, sV, BN, D, v, n0, kv_len)
+        load_queries(0, 0)
+        dk = np.zeros((2, 4, D // 8, 32, 4)); dv = np.zeros((2, 4, D // 8, 32, 4))
+        for it in range(q_tiles):
+            buf = it & 1
+            if it + 1 < q_tiles:
+                load_queries(it + 1, buf ^ 1)
+            q_addr, do_addr = sQ + buf * QT_BYTES, sdO + buf * QT_BYTES
+            for wg in range(2):
+                k_addr, v_addr = sK + wg * 64 * 128, sV + wg * 64 * 128
+                st = dpt = None
+                for ks in range(D // 16):
+                    col = (ks % 4) * 32
+                    st = wgmma_ss(st, mem, sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024),
+                                  sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024), ks > 0, BM)
+                for ks in range(D // 16):
+                    col = (ks % 4) * 32
+                    dpt = wgmma_ss(dpt, mem, sw128_desc(v_addr + (ks // 4) * BN * 128 + col, 16, 1024),
+                                   sw128_desc(do_addr + (ks // 4) * BM * 128 + col, 16, 1024), ks > 0, BM)
+                pa, sa = [], []
+                for w in range(4):
+                    key_g = n0 + wg * 64 + w * 16 + G
+                    for nb in range(BM // 8):
+                        for e in range(4):
+                            qi = nb * 8 + 2 * T + (e & 1)
+                            with np.errstate(over="ignore"):
+                                pv = np.exp2(st[w][nb][:, e] * scale_log2 - sLse[buf][qi])
+                            st[w][nb][:, e] = np.where(key_g + 8 * (e >> 1) < kv_len, pv, 0.)
+                            dpt[w][nb][:, e] = st[w][nb][:, e] * (dpt[w][nb][:, e] - sDelta[buf][qi])
+                    pa.append(pack_a(st[w])); sa.append(pack_a(dpt[w]))
+                for kk in range(BM // 16):
+                    dv[wg] = wgmma_rs(dv[wg], [pa[w][kk] for w in range(4)], mem, sw128_desc(do_addr + kk * 16 * 128, BM * 128, 1024))
+                for kk in range(BM // 16):
+                    dk[wg] = wgmma_rs(dk[wg], [sa[w][kk] for w in range(4)], mem, sw128_desc(q_addr + kk * 16 * 128, BM * 128, 1024))
+        for wg in range(2):
+            for w in range(4):
+                for r in range(2):
+                    for lane in range(32):
+                        row = n0 + wg * 64 + w * 16 + lane // 4 + 8 * r
+                        if row >= Lk:
+                            continue
+                        t = lane % 4
+                        for nd in range(D // 8):
+                            dk_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dk[wg][w][nd][lane, 2 * r:2 * r + 2] * scale
+                            dv_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dv[wg][w][nd][lane, 2 * r:2 * r + 2]
+    return dk_out, dv_out
+
+def dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BM=128, BN=64):
+    """attn_bwd_dq_wgmma_kernel: dQ (Lq x D)."""
+    Lq, D = q.shape
+    QT_BYTES, KV_BYTES = BM * D * 2, BN * D * 2
+    dq_out = np.full((Lq, D), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    n_tiles = (kv_len + BN - 1) // BN
+    for blk in range((Lq + BM - 1) // BM):
+        m0 = blk * BM
+        mem = np.full((2 * QT_BYTES + 4 * KV_BYTES) // 2, np.nan)
+        sQ, sdO, sK = 0, QT_BYTES, 2 * QT_BYTES; sV = sK + 2 * KV_BYTES
+        load_tile_sw128(mem, sQ, BM, D, q, m0, Lq); load_tile_sw128(mem, sdO, BM, D, do, m0, Lq)
+        load_tile_sw128(mem, sK, BN, D, k, 0, kv_len); load_tile_sw128(mem, sV, BN, D, v, 0, kv_len)
+        dq = np.zeros((2, 4, D // 8, 32, 4))
+        for j in range(n_tiles):
+            buf = j & 1
+            if j + 1 < n_tiles:
+                load_tile_sw128(mem, sK + (buf ^ 1) * KV_BYTES, BN, D, k, (j + 1) * BN, kv_len)
+                load_tile_sw128(mem, sV + (buf ^ 1) * KV_BYTES, BN, D, v, (j + 1) * BN, kv_len)
+            k_addr, v_addr = sK + buf * KV_BYTES, sV + buf * KV_BYTES
+            tail = (j + 1) * BN > kv_len
+            for wg in range(2):
+                q_addr, do_addr = sQ + wg * 64 * 128, sdO + wg * 64 * 128
+                s = dp = None
+                for ks in range(D // 16):
+                    col = (ks % 4) * 32
+                    s = wgmma_ss(s, mem, sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024),
+                                 sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
+                for ks in range(D // 16):
+                    col = (ks % 4) * 32
+                    dp = wgmma_ss(dp, mem, sw128_desc(do_addr + (ks // 4) * BM * 128 + col, 16, 1024),
+                                  sw128_desc(v_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
+                sa = []
+                for w in range(4):
+                    row_g = m0 + wg * 64 + w * 16 + G
+                    for r in range(2):
+                        rows = row_g + 8 * r
+                        lse_r = np.where(rows < Lq, lse2[np.minimum(rows, Lq - 1)], np.inf)
+                        del_r = np.where(rows < Lq, delta[np.minimum(rows, Lq - 1)], 0.)
+                        for nb in range(BN // 8):
+                            for e in (2 * r, 2 * r + 1):
+                                with np.errstate(over="ignore", invalid="ignore"):
+                                    pv = np.exp2(s[w][nb][:, e] * scale_log2 - lse_r)
+                                if tail:
+                                    pv = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, 0., pv)
+                                dp[w][nb][:, e] = pv * (dp[w][nb][:, e] - del_r)
+                    sa.append(pack_a(dp[w]))
+                for kk in range(BN // 16):
+                    dq[wg] = wgmma_rs(dq[wg], [sa[w][kk] for w in range(4)], mem, sw128_desc(k_addr + kk * 16 * 128, BN * 128, 1024))
+        for wg in range(2):
+            for w in range(4):
+                for r in range(2):
+                    for lane in range(32):
+                        row = m0 + wg * 64 + w * 16 + lane // 4 + 8 * r
+                        if row >= Lq:
+                            continue
+                        t = lane % 4
+                        for nd in range(D // 8):
+                            dq_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dq[wg][w][nd][lane, 2 * r:2 * r + 2] * scale
+    return dq_out
+
 def reference(q, k, v, do, kv_len, scale):
     kk, vv = k[:kv_len], v[:kv_len]
     s = q @ kk.T * scale
@@ -312,6 +448,17 @@ def reference(q, k, v, do, kv_len, scale):
     dq = ds @ kk * scale
     lse2 = np.log2(np.exp(s - s.max(1, keepdims=True)).sum(1)) + s.max(1) * np.log2(np.e)
     return o, dq, lse2, delta
+
+def reference_dkdv(q, k, v, do, kv_len, scale):
+    """float64 dK, dV over all Lk rows (zero past kv_len)."""
+    kk, vv = k[:kv_len], v[:kv_len]
+    s = q @ kk.T * scale
+    p = np.exp(s - s.max(1, keepdims=True)); p /= p.sum(1, keepdims=True)
+    dp = do @ vv.T
+    ds = p * (dp - (do * (p @ vv)).sum(1)[:, None])
+    dk, dv = np.zeros(k.shape), np.zeros(v.shape)
+    dk[:kv_len], dv[:kv_len] = ds.T @ q * scale, p.T @ do
+    return dk, dv
 
 if __name__ == "__main__":
     rng = np.random.default_rng(0)
@@ -343,6 +490,12 @@ if __name__ == "__main__":
         scale = 1 / np.sqrt(D)
         o_ref, _, lse_ref, _ = reference(q, k, v, q, kv_len, scale)
         o, lse2 = fwd_wgmma_kernel(q, k, v, kv_len, scale)
-        e = lambda x, r: np.linalg.norm(x - r) / np.linalg.norm(r)
+        do = rng.standard_normal((Lq, D))
+        _, dq_ref, _, delta = reference(q, k, v, do, kv_len, scale)
+        dk_ref, dv_ref = reference_dkdv(q, k, v, do, kv_len, scale)
+        dq = dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale)
+        dk, dv = dkdv_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale)
+        e = lambda x, r: np.linalg.norm(x - r) / (np.linalg.norm(r) if np.linalg.norm(r) > 1e-9 else 1.0)
         print(f"wgmma Lq={Lq} Lk={Lk} kv_len={kv_len} D={D}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
-              f"finite {np.isfinite(o).all()}", flush=True)
+              f"dq {e(dq, dq_ref):.1e} dk {e(dk, dk_ref):.1e} dv {e(dv, dv_ref):.1e} "
+              f"finite {all(np.isfinite(x).all() for x in (o, dq, dk, dv))}", flush=True)

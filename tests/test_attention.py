@@ -182,16 +182,18 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 
 
 @gpu
+@pytest.mark.parametrize("which", ["FWD", "BWD"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
                                         (517, [517 - 216, 40]), (129, [128, 129])])
-def test_kernel_wgmma_forward(monkeypatch, dtype, D, L, kv_lens):
-    """Version 2.0's forward (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA=1, compute capability 9.0 only): the
-    same checks, including the backward, which reads the log-sum-exp this forward saves."""
+def test_kernel_wgmma(monkeypatch, which, dtype, D, L, kv_lens):
+    """Version 2.0's kernels (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA=1 / ATTENTION_CUDA_BWD_WGMMA=1, compute
+    capability 9.0 only), one side at a time so a failure names it: the same checks (the backward reads the
+    log-sum-exp the forward saves, so FWD checks that too)."""
     if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma forward is sm_90a code: it needs an H100/H200")
-    monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", "1")
+        pytest.skip("the wgmma kernels are sm_90a code: they need an H100/H200")
+    monkeypatch.setenv(f"ATTENTION_CUDA_{which}_WGMMA", "1")
     test_kernel_forward_backward(dtype, D, L, kv_lens)
 
 
