@@ -473,7 +473,7 @@ __global__ void __launch_bounds__(W * 32) attn_fwd_kernel(const AttnParams p) {
 //   softmax     softmax_step on the accumulators, exactly as in the mma.sync kernel (same layout);
 //   O += P V    8 wgmma m64nDk16, P from registers (the C -> A fragment identity again), V from shared.
 // The tensor cores read Q, K and V from shared memory themselves: no ldmatrix, no per-warp fragment loads,
-// and one instruction does the work of 16 (S, D = 128) or 32 (P V) mma.sync. What this version does not do
+// and one m64n128k16 does the work of 64 mma.m16n8k16 (16 per warp). What this version does not do
 // yet (FlashAttention-3's next steps, NOTES.md): overlap one warpgroup's softmax with the other's products
 // (here both run in step between the per-tile barriers), TMA copies from a producer warp, and the next
 // tile's Q K^T issued before this tile's softmax.
