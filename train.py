@@ -337,7 +337,11 @@ def shard_model(model, device):
     On GPUs the gathered weights are bf16 and gradients are reduced in fp32; parameters (and so the
     optimizer and the EMA) stay fp32 shards."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+    # cast_forward_inputs=False: FSDP's default casts every float input of the model and of each block to
+    # bf16, the timestep t = sigma*1000 (998.7 -> 1000: its 256-d sinusoid moves by up to 30%) and the RoPE
+    # tables among them. The official bf16 run (autocast) and our one-GPU path keep both in fp32; the DiT
+    # casts x, the text states and the pooled vector to its weights' dtype itself (dit.py forward, txt_in).
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
         if device.type == "cuda" else MixedPrecisionPolicy()
     for block in list(model.double_blocks) + list(model.single_blocks):
         fully_shard(block, mp_policy=mp)

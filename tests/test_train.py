@@ -127,6 +127,36 @@ def test_caption_dropout_and_permutation():
     assert 2.5 < np.mean(lens) - 1 < 3.5  # about half of the 6 other fields kept
 
 
+def test_fsdp_bf16_keeps_timestep_and_rope_in_fp32(tmp_path, monkeypatch):
+    """shard_model's GPU policy (bf16 weights), run on one gloo rank: the timestep t = sigma*1000 and the
+    guidance reach their sinusoids as the exact fp32 values and the RoPE tables stay fp32, as under the
+    one-GPU autocast path and the official bf16 run; the blocks still compute in bf16. (FSDP's default
+    cast_forward_inputs turned t = 998.7 into 1000.)"""
+    import torch.distributed as dist
+    import dit
+    seen = {"t": [], "rope": [], "block": []}
+    sinusoid, rope = dit.timestep_embedding, dit.apply_rope
+    monkeypatch.setattr(dit, "timestep_embedding", lambda t, *a, **k: seen["t"].append(t) or sinusoid(t, *a, **k))
+    monkeypatch.setattr(dit, "apply_rope", lambda x, cos, sin: seen["rope"].append(cos.dtype) or rope(x, cos, sin))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = dit.HunyuanVideoDiT(dit.CONFIGS["tiny"])
+        train.shard_model(model, torch.device("cuda"))  # the CUDA policy; the mesh is this CPU process
+        model.double_blocks[0].register_forward_pre_hook(lambda m, args: seen["block"].extend(args[:3]))
+        t, g = torch.tensor([723.4, 998.7]), torch.tensor([1000.0, 6000.0])
+        text, mask, pooled = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.long), torch.randn(2, 32)
+        v = model(torch.randn(2, 16, 1, 4, 4), t, text, mask, pooled, g)
+        v.float().square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    assert len(seen["t"]) == 3  # time_in, guidance_in, txt_in's t_embedder
+    for got, want in zip(seen["t"], (t, g, t)):
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert seen["rope"] and all(d == torch.float32 for d in seen["rope"])
+    assert [x.dtype for x in seen["block"]] == [torch.bfloat16] * 3 and v.dtype == torch.bfloat16  # img, txt, vec
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Runs of train.py on a small curated folder
 
