@@ -143,9 +143,12 @@ PRESETS = {
         vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
         vae_motion_steps=200, vae_motion_lr=5e-3, vae_latent_rgb=10.0,
         vae_sample_posterior=False, latent_sample=False),
-    # a 1.3B DiT on one GPU: 256px images, then 256px video, then longer video
+    # a 1.3B DiT from scratch on one GPU: 256px images, then 256px video, then longer video. No guidance
+    # embedder: the release's was distilled from a CFG teacher (train_guidance, above), which a run from
+    # scratch has not got; left on, it would see one constant while training and 6000 at sampling. The
+    # model learns ordinary CFG from the empty captions instead: sample it with --cfg-scale > 1.
     "1.3b-gpu": TrainConfig(
-        dit="1.3b", stages=(
+        dit="1.3b", dit_overrides=dict(guidance_embed=False), stages=(
             Stage("t2i-256", 20000, buckets=(), image_ratio=1.0, image_buckets=(
                 (256, 256, 64), (192, 320, 64), (320, 192, 64)), lr=1e-4),
             Stage("t2v-256-short", 20000, buckets=((256, 256, 33, 8), (192, 320, 33, 8), (320, 192, 33, 8)),
@@ -676,6 +679,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
               log=print, nan_at=None):
     """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
     mcfg = dit_config(cfg)
+    assert mcfg.guidance_embed == (cfg.train_guidance is not None), "train_guidance must be set iff guidance_embed"
     torch.manual_seed(cfg.seed)
     if init_dit and world > 1:
         # fine-tuning the 13B on N GPUs: shard an empty model, then rank 0 reads the file and broadcasts,
@@ -765,7 +769,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             cond = tuple(c.to(device) for c in cond)
             guidance = None
             if mcfg.guidance_embed:
-                guidance = torch.full((len(mine),), float(cfg.train_guidance or 1.0) * 1000, device=device)
+                guidance = torch.full((len(mine),), float(cfg.train_guidance) * 1000, device=device)
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(meta["stage_step"], stage, cfg)

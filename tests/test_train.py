@@ -54,6 +54,17 @@ def test_lr_schedule():
     assert train.lr_at(55, st, cfg) == pytest.approx(0.55)
 
 
+def test_presets_embed_guidance_only_when_they_train_it():
+    """A guidance embedder must see while training the scale it gets at sampling: the 13B fine-tune feeds
+    train_guidance (x1000) to the distilled release's embedder; a model from scratch has none and learns
+    ordinary CFG from the empty captions (the 1.3B preset once kept dit.py's default embedder and fed it a
+    constant 1000 while training, while sample.py feeds 6.0 x 1000)."""
+    for name, cfg in train.PRESETS.items():
+        assert train.dit_config(cfg).guidance_embed == (cfg.train_guidance is not None), name
+    assert not train.dit_config(train.PRESETS["1.3b-gpu"]).guidance_embed
+    assert train.PRESETS["13b-finetune"].train_guidance == 1.0  # x1000: the plain conditional velocity
+
+
 def test_buckets_every_item_once_with_per_bucket_batches():
     rng = np.random.default_rng(0)
     items = [dict(kind="video", width=int(w), height=int(h), frames=int(f))
