@@ -246,6 +246,11 @@ def _frame_causal_attention(q, k, v, n):
 # building blocks, in the order data flows through them
 
 
+def _autocast(x):
+    """Whether autocast is on for x's device (meta tensors, which the memory tests use, have no autocast)."""
+    return torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type)
+
+
 class CausalConv3d(nn.Module):
     """Conv3d with replicate padding: k//2 on both sides in space, k-1 frames in front only in time."""
 
@@ -257,13 +262,29 @@ class CausalConv3d(nn.Module):
 
     def forward(self, x):
         c = self.conv
-        if x.shape[2] == 1 and c.kernel_size[0] > 1:
+        if (x.shape[2] == 1 and c.kernel_size[0] > 1 and c.weight.dtype in (torch.float32, torch.float64)
+                and not _autocast(x)):
             # One frame (an image): the causal pad repeats it in every past slot, so all k time taps see the
             # same frame and the 3D conv is a 2D conv with the taps summed, k times fewer multiply-adds for
-            # the same numbers up to rounding (any time stride gives one output frame).
+            # the same numbers up to rounding (any time stride gives one output frame). fp32/fp64 only: in
+            # fp16/bf16 (or under autocast) the summed taps would be rounded to half, where the official's
+            # 3D conv over the replicated frame (unet_causal_3d_blocks.py:73) uses each tap as stored.
             y = F.conv2d(F.pad(x[:, :, 0], self.padding[:4], mode="replicate"), c.weight.sum(2), c.bias, c.stride[1:])
             return y.unsqueeze(2)
         return c(F.pad(x, self.padding, mode="replicate"))
+
+
+def _norm(norm, x, silu=True):
+    """GroupNorm (then SiLU) as the official computes it: its pipeline runs the VAE in fp16/bf16 under CUDA
+    autocast (pipeline_hunyuan_video.py:1071), where GroupNorm returns fp32 and SiLU runs in fp32, so the next
+    conv or linear rounds its input to half once. Half weights without autocast would round after the norm and
+    again after the SiLU (and a half-input GroupNorm kernel computes its statistics differently); the stream
+    path gets the same single rounding from _norm_silu_into."""
+    if x.dtype in (torch.float16, torch.bfloat16) and not _autocast(x):
+        h = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+        return (F.silu(h) if silu else h).to(x.dtype)
+    h = norm(x)  # fp32/fp64, or under autocast, which applies the official's precisions itself
+    return F.silu(h) if silu else h
 
 
 class ResnetBlock(nn.Module):
@@ -278,8 +299,8 @@ class ResnetBlock(nn.Module):
         self.conv_shortcut = CausalConv3d(cin, cout, 1) if cin != cout else None
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv1(_norm(self.norm1, x))
+        h = self.conv2(_norm(self.norm2, h))
         return (x if self.conv_shortcut is None else self.conv_shortcut(x)) + h
 
     def stream(self, x):  # consumes x: its memory may hold the output
@@ -347,7 +368,7 @@ class Attention(nn.Module):
 
     def forward(self, x):
         B, C, T, H, W = x.shape
-        h = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, T*H*W, C), frame-major tokens
+        h = _norm(self.group_norm, x, silu=False).flatten(2).transpose(1, 2)  # (B, T*H*W, C), frame-major tokens
         h = _frame_causal_attention(self.to_q(h), self.to_k(h), self.to_v(h), H * W)  # scale 1/sqrt(C)
         h = self.to_out[0](h)
         return x + h.transpose(1, 2).reshape(B, C, T, H, W)
@@ -423,7 +444,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for block in list(self.down_blocks) + [self.mid_block]:
             x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing else block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(_norm(self.conv_norm_out, x))
 
     def stream(self, video):
         x = _stream_conv(self.conv_in, lambda a, b: video[:, :, a:b], video.shape[2])
@@ -454,7 +475,7 @@ class Decoder(nn.Module):
         x = self.conv_in(z)
         for block in [self.mid_block] + list(self.up_blocks):
             x = checkpoint(block, x, use_reentrant=False) if self.gradient_checkpointing else block(x)
-        return self.conv_out(F.silu(self.conv_norm_out(x)))
+        return self.conv_out(_norm(self.conv_norm_out, x))
 
     def stream(self, z):
         x = _stream_conv(self.conv_in, lambda a, b: z[:, :, a:b], z.shape[2])
@@ -477,8 +498,12 @@ def _blend(a, b, extent, dim):
     y = torch.arange(e, dtype=torch.float64, device=b.device) / e
     shape = [1] * b.ndim
     shape[dim] = e
-    wa, wb = (1 - y).to(b.dtype).view(shape), y.to(b.dtype).view(shape)
-    head = a.narrow(dim, a.shape[dim] - e, e) * wa + b.narrow(dim, 0, e) * wb
+    # The official (autoencoder_kl_causal_3d.py:346) multiplies each position by a Python float: in fp16/bf16
+    # every product is computed in fp32 and rounded to half, then the two halves are added in half. The same
+    # here with fp32 weights (fp64 for fp64 tiles); rounding the weights to half first would differ.
+    wt = torch.promote_types(b.dtype, torch.float32)
+    wa, wb = (1 - y).to(wt).view(shape), y.to(wt).view(shape)
+    head = (a.narrow(dim, a.shape[dim] - e, e) * wa).to(b.dtype) + (b.narrow(dim, 0, e) * wb).to(b.dtype)
     return torch.cat([head, b.narrow(dim, e, b.shape[dim] - e)], dim=dim)
 
 

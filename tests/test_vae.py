@@ -109,6 +109,85 @@ def test_single_frame_conv_equals_the_padded_3d_conv():
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _autocast_norm(norm, x, silu=True):
+    """GroupNorm (+ SiLU) of half x as the official runs it under CUDA autocast: GroupNorm takes and returns fp32,
+    SiLU runs on that fp32, and the next conv/linear rounds its input to half once."""
+    h = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
+    return (F.silu(h) if silu else h).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_resnet_is_the_official_block_under_autocast(dtype):
+    # ResnetBlockCausal3D written out (norm1-SiLU-conv1, norm2-SiLU-conv2, 1x1x1 shortcut), each causal conv a
+    # full 3D conv over the replicate-padded input in half (for T=1: the frame repeated in the 2 past slots);
+    # rounding to half after the GroupNorm and again after the SiLU made ~34% of these outputs differ
+    torch.manual_seed(0)
+    r = vae.ResnetBlock(8, 16, 4)
+    with torch.no_grad():
+        for n, p in r.named_parameters():
+            if "norm" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    r = r.to(dtype)
+    conv = lambda c, h: F.conv3d(F.pad(h, (1, 1, 1, 1, 2, 0), mode="replicate"), c.conv.weight, c.conv.bias)
+    for T in (3, 1):
+        x = (torch.randn(2, 8, T, 6, 5) * 2 + 0.5).to(dtype)
+        with torch.no_grad():
+            h = conv(r.conv1, _autocast_norm(r.norm1, x))
+            h = conv(r.conv2, _autocast_norm(r.norm2, h))
+            ref = F.conv3d(x, r.conv_shortcut.conv.weight, r.conv_shortcut.conv.bias) + h
+            assert torch.equal(r(x), ref), T
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_conv_out_input_is_rounded_once(dtype):
+    # encoder and decoder end in conv_norm_out-SiLU-conv_out: conv_out must see the fp32 result rounded once
+    # (rounding twice made 20-32% of its inputs differ)
+    m = tiny().to(dtype)
+    seen = {}
+    save = lambda name: lambda mod, args, out=None: seen.__setitem__(name, args[0] if out is None else out)
+    for name, part, last in (("enc", m.encoder, m.encoder.mid_block), ("dec", m.decoder, m.decoder.up_blocks[-1])):
+        last.register_forward_hook(save(f"{name} x"))  # conv_norm_out's input
+        part.conv_out.register_forward_pre_hook(save(f"{name} conv_out in"))
+    with torch.no_grad():
+        mean, _ = m.encode(video(1, 5, 16, 16))
+        m.decode(mean)
+    for name, part in (("enc", m.encoder), ("dec", m.decoder)):
+        assert torch.equal(seen[f"{name} conv_out in"], _autocast_norm(part.conv_norm_out, seen[f"{name} x"])), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_attention_normalises_in_fp32(dtype):
+    # the official's attention (diffusers Attention) runs its group_norm under autocast too, and to_q/k/v round
+    # the fp32 result once. A half-input GroupNorm also rounds once, but its kernel computes the statistics
+    # differently: on CPU ~1% of the outputs differed for this input (large mean, small spread).
+    torch.manual_seed(0)
+    at = vae.Attention(32, 16).to(dtype)
+    x = (torch.randn(1, 32, 3, 8, 8) * 2 + 100).to(dtype)
+    seen = []
+    at.to_q.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    with torch.no_grad():
+        at(x)
+    assert torch.equal(seen[0], _autocast_norm(at.group_norm, x, silu=False).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_single_frame_conv_is_the_official_3d_conv(dtype):
+    # the official convolves the causally padded frame (3 copies) in 3D with each time tap as stored; the 2D
+    # shortcut's summed taps, rounded to half, made 40-50% of the outputs differ. Same under autocast with fp32
+    # weights, where autocast would round the summed taps.
+    torch.manual_seed(0)
+    for stride in (1, (2, 2, 2), (1, 2, 2)):
+        conv = vae.CausalConv3d(8, 8, 3, stride=stride)
+        x = torch.randn(2, 8, 1, 6, 8)
+        official = lambda c, v: F.conv3d(F.pad(v.repeat(1, 1, 3, 1, 1), (1, 1, 1, 1, 0, 0), mode="replicate"),
+                                         c.conv.weight, c.conv.bias, stride)
+        with torch.no_grad():
+            with torch.autocast("cpu", dtype=dtype):
+                assert torch.equal(conv(x), official(conv, x)), (stride, "autocast")
+            conv, x = conv.to(dtype), x.to(dtype)
+            assert torch.equal(conv(x), official(conv, x)), stride
+
+
 def test_frame_causal_attention_matches_masked_softmax():
     torch.manual_seed(0)
     B, T, n, C = 2, 3, 4, 8
@@ -187,6 +266,25 @@ def test_tiled_equals_untiled_when_one_tile_covers():
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(m.encode(x, tiled=True), m.encode(x)))
         assert torch.equal(m.decode(z, tiled=True), m.decode(z))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_blend_is_the_official_python_float_expression(dtype):
+    # official blend_v/blend_h/blend_t (autoencoder_kl_causal_3d.py:343-359), a loop over positions with Python
+    # float weights: a half tensor times a Python float is computed in fp32 and rounded to half, per product;
+    # weights rounded to half first made ~22% of the blended elements differ (none where the extent is a power
+    # of 2, as 16 is: its weights are exact in half)
+    g = torch.Generator().manual_seed(0)
+    for dim, extent in ((2, 12), (-2, 3), (-1, 24), (-1, 16)):
+        shape = [1, 3, 6, 7, 8]
+        shape[dim] = extent + 4
+        a = torch.randn(shape, generator=g).to(dtype)
+        b = torch.randn(shape, generator=g).to(dtype)
+        ref = b.clone()
+        for y in range(extent):
+            ref.select(dim, y)[...] = (a.select(dim, a.shape[dim] - extent + y) * (1 - y / extent)
+                                       + b.select(dim, y) * (y / extent))
+        assert torch.equal(vae._blend(a, b, extent, dim), ref), (dim, extent)
 
 
 def _ramp(e):
