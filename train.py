@@ -95,6 +95,8 @@ class TrainConfig:
     latent_sample: bool = True          # the DiT sees posterior samples; False = the means
     frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
     clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip
+    # sample.py's defaults for the output folder (config.json "sample"); unset keys take the official ones
+    sampling: dict = field(default_factory=dict)
     # bookkeeping
     ckpt_every: int = 500
     log_every: int = 1
@@ -120,6 +122,7 @@ PRESETS = {
         # sooner the DiT ties it to the direction word.
         warmup=50, ema_decay=0.995, frame_stride=8, clip_windows=4, ckpt_every=500,
         short_only=0.6,  # the sample prompts are bare short descriptions
+        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0),
         # sigma ~ logit-normal(0.8, 1): the sampler's shifted schedule spends most of its steps at high noise,
         # where the layout and the motion are decided; at mean 0 those levels get ~8% of the training samples
         # (measured on this demo: 8/20 prompted directions at mean 0.8 against 3/20 at mean 0)
@@ -155,7 +158,8 @@ PRESETS = {
                   image_buckets=((256, 256, 64),), image_ratio=0.2, lr=1e-4),
             Stage("t2v-256-long", 20000, buckets=((256, 256, 65, 4), (192, 320, 65, 4), (320, 192, 65, 4)),
                   image_buckets=((256, 256, 64),), image_ratio=0.1, lr=5e-5)),
-        grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy"),
+        grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy",
+        sampling=dict(cfg_scale=6.0)),  # the scale the release's embedder stands for (official default 6.0)
     # fine-tuning the released 13B on curated 540p video (load it with --init-dit)
     "13b-finetune": TrainConfig(
         dit="13b", stages=(Stage("ft-540p", 5000, buckets=((544, 960, 65, 1), (960, 544, 65, 1), (720, 720, 65, 1)),
@@ -862,8 +866,9 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=None, tokenizer_path=None):
-    """VAE stage (or a given VAE), caches, DiT stages, export: what `--stage` selects. Returns the files."""
+def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
+    """VAE stage (or a given VAE), caches, DiT stages, export and config.json: what `--stage` selects.
+    Returns the stage times and the VAE."""
     metrics = os.path.join(out, "metrics.jsonl")
     if rank == 0:
         if not args.resume and os.path.exists(metrics):
@@ -907,11 +912,13 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
             vae.cfg = replace(vae.cfg, scaling_factor=round(1.0 / torch.cat([z.flatten() for z in zs]).std().item(), 6))
         if rank == 0:
             write_json(os.path.join(out, "vae_config.json"), asdict(vae.cfg))
-            from safetensors.torch import save_file
-            save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, os.path.join(out, "vae.safetensors.tmp"))
-            os.replace(os.path.join(out, "vae.safetensors.tmp"), os.path.join(out, "vae.safetensors"))
     else:
         raise SystemExit("error: this preset trains no VAE: pass the released one with --vae")
+    vae_path = os.path.join(out, "vae.safetensors")  # the folder keeps its VAE: sample.py --ckpt decodes with it
+    if rank == 0 and not (args.vae and os.path.abspath(args.vae) == os.path.abspath(vae_path)):
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_path + ".tmp")
+        os.replace(vae_path + ".tmp", vae_path)
     times["vae"] = time.perf_counter() - t0
     if args.stage == "vae":
         return times, vae
@@ -923,6 +930,18 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder=Non
     if rank == 0:
         logf.close()
         plot_losses(metrics, os.path.join(out, "loss.png"))
+        # what sample.py --ckpt reads: the configs, the text encoder (ours is in the folder; the official
+        # ones are named by their folders), the video size and frame rate of the last stage, sampling defaults
+        if args.llm:
+            text = {"llm_dir": os.path.abspath(args.llm), "clip_dir": os.path.abspath(args.clip)}
+        else:
+            text = {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "tokenizer": "tokenizer.model"}
+        last = cfg.stages[-1]
+        H, W, T = last.buckets[0][:3] if last.buckets else (*last.image_buckets[0][:2], 1)
+        fps = (clips[0].get("fps", 24.0) if clips else 24.0) / cfg.frame_stride  # the source rate, from the manifest
+        write_json(os.path.join(out, "config.json"), {
+            "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg), "text": dict(text, text_len=encoder.text_len),
+            "video": {"height": H, "width": W, "frames": T, "fps": fps}, "sample": cfg.sampling, "train": asdict(cfg)})
     return times, vae
 
 
@@ -974,14 +993,6 @@ def demo(args, rank, world, device):
         print(f"\nVAE stage done in {time.perf_counter() - t_start:.0f} s: {out}/vae.safetensors (+ vae_config.json); "
               f"`python train.py --out {out} --resume` goes on to the DiT")
         return
-    write_json(os.path.join(out, "config.json"), {
-        "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg),
-        "text": {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "text_len": DEMO_TEXT_LEN,
-                 "tokenizer": "tokenizer.model"},
-        "video": {"height": cfg.stages[-1].buckets[0][0], "width": cfg.stages[-1].buckets[0][1],
-                  "frames": cfg.stages[-1].buckets[0][2], "fps": clips[0].get("fps", 24.0) / cfg.frame_stride},  # the source rate, from the manifest
-        "sample": DEMO_SAMPLING, "train": asdict(cfg)})
-
     # 5. samples for the prompt grid, through sample.py's own loader and sampler
     t0 = time.perf_counter()
     files = sample_grid(out, DEMO_PROMPTS[:n_samples], device)
@@ -998,7 +1009,6 @@ def demo(args, rank, world, device):
 DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enough for an 8x VAE
 DEMO_TEXT_LEN = 16  # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer
                     # caption loses detail only; half the text tokens of 32 make a DiT step ~20% cheaper
-DEMO_SAMPLING = {"steps": 30, "shift": 3.0, "guidance": None, "cfg_scale": 7.0}
 
 
 def sample_grid(ckpt, prompts, device):
@@ -1088,9 +1098,24 @@ def main():
         encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, device=device)
     else:  # our small frozen encoder, vocabulary from these captions
         encoder = small_encoder(out, clips, images, cfg, device, rank, world)
+    # checked here, not as a shape error at the first DiT step after every latent was cached
+    mcfg, widths = dit_config(cfg), (encoder.llm.cfg.hidden_size, encoder.clip.cfg.hidden_size)
+    if widths != (mcfg.text_dim, mcfg.pooled_dim):
+        sys.exit(f"error: the {cfg.dit} DiT reads text states {mcfg.text_dim} wide (pooled {mcfg.pooled_dim}), the "
+                 f"{'official' if args.llm else 'small'} text encoders give {widths[0]} ({widths[1]}): "
+                 + ("train this preset without --llm/--clip" if args.llm else "pass the official ones with --llm and --clip"))
     times, _ = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
     if rank == 0:
         print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
+        if args.stage != "vae":
+            if args.llm:  # sample.py --ckpt loads the small encoder only: name the official files, and the
+                video = json.load(open(os.path.join(out, "config.json")))["video"]  # folder's defaults as flags
+                flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in
+                                [*cfg.sampling.items(), *video.items()] if v is not None and k != "fps")
+                print(f"next: python sample.py --dit {out}/dit.safetensors --vae {args.vae} --llm {args.llm} "
+                      f"--clip {args.clip}{flags} --prompt \"...\"")
+            else:
+                print(f"next: python sample.py --ckpt {out} --prompt \"...\"")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """train.py: the flow-matching target and sigma sampler, buckets and captions, FSDP on gloo against one
 process, kill + resume == uninterrupted, NaN stop, and the quick demo end to end."""
 
+import dataclasses
 import json
 import math
 import os
@@ -242,6 +243,34 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(data, tmp_path):
     assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
     a, b = load_file(str(tmp_path / "full" / "dit.safetensors")), load_file(str(tmp_path / "cut" / "dit.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise on a CPU
+
+
+def test_a_preset_run_is_a_folder_sample_py_takes(data, tmp_path):
+    """A --preset run writes config.json and keeps its VAE beside the weights, as the demo does: sample.py
+    --ckpt samples the folder with the preset's sampling defaults (preset runs used to write no config.json)."""
+    out = tmp_path / "run"
+    r = run_train(data, str(out), "--steps", "1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    conf = json.loads((out / "config.json").read_text())
+    assert f"next: python sample.py --ckpt {out}" in r.stdout
+    cfg = train.PRESETS["demo"]
+    assert conf["dit"] == json.loads(json.dumps(dataclasses.asdict(train.dit_config(cfg))))
+    assert conf["sample"] == cfg.sampling and conf["text"]["text_len"] == train.DEMO_TEXT_LEN
+    assert conf["video"] == {"height": 64, "width": 112, "frames": 9, "fps": 24 / cfg.frame_stride}
+    s = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(out), "--prompt",
+                        "a red circle moving left", "--steps", "1", "--out", str(tmp_path / "s.mp4")],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert s.returncode == 0, s.stderr[-3000:]
+    assert (tmp_path / "s.mp4").is_file()
+
+
+def test_text_encoder_too_narrow_for_the_dit_is_an_error_at_startup(data, tmp_path):
+    """The 1.3B DiT reads 4096-wide LLM states; without --llm/--clip the small encoder gives 32: a one-line
+    error before anything is cached (it used to surface as a shape error at the first DiT step)."""
+    r = run_train(data, str(tmp_path / "run"), "--preset", "1.3b-gpu")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "4096" in r.stderr and "--llm and --clip" in r.stderr
+    assert not (tmp_path / "run" / "cache").exists()
 
 
 def test_unwritable_output_is_a_clear_error(data, tmp_path):
