@@ -680,7 +680,7 @@ def export_dit(model, ema, path, rank):
 
 
 def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False, init_dit=None,
-              log=print, nan_at=None):
+              log=print, nan_at=None, inf_grad_at=None):
     """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
     mcfg = dit_config(cfg)
     assert mcfg.guidance_embed == (cfg.train_guidance is not None), "train_guidance must be set iff guidance_embed"
@@ -780,13 +780,18 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             with autocast or torch.autocast("cpu", enabled=False):
                 loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
             loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if inf_grad_at is not None and step == inf_grad_at:  # tests: one gradient inf/NaN, the loss finite
+                next(model.parameters()).grad.mul_(float("inf"))
+            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))  # over all ranks
             gloss = all_mean(loss, world)
             if nan_at is not None and step == nan_at:  # tests: a NaN injected into the loss
                 gloss = gloss * float("nan")
-            if not torch.isfinite(gloss):
-                raise SystemExit(f"error: the loss is {gloss.item()} at step {step} (stage {stage.name}); stopped "
-                                 f"before the update. The last good checkpoint is {path}: lower the lr and --resume")
+            # A non-finite gradient can come with a finite loss (an overflow in backward); its update would turn
+            # the weights into NaN, and the next checkpoint with them. Both values are the same on every rank.
+            for what, value in (("loss", gloss), ("gradient norm", gnorm)):
+                if not torch.isfinite(value):
+                    raise SystemExit(f"error: the {what} is {value.item()} at step {step} (stage {stage.name}); stopped "
+                                     f"before the update. The last good checkpoint is {path}: lower the lr and --resume")
             opt.step()
             opt.zero_grad(set_to_none=True)
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warmup: early EMA tracks the model
@@ -799,7 +804,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             bar.set_postfix(loss=f"{gloss.item():.4f}", kind=kind)
             if rank == 0 and (step % cfg.log_every == 0 or meta["stage_step"] == stage.steps):
                 log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6), "lr": opt.param_groups[0]["lr"],
-                     "grad_norm": round(float(full_tensor(gnorm)), 4), "kind": kind, "time": round(time.time(), 2)})
+                     "grad_norm": round(gnorm.item(), 4), "kind": kind, "time": round(time.time(), 2)})
             if meta["step"] % cfg.ckpt_every == 0 or meta["stage_step"] == stage.steps:
                 saved = dict(meta, config=asdict(cfg))
                 if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
@@ -924,7 +929,7 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
         return times, vae
     t0 = time.perf_counter()
     model, ema = train_dit(cfg, clips, images, encoder, vae, out, device, rank, world, args.resume,
-                           args.init_dit, log, nan_at=args.nan_at)
+                           args.init_dit, log, nan_at=args.nan_at, inf_grad_at=args.inf_grad_at)
     export_dit(model, ema, os.path.join(out, "dit.safetensors"), rank)
     times["dit"] = time.perf_counter() - t0
     if rank == 0:
@@ -1067,6 +1072,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster GPU steps after "
                     "a minute of compiling)")
     ap.add_argument("--nan-at", type=int, help=argparse.SUPPRESS)  # tests: inject a NaN loss at this step
+    ap.add_argument("--inf-grad-at", type=int, help=argparse.SUPPRESS)  # tests: an inf gradient at this step
     args = ap.parse_args()
     if args.stage == "dit" and not args.vae and args.preset:
         sys.exit("error: --stage dit needs a trained VAE: pass --vae")

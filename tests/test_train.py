@@ -273,6 +273,18 @@ def test_text_encoder_too_narrow_for_the_dit_is_an_error_at_startup(data, tmp_pa
     assert not (tmp_path / "run" / "cache").exists()
 
 
+def test_a_non_finite_gradient_stops_before_the_update(data, tmp_path):
+    """An inf gradient with a finite loss at step 1: the run stops there, before the update. (Unchecked, the
+    update made 4 weights NaN, the step-2 checkpoint saved them, and the NaN loss of step 2 then named that
+    checkpoint the last good one.)"""
+    from safetensors.torch import load_file
+    r = run_train(data, str(tmp_path / "run"), "--ckpt-every", "2", "--inf-grad-at", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "the gradient norm is" in r.stderr and "at step 1 " in r.stderr, r.stderr[-3000:]
+    state = tmp_path / "run" / "dit_state.safetensors"
+    assert not state.exists() or all(torch.isfinite(v.float()).all() for v in load_file(str(state)).values())
+
+
 def test_unwritable_output_is_a_clear_error(data, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
