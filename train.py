@@ -376,7 +376,9 @@ def full_tensor(t):
 def save_train_state(path, parts, ema, meta, rank):
     """parts {name: (model, optimizer)}: weights and optimizer states as full fp32 tensors (gathered from
     FSDP shards), the EMA, and meta (step, stage, data position, config) in the safetensors header, plus
-    the torch RNG state. Collective under FSDP: every rank calls it; rank 0 writes, temp file + rename."""
+    the torch RNG state (the CPU's, and every rank's CUDA generator: the VAE's posterior samples draw from
+    it). Collective under FSDP: every rank calls it; rank 0 writes, temp file + rename."""
+    import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     tensors, groups = {}, {}
@@ -389,10 +391,17 @@ def save_train_state(path, parts, ema, meta, rank):
         groups[name] = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
                         for g in osd.get("param_groups", [])]
     ema_full = {k: full_tensor(v).detach().cpu() for k, v in ema.items()}
+    cuda_rng = []
+    if torch.cuda.is_initialized():
+        cuda_rng = [torch.cuda.get_rng_state()]
+        if dist.is_initialized():  # to rank 0, which writes them all
+            cuda_rng = [None] * dist.get_world_size()
+            dist.all_gather_object(cuda_rng, torch.cuda.get_rng_state())
     if rank != 0:
         return
     tensors.update({f"ema.{k}": v.contiguous() for k, v in ema_full.items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    tensors.update({f"rng.cuda.{r}": state for r, state in enumerate(cuda_rng)})  # uint8, one per rank
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"meta": json.dumps(dict(meta, param_groups=groups))})
     os.replace(tmp, path)
@@ -401,6 +410,7 @@ def save_train_state(path, parts, ema, meta, rank):
 def load_train_state(path, parts, ema, device):
     """The inverse of save_train_state; returns meta. Every rank reads the file (shared storage under
     torchrun) and keeps its own shards."""
+    import torch.distributed as dist
     from safetensors import safe_open
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -424,6 +434,9 @@ def load_train_state(path, parts, ema, device):
             full = distribute_tensor(full, e.device_mesh, e.placements)
         e.copy_(full)
     torch.set_rng_state(t["rng.torch"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device.type == "cuda" and f"rng.cuda.{rank}" in t:  # absent: written on CPUs or by fewer ranks
+        torch.cuda.set_rng_state(t[f"rng.cuda.{rank}"], device)
     return meta
 
 

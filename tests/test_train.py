@@ -109,6 +109,22 @@ def test_clip_windows_are_disjoint_and_fit_their_clip():
     assert train.item_id(wins[0]) == "c0"  # a clip's first window keeps the clip's cache name
 
 
+def test_checkpoint_keeps_the_cuda_generator(tmp_path, monkeypatch):
+    """On GPUs the checkpoint holds the CUDA generator's state too (the VAE stage's posterior samples draw
+    from it) and a resume restores it; it used to hold the CPU generator's alone. The CUDA calls are faked
+    here, so the round trip runs on a CPU."""
+    state, restored = torch.randint(0, 256, (16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)), []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    path = str(tmp_path / "state.safetensors")
+    train.save_train_state(path, {"m": (model, opt)}, {}, {"step": 7}, rank=0)
+    assert train.load_train_state(path, {"m": (model, opt)}, {}, torch.device("cuda"))["step"] == 7
+    assert len(restored) == 1 and torch.equal(restored[0], state)
+
+
 def test_demo_tokenizer_keeps_caption_words_whole(tmp_path):
     """BPE on the captions: one token per word (a unigram model on so few distinct words spelled most of
     them letter by letter, so 'a yellow triangle moving left' took 15 tokens)."""
