@@ -646,12 +646,17 @@ def clip_windows(items, groups, buckets, stride, n):
 
 @torch.no_grad()
 def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1):
-    """Encode every item once at a bucket size (H, W, T) -> cache_dir/HxWxT/<id>.safetensors holding the
-    posterior's mean and logvar (unscaled): training samples from it each step. Rank r encodes items
-    r, r+world, ...; files are written whole (temp + rename), so an interrupted run just continues."""
+    """Encode every item once at a bucket size (H, W, T) -> cache_dir/HxWxT-vae<fingerprint>/<id>.safetensors
+    holding the posterior's mean and logvar (unscaled): training samples from it each step. Rank r encodes
+    items r, r+world, ...; files are written whole (temp + rename), so an interrupted run just continues."""
     from safetensors.torch import save_file
     H, W, T = size
-    folder = os.path.join(cache_dir, f"{H}x{W}x{T}" + (f"s{stride}" if stride > 1 and T > 1 else ""))
+    # The folder names the VAE (its config and a few values of every tensor), as the text cache names its
+    # encoders (text_encoder.PromptEncoder.fingerprint): another --vae into the same --out encodes afresh
+    # instead of training on the old VAE's latents. The scaling factor stays out: the files are unscaled.
+    probe = (asdict(replace(vae.cfg, scaling_factor=None)), [v.flatten()[:4].tolist() for v in vae.state_dict().values()])
+    vae_id = hashlib.sha256(repr(probe).encode()).hexdigest()[:12]
+    folder = os.path.join(cache_dir, f"{H}x{W}x{T}" + (f"s{stride}" if stride > 1 and T > 1 else "") + f"-vae{vae_id}")
     os.makedirs(folder, exist_ok=True)
     todo = [it for it in items[rank::world] if not os.path.isfile(os.path.join(folder, item_id(it) + ".safetensors"))]
     # small items a few per encode (one small frame at a time is mostly per-call overhead); large ones singly

@@ -95,6 +95,24 @@ def test_buckets_every_item_once_with_per_bucket_batches():
         assert len(r0) == len(r1) and r0 + r1 == batch
 
 
+def test_latent_cache_is_keyed_on_the_vae(data, tmp_path):
+    """Another VAE into the same cache folder encodes afresh; the same VAE again reuses the files. (The
+    cache used to be keyed on the bucket size alone: a new --vae trained on the old VAE's latents.)"""
+    clips, images = train.load_items(data)
+    cpu, size = torch.device("cpu"), (64, 112, 1)
+    vaes = []
+    for seed in (0, 1, 0):
+        torch.manual_seed(seed)
+        vaes.append(vae_lib.CausalVAE(train.vae_config(train.PRESETS["demo"])).eval())
+    a, b, again = (train.cache_latents(images[:1], size, v, str(tmp_path), cpu) for v in vaes)
+    assert a != b and again == a
+    for folder, v in ((a, vaes[0]), (b, vaes[1])):
+        x = train.to_unit(train.read_clip(images[0]["path"], size[:2]))[None]
+        want = v.encode(x, tiled=True)[0][0]  # 112 px > the tiny VAE's 64 px tiles
+        got = train.load_latent(folder, images[0], torch.Generator(), scale=1.0, sample=False)
+        torch.testing.assert_close(got, want)
+
+
 def test_clip_windows_are_disjoint_and_fit_their_clip():
     items = [dict(kind="video", clip=f"c{i}", width=112, height=64, frames=f) for i, f in enumerate([33, 65, 66, 200, 40])]
     buckets = [(64, 112, 9, 4)]  # 9 frames at stride 4 span 33 source frames
