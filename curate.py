@@ -9,7 +9,8 @@ Per video: split into shots -> move each clip's start to its sharpest frame -> c
 clip -> caption from a sidecar file. Across videos: de-duplicate by embedding cosine distance, balance
 concepts with k-means weights, and sort clips into nested resolution tiers, a fine-tuning set and two
 image sets. OUT_DIR gets manifest.jsonl, rejected.jsonl, images.jsonl, clips/, images/, and one
-manifest per tier (tier_256p.jsonl ... finetune.jsonl, images_256p.jsonl, images_512p.jsonl).
+manifest per tier (manifest_256p.jsonl ... manifest_720p.jsonl: what `train.py --tier 256p` reads),
+finetune.jsonl, images_256p.jsonl, images_512p.jsonl.
 
 The paper uses in-house or heavy models we cannot ship. Each stand-in here is one function to replace:
   VideoCLIP embedding -> clip_embedding()   (pooled thumbnails + colour histogram)
@@ -1166,7 +1167,7 @@ def finalize(out, labels=None, cfg=CFG):
     counts = {}
     for name in cfg.tier_names:
         sel = [s for s in slim if name in s["tiers"]]
-        _write_jsonl(os.path.join(out, f"tier_{name}.jsonl"), sel)
+        _write_jsonl(os.path.join(out, f"manifest_{name}.jsonl"), sel)   # train.py --tier NAME reads this
         counts[name] = len(sel)
     if labels:   # human labels (paper §3.1: the fine-tune set is hand-picked): {"clip": id, "keep": bool}
         keep = {r["clip"]: bool(r.get("keep")) for r in _read_jsonl(labels)}

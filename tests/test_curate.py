@@ -370,13 +370,25 @@ def test_pipeline_outputs_and_captions(raw, reference):
         for s in side["shots"]:
             if s["blurred"] or s["still"] or s["end"] - s["start"] < C.CFG.min_clip_frames:
                 assert any(x["path"] == v and x["start"] >= s["start"] and x["end"] <= s["end"] for x in rej), s
+
+
+def test_tier_manifests_are_what_train_reads(reference):
+    """train.py --tier NAME reads manifest_NAME.jsonl: clip records like manifest.jsonl's, each with a
+    path (relative to the output folder) and a caption."""
+    out, _ = reference
+    clips = {r["clip"]: r for r in C._read_jsonl(os.path.join(out, "manifest.jsonl"))}
     for name in C.CFG.tier_names:
-        assert os.path.exists(os.path.join(out, f"tier_{name}.jsonl"))
+        path = os.path.join(out, f"manifest_{name}.jsonl")
+        assert os.path.exists(path), path
+        for r in C._read_jsonl(path):
+            assert r["clip"] in clips and r["path"] == clips[r["clip"]]["path"] and "caption" in r
+            assert os.path.exists(os.path.join(out, r["path"])) and name in r["tiers"]
+    assert C._read_jsonl(os.path.join(out, f"manifest_{C.CFG.tier_names[0]}.jsonl"))
 
 
 def test_tier_files_nested(reference):
     out, _ = reference
-    sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"tier_{n}.jsonl"))} for n in C.CFG.tier_names]
+    sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"manifest_{n}.jsonl"))} for n in C.CFG.tier_names]
     assert sets[0], "the 256p tier should not be empty on the demo data"
     assert all(b <= a for a, b in zip(sets, sets[1:]))
     img = [{r["image"] for r in C._read_jsonl(os.path.join(out, f"images_{s}p.jsonl"))} for s in C.CFG.image_side]
