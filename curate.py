@@ -721,13 +721,25 @@ def clip_embedding(frames):
     return e / (np.linalg.norm(e) + 1e-9)
 
 
-def nearest_duplicate(e, embs, ids, cfg=CFG):
-    """Id of an earlier clip within dedup_max_dist cosine distance of e, else None."""
-    if not len(embs):
-        return None
-    d = 1 - np.asarray(embs) @ e
-    i = int(np.argmin(d))
-    return ids[i] if d[i] < cfg.dedup_max_dist else None
+def deduplicate(recs, cfg=CFG):
+    """Paper §3.1: near-duplicates (cosine distance < dedup_max_dist) are removed. Best first: the largest
+    short side, then clarity, then quality, so of a group of copies the original is kept, not whichever copy
+    was read first (a 456x256 re-upload was kept over its 1280x720 source). Clips and stills alike.
+    Returns (kept records in their input order, [(dropped record, id of the kept one it duplicates)])."""
+    key = lambda i: (-min(recs[i]["width"], recs[i]["height"]), -recs[i]["clarity"], -recs[i]["quality"],
+                     recs[i].get("clip") or recs[i]["image"])
+    kept, dropped = [], []
+    e_kept = np.empty((len(recs), len(recs[0]["embedding"]) if recs else 0))
+    for i in sorted(range(len(recs)), key=key):
+        e = np.asarray(recs[i]["embedding"], np.float64)
+        d = 1 - e_kept[:len(kept)] @ e
+        j = int(np.argmin(d)) if len(kept) else -1
+        if j >= 0 and d[j] < cfg.dedup_max_dist:
+            dropped.append((recs[i], recs[kept[j]].get("clip") or recs[kept[j]]["image"]))
+            continue
+        e_kept[len(kept)] = e
+        kept.append(i)
+    return [recs[i] for i in sorted(kept)], dropped
 
 
 def kmeans(x, k, iters=30, seed=0):
@@ -857,7 +869,8 @@ def _analyse_shot(small, grey, s, e, cfg):
     return {"start": s + j, "end": s + j + L, "shot": (s, e), "box": box, "sample": sample,
             "mid": small[len(small) // 2], "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
             "camera": cam, "camera_conf": conf, "grey": [g for g in grey[j:j + L] if g is not None][::2],
-            "best": s + int(np.argmax(clar_raw)), "best_grey": grey[int(np.argmax(clar_raw))]}
+            "best": s + int(np.argmax(clar_raw)), "best_grey": grey[int(np.argmax(clar_raw))],
+            "best_small": small[int(np.argmax(clar_raw))]}
 
 
 def process_video(path, rel, out_dir, cfg=CFG):
@@ -956,10 +969,12 @@ def process_video(path, rel, out_dir, cfg=CFG):
         # image candidate: the sharpest frame of the shot, video filters minus the motion ones (§3.1)
         bg = sd["best_grey"][gb[1]:gb[3], gb[0]:gb[2]]
         img = {**{k_: rec[k_] for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
-               "image": f"{rec['clip']}_img", "frame": sd["best"], "clarity": round(clarity(bg), 2)}
+               "image": f"{rec['clip']}_img", "clip": rec["clip"], "frame": sd["best"],
+               "clarity": round(clarity(bg), 2)}
         if (img["clarity"] >= cfg.min_clarity and img["quality"] >= cfg.min_quality and not img["overlay"]
                 and min(img["width"], img["height"]) >= 16):
             img["path"] = f"images/{vid}/{img['image']}.jpg"
+            img["embedding"] = [round(float(v), 4) for v in clip_embedding([sd["best_small"][y0:y1, x0:x1]])]
             images.append(img)
             writes.append(("image", sd["best"], sd["best"] + 1, full, img["path"]))
         if why:
@@ -1103,8 +1118,7 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
             kept = list({r["path"]: r for r in recs}.values())
         if os.path.exists(P[k]):
             _write_jsonl(P[k], kept)
-    manifest = _read_jsonl(P["manifest"])
-    embs, ids = [np.array(r["embedding"]) for r in manifest], [r["clip"] for r in manifest]
+    n_clips = len(_read_jsonl(P["manifest"]))
     files = list_inputs(inp, out)
     todo = [rel for rel in files if rel not in done]
     for rel in todo:                                       # leftovers of a killed run
@@ -1119,27 +1133,14 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
     else:
         jobs = [j[:4] + (None,) for j in jobs]             # in this process: no orphan check
         results = map(_worker, jobs)
-    n_clips = len(manifest)
     bar = tqdm(results, total=len(jobs), unit="video", desc="curate", dynamic_ncols=True)
     try:
-        for rel, res in bar:
-            keep = []
-            for rec in res["clips"]:                       # de-duplicate against everything kept so far
-                e = np.array(rec["embedding"])
-                dup = nearest_duplicate(e, embs, ids, cfg)
-                if dup is None:
-                    keep.append(rec)
-                    embs.append(e)
-                    ids.append(rec["clip"])
-                else:
-                    res["rejected"].append({"path": rel, "clip": rec["clip"], "start": rec["start"],
-                                            "end": rec["end"], "reason": f"duplicate of {dup}"})
-                    os.remove(os.path.join(out, rec["path"]))
-            _append(files_out["manifest"], keep)
+        for rel, res in bar:                               # duplicates are removed by finalize()
+            _append(files_out["manifest"], res["clips"])
             _append(files_out["images"], res["images"])
             _append(files_out["rejected"], res["rejected"])
             _append(files_out["done"], [{"path": rel}])    # last: the input counts as finished only now
-            n_clips += len(keep)
+            n_clips += len(res["clips"])
             bar.set_postfix(clips=n_clips)
     finally:
         if pool is not None:
@@ -1150,10 +1151,26 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
 
 
 def finalize(out, labels=None, cfg=CFG):
-    """Dataset-level steps over the whole manifest: concept balancing weights (k-means), nested tiers,
-    fine-tune set, image sets. Rewritten (temp + rename) on every run, so it is always consistent."""
+    """Dataset-level steps over the whole manifest: de-duplication, concept balancing weights (k-means),
+    nested tiers, fine-tune set, image sets. Rewritten (temp + rename) on every run, so it is always
+    consistent; each step can be redone after a kill at any point."""
     manifest = _read_jsonl(os.path.join(out, "manifest.jsonl"))
     images = _read_jsonl(os.path.join(out, "images.jsonl"))
+    manifest, dup_clips = deduplicate(manifest, cfg)
+    gone = {r["clip"]: keep for r, keep in dup_clips}          # a duplicate clip's still goes with it...
+    dup_images = [(r, gone[r["clip"]]) for r in images if r["clip"] in gone]
+    images, dup = deduplicate([r for r in images if r["clip"] not in gone], cfg)   # ...the others by look
+    dup_images += dup
+    if dup_clips or dup_images:   # log, delete files, then drop the records: a kill between steps redoes them
+        logged = {r.get("clip") for r in _read_jsonl(os.path.join(out, "rejected.jsonl"))}
+        with open(os.path.join(out, "rejected.jsonl"), "a") as f:
+            _append(f, [{"path": r["video"], "clip": r["clip"], "start": r["start"], "end": r["end"],
+                         "reason": f"duplicate of {keep}"} for r, keep in dup_clips if r["clip"] not in logged])
+        for r, _ in dup_clips + dup_images:
+            if os.path.exists(os.path.join(out, r["path"])):
+                os.remove(os.path.join(out, r["path"]))
+        _write_jsonl(os.path.join(out, "manifest.jsonl"), manifest)
+        _write_jsonl(os.path.join(out, "images.jsonl"), images)
     if manifest:
         x = np.array([r["embedding"] for r in manifest])
         _, lab = kmeans(x, min(cfg.max_concepts, max(1, len(x) // cfg.clips_per_concept)))
@@ -1178,7 +1195,7 @@ def finalize(out, labels=None, cfg=CFG):
     _write_jsonl(os.path.join(out, "finetune.jsonl"), ft)
     counts["finetune"] = len(ft)
     for side in cfg.image_side:
-        sel = [r for r in images if f"{side}p" in image_sets_of(r, cfg)]
+        sel = [{k: v for k, v in r.items() if k != "embedding"} for r in images if f"{side}p" in image_sets_of(r, cfg)]
         _write_jsonl(os.path.join(out, f"images_{side}p.jsonl"), sel)
         counts[f"images_{side}p"] = len(sel)
     counts["clips"], counts["rejected"] = len(manifest), len(_read_jsonl(os.path.join(out, "rejected.jsonl")))
