@@ -54,8 +54,8 @@ class CurateConfig:
     max_clip_frames: int = 129        # paper §4: longest training clip is 129 frames (720x1280x129)
     # --- basic filters (every accepted clip passes these; tiers tighten them) ---
     min_clarity: float = 30.0         # variance of Laplacian at 360p; blurry footage scores < 10, sharp 100+
-    min_motion: float = 0.5           # 99th-percentile flow speed, px/frame at 256 px width: below = static
-    max_motion: float = 25.0          # above = too fast (whip pans, strobing); ~10% of the width per frame
+    min_motion: float = 0.5           # 99th-percentile flow speed, px per 1/24 s at 256 px width: below = static
+    max_motion: float = 25.0          # above = too fast (whip pans, strobing); ~10% of the width per 1/24 s
     min_quality: float = 0.25         # quality_score() in [0, 1]
     dedup_max_dist: float = 0.006     # cosine distance below which two clips are duplicates (copies, re-encodes)
     # --- letterbox and static overlays ---
@@ -63,7 +63,7 @@ class CurateConfig:
     overlay_std: float = 2.5          # luma std below which a pixel counts as fixed (across frames or shots)
     overlay_min_area: float = 0.002   # overlays smaller than this fraction of the frame are ignored
     min_area_after_crop: float = 0.7  # crop an overlay off the edge only if this much of the frame remains
-    # --- camera movement (paper §3.2; thresholds in px/frame at analysis_w) ---
+    # --- camera movement (paper §3.2; thresholds in px per 1/24 s, i.e. px/frame at 24 fps, at analysis_w) ---
     cam_static: float = 0.12          # drift below this on every component: no camera move
     cam_jitter: float = 0.3           # frame-to-frame wobble above this (and no drift) is a handheld shot
     cam_consistency: float = 0.5      # |mean| / rms of a component: a real move keeps its direction
@@ -491,26 +491,32 @@ def _pair_indices(n, k):
     return sorted(set(np.linspace(0, n - 2, min(k, n - 1)).round().astype(int).tolist()))
 
 
-def pair_flows(frames, cfg=CFG):
-    """[(grey frame, flow to a frame `step` later, step)] for up to cam_pairs pairs spread over the clip,
-    at analysis_w. Long, slow clips use a longer baseline (up to 4 frames): slow moves and small parallax
-    then rise above the flow noise, while fast ones keep step 1 so flow stays accurate; results are
-    divided back to px/frame. motion() and camera_movement() share these (flow is the expensive part)."""
+def pair_flows(frames, cfg=CFG, fps=24.0):
+    """[(grey frame, flow to a frame `step` later, dt)] for up to cam_pairs pairs spread over the clip, at
+    analysis_w; dt is the step in units of 1/24 s, so flow / dt is in px per 1/24 s at any frame rate (as
+    px/frame, one subject speed scored 0.97 at 24 fps and 0.35 at 60 fps). Long, slow clips use a longer
+    baseline (up to 4 frames): slow moves and small parallax then rise above the flow noise. But the
+    fastest motion must stay trackable: DIS follows a 40 px subject up to 12 px per step at 256 px width
+    and loses it beyond (a 16 px step reads as 4), so the step keeps the 99th-percentile flow of three
+    probe pairs under 6 px (chosen from the median flow alone, a subject at 8 px/frame before a still
+    camera got step 4 and scored 1.96). motion() and camera_movement() share these (flow is the cost)."""
     g = _gray_small(frames, cfg.analysis_w)
     if len(g) < 2:
         return []
-    mid = len(g) // 2 - 1                                  # baseline: ~2 px of motion, at most 4 frames
-    speed = np.median(np.linalg.norm(flow(g[mid], g[mid + 1]), axis=2))   # the camera's share, not a subject's
-    step = int(np.clip(min(2.0 / max(speed, 1e-3), (len(g) - 1) // cfg.cam_pairs), 1, 4))
-    return [(g[i], flow(g[i], g[i + step]), step) for i in _pair_indices(len(g) - step + 1, cfg.cam_pairs)]
+    probes = {i: np.linalg.norm(flow(g[i], g[i + 1]), axis=2) for i in {(len(g) - 2) * q // 4 for q in (1, 2, 3)}}
+    speed = np.median(probes[(len(g) - 2) // 2])           # the camera's share, not a subject's
+    fast = max(np.percentile(m, 99) for m in probes.values())
+    step = int(np.clip(min(2.0 / max(speed, 1e-3), 6.0 / max(fast, 1e-3), (len(g) - 1) // cfg.cam_pairs), 1, 4))
+    dt = step * 24.0 / fps
+    return [(g[i], flow(g[i], g[i + step]), dt) for i in _pair_indices(len(g) - step + 1, cfg.cam_pairs)]
 
 
-def motion(frames, cfg=CFG, flows=None):
+def motion(frames, cfg=CFG, flows=None, fps=24.0):
     """Motion speed (paper §3.1, optical flow): mean over sampled frame pairs of the 99th-percentile flow
-    magnitude, in px/frame at analysis_w. A high percentile so a small subject moving on a still
+    magnitude, in px per 1/24 s at analysis_w. A high percentile so a small subject moving on a still
     background still counts as motion; a still shot scores ~0."""
-    flows = pair_flows(frames, cfg) if flows is None else flows
-    speeds = [np.percentile(np.linalg.norm(fl, axis=2), 99) / step for _, fl, step in flows]
+    flows = pair_flows(frames, cfg, fps) if flows is None else flows
+    speeds = [np.percentile(np.linalg.norm(fl, axis=2), 99) / dt for _, fl, dt in flows]
     return float(np.mean(speeds)) if speeds else 0.0
 
 
@@ -525,9 +531,9 @@ def _fit_similarity(src, dst):
     return m, inl.ravel().astype(bool)
 
 
-def _pair_motion(a, fl, step, cfg):
-    """Global motion between two grey frames: dict with translation tx, ty (px/frame), scale rate ds,
-    rotation (rad/frame; + = content turns clockwise on screen, image y points down), RANSAC inlier
+def _pair_motion(a, fl, dt, cfg):
+    """Global motion between two grey frames dt/24 s apart: dict with translation tx, ty (px per 1/24 s),
+    scale rate ds, rotation (rad per 1/24 s; + = content turns clockwise on screen, y points down), RANSAC inlier
     fraction, and a second motion layer (parallax) if one spans enough of the frame."""
     h, w = a.shape
     gx, gy = cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1)
@@ -540,8 +546,8 @@ def _pair_motion(a, fl, step, cfg):
     m, inl = _fit_similarity(src, dst)
     if m is None:
         return None
-    out = {"tx": float(m[0, 2]) / step, "ty": float(m[1, 2]) / step,
-           "ds": float(np.hypot(m[0, 0], m[1, 0]) ** (1 / step) - 1), "rot": float(np.arctan2(m[1, 0], m[0, 0])) / step,
+    out = {"tx": float(m[0, 2]) / dt, "ty": float(m[1, 2]) / dt,
+           "ds": float(np.hypot(m[0, 0], m[1, 0]) ** (1 / dt) - 1), "rot": float(np.arctan2(m[1, 0], m[0, 0])) / dt,
            "radius": float(np.linalg.norm(src, axis=1).mean()), "inliers": float(inl.mean()), "layers": None}
     # parallax: a second, coherent layer among the outliers (near and far move differently)
     if (~inl).mean() >= cfg.cam_parallax_frac:
@@ -551,13 +557,13 @@ def _pair_motion(a, fl, step, cfg):
                   np.ptp(np.percentile(p2[:, 1], (5, 95))) / h if len(p2) else 0)
         # a depth layer spans the frame (ground, backdrop); a moving subject is compact: not parallax
         if m2 is not None and inl2.sum() >= cfg.cam_parallax_frac * len(src) and max(spread) > 0.5:
-            l1 = (float(m[0, 2]) / step, float(m[1, 2]) / step, float(inl.mean()))
-            l2 = (float(m2[0, 2]) / step, float(m2[1, 2]) / step, float(inl2.sum() / len(src)))
+            l1 = (float(m[0, 2]) / dt, float(m[1, 2]) / dt, float(inl.mean()))
+            l2 = (float(m2[0, 2]) / dt, float(m2[1, 2]) / dt, float(inl2.sum() / len(src)))
             out["layers"] = (l1, l2) if l1[2] >= l2[2] else (l2, l1)   # (far, near): far = larger area
     return out
 
 
-def camera_movement(frames, cfg=CFG, flows=None):
+def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
     """(label, confidence): one of the paper's 14 camera-movement classes (§3.2) from a global motion
     model fitted to optical flow. The label names the CAMERA's motion; content moves the other way.
       pan left/right   camera turns left/right (no parallax)   -> content slides right/left
@@ -573,14 +579,14 @@ def camera_movement(frames, cfg=CFG, flows=None):
       handheld shot    frame-to-frame wobble with no net drift;  static shot: no motion at all
     Horizontal translation with parallax in one direction (a truck) is labelled like a pan.
     Model: per sampled frame pair, RANSAC similarity (translation, zoom, roll) on textured flow vectors;
-    a second RANSAC on the outliers finds a parallax layer. Components are compared as px/frame at the
-    mean point radius; the largest consistent drift names the move, wobble without drift is handheld.
+    a second RANSAC on the outliers finds a parallax layer. Components are compared as px per 1/24 s at
+    the mean point radius; the largest consistent drift names the move, wobble without drift is handheld.
     Confidence: consistency of direction x margin over the runner-up x size of the move."""
-    flows = pair_flows(frames, cfg) if flows is None else flows
-    pm = [p for p in (_pair_motion(a, fl, step, cfg) for a, fl, step in flows) if p]
+    flows = pair_flows(frames, cfg, fps) if flows is None else flows
+    pm = [p for p in (_pair_motion(a, fl, dt, cfg) for a, fl, dt in flows) if p]
     if not pm:
         return "static shot", 0.0
-    # single layer: compare components as displacement at the mean point radius (px/frame)
+    # single layer: compare components as displacement at the mean point radius (px per 1/24 s)
     comp = np.array([[p["tx"], p["ty"], p["ds"] * p["radius"], p["rot"] * p["radius"]] for p in pm])
     drift, rms = np.abs(comp.mean(0)), np.sqrt((comp ** 2).mean(0))
     layered = [p["layers"] for p in pm if p["layers"]]
@@ -851,7 +857,7 @@ def quality_tags(rec, cfg=CFG):
         ["high quality" if rec["quality"] >= cfg.tier_quality[-1] else "fair quality"]
 
 
-def _analyse_shot(small, grey, s, e, cfg):
+def _analyse_shot(small, grey, s, e, fps, cfg):
     """Measurements of one shot from its first frames: small RGB (analysis_w wide) and grey frames at
     clarity_side. Chooses the clip: start at the sharpest early frame, 4n+1 frames long."""
     n = e - s
@@ -864,7 +870,7 @@ def _analyse_shot(small, grey, s, e, cfg):
     sample = [clip[i] for i in np.linspace(0, L - 1, min(L, 16)).round().astype(int)]
     box = letterbox(sample, cfg)
     crop = [f[box[1]:box[3], box[0]:box[2]] for f in clip]
-    flows = pair_flows(crop, cfg)
+    flows = pair_flows(crop, cfg, fps)
     cam, conf = camera_movement(crop, cfg, flows) if L > 1 else ("static shot", 0.0)
     return {"start": s + j, "end": s + j + L, "shot": (s, e), "box": box, "sample": sample,
             "mid": small[len(small) // 2], "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
@@ -915,11 +921,11 @@ def process_video(path, rel, out_dir, cfg=CFG):
         grey.append(cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), gsize, interpolation=cv2.INTER_AREA)
                     if i - s < cfg.sharp_search or (i - s) % 4 == 0 else None)
         if i == we - 1:
-            shot_data.append(_analyse_shot(small, grey, *shots[k], cfg))
+            shot_data.append(_analyse_shot(small, grey, *shots[k], fps, cfg))
             small, grey, k = [], [], k + 1
     cap.release()
     if small:                                        # the file ended early (truncated): use what was read
-        shot_data.append(_analyse_shot(small, grey, shots[k][0], shots[k][0] + len(small), cfg))
+        shot_data.append(_analyse_shot(small, grey, shots[k][0], shots[k][0] + len(small), fps, cfg))
 
     # decide each shot
     fx, fy = W / aw, H / ah
