@@ -390,7 +390,11 @@ def save_train_state(path, parts, ema, meta, rank):
                 tensors[f"{name}.optim.{p}.{k}"] = torch.as_tensor(v).reshape(1).contiguous() if k == "step" else v.contiguous()
         groups[name] = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
                         for g in osd.get("param_groups", [])]
-    ema_full = {k: full_tensor(v).detach().cpu() for k, v in ema.items()}
+    ema_full = {}
+    for k, v in ema.items():  # gathered one tensor at a time (a collective under FSDP); rank 0 alone keeps them
+        full = full_tensor(v).detach()
+        if rank == 0:
+            ema_full[k] = full.cpu()
     cuda_rng = []
     if torch.cuda.is_initialized():
         cuda_rng = [torch.cuda.get_rng_state()]
@@ -408,35 +412,44 @@ def save_train_state(path, parts, ema, meta, rank):
 
 
 def load_train_state(path, parts, ema, device):
-    """The inverse of save_train_state; returns meta. Every rank reads the file (shared storage under
-    torchrun) and keeps its own shards."""
+    """The inverse of save_train_state; returns meta. Under torchrun rank 0 alone reads the weights, the
+    optimizer states and the EMA, one part at a time, and sends every rank its shards (as the --init-dit
+    path does): a 13B checkpoint is ~205 GB, which every rank reading it whole would hold in CPU memory.
+    Each rank reads the header and its own RNG state (shared storage under torchrun)."""
     import torch.distributed as dist
     from safetensors import safe_open
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+    from torch.distributed.tensor import distribute_tensor
+    many = dist.is_initialized()
+    rank = dist.get_rank() if many else 0
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=many)
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["meta"])
-    t = load_file(path)
-    groups = meta.pop("param_groups")
-    for name, (model, opt) in parts.items():
-        msd = {k[len(name) + 7:]: v for k, v in t.items() if k.startswith(f"{name}.model.")}
-        state = {}
-        for k, v in t.items():
-            if k.startswith(f"{name}.optim."):
-                p, key = k[len(name) + 7:].rsplit(".", 1)
+        groups = meta.pop("param_groups")
+        keys = list(f.keys())
+
+        def read(prefix):  # {key without prefix: tensor} on rank 0, {} elsewhere
+            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)} if rank == 0 else {}
+
+        for name, (model, opt) in parts.items():
+            set_model_state_dict(model, read(f"{name}.model."), options=opts)
+            state = {}
+            for k, v in read(f"{name}.optim.").items():
+                p, key = k.rsplit(".", 1)
                 state.setdefault(p, {})[key] = v.reshape(()) if key == "step" else v
-        set_state_dict(model, opt, model_state_dict=msd, optim_state_dict={"state": state, "param_groups": groups[name]},
-                       options=StateDictOptions(full_state_dict=True))
-    for k, e in ema.items():
-        full = t[f"ema.{k}"].to(device)
-        if hasattr(e, "device_mesh"):  # FSDP: keep this rank's shard
-            from torch.distributed.tensor import distribute_tensor
-            full = distribute_tensor(full, e.device_mesh, e.placements)
-        e.copy_(full)
-    torch.set_rng_state(t["rng.torch"])
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if device.type == "cuda" and f"rng.cuda.{rank}" in t:  # absent: written on CPUs or by fewer ranks
-        torch.cuda.set_rng_state(t[f"rng.cuda.{rank}"], device)
+            set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups[name]} if rank == 0 else {},
+                                     options=opts)
+        for k, e in ema.items():
+            full = f.get_tensor(f"ema.{k}").to(device) if rank == 0 else torch.empty(e.shape, dtype=e.dtype, device=device)
+            if hasattr(e, "device_mesh"):  # FSDP: rank 0's tensor, scattered; this rank keeps its shard
+                full = distribute_tensor(full, e.device_mesh, e.placements, src_data_rank=0)
+            elif many:
+                dist.broadcast(full, 0)
+            e.copy_(full)
+        torch.set_rng_state(f.get_tensor("rng.torch"))
+        if device.type == "cuda" and f"rng.cuda.{rank}" in keys:  # absent: written on CPUs or by fewer ranks
+            torch.cuda.set_rng_state(f.get_tensor(f"rng.cuda.{rank}"), device)
     return meta
 
 
@@ -688,8 +701,13 @@ def load_latent(folder, it, g, scale, sample=True):
 
 
 def export_dit(model, ema, path, rank):
-    """The EMA weights as an official-layout safetensors file with the config (what sample.py loads)."""
-    full = {k: full_tensor(v).detach().float().cpu() for k, v in ema.items()}
+    """The EMA weights as an official-layout safetensors file with the config (what sample.py loads).
+    Collective under FSDP: every rank gathers each tensor in turn, rank 0 alone keeps and writes them."""
+    full = {}
+    for k, v in ema.items():
+        t = full_tensor(v).detach()
+        if rank == 0:
+            full[k] = t.float().cpu()
     if rank == 0:
         with torch.device("meta"):
             m = dit.HunyuanVideoDiT(model.cfg)

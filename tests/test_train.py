@@ -250,10 +250,14 @@ def losses(out):
         return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
 
 
-def test_fsdp_two_ranks_match_one_process(data, tmp_path):
+def test_fsdp_two_ranks_stopped_and_resumed_match_one_process(data, tmp_path):
+    """Two FSDP ranks (gloo) reproduce one process with their global batch, also across a stop and a
+    --resume, where rank 0 alone reads the checkpoint and sends each rank its shards."""
     one = run_train(data, str(tmp_path / "one"), "--batch", "4", "--ckpt-every", "100")
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_train(data, str(tmp_path / "two"), "--batch", "2", "--ckpt-every", "100", torchrun=True)
+    cut = run_train(data, str(tmp_path / "two"), "--batch", "2", "--ckpt-every", "2", "--nan-at", "5", torchrun=True)
+    assert cut.returncode != 0 and "the loss is nan at step 5" in cut.stderr, cut.stderr[-3000:]
+    two = run_train(data, str(tmp_path / "two"), "--batch", "2", "--ckpt-every", "2", "--resume", torchrun=True)
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
     assert len(a) == len(b) == 6  # 3 image steps, 3 video steps
