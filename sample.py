@@ -117,12 +117,21 @@ def load_ckpt_config(ckpt):
     return conf
 
 
-def load_ckpt_encoder(ckpt, device):
-    """The small frozen text encoder of a train.py folder -> (PromptEncoder, default video size)."""
+def load_ckpt_encoder(ckpt, device, offload=False):
+    """The text encoder of a train.py folder -> (PromptEncoder, default video size): the official encoders
+    where the run used them (config names their folders), else its small frozen one (stored in the folder)."""
     import text_encoder as te
     from safetensors.torch import load_file
     conf = load_ckpt_config(ckpt)
     t = conf["text"]
+    if "llm_dir" in t:
+        for d in (t["llm_dir"], t["clip_dir"]):
+            if not os.path.isdir(d):
+                raise SystemExit(f"{ckpt}/config.json names the text encoder folder {d}, which is not there; "
+                                 f"pass --dit/--vae/--llm/--clip instead of --ckpt")
+        enc = te.PromptEncoder.from_pretrained(t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device,
+                                               offload="model" if offload else None, text_len=t["text_len"])
+        return enc, conf["video"]
     llm, clip = te.LlamaEncoder(te.LlamaConfig(**t["llm"])), te.CLIPTextEncoder(te.CLIPTextConfig(**t["clip"]))
     sd = load_file(os.path.join(ckpt, "text_encoder.safetensors"))
     llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
@@ -240,7 +249,7 @@ def run(args, prompts):
                                                              offload="model" if args.offload else None)
         defaults = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
     else:
-        encoder, defaults = load_ckpt_encoder(args.ckpt, device)
+        encoder, defaults = load_ckpt_encoder(args.ckpt, device, args.offload)
     H, W, T = (getattr(args, k) or defaults[k] for k in ("height", "width", "frames"))
     fps = args.fps or defaults.get("fps", 24)  # a train.py folder: the rate its training clips play at
     cond = encoder(prompts, T)

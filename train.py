@@ -519,14 +519,14 @@ def plot_losses(metrics_path, png_path, key="loss"):
 # ----------------------------------------------------------------------------------------------------------
 # Stage "vae": the causal 3D VAE from scratch (paper §4.1)
 
-def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print):
+def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print, lpips=None):
     """Trains vae_config(cfg) on random crops of size cfg.vae_size from the clips (read at the DiT's
-    video size and frame stride) plus stills (cfg.vae_image_ratio of the steps; the paper mixes 4:1): L1 + 1e-6 KL,
-    + LPIPS with local weights, + GAN after its start step. With cfg.vae_motion_steps > 0 the last that many
-    steps are clips only and train only the time taps of the 3D convs: each such conv's sum over its taps
-    (all a still or a static scene sees) is put back after every step, so only the taps' differences, which
-    only motion sees, learn. The clips are read once into memory: this stage is for small data (the demo,
-    ablations); at scale, fine-tune the released VAE instead."""
+    video size and frame stride) plus stills (cfg.vae_image_ratio of the steps; the paper mixes 4:1): L1 +
+    1e-6 KL, + LPIPS where `lpips` names its local weight files (--lpips), + GAN after its start step. With
+    cfg.vae_motion_steps > 0 the last that many steps are clips only and train only the time taps of the 3D
+    convs: each such conv's sum over its taps (all a still or a static scene sees) is put back after every
+    step, so only the taps' differences, which only motion sees, learn. The clips are read once into memory:
+    this stage is for small data (the demo, ablations); at scale, fine-tune the released VAE instead."""
     h, w, T = cfg.vae_size
     video = [b for s in cfg.stages for b in s.buckets]
     H, W = (video[-1][0], video[-1][1]) if video else (h, w)
@@ -559,8 +559,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     if device.type == "cpu":  # oneDNN's 3D convolutions run ~30% faster on channels-last tensors
         model.to(memory_format=torch.channels_last_3d)
     gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
-    lossf = vae_lib.VAELoss(gan_start=gan_start, w_mse=cfg.vae_mse, w_chroma=cfg.vae_chroma,
-                            w_latent_rgb=cfg.vae_latent_rgb).to(device)
+    lossf = vae_lib.VAELoss(perceptual_weights=lpips, gan_start=gan_start, w_mse=cfg.vae_mse,
+                            w_chroma=cfg.vae_chroma, w_latent_rgb=cfg.vae_latent_rgb).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
@@ -942,7 +942,7 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
             vae_lib.VAEConfig(**json.load(open(side))) if os.path.isfile(side) else vae_config(cfg)
         vae = vae_lib.load_vae(args.vae, cfg=vcfg, device=device)
     elif cfg.vae_steps > 0:
-        vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log)
+        vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log, lpips=args.lpips)
         # A VAE of our own gets its own scaling factor, 1/std of its latents (the released 0.476986 was found
         # the same way for the released VAE), so the DiT's data has unit variance like its noise.
         with torch.no_grad():
@@ -1100,6 +1100,8 @@ def main():
     ap.add_argument("--llm", help="official text_encoder folder (with --clip); default: the small frozen one")
     ap.add_argument("--clip", help="official text_encoder_2 folder")
     ap.add_argument("--init-dit", help="start the DiT from these weights (e.g. the official .pt)")
+    ap.add_argument("--lpips", nargs="+", metavar="PATH", help="the VAE stage's LPIPS weights (paper §4.1: 0.1 LPIPS): "
+                    "local torchvision VGG16 and LPIPS v0.1 'lin' state dicts (.pth); without them no LPIPS term")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--quick", action="store_true", help="the demo with a few steps per stage (CI smoke test)")
     ap.add_argument("--steps", type=int, help="override every stage's step count")
@@ -1112,6 +1114,9 @@ def main():
     args = ap.parse_args()
     if args.stage == "dit" and not args.vae and args.preset:
         sys.exit("error: --stage dit needs a trained VAE: pass --vae")
+    for p in args.lpips or ():
+        if not os.path.isfile(p):
+            sys.exit(f"error: --lpips {p}: no such file (the VGG16 and LPIPS v0.1 weights, downloaded beforehand)")
     rank, world, device = setup_distributed()
     if args.preset is None and args.data is None:
         demo(args, rank, world, device)
@@ -1149,15 +1154,8 @@ def main():
     times, _ = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
     if rank == 0:
         print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
-        if args.stage != "vae":
-            if args.llm:  # sample.py --ckpt loads the small encoder only: name the official files, and the
-                video = json.load(open(os.path.join(out, "config.json")))["video"]  # folder's defaults as flags
-                flags = "".join(f" --{k.replace('_', '-')} {v}" for k, v in
-                                [*cfg.sampling.items(), *video.items()] if v is not None and k != "fps")
-                print(f"next: python sample.py --dit {out}/dit.safetensors --vae {args.vae} --llm {args.llm} "
-                      f"--clip {args.clip}{flags} --prompt \"...\"")
-            else:
-                print(f"next: python sample.py --ckpt {out} --prompt \"...\"")
+        if args.stage != "vae":  # the folder names its text encoders: ours (inside it) or the official folders
+            print(f"next: python sample.py --ckpt {out} --prompt \"...\"")
 
 
 if __name__ == "__main__":

@@ -184,6 +184,30 @@ def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
                                      "error: --height 40: must be a positive multiple of 16; nearest valid: 48"]
 
 
+def test_ckpt_folder_trained_with_the_official_encoders(ckpt, tmp_path, monkeypatch):
+    """A train.py run with --llm/--clip names the encoder folders in config.json: --ckpt loads them (fp16, the
+    run's text_len), and says in one line when a folder has gone."""
+    import json
+    import shutil
+    folder = str(tmp_path / "run")
+    shutil.copytree(ckpt, folder)
+    conf = json.load(open(os.path.join(folder, "config.json")))
+    llm_dir, clip_dir = str(tmp_path / "llm"), str(tmp_path / "clip")
+    os.makedirs(llm_dir)
+    os.makedirs(clip_dir)
+    conf["text"] = {"llm_dir": llm_dir, "clip_dir": clip_dir, "text_len": 16}
+    train.write_json(os.path.join(folder, "config.json"), conf)
+    seen = {}
+    monkeypatch.setattr(text_encoder.PromptEncoder, "from_pretrained",
+                        classmethod(lambda cls, llm, clip, **kw: seen.update(llm=llm, clip=clip, **kw) or "enc"))
+    enc, video = sample.load_ckpt_encoder(folder, "cpu")
+    assert enc == "enc" and video == conf["video"]
+    assert seen == dict(llm=llm_dir, clip=clip_dir, dtype=torch.float16, device="cpu", offload=None, text_len=16)
+    os.rmdir(clip_dir)
+    with pytest.raises(SystemExit, match="names the text encoder folder .*clip, which is not there"):
+        sample.load_ckpt_encoder(folder, "cpu")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Sequence parallel: two gloo processes give the single-process latents (DiT in float64)
 

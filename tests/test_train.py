@@ -400,3 +400,25 @@ def test_vae_motion_phase_leaves_stills_unchanged(data, tmp_path, monkeypatch):
                                        rtol=0, atol=1e-4)
         moving = train.to_unit(train.read_clip(clips[0]["path"], (64, 112), 0, 9, 4))[None]
         assert (model.decode(model.encode(moving)[0]) - first.decode(first.encode(moving)[0])).abs().max() > 1e-3
+
+
+def test_vae_stage_takes_lpips_weights(data, tmp_path, monkeypatch):
+    """--lpips reaches the VAE stage's loss (paper §4.1: L1 + 0.1 LPIPS + ...); a missing file is a one-line
+    error before anything runs."""
+    from dataclasses import replace
+    seen, real = [], vae_lib.VAELoss
+
+    def spy(*args, **kw):
+        seen.append(kw.get("perceptual_weights"))
+        return real(*args, **dict(kw, perceptual_weights=None))  # no real VGG weights here
+
+    monkeypatch.setattr(vae_lib, "VAELoss", spy)
+    cfg = replace(train.PRESETS["demo"], vae_steps=1, vae_motion_steps=0, ckpt_every=1, warmup=1, vae_frame_stride=4)
+    clips, images = train.load_items(data)
+    train.train_vae(cfg, clips, images, str(tmp_path), torch.device("cpu"), log=lambda r: None,
+                    lpips=["vgg16.pth", "lpips_vgg.pth"])
+    assert seen == [["vgg16.pth", "lpips_vgg.pth"]]
+    missing = str(tmp_path / "none.pth")
+    r = run_train(data, str(tmp_path / "out"), "--lpips", missing)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith(f"error: --lpips {missing}: no such file")
