@@ -332,6 +332,31 @@ def test_letterbox_and_overlay():
     assert not C.static_overlay(list(camera_clip(rng, "pan right", n=12))).any()   # no logo, no overlay
 
 
+@pytest.mark.parametrize("seed", [1, 7])
+def test_static_overlay_ignores_the_backdrop_behind_a_moving_subject(seed):
+    """Before a still camera the backdrop stays as fixed as a logo; with a big subject moving over it (the
+    demo's) its textured patches used to come out as uncroppable overlays (these two seeds did)."""
+    rng = np.random.default_rng(seed)
+    f = C.render_shot(rng, 456, 256, 65, "square", "red", "up", size=0.2)
+    sample = [C.resize_w(f[i], 256) for i in np.linspace(0, 64, 16).round().astype(int)]
+    assert not C.static_overlay(sample).any()
+
+
+def test_uncroppable_watermark_rejects_the_clip(tmp_path):
+    """Paper §3.1: watermarks and logos are removed. One in the middle of the picture cannot be cropped
+    off, so the clip goes (it used to be kept, flagged, and put in the 256p and 360p tiers)."""
+    rng = np.random.default_rng(11)
+    mark = np.full((30, 100, 3), 230, np.uint8)
+    cv2.putText(mark, "MARK", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (20, 20, 20), 2)
+    shots = [camera_clip(rng, cam, w=320, h=180, n=40).copy() for cam in ("pan right", "tilt up")]
+    for s in shots:
+        s[:, 75:105, 110:210] = mark
+    write_mp4(tmp_path / "wm.mp4", np.concatenate(shots))
+    res = C.process_video(str(tmp_path / "wm.mp4"), "wm.mp4", str(tmp_path / "out"))
+    assert not res["clips"] and not res["images"]
+    assert len(res["rejected"]) == 2 and all("overlay" in r["reason"] for r in res["rejected"]), res["rejected"]
+
+
 def test_embedding_matches_rescaled_copies_not_other_shots():
     rng = np.random.default_rng(10)
     a, b = camera_clip(rng, "pan left"), camera_clip(rng, "pan left")
