@@ -206,6 +206,32 @@ def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
     assert C.detect_shots(str(tmp_path / "p.mp4")) == [(0, 30), (30, 70)]
 
 
+def test_detect_shots_cuts_a_fade_through_black(tmp_path):
+    """Fade out over 12 frames to black, fade in over 12: no frame changes much, but it is a transition
+    (PySceneDetect's threshold detector cuts it at the black frame; we used to find no cut at all)."""
+    rng = np.random.default_rng(15)
+    a, b = camera_clip(rng, "pan right", w=160, h=90, n=60), camera_clip(rng, "pan left", w=160, h=90, n=60)
+    ramp = (np.arange(1, 13) / 12)[:, None, None, None]
+    frames = np.concatenate([a[:48], (a[48:] * ramp[::-1]).astype(np.uint8),    # 48..59: down to black
+                             (b[:12] * ramp).astype(np.uint8), b[12:]])          # 60..71: up from black
+    write_mp4(tmp_path / "f.mp4", frames)
+    (s0, e0), (s1, e1) = C.detect_shots(str(tmp_path / "f.mp4"))
+    assert s0 == 0 and e0 == s1 and 57 <= s1 <= 62 and e1 == 120
+
+
+@pytest.mark.parametrize("jump", [30, 60])
+def test_detect_shots_finds_a_jump_cut_inside_a_pan(tmp_path, jump):
+    """A slow pan (1 px/frame) whose view jumps `jump` px at frame 50 (a piece edited out): the jump is a
+    global shift, but 30-60x the pan's own, so it is a cut (it used to be 'explained' as pan motion)."""
+    pic = picture(np.random.default_rng(16), 540, 960)
+    frames = []
+    for t in range(100):
+        m = np.float32([[1, 0, 160 - 480 - t - (jump if t >= 50 else 0)], [0, 1, 90 - 270]])
+        frames.append(cv2.warpAffine(pic, m, (320, 180), flags=cv2.INTER_LINEAR))
+    write_mp4(tmp_path / "j.mp4", frames)
+    assert C.detect_shots(str(tmp_path / "j.mp4")) == [(0, 50), (50, 100)]
+
+
 @pytest.mark.parametrize("cam", ["pan left", "pan right", "tilt up", "tilt down", "zoom in", "zoom out",
                                  "tilt left", "tilt right", "static shot", "handheld shot"])
 def test_camera_movement_labels(cam):
