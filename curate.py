@@ -1032,6 +1032,9 @@ def process_video(path, rel, out_dir, cfg=CFG):
         img = {**{k_: rec[k_] for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
                "image": f"{rec['clip']}_img", "clip": rec["clip"], "frame": sd["best"],
                "clarity": round(clarity(bg), 2)}
+        if cap_ is not None:   # a still has no camera movement; its quality tags come from its own scores
+            img["caption"] = {**{k_: v for k_, v in cap_.items() if k_ != "camera_movement"},
+                              "quality_tags": quality_tags(img, cfg)}
         if (img["clarity"] >= cfg.min_clarity and img["quality"] >= cfg.min_quality and not img["overlay"]
                 and min(img["width"], img["height"]) >= 16):
             img["path"] = f"images/{vid}/{img['image']}.jpg"

@@ -473,6 +473,20 @@ def test_tier_manifests_are_what_train_reads(reference):
     assert C._read_jsonl(os.path.join(out, f"manifest_{C.CFG.tier_names[0]}.jsonl"))
 
 
+def test_still_captions_have_no_camera_movement(reference):
+    """A still has no camera move: the shot's camera_movement field stays with the clip (stills used to
+    carry it into the image sets); quality tags are the still's own."""
+    out, _ = reference
+    clips = {r["clip"]: r for r in C._read_jsonl(os.path.join(out, "manifest.jsonl"))}
+    images = [r for r in C._read_jsonl(os.path.join(out, "images.jsonl")) if r["caption"]]
+    assert images and any("camera_movement" in c["caption"] for c in clips.values())
+    for r in images:
+        assert "camera_movement" not in r["caption"]
+        assert r["caption"]["quality_tags"][1] == ("sharp" if r["clarity"] >= C.CFG.tier_clarity[-1] else "soft")
+        if r["clip"] in clips:
+            assert r["caption"]["short_description"] == clips[r["clip"]]["caption"]["short_description"]
+
+
 def test_tier_files_nested(reference):
     out, _ = reference
     sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"manifest_{n}.jsonl"))} for n in C.CFG.tier_names]
