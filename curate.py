@@ -668,14 +668,22 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
 
 def letterbox(frames, cfg=CFG):
     """(x0, y0, x1, y1) content box inside black letterbox/pillarbox bars: rows and columns at the edges
-    that stay darker than border_luma in every sampled frame are cut off."""
-    g = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).max(0)   # brightest over time
-    h, w = g.shape
-    rows, cols = g.max(1) > cfg.border_luma, g.max(0) > cfg.border_luma
-    if not rows.any() or not cols.any():
-        return 0, 0, w, h                      # an all-black clip: nothing to crop, other filters reject it
-    y0, y1 = int(np.argmax(rows)), int(h - np.argmax(rows[::-1]))
-    x0, x1 = int(np.argmax(cols)), int(w - np.argmax(cols[::-1]))
+    that stay darker than border_luma in every sampled frame are cut off, as far as they are black: at
+    the median <= 2 (video black decodes to 0-2) and nearly uniform in space and time (std < 2). Dark
+    picture is not: a noisy night sky at luma 4-14 was cropped as a bar when brightness alone decided."""
+    g = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
+    h, w = g.shape[1:]
+    bars = []
+    for ax in ((0, 2), (0, 1)):                                  # rows, then columns
+        bright = g.max(ax) > cfg.border_luma
+        black = (np.median(g, ax) <= 2) & (g.std(ax) < 2)
+        if not bright.any():
+            return 0, 0, w, h                  # an all-black clip: nothing to crop, other filters reject it
+        for br, bl in ((bright, black), (bright[::-1], black[::-1])):   # from the start, from the end
+            dim = int(np.argmax(br))                             # rows before the first bright one
+            k = len(bl) if bl.all() else int(np.argmin(bl))      # rows before the first non-black one
+            bars.append(dim if k >= dim - 1 else k)  # (the bar's last row may be its edge, blurred grey)
+    (y0, y1), (x0, x1) = (bars[0], h - bars[1]), (bars[2], w - bars[3])
     # one more row/column inside a detected bar: the bar's edge is blurred by scaling and compression
     return x0 + (x0 > 0), y0 + (y0 > 0), x1 - (x1 < w), y1 - (y1 < h)
 

@@ -383,6 +383,18 @@ def test_uncroppable_watermark_rejects_the_clip(tmp_path):
     assert len(res["rejected"]) == 2 and all("overlay" in r["reason"] for r in res["rejected"]), res["rejected"]
 
 
+def test_letterbox_keeps_dark_picture():
+    """A noisy night sky (luma 4-14) in the top 42% of the frame is picture, not a bar (it was cropped:
+    every row stays under border_luma); under a real black bar only the bar goes."""
+    rng = np.random.default_rng(17)
+    f = camera_clip(rng, "pan right", w=256, h=144, n=16).astype(np.float32)
+    f[:, :60] = 4 + 10 * np.linspace(0, 1, 60)[None, :, None, None] + rng.normal(0, 1.0, (16, 60, 256, 3))
+    f = np.clip(f, 0, 255).astype(np.uint8)
+    assert C.letterbox(list(f)) == (0, 0, 256, 144)
+    barred = np.pad(f, ((0, 0), (18, 18), (0, 0), (0, 0)))
+    assert C.letterbox(list(barred)) == (0, 19, 256, 161)
+
+
 def test_embedding_matches_rescaled_copies_not_other_shots():
     rng = np.random.default_rng(10)
     a, b = camera_clip(rng, "pan left"), camera_clip(rng, "pan left")
