@@ -326,7 +326,7 @@ def resize_w(frame, w):
     return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
 
 # -----------------------------------------------------------------------------
-# shot detection (paper §3.1 uses PySceneDetect; this is our own, faster and tuned for hard cuts)
+# shot detection (paper §3.1 uses PySceneDetect; this is our own, faster: hard cuts, jump cuts, fades)
 
 def frame_change(a, b, shift, cfg=CFG):
     """Mean |BGR diff| of two uint8 thumbnails, or the diff after undoing the global (sub-pixel) shift
@@ -793,8 +793,9 @@ def deduplicate(recs, cfg=CFG):
     short side, then clarity, then quality, so of a group of copies the original is kept, not whichever copy
     was read first (a 456x256 re-upload was kept over its 1280x720 source). Clips and stills alike.
     Returns (kept records in their input order, [(dropped record, id of the kept one it duplicates)])."""
+    name = lambda r: r.get("image") or r["clip"]
     key = lambda i: (-min(recs[i]["width"], recs[i]["height"]), -recs[i]["clarity"], -recs[i]["quality"],
-                     recs[i].get("clip") or recs[i]["image"])
+                     name(recs[i]))
     kept, dropped = [], []
     e_kept = np.empty((len(recs), len(recs[0]["embedding"]) if recs else 0))
     for i in sorted(range(len(recs)), key=key):
@@ -802,7 +803,7 @@ def deduplicate(recs, cfg=CFG):
         d = 1 - e_kept[:len(kept)] @ e
         j = int(np.argmin(d)) if len(kept) else -1
         if j >= 0 and d[j] < cfg.dedup_max_dist:
-            dropped.append((recs[i], recs[kept[j]].get("clip") or recs[kept[j]]["image"]))
+            dropped.append((recs[i], name(recs[kept[j]])))
             continue
         e_kept[len(kept)] = e
         kept.append(i)

@@ -562,13 +562,15 @@ def test_duplicate_copy_is_rejected(tmp_path):
 
 def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     """A 256x144 re-upload read first must not win over its 512x288 source: of a group of duplicates the
-    clip with the largest short side is kept (it used to be whichever came first); stills are
-    de-duplicated the same way (they used to be kept from every copy)."""
+    clip with the largest short side is kept (it used to be whichever came first); stills go with their
+    duplicate clip, or, where the clip was rejected anyway (the still third shot), are de-duplicated by
+    their own look (they used to be kept from every copy)."""
     d = tmp_path / "raw"
     d.mkdir()
     rng = np.random.default_rng(12)
     src = np.concatenate([camera_clip(rng, "tilt right", w=512, h=288, n=40),
-                          camera_clip(rng, "zoom in", w=512, h=288, n=40)])
+                          camera_clip(rng, "zoom in", w=512, h=288, n=40),
+                          camera_clip(rng, "static shot", w=512, h=288, n=40)])
     write_mp4(d / "a_copy.mp4", [cv2.resize(f, (256, 144), interpolation=cv2.INTER_AREA) for f in src])
     write_mp4(d / "b_source.mp4", src)
     out = tmp_path / "out"
@@ -578,7 +580,7 @@ def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     img = C._read_jsonl(str(out / "images.jsonl"))
     assert len(man) == 2 and all(r["video"] == "b_source.mp4" for r in man), [r["clip"] for r in man]
     assert sum("duplicate of b_source" in r["reason"] for r in rej if r["path"] == "a_copy.mp4") == 2, rej
-    assert len(img) == 2 and all(r["video"] == "b_source.mp4" for r in img), [r["image"] for r in img]
+    assert len(img) == 3 and all(r["video"] == "b_source.mp4" for r in img), [r["image"] for r in img]
     assert all("a_copy" not in r["image"] for r in C._read_jsonl(str(out / "images_256p.jsonl")))
     kept = {r["path"] for r in man + img}
     on_disk = {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out / "clips") for f in fs} | \
