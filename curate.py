@@ -1179,10 +1179,13 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
     """Curate every file under inp into out. Resumable: out/done.jsonl lists finished inputs; on start,
     records of unfinished inputs (a kill mid-video) are dropped and their files redone, so a kill at any
     moment loses at most the videos in progress and never duplicates a line."""
+    P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
+    if any("embedding" not in r for r in _read_jsonl(P["images"])):   # finalize() deduplicates stills by it
+        sys.exit(f"curate.py: error: {out} was written by an older curate.py (stills without embeddings); "
+                 "curate into a new --output folder")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:   # the thresholds this output was made with
         json.dump(asdict(cfg), f, indent=1)
-    P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
     done = {r["path"] for r in _read_jsonl(P["done"])}
     for k in ("done", "manifest", "rejected", "images"):   # drop torn lines and records of unfinished inputs
         recs = _read_jsonl(P[k])

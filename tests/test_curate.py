@@ -588,6 +588,14 @@ def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     assert on_disk == kept           # the dropped copies' files are deleted
 
 
+def test_output_of_an_older_version_stops_with_one_line(raw, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "images.jsonl").write_text(json.dumps({"video": "x.mp4", "image": "x_000_img"}) + "\n")
+    with pytest.raises(SystemExit, match="older curate.py"):
+        C.run(str(raw), str(out), workers=1)
+
+
 def test_killed_run_resumes_to_the_same_manifest(raw, reference, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, CURATE, "--input", str(raw), "--output", str(out), "--workers", "2"]
