@@ -1180,9 +1180,6 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
     records of unfinished inputs (a kill mid-video) are dropped and their files redone, so a kill at any
     moment loses at most the videos in progress and never duplicates a line."""
     P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
-    if any("embedding" not in r for r in _read_jsonl(P["images"])):   # finalize() deduplicates stills by it
-        sys.exit(f"curate.py: error: {out} was written by an older curate.py (stills without embeddings); "
-                 "curate into a new --output folder")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:   # the thresholds this output was made with
         json.dump(asdict(cfg), f, indent=1)
@@ -1234,9 +1231,11 @@ def finalize(out, labels=None, cfg=CFG):
     images = _read_jsonl(os.path.join(out, "images.jsonl"))
     manifest, dup_clips = deduplicate(manifest, cfg)
     gone = {r["clip"]: keep for r, keep in dup_clips}          # a duplicate clip's still goes with it...
-    dup_images = [(r, gone[r["clip"]]) for r in images if r["clip"] in gone]
-    images, dup = deduplicate([r for r in images if r["clip"] not in gone], cfg)   # ...the others by look
-    dup_images += dup
+    dup_images = [(r, gone[r["clip"]]) for r in images if r.get("clip") in gone]
+    # ...the others by look (stills an older curate.py wrote have no embedding: kept as they are)
+    dup_images += deduplicate([r for r in images if r.get("clip") not in gone and "embedding" in r], cfg)[1]
+    drop = {id(r) for r, _ in dup_images}
+    images = [r for r in images if id(r) not in drop]
     if dup_clips or dup_images:   # log, delete files, then drop the records: a kill between steps redoes them
         logged = {r.get("clip") for r in _read_jsonl(os.path.join(out, "rejected.jsonl"))}
         with open(os.path.join(out, "rejected.jsonl"), "a") as f:

@@ -588,12 +588,17 @@ def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     assert on_disk == kept           # the dropped copies' files are deleted
 
 
-def test_output_of_an_older_version_stops_with_one_line(raw, tmp_path):
+def test_finalize_keeps_stills_an_older_version_wrote(reference, tmp_path):
+    """Stills from before still embeddings (no "clip", no "embedding"): kept, not a KeyError at the end
+    of a resumed run (train.py's demo resumes its curated folder)."""
     out = tmp_path / "old"
     out.mkdir()
-    (out / "images.jsonl").write_text(json.dumps({"video": "x.mp4", "image": "x_000_img"}) + "\n")
-    with pytest.raises(SystemExit, match="older curate.py"):
-        C.run(str(raw), str(out), workers=1)
+    old = {"video": "x.mp4", "image": "x_000_img", "path": "images/x/x_000_img.jpg", "width": 64, "height": 64,
+           "clarity": 50.0, "quality": 0.5, "overlay": False, "caption": None}
+    new = C._read_jsonl(os.path.join(reference[0], "images.jsonl"))
+    (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [old] + new))
+    C.finalize(str(out))
+    assert C._read_jsonl(str(out / "images.jsonl"))[0] == old
 
 
 def test_killed_run_resumes_to_the_same_manifest(raw, reference, tmp_path):
