@@ -217,6 +217,29 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 #undef WGMMA_RS
 }
 
+// The two shapes of product the wgmma kernels run, over tiles stored by load_tile_sw128 (rows of D columns,
+// split into 64-column halves of `rows` x 128 B each):
+// d = A B^T, contracting the head dim: A = 64 rows at a (of an A_ROWS-row tile), B = N rows at b (of a
+// B_ROWS-row tile), both K-major; D / 16 k-steps, 32 B apart along a 128-byte row, then the next half.
+// Issued, not committed.
+template <typename T, int N, int D, int A_ROWS, int B_ROWS>
+__device__ __forceinline__ void wgmma_dot_rows(float (&d)[N / 8][4], uint32_t a, uint32_t b) {
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        const uint32_t col = (ks % 4) * 32;  // leading offset: unused by swizzled K-major operands
+        wgmma_ss<T, N>(d, sw128_desc(a + (ks / 4) * A_ROWS * 128 + col, 16, 1024),
+                       sw128_desc(b + (ks / 4) * B_ROWS * 128 + col, 16, 1024), ks > 0);
+    }
+}
+// d += A X, contracting a tile's rows: A from registers (a[kk] covers rows 16 kk..16 kk + 15), X = the
+// ROWS x D tile at x as an MN-major operand: k-step kk starts 16 rows (2,048 B) in, and the tile's two
+// 64-column halves are ROWS x 128 B apart. Issued, not committed.
+template <typename T, int D, int ROWS>
+__device__ __forceinline__ void wgmma_acc_rows(float (&d)[D / 8][4], const uint32_t (&a)[ROWS / 16][4], uint32_t x) {
+#pragma unroll
+    for (int kk = 0; kk < ROWS / 16; ++kk) wgmma_rs<T, D>(d, a[kk], sw128_desc(x + kk * 16 * 128, ROWS * 128, 1024));
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Tiles
 
@@ -251,6 +274,65 @@ __device__ __forceinline__ const T* frag_a(const T* tile, int stride, int r0, in
 template <typename T>
 __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, int k0, int lane) {
     return tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + k0 + ((lane >> 3) & 1) * 8;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Shared by the kernels below
+
+// One (b, h) slice of the backward's inputs: Q, K, V, dO rows (stride_l apart) and lse, delta (one per row).
+template <typename T>
+struct BwdSlice {
+    const T *q, *k, *v, *dout;
+    const float *lse, *delta;
+};
+template <typename T>
+__device__ __forceinline__ BwdSlice<T> bwd_slice(const AttnParams& p, int b, int h) {
+    const long long rows = (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    return {static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h,
+            static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h,
+            static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h,
+            static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h,
+            p.lse + rows, p.delta + rows};
+}
+
+// A dK/dV block of padded keys only (its first key n0 >= kv_len): their gradients are zero, written here.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void zero_key_rows(const AttnParams& p, T* dk, T* dv, int n0, int rows) {
+    for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
+        const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
+        *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// scale * acc to rows row_g and row_g + 8 of a [.][stride_l] output (C-fragment rows of this thread; its
+// columns nd * 8 + 2t, + 1); rows at or past n are not stored.
+template <typename T, int ND>
+__device__ __forceinline__ void store_scaled(const float (&acc)[ND][4], T* out, long long stride_l, int row_g, int n,
+                                             int t, float scale) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = row_g + 8 * r;
+        if (row >= n) continue;
+        T* o = out + row * stride_l + 2 * t;
+#pragma unroll
+        for (int nd = 0; nd < ND; ++nd)
+            *reinterpret_cast<uint32_t*>(o + nd * 8) = pack2<T>(acc[nd][2 * r] * scale, acc[nd][2 * r + 1] * scale);
+    }
+}
+
+// C fragments of 8-column blocks (NB of them) -> A fragments of NB / 2 16-wide k-steps: blocks 2kk and
+// 2kk + 1 are k-step kk (the identity in the header comment). For the wgmma kernels, which pack a whole
+// tile before issuing its products.
+template <typename T, int NB>
+__device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB / 2][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NB / 2; ++kk) {
+        a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -541,16 +623,10 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
         }
         const uint32_t k_addr = smem_u32(sK + buf * KV_BYTES), v_addr = smem_u32(sV + buf * KV_BYTES);
 
-        // S = Q K^T: 64 rows x 128 keys per warpgroup. k-step ks covers columns 16 ks..16 ks + 15 of Q and K:
-        // half ks / 4, 32 B per step along the 128-byte row.
+        // S = Q K^T: 64 rows x 128 keys per warpgroup.
         float s[WG_BN / 8][4];
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t col = (ks % 4) * 32;  // leading offset: unused by swizzled K-major operands
-            wgmma_ss<T, WG_BN>(s, sw128_desc(q_addr + (ks / 4) * WG_BM * 128 + col, 16, 1024),
-                             sw128_desc(k_addr + (ks / 4) * WG_BN * 128 + col, 16, 1024), ks > 0);
-        }
+        wgmma_dot_rows<T, WG_BN, D, WG_BM, WG_BN>(s, q_addr, k_addr);
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(s);
@@ -558,19 +634,11 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
         if ((j + 1) * WG_BN > kv_len) mask_keys(s, j * WG_BN, kv_len, t);
         softmax_step(s, o, m_row, l_row, scale_log2);
 
-        // O += P V: k-step kk takes keys 16 kk..16 kk + 15, i.e. 2 groups of 8 rows of V, 2,048 B in.
+        // O += P V, V as an MN-major operand.
         uint32_t pa[WG_BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < WG_BN / 16; ++kk) {
-            pa[kk][0] = pack2<T>(s[2 * kk][0], s[2 * kk][1]);
-            pa[kk][1] = pack2<T>(s[2 * kk][2], s[2 * kk][3]);
-            pa[kk][2] = pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-        }
+        pack_a<T>(s, pa);
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WG_BN / 16; ++kk)
-            wgmma_rs<T, D>(o, pa[kk], sw128_desc(v_addr + kk * 16 * 128, WG_BN * 128, 1024));
+        wgmma_acc_rows<T, D, WG_BN>(o, pa, v_addr);
         wgmma_commit();
         wgmma_wait_all();
         fence_regs(o);
@@ -632,21 +700,13 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams 
     T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
 
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
-        const int rows = min(BWD_BN, p.len_k - n0);
-        for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
-            const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
-            *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
-            *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
-        }
+        zero_key_rows<T, D, NT>(p, dk, dv, n0, min(BWD_BN, p.len_k - n0));
         return;
     }
 
-    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
-    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
-    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
-    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+    const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
+    const float *lse = in.lse, *delta = in.delta;
 
     // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
     auto load_queries = [&](int tile, int buf) {
@@ -739,18 +799,8 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams 
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = n0 + kw + g + 8 * r;
-        if (row >= p.len_k) continue;
-        T* dkr = dk + row * p.dk.stride_l + 2 * t;
-        T* dvr = dv + row * p.dv.stride_l + 2 * t;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) {
-            *reinterpret_cast<uint32_t*>(dkr + nd * 8) = pack2<T>(dk_acc[nd][2 * r] * p.scale, dk_acc[nd][2 * r + 1] * p.scale);
-            *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack2<T>(dv_acc[nd][2 * r], dv_acc[nd][2 * r + 1]);
-        }
-    }
+    store_scaled(dk_acc, dk, p.dk.stride_l, n0 + kw + g, p.len_k, t, p.scale);
+    store_scaled(dv_acc, dv, p.dv.stride_l, n0 + kw + g, p.len_k, t, 1.f);
 }
 
 // Backward, step 3 (dQ): one block = DQ_BM = 16 W query rows of one (b, h), each warp owning 16 rows,
@@ -778,12 +828,9 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
-    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
-    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
-    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
-    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+    const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
+    const float *lse = in.lse, *delta = in.delta;
 
     // Rows past Lq load as zeros (their results are not stored).
     load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
@@ -886,15 +933,7 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
 
     // dQ = s * dS K (the scale of S = s Q K^T), to the input dtype; rows past Lq are not stored.
     T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = m0 + warp * 16 + g + 8 * r;
-        if (row >= p.len_q) continue;
-        T* dqr = dqp + row * p.dq.stride_l + 2 * t;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd)
-            *reinterpret_cast<uint32_t*>(dqr + nd * 8) = pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale);
-    }
+    store_scaled(dq, dqp, p.dq.stride_l, m0 + warp * 16 + g, p.len_q, t, p.scale);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -938,21 +977,13 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
 
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
-        const int rows = min(WGB_BN, p.len_k - n0);
-        for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
-            const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
-            *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
-            *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
-        }
+        zero_key_rows<T, D, NT>(p, dk, dv, n0, min(WGB_BN, p.len_k - n0));
         return;
     }
 
-    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
-    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
-    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
-    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+    const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
+    const float *lse = in.lse, *delta = in.delta;
 
     // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
     auto load_queries = [&](int tile, int buf) {
@@ -992,19 +1023,9 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
 
         float st[WGB_BM / 8][4], dpt[WGB_BM / 8][4];
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t col = (ks % 4) * 32;
-            wgmma_ss<T, WGB_BM>(st, sw128_desc(k_addr + (ks / 4) * WGB_BN * 128 + col, 16, 1024),
-                                sw128_desc(q_addr + (ks / 4) * WGB_BM * 128 + col, 16, 1024), ks > 0);
-        }
+        wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(st, k_addr, q_addr);
         wgmma_commit();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t col = (ks % 4) * 32;
-            wgmma_ss<T, WGB_BM>(dpt, sw128_desc(v_addr + (ks / 4) * WGB_BN * 128 + col, 16, 1024),
-                                sw128_desc(do_addr + (ks / 4) * WGB_BM * 128 + col, 16, 1024), ks > 0);
-        }
+        wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(dpt, v_addr, do_addr);
         wgmma_commit();
         wgmma_wait<1>();  // S^T is in (dP^T may still be running)
         fence_regs(st);
@@ -1017,35 +1038,18 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
                 const int qi = nb * 8 + 2 * t + (e & 1);
                 st[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
             }
-#pragma unroll
-        for (int kk = 0; kk < WGB_BM / 16; ++kk) {
-            pa[kk][0] = pack2<T>(st[2 * kk][0], st[2 * kk][1]);
-            pa[kk][1] = pack2<T>(st[2 * kk][2], st[2 * kk][3]);
-            pa[kk][2] = pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-            pa[kk][3] = pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-        }
+        pack_a<T>(st, pa);
         wgmma_wait<0>();
         fence_regs(dpt);
 #pragma unroll
         for (int nb = 0; nb < WGB_BM / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) dpt[nb][e] = st[nb][e] * (dpt[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]);
-#pragma unroll
-        for (int kk = 0; kk < WGB_BM / 16; ++kk) {
-            sa[kk][0] = pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]);
-            sa[kk][1] = pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]);
-            sa[kk][2] = pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-            sa[kk][3] = pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-        }
-        // k-step kk takes queries 16 kk..16 kk + 15: 2,048 B into the dO / Q tile; its two 64-column halves
-        // of d are 64 rows x 128 B apart.
+        pack_a<T>(dpt, sa);
+        // dV += P^T dO, dK += dS^T Q: dO and Q, the K-major B of the products above, now as MN-major operands.
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WGB_BM / 16; ++kk)
-            wgmma_rs<T, D>(dv_acc, pa[kk], sw128_desc(do_addr + kk * 16 * 128, WGB_BM * 128, 1024));
-#pragma unroll
-        for (int kk = 0; kk < WGB_BM / 16; ++kk)
-            wgmma_rs<T, D>(dk_acc, sa[kk], sw128_desc(q_addr + kk * 16 * 128, WGB_BM * 128, 1024));
+        wgmma_acc_rows<T, D, WGB_BM>(dv_acc, pa, do_addr);
+        wgmma_acc_rows<T, D, WGB_BM>(dk_acc, sa, q_addr);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dv_acc);
@@ -1057,18 +1061,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = key_g + 8 * r;
-        if (row >= p.len_k) continue;
-        T* dkr = dk + row * p.dk.stride_l + 2 * t;
-        T* dvr = dv + row * p.dv.stride_l + 2 * t;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd) {
-            *reinterpret_cast<uint32_t*>(dkr + nd * 8) = pack2<T>(dk_acc[nd][2 * r] * p.scale, dk_acc[nd][2 * r + 1] * p.scale);
-            *reinterpret_cast<uint32_t*>(dvr + nd * 8) = pack2<T>(dv_acc[nd][2 * r], dv_acc[nd][2 * r + 1]);
-        }
-    }
+    store_scaled(dk_acc, dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
+    store_scaled(dv_acc, dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
 #endif
 }
 
@@ -1091,12 +1085,9 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;  // keys past kv_len cost nothing
-    const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
-    const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
-    const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-    const T* dout = static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h;
-    const float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
-    const float* delta = p.delta + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+    const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
+    const float *lse = in.lse, *delta = in.delta;
 
     // Rows past Lq load as zeros (their results are not stored).
     load_tile_sw128<T, WGQ_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
@@ -1133,19 +1124,9 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
 
         float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
         wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t col = (ks % 4) * 32;
-            wgmma_ss<T, WGQ_BN>(s, sw128_desc(q_addr + (ks / 4) * WGQ_BM * 128 + col, 16, 1024),
-                                sw128_desc(k_addr + (ks / 4) * WGQ_BN * 128 + col, 16, 1024), ks > 0);
-        }
+        wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(s, q_addr, k_addr);
         wgmma_commit();
-#pragma unroll
-        for (int ks = 0; ks < D / 16; ++ks) {
-            const uint32_t col = (ks % 4) * 32;
-            wgmma_ss<T, WGQ_BN>(dp, sw128_desc(do_addr + (ks / 4) * WGQ_BM * 128 + col, 16, 1024),
-                                sw128_desc(v_addr + (ks / 4) * WGQ_BN * 128 + col, 16, 1024), ks > 0);
-        }
+        wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(dp, do_addr, v_addr);
         wgmma_commit();
         wgmma_wait<1>();  // S is in (dP may still be running)
         fence_regs(s);
@@ -1164,19 +1145,10 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
         for (int nb = 0; nb < WGQ_BN / 8; ++nb)
 #pragma unroll
             for (int e = 0; e < 4; ++e) dp[nb][e] = s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
-#pragma unroll
-        for (int kk = 0; kk < WGQ_BN / 16; ++kk) {
-            sa[kk][0] = pack2<T>(dp[2 * kk][0], dp[2 * kk][1]);
-            sa[kk][1] = pack2<T>(dp[2 * kk][2], dp[2 * kk][3]);
-            sa[kk][2] = pack2<T>(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-            sa[kk][3] = pack2<T>(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-        }
-        // dQ += dS K: k-step kk takes keys 16 kk..16 kk + 15, 2,048 B into the K tile, whose two 64-column
-        // halves of d are 64 rows x 128 B apart.
+        pack_a<T>(dp, sa);
+        // dQ += dS K, K as an MN-major operand.
         wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WGQ_BN / 16; ++kk)
-            wgmma_rs<T, D>(dq, sa[kk], sw128_desc(k_addr + kk * 16 * 128, WGQ_BN * 128, 1024));
+        wgmma_acc_rows<T, D, WGQ_BN>(dq, sa, k_addr);
         wgmma_commit();
         wgmma_wait<0>();
         fence_regs(dq);
@@ -1188,15 +1160,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
 
     // dQ = s * dS K, to the input dtype; rows past Lq are not stored.
     T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int row = row_g + 8 * r;
-        if (row >= p.len_q) continue;
-        T* dqr = dqp + row * p.dq.stride_l + 2 * t;
-#pragma unroll
-        for (int nd = 0; nd < D / 8; ++nd)
-            *reinterpret_cast<uint32_t*>(dqr + nd * 8) = pack2<T>(dq[nd][2 * r] * p.scale, dq[nd][2 * r + 1] * p.scale);
-    }
+    store_scaled(dq, dqp, p.dq.stride_l, row_g, p.len_q, t, p.scale);
 #endif
 }
 

@@ -61,6 +61,17 @@ def load_tile(rows_n, D, src, row0, n):
             tile[r] = src[row0 + r]
     return tile
 
+def store_scaled(acc, out, row_base, n, scale):
+    """attention.cu's store_scaled for one warp whose 16 rows start at row_base: acc[ND][32][4] * scale."""
+    for r in range(2):
+        for lane in range(32):
+            row = row_base + lane // 4 + 8 * r
+            if row >= n:
+                continue
+            t = lane % 4
+            for nd in range(len(acc)):
+                out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = acc[nd][lane, 2 * r:2 * r + 2] * scale
+
 def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
     Lq, D = q.shape
     BM = 16 * W
@@ -103,15 +114,7 @@ def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
                         for nd in range(0, D // 8, 2):
                             kb = ldmatrix_x4(sKj, frag_a(c0 + kk * 16, nd * 8), trans=True)
                             mma(dq[nd], sa, kb[0], kb[1]); mma(dq[nd + 1], sa, kb[2], kb[3])
-            for r in range(2):
-                for lane in range(32):
-                    row = m0 + warp * 16 + lane // 4 + 8 * r
-                    if row >= Lq:
-                        continue
-                    t = lane % 4
-                    for nd in range(D // 8):
-                        dq_out[row, nd * 8 + 2 * t] = dq[nd][lane, 2 * r] * scale
-                        dq_out[row, nd * 8 + 2 * t + 1] = dq[nd][lane, 2 * r + 1] * scale
+            store_scaled(dq, dq_out, m0 + warp * 16, Lq, scale)
     return dq_out
 
 def mask_keys(s, key0, kv_len):
@@ -254,6 +257,21 @@ def wgmma_rs(d, a, mem, desc_b):
             A[16 * w + g, 2 * t + 8:2 * t + 10] = a[w][2][lane]; A[16 * w + g + 8, 2 * t + 8:2 * t + 10] = a[w][3][lane]
     return wg_frags(wg_matrix(d) + A @ read_mn_major(mem, desc_b, d.shape[1] * 8))
 
+def dot_rows(mem, a, b, D, a_rows, b_rows, n):
+    """attention.cu's wgmma_dot_rows: 64 rows at a dot n rows at b over the head dim (K-major, D / 16 k-steps)."""
+    d = None
+    for ks in range(D // 16):
+        col = (ks % 4) * 32
+        d = wgmma_ss(d, mem, sw128_desc(a + (ks // 4) * a_rows * 128 + col, 16, 1024),
+                     sw128_desc(b + (ks // 4) * b_rows * 128 + col, 16, 1024), ks > 0, n)
+    return d
+
+def acc_rows(d, a, mem, x, rows):
+    """attention.cu's wgmma_acc_rows: d += A X, a[warp][kk] the A fragments, X the rows x D tile at x (MN-major)."""
+    for kk in range(rows // 16):
+        d = wgmma_rs(d, [a[w][kk] for w in range(4)], mem, sw128_desc(x + kk * 16 * 128, rows * 128, 1024))
+    return d
+
 def load_tile_sw128(mem, base, rows_n, D, src, row0, n):  # transcribed: all threads' chunks together
     chunks = D // 8
     for c in range(rows_n * chunks):
@@ -282,11 +300,7 @@ def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
             k_addr, v_addr = sK + buf * KV_BYTES, sV + buf * KV_BYTES
             for wg in range(2):
                 q_addr = sQ + wg * 64 * 128
-                s = None
-                for ks in range(D // 16):
-                    col = (ks % 4) * 32
-                    s = wgmma_ss(s, mem, sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024),
-                                 sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
+                s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
                 pa = []
                 for w in range(4):
                     if (j + 1) * BN > kv_len:
@@ -295,8 +309,7 @@ def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
                     pa.append([[pack2(s[w][2 * kk][:, 0], s[w][2 * kk][:, 1]), pack2(s[w][2 * kk][:, 2], s[w][2 * kk][:, 3]),
                                 pack2(s[w][2 * kk + 1][:, 0], s[w][2 * kk + 1][:, 1]),
                                 pack2(s[w][2 * kk + 1][:, 2], s[w][2 * kk + 1][:, 3])] for kk in range(BN // 16)])
-                for kk in range(BN // 16):
-                    o[wg] = wgmma_rs(o[wg], [pa[w][kk] for w in range(4)], mem, sw128_desc(v_addr + kk * 16 * 128, BN * 128, 1024))
+                o[wg] = acc_rows(o[wg], pa, mem, v_addr, BN)
         for wg in range(2):
             for w in range(4):
                 store_rows(o[wg][w], m_row[wg][w], l_row[wg][w], o_out, lse_out, m0 + wg * 64 + w * 16, Lq)
@@ -339,15 +352,8 @@ def dkdv_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BN=128, BM=64):
             q_addr, do_addr = sQ + buf * QT_BYTES, sdO + buf * QT_BYTES
             for wg in range(2):
                 k_addr, v_addr = sK + wg * 64 * 128, sV + wg * 64 * 128
-                st = dpt = None
-                for ks in range(D // 16):
-                    col = (ks % 4) * 32
-                    st = wgmma_ss(st, mem, sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024),
-                                  sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024), ks > 0, BM)
-                for ks in range(D // 16):
-                    col = (ks % 4) * 32
-                    dpt = wgmma_ss(dpt, mem, sw128_desc(v_addr + (ks // 4) * BN * 128 + col, 16, 1024),
-                                   sw128_desc(do_addr + (ks // 4) * BM * 128 + col, 16, 1024), ks > 0, BM)
+                st = dot_rows(mem, k_addr, q_addr, D, BN, BM, BM)
+                dpt = dot_rows(mem, v_addr, do_addr, D, BN, BM, BM)
                 pa, sa = [], []
                 for w in range(4):
                     key_g = n0 + wg * 64 + w * 16 + G
@@ -359,21 +365,12 @@ def dkdv_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BN=128, BM=64):
                             st[w][nb][:, e] = np.where(key_g + 8 * (e >> 1) < kv_len, pv, 0.)
                             dpt[w][nb][:, e] = st[w][nb][:, e] * (dpt[w][nb][:, e] - sDelta[buf][qi])
                     pa.append(pack_a(st[w])); sa.append(pack_a(dpt[w]))
-                for kk in range(BM // 16):
-                    dv[wg] = wgmma_rs(dv[wg], [pa[w][kk] for w in range(4)], mem, sw128_desc(do_addr + kk * 16 * 128, BM * 128, 1024))
-                for kk in range(BM // 16):
-                    dk[wg] = wgmma_rs(dk[wg], [sa[w][kk] for w in range(4)], mem, sw128_desc(q_addr + kk * 16 * 128, BM * 128, 1024))
+                dv[wg] = acc_rows(dv[wg], pa, mem, do_addr, BM)
+                dk[wg] = acc_rows(dk[wg], sa, mem, q_addr, BM)
         for wg in range(2):
             for w in range(4):
-                for r in range(2):
-                    for lane in range(32):
-                        row = n0 + wg * 64 + w * 16 + lane // 4 + 8 * r
-                        if row >= Lk:
-                            continue
-                        t = lane % 4
-                        for nd in range(D // 8):
-                            dk_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dk[wg][w][nd][lane, 2 * r:2 * r + 2] * scale
-                            dv_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dv[wg][w][nd][lane, 2 * r:2 * r + 2]
+                store_scaled(dk[wg][w], dk_out, n0 + wg * 64 + w * 16, Lk, scale)
+                store_scaled(dv[wg][w], dv_out, n0 + wg * 64 + w * 16, Lk, 1.0)
     return dk_out, dv_out
 
 def dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BM=128, BN=64):
@@ -399,15 +396,8 @@ def dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BM=128, BN=64):
             tail = (j + 1) * BN > kv_len
             for wg in range(2):
                 q_addr, do_addr = sQ + wg * 64 * 128, sdO + wg * 64 * 128
-                s = dp = None
-                for ks in range(D // 16):
-                    col = (ks % 4) * 32
-                    s = wgmma_ss(s, mem, sw128_desc(q_addr + (ks // 4) * BM * 128 + col, 16, 1024),
-                                 sw128_desc(k_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
-                for ks in range(D // 16):
-                    col = (ks % 4) * 32
-                    dp = wgmma_ss(dp, mem, sw128_desc(do_addr + (ks // 4) * BM * 128 + col, 16, 1024),
-                                  sw128_desc(v_addr + (ks // 4) * BN * 128 + col, 16, 1024), ks > 0, BN)
+                s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
+                dp = dot_rows(mem, do_addr, v_addr, D, BM, BN, BN)
                 sa = []
                 for w in range(4):
                     row_g = m0 + wg * 64 + w * 16 + G
@@ -423,18 +413,10 @@ def dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BM=128, BN=64):
                                     pv = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, 0., pv)
                                 dp[w][nb][:, e] = pv * (dp[w][nb][:, e] - del_r)
                     sa.append(pack_a(dp[w]))
-                for kk in range(BN // 16):
-                    dq[wg] = wgmma_rs(dq[wg], [sa[w][kk] for w in range(4)], mem, sw128_desc(k_addr + kk * 16 * 128, BN * 128, 1024))
+                dq[wg] = acc_rows(dq[wg], sa, mem, k_addr, BN)
         for wg in range(2):
             for w in range(4):
-                for r in range(2):
-                    for lane in range(32):
-                        row = m0 + wg * 64 + w * 16 + lane // 4 + 8 * r
-                        if row >= Lq:
-                            continue
-                        t = lane % 4
-                        for nd in range(D // 8):
-                            dq_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = dq[wg][w][nd][lane, 2 * r:2 * r + 2] * scale
+                store_scaled(dq[wg][w], dq_out, m0 + wg * 64 + w * 16, Lq, scale)
     return dq_out
 
 def reference(q, k, v, do, kv_len, scale):
