@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -204,15 +205,25 @@ def read_jsonl(path):
 
 
 def load_items(data_dir, tier=None):
-    """Training items from a curate.py output folder: its clips (manifest.jsonl, or manifest_<tier>.jsonl)
-    and its stills (images.jsonl), each with an absolute path and its structured caption."""
-    name = f"manifest_{tier}.jsonl" if tier else "manifest.jsonl"
+    """Training items from a curate.py output folder: its clips (manifest.jsonl; with a tier, curate.py's set
+    for that stage: manifest_<tier>.jsonl, or finetune.jsonl for tier "finetune") and its stills
+    (images.jsonl; with a tier, the largest of curate.py's image sets images_<side>p.jsonl not above the
+    tier's side, as the paper's stages raise image and video resolution together), each with an absolute
+    path and its structured caption."""
+    name = "finetune.jsonl" if tier == "finetune" else f"manifest_{tier}.jsonl" if tier else "manifest.jsonl"
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
         raise SystemExit(f"error: --data {data_dir}: no {name}; run `python curate.py --input RAW --output {data_dir}` first")
     clips = [dict(r, path=os.path.join(data_dir, r["path"]), kind="video") for r in read_jsonl(path)
              if r.get("caption")]
-    img_path = os.path.join(data_dir, "images.jsonl")
+    img_name = "images.jsonl"
+    if tier:
+        side = int(tier[:-1]) if tier[:-1].isdigit() else 10**9  # finetune: the largest set
+        sets = {int(f[7:-7]): f for f in os.listdir(data_dir) if re.fullmatch(r"images_\d+p\.jsonl", f)}
+        fits = [k for k in sets if k <= side]
+        if fits:
+            img_name = sets[max(fits)]
+    img_path = os.path.join(data_dir, img_name)
     images = [dict(r, path=os.path.join(data_dir, r["path"]), kind="image") for r in read_jsonl(img_path)
               if r.get("caption")] if os.path.isfile(img_path) else []
     if not clips and not images:
@@ -1093,7 +1104,8 @@ def main():
     ap = argparse.ArgumentParser(description="HunyuanVideo training; no arguments: the embedded demo.")
     ap.add_argument("--preset", choices=list(PRESETS), help="a training config (default: the demo)")
     ap.add_argument("--data", help="a curate.py output folder (its manifest.jsonl and images.jsonl)")
-    ap.add_argument("--tier", help="train on one tier's manifest (e.g. 256p), as the paper's stages do")
+    ap.add_argument("--tier", help="train on one of curate.py's stage sets (256p, 360p, 540p, 720p or finetune; stills: the "
+                    "largest image set not above it), as the paper's stages do")
     ap.add_argument("--stage", choices=["vae", "dit"], help="run only up to this stage (default: all)")
     ap.add_argument("--out", help="output folder (default out/demo for the demo, out/<preset> otherwise)")
     ap.add_argument("--vae", help="a trained or the released VAE (skips the VAE stage)")

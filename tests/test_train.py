@@ -422,3 +422,16 @@ def test_vae_stage_takes_lpips_weights(data, tmp_path, monkeypatch):
     r = run_train(data, str(tmp_path / "out"), "--lpips", missing)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith(f"error: --lpips {missing}: no such file")
+
+
+def test_tier_reads_curate_sets(tmp_path):
+    """--tier NAME: curate.py's clip set for that stage and the largest image set not above its side;
+    'finetune' reads finetune.jsonl and the largest image set; no tier: everything."""
+    for name, files in {"manifest.jsonl": "a", "manifest_360p.jsonl": "b", "finetune.jsonl": "c", "images.jsonl": "i",
+                        "images_256p.jsonl": "i256", "images_512p.jsonl": "i512"}.items():
+        (tmp_path / name).write_text(json.dumps({"path": files, "caption": {"short_description": "x"}}) + "\n")
+    got = {t: [[os.path.basename(r["path"]) for r in rs] for rs in train.load_items(str(tmp_path), t)]
+           for t in (None, "360p", "finetune")}
+    assert got == {None: [["a"], ["i"]], "360p": [["b"], ["i256"]], "finetune": [["c"], ["i512"]]}
+    with pytest.raises(SystemExit, match="no manifest_720p.jsonl"):
+        train.load_items(str(tmp_path), "720p")
