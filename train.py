@@ -70,6 +70,9 @@ class TrainConfig:
     caption_dropout: float = 0.1
     field_dropout: float = 0.5
     short_only: float = 0.4             # probability of the bare short description (what users type)
+    # draw each epoch's items with replacement in proportion to curate.py's k-means concept weights (paper
+    # §3.1: ~10K concept centroids "used to resample and balance"; the rule is not stated), not each once
+    balance_concepts: bool = False
     # embedded guidance: None = the DiT has none; a number = that scale (x1000) fed while training, as
     # fine-tunes of the distilled release do; "distill" would need a teacher (paper §5.5), not done here
     train_guidance: float = None
@@ -301,16 +304,22 @@ def assign_buckets(items, buckets, stride=1):
     return out
 
 
-def bucket_batches(groups, batch_sizes, seed, epoch, world=1):
+def bucket_batches(groups, batch_sizes, seed, epoch, world=1, weights=None):
     """One epoch of global batches: each bucket's items shuffled and cut into batches of its per-rank batch
-    size x world, batches shuffled across buckets; every item appears exactly once. Rank r trains on slice
-    r of each global batch (rank_slice), so N ranks see exactly the batches one process with N times the
-    batch would. With several ranks a bucket's last, partial batch is topped up from the bucket's start
-    so that every rank gets the same number of items."""
+    size x world, batches shuffled across buckets; every item appears exactly once, or, with weights
+    ({item: weight}, concept balancing), as many draws per bucket as it has items, with replacement and in
+    proportion to the weights. Rank r trains on slice r of each global batch (rank_slice), so N ranks see
+    exactly the batches one process with N times the batch would. With several ranks a bucket's last,
+    partial batch is topped up from the bucket's start so that every rank gets the same number of items."""
     g = torch.Generator().manual_seed(seed * 100003 + epoch)
     batches = []
     for b in sorted(groups):
-        idx = [groups[b][i] for i in torch.randperm(len(groups[b]), generator=g).tolist()]
+        if weights is None:
+            order = torch.randperm(len(groups[b]), generator=g)
+        else:
+            w = torch.tensor([float(weights[i]) for i in groups[b]], dtype=torch.float64)
+            order = torch.multinomial(w, len(w), replacement=True, generator=g)
+        idx = [groups[b][i] for i in order.tolist()]
         n = batch_sizes[b] * world
         for i in range(0, len(idx), n):
             batch = idx[i:i + n]
@@ -796,8 +805,9 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 pos[0], pos[1] = pos[0] + 1, 0
             if st.get("epoch") != pos[0]:  # an epoch's batch list is built once, not every step
                 st["epoch"] = pos[0]
+                weights = {i: it.get("weight", 1.0) for i, it in enumerate(st["items"])} if cfg.balance_concepts else None
                 st["batches"] = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
-                                               cfg.seed + 7 * si + (kind == "image"), pos[0], world)
+                                               cfg.seed + 7 * si + (kind == "image"), pos[0], world, weights)
                 if pos[1] >= len(st["batches"]):  # resumed exactly at the end of an epoch
                     pos[0], pos[1], st["epoch"] = pos[0] + 1, 0, None
                     continue
@@ -1106,6 +1116,8 @@ def main():
     ap.add_argument("--data", help="a curate.py output folder (its manifest.jsonl and images.jsonl)")
     ap.add_argument("--tier", help="train on one of curate.py's stage sets (256p, 360p, 540p, 720p or finetune; stills: the "
                     "largest image set not above it), as the paper's stages do")
+    ap.add_argument("--balance", action="store_true", help="draw clips in proportion to curate.py's k-means "
+                    "concept weights (with replacement) instead of each once per epoch")
     ap.add_argument("--stage", choices=["vae", "dit"], help="run only up to this stage (default: all)")
     ap.add_argument("--out", help="output folder (default out/demo for the demo, out/<preset> otherwise)")
     ap.add_argument("--vae", help="a trained or the released VAE (skips the VAE stage)")
@@ -1142,6 +1154,8 @@ def main():
         cfg = replace(cfg, ckpt_every=args.ckpt_every)
     if args.compile:
         cfg = replace(cfg, compile=True)
+    if args.balance:
+        cfg = replace(cfg, balance_concepts=True)
     if args.batch:
         cfg = replace(cfg, stages=tuple(replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
                                                 image_buckets=tuple((h, w, args.batch) for h, w, _ in s.image_buckets))

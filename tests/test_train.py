@@ -113,6 +113,27 @@ def test_latent_cache_is_keyed_on_the_vae(data, tmp_path):
         torch.testing.assert_close(got, want)
 
 
+def test_concept_balanced_batches_draw_in_proportion_to_the_weights():
+    """--balance: each bucket keeps its epoch length, items drawn with replacement in proportion to curate.py's
+    k-means weights (a weight-0 item never); same (seed, epoch), same batches."""
+    groups = {0: list(range(0, 40)), 1: list(range(40, 60))}
+    weights = {i: (0.0 if i == 5 else 3.0 if i < 20 or i >= 50 else 1.0) for i in range(60)}
+    sizes = {0: 4, 1: 3}
+    counts = np.zeros(60)
+    for epoch in range(400):
+        batches = train.bucket_batches(groups, sizes, seed=3, epoch=epoch, weights=weights)
+        drawn = [i for _, batch in batches for i in batch]
+        assert len(drawn) == 60 and all(i in groups[b] for b, batch in batches for i in batch)
+        np.add.at(counts, drawn, 1)
+    assert counts[5] == 0
+    for group in groups.values():  # within a bucket, draws per item track weight / sum of weights
+        w = np.array([weights[i] for i in group])
+        expect = 400 * len(group) * w / w.sum()
+        live = w > 0
+        assert np.abs(counts[group][live] / expect[live] - 1).max() < 0.25
+    assert train.bucket_batches(groups, sizes, 3, 7, weights=weights) == train.bucket_batches(groups, sizes, 3, 7, weights=weights)
+
+
 def test_clip_windows_are_disjoint_and_fit_their_clip():
     items = [dict(kind="video", clip=f"c{i}", width=112, height=64, frames=f) for i, f in enumerate([33, 65, 66, 200, 40])]
     buckets = [(64, 112, 9, 4)]  # 9 frames at stride 4 span 33 source frames
