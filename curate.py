@@ -574,7 +574,8 @@ def _fit_similarity(src, dst):
 def _pair_motion(a, fl, dt, cfg):
     """Global motion between two grey frames dt/24 s apart: dict with translation tx, ty (px per 1/24 s),
     scale rate ds, rotation (rad per 1/24 s; + = content turns clockwise on screen, y points down), RANSAC inlier
-    fraction, and a second motion layer (parallax) if one spans enough of the frame."""
+    fraction, and a second motion layer (parallax) if one spans enough of the frame: layers = (far, near),
+    each (tx, ty, share of the points, scale rate)."""
     h, w = a.shape
     gx, gy = cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1)
     ys, xs = np.mgrid[4:h - 4:4, 4:w - 4:4]
@@ -597,8 +598,9 @@ def _pair_motion(a, fl, dt, cfg):
                   np.ptp(np.percentile(p2[:, 1], (5, 95))) / h if len(p2) else 0)
         # a depth layer spans the frame (ground, backdrop); a moving subject is compact: not parallax
         if m2 is not None and inl2.sum() >= cfg.cam_parallax_frac * len(src) and max(spread) > 0.5:
-            l1 = (float(m[0, 2]) / dt, float(m[1, 2]) / dt, float(inl.mean()))
-            l2 = (float(m2[0, 2]) / dt, float(m2[1, 2]) / dt, float(inl2.sum() / len(src)))
+            l1 = (float(m[0, 2]) / dt, float(m[1, 2]) / dt, float(inl.mean()), out["ds"])
+            l2 = (float(m2[0, 2]) / dt, float(m2[1, 2]) / dt, float(inl2.sum() / len(src)),
+                  float(np.hypot(m2[0, 0], m2[1, 0]) ** (1 / dt) - 1))
             out["layers"] = (l1, l2) if l1[2] >= l2[2] else (l2, l1)   # (far, near): far = larger area
     return out
 
@@ -612,10 +614,11 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
       tilt left/right  camera rolls: 'tilt right' = the camera rolls clockwise as seen from behind it (the
                        operator's head leans right) -> content turns COUNTER-clockwise on screen; 'tilt left'
                        is the opposite
-      zoom in/out      content grows/shrinks
-      around left/right the camera orbits the subject: near and far layers slide in opposite directions.
+      zoom in/out      content grows/shrinks (a dolly too: near content grows faster than far)
+      around left/right the camera orbits the subject: near and far layers slide in opposite directions
+                       (or the same way, far faster, where the pivot is nearer than the content).
                        'around left' = the camera travels to its left around the subject -> the far layer
-                       (taken to be the larger-area layer) slides LEFT, the near layer slides right
+                       (taken to be the larger-area layer) slides LEFT, the near layer right (or left, slower)
       handheld shot    frame-to-frame wobble with no net drift;  static shot: no motion at all
     Horizontal translation with parallax in one direction (a truck) is labelled like a pan.
     Model: per sampled frame pair, RANSAC similarity (translation, zoom, roll) on textured flow vectors;
@@ -633,10 +636,20 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
     if len(layered) >= cfg.cam_parallax_pairs * len(pm):
         far = np.array([l[0][:2] for l in layered]).mean(0)
         near = np.array([l[1][:2] for l in layered]).mean(0)
-        if abs(far[0]) + abs(near[0]) >= abs(far[1]) + abs(near[1]):
-            if far[0] * near[0] < 0:       # opposite ways: orbit
+        # near minus far scale rate, as displacement at the mean radius (like comp)
+        dscale = np.mean([(p["layers"][1][3] - p["layers"][0][3]) * p["radius"] for p in pm if p["layers"]])
+        if abs(dscale) > 0.7 * np.abs(far - near).max():
+            # near content grows faster than far: a dolly, named like a zoom. Over a ground plane with the
+            # camera pitched down the layers also slide apart vertically (the focus of expansion is at the
+            # horizon, above the frame centre), which read as a pedestal before the scale rates were compared
+            label = "zoom in" if dscale > 0 else "zoom out"
+            sep = abs(dscale)
+        elif abs(far[0]) + abs(near[0]) >= abs(far[1]) + abs(near[1]):
+            # orbit: near and far slide opposite ways, or (pivot nearer than all the content) the same way
+            # with far faster; a truck moves near content faster than far
+            if far[0] * near[0] < 0 or abs(far[0]) > abs(near[0]):
                 label = "around left" if far[0] < 0 else "around right"
-            else:                          # same way, different speeds: truck, named like a pan
+            else:                          # truck, named like a pan
                 label = "pan left" if far[0] + near[0] > 0 else "pan right"
             sep = abs(far[0] - near[0])
         else:                              # vertical with parallax: pedestal
@@ -645,7 +658,10 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
         # a second layer that moves only a little differently from the first, beside a bigger zoom or
         # roll, is flow noise around that move (zoomed-in texture blurs), not parallax
         if drift[2:].max() <= 2 * sep:
-            conf = min(1.0, len(layered) / len(pm)) * min(1.0, sep / (4 * cfg.cam_static))
+            # two layers that explain little of the frame (continuous depth) give a less certain label
+            share = np.mean([l[0][2] + l[1][2] for l in layered])
+            conf = (min(1.0, len(layered) / len(pm)) * min(1.0, sep / (4 * cfg.cam_static))
+                    * min(1.0, share / 0.6))
             return label, round(float(conf), 3)
     wobble = np.sqrt(((comp - comp.mean(0)) ** 2).mean(0))
     jitter = float(np.hypot(wobble[0], wobble[1]))
