@@ -127,7 +127,7 @@ def load_ckpt_encoder(ckpt, device, offload=False):
     if "llm_dir" in t:
         for d in (t["llm_dir"], t["clip_dir"]):
             if not os.path.isdir(d):
-                raise SystemExit(f"{ckpt}/config.json names the text encoder folder {d}, which is not there; "
+                raise SystemExit(f"error: {ckpt}/config.json names the text encoder folder {d}, which is not there; "
                                  f"pass --dit/--vae/--llm/--clip instead of --ckpt")
         enc = te.PromptEncoder.from_pretrained(t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device,
                                                offload="model" if offload else None, text_len=t["text_len"])

@@ -1,6 +1,7 @@
-// Fused attention, version 1.2: FlashAttention-2 style tiling on the tensor cores through mma.sync
-// (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies from
-// global memory, online softmax in base 2, per-sample key lengths. Forward and backward.
+// Fused attention, version 1.2 (the default): FlashAttention-2 style tiling on the tensor cores through
+// mma.sync (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies
+// from global memory, online softmax in base 2, per-sample key lengths. Forward and backward. Version 2.0
+// (opt-in, sm_90a, not yet run on a GPU): the same work on wgmma, in the *_wgmma_kernel functions below.
 //
 // Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
@@ -139,7 +140,6 @@ __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_grou
 // Wait until at most N of this thread's most recent groups are pending (older groups complete in order).
 template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
@@ -280,10 +280,13 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 // Shared by the kernels below
 
 // One (b, h) slice of the backward's inputs: Q, K, V, dO rows (stride_l apart) and lse, delta (one per row).
+// A query row at or past Lq reads lse = +inf (so its P is 2^-inf = 0) and delta = 0: it adds nothing.
 template <typename T>
 struct BwdSlice {
     const T *q, *k, *v, *dout;
     const float *lse, *delta;
+    __device__ float lse_at(int i, int len_q) const { return i < len_q ? lse[i] : INFINITY; }
+    __device__ float delta_at(int i, int len_q) const { return i < len_q ? delta[i] : 0.f; }
 };
 template <typename T>
 __device__ __forceinline__ BwdSlice<T> bwd_slice(const AttnParams& p, int b, int h) {
@@ -628,7 +631,7 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
         wgmma_fence();
         wgmma_dot_rows<T, WG_BN, D, WG_BM, WG_BN>(s, q_addr, k_addr);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_regs(s);
 
         if ((j + 1) * WG_BN > kv_len) mask_keys(s, j * WG_BN, kv_len, t);
@@ -640,7 +643,7 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
         wgmma_fence();
         wgmma_acc_rows<T, D, WG_BN>(o, pa, v_addr);
         wgmma_commit();
-        wgmma_wait_all();
+        wgmma_wait<0>();
         fence_regs(o);
 
         cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
@@ -706,16 +709,14 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams 
 
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-    const float *lse = in.lse, *delta = in.delta;
 
-    // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
+    // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
     auto load_queries = [&](int tile, int buf) {
         load_tile<T, BWD_BM, D, NT>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
         load_tile<T, BWD_BM, D, NT>(sdO + buf * BWD_BM * STRIDE, dout, p.dout.stride_l, tile * BWD_BM, p.len_q);
         if (threadIdx.x < BWD_BM) {  // NT >= 128 > BWD_BM
-            const int i = tile * BWD_BM + threadIdx.x;
-            sLse[buf * BWD_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
-            sDelta[buf * BWD_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
+            sLse[buf * BWD_BM + threadIdx.x] = in.lse_at(tile * BWD_BM + threadIdx.x, p.len_q);
+            sDelta[buf * BWD_BM + threadIdx.x] = in.delta_at(tile * BWD_BM + threadIdx.x, p.len_q);
         }
     };
     load_tile<T, BWD_BN, D, NT>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
@@ -830,21 +831,18 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
     const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-    const float *lse = in.lse, *delta = in.delta;
 
     // Rows past Lq load as zeros (their results are not stored).
     load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
     load_tile<T, BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
     cp_async_commit();
 
-    // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once. A row past
-    // Lq gets lse = +inf, so its P is 2^-inf = 0 and everything stays finite.
+    // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once.
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        const int row = m0 + warp * 16 + g + 8 * r;
-        row_lse[r] = row < p.len_q ? lse[row] : INFINITY;
-        row_delta[r] = row < p.len_q ? delta[row] : 0.f;
+        row_lse[r] = in.lse_at(m0 + warp * 16 + g + 8 * r, p.len_q);
+        row_delta[r] = in.delta_at(m0 + warp * 16 + g + 8 * r, p.len_q);
     }
 
     cp_async_wait_all();
@@ -983,16 +981,14 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
 
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-    const float *lse = in.lse, *delta = in.delta;
 
-    // Queries past Lq: Q and dO rows are zero and lse = +inf, so their P is 2^-inf = 0 and they add nothing.
+    // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
     auto load_queries = [&](int tile, int buf) {
         load_tile_sw128<T, WGB_BM, D, NT>(sQ + buf * QT_BYTES, q, p.q.stride_l, tile * WGB_BM, p.len_q);
         load_tile_sw128<T, WGB_BM, D, NT>(sdO + buf * QT_BYTES, dout, p.dout.stride_l, tile * WGB_BM, p.len_q);
         if (threadIdx.x < WGB_BM) {
-            const int i = tile * WGB_BM + threadIdx.x;
-            sLse[buf * WGB_BM + threadIdx.x] = i < p.len_q ? lse[i] : INFINITY;
-            sDelta[buf * WGB_BM + threadIdx.x] = i < p.len_q ? delta[i] : 0.f;
+            sLse[buf * WGB_BM + threadIdx.x] = in.lse_at(tile * WGB_BM + threadIdx.x, p.len_q);
+            sDelta[buf * WGB_BM + threadIdx.x] = in.delta_at(tile * WGB_BM + threadIdx.x, p.len_q);
         }
     };
     load_tile_sw128<T, WGB_BN, D, NT>(sK, k, p.k.stride_l, n0, kv_len);  // keys past kv_len: zero rows, masked below
@@ -1087,7 +1083,6 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
     const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;  // keys past kv_len cost nothing
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-    const float *lse = in.lse, *delta = in.delta;
 
     // Rows past Lq load as zeros (their results are not stored).
     load_tile_sw128<T, WGQ_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
@@ -1096,14 +1091,13 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
     load_tile_sw128<T, WGQ_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
     cp_async_commit();
 
-    // This thread's two rows (g and g + 8 of its warp's 16): lse and delta, read once. A row past Lq gets
-    // lse = +inf, so its P is 2^-inf = 0 and everything stays finite.
+    // This thread's two rows (g and g + 8 of its warp's 16): lse and delta, read once.
     const int row_g = m0 + wg * 64 + warp * 16 + g;
     float row_lse[2], row_delta[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        row_lse[r] = row_g + 8 * r < p.len_q ? lse[row_g + 8 * r] : INFINITY;
-        row_delta[r] = row_g + 8 * r < p.len_q ? delta[row_g + 8 * r] : 0.f;
+        row_lse[r] = in.lse_at(row_g + 8 * r, p.len_q);
+        row_delta[r] = in.delta_at(row_g + 8 * r, p.len_q);
     }
     cp_async_wait_all();
     fence_proxy_async();

@@ -62,15 +62,17 @@ def load_tile(rows_n, D, src, row0, n):
     return tile
 
 def store_scaled(acc, out, row_base, n, scale):
-    """attention.cu's store_scaled for one warp whose 16 rows start at row_base: acc[ND][32][4] * scale."""
+    """attention.cu's store_scaled for one warp whose 16 rows start at row_base: acc[ND][32][4] * scale
+    (a number, or per row half and lane: scale[r][lane], as store_rows' 1 / l)."""
     for r in range(2):
         for lane in range(32):
             row = row_base + lane // 4 + 8 * r
             if row >= n:
                 continue
             t = lane % 4
+            sc = scale[r][lane] if np.ndim(scale) else scale
             for nd in range(len(acc)):
-                out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = acc[nd][lane, 2 * r:2 * r + 2] * scale
+                out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = acc[nd][lane, 2 * r:2 * r + 2] * sc
 
 def dq_kernel(q, k, v, do, lse2, delta, kv_len, W, scale, BN=64, CHUNK=32):
     Lq, D = q.shape
@@ -143,17 +145,13 @@ def softmax_step(s, o, m_row, l_row, scale_log2):
 
 def store_rows(o, m_row, l_row, o_out, lse_out, row_base, Lq):
     """attention.cu's store_rows for one warp whose 16-row m-tile starts at global row row_base."""
+    l = [l_row[r] + l_row[r][LANES ^ 1] for r in range(2)]
+    l = np.array([x + x[LANES ^ 2] for x in l])  # quad sums, per row half and lane
+    store_scaled(o, o_out, row_base, Lq, 1 / l)
     for r in range(2):
-        l = l_row[r] + l_row[r][LANES ^ 1]; l = l + l[LANES ^ 2]
-        for lane in range(32):
-            row = row_base + lane // 4 + 8 * r
-            if row >= Lq:
-                continue
-            t = lane % 4
-            for nd in range(len(o)):
-                o_out[row, nd * 8 + 2 * t:nd * 8 + 2 * t + 2] = o[nd][lane, 2 * r:2 * r + 2] / l[lane]
-            if t == 0:
-                lse_out[row] = m_row[r][lane] + np.log2(l[lane])
+        rows = row_base + G + 8 * r
+        keep = (T == 0) & (rows < Lq)
+        lse_out[rows[keep]] = (m_row[r] + np.log2(l[r]))[keep]
 
 def fwd_kernel(q, k, v, kv_len, W, scale, BN=64, MT=1):
     Lq, D = q.shape
