@@ -59,6 +59,13 @@ def build(verbose=False):
                 extra_cuda_cflags=NVCC_FLAGS, build_directory=build_dir, verbose=verbose)
 
 
+def last_kernels():
+    """(forward, backward): the kernel versions the extension's last calls launched ("1.2", "2.0", "2.1 ws",
+    ...; "" before the first), or None where it is not loaded. The environment's version choices fall back
+    silently where they do not apply (another GPU, strides a tensor map refuses): this says what ran."""
+    return tuple(_ext.last_kernels()) if _ext is not None else None
+
+
 def kernel_available():
     """True when the CUDA kernel can run here: a GPU from sm_80 on, a CUDA build of torch, and the
     extension built. Decided once and cached; on a CPU-only machine it returns False at once, compiling

@@ -1,7 +1,9 @@
 // Fused attention, version 1.2 (the default): FlashAttention-2 style tiling on the tensor cores through
 // mma.sync (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies
 // from global memory, online softmax in base 2, per-sample key lengths. Forward and backward. Version 2.0
-// (opt-in, sm_90a, not yet run on a GPU): the same work on wgmma, in the *_wgmma_kernel functions below.
+// (opt-in, sm_90a, not yet run on a GPU): the same work on wgmma, in the *_wgmma_kernel functions below;
+// version 2.1 (the same): the forward with TMA copies, warp specialisation and FlashAttention-3's two
+// overlaps, attn_fwd_ws_kernel.
 //
 // Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
@@ -25,9 +27,11 @@
 // [n][k] tile in shared memory (K, for Q K^T) gives B fragments with plain ldmatrix, while a [k][n]
 // tile (V, for P V) needs .trans.
 
+#include <cuda.h>  // CUtensorMap and its enums only: nothing links libcuda (see fwd_tensor_map)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -358,10 +362,11 @@ __device__ __forceinline__ void mask_keys(float (&s)[NB][4], int key0, int kv_le
 // output accumulator o rescaled by 2^(m_old - m). Every tile holds at least one valid key (its first key is
 // below kv_len), so each row max is finite: no inf - inf. l is this thread's part of the row sum; the quad
 // is summed once, at the end.
-template <int NB, int ND>
-__device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4], float (&m_row)[2],
-                                             float (&l_row)[2], float scale_log2) {
-    float alpha[2];
+// softmax_rows does all but the rescale of o and returns the factors in alpha (version 2.1 applies them only
+// once the previous tile's P V, still running on the tensor cores, has landed in o); softmax_step does both.
+template <int NB>
+__device__ __forceinline__ void softmax_rows(float (&s)[NB][4], float (&m_row)[2], float (&l_row)[2],
+                                             float scale_log2, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         // Row max and row sum as pairwise trees (4 dependent steps instead of a 16-long chain: with 2 warps per
@@ -393,11 +398,21 @@ __device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4
                 if (i < w) red[i] += red[i + w];
         l_row[r] = l_row[r] * alpha[r] + red[0];
     }
+}
+template <int ND>
+__device__ __forceinline__ void rescale_rows(float (&o)[ND][4], const float (&alpha)[2]) {
 #pragma unroll
     for (int nd = 0; nd < ND; ++nd) {
         o[nd][0] *= alpha[0]; o[nd][1] *= alpha[0];
         o[nd][2] *= alpha[1]; o[nd][3] *= alpha[1];
     }
+}
+template <int NB, int ND>
+__device__ __forceinline__ void softmax_step(float (&s)[NB][4], float (&o)[ND][4], float (&m_row)[2],
+                                             float (&l_row)[2], float scale_log2) {
+    float alpha[2];
+    softmax_rows(s, m_row, l_row, scale_log2, alpha);
+    rescale_rows(o, alpha);
 }
 
 // O = acc / l to the output dtype, and the row's log2-sum-exp2 m + log2(l) for the backward (l >= 1: the
@@ -654,6 +669,243 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
     T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
     float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
     store_rows(o, m_row, l_row, out, p.o.stride_l, lse, m0 + wg * 64 + warp * 16 + lane / 4, p.len_q, t);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward, version 2.1 (sm_90a; opt-in, not yet run on a GPU): FlashAttention-3's structure around version
+// 2.0's products (paper: Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Three warpgroups:
+//   warpgroup 0, the producer: one thread issues TMA (bulk tensor) copies, Q once and then K and V tile by
+//     tile into a ring of WS_STAGES shared-memory stages; the copy engine writes the 128-byte-swizzled
+//     layout itself (tensor maps built on the host, fwd_tensor_map). It gives most of its registers away
+//     (setmaxnreg 24), the consumers take them (240).
+//   warpgroups 1 and 2, the consumers: 64 query rows each, as the two warpgroups of version 2.0, but no
+//     longer in step: each waits for a stage's "full" mbarrier (the copy's bytes have landed) and arrives on
+//     its "empty" mbarrier when its products no longer read it, one arrival per warp (8 per stage).
+// Two overlaps, each a template switch so a GPU run can time them apart:
+//   PINGPONG  the consumers take turns issuing their products (two named barriers): while one warpgroup
+//             runs its softmax (exponentials, ~0.6 of the ~2.2 us per tile in NOTES.md's count), the other's
+//             products keep the tensor cores busy.
+//   OVERLAP   within a warpgroup, tile j's S = Q K^T is issued together with tile j-1's O += P V; the
+//             softmax of tile j runs while P V of tile j-1 is still on the tensor cores, and o is rescaled
+//             once that has landed (softmax_rows / rescale_rows).
+// Padded keys: the producer copies ceil(kv_len / 128) tiles; keys past kv_len in the last one are masked
+// to -inf as before, and their V rows, which TMA copies as they are in memory (anything, even NaN: 0 x NaN
+// is NaN on the tensor cores too), are zeroed in shared memory before P V (zero_tail_rows).
+constexpr int WS_STAGES = 2;
+constexpr int WS_THREADS = 384;
+// mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
+constexpr int WS_BARS = 1 + 4 * WS_STAGES;
+template <typename T, int D> constexpr int fwd_ws_smem() {  // Q + stages x (K + V) + barriers + 1 KB to align
+    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * static_cast<int>(sizeof(T)) + WS_BARS * 8 + 1024;
+}
+
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit shared
+// object whose current phase completes when its expected arrivals have arrived and its expected
+// transaction bytes (TMA copies) have landed; waits name the parity of the phase they wait for.
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" :: "r"(bar) : "memory");
+}
+// One arrival that also announces `bytes` of copies which will complete on this barrier.
+__device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
+}
+// Spin until the phase of the given parity has completed (true at once for the phase before the first).
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+    asm volatile("{\n.reg .pred done;\nwait_again:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra wait_again;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+}
+// Copy the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into shared memory at dst; the
+// bytes complete on mbarrier bar. dst must be 1024-byte aligned for the 128-byte swizzle.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, uint32_t bar, int c0, int c1,
+                                            int c2, int c3) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+                 :: "r"(dst), "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+                 : "memory");
+}
+// Named barriers 1.. (0 is __syncthreads): sync waits until `threads` have arrived or synced; arrive doesn't wait.
+__device__ __forceinline__ void named_sync(int id, int threads) {
+    asm volatile("bar.sync %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_arrive(int id, int threads) {
+    asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
+}
+#endif
+// A wgmma reads its register A operand until wait_group returns: this keeps those registers' values (and
+// so the registers) live until then, as fence_regs does for the accumulators.
+template <int NK>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[NK][4]) {
+#pragma unroll
+    for (int i = 0; i < NK; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e]) :: "memory");
+}
+
+// Zero rows [first, ROWS) of a swizzled ROWS x D tile, by the 128 threads of one warpgroup (thread
+// index i in 0..127). The swizzle permutes 16-byte chunks within a row only, so a row's 128 bytes per
+// 64-column half stay where they are. The tensor cores read the tile next: each writing thread fences its
+// stores into the async proxy; the caller then syncs the warpgroup.
+template <int ROWS, int D>
+__device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, int i) {
+    for (int c = first * 8 + i; c < ROWS * 8; c += 128)  // 8 chunks of 16 B per 128-byte row
+#pragma unroll
+        for (int half = 0; half < D / 64; ++half)
+            *reinterpret_cast<uint4*>(tile + half * ROWS * 128 + c * 16) = make_uint4(0, 0, 0, 0);
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    fence_proxy_async();
+#endif
+}
+
+template <typename T, int D, bool PINGPONG, bool OVERLAP>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    attn_fwd_ws_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
+                       const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int Q_BYTES = WG_BM * D * 2, KV_BYTES = WG_BN * D * 2;  // 32 KB each at D = 128
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sK = sQ + Q_BYTES;                   // [WS_STAGES][KV_BYTES]
+    unsigned char* sV = sK + WS_STAGES * KV_BYTES;      // [WS_STAGES][KV_BYTES]
+    const uint32_t bars = smem_u32(sV + WS_STAGES * KV_BYTES);
+    const uint32_t q_full = bars;
+    auto k_full = [&](int st) { return bars + 8 * (1 + st); };
+    auto v_full = [&](int st) { return bars + 8 * (1 + WS_STAGES + st); };
+    auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
+    auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * WS_STAGES + st); };
+
+    const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + WG_BN - 1) / WG_BN;
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int st = 0; st < WS_STAGES; ++st) {
+            mbar_init(k_full(st), 1);  // the producer's arrive_expect; the copies' bytes complete the phase
+            mbar_init(v_full(st), 1);
+            mbar_init(k_empty(st), 8);  // one arrival per consumer warp
+            mbar_init(v_empty(st), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");  // visible to the copy engine
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        // Producer. Tile j goes to stage j % WS_STAGES; its n-th use (n = j / WS_STAGES) waits for the
+        // consumers' release of the use before, the empty barrier's phase n - 1.
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            mbar_arrive_expect(q_full, Q_BYTES);
+            for (int half = 0; half < D / 64; ++half)  // rows past len_q: zeros (outside the tensor map)
+                tma_load_4d(smem_u32(sQ) + half * WG_BM * 128, &map_q, q_full, half * 64, h, m0, b);
+            for (int j = 0; j < n_tiles; ++j) {
+                const int st = j % WS_STAGES;
+                const uint32_t parity = (j / WS_STAGES) & 1;
+                if (j >= WS_STAGES) mbar_wait(k_empty(st), parity ^ 1);
+                mbar_arrive_expect(k_full(st), KV_BYTES);
+                for (int half = 0; half < D / 64; ++half)
+                    tma_load_4d(smem_u32(sK + st * KV_BYTES) + half * WG_BN * 128, &map_k, k_full(st), half * 64, h,
+                                j * WG_BN, b);
+                if (j >= WS_STAGES) mbar_wait(v_empty(st), parity ^ 1);
+                mbar_arrive_expect(v_full(st), KV_BYTES);
+                for (int half = 0; half < D / 64; ++half)
+                    tma_load_4d(smem_u32(sV + st * KV_BYTES) + half * WG_BN * 128, &map_v, v_full(st), half * 64, h,
+                                j * WG_BN, b);
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+        const int cw = wg - 1;  // consumer 0 or 1: query rows 64 cw .. 64 cw + 63 of the block
+        const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, t = lane % 4;
+        const uint32_t q_addr = smem_u32(sQ) + cw * 64 * 128;
+        const float scale_log2 = p.scale * LOG2E;
+        const int tail = kv_len - (n_tiles - 1) * WG_BN;  // valid keys in the last tile, 1..128
+        // Named barrier 1 + c: "consumer c may issue". Consumer 0 goes first; each passes the turn on after
+        // issuing a tile's products (ids 3, 4: one warpgroup alone, after zeroing V's padded rows).
+        if (PINGPONG && cw == 1) named_arrive(1, 256);
+
+        float o[D / 8][4] = {};
+        float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
+        float s[WG_BN / 8][4];
+        uint32_t pa[WG_BN / 16][4];  // P of the tile whose P V is pending (OVERLAP) or next
+        float alpha[2];              // the last softmax's rescale factors, applied to o once it may be touched
+        mbar_wait(q_full, 0);
+
+        // Tile j's S = Q K^T, issued on this consumer's turn (and, with OVERLAP, tile j-1's P V behind it), then
+        // waited for, K released, masked, and its softmax computed into alpha (not applied).
+        auto scores = [&](int j, bool with_pv) {
+            const int st = j % WS_STAGES, prev = (j + WS_STAGES - 1) % WS_STAGES;
+            mbar_wait(k_full(st), (j / WS_STAGES) & 1);
+            if (with_pv) mbar_wait(v_full(prev), ((j - 1) / WS_STAGES) & 1);
+            if (PINGPONG) named_sync(1 + cw, 256);
+            wgmma_fence();
+            wgmma_dot_rows<T, WG_BN, D, WG_BM, WG_BN>(s, q_addr, smem_u32(sK + st * KV_BYTES));
+            wgmma_commit();
+            if (with_pv) {  // tile j-1 < the last: no padded V rows
+                wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + prev * KV_BYTES));
+                wgmma_commit();
+                if (PINGPONG) named_arrive(1 + (cw ^ 1), 256);
+                wgmma_wait<1>();  // S has landed; P V may still run
+            } else {
+                if (PINGPONG) named_arrive(1 + (cw ^ 1), 256);
+                wgmma_wait<0>();
+            }
+            fence_regs(s);
+            if (lane == 0) mbar_arrive(k_empty(st));  // this warp no longer reads K tile j
+            if (j == n_tiles - 1 && tail < WG_BN) mask_keys(s, j * WG_BN, kv_len, t);
+            softmax_rows(s, m_row, l_row, scale_log2, alpha);
+        };
+        // O += P V for tile j, the last (zeroing its padded V rows first) or any (without OVERLAP).
+        auto values = [&](int j) {
+            const int st = j % WS_STAGES;
+            mbar_wait(v_full(st), (j / WS_STAGES) & 1);
+            if (j == n_tiles - 1 && tail < WG_BN) {
+                zero_tail_rows<WG_BN, D>(sV + st * KV_BYTES, tail, threadIdx.x % 128);
+                named_sync(3 + cw, 128);
+            }
+            wgmma_fence();
+            wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + st * KV_BYTES));
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(o);
+            fence_regs(pa);
+            if (lane == 0) mbar_arrive(v_empty(st));
+        };
+
+        if (OVERLAP) {
+            scores(0, false);
+            pack_a<T>(s, pa);  // o is still 0: nothing to rescale
+            for (int j = 1; j < n_tiles; ++j) {
+                scores(j, true);
+                wgmma_wait<0>();  // tile j-1's P V has landed in o; its P registers and V stage are free
+                fence_regs(o);
+                fence_regs(pa);
+                if (lane == 0) mbar_arrive(v_empty((j - 1) % WS_STAGES));
+                rescale_rows(o, alpha);
+                pack_a<T>(s, pa);
+            }
+            values(n_tiles - 1);
+        } else {
+            for (int j = 0; j < n_tiles; ++j) {
+                scores(j, false);
+                rescale_rows(o, alpha);
+                pack_a<T>(s, pa);
+                values(j);
+            }
+        }
+        // Consumer 1 passed the turn once more than consumer 0 took it: take it, so no arrival is left over.
+        if (PINGPONG && cw == 0) named_sync(1, 256);
+
+        T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+        float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
+        store_rows(o, m_row, l_row, out, p.o.stride_l, lse, m0 + cw * 64 + warp * 16 + lane / 4, p.len_q, t);
+    }
 #endif
 }
 
@@ -1204,6 +1456,9 @@ template <typename T, int D, int W> constexpr int dkdv_smem() {
     return (2 * 16 * W + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T)) + 4 * BWD_BM * static_cast<int>(sizeof(float));
 }
 
+const char* last_forward = "";   // what attn_last_forward / attn_last_backward report
+const char* last_backward = "";
+
 template <typename T, int D, int W, int MT>
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     constexpr int BM = 16 * MT * W;
@@ -1212,21 +1467,26 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
     attn_fwd_kernel<T, D, W, MT><<<grid, W * 32, smem, stream>>>(p);
+    last_forward = "1.2";
     return cudaGetLastError();
 }
 
-// Version 2.0's kernels (wgmma) run only where asked, ATTENTION_CUDA_FWD_WGMMA=1 for the forward and
-// ATTENTION_CUDA_BWD_WGMMA=1 for the backward, and only on compute capability 9.0 (their sm_90a code exists
-// for nothing else): they are not yet measured on a GPU (NOTES.md).
-bool use_wgmma(const char* env_name) {
+// Versions 2.0 and 2.1 (wgmma) run only where asked and only on compute capability 9.0 (their sm_90a code
+// exists for nothing else): they are not yet measured on a GPU (NOTES.md). ATTENTION_CUDA_FWD_WGMMA = 1
+// (version 2.0), ws (2.1: both overlaps), ws-pingpong (2.1 without the in-warpgroup overlap), ws-plain
+// (2.1 with neither: TMA and mbarriers only); ATTENTION_CUDA_BWD_WGMMA = 1 (2.0's backward). Read at every
+// launch; anything else is ignored. Returns the value, or null.
+const char* hopper_choice(const char* env_name) {
     const char* s = std::getenv(env_name);
-    if (s == nullptr || strcmp(s, "1") != 0) return false;
+    if (s == nullptr) return nullptr;
     int dev = 0, major = 0, minor = 0;
-    return cudaGetDevice(&dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-           cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess && major == 9 &&
-           minor == 0;
+    const bool sm90 = cudaGetDevice(&dev) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+                      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
+                      major == 9 && minor == 0;
+    return sm90 ? s : nullptr;
 }
+bool chosen(const char* choice, const char* value) { return choice != nullptr && strcmp(choice, value) == 0; }
 
 template <typename T, int D>
 cudaError_t launch_forward_wgmma(const AttnParams& p, cudaStream_t stream) {
@@ -1235,13 +1495,70 @@ cudaError_t launch_forward_wgmma(const AttnParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch);
     attn_fwd_wgmma_kernel<T, D><<<grid, 256, smem, stream>>>(p);
+    last_forward = "2.0";
+    return cudaGetLastError();
+}
+
+// Version 2.1's copies read global memory through tensor maps (CUDA driver API "Tensor Map Object
+// Management"), one per tensor, passed to the kernel by value. cuTensorMapEncodeTiled is a driver function:
+// it is fetched through the runtime, so the extension needs no libcuda at link time.
+using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
+EncodeTiled encode_tiled() {
+    static const EncodeTiled fn = [] {
+        void* ptr = nullptr;
+        cudaDriverEntryPointQueryResult found;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault, &found) !=
+                cudaSuccess || found != cudaDriverEntryPointSuccess)
+            return static_cast<EncodeTiled>(nullptr);
+        return reinterpret_cast<EncodeTiled>(ptr);
+    }();
+    return fn;
+}
+// A (B, len, H, D) tensor as a 4-d map, innermost dimension first: (D, H, len, B), byte strides of the
+// outer three; a box is 64 columns (128 bytes, the widest the 128-byte swizzle takes) x 1 head x `rows` rows
+// x 1 sample, written to shared memory in the 128-byte-swizzled layout, zeros where it leaves the tensor.
+// A size-1 dimension's stride is never used: the natural one stands in (the driver wants multiples of 16).
+// False where the driver refuses (e.g. strides not multiples of 16 bytes): the caller falls back.
+bool fwd_tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams& p, int rows) {
+    const EncodeTiled encode = encode_tiled();
+    if (encode == nullptr) return false;
+    const cuuint64_t s_h = p.heads == 1 ? p.head_dim * 2 : x.stride_h * 2;
+    const cuuint64_t s_l = len == 1 ? s_h * p.heads : x.stride_l * 2;
+    const cuuint64_t s_b = p.batch == 1 ? s_l * len : x.stride_b * 2;
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.heads),
+                                static_cast<cuuint64_t>(len), static_cast<cuuint64_t>(p.batch)};
+    const cuuint64_t strides[3] = {s_h, s_l, s_b};
+    const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
+    const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+    return encode(map, p.is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, x.ptr, dims,
+                  strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+template <typename T, int D, bool PINGPONG, bool OVERLAP>
+cudaError_t launch_forward_ws(const AttnParams& p, const CUtensorMap (&maps)[3], cudaStream_t stream) {
+    const int smem = fwd_ws_smem<T, D>();  // D = 128: 164,936 B; D = 64: 82,984 B
+    cudaError_t err = allow_smem(attn_fwd_ws_kernel<T, D, PINGPONG, OVERLAP>, smem);
+    if (err != cudaSuccess) return err;
+    const dim3 grid((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch);
+    attn_fwd_ws_kernel<T, D, PINGPONG, OVERLAP><<<grid, WS_THREADS, smem, stream>>>(p, maps[0], maps[1], maps[2]);
+    last_forward = PINGPONG ? (OVERLAP ? "2.1 ws" : "2.1 ws-pingpong") : "2.1 ws-plain";
     return cudaGetLastError();
 }
 
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     const int smem_max = max_smem_per_block();
-    if (use_wgmma("ATTENTION_CUDA_FWD_WGMMA") && fwd_wgmma_smem<T, D>() <= smem_max) return launch_forward_wgmma<T, D>(p, stream);
+    const char* choice = hopper_choice("ATTENTION_CUDA_FWD_WGMMA");
+    CUtensorMap maps[3];
+    if (choice != nullptr && strncmp(choice, "ws", 2) == 0 && fwd_ws_smem<T, D>() <= smem_max &&
+        fwd_tensor_map(&maps[0], p.q, p.len_q, p, WG_BM) && fwd_tensor_map(&maps[1], p.k, p.len_k, p, WG_BN) &&
+        fwd_tensor_map(&maps[2], p.v, p.len_k, p, WG_BN)) {
+        if (chosen(choice, "ws")) return launch_forward_ws<T, D, true, true>(p, maps, stream);
+        if (chosen(choice, "ws-pingpong")) return launch_forward_ws<T, D, true, false>(p, maps, stream);
+        if (chosen(choice, "ws-plain")) return launch_forward_ws<T, D, false, false>(p, maps, stream);
+    }
+    if (chosen(choice, "1") && fwd_wgmma_smem<T, D>() <= smem_max) return launch_forward_wgmma<T, D>(p, stream);
     const bool rows32 = rows_for("ATTENTION_CUDA_FWD_ROWS", FWD_ROWS_DEFAULT) == 32;
     if constexpr (D == 128) {
         if (warps_for("ATTENTION_CUDA_FWD_WARPS", FWD_WARPS_DEFAULT) == 8) {
@@ -1287,6 +1604,7 @@ cudaError_t launch_backward_wgmma(const AttnParams& p, cudaStream_t stream) {
     if (err != cudaSuccess) return err;
     attn_bwd_dq_wgmma_kernel<T, D><<<dim3((p.len_q + WGQ_BM - 1) / WGQ_BM, p.heads, p.batch), 256,
                                      dq_wgmma_smem<T, D>(), stream>>>(p);
+    last_backward = "2.0";
     return cudaGetLastError();
 }
 
@@ -1296,10 +1614,11 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    if (use_wgmma("ATTENTION_CUDA_BWD_WGMMA") &&
+    if (chosen(hopper_choice("ATTENTION_CUDA_BWD_WGMMA"), "1") &&
         std::max(dkdv_wgmma_smem<T, D>(), dq_wgmma_smem<T, D>()) <= max_smem_per_block())
         return launch_backward_wgmma<T, D>(p, stream);
     // dK/dV and dQ are independent of each other; both need only delta (and lse from the forward).
+    last_backward = "1.2";
     int dkdv_warps = 4, dq_warps = 4;
     if constexpr (D == 128) {
         dkdv_warps = warps_for("ATTENTION_CUDA_DKDV_WARPS", 4);
@@ -1332,3 +1651,5 @@ int attn_backward(const AttnParams& p, void* stream) {
 }
 
 const char* attn_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+const char* attn_last_forward() { return last_forward; }
+const char* attn_last_backward() { return last_backward; }

@@ -25,3 +25,7 @@ struct AttnParams {
 int attn_forward(const AttnParams& p, void* stream);
 int attn_backward(const AttnParams& p, void* stream);
 const char* attn_error_string(int err);
+// The kernels the last attn_forward / attn_backward call launched, in words ("1.2", "2.0", "2.1 ws", ...):
+// environment choices fall back silently where they do not apply, so tests and the benchmark ask.
+const char* attn_last_forward();
+const char* attn_last_backward();

@@ -12,6 +12,8 @@ which 40 (sample 0) and 90 (sample 1) are valid, so kv_lens = [L - 216, L - 166]
 valid keys only: forward 4 * H * L * kv_len * D per sample, backward 2.5x that. Contenders:
   ours          attention_cuda.attention with kv_lens (the key loop stops at kv_len)
   ours-wgmma    the same with version 2.0's kernels (wgmma; Hopper only, opt-in until measured)
+  ours-ws       version 2.1's forward (TMA, warp-specialised, both overlaps), 2.0's backward; also
+                ours-ws-pingpong and ours-ws-plain (2.1 without one or both overlaps)
   flash         SDPA's flash backend, UNMASKED over all L keys (it takes no mask): a speed reference only,
                 its output is not the padded answer
   cudnn+mask    SDPA's cuDNN backend with a boolean (B, 1, 1, L) key mask
@@ -91,13 +93,18 @@ def check_small(label=""):
     return all(e < 1e-2 for e in errs) and all(torch.isfinite(x).all() for x in (o, *grads))
 
 
-def wgmma(fn):
-    """fn() with version 2.0's kernels (wgmma, sm_90a; opt-in while unmeasured), forward and backward: the
-    launchers read ATTENTION_CUDA_FWD_WGMMA and ATTENTION_CUDA_BWD_WGMMA at every call."""
-    names = ("ATTENTION_CUDA_FWD_WGMMA", "ATTENTION_CUDA_BWD_WGMMA")
+# Hopper versions, opt-in while unmeasured: name -> (ATTENTION_CUDA_FWD_WGMMA, ATTENTION_CUDA_BWD_WGMMA, the
+# forward attention_cuda.last_kernels() must then report). The backward is version 2.0's in all four.
+VARIANTS = {"ours-wgmma": ("1", "1", "2.0"), "ours-ws": ("ws", "1", "2.1 ws"),
+            "ours-ws-pingpong": ("ws-pingpong", "1", "2.1 ws-pingpong"), "ours-ws-plain": ("ws-plain", "1", "2.1 ws-plain")}
+
+
+def variant(name, fn):
+    """fn() with the kernels of VARIANTS[name]: the launchers read the two variables at every call."""
+    fwd, bwd, _ = VARIANTS[name]
     def run():
-        old = {n: os.environ.get(n) for n in names}
-        os.environ.update({n: "1" for n in names})
+        old = {n: os.environ.get(n) for n in ("ATTENTION_CUDA_FWD_WGMMA", "ATTENTION_CUDA_BWD_WGMMA")}
+        os.environ.update({"ATTENTION_CUDA_FWD_WGMMA": fwd, "ATTENTION_CUDA_BWD_WGMMA": bwd})
         try:
             return fn()
         finally:
@@ -120,7 +127,7 @@ def contenders(q, k, v, lens):
 
     return {
         "ours": lambda: attention_cuda.attention(q, k, v, lens),
-        "ours-wgmma": wgmma(lambda: attention_cuda.attention(q, k, v, lens)),
+        **{name: variant(name, lambda: attention_cuda.attention(q, k, v, lens)) for name in VARIANTS},
         "flash (unmasked)": lambda: sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt).transpose(1, 2),
         "cudnn + mask": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, attn_mask=mask).transpose(1, 2),
         "cudnn split": lambda: torch.cat([sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
@@ -146,9 +153,17 @@ def main(argv=None):
     if not check_small():
         sys.exit("attention_cuda/bench.py: the kernel is wrong at the small check; not timing it")
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    wgmma_ok = hopper and wgmma(lambda: check_small(" (wgmma)"))()
-    if hopper and not wgmma_ok:
-        print("  the wgmma kernels fail the small check: not timing ours-wgmma")
+    ok = {}  # Hopper variants that pass the small check and really launch their kernels
+    for name in VARIANTS if hopper else ():
+        if args.only and name not in args.only:
+            continue
+        ok[name] = variant(name, lambda: check_small(f" ({name})"))()
+        launched = attention_cuda.last_kernels()[0]
+        if launched != VARIANTS[name][2]:
+            print(f"  {name}: the forward launched version {launched!r}, not {VARIANTS[name][2]}: not timing it")
+            ok[name] = False
+        elif not ok[name]:
+            print(f"  {name} fails the small check: not timing it")
 
     rows = []
     for L in args.lengths:
@@ -160,14 +175,14 @@ def main(argv=None):
         print(f"L={L}: ours vs float64 on 256 random query rows: rel err {err:.1e}")
         if not err < 1e-2:
             sys.exit("attention_cuda/bench.py: wrong at this size; not timing it")
-        if wgmma_ok:
-            err = rel_err(wgmma(lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
-            print(f"L={L}: ours-wgmma vs float64 on 256 random query rows: rel err {err:.1e}")
-            wgmma_ok = err < 1e-2
+        for name in [n for n in ok if ok[n]]:
+            err = rel_err(variant(name, lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
+            print(f"L={L}: {name} vs float64 on 256 random query rows: rel err {err:.1e}")
+            ok[name] = err < 1e-2
         flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs
         go = torch.randn_like(q)
         for name, fn in contenders(q, k, v, lens).items():
-            if (args.only and name.split()[0] not in args.only) or (name == "ours-wgmma" and not wgmma_ok):
+            if (args.only and name.split()[0] not in args.only) or (name in VARIANTS and not ok.get(name)):
                 continue
             try:
                 fwd = time_ms(fn, args.budget)
@@ -176,8 +191,8 @@ def main(argv=None):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                     f_grad = contenders(qg, kg, vg, lens)[name]
                     fwd_bwd = lambda: torch.autograd.grad(f_grad(), (qg, kg, vg), go)
-                    if name == "ours-wgmma":  # the backward launches inside autograd.grad: switch it too
-                        fwd_bwd = wgmma(fwd_bwd)
+                    if name in VARIANTS:  # the backward launches inside autograd.grad: switch it too
+                        fwd_bwd = variant(name, fwd_bwd)
                     fb = time_ms(fwd_bwd, args.budget)
             except RuntimeError as e:  # a backend that refuses the shape or the mask
                 print(f"  {name}: refused ({str(e).splitlines()[0][:100]})")

@@ -90,4 +90,6 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "attention forward: (o, lse)");
     m.def("backward", &backward, "attention backward: (dq, dk, dv)");
+    m.def("last_kernels", [] { return std::make_pair(std::string(attn_last_forward()), std::string(attn_last_backward())); },
+          "the kernel versions the last forward and backward launched");
 }

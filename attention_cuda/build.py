@@ -29,20 +29,24 @@ def report(ptxas_log):
     an array went to local memory) and spills."""
     name = None
     for line in ptxas_log.splitlines():
-        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?(?:Li(\d+)E)?.*' "
-                      r"for '(\w+)'", line)
-        if m:  # template arguments: dtype, head_dim, (most kernels) warps per block, (forward) m-tiles per warp
+        m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?(?:Li(\d+)E)?"
+                      r"(?:Lb(\d)ELb(\d)E)?.*' for '(\w+)'", line)
+        if m:  # template arguments: dtype, head_dim, (most kernels) warps per block, (forward) m-tiles per warp,
+            # (version 2.1) ping-pong and in-warpgroup overlap
             warps = f", {m[4]} warps" if m[4] else ""
             rows = f" x {16 * int(m[5])} rows" if m[5] else ""
-            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}{warps}{rows}> {m[6]}"
+            ws = ", " + ({"11": "ws", "10": "ws-pingpong", "00": "ws-plain"}.get(m[6] + m[7], m[6] + m[7])) if m[6] else ""
+            name = f"{m[1]}<{m[2].lstrip('0123456789').replace('__nv_', '').lstrip('_')}, {m[3]}{warps}{rows}{ws}> {m[8]}"
         m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
         if m and name:
             frame = f"stack {m[1]} B, spills {m[2]}/{m[3]} B"
         m = re.search(r"Used (\d+) registers", line)
         if m and name:
-            # the wgmma kernels' bodies exist for sm_90a only (#if'd out elsewhere): report them there alone
-            if "wgmma" not in name or name.endswith("sm_90a"):
-                print(f"  {name:56s} {m[1]:>3} registers, {frame}")
+            # the wgmma kernels' bodies exist for sm_90a only (#if'd out elsewhere): report them there alone;
+            # version 2.1's count is its launch cap, split by setmaxnreg (consumers 240, producer 24)
+            if ("wgmma" not in name and "_ws_" not in name) or name.endswith("sm_90a"):
+                cap = " (cap; setmaxnreg 240/24)" if "_ws_" in name else ""
+                print(f"  {name:60s} {m[1]:>3} registers{cap}, {frame}")
             name = None
 
 

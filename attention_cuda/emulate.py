@@ -1,7 +1,8 @@
-"""Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2) and the
+"""Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2), the
 three wgmma kernels of version 2.0 (attn_fwd_wgmma_kernel, attn_bwd_dkdv_wgmma_kernel,
-attn_bwd_dq_wgmma_kernel) in numpy, written to check the index math of kernels that could not be run when
-they were written.
+attn_bwd_dq_wgmma_kernel) and version 2.1's attn_fwd_ws_kernel (with the host's tensor maps and a model of
+the TMA copy engine) in numpy, written to check the index math of kernels that could not be run when they
+were written.
 
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
 (the layouts version 1, verified on a GPU, relies on); wgmma from the PTX ISA's accumulator layout and its
@@ -11,8 +12,9 @@ float64 math, no bf16 rounding; row maxima and sums in numpy's order, not the fo
 checks which element goes where, not speed, rounding, or the ordering of asynchronous copies, barriers and
 fences. Keep it in step with the kernels by hand.
 
-    python attention_cuda/emulate.py    # ~15 s: forwards (o, lse; 16 and 32 rows per warp; wgmma), dQ and the
-                                        # wgmma backward (dQ, dK, dV) vs float64, tails and kv_len = 1
+    python attention_cuda/emulate.py    # ~20 s: forwards (o, lse; 16 and 32 rows per warp; wgmma; TMA with and
+                                        # without the overlap), dQ and the wgmma backward (dQ, dK, dV) vs
+                                        # float64, tails, kv_len = 1, NaN in every padded key and value
 """
 import numpy as np
 
@@ -125,9 +127,9 @@ def mask_keys(s, key0, kv_len):
         for e in range(4):
             s[nb][:, e] = np.where(key0 + nb * 8 + 2 * T + (e & 1) >= kv_len, -np.inf, s[nb][:, e])
 
-def softmax_step(s, o, m_row, l_row, scale_log2):
-    """attention.cu's softmax_step for one warp: s[NB][32][4] -> P in place, o[ND][32][4] rescaled,
-    m_row[2][32], l_row[2][32] updated."""
+def softmax_rows(s, m_row, l_row, scale_log2):
+    """attention.cu's softmax_rows for one warp: s[NB][32][4] -> P in place, m_row[2][32], l_row[2][32]
+    updated; returns alpha[2][32], the factors for o."""
     alpha = np.zeros((2, 32))
     for r in range(2):
         mx = np.max(s[:, :, 2 * r:2 * r + 2], axis=(0, 2))
@@ -139,9 +141,15 @@ def softmax_step(s, o, m_row, l_row, scale_log2):
             for e in (2 * r, 2 * r + 1):
                 s[nb][:, e] = np.exp2(s[nb][:, e] * scale_log2 - m_new); sm += s[nb][:, e]
         l_row[r] = l_row[r] * alpha[r] + sm
+    return alpha
+
+def rescale_rows(o, alpha):
     for nd in range(len(o)):
         o[nd][:, 0] *= alpha[0]; o[nd][:, 1] *= alpha[0]
         o[nd][:, 2] *= alpha[1]; o[nd][:, 3] *= alpha[1]
+
+def softmax_step(s, o, m_row, l_row, scale_log2):
+    rescale_rows(o, softmax_rows(s, m_row, l_row, scale_log2))
 
 def store_rows(o, m_row, l_row, o_out, lse_out, row_base, Lq):
     """attention.cu's store_rows for one warp whose 16-row m-tile starts at global row row_base."""
@@ -313,6 +321,151 @@ def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
                 store_rows(o[wg][w], m_row[wg][w], l_row[wg][w], o_out, lse_out, m0 + wg * 64 + w * 16, Lq)
     return o_out, lse_out
 
+# ---------------------------------------------------------------------------------------------------
+# Version 2.1, attn_fwd_ws_kernel. Global memory is a flat array of 16-bit slots too (byte address // 2):
+# the host's tensor maps (fwd_tensor_map, transcribed) are applied by a model of the copy engine written
+# from the driver API's description of a tiled tensor map (box row-major in shared memory, innermost
+# dimension contiguous; the 128-byte swizzle on absolute shared addresses; zeros outside the tensor), not
+# from the kernel's old store formula. Ordering (mbarriers, the producer running ahead, ping-pong) is not
+# modelled: each tile is copied just before the consumers' first use, which the barriers guarantee; the
+# in-warpgroup overlap is transcribed (which P meets which V, when o is rescaled).
+
+def fwd_tensor_map(ptr, strides, length, B, H, D, rows):  # transcribed: ptr in bytes, strides in elements (b, l, h)
+    sb, sl, sh = strides
+    s_h = D * 2 if H == 1 else sh * 2
+    s_l = s_h * H if length == 1 else sl * 2
+    s_b = s_l * length if B == 1 else sb * 2
+    return dict(ptr=ptr, dims=(D, H, length, B), strides=(2, s_h, s_l, s_b), box=(64, 1, rows, 1))
+
+def tma_load_4d(mem, dst, gmem, tmap, coords):
+    """The copy engine: the box at coords (innermost first) into shared memory at dst."""
+    dims, st, box = tmap["dims"], tmap["strides"], tmap["box"]
+    assert dst % 1024 == 0 and box[0] * 2 <= 128
+    off = 0
+    for i3 in range(box[3]):
+        for i2 in range(box[2]):
+            for i1 in range(box[1]):
+                c = (coords[0] + np.arange(box[0]), coords[1] + i1, coords[2] + i2, coords[3] + i3)
+                vals = np.zeros(box[0])
+                if all(0 <= c[d] < dims[d] for d in (1, 2, 3)):
+                    ok = c[0] < dims[0]
+                    addr = tmap["ptr"] + c[0][ok] * st[0] + sum(c[d] * st[d] for d in (1, 2, 3))
+                    vals[ok] = gmem[addr // 2]
+                mem[sw128(dst + off + 2 * np.arange(box[0])) // 2] = vals
+                off += box[0] * 2
+
+def zero_tail_rows(mem, tile, first, rows, D):  # transcribed: the 128 threads' chunks together
+    for i in range(128):
+        for c in range(first * 8 + i, rows * 8, 128):
+            for half in range(D // 64):
+                a = tile + half * rows * 128 + c * 16
+                mem[a // 2:a // 2 + 8] = 0.
+
+def fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap, stages=2, BM=128, BN=128):
+    """attn_fwd_ws_kernel over all (b, h): o (B, Lq, H, D) and lse (B, H, Lq); maps = (q, k, v) tensor maps."""
+    Q_BYTES, KV_BYTES = BM * D * 2, BN * D * 2
+    o_out = np.full((B, Lq, H, D), np.nan); lse_out = np.full((B, H, Lq), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    for b in range(B):
+        kv_len = int(kv_lens[b]); n_tiles = (kv_len + BN - 1) // BN
+        tail = kv_len - (n_tiles - 1) * BN
+        for h in range(H):
+            for blk in range((Lq + BM - 1) // BM):
+                m0 = blk * BM
+                mem = np.full((Q_BYTES + 2 * stages * KV_BYTES) // 2, np.nan)
+                sQ, sK = 0, Q_BYTES; sV = sK + stages * KV_BYTES
+                for half in range(D // 64):
+                    tma_load_4d(mem, sQ + half * BM * 128, gmem, maps[0], (half * 64, h, m0, b))
+                o = np.zeros((2, 4, D // 8, 32, 4)); m_row = np.full((2, 4, 2, 32), -np.inf); l_row = np.zeros((2, 4, 2, 32))
+                pa = [None, None]; alpha = [None, None]
+
+                def copy(j):  # the producer's two copies of tile j
+                    st = j % stages
+                    for half in range(D // 64):
+                        tma_load_4d(mem, sK + st * KV_BYTES + half * BN * 128, gmem, maps[1], (half * 64, h, j * BN, b))
+                        tma_load_4d(mem, sV + st * KV_BYTES + half * BN * 128, gmem, maps[2], (half * 64, h, j * BN, b))
+
+                def scores(cw, j):
+                    s = dot_rows(mem, sQ + cw * 64 * 128, sK + (j % stages) * KV_BYTES, D, BM, BN, BN)
+                    al = []
+                    for w in range(4):
+                        if j == n_tiles - 1 and tail < BN:
+                            mask_keys(s[w], j * BN, kv_len)
+                        al.append(softmax_rows(s[w], m_row[cw][w], l_row[cw][w], scale_log2))
+                    return s, al
+
+                def values(cw, j):
+                    st = j % stages
+                    if j == n_tiles - 1 and tail < BN:
+                        zero_tail_rows(mem, sV + st * KV_BYTES, tail, BN, D)
+                    o[cw] = acc_rows(o[cw], pa[cw], mem, sV + st * KV_BYTES, BN)
+
+                if overlap:
+                    copy(0)
+                    for cw in range(2):
+                        s, alpha[cw] = scores(cw, 0)
+                        pa[cw] = [pack_a(s[w]) for w in range(4)]
+                    for j in range(1, n_tiles):
+                        copy(j)
+                        for cw in range(2):
+                            s, alpha[cw] = scores(cw, j)
+                            o[cw] = acc_rows(o[cw], pa[cw], mem, sV + ((j - 1) % stages) * KV_BYTES, BN)  # tile j-1's P V
+                            for w in range(4):
+                                rescale_rows(o[cw][w], alpha[cw][w])
+                            pa[cw] = [pack_a(s[w]) for w in range(4)]
+                    for cw in range(2):
+                        values(cw, n_tiles - 1)
+                else:
+                    for j in range(n_tiles):
+                        copy(j)
+                        for cw in range(2):
+                            s, alpha[cw] = scores(cw, j)
+                            for w in range(4):
+                                rescale_rows(o[cw][w], alpha[cw][w])
+                            pa[cw] = [pack_a(s[w]) for w in range(4)]
+                            values(cw, j)
+                for cw in range(2):
+                    for w in range(4):
+                        store_rows(o[cw][w], m_row[cw][w], l_row[cw][w], o_out[:, :, h][b], lse_out[b, h],
+                                   m0 + cw * 64 + w * 16, Lq)
+    return o_out, lse_out
+
+def ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed):
+    """Random q, k, v in one flat global buffer (packed: q, k, v interleaved per row as a fused QKV
+    projection would leave them, else three (B, L, H, D) tensors), NaN in every padded key and value;
+    returns the relative errors of o and lse against float64 per (b, h)."""
+    if packed:
+        assert Lq == Lk
+        buf = rng.standard_normal((B, Lq, 3, H, D))
+        strides = (Lq * 3 * H * D, 3 * H * D, D)
+        ptrs = [(i * H * D) * 2 for i in range(3)]
+        q4, k4, v4 = buf[:, :, 0], buf[:, :, 1], buf[:, :, 2]
+        gmem = buf.reshape(-1)
+        s_q = s_kv = strides
+    else:
+        q4 = rng.standard_normal((B, Lq, H, D)); k4 = rng.standard_normal((B, Lk, H, D)); v4 = rng.standard_normal((B, Lk, H, D))
+        gmem = np.concatenate([q4.reshape(-1), k4.reshape(-1), v4.reshape(-1)])
+        ptrs = [0, q4.size * 2, (q4.size + k4.size) * 2]
+        s_q, s_kv = (Lq * H * D, H * D, D), (Lk * H * D, H * D, D)
+    for b in range(B):  # poison what must never be read (through gmem: q4, k4, v4 are views or copies)
+        for x, ptr, st in ((k4, ptrs[1], s_kv), (v4, ptrs[2], s_kv)):
+            for l in range(int(kv_lens[b]), Lk):
+                for h in range(H):
+                    a = ptr // 2 + b * st[0] + l * st[1] + h * st[2]
+                    gmem[a:a + D] = np.nan
+    k4 = np.array(k4); v4 = np.array(v4); q4 = np.array(q4)
+    maps = (fwd_tensor_map(ptrs[0], s_q, Lq, B, H, D, 128), fwd_tensor_map(ptrs[1], s_kv, Lk, B, H, D, 128),
+            fwd_tensor_map(ptrs[2], s_kv, Lk, B, H, D, 128))
+    scale = 1 / np.sqrt(D)
+    o, lse = fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap)
+    e = lambda x, r: np.linalg.norm(x - r) / np.linalg.norm(r)
+    errs = []
+    for b in range(B):
+        for h in range(H):
+            o_ref, _, lse_ref, _ = reference(q4[b, :, h], k4[b, :, h], v4[b, :, h], q4[b, :, h], int(kv_lens[b]), scale)
+            errs.append((e(o[b, :, h], o_ref), e(lse[b, h], lse_ref)))
+    return np.max(errs, 0), np.isfinite(o).all()
+
 def pack_a(x):
     """C fragments x[NB][32][4] of one warp -> A fragments [NB / 2][4][32][2] (k-step kk = blocks 2kk, 2kk+1)."""
     return [[pack2(x[2 * kk][:, 0], x[2 * kk][:, 1]), pack2(x[2 * kk][:, 2], x[2 * kk][:, 3]),
@@ -479,3 +632,10 @@ if __name__ == "__main__":
         print(f"wgmma Lq={Lq} Lk={Lk} kv_len={kv_len} D={D}: fwd o {e(o, o_ref):.1e} lse {e(lse2, lse_ref):.1e} "
               f"dq {e(dq, dq_ref):.1e} dk {e(dk, dk_ref):.1e} dv {e(dv, dv_ref):.1e} "
               f"finite {all(np.isfinite(x).all() for x in (o, dq, dk, dv))}", flush=True)
+    # version 2.1 (TMA, warp-specialised): two samples with different kv_len, two heads, both loop shapes
+    for (B, H, Lq, Lk, D, kv_lens, packed) in [(2, 2, 200, 300, 128, (300, 129), False), (2, 2, 77, 260, 64, (1, 256), False),
+                                             (2, 1, 300, 300, 128, (127, 300), True), (1, 2, 130, 140, 64, (140,), False)]:
+        for overlap in (True, False):
+            (eo, el), finite = ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed)
+            print(f"ws B={B} H={H} Lq={Lq} Lk={Lk} D={D} kv_lens={kv_lens} packed={packed} overlap={overlap}: "
+                  f"fwd o {eo:.1e} lse {el:.1e} finite {finite}", flush=True)

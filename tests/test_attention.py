@@ -182,25 +182,35 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 
 
 @gpu
-@pytest.mark.parametrize("which", ["FWD", "BWD"])
+@pytest.mark.parametrize("which, value, launched", [("FWD", "1", "2.0"), ("FWD", "ws", "2.1 ws"),
+                                                    ("FWD", "ws-pingpong", "2.1 ws-pingpong"),
+                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
                                         (517, [517 - 216, 40]), (129, [128, 129])])
-def test_kernel_wgmma(monkeypatch, which, dtype, D, L, kv_lens):
-    """Version 2.0's kernels (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA=1 / ATTENTION_CUDA_BWD_WGMMA=1, compute
-    capability 9.0 only), one side at a time so a failure names it: the same checks (the backward reads the
-    log-sum-exp the forward saves, so FWD checks that too)."""
+def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens):
+    """Versions 2.0 and 2.1 (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA = 1, ws, ws-pingpong, ws-plain;
+    ATTENTION_CUDA_BWD_WGMMA = 1; compute capability 9.0 only), one side at a time so a failure names it: the
+    same checks (the backward reads the log-sum-exp the forward saves, so FWD checks that too), and the
+    launcher must really have taken the kernel asked for (it falls back silently where one does not apply)."""
     if torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the wgmma kernels are sm_90a code: they need an H100/H200")
-    monkeypatch.setenv(f"ATTENTION_CUDA_{which}_WGMMA", "1")
+    monkeypatch.setenv(f"ATTENTION_CUDA_{which}_WGMMA", value)
     test_kernel_forward_backward(dtype, D, L, kv_lens)
+    assert attention_cuda.last_kernels()[0 if which == "FWD" else 1] == launched
 
 
 @gpu
-def test_kernel_matches_fallback_and_other_shapes():
-    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens."""
+@pytest.mark.parametrize("fwd", [None, "ws"])
+def test_kernel_matches_fallback_and_other_shapes(monkeypatch, fwd):
+    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens; also through
+    version 2.1's tensor maps (fwd = ws, Hopper only), which read those strides themselves."""
     assert kernel_available()
+    if fwd is not None:
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("version 2.1 is sm_90a code: it needs an H100/H200")
+        monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", fwd)
     B, L, H, D = 2, 333, 4, 128
     qkv_packed = rand(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=11)
     q, k, v = qkv_packed.unbind(2)
@@ -210,6 +220,8 @@ def test_kernel_matches_fallback_and_other_shapes():
     assert rel_err(o, reference(q[:, :77], k, v, [333, 100])) < 1e-2
     o_fb = attention_cuda._sdpa(q[:, :77].float(), k.float(), v.float(), (333, 100))
     assert rel_err(o, o_fb.double()) < 1e-2
+    if fwd is not None:
+        assert attention_cuda.last_kernels()[0] == "2.1 ws"
 
 
 @gpu
