@@ -184,7 +184,8 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 @gpu
 @pytest.mark.parametrize("which, value, launched", [("FWD", "1", "2.0"), ("FWD", "ws", "2.1 ws"),
                                                     ("FWD", "ws-pingpong", "2.1 ws-pingpong"),
-                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0")])
+                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0")],
+                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "bwd_v20"])  # -k picks one
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
