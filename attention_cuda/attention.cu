@@ -715,10 +715,22 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
 }
 // Spin until the phase of the given parity has completed (true at once for the phase before the first).
+// Every legitimate wait here lasts microseconds (a tile's copy or a tile's products); one that lasts 2^26
+// tries (a second or more: each try costs tens of clocks, and try_wait may suspend the thread a while before
+// it returns false) is a synchronisation bug, and the kernel traps (the launch fails with an error)
+// instead of hanging the GPU.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n.reg .pred done;\nwait_again:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@!done bra wait_again;\n}\n" :: "r"(bar), "r"(parity) : "memory");
+    // The loop stays inside one asm block: written as a C++ loop, ptxas kept more registers live around it
+    // and spilled in the overlapped forward.
+    asm volatile("{\n.reg .pred ready, more;\n.reg .u32 spins;\nmov.u32 spins, 0;\n"
+                 "wait_again:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
+                 "@ready bra wait_done;\n"
+                 "add.u32 spins, spins, 1;\n"
+                 "setp.lt.u32 more, spins, 67108864;\n"  // 2^26 tries, seconds: a hang, not a wait
+                 "@more bra wait_again;\n"
+                 "trap;\n"
+                 "wait_done:\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 // Copy the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into shared memory at dst; the
 // bytes complete on mbarrier bar. dst must be 1024-byte aligned for the 128-byte swizzle.
