@@ -691,7 +691,8 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
 //             once that has landed (softmax_rows / rescale_rows).
 // Padded keys: the producer copies ceil(kv_len / 128) tiles; keys past kv_len in the last one are masked
 // to -inf as before, and their V rows, which TMA copies as they are in memory (anything, even NaN: 0 x NaN
-// is NaN on the tensor cores too), are zeroed in shared memory before P V (zero_tail_rows).
+// is NaN on the tensor cores too), are zeroed in shared memory before P V (zero_tail_rows, by both
+// consumers, which then meet at a barrier: no write can overlap a read of the other's product).
 constexpr int WS_STAGES = 2;
 constexpr int WS_THREADS = 384;
 // mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
@@ -759,13 +760,13 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[NK][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e]) :: "memory");
 }
 
-// Zero rows [first, ROWS) of a swizzled ROWS x D tile, by the 128 threads of one warpgroup (thread
-// index i in 0..127). The swizzle permutes 16-byte chunks within a row only, so a row's 128 bytes per
-// 64-column half stay where they are. The tensor cores read the tile next: each writing thread fences its
-// stores into the async proxy; the caller then syncs the warpgroup.
-template <int ROWS, int D>
+// Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (thread index i in 0..NT-1). The
+// swizzle permutes 16-byte chunks within a row only, so a row's 128 bytes per 64-column half stay where
+// they are. The tensor cores read the tile next: each writing thread fences its stores into the async
+// proxy; the caller then syncs the NT threads.
+template <int ROWS, int D, int NT>
 __device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, int i) {
-    for (int c = first * 8 + i; c < ROWS * 8; c += 128)  // 8 chunks of 16 B per 128-byte row
+    for (int c = first * 8 + i; c < ROWS * 8; c += NT)  // 8 chunks of 16 B per 128-byte row
 #pragma unroll
         for (int half = 0; half < D / 64; ++half)
             *reinterpret_cast<uint4*>(tile + half * ROWS * 128 + c * 16) = make_uint4(0, 0, 0, 0);
@@ -839,7 +840,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const float scale_log2 = p.scale * LOG2E;
         const int tail = kv_len - (n_tiles - 1) * WG_BN;  // valid keys in the last tile, 1..128
         // Named barrier 1 + c: "consumer c may issue". Consumer 0 goes first; each passes the turn on after
-        // issuing a tile's products (ids 3, 4: one warpgroup alone, after zeroing V's padded rows).
+        // issuing a tile's products (id 3: both consumers, after zeroing V's padded rows).
         if (PINGPONG && cw == 1) named_arrive(1, 256);
 
         float o[D / 8][4] = {};
@@ -877,9 +878,9 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         auto values = [&](int j) {
             const int st = j % WS_STAGES;
             mbar_wait(v_full(st), (j / WS_STAGES) & 1);
-            if (j == n_tiles - 1 && tail < WG_BN) {
-                zero_tail_rows<WG_BN, D>(sV + st * KV_BYTES, tail, threadIdx.x % 128);
-                named_sync(3 + cw, 128);
+            if (j == n_tiles - 1 && tail < WG_BN) {  // both consumers share the work, then wait for each other
+                zero_tail_rows<WG_BN, D, 256>(sV + st * KV_BYTES, tail, threadIdx.x - 128);
+                named_sync(3, 256);
             }
             wgmma_fence();
             wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + st * KV_BYTES));
@@ -1549,7 +1550,7 @@ bool fwd_tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnPa
 
 template <typename T, int D, bool PINGPONG, bool OVERLAP>
 cudaError_t launch_forward_ws(const AttnParams& p, const CUtensorMap (&maps)[3], cudaStream_t stream) {
-    const int smem = fwd_ws_smem<T, D>();  // D = 128: 164,936 B; D = 64: 82,984 B
+    const int smem = fwd_ws_smem<T, D>();  // D = 128: 164,936 B; D = 64: 83,016 B
     cudaError_t err = allow_smem(attn_fwd_ws_kernel<T, D, PINGPONG, OVERLAP>, smem);
     if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch);

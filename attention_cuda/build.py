@@ -26,7 +26,11 @@ import attention_cuda  # noqa: E402  (after the path: `python attention_cuda/bui
 
 def report(ptxas_log):
     """ptxas -v's per-kernel lines, one row per kernel and arch: registers, stack frame (non-zero means
-    an array went to local memory) and spills."""
+    an array went to local memory) and spills. Returns the problems that make --check fail: any spill or
+    stack frame in a Hopper kernel (versions 2.x), and ptxas's wgmma warnings (C7508: setmaxnreg ignored;
+    C7512, C7514: wgmmas serialised, for lack of registers or because registers in flight are touched).
+    The overlapped forward runs close to its 240 registers: a small change can tip it over."""
+    problems = [line.strip() for line in ptxas_log.splitlines() if re.search(r"\(C75(08|12|14)\)", line)]
     name = None
     for line in ptxas_log.splitlines():
         m = re.search(r"Compiling entry function '.*?(attn_\w+?_kernel)I(\w+?)Li(\d+)E(?:Li(\d+)E)?(?:Li(\d+)E)?"
@@ -47,7 +51,10 @@ def report(ptxas_log):
             if ("wgmma" not in name and "_ws_" not in name) or name.endswith("sm_90a"):
                 cap = " (cap; setmaxnreg 240/24)" if "_ws_" in name else ""
                 print(f"  {name:60s} {m[1]:>3} registers{cap}, {frame}")
+                if ("wgmma" in name or "_ws_" in name) and frame != "stack 0 B, spills 0/0 B":
+                    problems.append(f"{name}: {frame}")
             name = None
+    return problems
 
 
 def check():
@@ -64,7 +71,9 @@ def check():
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode:
             sys.exit(f"build.py --check: nvcc failed:\n{r.stderr}")
-        report(r.stderr)
+        problems = report(r.stderr)
+        if problems:
+            sys.exit("build.py --check: the Hopper kernels compile badly:\n  " + "\n  ".join(problems))
         cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
         if cxx is None:
             print("no host C++ compiler: binding.cpp not checked")

@@ -354,9 +354,9 @@ def tma_load_4d(mem, dst, gmem, tmap, coords):
                 mem[sw128(dst + off + 2 * np.arange(box[0])) // 2] = vals
                 off += box[0] * 2
 
-def zero_tail_rows(mem, tile, first, rows, D):  # transcribed: the 128 threads' chunks together
-    for i in range(128):
-        for c in range(first * 8 + i, rows * 8, 128):
+def zero_tail_rows(mem, tile, first, rows, D, NT=256):  # transcribed: the NT threads' chunks together
+    for i in range(NT):
+        for c in range(first * 8 + i, rows * 8, NT):
             for half in range(D // 64):
                 a = tile + half * rows * 128 + c * 16
                 mem[a // 2:a // 2 + 8] = 0.
@@ -396,8 +396,8 @@ def fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap, stages=2, BM
 
                 def values(cw, j):
                     st = j % stages
-                    if j == n_tiles - 1 and tail < BN:
-                        zero_tail_rows(mem, sV + st * KV_BYTES, tail, BN, D)
+                    if j == n_tiles - 1 and tail < BN and cw == 0:  # both consumers' 256 threads, once, before
+                        zero_tail_rows(mem, sV + st * KV_BYTES, tail, BN, D)  # either's P V (the barrier)
                     o[cw] = acc_rows(o[cw], pa[cw], mem, sV + st * KV_BYTES, BN)
 
                 if overlap:
