@@ -27,7 +27,7 @@
 // [n][k] tile in shared memory (K, for Q K^T) gives B fragments with plain ldmatrix, while a [k][n]
 // tile (V, for P V) needs .trans.
 
-#include <cuda.h>  // CUtensorMap and its enums only: nothing links libcuda (see fwd_tensor_map)
+#include <cuda.h>  // CUtensorMap and its enums only: nothing links libcuda (see tensor_map)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -677,7 +677,7 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
 // 2.0's products (paper: Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Three warpgroups:
 //   warpgroup 0, the producer: one thread issues TMA (bulk tensor) copies, Q once and then K and V tile by
 //     tile into a ring of WS_STAGES shared-memory stages; the copy engine writes the 128-byte-swizzled
-//     layout itself (tensor maps built on the host, fwd_tensor_map). It gives most of its registers away
+//     layout itself (tensor maps built on the host, tensor_map). It gives most of its registers away
 //     (setmaxnreg 24), the consumers take them (240).
 //   warpgroups 1 and 2, the consumers: 64 query rows each, as the two warpgroups of version 2.0, but no
 //     longer in step: each waits for a stage's "full" mbarrier (the copy's bytes have landed) and arrives on
@@ -1424,6 +1424,286 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Backward, version 2.1 (sm_90a; opt-in ATTENTION_CUDA_BWD_WGMMA=ws, not yet run on a GPU): version 2.0's
+// two kernels (the same products, the same recomputation) with the forward 2.1's structure: a producer
+// warpgroup (setmaxnreg 24) feeding a two-stage ring through TMA and mbarriers, two consumer warpgroups
+// (240) that no longer step together through a block barrier per tile. No ping-pong and no in-warpgroup
+// overlap: the dK/dV consumers hold 128 accumulator registers (dK and dV) besides a tile's S^T and dP^T,
+// which leaves no room for a second tile's scores.
+// Padded keys (TMA copies whatever memory holds; NaN in the tests): every P and dS of a key past kv_len is
+// selected to 0, never multiplied by a mask, so NaN in K or V cannot reach them; the one product that
+// reads K rows as the contracted dimension (dQ += dS K) gets its last tile's padded K rows zeroed first.
+constexpr int WSB_STAGES = 2;
+template <typename T, int D> constexpr int dkdv_ws_smem() {  // K, V, stages x (Q, dO, lse, delta), barriers, align
+    return (2 * WGB_BN + 2 * WSB_STAGES * WGB_BM) * D * static_cast<int>(sizeof(T)) + WSB_STAGES * 2 * WGB_BM * 4 +
+           (1 + 2 * WSB_STAGES) * 8 + 1024;
+}
+template <typename T, int D> constexpr int dq_ws_smem() {  // Q, dO, stages x (K, V), barriers, align
+    return (2 * WGQ_BM + 2 * WSB_STAGES * WGQ_BN) * D * static_cast<int>(sizeof(T)) + (1 + 2 * WSB_STAGES) * 8 + 1024;
+}
+
+// dK, dV: one block = 128 keys (64 per consumer warpgroup), query tiles of 64 rows. The producer's thread 0
+// copies K and V once and Q, dO tile by tile; its warp 1 copies each tile's lse and delta (64 floats each,
+// with lse_at / delta_at's values past Lq) with plain loads and stores, every lane arriving on the stage's
+// full barrier after its stores (33 arrivals: 1 expect_tx + 32).
+template <typename T, int D>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    attn_bwd_dkdv_ws_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
+                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                            const __grid_constant__ CUtensorMap map_do) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int KV_BYTES = WGB_BN * D * 2, QT_BYTES = WGB_BM * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sK = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sV = sK + KV_BYTES;
+    unsigned char* sQ = sV + KV_BYTES;                // [WSB_STAGES][QT_BYTES]
+    unsigned char* sdO = sQ + WSB_STAGES * QT_BYTES;  // [WSB_STAGES][QT_BYTES]
+    float* sLse = reinterpret_cast<float*>(sdO + WSB_STAGES * QT_BYTES);  // [WSB_STAGES][WGB_BM]
+    float* sDelta = sLse + WSB_STAGES * WGB_BM;                          // [WSB_STAGES][WGB_BM]
+    const uint32_t bars = smem_u32(sDelta + WSB_STAGES * WGB_BM);
+    const uint32_t kv_full = bars;
+    auto q_full = [&](int st) { return bars + 8 * (1 + st); };
+    auto q_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
+
+    const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128;
+    const int kv_len = p.kv_lens[b];
+    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
+    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
+    if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
+        zero_key_rows<T, D, WS_THREADS>(p, dk, dv, n0, min(WGB_BN, p.len_k - n0));
+        return;
+    }
+    const int q_tiles = (p.len_q + WGB_BM - 1) / WGB_BM;
+
+    if (threadIdx.x == 0) {
+        mbar_init(kv_full, 1);
+        for (int st = 0; st < WSB_STAGES; ++st) {
+            mbar_init(q_full(st), 1 + 32);
+            mbar_init(q_empty(st), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+        if (threadIdx.x == 0) {
+            mbar_arrive_expect(kv_full, 2 * KV_BYTES);
+            for (int half = 0; half < D / 64; ++half) {
+                tma_load_4d(smem_u32(sK) + half * WGB_BN * 128, &map_k, kv_full, half * 64, h, n0, b);
+                tma_load_4d(smem_u32(sV) + half * WGB_BN * 128, &map_v, kv_full, half * 64, h, n0, b);
+            }
+            for (int it = 0; it < q_tiles; ++it) {
+                const int st = it % WSB_STAGES;
+                if (it >= WSB_STAGES) mbar_wait(q_empty(st), ((it / WSB_STAGES) & 1) ^ 1);
+                mbar_arrive_expect(q_full(st), 2 * QT_BYTES);
+                for (int half = 0; half < D / 64; ++half) {  // rows past Lq: zeros
+                    tma_load_4d(smem_u32(sQ + st * QT_BYTES) + half * WGB_BM * 128, &map_q, q_full(st), half * 64, h,
+                                it * WGB_BM, b);
+                    tma_load_4d(smem_u32(sdO + st * QT_BYTES) + half * WGB_BM * 128, &map_do, q_full(st), half * 64,
+                                h, it * WGB_BM, b);
+                }
+            }
+        } else if (warp == 1) {
+            const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+            for (int it = 0; it < q_tiles; ++it) {
+                const int st = it % WSB_STAGES;
+                if (it >= WSB_STAGES) mbar_wait(q_empty(st), ((it / WSB_STAGES) & 1) ^ 1);
+#pragma unroll
+                for (int r = lane; r < WGB_BM; r += 32) {
+                    sLse[st * WGB_BM + r] = in.lse_at(it * WGB_BM + r, p.len_q);
+                    sDelta[st * WGB_BM + r] = in.delta_at(it * WGB_BM + r, p.len_q);
+                }
+                mbar_arrive(q_full(st));  // release: this lane's stores are visible to whoever waits on the phase
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+        const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+        const float scale_log2 = p.scale * LOG2E;
+        const int key_g = n0 + cw * 64 + warp * 16 + g;  // this thread's key rows: key_g and key_g + 8
+        const bool valid_key[2] = {key_g < kv_len, key_g + 8 < kv_len};
+        const uint32_t k_addr = smem_u32(sK) + cw * 64 * 128, v_addr = smem_u32(sV) + cw * 64 * 128;
+        float dk_acc[D / 8][4] = {};
+        float dv_acc[D / 8][4] = {};
+        mbar_wait(kv_full, 0);
+
+        for (int it = 0; it < q_tiles; ++it) {
+            const int st = it % WSB_STAGES;
+            mbar_wait(q_full(st), (it / WSB_STAGES) & 1);
+            const uint32_t q_addr = smem_u32(sQ + st * QT_BYTES), do_addr = smem_u32(sdO + st * QT_BYTES);
+            const float* lse_i = sLse + st * WGB_BM;
+            const float* delta_i = sDelta + st * WGB_BM;
+
+            float s[WGB_BM / 8][4], dp[WGB_BM / 8][4];  // S^T and dP^T: key rows, query columns
+            wgmma_fence();
+            wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(s, k_addr, q_addr);
+            wgmma_commit();
+            wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(dp, v_addr, do_addr);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs(s);
+            uint32_t pa[WGB_BM / 16][4], sa[WGB_BM / 16][4];
+#pragma unroll
+            for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int qi = nb * 8 + 2 * t + (e & 1);
+                    s[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(s[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+                }
+            pack_a<T>(s, pa);
+            wgmma_wait<0>();
+            fence_regs(dp);
+#pragma unroll
+            for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    dp[nb][e] = valid_key[e >> 1] ? s[nb][e] * (dp[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]) : 0.f;
+            pack_a<T>(dp, sa);
+            wgmma_fence();
+            wgmma_acc_rows<T, D, WGB_BM>(dv_acc, pa, do_addr);
+            wgmma_acc_rows<T, D, WGB_BM>(dk_acc, sa, q_addr);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dv_acc);
+            fence_regs(dk_acc);
+            fence_regs(pa);
+            fence_regs(sa);
+            if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
+        }
+        store_scaled(dk_acc, dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
+        store_scaled(dv_acc, dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
+    }
+#endif
+}
+
+// dQ: one block = 128 queries (64 per consumer warpgroup; Q and dO copied once), key tiles of 64 rows, K and
+// V of a tile on one full barrier. The last tile's keys past kv_len: S and dS selected to 0; their K rows
+// zeroed in shared memory before dQ += dS K, between two barriers of both consumers (the first: both have
+// finished reading K for S; the second: the zeros are in).
+template <typename T, int D>
+__global__ void __launch_bounds__(WS_THREADS, 1)
+    attn_bwd_dq_ws_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
+                          const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                          const __grid_constant__ CUtensorMap map_do) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    constexpr int QT_BYTES = WGQ_BM * D * 2, KV_BYTES = WGQ_BN * D * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
+    unsigned char* sdO = sQ + QT_BYTES;
+    unsigned char* sK = sdO + QT_BYTES;               // [WSB_STAGES][KV_BYTES]
+    unsigned char* sV = sK + WSB_STAGES * KV_BYTES;   // [WSB_STAGES][KV_BYTES]
+    const uint32_t bars = smem_u32(sV + WSB_STAGES * KV_BYTES);
+    const uint32_t q_full = bars;
+    auto kv_full = [&](int st) { return bars + 8 * (1 + st); };
+    auto kv_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
+
+    const int m0 = blockIdx.x * WGQ_BM, h = blockIdx.y, b = blockIdx.z;
+    const int wg = threadIdx.x / 128;
+    const int kv_len = p.kv_lens[b];
+    const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;
+
+    if (threadIdx.x == 0) {
+        mbar_init(q_full, 1);
+        for (int st = 0; st < WSB_STAGES; ++st) {
+            mbar_init(kv_full(st), 1);
+            mbar_init(kv_empty(st), 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (threadIdx.x == 0) {
+            mbar_arrive_expect(q_full, 2 * QT_BYTES);
+            for (int half = 0; half < D / 64; ++half) {  // rows past Lq: zeros
+                tma_load_4d(smem_u32(sQ) + half * WGQ_BM * 128, &map_q, q_full, half * 64, h, m0, b);
+                tma_load_4d(smem_u32(sdO) + half * WGQ_BM * 128, &map_do, q_full, half * 64, h, m0, b);
+            }
+            for (int j = 0; j < n_tiles; ++j) {
+                const int st = j % WSB_STAGES;
+                if (j >= WSB_STAGES) mbar_wait(kv_empty(st), ((j / WSB_STAGES) & 1) ^ 1);
+                mbar_arrive_expect(kv_full(st), 2 * KV_BYTES);
+                for (int half = 0; half < D / 64; ++half) {
+                    tma_load_4d(smem_u32(sK + st * KV_BYTES) + half * WGQ_BN * 128, &map_k, kv_full(st), half * 64, h,
+                                j * WGQ_BN, b);
+                    tma_load_4d(smem_u32(sV + st * KV_BYTES) + half * WGQ_BN * 128, &map_v, kv_full(st), half * 64, h,
+                                j * WGQ_BN, b);
+                }
+            }
+        }
+    } else {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+        const int cw = wg - 1, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+        const BwdSlice<T> in = bwd_slice<T>(p, b, h);
+        const int row_g = m0 + cw * 64 + warp * 16 + g;
+        float row_lse[2], row_delta[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            row_lse[r] = in.lse_at(row_g + 8 * r, p.len_q);
+            row_delta[r] = in.delta_at(row_g + 8 * r, p.len_q);
+        }
+        const uint32_t q_addr = smem_u32(sQ) + cw * 64 * 128, do_addr = smem_u32(sdO) + cw * 64 * 128;
+        const float scale_log2 = p.scale * LOG2E;
+        const int tail = kv_len - (n_tiles - 1) * WGQ_BN;  // valid keys in the last tile, 1..64
+        float dq[D / 8][4] = {};
+        mbar_wait(q_full, 0);
+
+        for (int j = 0; j < n_tiles; ++j) {
+            const int st = j % WSB_STAGES;
+            mbar_wait(kv_full(st), (j / WSB_STAGES) & 1);
+            const uint32_t k_addr = smem_u32(sK + st * KV_BYTES), v_addr = smem_u32(sV + st * KV_BYTES);
+            const bool last_partial = j == n_tiles - 1 && tail < WGQ_BN;
+
+            float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
+            wgmma_fence();
+            wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(s, q_addr, k_addr);
+            wgmma_commit();
+            wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(dp, do_addr, v_addr);
+            wgmma_commit();
+            wgmma_wait<1>();
+            fence_regs(s);
+#pragma unroll
+            for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool masked = last_partial && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len;
+                    s[nb][e] = masked ? 0.f : fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
+                }
+            wgmma_wait<0>();
+            fence_regs(dp);
+            uint32_t sa[WGQ_BN / 16][4];
+#pragma unroll
+            for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const bool masked = last_partial && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len;
+                    dp[nb][e] = masked ? 0.f : s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
+                }
+            pack_a<T>(dp, sa);
+            if (last_partial) {
+                named_sync(3, 256);  // both consumers' S = Q K^T on this stage are done
+                zero_tail_rows<WGQ_BN, D, 256>(sK + st * KV_BYTES, tail, threadIdx.x - 128);
+                named_sync(3, 256);
+            }
+            wgmma_fence();
+            wgmma_acc_rows<T, D, WGQ_BN>(dq, sa, k_addr);
+            wgmma_commit();
+            wgmma_wait<0>();
+            fence_regs(dq);
+            fence_regs(sa);
+            if (lane == 0) mbar_arrive(kv_empty(st));
+        }
+        T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
+        store_scaled(dq, dqp, p.dq.stride_l, row_g, p.len_q, t, p.scale);
+    }
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Launchers
 
 template <typename Kernel>
@@ -1487,7 +1767,7 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
 // Versions 2.0 and 2.1 (wgmma) run only where asked and only on compute capability 9.0 (their sm_90a code
 // exists for nothing else): they are not yet measured on a GPU (NOTES.md). ATTENTION_CUDA_FWD_WGMMA = 1
 // (version 2.0), ws (2.1: both overlaps), ws-pingpong (2.1 without the in-warpgroup overlap), ws-plain
-// (2.1 with neither: TMA and mbarriers only); ATTENTION_CUDA_BWD_WGMMA = 1 (2.0's backward). Read at every
+// (2.1 with neither: TMA and mbarriers only); ATTENTION_CUDA_BWD_WGMMA = 1 (2.0's backward), ws (2.1's). Read at every
 // launch; anything else is ignored. Returns the value, or null.
 const char* hopper_choice(const char* env_name) {
     const char* s = std::getenv(env_name);
@@ -1532,7 +1812,7 @@ EncodeTiled encode_tiled() {
 // x 1 sample, written to shared memory in the 128-byte-swizzled layout, zeros where it leaves the tensor.
 // A size-1 dimension's stride is never used: the natural one stands in (the driver wants multiples of 16).
 // False where the driver refuses (e.g. strides not multiples of 16 bytes): the caller falls back.
-bool fwd_tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams& p, int rows) {
+bool tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams& p, int rows) {
     const EncodeTiled encode = encode_tiled();
     if (encode == nullptr) return false;
     const cuuint64_t s_h = p.heads == 1 ? p.head_dim * 2 : x.stride_h * 2;
@@ -1565,8 +1845,8 @@ cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     const char* choice = hopper_choice("ATTENTION_CUDA_FWD_WGMMA");
     CUtensorMap maps[3];
     if (choice != nullptr && strncmp(choice, "ws", 2) == 0 && fwd_ws_smem<T, D>() <= smem_max &&
-        fwd_tensor_map(&maps[0], p.q, p.len_q, p, WG_BM) && fwd_tensor_map(&maps[1], p.k, p.len_k, p, WG_BN) &&
-        fwd_tensor_map(&maps[2], p.v, p.len_k, p, WG_BN)) {
+        tensor_map(&maps[0], p.q, p.len_q, p, WG_BM) && tensor_map(&maps[1], p.k, p.len_k, p, WG_BN) &&
+        tensor_map(&maps[2], p.v, p.len_k, p, WG_BN)) {
         if (chosen(choice, "ws")) return launch_forward_ws<T, D, true, true>(p, maps, stream);
         if (chosen(choice, "ws-pingpong")) return launch_forward_ws<T, D, true, false>(p, maps, stream);
         if (chosen(choice, "ws-plain")) return launch_forward_ws<T, D, false, false>(p, maps, stream);
@@ -1622,13 +1902,39 @@ cudaError_t launch_backward_wgmma(const AttnParams& p, cudaStream_t stream) {
 }
 
 template <typename T, int D>
+cudaError_t launch_backward_ws(const AttnParams& p, const CUtensorMap (&maps)[4], const CUtensorMap (&maps_dq)[4],
+                               cudaStream_t stream) {
+    cudaError_t err = allow_smem(attn_bwd_dkdv_ws_kernel<T, D>, dkdv_ws_smem<T, D>());  // D = 128: 133,160 B
+    if (err != cudaSuccess) return err;
+    err = allow_smem(attn_bwd_dq_ws_kernel<T, D>, dq_ws_smem<T, D>());  // D = 128: 132,136 B
+    if (err != cudaSuccess) return err;
+    attn_bwd_dkdv_ws_kernel<T, D><<<dim3((p.len_k + WGB_BN - 1) / WGB_BN, p.heads, p.batch), WS_THREADS,
+                                    dkdv_ws_smem<T, D>(), stream>>>(p, maps[0], maps[1], maps[2], maps[3]);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    attn_bwd_dq_ws_kernel<T, D><<<dim3((p.len_q + WGQ_BM - 1) / WGQ_BM, p.heads, p.batch), WS_THREADS,
+                                  dq_ws_smem<T, D>(), stream>>>(p, maps_dq[0], maps_dq[1], maps_dq[2], maps_dq[3]);
+    last_backward = "2.1 ws";
+    return cudaGetLastError();
+}
+
+template <typename T, int D>
 cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
     const long long rows = static_cast<long long>(p.batch) * p.len_q * p.heads;
     attn_bwd_delta_kernel<T, D><<<static_cast<unsigned>((rows + 7) / 8), 256, 0, stream>>>(p);  // 8 rows per block
     cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
-    if (chosen(hopper_choice("ATTENTION_CUDA_BWD_WGMMA"), "1") &&
-        std::max(dkdv_wgmma_smem<T, D>(), dq_wgmma_smem<T, D>()) <= max_smem_per_block())
+    const char* choice = hopper_choice("ATTENTION_CUDA_BWD_WGMMA");
+    // Version 2.1's two kernels tile differently (dK/dV: 128 keys x 64-query tiles; dQ: 128 queries x 64-key
+    // tiles): each has its own maps (q, k, v, dout), boxes of its tile heights.
+    CUtensorMap maps[4], maps_dq[4];
+    if (chosen(choice, "ws") && std::max(dkdv_ws_smem<T, D>(), dq_ws_smem<T, D>()) <= max_smem_per_block() &&
+        tensor_map(&maps[0], p.q, p.len_q, p, WGB_BM) && tensor_map(&maps[1], p.k, p.len_k, p, WGB_BN) &&
+        tensor_map(&maps[2], p.v, p.len_k, p, WGB_BN) && tensor_map(&maps[3], p.dout, p.len_q, p, WGB_BM) &&
+        tensor_map(&maps_dq[0], p.q, p.len_q, p, WGQ_BM) && tensor_map(&maps_dq[1], p.k, p.len_k, p, WGQ_BN) &&
+        tensor_map(&maps_dq[2], p.v, p.len_k, p, WGQ_BN) && tensor_map(&maps_dq[3], p.dout, p.len_q, p, WGQ_BM))
+        return launch_backward_ws<T, D>(p, maps, maps_dq, stream);
+    if (chosen(choice, "1") && std::max(dkdv_wgmma_smem<T, D>(), dq_wgmma_smem<T, D>()) <= max_smem_per_block())
         return launch_backward_wgmma<T, D>(p, stream);
     // dK/dV and dQ are independent of each other; both need only delta (and lse from the forward).
     last_backward = "1.2";

@@ -323,14 +323,14 @@ def fwd_wgmma_kernel(q, k, v, kv_len, scale, BM=128, BN=128):
 
 # ---------------------------------------------------------------------------------------------------
 # Version 2.1, attn_fwd_ws_kernel. Global memory is a flat array of 16-bit slots too (byte address // 2):
-# the host's tensor maps (fwd_tensor_map, transcribed) are applied by a model of the copy engine written
+# the host's tensor maps (tensor_map, transcribed) are applied by a model of the copy engine written
 # from the driver API's description of a tiled tensor map (box row-major in shared memory, innermost
 # dimension contiguous; the 128-byte swizzle on absolute shared addresses; zeros outside the tensor), not
 # from the kernel's old store formula. Ordering (mbarriers, the producer running ahead, ping-pong) is not
 # modelled: each tile is copied just before the consumers' first use, which the barriers guarantee; the
 # in-warpgroup overlap is transcribed (which P meets which V, when o is rescaled).
 
-def fwd_tensor_map(ptr, strides, length, B, H, D, rows):  # transcribed: ptr in bytes, strides in elements (b, l, h)
+def tensor_map(ptr, strides, length, B, H, D, rows):  # transcribed: ptr in bytes, strides in elements (b, l, h)
     sb, sl, sh = strides
     s_h = D * 2 if H == 1 else sh * 2
     s_l = s_h * H if length == 1 else sl * 2
@@ -430,10 +430,120 @@ def fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap, stages=2, BM
                                    m0 + cw * 64 + w * 16, Lq)
     return o_out, lse_out
 
-def ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed):
+def dkdv_ws_kernel(gmem, maps, B, H, Lq, Lk, D, kv_lens, lse2, delta, scale, stages=2, BN=128, BM=64):
+    """attn_bwd_dkdv_ws_kernel over all (b, h): dK, dV (B, Lk, H, D); maps = (q, k, v, dout), boxes BM/BN/BN/BM
+    rows; lse2, delta (B, H, Lq)."""
+    KV_BYTES, QT_BYTES = BN * D * 2, BM * D * 2
+    dk_out = np.full((B, Lk, H, D), np.nan); dv_out = np.full((B, Lk, H, D), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    q_tiles = (Lq + BM - 1) // BM
+    for b in range(B):
+        kv_len = int(kv_lens[b])
+        for h in range(H):
+            for blk in range((Lk + BN - 1) // BN):
+                n0 = blk * BN
+                if n0 >= kv_len:
+                    dk_out[b, n0:n0 + BN, h] = 0.; dv_out[b, n0:n0 + BN, h] = 0.
+                    continue
+                mem = np.full((2 * KV_BYTES + 2 * stages * QT_BYTES) // 2, np.nan)
+                sK, sV, sQ = 0, KV_BYTES, 2 * KV_BYTES; sdO = sQ + stages * QT_BYTES
+                sLse = np.full((stages, BM), np.nan); sDelta = np.full((stages, BM), np.nan)
+                for half in range(D // 64):
+                    tma_load_4d(mem, sK + half * BN * 128, gmem, maps[1], (half * 64, h, n0, b))
+                    tma_load_4d(mem, sV + half * BN * 128, gmem, maps[2], (half * 64, h, n0, b))
+                dk = np.zeros((2, 4, D // 8, 32, 4)); dv = np.zeros((2, 4, D // 8, 32, 4))
+                for it in range(q_tiles):
+                    st = it % stages
+                    for half in range(D // 64):  # the producer's thread 0
+                        tma_load_4d(mem, sQ + st * QT_BYTES + half * BM * 128, gmem, maps[0], (half * 64, h, it * BM, b))
+                        tma_load_4d(mem, sdO + st * QT_BYTES + half * BM * 128, gmem, maps[3], (half * 64, h, it * BM, b))
+                    i = it * BM + np.arange(BM)  # its warp 1: lse_at, delta_at
+                    sLse[st] = np.where(i < Lq, lse2[b, h, np.minimum(i, Lq - 1)], np.inf)
+                    sDelta[st] = np.where(i < Lq, delta[b, h, np.minimum(i, Lq - 1)], 0.)
+                    q_addr, do_addr = sQ + st * QT_BYTES, sdO + st * QT_BYTES
+                    for cw in range(2):
+                        k_addr, v_addr = sK + cw * 64 * 128, sV + cw * 64 * 128
+                        s = dot_rows(mem, k_addr, q_addr, D, BN, BM, BM)
+                        dp = dot_rows(mem, v_addr, do_addr, D, BN, BM, BM)
+                        pa, sa = [], []
+                        for w in range(4):
+                            key_g = n0 + cw * 64 + w * 16 + G
+                            for nb in range(BM // 8):
+                                for e in range(4):
+                                    qi = nb * 8 + 2 * T + (e & 1)
+                                    valid = key_g + 8 * (e >> 1) < kv_len
+                                    with np.errstate(over="ignore", invalid="ignore"):
+                                        pv = np.exp2(s[w][nb][:, e] * scale_log2 - sLse[st][qi])
+                                    s[w][nb][:, e] = np.where(valid, pv, 0.)
+                                    with np.errstate(invalid="ignore"):
+                                        dp[w][nb][:, e] = np.where(valid, s[w][nb][:, e] * (dp[w][nb][:, e] - sDelta[st][qi]), 0.)
+                            pa.append(pack_a(s[w])); sa.append(pack_a(dp[w]))
+                        dv[cw] = acc_rows(dv[cw], pa, mem, do_addr, BM)
+                        dk[cw] = acc_rows(dk[cw], sa, mem, q_addr, BM)
+                for cw in range(2):
+                    for w in range(4):
+                        store_scaled(dk[cw][w], dk_out[:, :, h][b], n0 + cw * 64 + w * 16, Lk, scale)
+                        store_scaled(dv[cw][w], dv_out[:, :, h][b], n0 + cw * 64 + w * 16, Lk, 1.0)
+    return dk_out, dv_out
+
+def dq_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, lse2, delta, scale, stages=2, BM=128, BN=64):
+    """attn_bwd_dq_ws_kernel over all (b, h): dQ (B, Lq, H, D); maps = (q, k, v, dout), boxes BM/BN/BN/BM rows."""
+    QT_BYTES, KV_BYTES = BM * D * 2, BN * D * 2
+    dq_out = np.full((B, Lq, H, D), np.nan)
+    scale_log2 = scale * np.log2(np.e)
+    for b in range(B):
+        kv_len = int(kv_lens[b]); n_tiles = (kv_len + BN - 1) // BN
+        tail = kv_len - (n_tiles - 1) * BN
+        for h in range(H):
+            for blk in range((Lq + BM - 1) // BM):
+                m0 = blk * BM
+                mem = np.full((2 * QT_BYTES + 2 * stages * KV_BYTES) // 2, np.nan)
+                sQ, sdO, sK = 0, QT_BYTES, 2 * QT_BYTES; sV = sK + stages * KV_BYTES
+                for half in range(D // 64):
+                    tma_load_4d(mem, sQ + half * BM * 128, gmem, maps[0], (half * 64, h, m0, b))
+                    tma_load_4d(mem, sdO + half * BM * 128, gmem, maps[3], (half * 64, h, m0, b))
+                dq = np.zeros((2, 4, D // 8, 32, 4))
+                for j in range(n_tiles):
+                    st = j % stages
+                    for half in range(D // 64):
+                        tma_load_4d(mem, sK + st * KV_BYTES + half * BN * 128, gmem, maps[1], (half * 64, h, j * BN, b))
+                        tma_load_4d(mem, sV + st * KV_BYTES + half * BN * 128, gmem, maps[2], (half * 64, h, j * BN, b))
+                    k_addr, v_addr = sK + st * KV_BYTES, sV + st * KV_BYTES
+                    last_partial = j == n_tiles - 1 and tail < BN
+                    sas = []
+                    for cw in range(2):
+                        q_addr, do_addr = sQ + cw * 64 * 128, sdO + cw * 64 * 128
+                        s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
+                        dp = dot_rows(mem, do_addr, v_addr, D, BM, BN, BN)
+                        sa = []
+                        for w in range(4):
+                            row_g = m0 + cw * 64 + w * 16 + G
+                            for r in range(2):
+                                rows = row_g + 8 * r
+                                lse_r = np.where(rows < Lq, lse2[b, h, np.minimum(rows, Lq - 1)], np.inf)
+                                del_r = np.where(rows < Lq, delta[b, h, np.minimum(rows, Lq - 1)], 0.)
+                                for nb in range(BN // 8):
+                                    for e in (2 * r, 2 * r + 1):
+                                        masked = last_partial & (j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len)
+                                        with np.errstate(over="ignore", invalid="ignore"):
+                                            s[w][nb][:, e] = np.where(masked, 0., np.exp2(s[w][nb][:, e] * scale_log2 - lse_r))
+                                            dp[w][nb][:, e] = np.where(masked, 0., s[w][nb][:, e] * (dp[w][nb][:, e] - del_r))
+                            sa.append(pack_a(dp[w]))
+                        sas.append(sa)
+                    if last_partial:  # both consumers, between their two barriers
+                        zero_tail_rows(mem, k_addr, tail, BN, D)
+                    for cw in range(2):
+                        dq[cw] = acc_rows(dq[cw], sas[cw], mem, k_addr, BN)
+                for cw in range(2):
+                    for w in range(4):
+                        store_scaled(dq[cw][w], dq_out[:, :, h][b], m0 + cw * 64 + w * 16, Lq, scale)
+    return dq_out
+
+def ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed, backward=False):
     """Random q, k, v in one flat global buffer (packed: q, k, v interleaved per row as a fused QKV
     projection would leave them, else three (B, L, H, D) tensors), NaN in every padded key and value;
-    returns the relative errors of o and lse against float64 per (b, h)."""
+    returns the largest relative errors over (b, h) against float64: (o, lse), or with backward=True
+    (dq, dk, dv) of version 2.1's backward (dO a fourth tensor, lse and delta from float64)."""
     if packed:
         assert Lq == Lk
         buf = rng.standard_normal((B, Lq, 3, H, D))
@@ -454,11 +564,30 @@ def ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed):
                     a = ptr // 2 + b * st[0] + l * st[1] + h * st[2]
                     gmem[a:a + D] = np.nan
     k4 = np.array(k4); v4 = np.array(v4); q4 = np.array(q4)
-    maps = (fwd_tensor_map(ptrs[0], s_q, Lq, B, H, D, 128), fwd_tensor_map(ptrs[1], s_kv, Lk, B, H, D, 128),
-            fwd_tensor_map(ptrs[2], s_kv, Lk, B, H, D, 128))
+    maps = (tensor_map(ptrs[0], s_q, Lq, B, H, D, 128), tensor_map(ptrs[1], s_kv, Lk, B, H, D, 128),
+            tensor_map(ptrs[2], s_kv, Lk, B, H, D, 128))
     scale = 1 / np.sqrt(D)
+    e = lambda x, r: np.linalg.norm(x - r) / (np.linalg.norm(r) if np.linalg.norm(r) > 1e-9 else 1.0)
+    if backward:
+        do4 = rng.standard_normal((B, Lq, H, D))
+        ptr_do = gmem.size * 2
+        gmem = np.concatenate([gmem, do4.reshape(-1)])
+        s_do = (Lq * H * D, H * D, D)
+        lse2 = np.zeros((B, H, Lq)); delta = np.zeros((B, H, Lq)); refs = {}
+        for b in range(B):
+            for h in range(H):
+                args = (q4[b, :, h], k4[b, :, h], v4[b, :, h], do4[b, :, h], int(kv_lens[b]), scale)
+                _, refs["dq", b, h], lse2[b, h], delta[b, h] = reference(*args)
+                refs["dk", b, h], refs["dv", b, h] = reference_dkdv(*args)
+        m = lambda ptr, st, n, rows: tensor_map(ptr, st, n, B, H, D, rows)
+        maps_kv = (m(ptrs[0], s_q, Lq, 64), m(ptrs[1], s_kv, Lk, 128), m(ptrs[2], s_kv, Lk, 128), m(ptr_do, s_do, Lq, 64))
+        maps_dq = (m(ptrs[0], s_q, Lq, 128), m(ptrs[1], s_kv, Lk, 64), m(ptrs[2], s_kv, Lk, 64), m(ptr_do, s_do, Lq, 128))
+        dk, dv = dkdv_ws_kernel(gmem, maps_kv, B, H, Lq, Lk, D, kv_lens, lse2, delta, scale)
+        dq = dq_ws_kernel(gmem, maps_dq, B, H, Lq, D, kv_lens, lse2, delta, scale)
+        errs = [(e(dq[b, :, h], refs["dq", b, h]), e(dk[b, :, h], refs["dk", b, h]), e(dv[b, :, h], refs["dv", b, h]))
+                for b in range(B) for h in range(H)]
+        return np.max(errs, 0), all(np.isfinite(x).all() for x in (dq, dk, dv))
     o, lse = fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap)
-    e = lambda x, r: np.linalg.norm(x - r) / np.linalg.norm(r)
     errs = []
     for b in range(B):
         for h in range(H):
@@ -639,3 +768,6 @@ if __name__ == "__main__":
             (eo, el), finite = ws_case(rng, B, H, Lq, Lk, D, kv_lens, overlap, packed)
             print(f"ws B={B} H={H} Lq={Lq} Lk={Lk} D={D} kv_lens={kv_lens} packed={packed} overlap={overlap}: "
                   f"fwd o {eo:.1e} lse {el:.1e} finite {finite}", flush=True)
+        (eq, ek, ev), finite = ws_case(rng, B, H, Lq, Lk, D, kv_lens, False, packed, backward=True)
+        print(f"ws B={B} H={H} Lq={Lq} Lk={Lk} D={D} kv_lens={kv_lens} packed={packed}: "
+              f"bwd dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} finite {finite}", flush=True)

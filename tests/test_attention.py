@@ -184,15 +184,16 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 @gpu
 @pytest.mark.parametrize("which, value, launched", [("FWD", "1", "2.0"), ("FWD", "ws", "2.1 ws"),
                                                     ("FWD", "ws-pingpong", "2.1 ws-pingpong"),
-                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0")],
-                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "bwd_v20"])  # -k picks one
+                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0"),
+                                                    ("BWD", "ws", "2.1 ws")],
+                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "bwd_v20", "bwd_ws"])  # -k picks one
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
                                         (517, [517 - 216, 40]), (129, [128, 129])])
 def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens):
     """Versions 2.0 and 2.1 (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA = 1, ws, ws-pingpong, ws-plain;
-    ATTENTION_CUDA_BWD_WGMMA = 1; compute capability 9.0 only), one side at a time so a failure names it: the
+    ATTENTION_CUDA_BWD_WGMMA = 1, ws; compute capability 9.0 only), one side at a time so a failure names it: the
     same checks (the backward reads the log-sum-exp the forward saves, so FWD checks that too), and the
     launcher must really have taken the kernel asked for (it falls back silently where one does not apply)."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -206,14 +207,16 @@ def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens)
 @pytest.mark.parametrize("fwd", [None, "ws"])
 def test_kernel_matches_fallback_and_other_shapes(monkeypatch, fwd):
     """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens; also through
-    version 2.1's tensor maps (fwd = ws, Hopper only), which read those strides themselves."""
+    version 2.1's tensor maps (fwd = ws, Hopper only), which read those strides themselves, with the
+    gradients of its backward too."""
     assert kernel_available()
     if fwd is not None:
         if torch.cuda.get_device_capability() != (9, 0):
             pytest.skip("version 2.1 is sm_90a code: it needs an H100/H200")
         monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", fwd)
+        monkeypatch.setenv("ATTENTION_CUDA_BWD_WGMMA", fwd)
     B, L, H, D = 2, 333, 4, 128
-    qkv_packed = rand(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=11)
+    qkv_packed = rand(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=11).requires_grad_()
     q, k, v = qkv_packed.unbind(2)
     lens = torch.tensor([333, 100], device="cuda")
     o = attention(q[:, :77], k, v, lens)
@@ -221,8 +224,14 @@ def test_kernel_matches_fallback_and_other_shapes(monkeypatch, fwd):
     assert rel_err(o, reference(q[:, :77], k, v, [333, 100])) < 1e-2
     o_fb = attention_cuda._sdpa(q[:, :77].float(), k.float(), v.float(), (333, 100))
     assert rel_err(o, o_fb.double()) < 1e-2
+    go = rand(B, 77, H, D, device="cuda", seed=12)
+    (g,) = torch.autograd.grad((o.float() * go).sum(), qkv_packed)
+    ref_in = qkv_packed.detach().double().requires_grad_()
+    rq, rk, rv = ref_in.unbind(2)
+    (g_ref,) = torch.autograd.grad((reference(rq[:, :77], rk, rv, [333, 100]) * go.double()).sum(), ref_in)
+    assert rel_err(g, g_ref) < 1e-2
     if fwd is not None:
-        assert attention_cuda.last_kernels()[0] == "2.1 ws"
+        assert attention_cuda.last_kernels() == ("2.1 ws", "2.1 ws")
 
 
 @gpu
