@@ -716,19 +716,20 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
 }
 // Spin until the phase of the given parity has completed (true at once for the phase before the first).
-// Every legitimate wait here lasts microseconds (a tile's copy or a tile's products); one that lasts 2^26
-// tries (a second or more: each try costs tens of clocks, and try_wait may suspend the thread a while before
-// it returns false) is a synchronisation bug, and the kernel traps (the launch fails with an error)
-// instead of hanging the GPU.
+// Every legitimate wait here lasts microseconds (a tile's copy or a tile's products); one still waiting
+// after 2^32 ns (~4 s, by the global nanosecond timer: try_wait may suspend the thread for an unspecified
+// while before it returns false, so a count of tries says little about time) is a synchronisation bug, and
+// the kernel traps (the launch fails with an error) instead of hanging the GPU. The loop stays inside one
+// asm block: written as a C++ loop, ptxas kept more registers live around it and spilled in the overlapped
+// forward.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    // The loop stays inside one asm block: written as a C++ loop, ptxas kept more registers live around it
-    // and spilled in the overlapped forward.
-    asm volatile("{\n.reg .pred ready, more;\n.reg .u32 spins;\nmov.u32 spins, 0;\n"
+    asm volatile("{\n.reg .pred ready, more;\n.reg .u64 t0, t1;\nmov.u64 t0, %%globaltimer;\n"
                  "wait_again:\n"
                  "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
                  "@ready bra wait_done;\n"
-                 "add.u32 spins, spins, 1;\n"
-                 "setp.lt.u32 more, spins, 67108864;\n"  // 2^26 tries, seconds: a hang, not a wait
+                 "mov.u64 t1, %%globaltimer;\n"
+                 "sub.u64 t1, t1, t0;\n"
+                 "setp.lt.u64 more, t1, 4294967296;\n"
                  "@more bra wait_again;\n"
                  "trap;\n"
                  "wait_done:\n}\n" :: "r"(bar), "r"(parity) : "memory");
@@ -1571,6 +1572,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             fence_regs(dk_acc);
             fence_regs(pa);
             fence_regs(sa);
+            __syncwarp();  // every lane's loads of lse and delta are ordered before lane 0's release
             if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
         }
         store_scaled(dk_acc, dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
