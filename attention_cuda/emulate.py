@@ -1,7 +1,7 @@
 """Lane-level CPU emulation of attn_bwd_dq_kernel, attn_fwd_kernel (attention.cu, version 1.2), the
 three wgmma kernels of version 2.0 (attn_fwd_wgmma_kernel, attn_bwd_dkdv_wgmma_kernel,
-attn_bwd_dq_wgmma_kernel) and version 2.1's attn_fwd_ws_kernel (with the host's tensor maps and a model of
-the TMA copy engine) in numpy, written to check the index math of kernels that could not be run when they
+attn_bwd_dq_wgmma_kernel) and version 2.1's attn_fwd_ws_kernel, attn_bwd_dkdv_ws_kernel and
+attn_bwd_dq_ws_kernel (with the host's tensor maps and a model of the TMA copy engine) in numpy, written to check the index math of kernels that could not be run when they
 were written.
 
 ldmatrix (.trans) and mma.m16n8k16 are modelled from the fragment layouts in attention.cu's header comment
@@ -12,9 +12,9 @@ float64 math, no bf16 rounding; row maxima and sums in numpy's order, not the fo
 checks which element goes where, not speed, rounding, or the ordering of asynchronous copies, barriers and
 fences. Keep it in step with the kernels by hand.
 
-    python attention_cuda/emulate.py    # ~20 s: forwards (o, lse; 16 and 32 rows per warp; wgmma; TMA with and
-                                        # without the overlap), dQ and the wgmma backward (dQ, dK, dV) vs
-                                        # float64, tails, kv_len = 1, NaN in every padded key and value
+    python attention_cuda/emulate.py    # ~30 s: forwards (o, lse; 16 and 32 rows per warp; wgmma; TMA with and
+                                        # without the overlap), dQ and the wgmma and TMA backwards (dQ, dK, dV)
+                                        # vs float64, tails, kv_len = 1, NaN in every padded key and value
 """
 import numpy as np
 
