@@ -1216,11 +1216,100 @@ template <typename T, int D> constexpr int dq_wgmma_smem() {  // Q, dO, 2 x (K, 
     return (2 * WGQ_BM + 4 * WGQ_BN) * D * static_cast<int>(sizeof(T)) + 1024;
 }
 
-// dK, dV: one block = 128 keys of one (b, h), 64 per warpgroup, looping over the queries in 64-row tiles
-// (Q, dO, lse, delta double-buffered). Per tile and warpgroup, as attn_bwd_dkdv_kernel:
+// One dK/dV tile for one warpgroup (versions 2.0 and 2.1): its 64 keys (k_addr, v_addr: 64-row slices of
+// the block's K and V) against a 64-query tile (q_addr, do_addr; lse_i, delta_i: the tile's 64 values):
 //   S^T = K Q^T, dP^T = V dO^T  (wgmma m64n64k16, A and B from shared memory; issued as two groups)
-//   P^T = 2^(S^T s log2e - lse) (0 for keys past kv_len), dS^T = P^T (dP^T - delta)
-//   dV += P^T dO, dK += dS^T Q  (wgmma m64nDk16, A from registers, dO and Q as MN-major B)
+//   P^T = 2^(S^T s log2e - lse), dS^T = P^T (dP^T - delta), both selected to 0 for keys past kv_len (never
+//         multiplied: version 2.1 copies padded K and V rows as they are, NaN included)
+//   dV += P^T dO, dK += dS^T Q  (wgmma m64nDk16, A from registers, dO and Q as MN-major B: the K-major B of
+//         the first two products, read through another descriptor)
+template <typename T, int D>
+__device__ __forceinline__ void dkdv_tile(float (&dk_acc)[D / 8][4], float (&dv_acc)[D / 8][4], uint32_t k_addr,
+                                          uint32_t v_addr, uint32_t q_addr, uint32_t do_addr, const float* lse_i,
+                                          const float* delta_i, const bool (&valid_key)[2], float scale_log2, int t) {
+    float s[WGB_BM / 8][4], dp[WGB_BM / 8][4];  // S^T and dP^T: key rows g, g + 8 of the warp; query columns
+    wgmma_fence();
+    wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(s, k_addr, q_addr);
+    wgmma_commit();
+    wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(dp, v_addr, do_addr);
+    wgmma_commit();
+    wgmma_wait<1>();  // S^T is in (dP^T may still be running)
+    fence_regs(s);
+    uint32_t pa[WGB_BM / 16][4], sa[WGB_BM / 16][4];
+#pragma unroll
+    for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int qi = nb * 8 + 2 * t + (e & 1);
+            s[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(s[nb][e], scale_log2, -lse_i[qi])) : 0.f;
+        }
+    pack_a<T>(s, pa);
+    wgmma_wait<0>();
+    fence_regs(dp);
+#pragma unroll
+    for (int nb = 0; nb < WGB_BM / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+            dp[nb][e] = valid_key[e >> 1] ? s[nb][e] * (dp[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]) : 0.f;
+    pack_a<T>(dp, sa);
+    wgmma_fence();
+    wgmma_acc_rows<T, D, WGB_BM>(dv_acc, pa, do_addr);
+    wgmma_acc_rows<T, D, WGB_BM>(dk_acc, sa, q_addr);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dv_acc);
+    fence_regs(dk_acc);
+    fence_regs(pa);
+    fence_regs(sa);
+}
+
+// One dQ tile for one warpgroup (versions 2.0 and 2.1): its 64 queries (q_addr, do_addr; row_lse, row_delta:
+// this thread's two rows) against the 64-key tile at k_addr, v_addr whose first key is key0:
+//   S = Q K^T, dP = dO V^T (m64n64k16, two groups); P = 2^(S s log2e - lse), dS = P (dP - delta), both
+//   selected to 0 for keys past kv_len; before_dq() (version 2.1 zeroes the padded K rows there); dQ += dS K
+//   (m64nDk16, dS from registers, K as an MN-major B).
+template <typename T, int D, typename BeforeDq>
+__device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], uint32_t q_addr, uint32_t do_addr, uint32_t k_addr,
+                                        uint32_t v_addr, const float (&row_lse)[2], const float (&row_delta)[2],
+                                        int key0, int kv_len, float scale_log2, int t, BeforeDq before_dq) {
+    const bool tail = key0 + WGQ_BN > kv_len;  // the last tile, partly past kv_len
+    float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
+    wgmma_fence();
+    wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(s, q_addr, k_addr);
+    wgmma_commit();
+    wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(dp, do_addr, v_addr);
+    wgmma_commit();
+    wgmma_wait<1>();  // S is in (dP may still be running)
+    fence_regs(s);
+#pragma unroll
+    for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const bool masked = tail && key0 + nb * 8 + 2 * t + (e & 1) >= kv_len;
+            s[nb][e] = masked ? 0.f : fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
+        }
+    wgmma_wait<0>();
+    fence_regs(dp);
+    uint32_t sa[WGQ_BN / 16][4];
+#pragma unroll
+    for (int nb = 0; nb < WGQ_BN / 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const bool masked = tail && key0 + nb * 8 + 2 * t + (e & 1) >= kv_len;
+            dp[nb][e] = masked ? 0.f : s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
+        }
+    pack_a<T>(dp, sa);
+    before_dq();
+    wgmma_fence();
+    wgmma_acc_rows<T, D, WGQ_BN>(dq, sa, k_addr);
+    wgmma_commit();
+    wgmma_wait<0>();
+    fence_regs(dq);
+    fence_regs(sa);
+}
+
+// dK, dV: one block = 128 keys of one (b, h), 64 per warpgroup, looping over the queries in 64-row tiles
+// (Q, dO, lse, delta double-buffered through cp.async); per tile and warpgroup, dkdv_tile.
 template <typename T, int D>
 __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1283,39 +1372,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
         const float* lse_i = sLse + buf * WGB_BM;
         const float* delta_i = sDelta + buf * WGB_BM;
 
-        float st[WGB_BM / 8][4], dpt[WGB_BM / 8][4];
-        wgmma_fence();
-        wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(st, k_addr, q_addr);
-        wgmma_commit();
-        wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(dpt, v_addr, do_addr);
-        wgmma_commit();
-        wgmma_wait<1>();  // S^T is in (dP^T may still be running)
-        fence_regs(st);
-        // P^T (key rows g, g + 8 of the warp; query columns nb * 8 + 2t + (e & 1)), packed as A fragments
-        uint32_t pa[WGB_BM / 16][4], sa[WGB_BM / 16][4];
-#pragma unroll
-        for (int nb = 0; nb < WGB_BM / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int qi = nb * 8 + 2 * t + (e & 1);
-                st[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(st[nb][e], scale_log2, -lse_i[qi])) : 0.f;
-            }
-        pack_a<T>(st, pa);
-        wgmma_wait<0>();
-        fence_regs(dpt);
-#pragma unroll
-        for (int nb = 0; nb < WGB_BM / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dpt[nb][e] = st[nb][e] * (dpt[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]);
-        pack_a<T>(dpt, sa);
-        // dV += P^T dO, dK += dS^T Q: dO and Q, the K-major B of the products above, now as MN-major operands.
-        wgmma_fence();
-        wgmma_acc_rows<T, D, WGB_BM>(dv_acc, pa, do_addr);
-        wgmma_acc_rows<T, D, WGB_BM>(dk_acc, sa, q_addr);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dv_acc);
-        fence_regs(dk_acc);
+        dkdv_tile<T, D>(dk_acc, dv_acc, k_addr, v_addr, q_addr, do_addr, lse_i, delta_i, valid_key, scale_log2, t);
 
         cp_async_wait_all();  // the next tile has landed (this thread's copies) ...
         fence_proxy_async();  // ... is visible to wgmma ...
@@ -1329,9 +1386,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
 }
 
 // dQ: one block = 128 queries of one (b, h), 64 per warpgroup, streaming the valid keys in 64-key tiles (K, V
-// double-buffered; Q and dO stay in shared memory, where the tensor cores read them every tile). Per tile and
-// warpgroup, as attn_bwd_dq_kernel: S = Q K^T, dP = dO V^T (m64n64k16, two groups), dS = P (dP - delta),
-// dQ += dS K (m64nDk16, dS from registers, K as an MN-major B).
+// double-buffered; Q and dO stay in shared memory, where the tensor cores read them every tile); per tile and
+// warpgroup, dq_tile.
 template <typename T, int D>
 __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1382,36 +1438,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
         }
         const uint32_t k_addr = smem_u32(sK + buf * KV_BYTES), v_addr = smem_u32(sV + buf * KV_BYTES);
 
-        float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
-        wgmma_fence();
-        wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(s, q_addr, k_addr);
-        wgmma_commit();
-        wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(dp, do_addr, v_addr);
-        wgmma_commit();
-        wgmma_wait<1>();  // S is in (dP may still be running)
-        fence_regs(s);
-        const bool tail = (j + 1) * WGQ_BN > kv_len;  // the last tile, partly past kv_len
-#pragma unroll
-        for (int nb = 0; nb < WGQ_BN / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                s[nb][e] = fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
-                if (tail && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len) s[nb][e] = 0.f;
-            }
-        wgmma_wait<0>();
-        fence_regs(dp);
-        uint32_t sa[WGQ_BN / 16][4];
-#pragma unroll
-        for (int nb = 0; nb < WGQ_BN / 8; ++nb)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dp[nb][e] = s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
-        pack_a<T>(dp, sa);
-        // dQ += dS K, K as an MN-major operand.
-        wgmma_fence();
-        wgmma_acc_rows<T, D, WGQ_BN>(dq, sa, k_addr);
-        wgmma_commit();
-        wgmma_wait<0>();
-        fence_regs(dq);
+        dq_tile<T, D>(dq, q_addr, do_addr, k_addr, v_addr, row_lse, row_delta, j * WGQ_BN, kv_len, scale_log2, t, [] {});
 
         cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
         fence_proxy_async();  // ... is visible to wgmma ...
@@ -1538,40 +1565,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             const float* lse_i = sLse + st * WGB_BM;
             const float* delta_i = sDelta + st * WGB_BM;
 
-            float s[WGB_BM / 8][4], dp[WGB_BM / 8][4];  // S^T and dP^T: key rows, query columns
-            wgmma_fence();
-            wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(s, k_addr, q_addr);
-            wgmma_commit();
-            wgmma_dot_rows<T, WGB_BM, D, WGB_BN, WGB_BM>(dp, v_addr, do_addr);
-            wgmma_commit();
-            wgmma_wait<1>();
-            fence_regs(s);
-            uint32_t pa[WGB_BM / 16][4], sa[WGB_BM / 16][4];
-#pragma unroll
-            for (int nb = 0; nb < WGB_BM / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int qi = nb * 8 + 2 * t + (e & 1);
-                    s[nb][e] = valid_key[e >> 1] ? fast_exp2(fmaf(s[nb][e], scale_log2, -lse_i[qi])) : 0.f;
-                }
-            pack_a<T>(s, pa);
-            wgmma_wait<0>();
-            fence_regs(dp);
-#pragma unroll
-            for (int nb = 0; nb < WGB_BM / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e)
-                    dp[nb][e] = valid_key[e >> 1] ? s[nb][e] * (dp[nb][e] - delta_i[nb * 8 + 2 * t + (e & 1)]) : 0.f;
-            pack_a<T>(dp, sa);
-            wgmma_fence();
-            wgmma_acc_rows<T, D, WGB_BM>(dv_acc, pa, do_addr);
-            wgmma_acc_rows<T, D, WGB_BM>(dk_acc, sa, q_addr);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(dv_acc);
-            fence_regs(dk_acc);
-            fence_regs(pa);
-            fence_regs(sa);
+            dkdv_tile<T, D>(dk_acc, dv_acc, k_addr, v_addr, q_addr, do_addr, lse_i, delta_i, valid_key, scale_log2, t);
             __syncwarp();  // every lane's loads of lse and delta are ordered before lane 0's release
             if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
         }
@@ -1658,45 +1652,14 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             const int st = j % WSB_STAGES;
             mbar_wait(kv_full(st), (j / WSB_STAGES) & 1);
             const uint32_t k_addr = smem_u32(sK + st * KV_BYTES), v_addr = smem_u32(sV + st * KV_BYTES);
-            const bool last_partial = j == n_tiles - 1 && tail < WGQ_BN;
-
-            float s[WGQ_BN / 8][4], dp[WGQ_BN / 8][4];
-            wgmma_fence();
-            wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(s, q_addr, k_addr);
-            wgmma_commit();
-            wgmma_dot_rows<T, WGQ_BN, D, WGQ_BM, WGQ_BN>(dp, do_addr, v_addr);
-            wgmma_commit();
-            wgmma_wait<1>();
-            fence_regs(s);
-#pragma unroll
-            for (int nb = 0; nb < WGQ_BN / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const bool masked = last_partial && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len;
-                    s[nb][e] = masked ? 0.f : fast_exp2(fmaf(s[nb][e], scale_log2, -row_lse[e >> 1]));
-                }
-            wgmma_wait<0>();
-            fence_regs(dp);
-            uint32_t sa[WGQ_BN / 16][4];
-#pragma unroll
-            for (int nb = 0; nb < WGQ_BN / 8; ++nb)
-#pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const bool masked = last_partial && j * WGQ_BN + nb * 8 + 2 * t + (e & 1) >= kv_len;
-                    dp[nb][e] = masked ? 0.f : s[nb][e] * (dp[nb][e] - row_delta[e >> 1]);
-                }
-            pack_a<T>(dp, sa);
-            if (last_partial) {
-                named_sync(3, 256);  // both consumers' S = Q K^T on this stage are done
-                zero_tail_rows<WGQ_BN, D, 256>(sK + st * KV_BYTES, tail, threadIdx.x - 128);
-                named_sync(3, 256);
-            }
-            wgmma_fence();
-            wgmma_acc_rows<T, D, WGQ_BN>(dq, sa, k_addr);
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(dq);
-            fence_regs(sa);
+            dq_tile<T, D>(dq, q_addr, do_addr, k_addr, v_addr, row_lse, row_delta, j * WGQ_BN, kv_len, scale_log2, t,
+                          [&] {
+                              if (j == n_tiles - 1 && tail < WGQ_BN) {
+                                  named_sync(3, 256);  // both consumers' S = Q K^T on this stage are done
+                                  zero_tail_rows<WGQ_BN, D, 256>(sK + st * KV_BYTES, tail, threadIdx.x - 128);
+                                  named_sync(3, 256);
+                              }
+                          });
             if (lane == 0) mbar_arrive(kv_empty(st));
         }
         T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;

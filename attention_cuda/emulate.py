@@ -430,6 +430,47 @@ def fwd_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, scale, overlap, stages=2, BM
                                    m0 + cw * 64 + w * 16, Lq)
     return o_out, lse_out
 
+def dkdv_tile(mem, dk, dv, k_addr, v_addr, q_addr, do_addr, lse_i, delta_i, key0, kv_len, scale_log2, D, BN=128, BM=64):
+    """attention.cu's dkdv_tile for one warpgroup whose 64 keys start at key0: returns (dk, dv) updated."""
+    s = dot_rows(mem, k_addr, q_addr, D, BN, BM, BM)
+    dp = dot_rows(mem, v_addr, do_addr, D, BN, BM, BM)
+    pa, sa = [], []
+    for w in range(4):
+        key_g = key0 + w * 16 + G
+        for nb in range(BM // 8):
+            for e in range(4):
+                qi = nb * 8 + 2 * T + (e & 1)
+                valid = key_g + 8 * (e >> 1) < kv_len
+                with np.errstate(over="ignore", invalid="ignore"):
+                    s[w][nb][:, e] = np.where(valid, np.exp2(s[w][nb][:, e] * scale_log2 - lse_i[qi]), 0.)
+                    dp[w][nb][:, e] = np.where(valid, s[w][nb][:, e] * (dp[w][nb][:, e] - delta_i[qi]), 0.)
+        pa.append(pack_a(s[w])); sa.append(pack_a(dp[w]))
+    return acc_rows(dk, sa, mem, q_addr, BM), acc_rows(dv, pa, mem, do_addr, BM)
+
+def dq_tile_ds(mem, q_addr, do_addr, k_addr, v_addr, row_lse, row_delta, key0, kv_len, scale_log2, D, BM=128, BN=64):
+    """attention.cu's dq_tile up to before_dq(): the A fragments of dS for one warpgroup; row_lse, row_delta
+    [warp][2][32] (this thread's two rows)."""
+    tail = key0 + BN > kv_len
+    s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
+    dp = dot_rows(mem, do_addr, v_addr, D, BM, BN, BN)
+    sa = []
+    for w in range(4):
+        for nb in range(BN // 8):
+            for e in range(4):
+                masked = tail & (key0 + nb * 8 + 2 * T + (e & 1) >= kv_len)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    s[w][nb][:, e] = np.where(masked, 0., np.exp2(s[w][nb][:, e] * scale_log2 - row_lse[w][e >> 1]))
+                    dp[w][nb][:, e] = np.where(masked, 0., s[w][nb][:, e] * (dp[w][nb][:, e] - row_delta[w][e >> 1]))
+        sa.append(pack_a(dp[w]))
+    return sa
+
+def row_stats(lse2, delta, m0, Lq):
+    """lse_at / delta_at of each consumer warp's two rows per lane: ([2][4][2][32], [2][4][2][32])."""
+    rows = m0 + 64 * np.arange(2)[:, None, None, None] + 16 * np.arange(4)[None, :, None, None] \
+        + 8 * np.arange(2)[None, None, :, None] + G
+    return (np.where(rows < Lq, lse2[np.minimum(rows, Lq - 1)], np.inf),
+            np.where(rows < Lq, delta[np.minimum(rows, Lq - 1)], 0.))
+
 def dkdv_ws_kernel(gmem, maps, B, H, Lq, Lk, D, kv_lens, lse2, delta, scale, stages=2, BN=128, BM=64):
     """attn_bwd_dkdv_ws_kernel over all (b, h): dK, dV (B, Lk, H, D); maps = (q, k, v, dout), boxes BM/BN/BN/BM
     rows; lse2, delta (B, H, Lq)."""
@@ -462,24 +503,8 @@ def dkdv_ws_kernel(gmem, maps, B, H, Lq, Lk, D, kv_lens, lse2, delta, scale, sta
                     sDelta[st] = np.where(i < Lq, delta[b, h, np.minimum(i, Lq - 1)], 0.)
                     q_addr, do_addr = sQ + st * QT_BYTES, sdO + st * QT_BYTES
                     for cw in range(2):
-                        k_addr, v_addr = sK + cw * 64 * 128, sV + cw * 64 * 128
-                        s = dot_rows(mem, k_addr, q_addr, D, BN, BM, BM)
-                        dp = dot_rows(mem, v_addr, do_addr, D, BN, BM, BM)
-                        pa, sa = [], []
-                        for w in range(4):
-                            key_g = n0 + cw * 64 + w * 16 + G
-                            for nb in range(BM // 8):
-                                for e in range(4):
-                                    qi = nb * 8 + 2 * T + (e & 1)
-                                    valid = key_g + 8 * (e >> 1) < kv_len
-                                    with np.errstate(over="ignore", invalid="ignore"):
-                                        pv = np.exp2(s[w][nb][:, e] * scale_log2 - sLse[st][qi])
-                                    s[w][nb][:, e] = np.where(valid, pv, 0.)
-                                    with np.errstate(invalid="ignore"):
-                                        dp[w][nb][:, e] = np.where(valid, s[w][nb][:, e] * (dp[w][nb][:, e] - sDelta[st][qi]), 0.)
-                            pa.append(pack_a(s[w])); sa.append(pack_a(dp[w]))
-                        dv[cw] = acc_rows(dv[cw], pa, mem, do_addr, BM)
-                        dk[cw] = acc_rows(dk[cw], sa, mem, q_addr, BM)
+                        dk[cw], dv[cw] = dkdv_tile(mem, dk[cw], dv[cw], sK + cw * 64 * 128, sV + cw * 64 * 128, q_addr,
+                                                   do_addr, sLse[st], sDelta[st], n0 + cw * 64, kv_len, scale_log2, D)
                 for cw in range(2):
                     for w in range(4):
                         store_scaled(dk[cw][w], dk_out[:, :, h][b], n0 + cw * 64 + w * 16, Lk, scale)
@@ -503,6 +528,7 @@ def dq_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, lse2, delta, scale, stages=2,
                     tma_load_4d(mem, sQ + half * BM * 128, gmem, maps[0], (half * 64, h, m0, b))
                     tma_load_4d(mem, sdO + half * BM * 128, gmem, maps[3], (half * 64, h, m0, b))
                 dq = np.zeros((2, 4, D // 8, 32, 4))
+                row_lse, row_delta = row_stats(lse2[b, h], delta[b, h], m0, Lq)
                 for j in range(n_tiles):
                     st = j % stages
                     for half in range(D // 64):
@@ -510,26 +536,8 @@ def dq_ws_kernel(gmem, maps, B, H, Lq, D, kv_lens, lse2, delta, scale, stages=2,
                         tma_load_4d(mem, sV + st * KV_BYTES + half * BN * 128, gmem, maps[2], (half * 64, h, j * BN, b))
                     k_addr, v_addr = sK + st * KV_BYTES, sV + st * KV_BYTES
                     last_partial = j == n_tiles - 1 and tail < BN
-                    sas = []
-                    for cw in range(2):
-                        q_addr, do_addr = sQ + cw * 64 * 128, sdO + cw * 64 * 128
-                        s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
-                        dp = dot_rows(mem, do_addr, v_addr, D, BM, BN, BN)
-                        sa = []
-                        for w in range(4):
-                            row_g = m0 + cw * 64 + w * 16 + G
-                            for r in range(2):
-                                rows = row_g + 8 * r
-                                lse_r = np.where(rows < Lq, lse2[b, h, np.minimum(rows, Lq - 1)], np.inf)
-                                del_r = np.where(rows < Lq, delta[b, h, np.minimum(rows, Lq - 1)], 0.)
-                                for nb in range(BN // 8):
-                                    for e in (2 * r, 2 * r + 1):
-                                        masked = last_partial & (j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len)
-                                        with np.errstate(over="ignore", invalid="ignore"):
-                                            s[w][nb][:, e] = np.where(masked, 0., np.exp2(s[w][nb][:, e] * scale_log2 - lse_r))
-                                            dp[w][nb][:, e] = np.where(masked, 0., s[w][nb][:, e] * (dp[w][nb][:, e] - del_r))
-                            sa.append(pack_a(dp[w]))
-                        sas.append(sa)
+                    sas = [dq_tile_ds(mem, sQ + cw * 64 * 128, sdO + cw * 64 * 128, k_addr, v_addr, row_lse[cw], row_delta[cw],
+                                      j * BN, kv_len, scale_log2, D) for cw in range(2)]
                     if last_partial:  # both consumers, between their two barriers
                         zero_tail_rows(mem, k_addr, tail, BN, D)
                     for cw in range(2):
@@ -631,22 +639,8 @@ def dkdv_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BN=128, BM=64):
                 load_queries(it + 1, buf ^ 1)
             q_addr, do_addr = sQ + buf * QT_BYTES, sdO + buf * QT_BYTES
             for wg in range(2):
-                k_addr, v_addr = sK + wg * 64 * 128, sV + wg * 64 * 128
-                st = dot_rows(mem, k_addr, q_addr, D, BN, BM, BM)
-                dpt = dot_rows(mem, v_addr, do_addr, D, BN, BM, BM)
-                pa, sa = [], []
-                for w in range(4):
-                    key_g = n0 + wg * 64 + w * 16 + G
-                    for nb in range(BM // 8):
-                        for e in range(4):
-                            qi = nb * 8 + 2 * T + (e & 1)
-                            with np.errstate(over="ignore"):
-                                pv = np.exp2(st[w][nb][:, e] * scale_log2 - sLse[buf][qi])
-                            st[w][nb][:, e] = np.where(key_g + 8 * (e >> 1) < kv_len, pv, 0.)
-                            dpt[w][nb][:, e] = st[w][nb][:, e] * (dpt[w][nb][:, e] - sDelta[buf][qi])
-                    pa.append(pack_a(st[w])); sa.append(pack_a(dpt[w]))
-                dv[wg] = acc_rows(dv[wg], pa, mem, do_addr, BM)
-                dk[wg] = acc_rows(dk[wg], sa, mem, q_addr, BM)
+                dk[wg], dv[wg] = dkdv_tile(mem, dk[wg], dv[wg], sK + wg * 64 * 128, sV + wg * 64 * 128, q_addr, do_addr,
+                                           sLse[buf], sDelta[buf], n0 + wg * 64, kv_len, scale_log2, D)
         for wg in range(2):
             for w in range(4):
                 store_scaled(dk[wg][w], dk_out, n0 + wg * 64 + w * 16, Lk, scale)
@@ -667,32 +661,16 @@ def dq_wgmma_kernel(q, k, v, do, lse2, delta, kv_len, scale, BM=128, BN=64):
         load_tile_sw128(mem, sQ, BM, D, q, m0, Lq); load_tile_sw128(mem, sdO, BM, D, do, m0, Lq)
         load_tile_sw128(mem, sK, BN, D, k, 0, kv_len); load_tile_sw128(mem, sV, BN, D, v, 0, kv_len)
         dq = np.zeros((2, 4, D // 8, 32, 4))
+        row_lse, row_delta = row_stats(lse2, delta, m0, Lq)
         for j in range(n_tiles):
             buf = j & 1
             if j + 1 < n_tiles:
                 load_tile_sw128(mem, sK + (buf ^ 1) * KV_BYTES, BN, D, k, (j + 1) * BN, kv_len)
                 load_tile_sw128(mem, sV + (buf ^ 1) * KV_BYTES, BN, D, v, (j + 1) * BN, kv_len)
             k_addr, v_addr = sK + buf * KV_BYTES, sV + buf * KV_BYTES
-            tail = (j + 1) * BN > kv_len
             for wg in range(2):
-                q_addr, do_addr = sQ + wg * 64 * 128, sdO + wg * 64 * 128
-                s = dot_rows(mem, q_addr, k_addr, D, BM, BN, BN)
-                dp = dot_rows(mem, do_addr, v_addr, D, BM, BN, BN)
-                sa = []
-                for w in range(4):
-                    row_g = m0 + wg * 64 + w * 16 + G
-                    for r in range(2):
-                        rows = row_g + 8 * r
-                        lse_r = np.where(rows < Lq, lse2[np.minimum(rows, Lq - 1)], np.inf)
-                        del_r = np.where(rows < Lq, delta[np.minimum(rows, Lq - 1)], 0.)
-                        for nb in range(BN // 8):
-                            for e in (2 * r, 2 * r + 1):
-                                with np.errstate(over="ignore", invalid="ignore"):
-                                    pv = np.exp2(s[w][nb][:, e] * scale_log2 - lse_r)
-                                if tail:
-                                    pv = np.where(j * BN + nb * 8 + 2 * T + (e & 1) >= kv_len, 0., pv)
-                                dp[w][nb][:, e] = pv * (dp[w][nb][:, e] - del_r)
-                    sa.append(pack_a(dp[w]))
+                sa = dq_tile_ds(mem, sQ + wg * 64 * 128, sdO + wg * 64 * 128, k_addr, v_addr, row_lse[wg], row_delta[wg],
+                                j * BN, kv_len, scale_log2, D)
                 dq[wg] = acc_rows(dq[wg], sa, mem, k_addr, BN)
         for wg in range(2):
             for w in range(4):
