@@ -362,6 +362,50 @@ def test_motion_is_per_24th_of_a_second(tmp_path):
     assert abs(scores[24] - 5.0) < 0.6 and abs(scores[60] - 5.0) < 0.6, scores
 
 
+def wobble_shot(rng, n, w=192, h=108):
+    """A handheld camera swaying (1.3 and 0.9 Hz, 3% of the frame) around one view of a random picture."""
+    img, ph = picture(rng, 2 * h, 2 * w), rng.uniform(0, 2 * np.pi, 2)
+    t = np.arange(n)
+    dx, dy = 0.03 * w * np.sin(2 * np.pi * 1.3 * t / 24 + ph[0]), 0.03 * h * np.sin(2 * np.pi * 0.9 * t / 24 + ph[1])
+    return np.stack([cv2.warpAffine(img, np.float32([[1, 0, -w / 2 - x], [0, 1, -h / 2 - y]]), (w, h),
+                                    flags=cv2.INTER_LINEAR) for x, y in zip(dx, dy)])
+
+
+def test_long_shot_is_cut_into_clips_from_sharp_frames(tmp_path):
+    """A shot longer than max_clip_frames (129) is cut into clips back to back, each starting on the
+    sharpest of its first sharp_search (12) frames (paper §3.1), while the rest of the shot is at least
+    min_clip_frames (33) long: 400 frames -> 3 clips (the last 125 frames), 300 -> 2 (the last 32 frames are
+    too few), 80 -> 1. Every frame is softened (Gaussian, 0.7 px) but the ones a clip should start on. The
+    clips of one shot look alike (cosine distance 0.001-0.003) and all stay: one shot's clips are not each
+    other's duplicates. (Before: one clip per shot, starting in its first 12 frames.)"""
+    rng = np.random.default_rng(19)
+    lens, sharp = (400, 300, 80), ((5, 140, 275), (3, 139), (3,))     # sharp frames, counted in their shot
+    shots = []
+    for n, keep in zip(lens, sharp):
+        f = wobble_shot(rng, n)
+        soft = np.stack([cv2.GaussianBlur(x, (0, 0), 0.7) for x in f])
+        soft[list(keep)] = f[list(keep)]
+        shots.append(soft)
+    (tmp_path / "raw").mkdir()
+    write_mp4(tmp_path / "raw" / "long.mp4", np.concatenate(shots))
+    counts = C.run(str(tmp_path / "raw"), str(tmp_path / "out"), workers=1)
+    man = C._read_jsonl(str(tmp_path / "out" / "manifest.jsonl"))
+    assert counts["clips"] == len(man) == 6, (counts, C._read_jsonl(str(tmp_path / "out" / "rejected.jsonl")))
+    assert [(r["start"], r["end"]) for r in man] == [(5, 134), (140, 269), (275, 400), (403, 532), (539, 668),
+                                                     (703, 780)]
+    bounds = [(0, 400), (400, 700), (700, 780)]
+    for r, prev in zip(man, [None] + man[:-1]):
+        assert tuple(r["shot"]) in bounds and r["shot"][0] <= r["start"] < r["end"] <= r["shot"][1]
+        assert C.CFG.min_clip_frames <= r["frames"] <= C.CFG.max_clip_frames and (r["frames"] - 1) % 4 == 0
+        assert prev is None or prev["end"] <= r["start"]                      # no overlap
+        cap = cv2.VideoCapture(str(tmp_path / "out" / r["path"]))
+        assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == r["frames"]
+    assert len({r["clip"] for r in man}) == 6
+    assert len(C._read_jsonl(str(tmp_path / "out" / "images.jsonl"))) == 3    # one still per shot, as before
+    # without the shot rule, clips of one shot would have been taken for duplicates of each other
+    assert C.deduplicate([{k: v for k, v in r.items() if k != "shot"} for r in man])[1]
+
+
 def test_synthetic_shot_matches_the_spec():
     rng = np.random.default_rng(8)
     f = C.render_shot(rng, 320, 180, 10, "triangle", "green", "up")
@@ -374,16 +418,67 @@ def test_synthetic_shot_matches_the_spec():
     assert ys[-1] < ys[0]                                              # "moving up"
 
 
+def clarity_scene(seed=18, h=1080, w=1920):
+    """A textured 'scene' at 1080p: the shapes of picture() plus smooth noise at three scales."""
+    rng = np.random.default_rng(seed)
+    img = picture(rng, h, w).astype(np.float32)
+    for sigma, amp in ((40, 30), (8, 20), (2, 12)):
+        n = cv2.GaussianBlur(rng.standard_normal((h, w)).astype(np.float32), (0, 0), sigma)
+        img += (amp * n / n.std())[..., None]
+    return np.clip(img, 0, 255)
+
+
+def test_clarity_is_the_same_across_sizes_and_exposures():
+    """One scene filmed at 256p..1080p (the 1080p frame shrunk with INTER_AREA, as a smaller sensor sees it)
+    and exposed darker, flatter or brighter scores the same: within 12% across sizes (measured: 9%) and 4%
+    across exposures (measured: 0.3%; 2.9% where the bright one clips 27% of its pixels). The raw
+    Laplacian variance at each frame's own size spread 8x across these sizes; the darker exposure scored
+    0.16x."""
+    scene = clarity_scene()
+    sizes = [cv2.resize(scene, (w, h), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
+             for w, h in ((1920, 1080), (1280, 720), (640, 360), (456, 256))]
+    by_size = [C.clarity(f) for f in sizes]
+    assert max(by_size) / min(by_size) < 1.12, by_size
+    f = sizes[2].astype(np.float32)
+    for a, b in ((0.4, 8), (0.5, 64), (1.3, -20)):     # darker, flatter, brighter (and clipped)
+        g = np.clip(a * f + b, 0, 255).round().astype(np.uint8)
+        assert abs(C.clarity(g) / by_size[2] - 1) < 0.04, (a, b, C.clarity(g), by_size[2])
+
+
 def test_clarity_falls_as_blur_grows():
     rng = np.random.default_rng(4)
     frame = C.render_shot(rng, 320, 180, 1)[0]
-    scores = [C.clarity(cv2.GaussianBlur(frame, (0, 0), s) if s else frame) for s in (0, 0.8, 1.5, 3, 6)]
-    assert all(a > b for a, b in zip(scores, scores[1:])), scores
-    # independent check of the definition: variance of a float64 Laplacian computed with numpy
+    scene = cv2.resize(clarity_scene(), (640, 360), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
+    for f in (frame, scene):
+        scores = [C.clarity(cv2.GaussianBlur(f, (0, 0), s) if s else f) for s in (0, 0.5, 0.8, 1.5, 3, 6, 10)]
+        assert all(a > b for a, b in zip(scores, scores[1:])), scores
+    # independent check of the definition (180 px short side: measured as it is): float64 numpy, a 9-tap
+    # Gaussian (sigma 1) and the 4-neighbour Laplacian, reflected borders, over the grey-level variance of
+    # the same smoothed frame, in units of a grey-level std of 32
     g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY).astype(np.float64)
-    p = np.pad(g, 1, mode="reflect")
-    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * g
-    assert abs(C.clarity(frame) - lap.var()) < 1e-3 * lap.var()
+    k = np.exp(-np.arange(-4, 5) ** 2 / 2)
+    k /= k.sum()
+    p = np.pad(g, 4, mode="reflect")
+    p = sum(k[i] * p[:, i:i + g.shape[1]] for i in range(9))
+    b = sum(k[i] * p[i:i + g.shape[0]] for i in range(9))
+    p = np.pad(b, 1, mode="reflect")
+    lap = p[:-2, 1:-1] + p[2:, 1:-1] + p[1:-1, :-2] + p[1:-1, 2:] - 4 * b
+    want = lap.var() / max(b.var(), C.CLARITY_MIN_STD ** 2) * C.CLARITY_REF_STD ** 2
+    assert abs(C.clarity(frame) - want) < 1e-4 * want, (C.clarity(frame), want)
+    # and a 720p frame is shrunk to the 256 px short side first
+    big = cv2.resize(frame, (1280, 720), interpolation=cv2.INTER_CUBIC)
+    assert C.clarity(big) == C.clarity(cv2.resize(cv2.cvtColor(big, cv2.COLOR_RGB2GRAY), (455, 256),
+                                                  interpolation=cv2.INTER_AREA))
+
+
+def test_clarity_of_a_flat_frame():
+    """A flat frame scores 0 (no division by its zero variance); faint noise on a flat frame (std 1, a
+    grey wall) stays under min_clarity instead of being scaled up to a sharp picture's score."""
+    for v in (0, 90, 255):
+        c = C.clarity(np.full((120, 200, 3), v, np.uint8))
+        assert np.isfinite(c) and c < 1e-6, (v, c)
+    noise = np.clip(128 + np.random.default_rng(1).normal(0, 1, (360, 640)), 0, 255).astype(np.uint8)
+    assert C.clarity(noise) < C.CFG.min_clarity
 
 
 def test_letterbox_and_overlay():
@@ -454,6 +549,92 @@ def test_kmeans_and_balance_weights():
     assert len(set(lab[:30])) == 1 and len(set(lab[30:])) == 1 and lab[0] != lab[-1]
     w = C.balance_weights(lab)
     assert np.isclose(w[:30].sum(), w[30:].sum()) and np.isclose(w.mean(), 1)   # each concept drawn equally
+
+
+def test_kmeans_in_chunks_equals_the_whole_matrix():
+    """Assignment in rows of chunk // k points gives the same labels and centroids, bit for bit, as the
+    whole (n, k) distance matrix (the matrix products round differently, ~1e-13, but no point is that
+    near to two centroids), and the labels are each point's nearest centroid (float64 broadcast)."""
+    rng = np.random.default_rng(20)
+    x = np.concatenate([rng.normal(rng.normal(0, 1, 64), 0.3, (40, 64)) for _ in range(12)])
+    c1, l1 = C.kmeans(x, 12, chunk=10 ** 9)               # one chunk: the whole matrix
+    for chunk in (12, 50, 500):                            # 1, 4 and 41 rows at a time
+        c2, l2 = C.kmeans(x, 12, chunk=chunk)
+        assert np.array_equal(c1, c2) and np.array_equal(l1, l2), chunk
+    d2 = ((x[:, None] - c1[None]) ** 2).sum(-1)
+    assert np.array_equal(l1, d2.argmin(1)) and len(set(l1.tolist())) == 12
+    assert (np.diff(np.sort(d2, 1)[:, :2], axis=1) > 1e-6).all()   # no near-tie that rounding could flip
+
+
+def test_kmeans_never_holds_the_n_by_k_matrix():
+    """k grows with n (n / clips_per_concept), so the (n, k) distance matrix grew as n^2 (100k clips:
+    4 GB per temporary). 20,000 points and k = 1,000: a peak of 306 MB with the whole matrix, 1.8 MB in
+    chunks of 2^16 distances (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+    x = np.random.default_rng(21).normal(0, 1, (20000, 4))
+    tracemalloc.start()
+    C.kmeans(x, 1000, iters=1, chunk=1 << 16)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 8 * 2 ** 20, peak / 2 ** 20
+
+
+def dedup_one_at_a_time(recs, thr):
+    """The rule of deduplicate(), the plain way: best first, each record against every kept one (float64
+    dot products, one pair at a time), not against kept clips of its own shot."""
+    order = sorted(recs, key=lambda r: (-min(r["width"], r["height"]), -r["clarity"], -r["quality"], r["clip"]))
+    kept, dropped = [], []
+    for r in order:
+        d = [(1 - float(np.dot(r["embedding"], q["embedding"])), n) for n, q in enumerate(kept)
+             if (q["video"], q["shot"]) != (r["video"], r["shot"])]
+        if d and min(d)[0] < thr:
+            dropped.append((r["clip"], kept[min(d)[1]]["clip"]))
+        else:
+            kept.append(r)
+    return sorted(r["clip"] for r in kept), dropped
+
+
+def test_dedup_in_blocks_equals_one_at_a_time():
+    """Random embeddings with near-copies around the threshold: the blocked computation (blocks forced by
+    small chunks) keeps and drops exactly the records the one-at-a-time rule does, with the same kept
+    record named for each duplicate, and clips of one shot are never each other's duplicates."""
+    rng = np.random.default_rng(22)
+    base = rng.normal(0, 1, (150, 24))
+    recs = []
+    for i in range(400):   # 150 originals, then copies at cosine distance ~0.005; every 5th in the same shot
+        e = base[i % 150] + (rng.normal(0, 0.1, 24) if i >= 150 else 0)
+        video = f"v{i % 150}" if i < 150 or i % 5 == 0 else f"w{i}"
+        recs.append({"clip": f"c{i:03d}", "video": video, "shot": [0, 99], "width": int(rng.choice([256, 512])),
+                     "height": 300, "clarity": float(rng.integers(0, 3)), "quality": 0.5,
+                     "embedding": (e / np.linalg.norm(e)).tolist()})
+    thr = C.CFG.dedup_max_dist
+    e = np.array([r["embedding"] for r in recs])
+    gaps = np.abs(1 - e @ e.T - thr)
+    assert gaps.min() > 1e-9            # no distance so near the threshold that rounding could decide it
+    want_kept, want_dropped = dedup_one_at_a_time(recs, thr)
+    assert 100 < len(want_dropped) < 250   # both outcomes are common
+    named = dict(want_dropped)
+    same_shot = [j for j in range(150, 400) if recs[j]["video"] == recs[j % 150]["video"]]
+    assert len(same_shot) == 50 and all(named.get(recs[j]["clip"]) != recs[j % 150]["clip"] for j in same_shot)
+    assert sum(1 - e[j] @ e[j % 150] < thr for j in same_shot) > 10   # ...that a copy elsewhere would be
+    for chunk in (10 ** 9, 16, 50, 999):   # one block; blocks of 4, 7 and 31 records
+        kept, dropped = C.deduplicate(recs, chunk=chunk)
+        assert sorted(r["clip"] for r in kept) == want_kept, chunk
+        assert [(r["clip"], k) for r, k in dropped] == want_dropped, chunk
+
+
+def test_jsonl_embeddings_are_read_as_arrays_and_written_back_unchanged(tmp_path):
+    """finalize() reads embeddings as float64 arrays (8 bytes a number instead of a Python float's ~30)
+    and rewrites manifest.jsonl from them: the file must come back byte for byte."""
+    rng = np.random.default_rng(23)
+    recs = [{"clip": f"c{i}", "embedding": [round(float(v), 4) for v in rng.normal(0, 0.1, 50)]} for i in range(20)]
+    recs[3]["embedding"][:3] = [0.0, -0.0, 1.0]
+    p = tmp_path / "m.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    back = C._read_jsonl(str(p), embeddings=True)
+    assert all(isinstance(r["embedding"], np.ndarray) and r["embedding"].dtype == np.float64 for r in back)
+    C._write_jsonl(str(tmp_path / "w.jsonl"), back)
+    assert (tmp_path / "w.jsonl").read_bytes() == p.read_bytes()
 
 
 def test_tiers_are_nested():
