@@ -12,9 +12,13 @@ float64 math, no bf16 rounding; row maxima and sums in numpy's order, not the fo
 checks which element goes where, not speed, rounding, or the ordering of asynchronous copies, barriers and
 fences. Keep it in step with the kernels by hand.
 
-    python attention_cuda/emulate.py    # ~30 s: forwards (o, lse; 16 and 32 rows per warp; wgmma; TMA with and
+    python attention_cuda/emulate.py    # ~35 s: forwards (o, lse; 16 and 32 rows per warp; wgmma; TMA with and
                                         # without the overlap), dQ and the wgmma and TMA backwards (dQ, dK, dV)
-                                        # vs float64, tails, kv_len = 1, NaN in every padded key and value
+                                        # vs float64, tails, kv_len = 1, NaN in every padded key and value;
+                                        # then version 2.1's barrier protocols under random schedules
+
+The last part (check_protocols, at the end of the file) models synchronisation, which the rest does not:
+see there.
 """
 import numpy as np
 
@@ -700,6 +704,283 @@ def reference_dkdv(q, k, v, do, kv_len, scale):
     dk[:kv_len], dv[:kv_len] = ds.T @ q * scale, p.T @ do
     return dk, dv
 
+# ---------------------------------------------------------------------------------------------------
+# Version 2.1's synchronisation, as a protocol model. The numbers above say which element goes where; this
+# says whether the barriers order the copies and the reads. Each kernel's producer and consumers are
+# transcribed as sequences of their synchronising operations (mbarrier counts, arrivals, expect-tx, parity
+# waits, TMA copies, plain stores, named barriers, and the spans during which a wgmma or a load reads a
+# stage) and run under many random interleavings, copies landing after random delays. Checked: no
+# deadlock; every read of a stage finds the tile it expects, and nothing writes that stage until the read
+# has ended; no named barrier is over-arrived or left with arrivals at the end. Modelled from the PTX ISA:
+# an mbarrier phase completes when its pending arrivals reach 0 and its expected bytes have all landed;
+# try_wait.parity(P) succeeds once the phase of parity P has completed (at once for the phase before the
+# first); a named barrier releases its syncing threads when `count` threads have arrived or synced. A
+# warpgroup's four warps move as one agent that arrives four times where each warp arrives.
+
+class ProtocolError(Exception):
+    pass
+
+
+class Mbar:
+    def __init__(self, count):
+        self.count, self.pending, self.tx, self.phases = count, count, 0, 0
+
+    def update(self, arrivals=0, tx=0):
+        self.pending -= arrivals
+        self.tx += tx
+        if self.pending < 0:
+            raise ProtocolError("an mbarrier got more arrivals than its count in one phase")
+        if self.pending == 0 and self.tx == 0:
+            self.phases += 1
+            self.pending = self.count
+
+    def done(self, parity):
+        return self.phases % 2 != parity
+
+
+def run_protocol(agents, bars, rng, max_steps=100000):
+    """agents: generators of operations; bars: name -> Mbar. One random interleaving: each agent gets a
+    speed drawn log-uniformly over 1,000x, and copies land with a random per-run probability per step, so
+    that schedules where one agent runs far ahead of the others are explored too."""
+    speed = np.exp(rng.uniform(0, np.log(1000), len(agents)))
+    land_p = rng.uniform(0.02, 0.9)
+    ops = {i: next(a, None) for i, a in enumerate(agents)}
+    stage, writing, reading = {}, {}, {}    # stage -> (tag, version); copies in flight; (agent, stage) -> version
+    named, copies = {}, []                  # id -> [threads arrived, syncing agents]; [bar, bytes, stage, tag]
+
+    def advance(i):
+        ops[i] = next(agents[i], None)
+
+    def named_add(bid, count, threads, agent=None):
+        arrived, syncers = named.setdefault(bid, [0, []])
+        arrived += threads
+        if agent is not None:
+            syncers.append(agent)
+        if arrived > count:
+            raise ProtocolError(f"named barrier {bid} over-arrived")
+        if arrived == count:    # a generation completes: its syncing agents go on
+            named[bid] = [0, []]
+            for j in syncers:
+                advance(j)
+        else:
+            named[bid][0] = arrived
+
+    for _ in range(max_steps):
+        runnable = [i for i, op in ops.items() if op is not None and op[0] != "syncing"
+                    and (op[0] != "wait" or bars[op[1]].done(op[2]))]
+        if copies and (not runnable or rng.random() < land_p):
+            bar, nbytes, st, tag = copies.pop(int(rng.integers(len(copies))))
+            writing[st] -= 1
+            stage[st] = (tag, stage.get(st, (None, 0))[1] + 1)
+            bars[bar].update(tx=-nbytes)
+            continue
+        if not runnable:
+            stuck = {i: op for i, op in ops.items() if op is not None}
+            if stuck:
+                raise ProtocolError(f"deadlock: {stuck}")
+            if any(a for a, _ in named.values()) or reading:
+                raise ProtocolError(f"left over at the end: named {named}, reads {reading}")
+            return
+        w = speed[runnable]
+        i = runnable[int(rng.choice(len(runnable), p=w / w.sum()))]
+        op = ops[i]
+        kind = op[0]
+        if kind == "arrive":            # ("arrive", bar[, expected bytes[, arrivals]])
+            bars[op[1]].update(arrivals=op[3] if len(op) > 3 else 1, tx=op[2] if len(op) > 2 else 0)
+        elif kind == "tma":             # ("tma", bar, bytes, stage, tag): lands later, on bar
+            if any(s == op[3] for _, s in reading):
+                raise ProtocolError(f"a copy into {op[3]} while it is read")
+            writing[op[3]] = writing.get(op[3], 0) + 1
+            copies.append(list(op[1:]))
+        elif kind == "store":           # ("store", stage): plain stores (lse/delta, zeroed rows)
+            if writing.get(op[1]) or any(s == op[1] and j != i for j, s in reading):
+                raise ProtocolError(f"stores into {op[1]} while it is copied or read by another agent")
+            tag, version = stage.get(op[1], (op[2] if len(op) > 2 else None, 0))
+            stage[op[1]] = (op[2] if len(op) > 2 else tag, version + 1)
+        elif kind == "read":            # ("read", stage, tag): a wgmma (or load) starts reading
+            if writing.get(op[1]) or stage.get(op[1], (None,))[0] != op[2]:
+                raise ProtocolError(f"agent {i} reads {op[1]} expecting tile {op[2]}, finds {stage.get(op[1])}"
+                                    + (" with a copy in flight" if writing.get(op[1]) else ""))
+            reading[(i, op[1])] = stage[op[1]][1]
+        elif kind == "end":             # ("end", stage): wait_group returned, the read is over
+            if stage[op[1]][1] != reading.pop((i, op[1])):
+                raise ProtocolError(f"{op[1]} was overwritten during agent {i}'s read")
+        elif kind == "named_arrive":    # ("named_arrive", id, count, threads)
+            named_add(op[1], op[2], op[3])
+        elif kind == "sync":            # ("sync", id, count, threads): arrive and block
+            ops[i] = ("syncing", op[1])
+            named_add(op[1], op[2], op[3], agent=i)
+            continue
+        advance(i)                      # "wait" succeeded, or the operation above is done
+    raise ProtocolError("step limit")
+
+
+def fwd_ws_protocol(n_tiles, partial, pingpong, overlap, stages=2):
+    """attn_fwd_ws_kernel's synchronisation (transcribed): agents and mbarriers."""
+    bars = {"q_full": Mbar(1)}
+    for st in range(stages):
+        bars.update({f"k_full{st}": Mbar(1), f"v_full{st}": Mbar(1), f"k_empty{st}": Mbar(8), f"v_empty{st}": Mbar(8)})
+
+    def producer():
+        yield ("arrive", "q_full", 2)
+        yield ("tma", "q_full", 2, "Q", "q")
+        for j in range(n_tiles):
+            st, par = j % stages, (j // stages) & 1
+            for x in "kv":
+                if j >= stages:
+                    yield ("wait", f"{x}_empty{st}", par ^ 1)
+                yield ("arrive", f"{x}_full{st}", 2)
+                yield ("tma", f"{x}_full{st}", 2, f"{x.upper()}{st}", j)
+
+    def consumer(cw):
+        def scores(j, with_pv):
+            st, prev = j % stages, (j - 1) % stages
+            yield ("wait", f"k_full{st}", (j // stages) & 1)
+            if with_pv:
+                yield ("wait", f"v_full{prev}", ((j - 1) // stages) & 1)
+            if pingpong:
+                yield ("sync", 1 + cw, 256, 128)
+            yield ("read", f"K{st}", j)
+            if with_pv:
+                yield ("read", f"V{prev}", j - 1)
+            if pingpong:
+                yield ("named_arrive", 1 + (cw ^ 1), 256, 128)
+            yield ("end", f"K{st}")
+            yield from [("arrive", f"k_empty{st}")] * 4
+
+        def values(j):
+            st = j % stages
+            yield ("wait", f"v_full{st}", (j // stages) & 1)
+            if j == n_tiles - 1 and partial:
+                yield ("store", f"V{st}")  # this consumer's share of the padded rows
+                yield ("sync", 3, 256, 128)
+            yield ("read", f"V{st}", j)
+            yield ("end", f"V{st}")
+            yield from [("arrive", f"v_empty{st}")] * 4
+
+        if pingpong and cw == 1:
+            yield ("named_arrive", 1, 256, 128)
+        yield ("wait", "q_full", 0)
+        yield ("read", "Q", "q")
+        if overlap:
+            yield from scores(0, False)
+            for j in range(1, n_tiles):
+                yield from scores(j, True)
+                yield ("end", f"V{(j - 1) % stages}")
+                yield from [("arrive", f"v_empty{(j - 1) % stages}")] * 4
+            yield from values(n_tiles - 1)
+        else:
+            for j in range(n_tiles):
+                yield from scores(j, False)
+                yield from values(j)
+        if pingpong and cw == 0:
+            yield ("sync", 1, 256, 128)
+        yield ("end", "Q")
+
+    return [producer(), consumer(0), consumer(1)], bars
+
+
+def dkdv_ws_protocol(q_tiles, stages=2):
+    """attn_bwd_dkdv_ws_kernel's synchronisation: thread 0, warp 1 (lse/delta), two consumers."""
+    bars = {"kv_full": Mbar(1)}
+    for st in range(stages):
+        bars.update({f"q_full{st}": Mbar(1 + 32), f"q_empty{st}": Mbar(8)})
+
+    def copier():
+        yield ("arrive", "kv_full", 4)
+        yield ("tma", "kv_full", 2, "K", "k")
+        yield ("tma", "kv_full", 2, "V", "v")
+        for it in range(q_tiles):
+            st = it % stages
+            if it >= stages:
+                yield ("wait", f"q_empty{st}", ((it // stages) & 1) ^ 1)
+            yield ("arrive", f"q_full{st}", 4)
+            yield ("tma", f"q_full{st}", 2, f"Q{st}", it)
+            yield ("tma", f"q_full{st}", 2, f"dO{st}", it)
+
+    def stats_warp():
+        for it in range(q_tiles):
+            st = it % stages
+            if it >= stages:
+                yield ("wait", f"q_empty{st}", ((it // stages) & 1) ^ 1)
+            yield ("store", f"L{st}", it)
+            yield ("arrive", f"q_full{st}", 0, 32)  # each of the 32 lanes after its own stores
+
+    def consumer(cw):
+        yield ("wait", "kv_full", 0)
+        yield ("read", "K", "k")
+        yield ("read", "V", "v")
+        for it in range(q_tiles):
+            st = it % stages
+            yield ("wait", f"q_full{st}", (it // stages) & 1)
+            for x in ("Q", "dO", "L"):
+                yield ("read", f"{x}{st}", it)
+            for x in ("Q", "dO", "L"):
+                yield ("end", f"{x}{st}")
+            yield from [("arrive", f"q_empty{st}")] * 4
+        yield ("end", "K")
+        yield ("end", "V")
+
+    return [copier(), stats_warp(), consumer(0), consumer(1)], bars
+
+
+def dq_ws_protocol(n_tiles, partial, stages=2):
+    """attn_bwd_dq_ws_kernel's synchronisation: thread 0 and two consumers."""
+    bars = {"q_full": Mbar(1)}
+    for st in range(stages):
+        bars.update({f"kv_full{st}": Mbar(1), f"kv_empty{st}": Mbar(8)})
+
+    def producer():
+        yield ("arrive", "q_full", 4)
+        yield ("tma", "q_full", 2, "Q", "q")
+        yield ("tma", "q_full", 2, "dO", "q")
+        for j in range(n_tiles):
+            st = j % stages
+            if j >= stages:
+                yield ("wait", f"kv_empty{st}", ((j // stages) & 1) ^ 1)
+            yield ("arrive", f"kv_full{st}", 4)
+            yield ("tma", f"kv_full{st}", 2, f"K{st}", j)
+            yield ("tma", f"kv_full{st}", 2, f"V{st}", j)
+
+    def consumer(cw):
+        yield ("wait", "q_full", 0)
+        yield ("read", "Q", "q")
+        yield ("read", "dO", "q")
+        for j in range(n_tiles):
+            st = j % stages
+            yield ("wait", f"kv_full{st}", (j // stages) & 1)
+            yield ("read", f"K{st}", j)           # S = Q K^T
+            yield ("read", f"V{st}", j)           # dP = dO V^T
+            yield ("end", f"K{st}")
+            yield ("end", f"V{st}")
+            if j == n_tiles - 1 and partial:
+                yield ("sync", 3, 256, 128)
+                yield ("store", f"K{st}")         # this consumer's share of the padded K rows
+                yield ("sync", 3, 256, 128)
+            yield ("read", f"K{st}", j)           # dQ += dS K
+            yield ("end", f"K{st}")
+            yield from [("arrive", f"kv_empty{st}")] * 4
+        yield ("end", "Q")
+        yield ("end", "dO")
+
+    return [producer(), consumer(0), consumer(1)], bars
+
+
+def check_protocols(schedules=200, seed=0):
+    """Every kernel of version 2.1 under `schedules` random interleavings per shape; returns the count run."""
+    rng = np.random.default_rng(seed)
+    runs = 0
+    for n in (1, 2, 3, 5):
+        for partial in (False, True):
+            shapes = [lambda pp=pp, ov=ov: fwd_ws_protocol(n, partial, pp, ov)
+                      for pp, ov in ((False, False), (True, False), (True, True))]  # ws-plain, ws-pingpong, ws
+            shapes += [lambda: dq_ws_protocol(n, partial)] + ([lambda: dkdv_ws_protocol(n)] if not partial else [])
+            for make in shapes:
+                for _ in range(schedules):
+                    run_protocol(*make(), rng)
+                    runs += 1
+    return runs
+
 if __name__ == "__main__":
     rng = np.random.default_rng(0)
     # MT: the forward's m-tiles per warp (16 or 32 query rows); the dQ kernel has none
@@ -749,3 +1030,5 @@ if __name__ == "__main__":
         (eq, ek, ev), finite = ws_case(rng, B, H, Lq, Lk, D, kv_lens, False, packed, backward=True)
         print(f"ws B={B} H={H} Lq={Lq} Lk={Lk} D={D} kv_lens={kv_lens} packed={packed}: "
               f"bwd dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} finite {finite}", flush=True)
+    print(f"version 2.1 synchronisation: {check_protocols()} random schedules of the three kernels' protocols "
+          "(1, 2, 3, 5 tiles; full and partial last tile), no deadlock, race or left-over arrival", flush=True)
