@@ -56,9 +56,9 @@ class CurateConfig:
     max_clip_frames: int = 129        # paper §4: longest training clip is 129 frames (720x1280x129); a longer
                                       # shot is cut into clips back to back while the rest is min_clip_frames
     # --- basic filters (every accepted clip passes these; tiers tighten them) ---
-    # clarity() units (contrast-normalised Laplacian of Gaussian at 256p). Every clarity threshold is the
-    # earlier raw-Laplacian one x 1/12, the factor that moves the demo's blur boundary from 30 to 2.5: its
-    # blurred shots score 0.5-1.4, its sharp ones 4.7-25. Untested above 256p (no demo clip is larger).
+    # clarity() units (contrast-normalised Laplacian of Gaussian at 256p). The earlier raw-Laplacian
+    # threshold x 1/12, the factor that moves the demo's blur boundary from 30 to 2.5: its blurred shots
+    # score 0.5-1.4, its sharp ones 4.7-25. The tiers above 256p measure at their own size (tier_clarity).
     min_clarity: float = 2.5
     min_motion: float = 0.5           # 99th-percentile flow speed, px per 1/24 s at 256 px width: below = static
     max_motion: float = 25.0          # above = too fast (whip pans, strobing); ~10% of the width per 1/24 s
@@ -83,15 +83,26 @@ class CurateConfig:
     tier_names: tuple = ("256p", "360p", "540p", "720p")
     tier_side: tuple = (256, 360, 540, 720)           # minimum short side after cropping
     tier_frames: tuple = (65, 65, 97, 129)            # paper: 256x256x65 first stage ... 720x1280x129 last
-    tier_clarity: tuple = (2.5, 4.2, 5.8, 7.5)
+    # clarity of a tier above 256p is measured at the tier's own short side (a clip's clarity_at), where blur
+    # of the tier's own pixels shows: a 720p frame blurred by 2 px scores 8-23 at 256p, as much as sharp
+    # 720p footage (16-47), but 0.9-2.4 at 720p. Measured at 360p/540p/720p over three synthetic scenes
+    # (mp4v-encoded pans and raw frames): Gaussian blur of 2 px at the tier's size <= 4.6, sharp >= 6.7
+    # (16-32 for fine texture) -> 5.5, between them. A 1 px blur (2.4-13.5) overlaps sharp footage
+    # of coarse content (6.7-10.6): no threshold rejects it for every scene. One number serves every side:
+    # the same footage scores lower at a larger side (a sharp pan: 27 at 360p, 14 at 540p, 9 at 720p), so
+    # the higher tiers are stricter in blur per picture. The 256p value is the basic filter's (demo: blurred
+    # shots 0.5-1.4, sharp 4.7-25).
+    tier_clarity: tuple = (2.5, 5.5, 5.5, 5.5)
     tier_quality: tuple = (0.25, 0.35, 0.45, 0.55)
     finetune_tier: str = "540p"       # fine-tune set (no human labels): clips of this tier or above...
     finetune_quality: float = 0.6     # ...with at least this quality...
-    finetune_clarity: float = 5.8     # ...and this clarity. A --labels file of human picks replaces the rule
+    finetune_clarity: float = 5.5     # ...and this clarity at its side. A --labels file of human picks replaces
+                                      # the rule
     # --- image sets (paper §3.1: the video filters without the motion ones) ---
     image_side: tuple = (256, 512)    # T2I stage 1 (256px) and stage 2 (256/512px)
-    image_clarity: tuple = (4.2, 8.3)
+    image_clarity: tuple = (4.2, 5.5)  # 512p: at 512p, as the tiers above 256p (blur 2 px <= 2.5, sharp >= 17.8)
     image_quality: tuple = (0.3, 0.45)
+    sharp_tag_clarity: float = 7.5    # 256p clarity from which the quality tags say "sharp" (else "soft")
     # --- concept balancing (paper §3.1: k-means over clip embeddings, ~10K centroids at their scale) ---
     clips_per_concept: int = 20       # k = n_clips / this, at least 1
     max_concepts: int = 10000
@@ -514,7 +525,7 @@ CLARITY_REF_STD = 32.0   # clarity's unit: the Laplacian's variance with grey le
 CLARITY_MIN_STD = 8.0    # a frame flatter than this (grey-level std) is rescaled as if it had this std
 
 
-def clarity(frame, cfg=CFG, side=None):
+def clarity(frame, cfg=CFG, side=None, at=None):
     """Sharpness of a frame: the variance of the Laplacian (paper §3.1 finds clear frames with OpenCV's
     Laplacian; its statistic is not stated), measured at a fixed size and contrast so that one threshold
     serves a dataset of mixed sizes and exposures (the tiers of Fig. 4 filter 256p..720p sets with one
@@ -523,7 +534,8 @@ def clarity(frame, cfg=CFG, side=None):
         so every clip that can enter a tier is measured at one scale (at their own sizes the copies' raw
         Laplacian variances spread 8x). A smaller frame is measured as it is: upsampling adds no detail,
         only interpolation blur. `side`: the short side of the whole frame when `frame` is a crop of it
-        (a letterbox cut off), so that cropping does not change the scale.
+        (a letterbox cut off), so that cropping does not change the scale. `at`: another short side to
+        measure at (a tier's: blur of its own pixels, which the 256p scale cannot see; see tier_clarity).
       resampling: shrinking by 1.1x blurs more (INTER_AREA's box straddles pixels) than by 2x or not at
         all, and the 3x3 Laplacian reads mostly those last-pixel frequencies: the copies still spread 1.9x
         at 256p. A Gaussian of CLARITY_SIGMA = 1 px first (a Laplacian of Gaussian) moves the band read
@@ -537,7 +549,7 @@ def clarity(frame, cfg=CFG, side=None):
         Below CLARITY_MIN_STD the frame counts as flat: the divisor stops there, so a flat frame scores 0
         and the noise of a near-flat one is not scaled up to a sharp picture's score."""
     g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
-    f = cfg.clarity_side / (side or min(g.shape[:2]))
+    f = (at or cfg.clarity_side) / (side or min(g.shape[:2]))
     if f < 1:
         g = cv2.resize(g, (max(1, round(g.shape[1] * f)), max(1, round(g.shape[0] * f))), interpolation=cv2.INTER_AREA)
     b = cv2.GaussianBlur(g.astype(np.float32), (0, 0), CLARITY_SIGMA)
@@ -1006,13 +1018,26 @@ def caption_for(side, start, end, frames):
 # -----------------------------------------------------------------------------
 # hierarchical tiers (paper §3.1, Fig. 4)
 
+def clarity_sides(rec, sides, cfg=CFG):
+    """The sides above clarity_side a record reaches: those it gets a clarity_at value for."""
+    return [s for s in sides if cfg.clarity_side < s <= min(rec["width"], rec["height"])]
+
+
+def clarity_at(rec, side, cfg=CFG):
+    """A record's clarity at the short side of a tier it reaches (see tier_clarity). A record an earlier
+    curate.py wrote has no clarity_at: its 256p clarity stands in (finalize() warns)."""
+    if side <= cfg.clarity_side:
+        return rec["clarity"]
+    return rec.get("clarity_at", {}).get(str(side), rec["clarity"])
+
+
 def tiers_of(rec, cfg=CFG):
     """Names of the video tiers a clip belongs to: a prefix of cfg.tier_names, so tiers are nested."""
     out = []
     for i, name in enumerate(cfg.tier_names):
         ok = (min(rec["width"], rec["height"]) >= cfg.tier_side[i] and rec["frames"] >= cfg.tier_frames[i]
-              and rec["clarity"] >= cfg.tier_clarity[i] and rec["quality"] >= cfg.tier_quality[i]
-              and not rec["overlay"])
+              and clarity_at(rec, cfg.tier_side[i], cfg) >= cfg.tier_clarity[i]
+              and rec["quality"] >= cfg.tier_quality[i] and not rec["overlay"])
         if not ok:
             break
         out.append(name)
@@ -1023,7 +1048,8 @@ def image_sets_of(rec, cfg=CFG):
     """Image sets (T2I stage 1, stage 2) a still frame belongs to; nested like the video tiers."""
     out = []
     for side, cl, q in zip(cfg.image_side, cfg.image_clarity, cfg.image_quality):
-        if min(rec["width"], rec["height"]) < side or rec["clarity"] < cl or rec["quality"] < q or rec["overlay"]:
+        if (min(rec["width"], rec["height"]) < side or clarity_at(rec, side, cfg) < cl or rec["quality"] < q
+                or rec["overlay"]):
             break
         out.append(f"{side}p")
     return out
@@ -1042,13 +1068,14 @@ def quality_tags(rec, cfg=CFG):
     side = min(rec["width"], rec["height"])
     res = [n for n, s in zip(cfg.tier_names, cfg.tier_side) if side >= s]
     return ([res[-1]] if res else [f"{side}p"]) + \
-        ["sharp" if rec["clarity"] >= cfg.tier_clarity[-1] else "soft"] + \
+        ["sharp" if rec["clarity"] >= cfg.sharp_tag_clarity else "soft"] + \
         ["high quality" if rec["quality"] >= cfg.tier_quality[-1] else "fair quality"]
 
 
-def _analyse_shot(small, grey, p, e, shot, fps, cfg):
+def _analyse_shot(small, grey, hires, p, e, shot, fps, cfg):
     """One clip of a shot, from the frames read from p on (small RGB frames analysis_w wide, grey frames at
-    clarity_side); e: where the shot's frames end (its end, or the last frame a truncated file decodes).
+    clarity_side, and at the largest tier side above it that the video reaches, if any); e: where the shot's
+    frames end (its end, or the last frame a truncated file decodes).
     The clip starts at the sharpest of the first sharp_search frames (paper §3.1) and runs for up to
     max_clip_frames, 4n+1 frames; process_video() cuts the rest of a long shot into more clips."""
     n = e - p
@@ -1072,7 +1099,8 @@ def _analyse_shot(small, grey, p, e, shot, fps, cfg):
     return {"start": p + j, "end": p + j + L, "shot": shot, "first": p == shot[0], "box": box, "sample": sample,
             "mid": small[len(small) // 2], "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
             "camera": cam, "camera_conf": conf, "grey": grey[j:j + L:8],   # clarity: the median of every 8th
-            "best": p + best, "best_grey": grey[best], "best_small": small[best]}
+            "hires": hires[j:j + L:8], "best": p + best, "best_grey": grey[best],
+            "best_hires": hires[best] if hires else None, "best_small": small[best]}
 
 
 def process_video(path, rel, out_dir, cfg=CFG):
@@ -1101,8 +1129,14 @@ def process_video(path, rel, out_dir, cfg=CFG):
     ah = max(2, int(round(H * aw / W / 2)) * 2)
     cs = min(1.0, cfg.clarity_side / min(W, H))
     gsize = (max(2, round(W * cs)), max(2, round(H * cs)))   # as clarity() shrinks a whole frame
+    # and grey frames at the largest tier side above clarity_side the video reaches, for the clarity at each
+    # such tier's side (clarity_at; none for a video of 256p..359p, the demo's). A window of 1080p frames
+    # holds 141 of 1280x720 bytes: 130 MB.
+    top = max(clarity_sides({"width": W, "height": H}, cfg.tier_side + cfg.image_side, cfg), default=0)
+    hs = top / min(W, H)
+    hsize = (round(W * hs), round(H * hs))
     window = cfg.sharp_search + cfg.max_clip_frames
-    shot_data, small, grey = [], [], []
+    shot_data, small, grey, hires = [], [], [], []
     k, p = 0, shots[0][0]                            # the shot being read; its next window's first frame
     cap = cv2.VideoCapture(path)
     for i in range(n_frames):
@@ -1114,19 +1148,23 @@ def process_video(path, rel, out_dir, cfg=CFG):
         if not ok:
             break
         small.append(cv2.cvtColor(cv2.resize(f, (aw, ah), interpolation=cv2.INTER_AREA), cv2.COLOR_BGR2RGB))
-        grey.append(cv2.resize(cv2.cvtColor(f, cv2.COLOR_BGR2GRAY), gsize, interpolation=cv2.INTER_AREA))
+        g = cv2.cvtColor(f, cv2.COLOR_BGR2GRAY)
+        grey.append(cv2.resize(g, gsize, interpolation=cv2.INTER_AREA))
+        if hs:
+            hires.append(g if hs == 1 else cv2.resize(g, hsize, interpolation=cv2.INTER_AREA))
         s, e = shots[k]
         while small and len(small) >= min(e - p, window):
-            sd = _analyse_shot(small, grey, p, e, (s, e), fps, cfg)
+            sd = _analyse_shot(small, grey, hires, p, e, (s, e), fps, cfg)
             shot_data.append(sd)
-            small, grey, p = small[sd["end"] - p:], grey[sd["end"] - p:], sd["end"]
+            small, grey, hires, p = small[sd["end"] - p:], grey[sd["end"] - p:], hires[sd["end"] - p:], sd["end"]
             if e - p < cfg.min_clip_frames:           # the rest is no clip: on to the next shot
-                small, grey = [], []
+                small, grey, hires = [], [], []
                 k += 1
                 p = shots[k][0] if k < len(shots) else n_frames
     cap.release()
     if small and (p == shots[k][0] or len(small) >= cfg.min_clip_frames):   # a truncated file: what was read
-        shot_data.append(_analyse_shot(small, grey, p, p + len(small), (shots[k][0], p + len(small)), fps, cfg))
+        e = p + len(small)
+        shot_data.append(_analyse_shot(small, grey, hires, p, e, (shots[k][0], e), fps, cfg))
 
     # decide each clip
     fx, fy = W / aw, H / ah
@@ -1144,13 +1182,18 @@ def process_video(path, rel, out_dir, cfg=CFG):
         full = [int(x0 * fx) // 2 * 2, int(y0 * fy) // 2 * 2,                 # even sizes for the encoder
                 int(np.ceil(x1 * fx)) // 2 * 2, int(np.ceil(y1 * fy)) // 2 * 2]
         full[2], full[3] = min(full[2], W), min(full[3], H)
-        gb = [int(v * cs) for v in full]                 # the same box on the clarity-size grey frames
+        gb = [int(v * cs) for v in full]                 # the same box on the clarity-size grey frames...
+        hb = [int(v * hs) for v in full]                 # ...and on the tier-size ones
+        size = {"width": full[2] - full[0], "height": full[3] - full[1]}
+        at = {str(s_): round(float(np.median([clarity(h[hb[1]:hb[3], hb[0]:hb[2]], cfg, min(hsize), s_)
+                                              for h in sd["hires"]])), 2)
+              for s_ in clarity_sides(size, cfg.tier_side, cfg)}
         crop = [f[y0:y1, x0:x1] for f in sd["sample"]]
         rec = {"clip": f"{vid}_{k:03d}", "video": rel, "shot": list(sd["shot"]), "start": sd["start"],
-               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), "width": full[2] - full[0],
-               "height": full[3] - full[1], "crop": full,
+               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), **size, "crop": full,
                "clarity": round(float(np.median([clarity(g[gb[1]:gb[3], gb[0]:gb[2]], cfg, min(gsize))
                                                  for g in sd["grey"]])), 2),
+               **({"clarity_at": at} if at else {}),
                "motion": round(sd["motion"], 3), "quality": round(quality_score(crop), 3),
                "camera": sd["camera"], "camera_conf": sd["camera_conf"], "overlay": bool(overlay)}
         shot_len = sd["shot"][1] - sd["shot"][0]
@@ -1184,6 +1227,11 @@ def process_video(path, rel, out_dir, cfg=CFG):
             img = {**{k_: rec[k_] for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
                    "image": f"{rec['clip']}_img", "clip": rec["clip"], "frame": sd["best"],
                    "clarity": round(clarity(bg, cfg, min(gsize)), 2)}
+            bh = sd["best_hires"][hb[1]:hb[3], hb[0]:hb[2]] if hs else None
+            at = {str(s_): round(clarity(bh, cfg, min(hsize), s_), 2)
+                  for s_ in clarity_sides(size, cfg.image_side, cfg)}
+            if at:
+                img["clarity_at"] = at
             if cap_ is not None:   # a still has no camera movement; its quality tags come from its own scores
                 img["caption"] = {**{k_: v for k_, v in cap_.items() if k_ != "camera_movement"},
                                   "quality_tags": quality_tags(img, cfg)}
@@ -1397,6 +1445,11 @@ def finalize(out, labels=None, cfg=CFG):
                 os.remove(os.path.join(out, r["path"]))
         _write_jsonl(os.path.join(out, "manifest.jsonl"), manifest)
         _write_jsonl(os.path.join(out, "images.jsonl"), images)
+    old = sum("clarity_at" not in r and bool(clarity_sides(r, cfg.tier_side, cfg)) for r in manifest) + \
+        sum("clarity_at" not in r and bool(clarity_sides(r, cfg.image_side, cfg)) for r in images)
+    if old:   # written before clarity_at: re-curating into a fresh folder measures it
+        print(f"warning: {old} records above {cfg.clarity_side}p have no clarity_at (an earlier curate.py): "
+              f"their tiers use the {cfg.clarity_side}p clarity", file=sys.stderr)
     if manifest:
         x = np.array([r["embedding"] for r in manifest])
         _, lab = kmeans(x, min(cfg.max_concepts, max(1, len(x) // cfg.clips_per_concept)))
@@ -1416,8 +1469,9 @@ def finalize(out, labels=None, cfg=CFG):
         keep = {r["clip"]: bool(r.get("keep")) for r in _read_jsonl(labels)}
         ft = [s for s in slim if keep.get(s["clip"])]
     else:        # no labels: the best clips of the high-resolution tiers
+        side = cfg.tier_side[cfg.tier_names.index(cfg.finetune_tier)]
         ft = [s for s in slim if cfg.finetune_tier in s["tiers"] and s["quality"] >= cfg.finetune_quality
-              and s["clarity"] >= cfg.finetune_clarity]
+              and clarity_at(s, side, cfg) >= cfg.finetune_clarity]
     _write_jsonl(os.path.join(out, "finetune.jsonl"), ft)
     counts["finetune"] = len(ft)
     for side in cfg.image_side:
