@@ -289,6 +289,7 @@ template <typename T>
 struct BwdSlice {
     const T *q, *k, *v, *dout;
     const float *lse, *delta;
+    T *dk, *dv;  // the dK/dV kernels' outputs
     __device__ float lse_at(int i, int len_q) const { return i < len_q ? lse[i] : INFINITY; }
     __device__ float delta_at(int i, int len_q) const { return i < len_q ? delta[i] : 0.f; }
 };
@@ -299,16 +300,18 @@ __device__ __forceinline__ BwdSlice<T> bwd_slice(const AttnParams& p, int b, int
             static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h,
             static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h,
             static_cast<const T*>(p.dout.ptr) + b * p.dout.stride_b + h * p.dout.stride_h,
-            p.lse + rows, p.delta + rows};
+            p.lse + rows, p.delta + rows,
+            static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h,
+            static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h};
 }
 
 // A dK/dV block of padded keys only (its first key n0 >= kv_len): their gradients are zero, written here.
 template <typename T, int D, int NT>
-__device__ __forceinline__ void zero_key_rows(const AttnParams& p, T* dk, T* dv, int n0, int rows) {
+__device__ __forceinline__ void zero_key_rows(const AttnParams& p, const BwdSlice<T>& in, int n0, int rows) {
     for (int c = threadIdx.x; c < rows * (D / 8); c += NT) {
         const int r = n0 + c / (D / 8), col = (c % (D / 8)) * 8;
-        *reinterpret_cast<uint4*>(dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
-        *reinterpret_cast<uint4*>(dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(in.dk + r * p.dk.stride_l + col) = make_uint4(0, 0, 0, 0);
+        *reinterpret_cast<uint4*>(in.dv + r * p.dv.stride_l + col) = make_uint4(0, 0, 0, 0);
     }
 }
 
@@ -965,15 +968,12 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams 
     const int n0 = blockIdx.x * BWD_BN, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
-    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
-    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
-
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
-        zero_key_rows<T, D, NT>(p, dk, dv, n0, min(BWD_BN, p.len_k - n0));
+        zero_key_rows<T, D, NT>(p, in, n0, min(BWD_BN, p.len_k - n0));
         return;
     }
 
-    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
 
     // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
@@ -1066,8 +1066,8 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dkdv_kernel(const AttnParams 
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
-    store_scaled(dk_acc, dk, p.dk.stride_l, n0 + kw + g, p.len_k, t, p.scale);
-    store_scaled(dv_acc, dv, p.dv.stride_l, n0 + kw + g, p.len_k, t, 1.f);
+    store_scaled(dk_acc, in.dk, p.dk.stride_l, n0 + kw + g, p.len_k, t, p.scale);
+    store_scaled(dv_acc, in.dv, p.dv.stride_l, n0 + kw + g, p.len_k, t, 1.f);
 }
 
 // Backward, step 3 (dQ): one block = DQ_BM = 16 W query rows of one (b, h), each warp owning 16 rows,
@@ -1326,15 +1326,12 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128, warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
-    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
-    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
-
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
-        zero_key_rows<T, D, NT>(p, dk, dv, n0, min(WGB_BN, p.len_k - n0));
+        zero_key_rows<T, D, NT>(p, in, n0, min(WGB_BN, p.len_k - n0));
         return;
     }
 
-    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
 
     // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
@@ -1380,8 +1377,8 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dkdv_wgmma_kernel(const AttnP
     }
 
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
-    store_scaled(dk_acc, dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
-    store_scaled(dv_acc, dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
+    store_scaled(dk_acc, in.dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
+    store_scaled(dv_acc, in.dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
 #endif
 }
 
@@ -1496,10 +1493,9 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
     const int kv_len = p.kv_lens[b];
-    T* dk = static_cast<T*>(p.dk.ptr) + b * p.dk.stride_b + h * p.dk.stride_h;
-    T* dv = static_cast<T*>(p.dv.ptr) + b * p.dv.stride_b + h * p.dv.stride_h;
+    const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
-        zero_key_rows<T, D, WS_THREADS>(p, dk, dv, n0, min(WGB_BN, p.len_k - n0));
+        zero_key_rows<T, D, WS_THREADS>(p, in, n0, min(WGB_BN, p.len_k - n0));
         return;
     }
     const int q_tiles = (p.len_q + WGB_BM - 1) / WGB_BM;
@@ -1535,7 +1531,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
                 }
             }
         } else if (warp == 1) {
-            const BwdSlice<T> in = bwd_slice<T>(p, b, h);
             for (int it = 0; it < q_tiles; ++it) {
                 const int st = it % WSB_STAGES;
                 if (it >= WSB_STAGES) mbar_wait(q_empty(st), ((it / WSB_STAGES) & 1) ^ 1);
@@ -1569,8 +1564,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             __syncwarp();  // every lane's loads of lse and delta are ordered before lane 0's release
             if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
         }
-        store_scaled(dk_acc, dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
-        store_scaled(dv_acc, dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
+        store_scaled(dk_acc, in.dk, p.dk.stride_l, key_g, p.len_k, t, p.scale);
+        store_scaled(dv_acc, in.dv, p.dv.stride_l, key_g, p.len_k, t, 1.f);
     }
 #endif
 }
