@@ -735,11 +735,51 @@ def config_from_diffusers(c):
                      guidance_embed=c["guidance_embeds"])
 
 
-def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="module"):
+class FP8Linear(nn.Module):
+    """A linear layer of the official fp8 checkpoint (`--use-fp8`, hyvideo/modules/fp8_optimization.py):
+    the weight stays in float8_e4m3fn (1 byte) with one scale from the *_fp8_map.pt file, and every forward
+    dequantises it in the compute dtype, weight.to(dtype) * scale.to(dtype) (the product rounded to dtype,
+    as the official), before an ordinary linear. Weight-only: it saves memory, not time (no fp8 matmul)."""
+
+    def __init__(self, weight, bias, scale, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.register_buffer("fp8_scale", scale, persistent=False)  # not a state-dict key: the official has none
+        self.dtype = dtype
+
+    def forward(self, x):
+        w = self.weight.to(self.dtype) * self.fp8_scale.to(self.weight.device, self.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def _read_fp8_map(path, fp8_map, names):
+    """{module name: scale} for the fp8 weights `names`, from the scale map the official loader expects
+    beside the checkpoint (mp_rank_00_model_states_fp8.pt -> mp_rank_00_model_states_fp8_map.pt)."""
+    if fp8_map is None:
+        fp8_map = (path[:-3] if path.endswith(".pt") else path) + "_map.pt"
+    if not os.path.exists(fp8_map):
+        raise FileNotFoundError(f"{path} holds fp8 weights but their scale map {fp8_map} is missing: download "
+                                f"the *_fp8_map.pt released with it (loading fp8 weights without it gives noise)")
+    scales = torch.load(fp8_map, map_location="cpu", weights_only=True)
+    missing = [n for n in names if not (isinstance(scales, dict) and torch.is_tensor(scales.get(n)))]
+    if missing:
+        raise ValueError(f"{fp8_map} has no scale for {len(missing)} fp8 layer(s) of {path}, e.g. {missing[0]}: "
+                         f"is it the map released with this checkpoint?")
+    return {n: scales[n] for n in names}  # rounded to the compute dtype in one step at use, as the official
+
+
+def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="module", fp8_map=None,
+             keep_fp8=True):
     """Load a DiT from the official mp_rank_00_model_states.pt, official-layout safetensors (ours, from
     save_dit, carry their config), or diffusers-layout safetensors (file or sharded directory), detected
     from the keys. config: a CONFIGS name or DiTConfig; default = the file's own config, else "13b".
-    Any missing, unexpected or mis-shaped tensor is an error: never a silent partial load."""
+    Any missing, unexpected or mis-shaped tensor is an error: never a silent partial load.
+
+    The official fp8 checkpoint (mp_rank_00_model_states_fp8.pt, float8_e4m3fn weights for every linear
+    layer of the 60 blocks) needs its scale map (fp8_map, default: *_fp8_map.pt beside it). keep_fp8: those
+    layers become FP8Linear (the official --use-fp8: ~12 GB less at 13B); False: their dequantised weights,
+    the same numbers, are stored densely in `dtype` (for training)."""
     sd, meta = _read_state_dict(path, load_key)
     if any(k.startswith(("transformer_blocks.", "x_embedder.", "context_embedder.")) for k in sd):
         sd = diffusers_to_official(sd)
@@ -764,13 +804,33 @@ def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="mo
                     if wrong else ""]
         raise ValueError(f"{path} does not match DiT config {cfg}: " + "; ".join(p for p in problems if p)
                          + ". Is it a HunyuanVideo DiT checkpoint, complete, and the right config?")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in sd.items()}, strict=True, assign=True)
+    fp8 = [k[:-len(".weight")] for k, v in sd.items() if v.dtype == torch.float8_e4m3fn]
+    modules = dict(model.named_modules())
+    bad = [k for k, v in sd.items() if v.dtype.is_floating_point and v.element_size() == 1
+           and not (k.endswith(".weight") and isinstance(modules.get(k[:-len(".weight")]), nn.Linear)
+                    and v.dtype == torch.float8_e4m3fn)]
+    if bad:
+        raise ValueError(f"{path}: 8-bit tensor {bad[0]} ({sd[bad[0]].dtype}) is not a linear weight in "
+                         "float8_e4m3fn, the only low-bit form the official checkpoints use")
+    scales = _read_fp8_map(path, fp8_map, fp8) if fp8 else {}
+    model.load_state_dict({k: v.to(device=device, dtype=v.dtype if k[:-len(".weight")] in scales else dtype)
+                           for k, v in sd.items()}, strict=True, assign=True)
+    for name, s in scales.items():
+        lin = modules[name]
+        parent, _, child = name.rpartition(".")
+        if keep_fp8:
+            setattr(modules[parent], child, FP8Linear(lin.weight.data, lin.bias, s.to(device), dtype))
+        else:
+            lin.weight = nn.Parameter(lin.weight.data.to(dtype) * s.to(device, dtype))
     return model
 
 
 def save_dit(model, path):
     """Official-layout safetensors with our config in the metadata (atomic: temp file + rename)."""
     from safetensors.torch import save_file
+    if any(isinstance(m, FP8Linear) for m in model.modules()):
+        raise ValueError("save_dit: this model holds fp8 weights whose scales are not state-dict keys; "
+                         "load it with load_dit(..., keep_fp8=False) to save dense weights")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata={"config": json.dumps(asdict(model.cfg))})

@@ -215,6 +215,8 @@ def check_args(args, prompts):
     for flag, p in paths:
         if p and not os.path.exists(p):
             bad.append(f"{flag} {p}: no such file or directory")
+    if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(args.dit[:-3] + "_map.pt"):
+        bad.append(f"--dit {args.dit}: its fp8 scale map {args.dit[:-3] + '_map.pt'} is missing (released beside it)")
     return bad
 
 
@@ -325,7 +327,8 @@ def main():
     ap.add_argument("--prompt", help="the text prompt")
     ap.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
     ap.add_argument("--ckpt", default="out/demo", help="a folder written by train.py (default: the embedded demo)")
-    ap.add_argument("--dit", help="official DiT weights (mp_rank_00_model_states.pt), or diffusers/ours safetensors")
+    ap.add_argument("--dit", help="official DiT weights (mp_rank_00_model_states.pt, or the fp8 one: "
+                    "mp_rank_00_model_states_fp8.pt with its _map.pt beside it), or diffusers/ours safetensors")
     ap.add_argument("--vae", help="official VAE folder or pytorch_model.pt")
     ap.add_argument("--llm", help="official text_encoder folder (llava-llama-3 language model + tokenizer)")
     ap.add_argument("--clip", help="official text_encoder_2 folder (CLIP ViT-L/14)")

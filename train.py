@@ -749,12 +749,12 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             model = dit.HunyuanVideoDiT(mcfg)
         shard_model(model, device)
         model.to_empty(device=device)
-        full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32).state_dict() if rank == 0 else {}
+        full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, keep_fp8=False).state_dict() if rank == 0 else {}
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
     else:
         if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
-            model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device)
+            model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device, keep_fp8=False)
         else:
             model = dit.HunyuanVideoDiT(mcfg).to(device)
         if world > 1:

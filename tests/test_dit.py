@@ -2,6 +2,7 @@
 invariants a reader relies on: padding invariance, RoPE algebra, checkpointing, loading, key layout."""
 
 import math
+import os
 import re
 
 import pytest
@@ -478,6 +479,69 @@ def test_load_dit_refuses_bad_checkpoints(tmp_path):
         dit.load_dit(str(tmp_path / "trunc.pt"), config=TINY)
     with pytest.raises(FileNotFoundError):
         dit.load_dit(str(tmp_path / "nope.pt"), config=TINY)
+
+
+def _fp8_checkpoint(tmp_path, model):
+    """The official fp8 release's layout: every linear weight of the 60 blocks as float8_e4m3fn in the .pt,
+    one scale per layer in *_map.pt keyed by module name (scalar or (1,) tensors: both broadcast the same).
+    Our own quantiser (scale = max|w| / 448, jittered so no two layers share one): the loader must not care."""
+    g = torch.Generator().manual_seed(3)
+    sd, scales = dict(model.state_dict()), {}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and name.startswith(("double_blocks", "single_blocks")):
+            w = sd[name + ".weight"].float()
+            s = (w.abs().max() / 448 * (1 + torch.rand((), generator=g))).to(torch.bfloat16)
+            scales[name] = s.reshape(1) if len(scales) % 2 else s
+            sd[name + ".weight"] = (w / s.float()).to(torch.float8_e4m3fn)
+    torch.save({"module": sd}, tmp_path / "mp_rank_00_model_states_fp8.pt")
+    torch.save(scales, tmp_path / "mp_rank_00_model_states_fp8_map.pt")
+    return sd, scales
+
+
+def test_load_official_fp8(tmp_path):
+    """The official --use-fp8 checkpoint: weights stay 1 byte each and every forward uses
+    fp8.to(dtype) * scale.to(dtype) (fp8_optimization.py); the reference is a dense checkpoint holding
+    exactly those products, so the output must match it bit for bit (a side-by-side run of the official
+    model with convert_fp8_linear on the same files: 0.0 difference in fp32, and its fp8 forward equals its
+    own dense forward on these products in bf16)."""
+    sd, scales = _fp8_checkpoint(tmp_path, random_model())
+    path = str(tmp_path / "mp_rank_00_model_states_fp8.pt")
+    x, t, text, mask, pooled, g = inputs()
+    for dtype in (torch.float32, torch.bfloat16):
+        dense = {k: v.to(dtype) * scales[k[:-7]].to(dtype) if v.dtype == torch.float8_e4m3fn else v
+                 for k, v in sd.items()}
+        torch.save({"module": dense}, tmp_path / "dense.pt")
+        ref = dit.load_dit(str(tmp_path / "dense.pt"), config=TINY, dtype=dtype)
+        fp8 = dit.load_dit(path, config=TINY, dtype=dtype)
+        unpacked = dit.load_dit(path, config=TINY, dtype=dtype, keep_fp8=False)
+        layers = [m for m in fp8.modules() if isinstance(m, dit.FP8Linear)]
+        assert len(layers) == len(scales) == 2 * 10 + 2 * 3  # double: (mod, qkv, proj, fc1, fc2) x 2 streams; single: 3
+        assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
+        assert set(fp8.state_dict()) == set(sd)                 # still the official key names
+        with torch.no_grad():
+            want = ref(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g)
+            assert torch.equal(fp8(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g), want), dtype
+            assert torch.equal(unpacked(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g), want), dtype
+    with pytest.raises(ValueError, match="keep_fp8=False"):
+        dit.save_dit(fp8, str(tmp_path / "x.safetensors"))
+    dit.save_dit(unpacked, str(tmp_path / "x.safetensors"))   # dense: saves and reloads like any model
+
+
+def test_load_official_fp8_refuses_missing_scales(tmp_path):
+    sd, scales = _fp8_checkpoint(tmp_path, random_model())
+    path = str(tmp_path / "mp_rank_00_model_states_fp8.pt")
+    os.rename(tmp_path / "mp_rank_00_model_states_fp8_map.pt", tmp_path / "elsewhere.pt")
+    with pytest.raises(FileNotFoundError, match="mp_rank_00_model_states_fp8_map.pt is missing"):
+        dit.load_dit(path, config=TINY)
+    dit.load_dit(path, config=TINY, fp8_map=str(tmp_path / "elsewhere.pt"))   # an explicit map path
+    del scales["single_blocks.1.linear2"]
+    torch.save(scales, tmp_path / "short_map.pt")
+    with pytest.raises(ValueError, match=r"no scale for 1 fp8 layer.*single_blocks\.1\.linear2"):
+        dit.load_dit(path, config=TINY, fp8_map=str(tmp_path / "short_map.pt"))
+    sd["double_blocks.0.img_attn_q_norm.weight"] = sd["double_blocks.0.img_attn_q_norm.weight"].to(torch.float8_e4m3fn)
+    torch.save({"module": sd}, tmp_path / "odd.pt")
+    with pytest.raises(ValueError, match="img_attn_q_norm.weight .* is not a linear weight"):
+        dit.load_dit(str(tmp_path / "odd.pt"), config=TINY, fp8_map=str(tmp_path / "elsewhere.pt"))
 
 
 def _save(tmp_path, name):

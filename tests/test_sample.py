@@ -168,6 +168,7 @@ def test_prompts_file_batch(ckpt, tmp_path):
     (["--ckpt", "/nonexistent"], "--ckpt /nonexistent: no config.json"),
     (["--dit", "/nonexistent.pt"], "need all four"),
     (["--dit", "/x.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "--dit /x.pt: no such file"),
+    (["--dit", "/x_fp8.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "/x_fp8_map.pt is missing"),
 ])
 def test_bad_input_is_one_clean_line(ckpt, args, needle, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left"] + args)
