@@ -243,6 +243,8 @@ def bench_sample(args):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
+    if getattr(args, "fp8", False):
+        dit.quantize_fp8(model)  # as loading mp_rank_00_model_states_fp8.pt: 1 byte per block weight
     if args.offload and cuda:  # drawn on the GPU (fast), then parked in pinned CPU memory block by block
         for block in list(model.double_blocks) + list(model.single_blocks):
             block.to("cpu")
@@ -273,7 +275,7 @@ def bench_sample(args):
         torch.cuda.synchronize()
     t_vae = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    where = ", DiT blocks offloaded" if args.offload else ""
+    where = (", DiT blocks offloaded" if args.offload else "") + (", fp8 block weights" if getattr(args, "fp8", False) else "")
     print(f"\nsampling {name} {H}x{W}x{T}{where}, {args.steps} steps: DiT {t_dit:.1f} s ({t_dit / args.steps:.2f} s/step), "
           f"VAE decode {t_vae:.1f} s, total {t_dit + t_vae:.1f} s, peak {mem:.1f} GiB, video {tuple(video.shape)}")
     print("(diffusers on the same GPU, 2026-11-24: 11.2 s per DiT step, 15.4 s VAE decode; official 544p peak 45 GB)")
@@ -543,6 +545,7 @@ def main():
     p = sub.add_parser("sample", help="end-to-end sampling (DiT steps + VAE decode)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--offload", action="store_true", help="keep the DiT blocks in CPU memory (sample.py --offload)")
+    p.add_argument("--fp8", action="store_true", help="block linears in fp8 (the official fp8 checkpoint's form)")
     p.set_defaults(fn=bench_sample)
     p = sub.add_parser("vae", help="tiled fp16 decode of 33x68x120 (544x960x129) and encode of 129x256x256")
     p.add_argument("--vae-path", help="real weights (default: random)")

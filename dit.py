@@ -753,6 +753,24 @@ class FP8Linear(nn.Module):
         return F.linear(x, w, self.bias)
 
 
+def quantize_fp8(model):
+    """Make the model's block linears FP8Linear, in place: float8_e4m3fn weights with one scale per layer,
+    max|w| / 448 (e4m3's largest value; the official's own rule for weights that are not fp8 yet,
+    fp8_optimization.py), so each weight keeps 4 significant bits. Returns {module name: scale}, the
+    content of an official *_fp8_map.pt: torch.save({"module": model.state_dict()}, "x_fp8.pt") and
+    torch.save(scales, "x_fp8_map.pt") write a checkpoint load_dit (and the official --use-fp8) reads."""
+    scales = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            w = m.weight.detach().float()
+            scale = (w.abs().max() / 448).clamp_min(1e-12)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FP8Linear(
+                (w / scale).to(torch.float8_e4m3fn), m.bias, scale, m.weight.dtype))
+            scales[name] = scale.cpu()
+    return scales
+
+
 def _read_fp8_map(path, fp8_map, names):
     """{module name: scale} for the fp8 weights `names`, from the scale map the official loader expects
     beside the checkpoint (mp_rank_00_model_states_fp8.pt -> mp_rank_00_model_states_fp8_map.pt)."""

@@ -544,6 +544,28 @@ def test_load_official_fp8_refuses_missing_scales(tmp_path):
         dit.load_dit(str(tmp_path / "odd.pt"), config=TINY, fp8_map=str(tmp_path / "elsewhere.pt"))
 
 
+def test_quantize_fp8_writes_what_load_dit_reads(tmp_path):
+    """dit.quantize_fp8 (the official map-file format; its own rule max|w| / 448): every weight within e4m3's
+    half step (2^-4 relative) of the original, the saved pair loads back to the same outputs."""
+    model = random_model()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    scales = dit.quantize_fp8(model)
+    assert len(scales) == 26 and all(isinstance(model.get_submodule(n), dit.FP8Linear) for n in scales)
+    for n, s in scales.items():
+        m = model.get_submodule(n)
+        w, w0 = m.weight.double() * s.double(), before[n].double()
+        normal = w0.abs() >= 2 ** -6 * s.double()                 # e4m3's normal range (below: absolute steps)
+        assert ((w - w0).abs() <= 2 ** -4 * w0.abs() + 1e-12)[normal].all(), n
+        assert ((w - w0).abs() <= 2 ** -10 * s.double() + 1e-12)[~normal].all(), n
+        assert w0.abs().max() <= 448 * s <= w0.abs().max() * (1 + 1e-6)
+    torch.save({"module": model.state_dict()}, tmp_path / "q_fp8.pt")
+    torch.save(scales, tmp_path / "q_fp8_map.pt")
+    back = dit.load_dit(str(tmp_path / "q_fp8.pt"), config=TINY, dtype=torch.float32)
+    x, t, text, mask, pooled, g = inputs()
+    with torch.no_grad():
+        assert torch.equal(back(x, t, text, mask, pooled, g), model(x, t, text, mask, pooled, g))
+
+
 def _save(tmp_path, name):
     """A checkpoint whose shapes disagree with TINY (mlp ratio 2 instead of 4)."""
     sd = random_model(dit.replace(TINY, mlp_ratio=2.0)).state_dict()
