@@ -243,7 +243,7 @@ def bench_sample(args):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.02)
-    if getattr(args, "fp8", False):
+    if args.fp8:
         dit.quantize_fp8(model)  # as loading mp_rank_00_model_states_fp8.pt: 1 byte per block weight
     if args.offload and cuda:  # drawn on the GPU (fast), then parked in pinned CPU memory block by block
         for block in list(model.double_blocks) + list(model.single_blocks):
@@ -275,7 +275,7 @@ def bench_sample(args):
         torch.cuda.synchronize()
     t_vae = time.perf_counter() - t0
     mem = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-    where = (", DiT blocks offloaded" if args.offload else "") + (", fp8 block weights" if getattr(args, "fp8", False) else "")
+    where = (", DiT blocks offloaded" if args.offload else "") + (", fp8 block weights" if args.fp8 else "")
     print(f"\nsampling {name} {H}x{W}x{T}{where}, {args.steps} steps: DiT {t_dit:.1f} s ({t_dit / args.steps:.2f} s/step), "
           f"VAE decode {t_vae:.1f} s, total {t_dit + t_vae:.1f} s, peak {mem:.1f} GiB, video {tuple(video.shape)}")
     print("(diffusers on the same GPU, 2026-11-24: 11.2 s per DiT step, 15.4 s VAE decode; official 544p peak 45 GB)")

@@ -771,11 +771,14 @@ def quantize_fp8(model):
     return scales
 
 
+def fp8_map_path(path):
+    """Where the official loader looks for an fp8 checkpoint's scales: x_fp8.pt -> x_fp8_map.pt."""
+    return (path[:-3] if path.endswith(".pt") else path) + "_map.pt"
+
+
 def _read_fp8_map(path, fp8_map, names):
-    """{module name: scale} for the fp8 weights `names`, from the scale map the official loader expects
-    beside the checkpoint (mp_rank_00_model_states_fp8.pt -> mp_rank_00_model_states_fp8_map.pt)."""
-    if fp8_map is None:
-        fp8_map = (path[:-3] if path.endswith(".pt") else path) + "_map.pt"
+    """{module name: scale} for the fp8 weights `names`, from fp8_map (default: beside the checkpoint)."""
+    fp8_map = fp8_map or fp8_map_path(path)
     if not os.path.exists(fp8_map):
         raise FileNotFoundError(f"{path} holds fp8 weights but their scale map {fp8_map} is missing: download "
                                 f"the *_fp8_map.pt released with it (loading fp8 weights without it gives noise)")

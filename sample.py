@@ -215,8 +215,8 @@ def check_args(args, prompts):
     for flag, p in paths:
         if p and not os.path.exists(p):
             bad.append(f"{flag} {p}: no such file or directory")
-    if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(args.dit[:-3] + "_map.pt"):
-        bad.append(f"--dit {args.dit}: its fp8 scale map {args.dit[:-3] + '_map.pt'} is missing (released beside it)")
+    if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(dit.fp8_map_path(args.dit)):
+        bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing (released beside it)")
     return bad
 
 
