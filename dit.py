@@ -102,10 +102,23 @@ def _segment_mask(seg_lens, L, device):
     return (inside[:, :, None] == inside[:, None, :])[:, None]
 
 
-# Our kernel (attention_cuda/, version 1, mma.sync) is exact but not yet the fastest: on the same H200 it runs
-# 260 TFLOP/s forward and 170 forward+backward, so the DiT uses it only when asked (ATTENTION_CUDA=1) and
-# otherwise takes cuDNN through SDPA on the per-segment split below. ATTENTION_CUDA=0 turns it off everywhere.
-USE_KERNEL = os.environ.get("ATTENTION_CUDA") == "1"
+# Our kernel (attention_cuda/) on Hopper (version 2.1) has the fastest forward we measured: on an H200
+# (2026-11-27, 24 heads x 128, one padded sample) 590-623 TFLOP/s at 16k-119k tokens against cuDNN's 555-566
+# on the split below (13B sampling at 544x960x129: 8.08 s per step against 8.48). Its backward is not:
+# forward+backward 450-460 against cuDNN's 521-547. So by default the DiT takes our kernel on compute
+# capability 9.0 where no gradient flows through the attention (sampling), and cuDNN where one does
+# (training). ATTENTION_CUDA=1 takes our kernel everywhere it is built (version 1.2 off Hopper: ~357
+# TFLOP/s forward, level with flash-SDPA); ATTENTION_CUDA=0 never.
+KERNEL_CHOICE = os.environ.get("ATTENTION_CUDA")
+
+
+def _use_kernel(q, k, v):
+    if KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda or not kernel_available():
+        return False
+    if KERNEL_CHOICE == "1":
+        return True
+    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    return not grads and torch.cuda.get_device_capability(q.device) == (9, 0)
 
 
 @torch.compiler.disable  # compiled blocks (compile_blocks) break the graph here: the dispatch below branches
@@ -122,7 +135,7 @@ def attention(q, k, v, seg_lens=None, sp=None):  # on python ints per batch, whi
     if sp is not None:
         return ulysses_attention(q, k, v, seg_lens, *sp)
     B, L = q.shape[:2]
-    if USE_KERNEL and fused_attention is not None and q.is_cuda and kernel_available():
+    if _use_kernel(q, k, v):
         # Our kernel skips keys at or past kv_lens[i] in one batched launch. Image and valid-text rows get
         # exactly the official result; padded rows attend to the valid keys instead of to each other, which
         # changes nothing downstream: no valid row ever reads them and the output keeps only image rows.

@@ -1,9 +1,9 @@
-// Fused attention, version 1.2 (the default): FlashAttention-2 style tiling on the tensor cores through
-// mma.sync (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async copies
-// from global memory, online softmax in base 2, per-sample key lengths. Forward and backward. Version 2.0
-// (opt-in, sm_90a, not yet run on a GPU): the same work on wgmma, in the *_wgmma_kernel functions below;
-// version 2.1 (the same): the forward with TMA copies, warp specialisation and FlashAttention-3's two
-// overlaps, attn_fwd_ws_kernel.
+// Fused attention. Version 1.2 (every GPU from sm_80): FlashAttention-2 style tiling on the tensor cores
+// through mma.sync (m16n8k16, bf16/fp16 in, fp32 accumulate), ldmatrix loads from shared memory, cp.async
+// copies from global memory, online softmax in base 2, per-sample key lengths. Forward and backward.
+// Version 2.0 (sm_90a): the same work on wgmma, in the *_wgmma_kernel functions below; version 2.1
+// (sm_90a, the default on Hopper since it was measured fastest): TMA copies, warp specialisation and, in
+// the forward, FlashAttention-3's two overlaps, the *_ws_kernel functions.
 //
 // Depends on CUDA headers only; binding.cpp wraps it for torch. Notation: B batch, H heads, D head_dim,
 // Lq queries, Lk keys, n = kv_lens[b] valid keys. softmax scale s = 1/sqrt(D).
@@ -676,7 +676,7 @@ __global__ void __launch_bounds__(256, 1) attn_fwd_wgmma_kernel(const AttnParams
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward, version 2.1 (sm_90a; opt-in, not yet run on a GPU): FlashAttention-3's structure around version
+// Forward, version 2.1 (sm_90a; the default there): FlashAttention-3's structure around version
 // 2.0's products (paper: Shah et al. 2024, "FlashAttention-3", sections 3.1-3.2). Three warpgroups:
 //   warpgroup 0, the producer: one thread issues TMA (bulk tensor) copies, Q once and then K and V tile by
 //     tile into a ring of WS_STAGES shared-memory stages; the copy engine writes the 128-byte-swizzled
@@ -1201,7 +1201,7 @@ __global__ void __launch_bounds__(W * 32) attn_bwd_dq_kernel(const AttnParams p)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward, version 2.0 (sm_90a, opt-in: ATTENTION_CUDA_BWD_WGMMA=1): the same three steps and the same
+// Backward, version 2.0 (sm_90a, ATTENTION_CUDA_BWD_WGMMA=1): the same three steps and the same
 // recomputation as the mma.sync backward (delta kernel unchanged), every product a wgmma. One tile in shared
 // memory serves both as a K-major operand (its rows on the N side of B, e.g. Q in S^T = K Q^T) and as an
 // MN-major one (its rows on the k side, e.g. Q in dK += dS^T Q): the 128-byte-swizzled layout is the same,
@@ -1449,7 +1449,7 @@ __global__ void __launch_bounds__(256, 1) attn_bwd_dq_wgmma_kernel(const AttnPar
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Backward, version 2.1 (sm_90a; opt-in ATTENTION_CUDA_BWD_WGMMA=ws, not yet run on a GPU): version 2.0's
+// Backward, version 2.1 (sm_90a; the default there, ATTENTION_CUDA_BWD_WGMMA=ws): version 2.0's
 // two kernels (the same products, the same recomputation) with the forward 2.1's structure: a producer
 // warpgroup (setmaxnreg 24) feeding a two-stage ring through TMA and mbarriers, two consumer warpgroups
 // (240) that no longer step together through a block barrier per tile. No ping-pong and no in-warpgroup
@@ -1724,20 +1724,23 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     return cudaGetLastError();
 }
 
-// Versions 2.0 and 2.1 (wgmma) run only where asked and only on compute capability 9.0 (their sm_90a code
-// exists for nothing else): they are not yet measured on a GPU (NOTES.md). ATTENTION_CUDA_FWD_WGMMA = 1
-// (version 2.0), ws (2.1: both overlaps), ws-pingpong (2.1 without the in-warpgroup overlap), ws-plain
-// (2.1 with neither: TMA and mbarriers only); ATTENTION_CUDA_BWD_WGMMA = 1 (2.0's backward), ws (2.1's). Read at every
-// launch; anything else is ignored. Returns the value, or null.
+// Which Hopper version to launch (compute capability 9.0 only: their sm_90a code exists for nothing else).
+// Version 2.1 with both overlaps ("ws") is the default there, forward and backward: the fastest measured
+// (NOTES.md; H200, 2026-11-27, 24 heads x 128 at 67k-119k tokens: forward 614-623 TFLOP/s against version
+// 1.2's 356-357 and cuDNN's 564-566; forward+backward 455-460 against 1.2's 233-234). For comparisons,
+// read at every launch: ATTENTION_CUDA_FWD_WGMMA = ws, ws-pingpong (2.1 without the in-warpgroup overlap),
+// ws-plain (2.1 with neither: TMA and mbarriers only), 1 (version 2.0), 0 (version 1.2, mma.sync);
+// ATTENTION_CUDA_BWD_WGMMA = ws, 1, 0 likewise; anything else means 1.2. Returns the choice, or null on
+// other GPUs (version 1.2 everywhere).
 const char* hopper_choice(const char* env_name) {
-    const char* s = std::getenv(env_name);
-    if (s == nullptr) return nullptr;
     int dev = 0, major = 0, minor = 0;
     const bool sm90 = cudaGetDevice(&dev) == cudaSuccess &&
                       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
                       cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) == cudaSuccess &&
                       major == 9 && minor == 0;
-    return sm90 ? s : nullptr;
+    if (!sm90) return nullptr;
+    const char* s = std::getenv(env_name);
+    return s == nullptr ? "ws" : s;
 }
 bool chosen(const char* choice, const char* value) { return choice != nullptr && strcmp(choice, value) == 0; }
 

@@ -176,6 +176,8 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
     block at head_dim 128, query rows per warp in the forward at both head_dims; the same checks as above."""
     for name, value in warps.items():
         monkeypatch.setenv(name, value)
+    for side in ("FWD", "BWD"):  # these choices are version 1.2's: take it on a Hopper GPU too
+        monkeypatch.setenv(f"ATTENTION_CUDA_{side}_WGMMA", "0")
     test_kernel_forward_backward(torch.bfloat16, 128, 517, [517 - 216, 40])
     test_kernel_forward_backward(torch.float16, 128, 300, [1, 300])
     test_kernel_forward_backward(torch.bfloat16, 64, 333, [333, 64])
@@ -184,16 +186,18 @@ def test_kernel_other_warp_counts(monkeypatch, warps):
 @gpu
 @pytest.mark.parametrize("which, value, launched", [("FWD", "1", "2.0"), ("FWD", "ws", "2.1 ws"),
                                                     ("FWD", "ws-pingpong", "2.1 ws-pingpong"),
-                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("BWD", "1", "2.0"),
-                                                    ("BWD", "ws", "2.1 ws")],
-                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "bwd_v20", "bwd_ws"])  # -k picks one
+                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("FWD", "0", "1.2"),
+                                                    ("BWD", "1", "2.0"), ("BWD", "ws", "2.1 ws"), ("BWD", "0", "1.2")],
+                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "fwd_v12", "bwd_v20", "bwd_ws",
+                              "bwd_v12"])  # -k picks one
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
                                         (517, [517 - 216, 40]), (129, [128, 129])])
 def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens):
-    """Versions 2.0 and 2.1 (wgmma, opt-in: ATTENTION_CUDA_FWD_WGMMA = 1, ws, ws-pingpong, ws-plain;
-    ATTENTION_CUDA_BWD_WGMMA = 1, ws; compute capability 9.0 only), one side at a time so a failure names it: the
+    """Every version on a Hopper GPU (ATTENTION_CUDA_FWD_WGMMA = 1: 2.0, ws: 2.1, the default there,
+    ws-pingpong, ws-plain: 2.1 without its overlaps, 0: 1.2; ATTENTION_CUDA_BWD_WGMMA = 1, ws, 0; compute
+    capability 9.0 only), one side at a time so a failure names it: the
     same checks (the backward reads the log-sum-exp the forward saves, so FWD checks that too), and the
     launcher must really have taken the kernel asked for (it falls back silently where one does not apply)."""
     if torch.cuda.get_device_capability() != (9, 0):
@@ -204,17 +208,16 @@ def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens)
 
 
 @gpu
-@pytest.mark.parametrize("fwd", [None, "ws"])
-def test_kernel_matches_fallback_and_other_shapes(monkeypatch, fwd):
-    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens; also through
-    version 2.1's tensor maps (fwd = ws, Hopper only), which read those strides themselves, with the
-    gradients of its backward too."""
+@pytest.mark.parametrize("version", ["default", "0"])
+def test_kernel_matches_fallback_and_other_shapes(monkeypatch, version):
+    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens: through the default
+    (on Hopper version 2.1, whose tensor maps read those strides themselves) and version 1.2, forward and
+    backward."""
     assert kernel_available()
-    if fwd is not None:
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("version 2.1 is sm_90a code: it needs an H100/H200")
-        monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", fwd)
-        monkeypatch.setenv("ATTENTION_CUDA_BWD_WGMMA", fwd)
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    if version != "default":
+        monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", version)
+        monkeypatch.setenv("ATTENTION_CUDA_BWD_WGMMA", version)
     B, L, H, D = 2, 333, 4, 128
     qkv_packed = rand(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=11).requires_grad_()
     q, k, v = qkv_packed.unbind(2)
@@ -230,8 +233,7 @@ def test_kernel_matches_fallback_and_other_shapes(monkeypatch, fwd):
     rq, rk, rv = ref_in.unbind(2)
     (g_ref,) = torch.autograd.grad((reference(rq[:, :77], rk, rv, [333, 100]) * go.double()).sum(), ref_in)
     assert rel_err(g, g_ref) < 1e-2
-    if fwd is not None:
-        assert attention_cuda.last_kernels() == ("2.1 ws", "2.1 ws")
+    assert attention_cuda.last_kernels() == (("2.1 ws",) * 2 if hopper and version == "default" else ("1.2",) * 2)
 
 
 @gpu

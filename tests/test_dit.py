@@ -234,13 +234,14 @@ def test_attention_segments_match_dense_mask(attention_path):
 @pytest.mark.parametrize("kernel", [False, True], ids=["sdpa-cudnn", "attention_cuda"])
 def test_attention_on_gpu_in_training_matches_float64(kernel, monkeypatch):
     """The GPU paths of dit.attention as training runs them: bf16 autocast, q and k in fp32 (they leave the
-    fp32 RMSNorm/RoPE) and v in bf16. Default: cuDNN through SDPA per segment; ATTENTION_CUDA=1: our kernel.
+    fp32 RMSNorm/RoPE) and v in bf16. Default: cuDNN through SDPA per segment (gradients flow: cuDNN's backward
+    is the faster); ATTENTION_CUDA=1: our kernel.
     Output rows and gradients within 1e-2 of float64. Padded query rows get a zero upstream gradient, as in
     the model (no output ever reads them), so both semantics for them give the same gradients."""
     import attention_cuda
     if kernel:
         assert attention_cuda.kernel_available(), "CUDA is here, so the extension must build"
-    monkeypatch.setattr(dit, "USE_KERNEL", kernel)
+    monkeypatch.setattr(dit, "KERNEL_CHOICE", "1" if kernel else None)
     monkeypatch.setattr(dit, "_DENSE_MASK_MAX", 0)  # the per-segment cuDNN calls that long sequences take
     B, L, H, D, seg = 2, 1100, 4, 128, [1100 - 30, 1100 - 71]
     g = torch.Generator("cuda").manual_seed(3)
@@ -264,6 +265,37 @@ def test_attention_on_gpu_in_training_matches_float64(kernel, monkeypatch):
     assert rel(out[valid], ref[valid]) < 1e-2
     for name, x, r in zip("qkv", grads, ref_grads):
         assert torch.isfinite(x).all() and rel(x, r) < 1e-2, f"d{name}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_attention_on_gpu_in_sampling_takes_the_kernel_on_hopper(monkeypatch):
+    """Without gradients (sampling) the default dispatch takes our kernel on compute capability 9.0 (its
+    forward is the fastest measured there) and cuDNN elsewhere; valid rows within 1e-2 of float64 either way."""
+    import attention_cuda
+    monkeypatch.setattr(dit, "KERNEL_CHOICE", None)
+    B, L, H, D, seg = 2, 700, 4, 128, [700 - 30, 700 - 71]
+    g = torch.Generator("cuda").manual_seed(4)
+    q, k, v = (torch.randn(B, L, H, D, device="cuda", generator=g).bfloat16() for _ in range(3))
+    hopper = torch.cuda.get_device_capability() == (9, 0)
+    assert dit._use_kernel(q, k, v) == (hopper and attention_cuda.kernel_available())
+    assert not dit._use_kernel(q.requires_grad_(), k, v)  # gradients flow: cuDNN
+    with torch.no_grad():
+        assert dit._use_kernel(q, k, v) == (hopper and attention_cuda.kernel_available())
+        out = dit.attention(q, k, v, seg)
+    if hopper:
+        assert attention_cuda.last_kernels()[0] == "2.1 ws"
+    for b, n in enumerate(seg):
+        qq, kk, vv = (x[b, :n].double() for x in (q, k, v))
+        s = torch.einsum("qhd,khd->hqk", qq, kk) / math.sqrt(D)
+        ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), vv).reshape(n, -1)
+        assert ((out[b, :n].double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_attention_takes_no_kernel_on_cpu(monkeypatch):
+    q = torch.randn(1, 8, 2, 128)
+    assert not dit._use_kernel(q, q, q)
+    monkeypatch.setattr(dit, "KERNEL_CHOICE", "1")  # asked for everywhere: still not on CPU tensors
+    assert not dit._use_kernel(q, q, q)
 
 
 def test_compiled_blocks_match_eager_and_do_not_recompile_for_new_text_lengths():
