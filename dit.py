@@ -103,7 +103,7 @@ def _segment_mask(seg_lens, L, device):
 
 
 # Our kernel (attention_cuda/) on Hopper (version 2.1) has the fastest forward we measured: on an H200
-# (2026-11-27, 24 heads x 128, one padded sample) 590-623 TFLOP/s at 16k-119k tokens against cuDNN's 555-566
+# (2026-11-26, 24 heads x 128, one padded sample) 590-623 TFLOP/s at 16k-119k tokens against cuDNN's 555-566
 # on the split below (13B sampling at 544x960x129: 8.08 s per step against 8.48). Its backward is not:
 # forward+backward 450-460 against cuDNN's 521-547. So by default the DiT takes our kernel on compute
 # capability 9.0 where no gradient flows through the attention (sampling), and cuDNN where one does

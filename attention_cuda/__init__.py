@@ -16,7 +16,9 @@ On CUDA tensors in bf16/fp16 the CUDA kernel (attention.cu, head_dim 64 or 128) 
 by torch.utils.cpp_extension.load (ninja; cached in attention_cuda/build/). Everywhere else (CPU tensors,
 fp32/fp64, no GPU, or a build that failed) the same call goes through torch's
 scaled_dot_product_attention with a boolean key mask: the same function, autograd included.
-ATTENTION_CUDA=0 in the environment turns the kernel off.
+On Hopper (compute capability 9.0) that is version 2.1 (wgmma, TMA, warp-specialised), elsewhere version
+1.2 (mma.sync); ATTENTION_CUDA_FWD_WGMMA / ATTENTION_CUDA_BWD_WGMMA pick another on Hopper (README.md),
+last_kernels() says which ran. ATTENTION_CUDA=0 in the environment turns the kernel off.
 """
 
 import functools

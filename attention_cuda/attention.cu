@@ -1726,7 +1726,7 @@ cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
 
 // Which Hopper version to launch (compute capability 9.0 only: their sm_90a code exists for nothing else).
 // Version 2.1 with both overlaps ("ws") is the default there, forward and backward: the fastest measured
-// (NOTES.md; H200, 2026-11-27, 24 heads x 128 at 67k-119k tokens: forward 614-623 TFLOP/s against version
+// (NOTES.md; H200, 2026-11-26, 24 heads x 128 at 67k-119k tokens: forward 614-623 TFLOP/s against version
 // 1.2's 356-357 and cuDNN's 564-566; forward+backward 455-460 against 1.2's 233-234). For comparisons,
 // read at every launch: ATTENTION_CUDA_FWD_WGMMA = ws, ws-pingpong (2.1 without the in-warpgroup overlap),
 // ws-plain (2.1 with neither: TMA and mbarriers only), 1 (version 2.0), 0 (version 1.2, mma.sync);
