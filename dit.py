@@ -113,12 +113,13 @@ KERNEL_CHOICE = os.environ.get("ATTENTION_CUDA")
 
 
 def _use_kernel(q, k, v):
-    if KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda or not kernel_available():
+    if KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda:
         return False
-    if KERNEL_CHOICE == "1":
-        return True
-    grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    return not grads and torch.cuda.get_device_capability(q.device) == (9, 0)
+    if KERNEL_CHOICE != "1":
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if grads or torch.cuda.get_device_capability(q.device) != (9, 0):
+            return False
+    return kernel_available()  # last: its first call builds the extension, which training need not wait for
 
 
 @torch.compiler.disable  # compiled blocks (compile_blocks) break the graph here: the dispatch below branches

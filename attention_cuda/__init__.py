@@ -24,6 +24,7 @@ last_kernels() says which ran. ATTENTION_CUDA=0 in the environment turns the ker
 import functools
 import operator
 import os
+import sys
 import warnings
 
 import torch
@@ -57,6 +58,9 @@ def build(verbose=False):
         os.makedirs(build_dir, exist_ok=True)
     except OSError:  # a read-only checkout: torch's default cache (~/.cache/torch_extensions)
         build_dir = None
+    if not verbose and not (build_dir and os.path.exists(os.path.join(build_dir, "attention_cuda_ext.so"))):
+        print("attention_cuda: compiling the CUDA extension (first use: a minute or two; then cached)",
+              file=sys.stderr, flush=True)
     return load(name="attention_cuda_ext", sources=SOURCES, extra_cflags=["-O3"],
                 extra_cuda_cflags=NVCC_FLAGS, build_directory=build_dir, verbose=verbose)
 
