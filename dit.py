@@ -66,9 +66,9 @@ CONFIGS = {
 # Attention: one function for the refiner and all 60 blocks
 
 try:  # our fused kernel (attention_cuda/), used on CUDA tensors once it is built
-    from attention_cuda import attention as fused_attention, kernel_available
+    from attention_cuda import KERNEL_HEAD_DIMS, attention as fused_attention, kernel_available
 except ImportError:
-    fused_attention, kernel_available = None, (lambda: False)
+    fused_attention, kernel_available, KERNEL_HEAD_DIMS = None, (lambda: False), ()
 
 
 # cuDNN's fused attention is the fastest exact path we measured, forward and backward: on an H200
@@ -113,7 +113,10 @@ KERNEL_CHOICE = os.environ.get("ATTENTION_CUDA")
 
 
 def _use_kernel(q, k, v):
-    if KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda:
+    # The kernel takes bf16/fp16 (q and k are cast to v's dtype) at head_dim 64 or 128; anything else would
+    # reach attention_cuda's masked-SDPA fallback, slower than the per-segment split below.
+    if (KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda
+            or v.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in KERNEL_HEAD_DIMS):
         return False
     if KERNEL_CHOICE != "1":
         grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
