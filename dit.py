@@ -71,10 +71,11 @@ except ImportError:
     fused_attention, kernel_available, KERNEL_HEAD_DIMS = None, (lambda: False), ()
 
 
-# cuDNN's fused attention is the fastest exact path we measured, forward and backward: on an H200
-# (2026-11-26, 24 heads x 128, bf16) 556-570 TFLOP/s forward and 517-545 forward+backward at 16k-119k tokens,
-# against flash-SDPA's 347-359 and 320-332 (issue 8 saw the same order on an H100). PyTorch does not try it
-# first: ask for it, on PyTorch versions that can set the order (2.6+).
+# Of SDPA's backends cuDNN's fused attention is the fastest exact one we measured, forward and backward: on an
+# H200 (2026-11-26, 24 heads x 128, bf16) 556-570 TFLOP/s forward and 517-545 forward+backward at 16k-119k
+# tokens, against flash-SDPA's 347-359 and 320-332 (issue 8 saw the same order on an H100); only our kernel's
+# forward is faster (below). PyTorch does not try it first: ask for it, on PyTorch versions that can set the
+# order (2.6+).
 _CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 _CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
 

@@ -314,10 +314,28 @@ def test_model_on_gpu_with_the_kernel_matches_float64_as_well_as_cudnn(monkeypat
     assert errs[None] < 3e-2 and errs[None] <= 1.5 * errs["0"] + 1e-3, errs
 
 
-def test_attention_takes_no_kernel_on_cpu(monkeypatch):
-    q = torch.randn(1, 8, 2, 128)
-    assert not dit._use_kernel(q, q, q)
-    monkeypatch.setattr(dit, "KERNEL_CHOICE", "1")  # asked for everywhere: still not on CPU tensors
+@pytest.mark.parametrize("choice, cap, dtype, head_dim, grad, want", [
+    (None, (9, 0), torch.bfloat16, 128, False, True),    # sampling on Hopper: our kernel
+    (None, (9, 0), torch.float16, 64, False, True),
+    (None, (9, 0), torch.bfloat16, 128, True, False),    # gradients flow: cuDNN (its backward is faster)
+    (None, (8, 0), torch.bfloat16, 128, False, False),   # not Hopper: cuDNN
+    (None, (9, 0), torch.float32, 128, False, False),    # a dtype the kernel does not run
+    (None, (9, 0), torch.bfloat16, 96, False, False),    # a head size the kernel does not run
+    ("1", (8, 0), torch.bfloat16, 128, True, True),      # ATTENTION_CUDA=1: everywhere it runs
+    ("1", (9, 0), torch.float32, 128, False, False),
+    ("0", (9, 0), torch.bfloat16, 128, False, False),    # ATTENTION_CUDA=0: never
+])
+def test_attention_dispatch_policy(monkeypatch, choice, cap, dtype, head_dim, grad, want):
+    """dit._use_kernel's rule, on stand-ins for CUDA tensors (the GPU tests above run the real thing)."""
+    from types import SimpleNamespace
+    monkeypatch.setattr(dit, "KERNEL_CHOICE", choice)
+    monkeypatch.setattr(dit, "fused_attention", lambda *a, **k: None)
+    monkeypatch.setattr(dit, "kernel_available", lambda: True)
+    monkeypatch.setattr(dit, "KERNEL_HEAD_DIMS", (64, 128))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    x = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), requires_grad=grad, device="cuda")
+    assert dit._use_kernel(x, x, x) == want
+    q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)  # CPU tensors: never
     assert not dit._use_kernel(q, q, q)
 
 
