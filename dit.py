@@ -808,6 +808,27 @@ def _read_fp8_map(path, fp8_map, names):
     return {n: scales[n] for n in names}  # rounded to the compute dtype in one step at use, as the official
 
 
+def check_state_dict(model, sd, source, hint=""):
+    """Refuse a checkpoint that does not fit `model` key for key and shape for shape: one ValueError naming
+    what is missing, unexpected or mis-shaped, so a wrong file is never loaded partially. Shared by every
+    loader in this repository (DiT, VAE, text encoders)."""
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    wrong = sorted(k for k in set(want) & set(sd) if tuple(sd[k].shape) != want[k])
+    if not (missing or unexpected or wrong):
+        return
+
+    def few(ks):
+        return ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
+    problems = [f"{len(missing)} missing: {few(missing)}" if missing else "",
+                f"{len(unexpected)} unexpected: {few(unexpected)}" if unexpected else "",
+                f"{len(wrong)} wrong shape: " + few([f"{k} {tuple(sd[k].shape)} vs {want[k]}" for k in wrong])
+                if wrong else ""]
+    raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(p for p in problems if p)
+                     + (f"; {hint}" if hint else ""))
+
+
 def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="module", fp8_map=None,
              keep_fp8=True):
     """Load a DiT from the official mp_rank_00_model_states.pt, official-layout safetensors (ours, from
@@ -830,19 +851,7 @@ def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="mo
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(cfg)
-    want = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(want) - set(sd))
-    unexpected = sorted(set(sd) - set(want))
-    wrong = sorted(k for k in set(want) & set(sd) if sd[k].shape != want[k])
-    if missing or unexpected or wrong:
-        def few(ks):
-            return ", ".join(ks[:4]) + (f" (+{len(ks) - 4} more)" if len(ks) > 4 else "")
-        problems = [f"{len(missing)} missing: {few(missing)}" if missing else "",
-                    f"{len(unexpected)} unexpected: {few(unexpected)}" if unexpected else "",
-                    f"{len(wrong)} wrong shape: " + few([f"{k} {tuple(sd[k].shape)} vs {tuple(want[k])}" for k in wrong])
-                    if wrong else ""]
-        raise ValueError(f"{path} does not match DiT config {cfg}: " + "; ".join(p for p in problems if p)
-                         + ". Is it a HunyuanVideo DiT checkpoint, complete, and the right config?")
+    check_state_dict(model, sd, path, "is it a HunyuanVideo DiT checkpoint, complete, and the right config?")
     fp8 = [k[:-len(".weight")] for k, v in sd.items() if v.dtype == torch.float8_e4m3fn]
     modules = dict(model.named_modules())
     bad = [k for k, v in sd.items() if v.dtype.is_floating_point and v.element_size() == 1
