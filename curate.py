@@ -117,193 +117,6 @@ CAMERA_CLASSES = ("zoom in", "zoom out", "pan up", "pan down", "pan left", "pan 
                   "handheld shot")
 
 # -----------------------------------------------------------------------------
-# synthetic source: multi-shot videos with known cuts, captions and camera moves (the demo's data)
-
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 230),
-           "yellow": (230, 210, 40), "white": (235, 235, 235)}
-SHAPES = ("circle", "square", "triangle")
-DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-# the camera's own motion, as the label says it (see camera_movement() for the conventions)
-CAMERA_WORDS = {"static shot": "the camera is static", "handheld shot": "the handheld camera wobbles",
-                "zoom in": "the camera zooms in", "zoom out": "the camera zooms out",
-                "pan left": "the camera pans left", "pan right": "the camera pans right",
-                "pan up": "the camera rises", "pan down": "the camera sinks",
-                "tilt up": "the camera tilts up", "tilt down": "the camera tilts down",
-                "tilt left": "the camera rolls to the left", "tilt right": "the camera rolls to the right",
-                "around left": "the camera circles left", "around right": "the camera circles right"}
-
-
-def texture(rng, h, w, lo=24, hi=56, grain=4.0):
-    """Dark, mildly textured backdrop: smooth multi-scale noise plus film grain, luma in [lo, hi]."""
-    t = np.zeros((h, w), np.float32)
-    for sigma, amp in ((24, 1.0), (6, 0.6), (2, 0.4)):
-        f = max(1, sigma // 3)   # blur noise at 1/f size and upsample: same field statistics, far cheaper
-        n = cv2.GaussianBlur(rng.standard_normal((h // f + 1, w // f + 1)).astype(np.float32), (0, 0), sigma / f)
-        t += amp / f * cv2.resize(n, (w, h), interpolation=cv2.INTER_LINEAR)   # / f: the std at full size
-    p1, p99 = np.percentile(t, (1, 99))
-    t = np.clip((t - p1) / (p99 - p1 + 1e-6), 0, 1)
-    t = lo + grain + (hi - lo - 2 * grain) * t + grain * rng.standard_normal((h, w)).astype(np.float32)
-    t = np.clip(t, lo, hi)
-    tint = np.array([0.9, 1.0, 1.15], np.float32)  # slightly blue-grey; luma = 0.99 t < 60 for hi <= 60
-    return np.clip(t[..., None] * tint, 0, 255).astype(np.uint8)
-
-
-def draw_shape(img, shape, colour, cx, cy, r):
-    if shape == "circle":
-        cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1, cv2.LINE_AA)
-    elif shape == "square":
-        cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), colour, -1, cv2.LINE_AA)
-    else:
-        pts = np.array([[cx, cy - r], [cx - r * 1.1, cy + r * 0.8], [cx + r * 1.1, cy + r * 0.8]], np.int32)
-        cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
-
-
-def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", camera="static shot",
-                cam_speed=None, still=False, blur=0.0, focus_pull=0, size=0.12):
-    """One shot as (n, h, w, 3) RGB uint8. The camera moves the backdrop (content moves opposite to the
-    camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one."""
-    lo, hi = rng.uniform(20, 34), rng.uniform(44, 58)
-    big = texture(rng, 2 * h, 2 * w, lo, hi)            # far layer, twice the frame so pans stay inside
-    near = texture(rng, 2 * h, 2 * w, lo + 4, hi)       # near "ground" layer
-    horizon = int(0.62 * h)
-    cy0, cx0 = h, w                                     # canvas point shown at the frame centre at t=0
-    big[cy0 + horizon - h // 2:] = near[cy0 + horizon - h // 2:]  # ground, rigid with the backdrop
-    v = cam_speed if cam_speed is not None else rng.uniform(0.004, 0.009) * w   # px/frame
-    v = min(v, 0.45 * w / max(n, 1))
-    vv = min(v, 0.45 * h / max(n, 1))                   # vertical moves: the canvas margin is h/2
-    jit = rng.uniform(0, 2 * np.pi, 6)
-    r = size * min(h, w)                                # the shape's radius
-    dx, dy = DIRECTIONS[direction]
-    speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, 0.5 * w / max(n, 1))
-    x0, y0 = w / 2 - dx * speed * n / 2, h / 2 - dy * speed * n / 2
-    frames = np.empty((n, h, w, 3), np.uint8)
-    for t in range(n):
-        px = py = ang = 0.0
-        zoom = 1.0
-        if camera == "pan left": px = -v * t           # camera turns left -> content slides right
-        elif camera == "pan right": px = v * t
-        elif camera == "tilt up": py = -vv * t          # camera looks up -> content slides down
-        elif camera == "tilt down": py = vv * t
-        elif camera == "zoom in": zoom = (1 + v / w * 0.8) ** t
-        elif camera == "zoom out": zoom = (1 + v / w * 0.8) ** -t * 1.25
-        elif camera == "tilt right": ang = 60 * v / w * t   # degrees; camera rolls clockwise -> content CCW
-        elif camera == "tilt left": ang = -60 * v / w * t
-        elif camera == "handheld shot":                  # smooth wobble, no drift
-            s = t / 24.0
-            px = 0.012 * w * (np.sin(2 * np.pi * 1.3 * s + jit[0]) + 0.5 * np.sin(2 * np.pi * 3.1 * s + jit[1]))
-            py = 0.010 * w * (np.sin(2 * np.pi * 1.7 * s + jit[2]) + 0.5 * np.sin(2 * np.pi * 2.7 * s + jit[3]))
-            ang = 0.4 * np.sin(2 * np.pi * 1.1 * s + jit[4])
-        if camera in ("around left", "around right", "pan up", "pan down"):
-            # two layers, horizon fixed in the frame: far = upper 62%, near = ground below
-            if camera == "around left": far, nr = (v * 0.7 * t, 0), (-v * 0.9 * t, 0)   # far slides left, near right
-            elif camera == "around right": far, nr = (-v * 0.7 * t, 0), (v * 0.9 * t, 0)
-            elif camera == "pan up": far, nr = (0, -0.4 * vv * t), (0, -1.2 * vv * t)  # rises: near slides faster
-            else: far, nr = (0, 0.4 * vv * t), (0, 1.2 * vv * t)
-            img = np.empty((h, w, 3), np.uint8)
-            mf = np.float32([[1, 0, w / 2 - cx0 - far[0]], [0, 1, h / 2 - cy0 - far[1]]])
-            mn = np.float32([[1, 0, w / 2 - cx0 - nr[0]], [0, 1, h / 2 - cy0 - nr[1]]])
-            img[:] = cv2.warpAffine(big, mf, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-            img[horizon:] = cv2.warpAffine(near, mn, (w, h), flags=cv2.INTER_LINEAR,
-                                           borderMode=cv2.BORDER_REFLECT)[horizon:]
-        else:
-            m = cv2.getRotationMatrix2D((cx0 + px, cy0 + py), ang, zoom)  # cv2: positive angle = CCW on screen
-            m[0, 2] += w / 2 - (cx0 + px)
-            m[1, 2] += h / 2 - (cy0 + py)
-            img = cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-        draw_shape(img, shape, COLOURS[colour], x0 + dx * speed * t, y0 + dy * speed * t, r)
-        sigma = blur
-        if t < focus_pull:
-            sigma = max(sigma, 3.0 * (focus_pull - t) / focus_pull)
-        if sigma > 0:
-            img = cv2.GaussianBlur(img, (0, 0), sigma * min(h, w) / 360)
-        frames[t] = img
-    return frames
-
-
-def write_video(path, frames, fps=24.0):
-    """RGB frames -> mp4 (OpenCV's built-in 'mp4v' encoder: no ffmpeg binary needed). Temp + rename."""
-    h, w = frames[0].shape[:2]
-    tmp = path + ".tmp.mp4"
-    vw = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
-    assert vw.isOpened(), f"cannot write {path}"
-    for f in frames:
-        vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
-    vw.release()
-    os.replace(tmp, path)
-
-
-def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
-    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; shot lengths uniform
-    in shot_frames, except 1 in 10 shots that are too short on purpose (8-19 frames)."""
-    cams = [c for c in CAMERA_CLASSES if c != "static shot"]
-    frames, shots, t = [], [], 0
-    letterbox = int(0.12 * h) if rng.random() < 0.2 else 0
-    logo = None
-    if rng.random() < 0.25:
-        logo = np.full((max(12, w // 21), max(24, w // 9), 3), 200, np.uint8)
-        cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
-                    logo.shape[0] / 30, (60, 60, 60), 2)
-    for _ in range(n_shots):
-        n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(shot_frames[0], shot_frames[1] + 1))
-        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
-        direction = str(rng.choice(list(DIRECTIONS)))
-        camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
-        still = camera == "static shot" and rng.random() < 0.15
-        blur = 4.0 if rng.random() < 0.12 else 0.0
-        pull = int(rng.integers(4, 9)) if rng.random() < 0.2 else 0
-        f = render_shot(rng, w, h - 2 * letterbox, n, shape, colour, direction, camera, still=still,
-                        blur=blur, focus_pull=pull, size=size)
-        if letterbox:
-            f = np.pad(f, ((0, 0), (letterbox, letterbox), (0, 0), (0, 0)))
-        if logo is not None:  # a static watermark in the top-right corner, the same in every shot
-            lh, lw = logo.shape[:2]
-            f[:, letterbox + 10:letterbox + 10 + lh, w - 10 - lw:w - 10] = logo
-        motion = "standing still" if still else f"moving {direction}"
-        shots.append({"start": t, "end": t + n, "blurred": bool(blur), "focus_pull": pull, "still": still,
-                      "caption": {
-                          "short_description": f"a {colour} {shape} {motion}",
-                          "dense_description": f"A {colour} {shape} {motion} across a dark, mildly textured "
-                                               f"backdrop above darker ground; {CAMERA_WORDS[camera]}.",
-                          "background": "a dark, mildly textured backdrop above darker ground",
-                          "style": "synthetic flat graphics",
-                          "shot_type": "medium shot",
-                          "lighting": "dim, even lighting",
-                          "atmosphere": "calm",
-                          "camera_movement": camera}})
-        frames.append(f)
-        t += n
-    return np.concatenate(frames), {"fps": 24.0, "width": w, "height": h, "letterbox": letterbox,
-                                    "logo": logo is not None, "shots": shots}
-
-
-def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
-                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160), workers=1):
-    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
-    draws from its own generator (seed, i), so the files are the same for any number of workers.
-    shape_size: the shapes' radius as a fraction of the frame's shorter side; shots: (fewest, most) shots
-    per video; shot_frames: (shortest, longest) regular shot."""
-    os.makedirs(out_dir, exist_ok=True)
-    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames) for i in range(n)]
-    if workers > 1 and n > 1:
-        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-            return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
-    return [_synthetic_one(j) for j in tqdm(jobs, desc="synthetic", disable=n < 2)]
-
-
-def _synthetic_one(job):
-    out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames = job
-    rng = np.random.default_rng([seed, i])
-    w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
-    frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(shots[0], shots[1] + 1)), shape_size,
-                                   shot_frames)
-    path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
-    write_video(path, frames)
-    with open(path[:-4] + ".json.tmp", "w") as f:
-        json.dump(side, f, indent=1)
-    os.replace(path[:-4] + ".json.tmp", path[:-4] + ".json")
-    return path
-
-# -----------------------------------------------------------------------------
 # reading video
 
 def iter_frames(path, size=None):
@@ -1497,6 +1310,7 @@ def finalize(out, labels=None, cfg=CFG):
     return counts
 
 # -----------------------------------------------------------------------------
+# command line
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="HunyuanVideo data curation (paper §3).")
@@ -1526,6 +1340,194 @@ def main(argv=None):
     t0 = time.time()
     counts = run(a.input, a.output, a.workers, a.labels)
     print(json.dumps(counts), f"({time.time() - t0:.1f}s)")
+
+
+# -----------------------------------------------------------------------------
+# synthetic data for the demo and tests: multi-shot videos with known cuts, captions and camera moves
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 40), "blue": (40, 80, 230),
+           "yellow": (230, 210, 40), "white": (235, 235, 235)}
+SHAPES = ("circle", "square", "triangle")
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# the camera's own motion, as the label says it (see camera_movement() for the conventions)
+CAMERA_WORDS = {"static shot": "the camera is static", "handheld shot": "the handheld camera wobbles",
+                "zoom in": "the camera zooms in", "zoom out": "the camera zooms out",
+                "pan left": "the camera pans left", "pan right": "the camera pans right",
+                "pan up": "the camera rises", "pan down": "the camera sinks",
+                "tilt up": "the camera tilts up", "tilt down": "the camera tilts down",
+                "tilt left": "the camera rolls to the left", "tilt right": "the camera rolls to the right",
+                "around left": "the camera circles left", "around right": "the camera circles right"}
+
+
+def texture(rng, h, w, lo=24, hi=56, grain=4.0):
+    """Dark, mildly textured backdrop: smooth multi-scale noise plus film grain, luma in [lo, hi]."""
+    t = np.zeros((h, w), np.float32)
+    for sigma, amp in ((24, 1.0), (6, 0.6), (2, 0.4)):
+        f = max(1, sigma // 3)   # blur noise at 1/f size and upsample: same field statistics, far cheaper
+        n = cv2.GaussianBlur(rng.standard_normal((h // f + 1, w // f + 1)).astype(np.float32), (0, 0), sigma / f)
+        t += amp / f * cv2.resize(n, (w, h), interpolation=cv2.INTER_LINEAR)   # / f: the std at full size
+    p1, p99 = np.percentile(t, (1, 99))
+    t = np.clip((t - p1) / (p99 - p1 + 1e-6), 0, 1)
+    t = lo + grain + (hi - lo - 2 * grain) * t + grain * rng.standard_normal((h, w)).astype(np.float32)
+    t = np.clip(t, lo, hi)
+    tint = np.array([0.9, 1.0, 1.15], np.float32)  # slightly blue-grey; luma = 0.99 t < 60 for hi <= 60
+    return np.clip(t[..., None] * tint, 0, 255).astype(np.uint8)
+
+
+def draw_shape(img, shape, colour, cx, cy, r):
+    if shape == "circle":
+        cv2.circle(img, (int(cx), int(cy)), int(r), colour, -1, cv2.LINE_AA)
+    elif shape == "square":
+        cv2.rectangle(img, (int(cx - r), int(cy - r)), (int(cx + r), int(cy + r)), colour, -1, cv2.LINE_AA)
+    else:
+        pts = np.array([[cx, cy - r], [cx - r * 1.1, cy + r * 0.8], [cx + r * 1.1, cy + r * 0.8]], np.int32)
+        cv2.fillPoly(img, [pts], colour, cv2.LINE_AA)
+
+
+def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", camera="static shot",
+                cam_speed=None, still=False, blur=0.0, focus_pull=0, size=0.12):
+    """One shot as (n, h, w, 3) RGB uint8. The camera moves the backdrop (content moves opposite to the
+    camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one."""
+    lo, hi = rng.uniform(20, 34), rng.uniform(44, 58)
+    big = texture(rng, 2 * h, 2 * w, lo, hi)            # far layer, twice the frame so pans stay inside
+    near = texture(rng, 2 * h, 2 * w, lo + 4, hi)       # near "ground" layer
+    horizon = int(0.62 * h)
+    cy0, cx0 = h, w                                     # canvas point shown at the frame centre at t=0
+    big[cy0 + horizon - h // 2:] = near[cy0 + horizon - h // 2:]  # ground, rigid with the backdrop
+    v = cam_speed if cam_speed is not None else rng.uniform(0.004, 0.009) * w   # px/frame
+    v = min(v, 0.45 * w / max(n, 1))
+    vv = min(v, 0.45 * h / max(n, 1))                   # vertical moves: the canvas margin is h/2
+    jit = rng.uniform(0, 2 * np.pi, 6)
+    r = size * min(h, w)                                # the shape's radius
+    dx, dy = DIRECTIONS[direction]
+    speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, 0.5 * w / max(n, 1))
+    x0, y0 = w / 2 - dx * speed * n / 2, h / 2 - dy * speed * n / 2
+    frames = np.empty((n, h, w, 3), np.uint8)
+    for t in range(n):
+        px = py = ang = 0.0
+        zoom = 1.0
+        if camera == "pan left": px = -v * t           # camera turns left -> content slides right
+        elif camera == "pan right": px = v * t
+        elif camera == "tilt up": py = -vv * t          # camera looks up -> content slides down
+        elif camera == "tilt down": py = vv * t
+        elif camera == "zoom in": zoom = (1 + v / w * 0.8) ** t
+        elif camera == "zoom out": zoom = (1 + v / w * 0.8) ** -t * 1.25
+        elif camera == "tilt right": ang = 60 * v / w * t   # degrees; camera rolls clockwise -> content CCW
+        elif camera == "tilt left": ang = -60 * v / w * t
+        elif camera == "handheld shot":                  # smooth wobble, no drift
+            s = t / 24.0
+            px = 0.012 * w * (np.sin(2 * np.pi * 1.3 * s + jit[0]) + 0.5 * np.sin(2 * np.pi * 3.1 * s + jit[1]))
+            py = 0.010 * w * (np.sin(2 * np.pi * 1.7 * s + jit[2]) + 0.5 * np.sin(2 * np.pi * 2.7 * s + jit[3]))
+            ang = 0.4 * np.sin(2 * np.pi * 1.1 * s + jit[4])
+        if camera in ("around left", "around right", "pan up", "pan down"):
+            # two layers, horizon fixed in the frame: far = upper 62%, near = ground below
+            if camera == "around left": far, nr = (v * 0.7 * t, 0), (-v * 0.9 * t, 0)   # far slides left, near right
+            elif camera == "around right": far, nr = (-v * 0.7 * t, 0), (v * 0.9 * t, 0)
+            elif camera == "pan up": far, nr = (0, -0.4 * vv * t), (0, -1.2 * vv * t)  # rises: near slides faster
+            else: far, nr = (0, 0.4 * vv * t), (0, 1.2 * vv * t)
+            img = np.empty((h, w, 3), np.uint8)
+            mf = np.float32([[1, 0, w / 2 - cx0 - far[0]], [0, 1, h / 2 - cy0 - far[1]]])
+            mn = np.float32([[1, 0, w / 2 - cx0 - nr[0]], [0, 1, h / 2 - cy0 - nr[1]]])
+            img[:] = cv2.warpAffine(big, mf, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+            img[horizon:] = cv2.warpAffine(near, mn, (w, h), flags=cv2.INTER_LINEAR,
+                                           borderMode=cv2.BORDER_REFLECT)[horizon:]
+        else:
+            m = cv2.getRotationMatrix2D((cx0 + px, cy0 + py), ang, zoom)  # cv2: positive angle = CCW on screen
+            m[0, 2] += w / 2 - (cx0 + px)
+            m[1, 2] += h / 2 - (cy0 + py)
+            img = cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+        draw_shape(img, shape, COLOURS[colour], x0 + dx * speed * t, y0 + dy * speed * t, r)
+        sigma = blur
+        if t < focus_pull:
+            sigma = max(sigma, 3.0 * (focus_pull - t) / focus_pull)
+        if sigma > 0:
+            img = cv2.GaussianBlur(img, (0, 0), sigma * min(h, w) / 360)
+        frames[t] = img
+    return frames
+
+
+def write_video(path, frames, fps=24.0):
+    """RGB frames -> mp4 (OpenCV's built-in 'mp4v' encoder: no ffmpeg binary needed). Temp + rename."""
+    h, w = frames[0].shape[:2]
+    tmp = path + ".tmp.mp4"
+    vw = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+    assert vw.isOpened(), f"cannot write {path}"
+    for f in frames:
+        vw.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    vw.release()
+    os.replace(tmp, path)
+
+
+def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
+    """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; shot lengths uniform
+    in shot_frames, except 1 in 10 shots that are too short on purpose (8-19 frames)."""
+    cams = [c for c in CAMERA_CLASSES if c != "static shot"]
+    frames, shots, t = [], [], 0
+    letterbox = int(0.12 * h) if rng.random() < 0.2 else 0
+    logo = None
+    if rng.random() < 0.25:
+        logo = np.full((max(12, w // 21), max(24, w // 9), 3), 200, np.uint8)
+        cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
+                    logo.shape[0] / 30, (60, 60, 60), 2)
+    for _ in range(n_shots):
+        n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(shot_frames[0], shot_frames[1] + 1))
+        shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
+        direction = str(rng.choice(list(DIRECTIONS)))
+        camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
+        still = camera == "static shot" and rng.random() < 0.15
+        blur = 4.0 if rng.random() < 0.12 else 0.0
+        pull = int(rng.integers(4, 9)) if rng.random() < 0.2 else 0
+        f = render_shot(rng, w, h - 2 * letterbox, n, shape, colour, direction, camera, still=still,
+                        blur=blur, focus_pull=pull, size=size)
+        if letterbox:
+            f = np.pad(f, ((0, 0), (letterbox, letterbox), (0, 0), (0, 0)))
+        if logo is not None:  # a static watermark in the top-right corner, the same in every shot
+            lh, lw = logo.shape[:2]
+            f[:, letterbox + 10:letterbox + 10 + lh, w - 10 - lw:w - 10] = logo
+        motion = "standing still" if still else f"moving {direction}"
+        shots.append({"start": t, "end": t + n, "blurred": bool(blur), "focus_pull": pull, "still": still,
+                      "caption": {
+                          "short_description": f"a {colour} {shape} {motion}",
+                          "dense_description": f"A {colour} {shape} {motion} across a dark, mildly textured "
+                                               f"backdrop above darker ground; {CAMERA_WORDS[camera]}.",
+                          "background": "a dark, mildly textured backdrop above darker ground",
+                          "style": "synthetic flat graphics",
+                          "shot_type": "medium shot",
+                          "lighting": "dim, even lighting",
+                          "atmosphere": "calm",
+                          "camera_movement": camera}})
+        frames.append(f)
+        t += n
+    return np.concatenate(frames), {"fps": 24.0, "width": w, "height": h, "letterbox": letterbox,
+                                    "logo": logo is not None, "shots": shots}
+
+
+def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
+                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160), workers=1):
+    """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
+    draws from its own generator (seed, i), so the files are the same for any number of workers.
+    shape_size: the shapes' radius as a fraction of the frame's shorter side; shots: (fewest, most) shots
+    per video; shot_frames: (shortest, longest) regular shot."""
+    os.makedirs(out_dir, exist_ok=True)
+    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames) for i in range(n)]
+    if workers > 1 and n > 1:
+        with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
+            return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
+    return [_synthetic_one(j) for j in tqdm(jobs, desc="synthetic", disable=n < 2)]
+
+
+def _synthetic_one(job):
+    out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames = job
+    rng = np.random.default_rng([seed, i])
+    w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
+    frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(shots[0], shots[1] + 1)), shape_size,
+                                   shot_frames)
+    path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
+    write_video(path, frames)
+    with open(path[:-4] + ".json.tmp", "w") as f:
+        json.dump(side, f, indent=1)
+    os.replace(path[:-4] + ".json.tmp", path[:-4] + ".json")
+    return path
 
 
 if __name__ == "__main__":
