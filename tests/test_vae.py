@@ -58,7 +58,8 @@ def test_bad_shapes_raise_with_rule_and_nearest_size():
         m.encode(video(1, 10, 16, 16))
     with pytest.raises(ValueError, match=r"T=12 .*nearest valid T=13"):
         m.encode(video(1, 12, 16, 16))
-    with pytest.raises(ValueError, match=r"H=30 must be a multiple of 8, nearest valid H=32.*W=20 .*valid W=16"):
+    with pytest.raises(ValueError,
+                       match=r"H=30 must be a multiple of 8, nearest valid H=32.*W=20 .*valid W=16"):
         m.encode(video(1, 5, 30, 20))
     with pytest.raises(ValueError, match=r"H=4 .*nearest valid H=8"):
         m.encode(video(1, 1, 4, 16))
@@ -80,9 +81,9 @@ def test_causal_conv_matches_naive_loop_and_is_causal():
     # naive: output frame t = sum over the 3 taps of a 2D conv of frame max(t-2+i, 0) (front replicate),
     # each frame replicate-padded by 1 in space
     w, b = conv.conv.weight, conv.conv.bias
-    ref = torch.stack([
-        sum(F.conv2d(F.pad(x[:, :, max(t - 2 + i, 0)], (1, 1, 1, 1), mode="replicate"), w[:, :, i]) for i in range(3))
-        + b.view(1, -1, 1, 1) for t in range(7)], dim=2)
+    frame = lambda t: F.pad(x[:, :, max(t, 0)], (1, 1, 1, 1), mode="replicate")
+    ref = torch.stack([sum(F.conv2d(frame(t - 2 + i), w[:, :, i]) for i in range(3)) + b.view(1, -1, 1, 1)
+                       for t in range(7)], dim=2)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
     # causality: changing input frame j changes output frames >= j only
     for j in range(7):
@@ -93,8 +94,8 @@ def test_causal_conv_matches_naive_loop_and_is_causal():
 
 
 def test_single_frame_conv_equals_the_padded_3d_conv():
-    # one frame takes a 2D path with the time taps summed; it must be the 3D conv of the replicate-padded frame,
-    # for the time-strided downsampling conv too, with the same gradients
+    # one frame takes a 2D path with the time taps summed; it must be the 3D conv of the replicate-padded
+    # frame, for the time-strided downsampling conv too, with the same gradients
     torch.manual_seed(0)
     for stride in (1, (2, 2, 2), (1, 2, 2)):
         conv = vae.CausalConv3d(4, 5, 3, stride=stride).double()
@@ -110,8 +111,8 @@ def test_single_frame_conv_equals_the_padded_3d_conv():
 
 
 def _autocast_norm(norm, x, silu=True):
-    """GroupNorm (+ SiLU) of half x as the official runs it under CUDA autocast: GroupNorm takes and returns fp32,
-    SiLU runs on that fp32, and the next conv/linear rounds its input to half once."""
+    """GroupNorm (+ SiLU) of half x as the official runs it under CUDA autocast: GroupNorm takes and returns
+    fp32, SiLU runs on that fp32, and the next conv/linear rounds its input to half once."""
     h = F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps)
     return (F.silu(h) if silu else h).to(x.dtype)
 
@@ -145,21 +146,23 @@ def test_half_conv_out_input_is_rounded_once(dtype):
     m = tiny().to(dtype)
     seen = {}
     save = lambda name: lambda mod, args, out=None: seen.__setitem__(name, args[0] if out is None else out)
-    for name, part, last in (("enc", m.encoder, m.encoder.mid_block), ("dec", m.decoder, m.decoder.up_blocks[-1])):
+    parts = (("enc", m.encoder, m.encoder.mid_block), ("dec", m.decoder, m.decoder.up_blocks[-1]))
+    for name, part, last in parts:
         last.register_forward_hook(save(f"{name} x"))  # conv_norm_out's input
         part.conv_out.register_forward_pre_hook(save(f"{name} conv_out in"))
     with torch.no_grad():
         mean, _ = m.encode(video(1, 5, 16, 16))
         m.decode(mean)
     for name, part in (("enc", m.encoder), ("dec", m.decoder)):
-        assert torch.equal(seen[f"{name} conv_out in"], _autocast_norm(part.conv_norm_out, seen[f"{name} x"])), name
+        want = _autocast_norm(part.conv_norm_out, seen[f"{name} x"])
+        assert torch.equal(seen[f"{name} conv_out in"], want), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_attention_normalises_in_fp32(dtype):
-    # the official's attention (diffusers Attention) runs its group_norm under autocast too, and to_q/k/v round
-    # the fp32 result once. A half-input GroupNorm also rounds once, but its kernel computes the statistics
-    # differently: on CPU ~1% of the outputs differed for this input (large mean, small spread).
+    # the official's attention (diffusers Attention) runs its group_norm under autocast too, and to_q/k/v
+    # round the fp32 result once. A half-input GroupNorm also rounds once, but its kernel computes the
+    # statistics differently: on CPU ~1% of the outputs differed for this input (large mean, small spread).
     torch.manual_seed(0)
     at = vae.Attention(32, 16).to(dtype)
     x = (torch.randn(1, 32, 3, 8, 8) * 2 + 100).to(dtype)
@@ -172,9 +175,9 @@ def test_half_attention_normalises_in_fp32(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_single_frame_conv_is_the_official_3d_conv(dtype):
-    # the official convolves the causally padded frame (3 copies) in 3D with each time tap as stored; the 2D
-    # shortcut's summed taps, rounded to half, made 40-50% of the outputs differ. Same under autocast with fp32
-    # weights, where autocast would round the summed taps.
+    # the official convolves the causally padded frame (3 copies) in 3D with each time tap as stored; the
+    # 2D shortcut's summed taps, rounded to half, made 40-50% of the outputs differ. Same under autocast
+    # with fp32 weights, where autocast would round the summed taps.
     torch.manual_seed(0)
     for stride in (1, (2, 2, 2), (1, 2, 2)):
         conv = vae.CausalConv3d(8, 8, 3, stride=stride)
@@ -239,7 +242,8 @@ def test_small_no_grad_batches_take_the_plain_path_with_the_same_result(monkeypa
     assert rel(mean_b, mean_s) < 1e-12 and rel(dec_b, dec_s) < 1e-12
 
 
-@pytest.mark.parametrize("dtype, tol_enc, tol_dec", [(torch.bfloat16, 3e-2, 0.3), (torch.float16, 5e-3, 5e-2)])
+@pytest.mark.parametrize("dtype, tol_enc, tol_dec",
+                         [(torch.bfloat16, 3e-2, 0.3), (torch.float16, 5e-3, 5e-2)])
 def test_half_precision_inference_close_to_fp32(dtype, tol_enc, tol_dec):
     # loose decode bounds: a random decoder amplifies rounding ~100x (diffusers' VAE with the same weights is
     # off from fp32 by the same 16% in bf16, 3% in fp16)
@@ -270,7 +274,7 @@ def test_tiled_equals_untiled_when_one_tile_covers():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_blend_is_the_official_python_float_expression(dtype):
-    # official blend_v/blend_h/blend_t (autoencoder_kl_causal_3d.py:343-359), a loop over positions with Python
+    # official blend_v/blend_h/blend_t (autoencoder_kl_causal_3d.py), a loop over positions with Python
     # float weights: a half tensor times a Python float is computed in fp32 and rounded to half, per product;
     # weights rounded to half first made ~22% of the blended elements differ (none where the extent is a power
     # of 2, as 16 is: its weights are exact in half)
@@ -320,7 +324,8 @@ def test_temporal_tiled_decode_assembles_official_blend():
 
 
 def test_temporal_tiled_encode_assembles_official_blend():
-    # tiny: windows of 16+1 frames every 12, latent blend 1, keep 3 (4 for the first window); T=21 -> 6 latents
+    # tiny: windows of 16+1 frames every 12, latent blend 1, keep 3 (4 for the first window);
+    # T=21 -> 6 latents
     m = tiny()
     x = video(1, 21, 16, 16)
     with torch.no_grad():
@@ -328,7 +333,8 @@ def test_temporal_tiled_encode_assembles_official_blend():
         a, _ = m.encode(x[:, :, 0:17])
         b, _ = m.encode(x[:, :, 12:21])
     b = b[:, :, 1:]
-    ref = torch.cat([a[:, :, :4], a[:, :, 4:5], b[:, :, 1:]], dim=2)  # blend of 1: weight 0 on b's first frame
+    # a blend of 1 frame gives weight 0 to b's first frame
+    ref = torch.cat([a[:, :, :4], a[:, :, 4:5], b[:, :, 1:]], dim=2)
     assert mean.shape == (1, 4, 6, 2, 2)
     torch.testing.assert_close(mean.double(), ref.double(), rtol=1e-6, atol=1e-6)
 
@@ -338,7 +344,8 @@ def test_temporal_tiled_encode_assembles_official_blend():
 
 
 def official_keys():
-    """Keys and shapes from the architecture facts §3.10 table (written out, not read from the model)."""
+    """Keys and shapes of the released vae/pytorch_model.pt (official hyvideo/vae/vae.py Encoder/Decoder
+    and autoencoder_kl_causal_3d.py quant convs), written out by hand, not read from the model."""
     keys = {}
 
     def conv(name, o, i, k):
@@ -357,7 +364,8 @@ def official_keys():
         resnet(f"{name}.resnets.0", 512, 512), resnet(f"{name}.resnets.1", 512, 512)
         norm(f"{name}.attentions.0.group_norm", 512)
         for p in ("to_q", "to_k", "to_v", "to_out.0"):
-            keys[f"{name}.attentions.0.{p}.weight"], keys[f"{name}.attentions.0.{p}.bias"] = (512, 512), (512,)
+            keys[f"{name}.attentions.0.{p}.weight"] = (512, 512)
+            keys[f"{name}.attentions.0.{p}.bias"] = (512,)
 
     conv("encoder.conv_in", 128, 3, 3)
     for i, (ci, co) in enumerate([(128, 128), (128, 256), (256, 512), (512, 512)]):
@@ -392,7 +400,7 @@ def test_full_size_keys_shapes_and_parameter_count():
 
 
 def test_resample_layout_of_released_config():
-    # facts §3.4/3.5: spatial in blocks 0-2, temporal in blocks 1-2, nothing in block 3
+    # official hyvideo/vae/vae.py: spatial in blocks 0-2, temporal in blocks 1-2, nothing in block 3
     assert vae._resample_factors(vae.CONFIGS["884-16c-hy"]) == [(1, 2, 2), (2, 2, 2), (2, 2, 2), None]
 
 
@@ -427,7 +435,9 @@ def test_load_vae_official_pt_safetensors_and_mismatch(tmp_path):
         vae.load_vae(tmp_path / "bad.pt", cfg=m.cfg)
     msg = str(e.value)
     assert "\n" not in msg and "decoder.conv_out.conv.bias" in msg and "decoder.extra.weight" in msg
-    with pytest.raises(ValueError, match="wrong shape [1-9]"):  # the tiny weights do not fit the released config
+    assert "1 missing" in msg and "1 unexpected" in msg and "built from VAEConfig(" in msg  # and the fix
+    # the tiny weights do not fit the released config
+    with pytest.raises(ValueError, match=r"[1-9]\d* wrong shape"):
         vae.load_vae(tmp_path / "w.safetensors")
 
 
@@ -473,6 +483,18 @@ def test_losses_finite_with_gradients(tmp_path):
     assert abs(logs["kl"].item() - kl.item()) < 1e-3 * kl.item()
     img = x[:, :, 0]
     assert loss_fn.lpips(img, img).abs().max() < 1e-6 and (loss_fn.lpips(img, -img) > 0).all()
+
+
+def test_lpips_refuses_incomplete_or_misshaped_weights(tmp_path):
+    # one line naming the bad key (dit.check_state_dict), never a partial load
+    sd = torch.load(lpips_weights(tmp_path / "lpips.pt"), weights_only=True)
+    incomplete = {k: v for k, v in sd.items() if k != "lin2.model.1.weight"}
+    torch.save(incomplete, tmp_path / "incomplete.pt")
+    with pytest.raises(ValueError, match=r"1 missing: lin2\.model\.1\.weight.*; pass torchvision"):
+        vae.LPIPS(tmp_path / "incomplete.pt")
+    torch.save({**sd, "features.0.weight": torch.zeros(64, 3, 1, 1)}, tmp_path / "misshaped.pt")
+    with pytest.raises(ValueError, match=r"1 wrong shape: features\.0\.weight \(64, 3, 1, 1\)"):
+        vae.LPIPS(tmp_path / "misshaped.pt")
 
 
 def test_perceptual_off_is_announced_and_gan_waits_for_start():
@@ -582,7 +604,8 @@ def test_fused_stream_kernels_match_float64_and_the_torch_path(monkeypatch):
         with torch.no_grad():
             mean, _ = m.encode(x)
             out.append((mean, m.decode(mean)))
-    assert rel(out[0][0], out[1][0]) < 1e-4 and rel(out[0][1], out[1][1]) < 1e-4, (rel(out[0][0], out[1][0]), rel(out[0][1], out[1][1]))
+    errs = rel(out[0][0], out[1][0]), rel(out[0][1], out[1][1])  # (encode, decode)
+    assert errs[0] < 1e-4 and errs[1] < 1e-4, errs
 
 
 # -----------------------------------------------------------------------------
@@ -594,8 +617,8 @@ def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
     m = tiny()
     c = m.cfg
     ref = diffusers.AutoencoderKLHunyuanVideo(
-        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block, norm_num_groups=c.norm_groups,
-        latent_channels=c.latent_channels).eval()
+        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_groups, latent_channels=c.latent_channels).eval()
     ref.load_state_dict(m.state_dict(), strict=True)
     ref.use_framewise_encoding = ref.use_framewise_decoding = False  # untiled: diffusers' time tiles differ
     for T in (1, 9):
@@ -607,7 +630,8 @@ def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
             assert rel(m.decode(dist.mean), ref.decode(dist.mean).sample) < 1e-4
     ref.save_pretrained(tmp_path)  # config.json + diffusion_pytorch_model.safetensors
     loaded = vae.load_vae(tmp_path)
-    assert loaded.cfg.block_out_channels == c.block_out_channels and loaded.cfg.latent_channels == c.latent_channels
+    assert loaded.cfg.block_out_channels == c.block_out_channels
+    assert loaded.cfg.latent_channels == c.latent_channels
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
 
 
@@ -640,7 +664,9 @@ def test_latent_rgb_term_is_each_cells_mean_colour():
     assert logs["latent_rgb"].item() == pytest.approx((mean[:, :3] - cells).square().mean().item(), rel=1e-12)
     mean[:, :3] = cells
     total, logs = loss_fn(x, x, mean, torch.zeros_like(mean), 0)
-    assert logs["latent_rgb"].item() == pytest.approx(0.0, abs=1e-15) and total.item() == pytest.approx(0.0, abs=1e-15)
+    assert logs["latent_rgb"].item() == pytest.approx(0.0, abs=1e-15)
+    assert total.item() == pytest.approx(0.0, abs=1e-15)
     still = x[:, :, :1]  # an image: one cell per 8x8 block of its only frame
     _, logs = loss_fn(still, still, mean[:, :, :1], torch.zeros_like(mean[:, :, :1]), 0)
-    assert logs["latent_rgb"].item() == pytest.approx((mean[:, :3, :1] - cells[:, :, :1]).square().mean().item(), abs=1e-15)
+    want = (mean[:, :3, :1] - cells[:, :, :1]).square().mean().item()
+    assert logs["latent_rgb"].item() == pytest.approx(want, abs=1e-15)
