@@ -46,11 +46,12 @@ except ImportError:
 
 @dataclass
 class VAEConfig:
+    """Shape of the causal 3D VAE; the defaults are the released "884-16c-hy" (paper §4.1)."""
     in_channels: int = 3
     out_channels: int = 3
     latent_channels: int = 16
     block_out_channels: tuple = (128, 256, 512, 512)
-    layers_per_block: int = 2  # resnets per encoder block; decoder blocks have one more (official vae.py)
+    layers_per_block: int = 2  # encoder resnets per block; the decoder has one more per block
     norm_groups: int = 32
     time_compression: int = 4
     spatial_compression: int = 8
@@ -78,8 +79,8 @@ STREAM_ELEMENTS = 1 << 25
 # clips (caching a demo's latents) its one-sample, few-frame convolutions are slower (docs/performance.md).
 PLAIN_ELEMENTS = 1 << 25
 # On CUDA tensors the stream path's GroupNorm statistics and its norm-SiLU-cast-into-the-padded-buffer step
-# run as two Triton kernels when Triton is installed: the same fp32 arithmetic as the torch code beside
-# them, but each activation is read once in fp16 instead of through fp32 temporaries, the largest
+# run as two Triton kernels when Triton is installed: the same fp32 arithmetic as the torch fallback,
+# but each activation is read once in fp16 instead of through fp32 temporaries, the largest
 # element-wise cost of a decode (docs/performance.md). Set False to run the torch code everywhere.
 FUSED_KERNELS = True
 
