@@ -43,33 +43,32 @@ class CurateConfig:
     thumb_w: int = 64
     thumb_h: int = 36
     cut_min_score: float = 1.5        # mean |RGB diff| (0-255) a cut must exceed in absolute terms
-    cut_ratio: float = 3.0            # ...and this multiple of the median change before or after it (adaptive)
+    cut_ratio: float = 3.0            # ...and this multiple of the median change before or after it
     cut_offset: float = 1.0           # ...plus this, so near-still footage (median ~0) needs a real jump
     cut_window: int = 12              # frames on each side for those medians
     min_shot_frames: int = 4          # two cuts are never closer than this (flash frames)
     fade_level: float = 8.0           # a thumbnail darker than this on average (0-255) is black (fades)
     # --- clips ---
-    analysis_w: int = 256             # width of the frames all measurements run on (resolution-independent units)
-    clarity_side: int = 256           # clarity is measured at this short side (the smallest tier's), see clarity()
-    sharp_search: int = 12            # paper §3.1: clip start = sharpest frame among the first N it may start on
+    analysis_w: int = 256             # width of the frames all measurements but clarity run on (the same
+                                      # units at every input size)
+    clarity_side: int = 256           # clarity is measured at this short side (the smallest tier's)
+    sharp_search: int = 12            # paper §3.1: a clip starts on the sharpest of its first N frames
     min_clip_frames: int = 33         # shorter shots are rejected ("too short"); clips are 4n+1 frames
-    max_clip_frames: int = 129        # paper §4: longest training clip is 129 frames (720x1280x129); a longer
-                                      # shot is cut into clips back to back while the rest is min_clip_frames
-    # --- basic filters (every accepted clip passes these; tiers tighten them) ---
-    # clarity() units (contrast-normalised Laplacian of Gaussian at 256p). The earlier raw-Laplacian
-    # threshold x 1/12, the factor that moves the demo's blur boundary from 30 to 2.5: its blurred shots
-    # score 0.5-1.4, its sharp ones 4.7-25. The tiers above 256p measure at their own size (tier_clarity).
-    min_clarity: float = 2.5
-    min_motion: float = 0.5           # 99th-percentile flow speed, px per 1/24 s at 256 px width: below = static
-    max_motion: float = 25.0          # above = too fast (whip pans, strobing); ~10% of the width per 1/24 s
+    max_clip_frames: int = 129        # paper §4: the longest training clip (720x1280x129); a longer shot is
+                                      # cut into clips back to back while the rest is min_clip_frames
+    # --- basic filters (paper §3.1; every accepted clip passes these, the tiers tighten them) ---
+    min_clarity: float = 2.5          # clarity() at 256p: between blurred and sharp demo shots (docs/demo.md)
+    min_motion: float = 0.5           # 99th-percentile flow, px per 1/24 s at analysis_w: below = static
+    max_motion: float = 25.0          # above = too fast (whip pans, strobing): ~10% of the width per 1/24 s
     min_quality: float = 0.25         # quality_score() in [0, 1]
-    dedup_max_dist: float = 0.006     # cosine distance below which two clips are duplicates (copies, re-encodes)
+    dedup_max_dist: float = 0.006     # cosine distance below which two clips are duplicates (copies,
+                                      # re-encodes; see clip_embedding())
     # --- letterbox and static overlays ---
     border_luma: float = 16.0         # a letterbox row/column never gets brighter than this
     overlay_std: float = 2.5          # luma std below which a pixel counts as fixed (across frames or shots)
     overlay_min_area: float = 0.002   # overlays smaller than this fraction of the frame are ignored
     min_area_after_crop: float = 0.7  # crop an overlay off the edge only if this much of the frame remains
-    # --- camera movement (paper §3.2; thresholds in px per 1/24 s, i.e. px/frame at 24 fps, at analysis_w) ---
+    # --- camera movement (paper §3.2; thresholds in px per 1/24 s at analysis_w: px/frame at 24 fps) ---
     cam_static: float = 0.12          # drift below this on every component: no camera move
     cam_jitter: float = 0.3           # frame-to-frame wobble above this (and no drift) is a handheld shot
     cam_consistency: float = 0.5      # |mean| / rms of a component: a real move keeps its direction
@@ -83,24 +82,17 @@ class CurateConfig:
     tier_names: tuple = ("256p", "360p", "540p", "720p")
     tier_side: tuple = (256, 360, 540, 720)           # minimum short side after cropping
     tier_frames: tuple = (65, 65, 97, 129)            # paper: 256x256x65 first stage ... 720x1280x129 last
-    # clarity of a tier above 256p is measured at the tier's own short side (a clip's clarity_at), where blur
-    # of the tier's own pixels shows: a 720p frame blurred by 2 px scores 8-23 at 256p, as much as sharp
-    # 720p footage (16-47), but 0.9-2.4 at 720p. Measured at 360p/540p/720p over three synthetic scenes
-    # (mp4v-encoded pans and raw frames): Gaussian blur of 2 px at the tier's size <= 4.6, sharp >= 6.7
-    # (16-32 for fine texture) -> 5.5, between them. A 1 px blur (2.4-13.5) overlaps sharp footage
-    # of coarse content (6.7-10.6): no threshold rejects it for every scene. One number serves every side:
-    # the same footage scores lower at a larger side (a sharp pan: 27 at 360p, 14 at 540p, 9 at 720p), so
-    # the higher tiers are stricter in blur per picture. The 256p value is the basic filter's (demo: blurred
-    # shots 0.5-1.4, sharp 4.7-25).
+    # clarity above 256p is measured at the tier's own short side (a clip's clarity_at): blur of the
+    # tier's own pixels does not show at 256p. 5.5 lies between 2 px blur and sharp footage at those
+    # sides (docs/demo.md); the same footage scores lower at a larger side, so higher tiers are stricter
     tier_clarity: tuple = (2.5, 5.5, 5.5, 5.5)
     tier_quality: tuple = (0.25, 0.35, 0.45, 0.55)
     finetune_tier: str = "540p"       # fine-tune set (no human labels): clips of this tier or above...
     finetune_quality: float = 0.6     # ...with at least this quality...
-    finetune_clarity: float = 5.5     # ...and this clarity at its side. A --labels file of human picks replaces
-                                      # the rule
+    finetune_clarity: float = 5.5     # ...and this clarity at its side (--labels, human picks, replaces this)
     # --- image sets (paper §3.1: the video filters without the motion ones) ---
     image_side: tuple = (256, 512)    # T2I stage 1 (256px) and stage 2 (256/512px)
-    image_clarity: tuple = (4.2, 5.5)  # 512p: at 512p, as the tiers above 256p (blur 2 px <= 2.5, sharp >= 17.8)
+    image_clarity: tuple = (4.2, 5.5)  # 512p: measured at 512p, as the tiers above 256p
     image_quality: tuple = (0.3, 0.45)
     sharp_tag_clarity: float = 7.5    # 256p clarity from which the quality tags say "sharp" (else "soft")
     # --- concept balancing (paper §3.1: k-means over clip embeddings, ~10K centroids at their scale) ---
@@ -117,7 +109,7 @@ CAMERA_CLASSES = ("zoom in", "zoom out", "pan up", "pan down", "pan left", "pan 
                   "handheld shot")
 
 # -----------------------------------------------------------------------------
-# reading video
+# decoding and probing
 
 def iter_frames(path, size=None):
     """Yield RGB frames (optionally resized to size=(w, h)); stops quietly at the first unreadable frame."""
@@ -152,6 +144,7 @@ def probe(path):
 
 
 def resize_w(frame, w):
+    """frame resized to width w (INTER_AREA), its height rounded to even, the aspect kept."""
     h = max(2, int(round(frame.shape[0] * w / frame.shape[1] / 2)) * 2)
     return cv2.resize(frame, (w, h), interpolation=cv2.INTER_AREA)
 
@@ -207,7 +200,7 @@ def cuts_from_scores(d, cfg=CFG):
 
 def _open_single_threaded(path):
     # One decoder thread per capture: detect_shots runs two captures side by side, and FFmpeg's frame
-    # threading costs more CPU than it saves on small frames (640x360 mp4: 1.04 s CPU single, 1.42 s with 2)
+    # threading costs more CPU than it saves on small frames (docs/performance.md)
     return cv2.VideoCapture(path, cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
 
 
@@ -215,9 +208,9 @@ def _scan(cap, cfg, win, prev=None, limit=None, keep=range(0), stop=None):
     """Reads frames (to the end, or `limit` of them) and scores each against the one before it (the first
     against `prev`, if given). Returns (one row per frame read: (mean level, raw change d0, pan-compensated
     change d1, global shift x, y), thumbnails of the frames whose read index is in `keep`, the last
-    thumbnail); the first row has no scores (zeros) unless `prev` was given. Phase correlation (0.13 ms)
-    runs only for a cut candidate (d0 > cut_min_score) and the 3 frames on each side of it, which
-    cuts_from_rows compares it with; other frames keep shift 0."""
+    thumbnail); the first row has no scores (zeros) unless `prev` was given. Phase correlation runs only
+    for a cut candidate (d0 > cut_min_score) and the 3 frames on each side of it, which cuts_from_rows
+    compares it with; other frames keep shift 0."""
     tw, th = cfg.thumb_w, cfg.thumb_h
     rows, kept, n = [], [], 0
     recent, after = collections.deque(maxlen=3), 0   # (row, thumbnail before, thumbnail): no shift yet
@@ -229,7 +222,7 @@ def _scan(cap, cfg, win, prev=None, limit=None, keep=range(0), stop=None):
         ok, f = cap.read()
         if not ok or f is None:
             break
-        # two cheap bilinear steps instead of one INTER_AREA (25x slower, the same scores in practice)
+        # two cheap bilinear steps instead of one INTER_AREA: the same scores in practice, far cheaper
         t = cv2.resize(cv2.resize(f, (2 * tw, 2 * th), interpolation=cv2.INTER_LINEAR), (tw, th),
                        interpolation=cv2.INTER_AREA)
         row = [sum(cv2.mean(t)[:3]) / 3, 0.0, 0.0, 0.0, 0.0]
@@ -293,7 +286,7 @@ def detect_shots(path, cfg=CFG):
             joined = (len(overlap) == len(head) == seam
                       and all(np.array_equal(x, y) for x, y in zip(overlap, head))
                       and any(not np.array_equal(overlap[0], x) for x in overlap[1:]))
-            if joined:  # frames 0..mid from the first half, the rest from the second (its row 0 has no scores)
+            if joined:  # frames 0..mid from the first half, the rest from the second (its row 0: no scores)
                 rows = rows[:mid + 1] + rows2[1:]
             elif len(overlap) == seam:  # the first capture has not reached the end: read on from there
                 rows = rows + _scan(cap, cfg, win, prev=last)[0]
@@ -311,8 +304,8 @@ def detect_shots(path, cfg=CFG):
 def cuts_from_rows(rows, cfg=CFG):
     """Cuts from _scan's rows (level, d0, d1, shift x, y per frame): hard cuts from the change scores, and
     fades through black. The pan-compensated score d1 stands only where the frame's shift is within 2
-    thumbnail px of the median shift of the 3 frames before or of the 3 after: inside a pan at 0.2 px a
-    frame, a jump of 6-18 px is an edit (a jump cut), not the pan (it used to be 'explained' away)."""
+    thumbnail px of the median shift of the 3 frames before or of the 3 after: inside a slow pan, a jump
+    of several px is an edit (a jump cut), not the pan, and must not be explained away as one."""
     n = len(rows)
     level, d0, d1, shift = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:5]
     pad = np.pad(shift, ((3, 3), (0, 0)), mode="edge")
@@ -331,7 +324,7 @@ def cuts_from_rows(rows, cfg=CFG):
 
 
 # -----------------------------------------------------------------------------
-# per-clip measurements: clarity, motion, camera movement
+# clarity (paper §3.1: clear frames found with OpenCV's Laplacian)
 
 CLARITY_SIGMA = 1.0      # px at clarity_side: the Gaussian before the Laplacian (see clarity())
 CLARITY_REF_STD = 32.0   # clarity's unit: the Laplacian's variance with grey levels rescaled to this std
@@ -339,37 +332,27 @@ CLARITY_MIN_STD = 8.0    # a frame flatter than this (grey-level std) is rescale
 
 
 def clarity(frame, cfg=CFG, side=None, at=None):
-    """Sharpness of a frame: the variance of the Laplacian (paper §3.1 finds clear frames with OpenCV's
-    Laplacian; its statistic is not stated), measured at a fixed size and contrast so that one threshold
-    serves a dataset of mixed sizes and exposures (the tiers of Fig. 4 filter 256p..720p sets with one
-    pipeline). It falls as blur grows. Numbers below: one scene's 256p..1080p copies (tests).
-      size: the grey frame is shrunk (INTER_AREA) to a short side of clarity_side = 256, the smallest tier's,
-        so every clip that can enter a tier is measured at one scale (at their own sizes the copies' raw
-        Laplacian variances spread 8x). A smaller frame is measured as it is: upsampling adds no detail,
-        only interpolation blur. `side`: the short side of the whole frame when `frame` is a crop of it
-        (a letterbox cut off), so that cropping does not change the scale. `at`: another short side to
-        measure at (a tier's: blur of its own pixels, which the 256p scale cannot see; see tier_clarity).
-      resampling: shrinking by 1.1x blurs more (INTER_AREA's box straddles pixels) than by 2x or not at
-        all, and the 3x3 Laplacian reads mostly those last-pixel frequencies: the copies still spread 1.9x
-        at 256p. A Gaussian of CLARITY_SIGMA = 1 px first (a Laplacian of Gaussian) moves the band read
-        below the resampling's: 1.15x. It also removes uint8 rounding noise, which divided by a heavily
-        blurred frame's small variance made the score rise again.
-      contrast: divided by the grey-level variance of the same smoothed frame (x CLARITY_REF_STD^2): a
-        darker or flatter exposure scales both by the same factor. The ratio is the mean of k^4 under the
-        smoothed frame's power spectrum; more Gaussian blur, exp(-s^2 k^2), shifts that weight to lower k,
-        so in the continuum the ratio falls strictly as s grows, whatever the scene (a global percentile
-        range can jump instead, when a bright subject covers about that percentile's share of the frame).
-        Below CLARITY_MIN_STD the frame counts as flat: the divisor stops there, so a flat frame scores 0
-        and the noise of a near-flat one is not scaled up to a sharp picture's score."""
+    """Sharpness of a frame, falling as blur grows: the variance of its Laplacian of Gaussian over its
+    grey-level variance, at a short side of clarity_side. Paper §3.1 finds clear frames with OpenCV's
+    Laplacian without naming the statistic; fixing the size and dividing out the contrast makes the number
+    comparable across sizes and exposures, so one threshold serves a dataset of mixed sizes (the tiers of
+    Fig. 4). A larger frame is shrunk (INTER_AREA); a smaller one is measured as it is (upsampling adds
+    no detail). The Gaussian (CLARITY_SIGMA) reads a band below what resampling and uint8 rounding
+    disturb; below CLARITY_MIN_STD a frame counts as flat, so its noise is not scaled up to a sharp score.
+    side: the short side of the whole frame when `frame` is a crop of it (a letterbox cut off), so that
+    cropping does not change the scale. at: measure at another short side (a tier's, see tier_clarity)."""
     g = cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
     f = (at or cfg.clarity_side) / (side or min(g.shape[:2]))
     if f < 1:
-        g = cv2.resize(g, (max(1, round(g.shape[1] * f)), max(1, round(g.shape[0] * f))), interpolation=cv2.INTER_AREA)
+        g = cv2.resize(g, (max(1, round(g.shape[1] * f)), max(1, round(g.shape[0] * f))),
+                       interpolation=cv2.INTER_AREA)
     b = cv2.GaussianBlur(g.astype(np.float32), (0, 0), CLARITY_SIGMA)
     lap = cv2.meanStdDev(cv2.Laplacian(b, cv2.CV_32F))[1][0, 0]
     std = max(float(cv2.meanStdDev(b)[1][0, 0]), CLARITY_MIN_STD)
     return float((lap * CLARITY_REF_STD / std) ** 2)
 
+# -----------------------------------------------------------------------------
+# motion: optical flow (paper §3.1)
 
 _DIS = None
 
@@ -382,10 +365,6 @@ def flow(a, b):
     return _DIS.calc(a, b, None)
 
 
-def _gray_small(frames, w):
-    return [cv2.cvtColor(resize_w(f, w), cv2.COLOR_RGB2GRAY) for f in frames]
-
-
 def _pair_indices(n, k):
     """Up to k consecutive-frame pairs spread evenly over n frames."""
     if n < 2:
@@ -395,20 +374,21 @@ def _pair_indices(n, k):
 
 def pair_flows(frames, cfg=CFG, fps=24.0):
     """[(grey frame, flow to a frame `step` later, dt)] for up to cam_pairs pairs spread over the clip, at
-    analysis_w; dt is the step in units of 1/24 s, so flow / dt is in px per 1/24 s at any frame rate (as
-    px/frame, one subject speed scored 0.97 at 24 fps and 0.35 at 60 fps). Long, slow clips use a longer
-    baseline (up to 4 frames): slow moves and small parallax then rise above the flow noise. But the
-    fastest motion must stay trackable: DIS follows a 40 px subject up to 12 px per step at 256 px width
-    and loses it beyond (a 16 px step reads as 4), so the step keeps the 99th-percentile flow of three
-    probe pairs under 6 px (chosen from the median flow alone, a subject at 8 px/frame before a still
-    camera got step 4 and scored 1.96). motion() and camera_movement() share these (flow is the cost)."""
-    g = _gray_small(frames, cfg.analysis_w)
+    analysis_w; dt is the step in units of 1/24 s, so flow / dt is in px per 1/24 s at any frame rate
+    (px/frame would score one subject speed lower at 60 fps than at 24). Long, slow clips use a longer
+    step (up to 4 frames), so slow moves and small parallax rise above the flow noise; but DIS loses a
+    subject that moves too far in one step, so the step keeps the 99th-percentile flow of three probe
+    pairs under 6 px (the median flow alone would miss a fast subject before a still camera).
+    motion() and camera_movement() share these pairs: flow is the cost."""
+    g = [cv2.cvtColor(resize_w(f, cfg.analysis_w), cv2.COLOR_RGB2GRAY) for f in frames]
     if len(g) < 2:
         return []
-    probes = {i: np.linalg.norm(flow(g[i], g[i + 1]), axis=2) for i in {(len(g) - 2) * q // 4 for q in (1, 2, 3)}}
+    probes = {i: np.linalg.norm(flow(g[i], g[i + 1]), axis=2)
+              for i in {(len(g) - 2) * q // 4 for q in (1, 2, 3)}}
     speed = np.median(probes[(len(g) - 2) // 2])           # the camera's share, not a subject's
     fast = max(np.percentile(m, 99) for m in probes.values())
-    step = int(np.clip(min(2.0 / max(speed, 1e-3), 6.0 / max(fast, 1e-3), (len(g) - 1) // cfg.cam_pairs), 1, 4))
+    step = int(np.clip(min(2.0 / max(speed, 1e-3), 6.0 / max(fast, 1e-3), (len(g) - 1) // cfg.cam_pairs),
+                       1, 4))
     dt = step * 24.0 / fps
     return [(g[i], flow(g[i], g[i + step]), dt) for i in _pair_indices(len(g) - step + 1, cfg.cam_pairs)]
 
@@ -421,6 +401,8 @@ def motion(frames, cfg=CFG, flows=None, fps=24.0):
     speeds = [np.percentile(np.linalg.norm(fl, axis=2), 99) / dt for _, fl, dt in flows]
     return float(np.mean(speeds)) if speeds else 0.0
 
+# -----------------------------------------------------------------------------
+# camera movement (paper §3.2: 14 classes, high-confidence labels only)
 
 def _fit_similarity(src, dst):
     """RANSAC similarity (translation, scale, rotation) mapping src -> dst; returns (matrix, inlier mask)."""
@@ -435,22 +417,23 @@ def _fit_similarity(src, dst):
 
 def _pair_motion(a, fl, dt, cfg):
     """Global motion between two grey frames dt/24 s apart: dict with translation tx, ty (px per 1/24 s),
-    scale rate ds, rotation (rad per 1/24 s; + = content turns clockwise on screen, y points down), RANSAC inlier
-    fraction, and a second motion layer (parallax) if one spans enough of the frame: layers = (far, near),
-    each (tx, ty, share of the points, scale rate)."""
+    scale rate ds, rotation (rad per 1/24 s; + = content turns clockwise on screen, y points down), RANSAC
+    inlier fraction, and a second motion layer (parallax) if one spans enough of the frame:
+    layers = (far, near), each (tx, ty, share of the points, scale rate)."""
     h, w = a.shape
     gx, gy = cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1)
     ys, xs = np.mgrid[4:h - 4:4, 4:w - 4:4]
     mag = np.hypot(gx, gy)[ys, xs]
     keep = mag > max(4.0, np.percentile(mag, 30))      # textured points only: flat areas have no flow signal
     ys, xs = ys[keep], xs[keep]
-    src = np.stack([xs - w / 2, ys - h / 2], 1).astype(np.float32)   # centred, so rotation/zoom are about the centre
+    src = np.stack([xs - w / 2, ys - h / 2], 1).astype(np.float32)   # centred: rotation/zoom about the centre
     dst = src + fl[ys, xs]
     m, inl = _fit_similarity(src, dst)
     if m is None:
         return None
     out = {"tx": float(m[0, 2]) / dt, "ty": float(m[1, 2]) / dt,
-           "ds": float(np.hypot(m[0, 0], m[1, 0]) ** (1 / dt) - 1), "rot": float(np.arctan2(m[1, 0], m[0, 0])) / dt,
+           "ds": float(np.hypot(m[0, 0], m[1, 0]) ** (1 / dt) - 1),
+           "rot": float(np.arctan2(m[1, 0], m[0, 0])) / dt,
            "radius": float(np.linalg.norm(src, axis=1).mean()), "inliers": float(inl.mean()), "layers": None}
     # vertical flow over a 6 x 4 grid of blocks: (10th percentile, median of all points, 90th percentile)
     # of the block medians. Block medians average the per-point flow noise out, so their spread is depth:
@@ -474,27 +457,27 @@ def _pair_motion(a, fl, dt, cfg):
 
 
 def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
-    """(label, confidence): one of the paper's 14 camera-movement classes (§3.2) from a global motion
-    model fitted to optical flow. The label names the CAMERA's motion; content moves the other way.
-      pan left/right   camera turns left/right (no parallax)   -> content slides right/left
-      tilt up/down     camera turns up/down (no parallax)      -> content slides down/up
-      pan up/down      camera rises/sinks (pedestal; parallax: near content slides faster than far, same way,
-                       as two layers or as vertical flow that varies across the frame)
-      tilt left/right  camera rolls: 'tilt right' = the camera rolls clockwise as seen from behind it (the
-                       operator's head leans right) -> content turns COUNTER-clockwise on screen; 'tilt left'
-                       is the opposite
-      zoom in/out      content grows/shrinks (a dolly too: near content grows faster than far)
+    """(label, confidence): one of the paper's 14 camera-movement classes (§3.2, CAMERA_CLASSES) from a
+    global motion model fitted to optical flow. The label names the CAMERA's motion; content moves the
+    other way.
+      pan left/right    camera turns left/right (no parallax)  -> content slides right/left
+      tilt up/down      camera turns up/down (no parallax)     -> content slides down/up
+      pan up/down       camera rises/sinks (pedestal; parallax: near content slides faster than far, the
+                        same way, as two layers or as vertical flow that varies across the frame)
+      tilt left/right   camera rolls: 'tilt right' = the camera rolls clockwise as seen from behind it
+                        (the operator's head leans right) -> content turns COUNTER-clockwise on screen
+      zoom in/out       content grows/shrinks (a dolly too: near content grows faster than far)
       around left/right the camera orbits the subject: near and far layers slide in opposite directions
-                       (or the same way, far faster, where the pivot is nearer than the content).
-                       'around left' = the camera travels to its left around the subject -> the far layer
-                       (taken to be the larger-area layer) slides LEFT, the near layer right (or left, slower)
-      handheld shot    frame-to-frame wobble with no net drift;  static shot: no motion at all
+                        (or the same way, far faster, where the pivot is nearer than the content).
+                        'around left' = the camera travels to its left -> the far layer (taken to be the
+                        larger-area layer) slides LEFT, the near layer right (or left, slower)
+      handheld shot     frame-to-frame wobble with no net drift;  static shot: no motion at all
     Horizontal translation with parallax in one direction (a truck) is labelled like a pan.
     Model: per sampled frame pair, RANSAC similarity (translation, zoom, roll) on textured flow vectors;
     a second RANSAC on the outliers finds a parallax layer; the spread of block medians of the vertical
-    flow tells a pedestal whose parallax is a gradient from a tilt. Components are compared as px per 1/24 s at
-    the mean point radius; the largest consistent drift names the move, wobble without drift is handheld.
-    Confidence: consistency of direction x margin over the runner-up x size of the move."""
+    flow tells a pedestal whose parallax is a gradient from a tilt. Components are compared as px per
+    1/24 s at the mean point radius; the largest consistent drift names the move, wobble without drift is
+    handheld. Confidence: consistency of direction x margin over the runner-up x size of the move."""
     flows = pair_flows(frames, cfg, fps) if flows is None else flows
     pm = [p for p in (_pair_motion(a, fl, dt, cfg) for a, fl, dt in flows) if p]
     if not pm:
@@ -511,7 +494,7 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
         if abs(dscale) > 0.7 * np.abs(far - near).max():
             # near content grows faster than far: a dolly, named like a zoom. Over a ground plane with the
             # camera pitched down the layers also slide apart vertically (the focus of expansion is at the
-            # horizon, above the frame centre), which read as a pedestal before the scale rates were compared
+            # horizon, above the frame centre): the scale rates, compared first, keep that from a pedestal
             label = "zoom in" if dscale > 0 else "zoom out"
             sep = abs(dscale)
         elif abs(far[0]) + abs(near[0]) >= abs(far[1]) + abs(near[1]):
@@ -539,7 +522,8 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
     consistency = drift[k] / (rms[k] + 1e-9)
     if drift[k] < cfg.cam_static or consistency < cfg.cam_consistency:
         if jitter > cfg.cam_jitter:
-            return "handheld shot", round(float(min(1.0, jitter / (2 * cfg.cam_jitter)) * (1 - consistency / 2)), 3)
+            conf = min(1.0, jitter / (2 * cfg.cam_jitter)) * (1 - consistency / 2)
+            return "handheld shot", round(float(conf), 3)
         conf = 1 - 0.5 * max(drift.max() / cfg.cam_static, jitter / cfg.cam_jitter)
         return "static shot", round(float(np.clip(conf, 0, 1)), 3)
     sign = comp.mean(0)[k]
@@ -547,11 +531,9 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
              ("tilt left", "tilt right")][k][0 if sign > 0 else 1]
     if k == 1:
         # a level pedestal over open ground: the near ground's parallax is a gradient, not a second flat
-        # layer, and as the camera rises the ground leaves the frame, so the layer test above can find too
-        # few pairs with 8% of the points 0.6 px off the far scene (ray-cast ground and wall, tests: 5-9
-        # of 24 pairs; 10 of 24 level pedestals up, 1 of 24 down read as tilts). Its block medians spread
-        # 1.25-15x the median flow, all one way (0.84-0.90 where a fast rise leaves a quarter of the frame
-        # ground: still a tilt); a tilt's stay within 0.72x (perspective and flow noise) at 0.4 px a frame
+        # layer, and as the camera rises the ground leaves the frame, so the layer test above can find
+        # too few layered pairs. Its vertical block medians then spread by more than the median flow
+        # (cam_pedestal), all one way; a tilt's stay closer together (perspective and flow noise only)
         par = np.median([(hi - lo) / max(abs(med), 1e-6) if lo * hi > 0 else 0.0 for lo, hi, med in
                          (p["vy"] for p in pm)])
         if par > cfg.cam_pedestal:
@@ -561,13 +543,13 @@ def camera_movement(frames, cfg=CFG, flows=None, fps=24.0):
     return label, round(float(conf), 3)
 
 # -----------------------------------------------------------------------------
-# borders, overlays, technical quality (stand-ins for the paper's YOLOX-like detectors and DOVER)
+# letterbox and overlay crop, technical quality (paper §3.1; stand-ins for its detectors and DOVER)
 
 def letterbox(frames, cfg=CFG):
     """(x0, y0, x1, y1) content box inside black letterbox/pillarbox bars: rows and columns at the edges
     that stay darker than border_luma in every sampled frame are cut off, as far as they are black: at
-    the median <= 2 (video black decodes to 0-2) and nearly uniform in space and time (std < 2). Dark
-    picture is not: a noisy night sky at luma 4-14 was cropped as a bar when brightness alone decided."""
+    the median <= 2 (video black decodes to 0-2) and nearly uniform in space and time (std < 2), so dark
+    picture (a noisy night sky) is not taken for a bar."""
     g = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames])
     h, w = g.shape[1:]
     bars = []
@@ -614,31 +596,32 @@ def static_overlay(frames, others=(), cfg=CFG, still_camera=False):
             continue                  # a still shot, or shots of one still scene: fixed tells us nothing
         if n_stack == 0:
             # within a shot, the fixed region must also be small with the picture right around it changing:
-            # before a still camera the backdrop is as fixed as a logo (the demo had 14 static shots with a
-            # big moving subject 'overlaid' by their own backdrop). Across shots a fixed patch is a logo.
+            # before a still camera the backdrop is as fixed as a logo. Across shots a fixed patch is a logo.
             n, lab, stats, _ = cv2.connectedComponentsWithStats(still)
             lab = np.where((stats[:, cv2.CC_STAT_AREA] < 0.1 * still.size)[lab], lab, 0)
             near = cv2.dilate(lab.astype(np.float32), np.ones((17, 17), np.uint8)).astype(int)  # within 8 px
             ring = (lab == 0) & (near > 0)
-            changing = np.bincount(near[ring], moving[ring], n) / np.maximum(np.bincount(near[ring], minlength=n), 1)
+            changing = (np.bincount(near[ring], moving[ring], n)
+                        / np.maximum(np.bincount(near[ring], minlength=n), 1))
             ok = changing >= 0.5
             if still_camera:
                 # before a still camera, traffic behind a fence, a window frame or a post leaves the crossing
-                # bars as fixed as a logo (a real street shot was rejected for it). But scene structure goes
-                # on past the patch: 4-12 px around it the mean frame (where moving things blur away) is
-                # edge-dense, 0.47-0.64 of the pixels there for that fence; a mark over moving content has
-                # blur around it (<= 0.39 for synthetic logos, and those were over a moving camera)
+                # bars as fixed as a logo. But scene structure goes on past the patch: 4-12 px around it the
+                # mean frame (where moving things blur away) is edge-dense; a mark over moving content has
+                # blur around it. The 0.4 edge share lies between the two (docs/demo.md)
                 edges = (gx > 40) | (gy > 40)
                 inner = cv2.dilate(lab.astype(np.float32), np.ones((9, 9), np.uint8)).astype(int)
                 outer = cv2.dilate(lab.astype(np.float32), np.ones((25, 25), np.uint8)).astype(int)
                 band = (inner == 0) & (outer > 0)
-                dense = np.bincount(outer[band], edges[band], n) / np.maximum(np.bincount(outer[band], minlength=n), 1)
+                dense = (np.bincount(outer[band], edges[band], n)
+                         / np.maximum(np.bincount(outer[band], minlength=n), 1))
                 ok &= dense < 0.4
             fixed &= (lab > 0) & ok[lab]
         mask |= fixed
     if not mask.any():
         return mask
-    mask = cv2.morphologyEx(cv2.dilate(mask.astype(np.uint8), k5), cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    mask = cv2.morphologyEx(cv2.dilate(mask.astype(np.uint8), k5), cv2.MORPH_CLOSE,
+                            np.ones((9, 9), np.uint8))
     n, lab, stats, _ = cv2.connectedComponentsWithStats(mask)
     keep = [i for i in range(1, n) if stats[i, cv2.CC_STAT_AREA] >= cfg.overlay_min_area * mask.size]
     return np.isin(lab, keep)
@@ -654,7 +637,7 @@ def crop_overlay(box, mask, cfg=CFG):
     ys, xs = np.nonzero(m)
     h, w = m.shape
     # cut the top / bottom / left / right band, one more row or column than the mask: the mark's edge is
-    # blurred by scaling (a 1 px line of the demo's logo stayed in 11 clips without it)
+    # blurred by scaling, and a 1 px line of it would stay in the clip
     options = [(x0, y0 + ys.max() + 2, x1, y1), (x0, y0, x1, y0 + max(0, ys.min() - 1)),
                (x0 + xs.max() + 2, y0, x1, y1), (x0, y0, x0 + max(0, xs.min() - 1), y1)]
     best = max(options, key=lambda b: (b[2] - b[0]) * (b[3] - b[1]))
@@ -679,48 +662,45 @@ def quality_score(frames):
     return float(np.mean(scores)) if scores else 0.0
 
 # -----------------------------------------------------------------------------
-# embeddings, de-duplication, concept balancing (stand-in for the paper's VideoCLIP, §3.1)
+# embeddings, de-duplication, k-means concept balancing (paper §3.1; a stand-in for its VideoCLIP)
 
 def clip_embedding(frames):
     """Unit vector describing a clip: zero-mean 32x18 grey thumbnails, each averaged over one half of
     the clip (layout and coarse motion; averaging makes it insensitive to a few frames' offset in the
     clip start), and a 4x4x4 RGB histogram (colour). Cheap and honest: it finds copies and re-encodes
-    and groups clips by look, not by meaning; swap in VideoCLIP/SigLIP for semantic concepts. On the
-    synthetic demo, re-encoded copies are ~0.001 apart, distinct sharp shots > 0.01."""
+    and groups clips by look, not by meaning; swap in VideoCLIP/SigLIP for semantic concepts. Re-encoded
+    copies lie well below dedup_max_dist, distinct shots well above it (docs/demo.md)."""
     thumbs = np.stack([cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (32, 18), interpolation=cv2.INTER_AREA)
                        .astype(np.float32).ravel() for f in frames])
     parts = []
     for half in np.array_split(thumbs, 2) if len(thumbs) > 1 else [thumbs]:
         t = half.mean(0) - half.mean()
         parts.append(t / (np.linalg.norm(t) + 1e-6) / np.sqrt(2))
-    hist = np.mean([np.sqrt(cv2.calcHist([f], [0, 1, 2], None, [4, 4, 4], [0, 256] * 3).ravel() / f[..., 0].size)
-                    for f in frames], 0)                     # Hellinger: sqrt of colour frequencies
+    hist = np.mean([np.sqrt(cv2.calcHist([f], [0, 1, 2], None, [4, 4, 4], [0, 256] * 3).ravel()
+                            / f[..., 0].size) for f in frames], 0)    # Hellinger: sqrt of colour frequencies
     e = np.concatenate([0.9 * np.concatenate(parts), np.sqrt(0.19) * hist])
     return e / (np.linalg.norm(e) + 1e-9)
 
 
 # Elements (float64) of the largest temporary in deduplicate() and kmeans(): 2^22 = 32 MiB. Both compare
-# every clip with many others; as whole matrices that was n x k for k-means, with k = n / clips_per_concept
-# growing with n: O(n^2), 4 GB per temporary at 100k clips (k = 5,000), 8-12 GB at the peak of one step.
+# every clip with many others; as whole matrices that would be n x k for k-means, with k = n /
+# clips_per_concept growing with n: O(n^2) memory. In chunks, memory grows as n (docs/performance.md).
 CHUNK = 1 << 22
 
 
 def deduplicate(recs, cfg=CFG, chunk=CHUNK):
     """Paper §3.1: near-duplicates (cosine distance < dedup_max_dist) are removed. Best first: the largest
-    short side, then clarity, then quality, so of a group of copies the original is kept, not whichever copy
-    was read first (a 456x256 re-upload was kept over its 1280x720 source). Clips and stills alike.
-    Returns (kept records in their input order, [(dropped record, id of the kept one it duplicates)]).
-    Clips of one shot (a long shot cut into several, process_video()) are never each other's duplicates:
-    the same scene by design, not a copy (a handheld shot's clips lie 0.005 apart, a small subject's less).
+    short side, then clarity, then quality, so of a group of copies the original is kept (not a low-res
+    re-upload that happened to be read first). Clips and stills alike. Returns (kept records in their
+    input order, [(dropped record, id of the kept one it duplicates)]). Clips of one shot (a long shot cut
+    into several, process_video()) are never each other's duplicates: the same scene by design, not a copy.
 
     Each record in turn is compared with every record kept before it (its nearest one, the first on a tie).
     That is done a block of B = sqrt(chunk) records at a time: their distances to the kept records in
     chunks of chunk / B (matrix products, not one vector at a time), then one by one inside the block
     against the block's own kept ones. The same decisions as one at a time (tested), unless a distance
     lies within rounding (~1e-13) of the threshold or of another kept record's. Peak memory: the
-    embeddings as one (n, d) float64 array, 0.97 GB for 100k of clip_embedding()'s 1,216 numbers, plus
-    ~4 x 8 x chunk bytes (~130 MB) of blocks. Measured, one core: 20k clips 10 s (one at a time: 120 s),
-    100k clips 238 s."""
+    embeddings as one (n, d) float64 array plus ~4 x 8 x chunk bytes of blocks."""
     name = lambda r: r.get("image") or r["clip"]
     key = lambda i: (-min(recs[i]["width"], recs[i]["height"]), -recs[i]["clarity"], -recs[i]["quality"],
                      name(recs[i]))
@@ -729,8 +709,8 @@ def deduplicate(recs, cfg=CFG, chunk=CHUNK):
     order = sorted(range(len(recs)), key=key)
     e = np.array([recs[i]["embedding"] for i in order], np.float64).reshape(len(recs), -1)   # best first
     groups = {}                                  # one per shot; a record without "shot" (older) is its own
-    group = np.array([groups.setdefault((recs[i]["video"], *recs[i]["shot"]) if "shot" in recs[i] else (i,),
-                                        len(groups)) for i in order])
+    group = np.array([groups.setdefault((recs[i]["video"], *recs[i]["shot"]) if "shot" in recs[i]
+                                        else (i,), len(groups)) for i in order])
     B = max(1, int(np.sqrt(chunk)))
     C = max(1, chunk // B)
     kept, dup_of = [], {}                        # positions in `order`; dropped position -> kept position
@@ -767,18 +747,15 @@ def kmeans(x, k, iters=30, seed=0, chunk=CHUNK):
     Each assignment step finds every point's nearest centroid `chunk` distances at a time (rows of
     chunk // k points), never the whole (n, k) matrix. The labels are those of the whole matrix (tested)
     unless a point lies within rounding (~1e-13) of two centroids: a matrix product rounds differently
-    for other block shapes. Peak memory: x itself (n x d float64: 0.97 GB for 100k clips of 1,216
-    numbers), ~3 x 8 x chunk bytes (~100 MB) of distance rows, the centroids and their sums (k x d: 2 x
-    49 MB at k = 5,000). Measured (20k random 1,216-number embeddings, k = 1,000, one core, seeding + one step):
-    93 MB beyond x and 19 s, where the whole matrix took 357 MB and 76 s (its seeding also copied 2x for
-    every centre); the work grows as n x k (25x at 100k clips), the memory no longer does."""
+    for other block shapes. Peak memory: x itself (n x d float64), ~3 x 8 x chunk bytes of distance
+    rows, the centroids and their sums (k x d each): the work grows as n x k, the memory as (n + k) x d."""
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float64)
     k = max(1, min(k, len(x)))
     rows = max(1, chunk // max(1, x.shape[1]))   # squared norms, without an (n, d) temporary
     xx = np.concatenate([(x[a:a + rows] * x[a:a + rows]).sum(1) for a in range(0, len(x), rows)])
 
-    def sqdist(c, a=0, b=None):  # squared distances of x[a:b] to the centres c, without an (n, k, d) temporary
+    def sqdist(c, a=0, b=None):  # squared distances of x[a:b] to the centres c, no (n, k, d) temporary
         # (2 * (x @ c.T), not (2 * x) @ c.T: the same numbers, as doubling is exact, without an (n, d) copy)
         return np.maximum(xx[a:b, None] - 2 * (x[a:b] @ c.T) + (c * c).sum(1)[None], 0)
 
@@ -787,7 +764,7 @@ def kmeans(x, k, iters=30, seed=0, chunk=CHUNK):
         return np.concatenate([sqdist(c, a, a + rows).argmin(1) for a in range(0, len(x), rows)])
     c = [x[rng.integers(len(x))]]
     d2 = sqdist(np.array(c))[:, 0]
-    for _ in range(1, k):    # k-means++: next centre drawn with probability ~ squared distance to the nearest
+    for _ in range(1, k):    # k-means++: next centre drawn with probability ~ squared distance to nearest
         c.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[rng.integers(len(x))])
         d2 = np.minimum(d2, sqdist(c[-1][None])[:, 0])
     c = np.array(c)
@@ -830,7 +807,9 @@ def load_sidecar(video_path):
     if os.path.exists(stem + ".txt"):
         with open(stem + ".txt") as f:
             text = f.read().strip()
-        return {"shots": [{"start": 0, "end": 1 << 62, "caption": {"short_description": text}}]} if text else None
+        if not text:
+            return None
+        return {"shots": [{"start": 0, "end": 1 << 62, "caption": {"short_description": text}}]}
     return None
 
 
@@ -910,12 +889,13 @@ def _analyse_shot(small, grey, hires, p, e, shot, fps, cfg):
     # clarity() normalises), so the search reads the raw Laplacian variance, at the finest scale, where
     # neighbouring frames differ most (a frame's own motion blur, a better-coded keyframe); in a fade it
     # prefers the brighter, clearer frames. Every 4th frame after the search also competes for the still.
-    lap = [float(cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F))[1][0, 0] ** 2) if i < cfg.sharp_search or i % 4 == 0
-           else -1.0 for i, g in enumerate(grey)]
-    search = max(1, min(cfg.sharp_search, n - cfg.min_clip_frames + 1)) if n >= cfg.min_clip_frames else len(grey)
+    lap = [float(cv2.meanStdDev(cv2.Laplacian(g, cv2.CV_32F))[1][0, 0] ** 2)
+           if i < cfg.sharp_search or i % 4 == 0 else -1.0 for i, g in enumerate(grey)]
+    search = (max(1, min(cfg.sharp_search, n - cfg.min_clip_frames + 1)) if n >= cfg.min_clip_frames
+              else len(grey))
     j = int(np.argmax(lap[:search]))
     L = min(n - j, cfg.max_clip_frames, len(small) - j)
-    L = max(1, (L - 1) // 4 * 4 + 1)                  # 4n+1 frames: the VAE's causal first frame + groups of 4
+    L = max(1, (L - 1) // 4 * 4 + 1)       # 4n+1 frames: the VAE's causal first frame + groups of 4
     clip = small[j:j + L]
     sample = [clip[i] for i in np.linspace(0, L - 1, min(L, 16)).round().astype(int)]
     box = letterbox(sample, cfg)
@@ -923,8 +903,9 @@ def _analyse_shot(small, grey, hires, p, e, shot, fps, cfg):
     flows = pair_flows(crop, cfg, fps)
     cam, conf = camera_movement(crop, cfg, flows) if L > 1 else ("static shot", 0.0)
     best = int(np.argmax(lap))
-    return {"start": p + j, "end": p + j + L, "shot": shot, "first": p == shot[0], "box": box, "sample": sample,
-            "mid": small[len(small) // 2], "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
+    return {"start": p + j, "end": p + j + L, "shot": shot, "first": p == shot[0], "box": box,
+            "sample": sample, "mid": small[len(small) // 2],
+            "motion": motion(crop, cfg, flows) if L > 1 else 0.0,
             "camera": cam, "camera_conf": conf, "grey": grey[j:j + L:8],   # clarity: the median of every 8th
             "hires": hires[j:j + L:8], "best": p + best, "best_grey": grey[best],
             "best_hires": hires[best] if hires else None, "best_small": small[best]}
@@ -937,7 +918,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
         return {"path": rel, "reason": reason, **kw}
     ext = os.path.splitext(path)[1].lower()
     if ext not in VIDEO_EXTS:
-        return {"clips": [], "images": [], "rejected": [reject(f"not a video file ({ext or 'no extension'})")]}
+        why = f"not a video file ({ext or 'no extension'})"
+        return {"clips": [], "images": [], "rejected": [reject(why)]}
     vid = video_id(rel)
     try:
         W, H, fps = probe(path)
@@ -946,7 +928,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
         return {"clips": [], "images": [], "rejected": [reject(f"unreadable: {e}")]}
     n_frames = shots[-1][1] if shots else 0
     if n_frames < cfg.min_clip_frames:
-        return {"clips": [], "images": [], "rejected": [reject(f"too short: {n_frames} frames in the whole file")]}
+        why = f"too short: {n_frames} frames in the whole file"
+        return {"clips": [], "images": [], "rejected": [reject(why)]}
 
     # pass 2: each shot's clips, small frames for motion/camera, grey at clarity_side for sharpness. A clip's
     # window is the sharp search plus max_clip_frames; the frames after its clip start the next window,
@@ -957,8 +940,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
     cs = min(1.0, cfg.clarity_side / min(W, H))
     gsize = (max(2, round(W * cs)), max(2, round(H * cs)))   # as clarity() shrinks a whole frame
     # and grey frames at the largest tier side above clarity_side the video reaches, for the clarity at each
-    # such tier's side (clarity_at; none for a video of 256p..359p, the demo's). A window of 1080p frames
-    # holds 141 of 1280x720 bytes: 130 MB.
+    # such tier's side (clarity_at; none for a video of 256p..359p, the demo's). For a 1080p video a
+    # window holds 141 grey frames of 1280x720 bytes: 130 MB.
     top = max(clarity_sides({"width": W, "height": H}, cfg.tier_side + cfg.image_side, cfg), default=0)
     hs = top / min(W, H)
     hsize = (round(W * hs), round(H * hs))
@@ -983,7 +966,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
         while small and len(small) >= min(e - p, window):
             sd = _analyse_shot(small, grey, hires, p, e, (s, e), fps, cfg)
             shot_data.append(sd)
-            small, grey, hires, p = small[sd["end"] - p:], grey[sd["end"] - p:], hires[sd["end"] - p:], sd["end"]
+            q = sd["end"] - p
+            small, grey, hires, p = small[q:], grey[q:], hires[q:], sd["end"]
             if e - p < cfg.min_clip_frames:           # the rest is no clip: on to the next shot
                 small, grey, hires = [], [], []
                 k += 1
@@ -1018,7 +1002,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
               for s_ in clarity_sides(size, cfg.tier_side, cfg)}
         crop = [f[y0:y1, x0:x1] for f in sd["sample"]]
         rec = {"clip": f"{vid}_{k:03d}", "video": rel, "shot": list(sd["shot"]), "start": sd["start"],
-               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), **size, "crop": full,
+               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), **size,
+               "crop": full,
                "clarity": round(float(np.median([clarity(g[gb[1]:gb[3], gb[0]:gb[2]], cfg, min(gsize))
                                                  for g in sd["grey"]])), 2),
                **({"clarity_at": at} if at else {}),
@@ -1038,7 +1023,7 @@ def process_video(path, rel, out_dir, cfg=CFG):
             why.append("nothing but border")
         if rec["quality"] < cfg.min_quality:
             why.append(f"low quality ({rec['quality']:.2f} < {cfg.min_quality})")
-        if rec["overlay"]:   # paper §3.1: detected watermarks, logos and borders are removed; cropping failed
+        if rec["overlay"]:   # paper §3.1: watermarks, logos and borders are removed; here cropping failed
             why.append("overlay inside the picture (watermark, logo or text that cannot be cropped off)")
         cap_ = caption_for(side, rec["start"], rec["end"], crop)
         if cap_ is not None:
@@ -1052,7 +1037,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
         # minus the motion ones (§3.1)
         if sd["first"]:
             bg = sd["best_grey"][gb[1]:gb[3], gb[0]:gb[2]]
-            img = {**{k_: rec[k_] for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
+            img = {**{k_: rec[k_]
+                      for k_ in ("video", "width", "height", "crop", "quality", "overlay", "caption")},
                    "image": f"{rec['clip']}_img", "clip": rec["clip"], "frame": sd["best"],
                    "clarity": round(clarity(bg, cfg, min(gsize)), 2)}
             bh = sd["best_hires"][hb[1]:hb[3], hb[0]:hb[2]] if hs else None
@@ -1066,7 +1052,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
             if (img["clarity"] >= cfg.min_clarity and img["quality"] >= cfg.min_quality and not img["overlay"]
                     and min(img["width"], img["height"]) >= 16):
                 img["path"] = f"images/{vid}/{img['image']}.jpg"
-                img["embedding"] = [round(float(v), 4) for v in clip_embedding([sd["best_small"][y0:y1, x0:x1]])]
+                img["embedding"] = [round(float(v), 4)
+                                    for v in clip_embedding([sd["best_small"][y0:y1, x0:x1]])]
                 images.append(img)
                 writes.append(("image", sd["best"], sd["best"] + 1, full, img["path"]))
         if why:
@@ -1111,8 +1098,8 @@ def write_segments(path, writes, out_dir, fps):
                 continue
             if w in starting:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
-                open_w[rel] = cv2.VideoWriter(dst + f".{os.getpid()}.tmp.mp4", cv2.VideoWriter_fourcc(*"mp4v"), fps,
-                                              (x1 - x0, y1 - y0))
+                open_w[rel] = cv2.VideoWriter(dst + f".{os.getpid()}.tmp.mp4",
+                                              cv2.VideoWriter_fourcc(*"mp4v"), fps, (x1 - x0, y1 - y0))
             open_w[rel].write(crop)
             if i == b - 1:
                 open_w.pop(rel).release()
@@ -1123,7 +1110,7 @@ def write_segments(path, writes, out_dir, fps):
         os.replace(os.path.join(out_dir, rel) + f".{os.getpid()}.tmp.mp4", os.path.join(out_dir, rel))
 
 # -----------------------------------------------------------------------------
-# the resumable run over a folder, and the dataset-level steps
+# the resumable run over a folder (manifests appended per finished input), and the dataset-level steps
 
 def _read_jsonl(path, embeddings=False):
     """Parsed lines of a jsonl file; a torn last line (killed mid-write) is dropped. embeddings=True: each
@@ -1248,12 +1235,11 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
 
 
 def finalize(out, labels=None, cfg=CFG):
-    """Dataset-level steps over the whole manifest: de-duplication, concept balancing weights (k-means),
-    nested tiers, fine-tune set, image sets. Rewritten (temp + rename) on every run, so it is always
-    consistent; each step can be redone after a kill at any point. Memory grows as n, not n^2: the records
-    (embeddings read as arrays), one (n, d) copy for deduplicate() and one for kmeans(), and their chunks.
-    Measured, one core, random embeddings: 20k clips 0.63 GB peak (RSS) and 29 s, 100k clips 2.3 GB and
-    630 s (de-duplication alone: 238 s)."""
+    """Dataset-level steps over the whole manifest (paper §3.1): de-duplication, concept balancing
+    weights (k-means), nested tiers, fine-tune set, image sets. Rewritten (temp + rename) on every run, so
+    it is always consistent; each step can be redone after a kill at any point. Memory grows as n, not
+    n^2: the records (embeddings read as arrays), one (n, d) copy for deduplicate() and one for kmeans(),
+    and their chunks (timings and peaks at 20k and 100k clips: docs/performance.md)."""
     manifest = _read_jsonl(os.path.join(out, "manifest.jsonl"), embeddings=True)
     images = _read_jsonl(os.path.join(out, "images.jsonl"), embeddings=True)
     manifest, dup_clips = deduplicate(manifest, cfg)
@@ -1267,7 +1253,8 @@ def finalize(out, labels=None, cfg=CFG):
         logged = {r.get("clip") for r in _read_jsonl(os.path.join(out, "rejected.jsonl"))}
         with open(os.path.join(out, "rejected.jsonl"), "a") as f:
             _append(f, [{"path": r["video"], "clip": r["clip"], "start": r["start"], "end": r["end"],
-                         "reason": f"duplicate of {keep}"} for r, keep in dup_clips if r["clip"] not in logged])
+                         "reason": f"duplicate of {keep}"}
+                        for r, keep in dup_clips if r["clip"] not in logged])
         for r, _ in dup_clips + dup_images:
             if os.path.exists(os.path.join(out, r["path"])):
                 os.remove(os.path.join(out, r["path"]))
@@ -1303,7 +1290,8 @@ def finalize(out, labels=None, cfg=CFG):
     _write_jsonl(os.path.join(out, "finetune.jsonl"), ft)
     counts["finetune"] = len(ft)
     for side in cfg.image_side:
-        sel = [{k: v for k, v in r.items() if k != "embedding"} for r in images if f"{side}p" in image_sets_of(r, cfg)]
+        sel = [{k: v for k, v in r.items() if k != "embedding"}
+               for r in images if f"{side}p" in image_sets_of(r, cfg)]
         _write_jsonl(os.path.join(out, f"images_{side}p.jsonl"), sel)
         counts[f"images_{side}p"] = len(sel)
     counts["clips"], counts["rejected"] = len(manifest), len(_read_jsonl(os.path.join(out, "rejected.jsonl")))
@@ -1318,7 +1306,8 @@ def main(argv=None):
     p.add_argument("--input", help="folder of raw videos (searched recursively)")
     p.add_argument("--output", required=True, help="output folder (curated), or raw folder with --synthetic")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="parallel processes")
-    p.add_argument("--labels", help="jsonl of human labels {\"clip\": id, \"keep\": true} for the fine-tune set")
+    p.add_argument("--labels",
+                   help="jsonl of human labels {\"clip\": id, \"keep\": true} for the fine-tune set")
     p.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic demo videos to --output")
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
     a = p.parse_args(argv)
@@ -1364,7 +1353,8 @@ def texture(rng, h, w, lo=24, hi=56, grain=4.0):
     t = np.zeros((h, w), np.float32)
     for sigma, amp in ((24, 1.0), (6, 0.6), (2, 0.4)):
         f = max(1, sigma // 3)   # blur noise at 1/f size and upsample: same field statistics, far cheaper
-        n = cv2.GaussianBlur(rng.standard_normal((h // f + 1, w // f + 1)).astype(np.float32), (0, 0), sigma / f)
+        n = cv2.GaussianBlur(rng.standard_normal((h // f + 1, w // f + 1)).astype(np.float32), (0, 0),
+                             sigma / f)
         t += amp / f * cv2.resize(n, (w, h), interpolation=cv2.INTER_LINEAR)   # / f: the std at full size
     p1, p99 = np.percentile(t, (1, 99))
     t = np.clip((t - p1) / (p99 - p1 + 1e-6), 0, 1)
@@ -1416,14 +1406,17 @@ def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", ca
         elif camera == "tilt left": ang = -60 * v / w * t
         elif camera == "handheld shot":                  # smooth wobble, no drift
             s = t / 24.0
-            px = 0.012 * w * (np.sin(2 * np.pi * 1.3 * s + jit[0]) + 0.5 * np.sin(2 * np.pi * 3.1 * s + jit[1]))
-            py = 0.010 * w * (np.sin(2 * np.pi * 1.7 * s + jit[2]) + 0.5 * np.sin(2 * np.pi * 2.7 * s + jit[3]))
+            px = 0.012 * w * (np.sin(2 * np.pi * 1.3 * s + jit[0])
+                              + 0.5 * np.sin(2 * np.pi * 3.1 * s + jit[1]))
+            py = 0.010 * w * (np.sin(2 * np.pi * 1.7 * s + jit[2])
+                              + 0.5 * np.sin(2 * np.pi * 2.7 * s + jit[3]))
             ang = 0.4 * np.sin(2 * np.pi * 1.1 * s + jit[4])
         if camera in ("around left", "around right", "pan up", "pan down"):
             # two layers, horizon fixed in the frame: far = upper 62%, near = ground below
-            if camera == "around left": far, nr = (v * 0.7 * t, 0), (-v * 0.9 * t, 0)   # far slides left, near right
+            # around left: far slides left, near right; pan up (rises): near slides faster
+            if camera == "around left": far, nr = (v * 0.7 * t, 0), (-v * 0.9 * t, 0)
             elif camera == "around right": far, nr = (-v * 0.7 * t, 0), (v * 0.9 * t, 0)
-            elif camera == "pan up": far, nr = (0, -0.4 * vv * t), (0, -1.2 * vv * t)  # rises: near slides faster
+            elif camera == "pan up": far, nr = (0, -0.4 * vv * t), (0, -1.2 * vv * t)
             else: far, nr = (0, 0.4 * vv * t), (0, 1.2 * vv * t)
             img = np.empty((h, w, 3), np.uint8)
             mf = np.float32([[1, 0, w / 2 - cx0 - far[0]], [0, 1, h / 2 - cy0 - far[1]]])
@@ -1432,7 +1425,7 @@ def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", ca
             img[horizon:] = cv2.warpAffine(near, mn, (w, h), flags=cv2.INTER_LINEAR,
                                            borderMode=cv2.BORDER_REFLECT)[horizon:]
         else:
-            m = cv2.getRotationMatrix2D((cx0 + px, cy0 + py), ang, zoom)  # cv2: positive angle = CCW on screen
+            m = cv2.getRotationMatrix2D((cx0 + px, cy0 + py), ang, zoom)  # cv2: positive angle = CCW
             m[0, 2] += w / 2 - (cx0 + px)
             m[1, 2] += h / 2 - (cy0 + py)
             img = cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
@@ -1470,7 +1463,8 @@ def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
         cv2.putText(logo, "HV", (logo.shape[1] // 8, logo.shape[0] * 4 // 5), cv2.FONT_HERSHEY_SIMPLEX,
                     logo.shape[0] / 30, (60, 60, 60), 2)
     for _ in range(n_shots):
-        n = int(rng.integers(8, 20)) if rng.random() < 0.1 else int(rng.integers(shot_frames[0], shot_frames[1] + 1))
+        n = (int(rng.integers(8, 20)) if rng.random() < 0.1
+             else int(rng.integers(shot_frames[0], shot_frames[1] + 1)))
         shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
         direction = str(rng.choice(list(DIRECTIONS)))
         camera = "static shot" if rng.random() < 0.7 else str(rng.choice(cams))
@@ -1503,7 +1497,8 @@ def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
 
 
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
-                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160), workers=1):
+                   size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160),
+                   workers=1):
     """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
     draws from its own generator (seed, i), so the files are the same for any number of workers.
     shape_size: the shapes' radius as a fraction of the frame's shorter side; shots: (fewest, most) shots
