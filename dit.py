@@ -10,7 +10,10 @@ Numerics follow the official bf16 + autocast run: LayerNorm, the (1 + scale) mod
 RMSNorm's normalisation and RoPE are computed in fp32; matmuls, attention and the residual stream are in
 the weights' dtype. With fp32 weights everything is fp32.
 
-Read top to bottom: config, attention, embedders, token refiner, blocks, the model, loading.
+Read top to bottom: config and presets; norms, modulation and 3D RoPE; embedders; attention; the token
+refiner; the dual- and single-stream blocks (paper §4.2, "dual-stream to single-stream", after FLUX); the
+model; then the machinery around it: sequence-parallel attention, the diffusers key conversion, loading and
+saving, and the official fp8 checkpoint.
 """
 
 import functools
@@ -49,8 +52,8 @@ class DiTConfig:
         self.patch_size, self.rope_axes = tuple(self.patch_size), tuple(self.rope_axes)
         head_dim, rem = divmod(self.hidden_size, self.num_heads)
         if rem or sum(self.rope_axes) != head_dim or any(a % 2 for a in self.rope_axes):
-            raise ValueError(f"DiTConfig: hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must give "
-                             f"a head dim equal to sum(rope_axes)={sum(self.rope_axes)}, each axis even")
+            raise ValueError(f"DiTConfig: hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must "
+                             f"give a head dim equal to sum(rope_axes)={sum(self.rope_axes)}, each axis even")
 
 
 CONFIGS = {
@@ -61,141 +64,6 @@ CONFIGS = {
     "tiny": DiTConfig(hidden_size=64, num_heads=2, depth_double=2, depth_single=2, text_dim=32,
                       pooled_dim=32, rope_axes=(8, 12, 12)),
 }
-
-# ----------------------------------------------------------------------------------------------------------
-# Attention: one function for the refiner and all 60 blocks
-
-try:  # our fused kernel (attention_cuda/), used on CUDA tensors once it is built
-    from attention_cuda import KERNEL_HEAD_DIMS, attention as fused_attention, kernel_available
-except ImportError:
-    fused_attention, kernel_available, KERNEL_HEAD_DIMS = None, (lambda: False), ()
-
-
-# Of SDPA's backends cuDNN's fused attention is the fastest exact one we measured, forward and backward: on an
-# H200 (2026-11-26, 24 heads x 128, bf16) 556-570 TFLOP/s forward and 517-545 forward+backward at 16k-119k
-# tokens, against flash-SDPA's 347-359 and 320-332 (issue 8 saw the same order on an H100); only our kernel's
-# forward is faster (below). PyTorch does not try it first: ask for it, on PyTorch versions that can set the
-# order (2.6+).
-_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-_CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
-
-
-# Below this many mask entries (B * L * L) a batch with padding takes one masked call: cheaper than a call
-# per sample for the short sequences of tests and small models; video lengths always split instead.
-_DENSE_MASK_MAX = 1 << 22
-
-
-def _sdpa(q, k, v, mask=None):
-    """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D); mask (B, 1, L, L) bool or None."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if q.is_cuda and _CAN_ORDER and mask is None:
-        with sdpa_kernel(_CUDA_ORDER, set_priority=True):
-            o = F.scaled_dot_product_attention(q, k, v)
-    else:
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return o.transpose(1, 2).flatten(2)
-
-
-@functools.lru_cache(maxsize=8)
-def _segment_mask(seg_lens, L, device):
-    """(B, 1, L, L) bool: query and key in the same segment. Built once per forward, not once per block."""
-    inside = torch.arange(L, device=device) < torch.tensor(seg_lens, device=device)[:, None]  # (B, L)
-    return (inside[:, :, None] == inside[:, None, :])[:, None]
-
-
-# Our kernel (attention_cuda/) on Hopper (version 2.1) has the fastest forward we measured: on an H200
-# (2026-11-26, 24 heads x 128, one padded sample) 590-623 TFLOP/s at 16k-119k tokens against cuDNN's 555-566
-# on the split below (13B sampling at 544x960x129: 8.08 s per step against 8.48). Its backward is not:
-# forward+backward 450-460 against cuDNN's 521-547. So by default the DiT takes our kernel on compute
-# capability 9.0 where no gradient flows through the attention (sampling), and cuDNN where one does
-# (training). ATTENTION_CUDA=1 takes our kernel everywhere it is built (version 1.2 off Hopper: ~357
-# TFLOP/s forward, level with flash-SDPA); ATTENTION_CUDA=0 never.
-KERNEL_CHOICE = os.environ.get("ATTENTION_CUDA")
-
-
-def _use_kernel(q, k, v):
-    # The kernel takes bf16/fp16 (q and k are cast to v's dtype) at head_dim 64 or 128; anything else would
-    # reach attention_cuda's masked-SDPA fallback, slower than the per-segment split below.
-    if (KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda
-            or v.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in KERNEL_HEAD_DIMS):
-        return False
-    if KERNEL_CHOICE != "1":
-        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-        if grads or torch.cuda.get_device_capability(q.device) != (9, 0):
-            return False
-    return kernel_available()  # last: its first call builds the extension, which training need not wait for
-
-
-@torch.compiler.disable  # compiled blocks (compile_blocks) break the graph here: the dispatch below branches
-def attention(q, k, v, seg_lens=None, sp=None):  # on python ints per batch, which would recompile every batch
-    """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
-
-    seg_lens[i] (a python int) reproduces the official flash-attn varlen call (attenion.py
-    get_cu_seqlens): in sample i, tokens [0, seg_lens[i]) (image + valid text) form one sequence and the
-    padding tail [seg_lens[i], L) another; the two never see each other. So padding cannot touch image
-    or valid-text outputs, and no dense L x L mask is ever built: each segment is attended unmasked.
-
-    sp = (process group, local image length): sequence parallel, see ulysses_attention.
-    """
-    if sp is not None:
-        return ulysses_attention(q, k, v, seg_lens, *sp)
-    B, L = q.shape[:2]
-    if _use_kernel(q, k, v):
-        # Our kernel skips keys at or past kv_lens[i] in one batched launch. Image and valid-text rows get
-        # exactly the official result; padded rows attend to the valid keys instead of to each other, which
-        # changes nothing downstream: no valid row ever reads them and the output keeps only image rows.
-        # Under autocast q and k leave the fp32 RMSNorm/RoPE in fp32 while v is bf16: one dtype for the kernel.
-        q, k = q.to(v.dtype), k.to(v.dtype)
-        return fused_attention(q, k, v, kv_lens=None if seg_lens is None else list(seg_lens)).flatten(2)
-    if seg_lens is None or all(n == L for n in seg_lens):
-        return _sdpa(q, k, v)
-    if B * L * L <= _DENSE_MASK_MAX:
-        return _sdpa(q, k, v, mask=_segment_mask(tuple(seg_lens), L, q.device))
-    # Per sample, per segment. unbind/split (not slicing) so the backward is one stack/cat, not a
-    # zero-filled copy of the whole input per piece.
-    qs, ks, vs = q.unbind(0), k.unbind(0), v.unbind(0)
-    out = []
-    for i, n in enumerate(seg_lens):
-        pieces = [x.split([n, L - n]) for x in (qs[i], ks[i], vs[i])]
-        parts = []
-        for (qq, kk, vv) in zip(*pieces):
-            if qq.shape[0]:
-                qq, kk, vv = qq[None], kk[None], vv[None]
-                parts.append(_sdpa(qq, kk, vv))
-        out.append(torch.cat(parts, 1))
-    return torch.cat(out, 0)
-
-
-def ulysses_attention(q, k, v, seg_lens, group, n_img):
-    """Sequence parallel attention (DeepSpeed-Ulysses), for sampling one video on N GPUs.
-
-    Each rank holds a contiguous 1/N of the image tokens (its first n_img rows) and the whole text. An
-    all-to-all trades "my tokens, all heads" for "all tokens, my H/N heads"; attention then runs on the
-    full sequence for those heads (seg_lens are in full-sequence positions); a second all-to-all trades
-    back. Text is replicated, so each rank takes its heads' slice of it and the text outputs of all heads
-    are all-gathered. Plain torch.distributed collectives: no autograd, inference only.
-    """
-    import torch.distributed as dist
-    N, r = dist.get_world_size(group), dist.get_rank(group)
-    B, _, H, Dh = q.shape
-    h = H // N  # heads per rank
-
-    def to_heads(x):  # (B, n_img, H, Dh) local tokens -> (B, N * n_img, h, Dh) all tokens
-        send = x.reshape(B, n_img, N, h, Dh).permute(2, 0, 1, 3, 4).contiguous()  # chunk j -> rank j
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=group)  # recv[j] = rank j's tokens, my heads
-        return recv.permute(1, 0, 2, 3, 4).reshape(B, N * n_img, h, Dh)
-
-    full = [torch.cat([to_heads(x[:, :n_img]), x[:, n_img:, r * h:(r + 1) * h]], 1) for x in (q, k, v)]
-    o = attention(*full, seg_lens).unflatten(-1, (h, Dh))  # (B, N*n_img + L_txt, h, Dh)
-    send = o[:, :N * n_img].reshape(B, N, n_img, h, Dh).permute(1, 0, 2, 3, 4).contiguous()
-    recv = torch.empty_like(send)
-    dist.all_to_all_single(recv, send, group=group)  # recv[j] = my tokens, rank j's heads
-    img = recv.permute(1, 2, 0, 3, 4).reshape(B, n_img, H * Dh)
-    txt = [torch.empty_like(o[:, N * n_img:]) for _ in range(N)]
-    dist.all_gather(txt, o[:, N * n_img:].contiguous(), group=group)
-    return torch.cat([img, torch.cat(txt, 2).flatten(2)], 1)
-
 
 # ----------------------------------------------------------------------------------------------------------
 # Small pieces: norms, modulation, RoPE
@@ -216,7 +84,7 @@ def modulate(x, shift, scale):
 
 
 class RMSNorm(nn.Module):
-    """q/k norm over the head dim: normalise in fp32, cast back, then scale (official norm_layers.py order)."""
+    """q/k norm over the head dim: normalise in fp32, cast back, then scale (official norm_layers.py)."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -229,8 +97,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(grid, axes, theta, dtype=torch.float32):
-    """3D RoPE cos/sin tables (L_img, head_dim), rows in token order (t slowest, w fastest); computed in
-    fp32 like the official code (float64 only for reference checks).
+    """3D RoPE (paper §4.2) cos/sin tables (L_img, head_dim), rows in token order (t slowest, w fastest);
+    computed in fp32 like the official code (float64 only for reference checks).
 
     Positions are token indices per axis; each axis' sub-dim m gets m/2 frequencies theta^(-2k/m), and
     cos/sin are repeated x2 so they line up with adjacent (2i, 2i+1) pairs (official posemb_layers.py).
@@ -246,7 +114,8 @@ def rope_tables(grid, axes, theta, dtype=torch.float32):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate adjacent pairs (GPT-J style) of x (B, L, H, D) in fp32: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s)."""
+    """Rotate adjacent pairs (GPT-J style) of x (B, L, H, D) in fp32: (x0, x1) -> (x0 c - x1 s, x1 c + x0 s).
+    """
     x32 = fp32(x)
     rot = torch.stack([-x32[..., 1::2], x32[..., 0::2]], dim=-1).flatten(-2)
     return (x32 * cos[:, None] + rot * sin[:, None]).to(x.dtype)
@@ -276,7 +145,7 @@ class TimestepEmbedder(nn.Module):
 
 
 class MLPEmbedder(nn.Module):
-    """vector_in: CLIP pooled text -> Linear -> SiLU -> Linear."""
+    """vector_in: CLIP pooled text -> Linear -> SiLU -> Linear (paper §4.2: added to the t-embedding)."""
 
     def __init__(self, in_dim, hidden):
         super().__init__()
@@ -336,7 +205,108 @@ class Modulation(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Token refiner (txt_in): LLM states -> hidden size, refined by bidirectional attention over the prompt
+# Attention: one function for the refiner and all 60 blocks
+
+try:  # our fused kernel (attention_cuda/); without it every call goes through PyTorch's SDPA
+    from attention_cuda import KERNEL_HEAD_DIMS, attention as fused_attention, kernel_available
+except ImportError:
+    fused_attention, kernel_available, KERNEL_HEAD_DIMS = None, (lambda: False), ()
+
+# Which attention runs on CUDA tensors. By default our kernel on Hopper (compute capability 9.0) where no
+# gradient flows (sampling): its forward is the fastest we measured there. Elsewhere cuDNN through SDPA:
+# where gradients flow (training) its backward beats our kernel's, and off Hopper it is the faster of the
+# two (numbers in docs/performance.md). ATTENTION_CUDA=1: our kernel everywhere it is built; 0: never.
+KERNEL_CHOICE = os.environ.get("ATTENTION_CUDA")
+
+# Below this many mask entries (B * L * L) a batch with padding takes one masked call: cheaper than a call
+# per sample for the short sequences of tests and small models; video lengths always split instead.
+_DENSE_MASK_MAX = 1 << 22
+
+
+@torch.compiler.disable  # a graph break for compile_blocks: the dispatch below branches on python ints
+def attention(q, k, v, seg_lens=None, sp=None):  # (the text lengths), which would recompile every batch
+    """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
+
+    seg_lens[i] (a python int) reproduces the official flash-attn varlen call (official
+    hyvideo/modules/attenion.py, get_cu_seqlens): in sample i, tokens [0, seg_lens[i]) (image + valid
+    text) form one sequence and the padding tail [seg_lens[i], L) another; the two never see each other.
+    So padding cannot touch image or valid-text outputs, and no dense L x L mask is needed: each segment
+    is attended unmasked.
+
+    sp = (process group, local image length): sequence parallel, see ulysses_attention.
+    """
+    if sp is not None:
+        return ulysses_attention(q, k, v, seg_lens, *sp)
+    B, L = q.shape[:2]
+    if _use_kernel(q, k, v):
+        # Our kernel skips keys at or past kv_lens[i] in one batched launch. Image and valid-text rows get
+        # exactly the official result; padded rows attend to the valid keys instead of to each other, which
+        # changes nothing downstream: no valid row ever reads them and the output keeps only image rows.
+        # Under autocast q and k leave the fp32 RMSNorm/RoPE in fp32 while v is bf16: one dtype for the
+        # kernel.
+        q, k = q.to(v.dtype), k.to(v.dtype)
+        return fused_attention(q, k, v, kv_lens=None if seg_lens is None else list(seg_lens)).flatten(2)
+    if seg_lens is None or all(n == L for n in seg_lens):
+        return _sdpa(q, k, v)
+    if B * L * L <= _DENSE_MASK_MAX:
+        return _sdpa(q, k, v, mask=_segment_mask(tuple(seg_lens), L, q.device))
+    # Per sample, per segment. unbind/split (not slicing) so the backward is one stack/cat, not a
+    # zero-filled copy of the whole input per piece.
+    qs, ks, vs = q.unbind(0), k.unbind(0), v.unbind(0)
+    out = []
+    for i, n in enumerate(seg_lens):
+        pieces = [x.split([n, L - n]) for x in (qs[i], ks[i], vs[i])]
+        parts = []
+        for (qq, kk, vv) in zip(*pieces):
+            if qq.shape[0]:
+                qq, kk, vv = qq[None], kk[None], vv[None]
+                parts.append(_sdpa(qq, kk, vv))
+        out.append(torch.cat(parts, 1))
+    return torch.cat(out, 0)
+
+
+def _use_kernel(q, k, v):
+    """The dispatch rule described at KERNEL_CHOICE."""
+    # The kernel takes bf16/fp16 (q and k are cast to v's dtype) at head_dim 64 or 128; anything else would
+    # reach attention_cuda's masked-SDPA fallback, slower than the per-segment split.
+    if (KERNEL_CHOICE == "0" or fused_attention is None or not q.is_cuda
+            or v.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] not in KERNEL_HEAD_DIMS):
+        return False
+    if KERNEL_CHOICE != "1":
+        grads = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        if grads or torch.cuda.get_device_capability(q.device) != (9, 0):
+            return False
+    return kernel_available()  # last: its first call builds the extension, which training need not wait for
+
+
+@functools.lru_cache(maxsize=8)
+def _segment_mask(seg_lens, L, device):
+    """(B, 1, L, L) bool: query and key in the same segment. Built once per forward, not once per block."""
+    inside = torch.arange(L, device=device) < torch.tensor(seg_lens, device=device)[:, None]  # (B, L)
+    return (inside[:, :, None] == inside[:, None, :])[:, None]
+
+
+# Of SDPA's exact backends cuDNN's is the fastest, forward and backward, but PyTorch does not try it first:
+# ask for it where PyTorch can set the order (2.6+).
+_CUDA_ORDER = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+_CAN_ORDER = "set_priority" in inspect.signature(sdpa_kernel).parameters
+
+
+def _sdpa(q, k, v, mask=None):
+    """(B, L, H, D) in, (B, L, H*D) out; softmax scale 1/sqrt(D); mask (B, 1, L, L) bool or None."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if q.is_cuda and _CAN_ORDER and mask is None:
+        with sdpa_kernel(_CUDA_ORDER, set_priority=True):
+            o = F.scaled_dot_product_attention(q, k, v)
+    else:
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return o.transpose(1, 2).flatten(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token refiner (txt_in, official token_refiner.py): LLM states -> hidden size, refined by bidirectional
+# attention over the prompt (paper §4.3: the LLM's attention is causal, text guidance wants bidirectional)
 
 class IndividualTokenRefinerBlock(nn.Module):
     """Pre-norm transformer block with gate-only adaLN (no shift/scale), affine LayerNorms, SiLU MLP."""
@@ -369,11 +339,12 @@ class IndividualTokenRefinerBlock(nn.Module):
 class IndividualTokenRefiner(nn.Module):
     def __init__(self, hidden, heads, depth, mlp_ratio):
         super().__init__()
-        self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(hidden, heads, mlp_ratio) for _ in range(depth)])
+        self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(hidden, heads, mlp_ratio)
+                                     for _ in range(depth)])
 
 
 class SingleTokenRefiner(nn.Module):
-    """txt_in: c = t-embedding + MLP(masked mean of the raw LLM states); x = Linear(states); refiner blocks."""
+    """txt_in: c = t-embedding + MLP(masked mean of the raw LLM states); x = Linear(states); the blocks."""
 
     def __init__(self, in_dim, hidden, heads, depth, mlp_ratio):
         super().__init__()
@@ -404,7 +375,8 @@ class MMDoubleStreamBlock(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        D, head_dim, mlp = cfg.hidden_size, cfg.hidden_size // cfg.num_heads, int(cfg.hidden_size * cfg.mlp_ratio)
+        D, head_dim = cfg.hidden_size, cfg.hidden_size // cfg.num_heads
+        mlp = int(D * cfg.mlp_ratio)
         self.heads = cfg.num_heads
         for s in ("img", "txt"):
             setattr(self, f"{s}_mod", Modulation(D, 6))
@@ -516,9 +488,9 @@ class HunyuanVideoDiT(nn.Module):
             nn.init.zeros_(m.bias)
 
     def compile_blocks(self):
-        """torch.compile every block in place (train.py --compile, bench.py train --compile). Inductor fuses the
-        element-wise work around the matmuls (fp32 LayerNorm, modulation, RMSNorm, RoPE, gates, GELU) that
-        eager PyTorch runs as dozens of memory-bound kernels per block; attention() stays eager (a graph
+        """torch.compile every block in place (train.py --compile, bench.py train --compile). Inductor fuses
+        the element-wise work around the matmuls (fp32 LayerNorm, modulation, RMSNorm, RoPE, gates, GELU)
+        that eager PyTorch runs as dozens of memory-bound kernels per block; attention() stays eager (a graph
         break), so varying text lengths do not recompile. Blocks of one kind share one compiled graph."""
         for block in (*self.double_blocks, *self.single_blocks):
             block.compile()
@@ -527,7 +499,8 @@ class HunyuanVideoDiT(nn.Module):
     def rope(self, grid, device, dtype):
         key = (grid, str(device), dtype)
         if key not in self._rope_cache:
-            cos, sin = rope_tables(grid, self.cfg.rope_axes, self.cfg.rope_theta, fp32(torch.empty(0, dtype=dtype)).dtype)
+            work = fp32(torch.empty(0, dtype=dtype)).dtype
+            cos, sin = rope_tables(grid, self.cfg.rope_axes, self.cfg.rope_theta, work)
             self._rope_cache = {key: (cos.to(device), sin.to(device))}  # keep one resolution at a time
         return self._rope_cache[key]
 
@@ -539,10 +512,11 @@ class HunyuanVideoDiT(nn.Module):
         B, C, T, H, W = x.shape
         pt, ph, pw = cfg.patch_size
         if C != cfg.in_channels or T % pt or H % ph or W % pw:
-            raise ValueError(f"latent {tuple(x.shape)}: need {cfg.in_channels} channels and T, H, W divisible "
-                             f"by the patch {cfg.patch_size}; pad or crop the latent to fit")
+            raise ValueError(f"latent {tuple(x.shape)}: need {cfg.in_channels} channels and T, H, W "
+                             f"divisible by the patch {cfg.patch_size}; pad or crop the latent to fit")
         if cfg.guidance_embed and guidance is None:
-            raise ValueError("this DiT is guidance-distilled: pass guidance = scale * 1000 (official default 6.0)")
+            raise ValueError("this DiT is guidance-distilled: pass guidance = scale * 1000 "
+                             "(official default 6.0)")
         if not cfg.guidance_embed and guidance is not None:
             raise ValueError("this DiT has no guidance embedder: pass guidance=None (use real CFG instead)")
         grid = (T // pt, H // ph, W // pw)
@@ -572,8 +546,9 @@ class HunyuanVideoDiT(nn.Module):
             import torch.distributed as dist
             N, r = dist.get_world_size(self.sp_group), dist.get_rank(self.sp_group)
             if n_img % N or cfg.num_heads % N:
-                raise ValueError(f"sequence parallel over {N} ranks needs {N} to divide the {n_img} image tokens "
-                                 f"and the {cfg.num_heads} heads; choose another GPU count or video size")
+                raise ValueError(f"sequence parallel over {N} ranks needs {N} to divide the {n_img} "
+                                 f"image tokens and the {cfg.num_heads} heads; choose another GPU count "
+                                 "or video size")
             n_local = n_img // N
             img = img[:, r * n_local:(r + 1) * n_local]
             rope = tuple(tab[r * n_local:(r + 1) * n_local] for tab in rope)
@@ -599,11 +574,50 @@ class HunyuanVideoDiT(nn.Module):
         return out.reshape(B, cfg.out_channels, T, H, W)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Official <-> diffusers key conversion (diffusers HunyuanVideoTransformer3DModel; facts §2.3)
+def num_params(model):
+    return sum(p.numel() for p in model.parameters())
 
-# (official module, diffusers module(s)); "#" is the block index. Several diffusers modules = the official
-# tensor is split along dim 0 (q/k/v, and the single block's q/k/v/mlp).
+
+# ----------------------------------------------------------------------------------------------------------
+# Sequence parallel sampling (DeepSpeed-Ulysses)
+
+def ulysses_attention(q, k, v, seg_lens, group, n_img):
+    """Sequence parallel attention (DeepSpeed-Ulysses), for sampling one video on N GPUs.
+
+    Each rank holds a contiguous 1/N of the image tokens (its first n_img rows) and the whole text. An
+    all-to-all trades "my tokens, all heads" for "all tokens, my H/N heads"; attention then runs on the
+    full sequence for those heads (seg_lens are in full-sequence positions); a second all-to-all trades
+    back. Text is replicated, so each rank takes its heads' slice of it and the text outputs of all heads
+    are all-gathered. Plain torch.distributed collectives: no autograd, inference only.
+    """
+    import torch.distributed as dist
+    N, r = dist.get_world_size(group), dist.get_rank(group)
+    B, _, H, Dh = q.shape
+    h = H // N  # heads per rank
+
+    def to_heads(x):  # (B, n_img, H, Dh) local tokens -> (B, N * n_img, h, Dh) all tokens
+        send = x.reshape(B, n_img, N, h, Dh).permute(2, 0, 1, 3, 4).contiguous()  # chunk j -> rank j
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=group)  # recv[j] = rank j's tokens, my heads
+        return recv.permute(1, 0, 2, 3, 4).reshape(B, N * n_img, h, Dh)
+
+    full = [torch.cat([to_heads(x[:, :n_img]), x[:, n_img:, r * h:(r + 1) * h]], 1) for x in (q, k, v)]
+    o = attention(*full, seg_lens).unflatten(-1, (h, Dh))  # (B, N*n_img + L_txt, h, Dh)
+    send = o[:, :N * n_img].reshape(B, N, n_img, h, Dh).permute(1, 0, 2, 3, 4).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)  # recv[j] = my tokens, rank j's heads
+    img = recv.permute(1, 2, 0, 3, 4).reshape(B, n_img, H * Dh)
+    txt = [torch.empty_like(o[:, N * n_img:]) for _ in range(N)]
+    dist.all_gather(txt, o[:, N * n_img:].contiguous(), group=group)
+    return torch.cat([img, torch.cat(txt, 2).flatten(2)], 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Official <-> diffusers key conversion (diffusers HunyuanVideoTransformer3DModel)
+
+# (official module, diffusers module(s)); the _REFINER/_DOUBLE/_SINGLE names follow each block's prefix.
+# Several diffusers modules: the official tensor is split along dim 0 (q/k/v, and the single block's
+# q/k/v/mlp).
 _DIFFUSERS_NAMES = [
     ("img_in.proj", ["x_embedder.proj"]),
     ("time_in.mlp.0", ["time_text_embed.timestep_embedder.linear_1"]),
@@ -618,11 +632,13 @@ _DIFFUSERS_NAMES = [
     ("txt_in.c_embedder.linear_1", ["context_embedder.time_text_embed.text_embedder.linear_1"]),
     ("txt_in.c_embedder.linear_2", ["context_embedder.time_text_embed.text_embedder.linear_2"]),
     ("final_layer.linear", ["proj_out"]),
-    ("final_layer.adaLN_modulation.1", ["norm_out.linear"]),  # halves swapped: (shift, scale) <-> (scale, shift)
+    # the one reordering: official (shift, scale) halves, diffusers (scale, shift)
+    ("final_layer.adaLN_modulation.1", ["norm_out.linear"]),
 ]
 _REFINER = [("norm1", ["norm1"]), ("norm2", ["norm2"]), ("self_attn_proj", ["attn.to_out.0"]),
             ("self_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
-            ("mlp.fc1", ["ff.net.0.proj"]), ("mlp.fc2", ["ff.net.2"]), ("adaLN_modulation.1", ["norm_out.linear"])]
+            ("mlp.fc1", ["ff.net.0.proj"]), ("mlp.fc2", ["ff.net.2"]),
+            ("adaLN_modulation.1", ["norm_out.linear"])]
 _DOUBLE = [("img_mod.linear", ["norm1.linear"]), ("txt_mod.linear", ["norm1_context.linear"]),
            ("img_attn_qkv", ["attn.to_q", "attn.to_k", "attn.to_v"]),
            ("txt_attn_qkv", ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
@@ -639,16 +655,13 @@ def _name_pairs(sd_keys, diffusers_side):
     """Expand the tables over the block indices present in a state dict's keys."""
     def indices(prefix):
         return sorted({int(k[len(prefix):].split(".")[0]) for k in sd_keys if k.startswith(prefix)})
-    pre = ("context_embedder.token_refiner.refiner_blocks.", "transformer_blocks.", "single_transformer_blocks.") \
-        if diffusers_side else ("txt_in.individual_token_refiner.blocks.", "double_blocks.", "single_blocks.")
+    official = ("txt_in.individual_token_refiner.blocks.", "double_blocks.", "single_blocks.")
+    diffusers = ("context_embedder.token_refiner.refiner_blocks.", "transformer_blocks.",
+                 "single_transformer_blocks.")
     pairs = list(_DIFFUSERS_NAMES)
-    for i in indices(pre[0]):
-        pairs += [(f"txt_in.individual_token_refiner.blocks.{i}.{o}",
-                   [f"context_embedder.token_refiner.refiner_blocks.{i}.{d}" for d in ds]) for o, ds in _REFINER]
-    for i in indices(pre[1]):
-        pairs += [(f"double_blocks.{i}.{o}", [f"transformer_blocks.{i}.{d}" for d in ds]) for o, ds in _DOUBLE]
-    for i in indices(pre[2]):
-        pairs += [(f"single_blocks.{i}.{o}", [f"single_transformer_blocks.{i}.{d}" for d in ds]) for o, ds in _SINGLE]
+    for table, off, dif in zip((_REFINER, _DOUBLE, _SINGLE), official, diffusers):
+        for i in indices(dif if diffusers_side else off):
+            pairs += [(f"{off}{i}.{o}", [f"{dif}{i}.{d}" for d in ds]) for o, ds in table]
     return pairs
 
 
@@ -658,9 +671,10 @@ def _swap_halves(w):
 
 
 def official_to_diffusers(sd):
-    """Official state dict -> diffusers HunyuanVideoTransformer3DModel layout (no copies beyond the splits)."""
+    """Official state dict -> diffusers HunyuanVideoTransformer3DModel layout (no copies but the splits)."""
     sd, out = dict(sd), {}
-    hidden = next((v.shape[0] for k, v in sd.items() if k.endswith(("img_in.proj.weight", "linear2.weight"))), 0)
+    hidden = next((v.shape[0] for k, v in sd.items()
+                   if k.endswith(("img_in.proj.weight", "linear2.weight"))), 0)
     for off, dif in _name_pairs(sd.keys(), diffusers_side=False):
         for p in ("weight", "bias"):
             if f"{off}.{p}" not in sd:
@@ -731,13 +745,15 @@ def _read_state_dict(path, load_key):
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or not a torch file
-        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e}); re-download it") from e
+        raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e}); "
+                         "re-download it") from e
     if isinstance(obj, dict) and load_key in obj:  # DeepSpeed layout: weights under "module" (or "ema")
         obj = obj[load_key]
     elif isinstance(obj, dict) and load_key == "module" and "ema" not in obj and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise ValueError(f"{path}: no state dict under key '{load_key}' (keys: {list(obj)[:5]}); try load_key='ema'")
+        raise ValueError(f"{path}: no state dict under key '{load_key}' (keys: {list(obj)[:5]}); "
+                         "try load_key='ema'")
     return obj, meta
 
 
@@ -746,66 +762,12 @@ def config_from_diffusers(c):
     return DiTConfig(in_channels=c["in_channels"], out_channels=c["out_channels"],
                      patch_size=(c["patch_size_t"], c["patch_size"], c["patch_size"]),
                      hidden_size=c["num_attention_heads"] * c["attention_head_dim"],
-                     num_heads=c["num_attention_heads"], mlp_ratio=c["mlp_ratio"], depth_double=c["num_layers"],
-                     depth_single=c["num_single_layers"], refiner_depth=c["num_refiner_layers"],
-                     text_dim=c["text_embed_dim"], pooled_dim=c["pooled_projection_dim"],
+                     num_heads=c["num_attention_heads"], mlp_ratio=c["mlp_ratio"],
+                     depth_double=c["num_layers"], depth_single=c["num_single_layers"],
+                     refiner_depth=c["num_refiner_layers"], text_dim=c["text_embed_dim"],
+                     pooled_dim=c["pooled_projection_dim"],
                      rope_axes=tuple(c["rope_axes_dim"]), rope_theta=c["rope_theta"],
                      guidance_embed=c["guidance_embeds"])
-
-
-class FP8Linear(nn.Module):
-    """A linear layer of the official fp8 checkpoint (`--use-fp8`, hyvideo/modules/fp8_optimization.py):
-    the weight stays in float8_e4m3fn (1 byte) with one scale from the *_fp8_map.pt file, and every forward
-    dequantises it in the compute dtype, weight.to(dtype) * scale.to(dtype) (the product rounded to dtype,
-    as the official), before an ordinary linear. Weight-only: it saves memory, not time (no fp8 matmul)."""
-
-    def __init__(self, weight, bias, scale, dtype):
-        super().__init__()
-        self.weight = nn.Parameter(weight, requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.register_buffer("fp8_scale", scale, persistent=False)  # not a state-dict key: the official has none
-        self.dtype = dtype
-
-    def forward(self, x):
-        w = self.weight.to(self.dtype) * self.fp8_scale.to(self.weight.device, self.dtype)
-        return F.linear(x, w, self.bias)
-
-
-def quantize_fp8(model):
-    """Make the model's block linears FP8Linear, in place: float8_e4m3fn weights with one scale per layer,
-    max|w| / 448 (e4m3's largest value; the official's own rule for weights that are not fp8 yet,
-    fp8_optimization.py), so each weight keeps 4 significant bits. Returns {module name: scale}, the
-    content of an official *_fp8_map.pt: torch.save({"module": model.state_dict()}, "x_fp8.pt") and
-    torch.save(scales, "x_fp8_map.pt") write a checkpoint load_dit (and the official --use-fp8) reads."""
-    scales = {}
-    for name, m in list(model.named_modules()):
-        if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
-            w = m.weight.detach().float()
-            scale = (w.abs().max() / 448).clamp_min(1e-12)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, FP8Linear(
-                (w / scale).to(torch.float8_e4m3fn), m.bias, scale, m.weight.dtype))
-            scales[name] = scale.cpu()
-    return scales
-
-
-def fp8_map_path(path):
-    """Where the official loader looks for an fp8 checkpoint's scales: x_fp8.pt -> x_fp8_map.pt."""
-    return (path[:-3] if path.endswith(".pt") else path) + "_map.pt"
-
-
-def _read_fp8_map(path, fp8_map, names):
-    """{module name: scale} for the fp8 weights `names`, from fp8_map (default: beside the checkpoint)."""
-    fp8_map = fp8_map or fp8_map_path(path)
-    if not os.path.exists(fp8_map):
-        raise FileNotFoundError(f"{path} holds fp8 weights but their scale map {fp8_map} is missing: download "
-                                f"the *_fp8_map.pt released with it (loading fp8 weights without it gives noise)")
-    scales = torch.load(fp8_map, map_location="cpu", weights_only=True)
-    missing = [n for n in names if not (isinstance(scales, dict) and torch.is_tensor(scales.get(n)))]
-    if missing:
-        raise ValueError(f"{fp8_map} has no scale for {len(missing)} fp8 layer(s) of {path}, e.g. {missing[0]}: "
-                         f"is it the map released with this checkpoint?")
-    return {n: scales[n] for n in names}  # rounded to the compute dtype in one step at use, as the official
 
 
 def check_state_dict(model, sd, source, hint=""):
@@ -885,8 +847,64 @@ def save_dit(model, path):
     os.replace(tmp, path)
 
 
-def num_params(model):
-    return sum(p.numel() for p in model.parameters())
+# ----------------------------------------------------------------------------------------------------------
+# The official fp8 checkpoint
+
+class FP8Linear(nn.Module):
+    """A linear layer of the official fp8 checkpoint (`--use-fp8`, hyvideo/modules/fp8_optimization.py):
+    the weight stays in float8_e4m3fn (1 byte) with one scale from the *_fp8_map.pt file, and every forward
+    dequantises it in the compute dtype, weight.to(dtype) * scale.to(dtype) (the product rounded to dtype,
+    as the official), before an ordinary linear. Weight-only: it saves memory, not time (no fp8 matmul)."""
+
+    def __init__(self, weight, bias, scale, dtype):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        # not a state-dict key: the official checkpoint keeps the scales in a separate file
+        self.register_buffer("fp8_scale", scale, persistent=False)
+        self.dtype = dtype
+
+    def forward(self, x):
+        w = self.weight.to(self.dtype) * self.fp8_scale.to(self.weight.device, self.dtype)
+        return F.linear(x, w, self.bias)
+
+
+def quantize_fp8(model):
+    """Make the model's block linears FP8Linear, in place: float8_e4m3fn weights with one scale per layer,
+    max|w| / 448 (e4m3's largest value; the official's own rule for weights that are not fp8 yet,
+    fp8_optimization.py), so each weight keeps 4 significant bits. Returns {module name: scale}, the
+    content of an official *_fp8_map.pt: torch.save({"module": model.state_dict()}, "x_fp8.pt") and
+    torch.save(scales, "x_fp8_map.pt") write a checkpoint load_dit (and the official --use-fp8) reads."""
+    scales = {}
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name.startswith(("double_blocks.", "single_blocks.")):
+            w = m.weight.detach().float()
+            scale = (w.abs().max() / 448).clamp_min(1e-12)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FP8Linear(
+                (w / scale).to(torch.float8_e4m3fn), m.bias, scale, m.weight.dtype))
+            scales[name] = scale.cpu()
+    return scales
+
+
+def fp8_map_path(path):
+    """Where the official loader looks for an fp8 checkpoint's scales: x_fp8.pt -> x_fp8_map.pt."""
+    return (path[:-3] if path.endswith(".pt") else path) + "_map.pt"
+
+
+def _read_fp8_map(path, fp8_map, names):
+    """{module name: scale} for the fp8 weights `names`, from fp8_map (default: beside the checkpoint)."""
+    fp8_map = fp8_map or fp8_map_path(path)
+    if not os.path.exists(fp8_map):
+        raise FileNotFoundError(f"{path} holds fp8 weights but their scale map {fp8_map} is missing: "
+                                "download the *_fp8_map.pt released with it (without it the weights are "
+                                "noise)")
+    scales = torch.load(fp8_map, map_location="cpu", weights_only=True)
+    missing = [n for n in names if not (isinstance(scales, dict) and torch.is_tensor(scales.get(n)))]
+    if missing:
+        raise ValueError(f"{fp8_map} has no scale for {len(missing)} fp8 layer(s) of {path}, "
+                         f"e.g. {missing[0]}: is it the map released with this checkpoint?")
+    return {n: scales[n] for n in names}  # rounded to the compute dtype in one step at use, as the official
 
 
 if __name__ == "__main__":
