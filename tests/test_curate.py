@@ -1,7 +1,8 @@
 """Tests for curate.py (CPU only, small synthetic videos in temp folders).
 
 Camera clips are rendered here by an independent generator (a crop window moving over a random picture,
-not curate.render_shot), so the labels are checked against the issue's conventions, not against the code.
+not curate.render_shot), so the labels are checked against the camera-movement conventions written down
+in curate.camera_movement (the label names the camera's motion), not against the code.
 """
 import json
 import os
@@ -46,9 +47,10 @@ def picture(rng, h, w):
 
 
 def camera_clip(rng, cam, w=256, h=144, n=32):
-    """Frames seen by a camera window over a big picture. Conventions from the issue: the label names
-    the camera's motion (camera pans right -> window moves right -> content moves left); in-plane roll:
-    'tilt right' = the camera rolls clockwise -> content turns counter-clockwise (cv2 positive angle)."""
+    """Frames seen by a camera window over a big picture. Conventions (paper §3.2's classes): the label
+    names the camera's motion (camera pans right -> window moves right -> content moves left); in-plane
+    roll: 'tilt right' = the camera rolls clockwise -> content turns counter-clockwise (cv2 positive
+    angle)."""
     img = picture(rng, 3 * h, 3 * w)
     cx, cy, sp = 1.5 * w, 1.5 * h, 0.008 * w
     frames, walk = [], np.zeros(2)
@@ -82,7 +84,8 @@ def test_detect_shots_finds_known_cuts(tmp_path):
     shots = [
         C.render_shot(rng, w, h, 30, "circle", "red", "left"),
         C.render_shot(rng, w, h, 26, "circle", "red", "left"),       # same palette as the shot before
-        C.render_shot(rng, w, h, 34, "square", "blue", "up", camera="pan right", cam_speed=0.04 * w),  # fast pan
+        C.render_shot(rng, w, h, 34, "square", "blue", "up", camera="pan right",
+                      cam_speed=0.04 * w),                           # a fast pan
         C.render_shot(rng, w, h, 9, "triangle", "green", "down"),    # a very short shot
         C.render_shot(rng, w, h, 28, "circle", "white", "right", camera="zoom in"),
     ]
@@ -99,7 +102,8 @@ def test_detect_shots_second_reader_ends_with_the_call(tmp_path, monkeypatch):
     """The thread decoding the second half finishes with detect_shots, also when scoring raises."""
     import threading
     rng = np.random.default_rng(2)
-    write_mp4(tmp_path / "s.mp4", np.concatenate([C.render_shot(rng, 96, 54, 40), C.render_shot(rng, 96, 54, 40)]))
+    write_mp4(tmp_path / "s.mp4", np.concatenate([C.render_shot(rng, 96, 54, 40),
+                                                  C.render_shot(rng, 96, 54, 40)]))
     before = threading.active_count()
     assert len(C.detect_shots(str(tmp_path / "s.mp4"))) == 2
     assert threading.active_count() == before
@@ -145,7 +149,8 @@ def test_detect_shots_joins_the_halves_only_when_they_line_up(tmp_path, monkeypa
     scans = []
     real_scan = C._scan
     monkeypatch.setattr(C, "_open_single_threaded", Capture)
-    monkeypatch.setattr(C, "_scan", lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
+    monkeypatch.setattr(C, "_scan",
+                        lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
     mode["count"] = 0.0                                   # no frame count: one reader, every frame in order
     one_reader = C.detect_shots(path)
     assert scans == [False]
@@ -173,14 +178,16 @@ def test_detect_shots_does_not_join_halves_over_a_still_overlap(tmp_path, monkey
     vw.release()
     scans = []
     real_scan = C._scan
-    monkeypatch.setattr(C, "_scan", lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
+    monkeypatch.setattr(C, "_scan",
+                        lambda *a, **k: scans.append(k.get("prev") is not None) or real_scan(*a, **k))
     assert [s for s, _ in C.detect_shots(str(tmp_path / "s.avi"))] == [0, 50, 90]
     assert True in scans
 
 
 def test_detect_shots_raises_a_decoding_error_instead_of_ending_early(tmp_path, monkeypatch):
     rng = np.random.default_rng(5)
-    write_mp4(tmp_path / "e.mp4", np.concatenate([C.render_shot(rng, 96, 54, 20), C.render_shot(rng, 96, 54, 20)]))
+    write_mp4(tmp_path / "e.mp4", np.concatenate([C.render_shot(rng, 96, 54, 20),
+                                                  C.render_shot(rng, 96, 54, 20)]))
     real = cv2.VideoCapture
 
     class Failing:  # a capture whose decoder fails on the 8th frame
@@ -209,7 +216,7 @@ def test_detect_shots_no_false_cut_on_fast_pan_and_still(tmp_path):
 
 def test_detect_shots_cuts_a_fade_through_black(tmp_path):
     """Fade out over 12 frames to black, fade in over 12: no frame changes much, but it is a transition
-    (PySceneDetect's threshold detector cuts it at the black frame; we used to find no cut at all)."""
+    (PySceneDetect's threshold detector cuts it at the black frame)."""
     rng = np.random.default_rng(15)
     a, b = camera_clip(rng, "pan right", w=160, h=90, n=60), camera_clip(rng, "pan left", w=160, h=90, n=60)
     ramp = (np.arange(1, 13) / 12)[:, None, None, None]
@@ -223,7 +230,7 @@ def test_detect_shots_cuts_a_fade_through_black(tmp_path):
 @pytest.mark.parametrize("jump", [30, 60])
 def test_detect_shots_finds_a_jump_cut_inside_a_pan(tmp_path, jump):
     """A slow pan (1 px/frame) whose view jumps `jump` px at frame 50 (a piece edited out): the jump is a
-    global shift, but 30-60x the pan's own, so it is a cut (it used to be 'explained' as pan motion)."""
+    global shift, but 30-60x the pan's own, so it is a cut, not explained away as pan motion."""
     pic = picture(np.random.default_rng(16), 540, 960)
     frames = []
     for t in range(100):
@@ -306,7 +313,8 @@ def test_camera_movement_continuous_depth(move, cam):
 
 @pytest.mark.parametrize("move, height, wall, speed", [
     ("pedestal up", 1.0, 20.0, 0.013), ("pedestal up", 1.5, 20.0, 0.02), ("pedestal up", 1.5, 20.0, 0.04),
-    ("pedestal up", 2.0, 20.0, 0.027), ("pedestal down", 1.5, 20.0, 0.02), ("pedestal down", 2.0, 40.0, 0.027),
+    ("pedestal up", 2.0, 20.0, 0.027), ("pedestal down", 1.5, 20.0, 0.02),
+    ("pedestal down", 2.0, 40.0, 0.027),
     ("tilt up", 1.5, 20.0, 0.002), ("tilt down", 3.0, 20.0, 0.002)])
 def test_camera_movement_pedestal_is_not_a_tilt(move, height, wall, speed):
     """A level pedestal over the ground and the wall slides near ground faster than the wall, the same way,
@@ -315,7 +323,8 @@ def test_camera_movement_pedestal_is_not_a_tilt(move, height, wall, speed):
     three of these four pedestals up came out as 'tilt up' at confidence 0.59-0.95. Slow tilts (0.4 px a
     frame, where flow noise matters most), level and pitched down 0.15 rad, must stay tilts."""
     for pitch in ((0.0,) if move.startswith("pedestal") else (0.0, 0.15)):
-        frames = ground_clip(np.random.default_rng(11), move, height=height, wall=wall, speed=speed, pitch=pitch)
+        frames = ground_clip(np.random.default_rng(11), move, height=height, wall=wall, speed=speed,
+                             pitch=pitch)
         label, conf = C.camera_movement(frames)
         want = {"pedestal up": "pan up", "pedestal down": "pan down"}.get(move, move)
         assert label == want, (pitch, label, conf)
@@ -324,8 +333,8 @@ def test_camera_movement_pedestal_is_not_a_tilt(move, height, wall, speed):
 @pytest.mark.parametrize("seed", range(4))
 def test_camera_movement_zoom_on_compressed_smooth_texture_is_a_zoom_not_parallax(seed, tmp_path):
     """Zoomed-in smooth texture through mp4 compression gives noisy flow that RANSAC splits into two
-    'layers' moving a little differently; beside a much bigger zoom that is not parallax (it used to come
-    out as around left/right or pan up/down; the code before this test fails one of these four)."""
+    'layers' moving a little differently; beside a much bigger zoom that is not parallax (mistaken for
+    it, the label would be around left/right or pan up/down)."""
     rng = np.random.default_rng(seed)
     w = h = 256
     img = smooth_photo(rng, 3 * h, 3 * w)
@@ -394,7 +403,8 @@ def wobble_shot(rng, n, w=192, h=108):
     """A handheld camera swaying (1.3 and 0.9 Hz, 3% of the frame) around one view of a random picture."""
     img, ph = picture(rng, 2 * h, 2 * w), rng.uniform(0, 2 * np.pi, 2)
     t = np.arange(n)
-    dx, dy = 0.03 * w * np.sin(2 * np.pi * 1.3 * t / 24 + ph[0]), 0.03 * h * np.sin(2 * np.pi * 0.9 * t / 24 + ph[1])
+    dx = 0.03 * w * np.sin(2 * np.pi * 1.3 * t / 24 + ph[0])
+    dy = 0.03 * h * np.sin(2 * np.pi * 0.9 * t / 24 + ph[1])
     return np.stack([cv2.warpAffine(img, np.float32([[1, 0, -w / 2 - x], [0, 1, -h / 2 - y]]), (w, h),
                                     flags=cv2.INTER_LINEAR) for x, y in zip(dx, dy)])
 
@@ -438,7 +448,7 @@ def test_synthetic_shot_matches_the_spec():
     rng = np.random.default_rng(8)
     f = C.render_shot(rng, 320, 180, 10, "triangle", "green", "up")
     luma = cv2.cvtColor(f[0], cv2.COLOR_RGB2GRAY).astype(int)
-    shape = np.all(np.abs(f[0].astype(int) - (40, 200, 40)) < 3, axis=-1)     # exactly the issue's green
+    shape = np.all(np.abs(f[0].astype(int) - (40, 200, 40)) < 3, axis=-1)     # exactly the spec's green
     assert shape.sum() > 0.01 * shape.size
     ring = cv2.dilate(shape.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0
     assert luma[~ring].max() < 60 and luma[~ring].std() > 2          # dark, mildly textured background
@@ -458,10 +468,9 @@ def clarity_scene(seed=18, h=1080, w=1920):
 
 def test_clarity_is_the_same_across_sizes_and_exposures():
     """One scene filmed at 256p..1080p (the 1080p frame shrunk with INTER_AREA, as a smaller sensor sees it)
-    and exposed darker, flatter or brighter scores the same: within 12% across sizes (measured: 9%) and 4%
-    across exposures (measured: 0.3%; 2.9% where the bright one clips 27% of its pixels). The raw
-    Laplacian variance at each frame's own size spread 8x across these sizes; the darker exposure scored
-    0.16x."""
+    and exposed darker, flatter or brighter scores the same: within 12% across sizes and 4% across
+    exposures (the bright one clips 27% of its pixels). The raw Laplacian variance at each frame's own
+    size would spread several-fold across these sizes and fall with the exposure."""
     scene = clarity_scene()
     sizes = [cv2.resize(scene, (w, h), interpolation=cv2.INTER_AREA).round().astype(np.uint8)
              for w, h in ((1920, 1080), (1280, 720), (640, 360), (456, 256))]
@@ -519,7 +528,8 @@ def test_letterbox_and_overlay():
     mask = np.zeros(f.shape[1:3], bool)
     mask[y0:y1, x0:x1] = C.static_overlay([g[y0:y1, x0:x1] for g in f])
     ys, xs = np.nonzero(mask)
-    assert mask.any() and ys.min() >= 20 and ys.max() <= 45 and xs.min() >= 195, (ys.min(), ys.max(), xs.min())
+    assert mask.any() and ys.min() >= 20 and ys.max() <= 45 and xs.min() >= 195, \
+        (ys.min(), ys.max(), xs.min())
     box, left_inside = C.crop_overlay((x0, y0, x1, y1), mask)
     assert not left_inside and (box[1] >= 40 or box[2] <= 200)    # cut off the top band or the right band
     assert not C.static_overlay(list(camera_clip(rng, "pan right", n=12))).any()   # no logo, no overlay
@@ -528,7 +538,7 @@ def test_letterbox_and_overlay():
 @pytest.mark.parametrize("seed", [1, 7])
 def test_static_overlay_ignores_the_backdrop_behind_a_moving_subject(seed):
     """Before a still camera the backdrop stays as fixed as a logo; with a big subject moving over it (the
-    demo's) its textured patches used to come out as uncroppable overlays (these two seeds did)."""
+    demo's) its textured patches must not come out as uncroppable overlays."""
     rng = np.random.default_rng(seed)
     f = C.render_shot(rng, 456, 256, 65, "square", "red", "up", size=0.2)
     sample = [C.resize_w(f[i], 256) for i in np.linspace(0, 64, 16).round().astype(int)]
@@ -537,7 +547,7 @@ def test_static_overlay_ignores_the_backdrop_behind_a_moving_subject(seed):
 
 def test_uncroppable_watermark_rejects_the_clip(tmp_path):
     """Paper §3.1: watermarks and logos are removed. One in the middle of the picture cannot be cropped
-    off, so the clip goes (it used to be kept, flagged, and put in the 256p and 360p tiers)."""
+    off, so the clip is rejected, not kept with an overlay flag (and in the tiers)."""
     rng = np.random.default_rng(11)
     mark = np.full((30, 100, 3), 230, np.uint8)
     cv2.putText(mark, "MARK", (6, 22), cv2.FONT_HERSHEY_SIMPLEX, 0.7, (20, 20, 20), 2)
@@ -547,7 +557,8 @@ def test_uncroppable_watermark_rejects_the_clip(tmp_path):
     write_mp4(tmp_path / "wm.mp4", np.concatenate(shots))
     res = C.process_video(str(tmp_path / "wm.mp4"), "wm.mp4", str(tmp_path / "out"))
     assert not res["clips"] and not res["images"]
-    assert len(res["rejected"]) == 2 and all("overlay" in r["reason"] for r in res["rejected"]), res["rejected"]
+    assert len(res["rejected"]) == 2, res["rejected"]
+    assert all("overlay" in r["reason"] for r in res["rejected"]), res["rejected"]
 
 
 def test_letterbox_keeps_dark_picture():
@@ -610,7 +621,8 @@ def test_kmeans_never_holds_the_n_by_k_matrix():
 def dedup_one_at_a_time(recs, thr):
     """The rule of deduplicate(), the plain way: best first, each record against every kept one (float64
     dot products, one pair at a time), not against kept clips of its own shot."""
-    order = sorted(recs, key=lambda r: (-min(r["width"], r["height"]), -r["clarity"], -r["quality"], r["clip"]))
+    order = sorted(recs, key=lambda r: (-min(r["width"], r["height"]), -r["clarity"], -r["quality"],
+                                        r["clip"]))
     kept, dropped = [], []
     for r in order:
         d = [(1 - float(np.dot(r["embedding"], q["embedding"])), n) for n, q in enumerate(kept)
@@ -632,8 +644,9 @@ def test_dedup_in_blocks_equals_one_at_a_time():
     for i in range(400):   # 150 originals, then copies at cosine distance ~0.005; every 5th in the same shot
         e = base[i % 150] + (rng.normal(0, 0.1, 24) if i >= 150 else 0)
         video = f"v{i % 150}" if i < 150 or i % 5 == 0 else f"w{i}"
-        recs.append({"clip": f"c{i:03d}", "video": video, "shot": [0, 99], "width": int(rng.choice([256, 512])),
-                     "height": 300, "clarity": float(rng.integers(0, 3)), "quality": 0.5,
+        recs.append({"clip": f"c{i:03d}", "video": video, "shot": [0, 99],
+                     "width": int(rng.choice([256, 512])), "height": 300,
+                     "clarity": float(rng.integers(0, 3)), "quality": 0.5,
                      "embedding": (e / np.linalg.norm(e)).tolist()})
     thr = C.CFG.dedup_max_dist
     e = np.array([r["embedding"] for r in recs])
@@ -643,7 +656,8 @@ def test_dedup_in_blocks_equals_one_at_a_time():
     assert 100 < len(want_dropped) < 250   # both outcomes are common
     named = dict(want_dropped)
     same_shot = [j for j in range(150, 400) if recs[j]["video"] == recs[j % 150]["video"]]
-    assert len(same_shot) == 50 and all(named.get(recs[j]["clip"]) != recs[j % 150]["clip"] for j in same_shot)
+    assert len(same_shot) == 50
+    assert all(named.get(recs[j]["clip"]) != recs[j % 150]["clip"] for j in same_shot)
     assert sum(1 - e[j] @ e[j % 150] < thr for j in same_shot) > 10   # ...that a copy elsewhere would be
     for chunk in (10 ** 9, 16, 50, 999):   # one block; blocks of 4, 7 and 31 records
         kept, dropped = C.deduplicate(recs, chunk=chunk)
@@ -655,7 +669,8 @@ def test_jsonl_embeddings_are_read_as_arrays_and_written_back_unchanged(tmp_path
     """finalize() reads embeddings as float64 arrays (8 bytes a number instead of a Python float's ~30)
     and rewrites manifest.jsonl from them: the file must come back byte for byte."""
     rng = np.random.default_rng(23)
-    recs = [{"clip": f"c{i}", "embedding": [round(float(v), 4) for v in rng.normal(0, 0.1, 50)]} for i in range(20)]
+    recs = [{"clip": f"c{i}", "embedding": [round(float(v), 4) for v in rng.normal(0, 0.1, 50)]}
+            for i in range(20)]
     recs[3]["embedding"][:3] = [0.0, -0.0, 1.0]
     p = tmp_path / "m.jsonl"
     p.write_text("".join(json.dumps(r) + "\n" for r in recs))
@@ -683,10 +698,9 @@ def test_tiers_are_nested():
 
 
 def test_tiers_judge_clarity_at_their_own_size(tmp_path):
-    """A 720p pan over a textured scene, sharp and blurred by a 2 px Gaussian: at 256p both are sharp
-    (measured: 35 and 20, both over min_clarity) and no threshold there told such pairs apart (blurred
-    8-23, sharp 16-47). Each tier measures at its own side: at 720p they score 8.7 and 1.8, so the blurred
-    clip stays out of the 720p tier and its still out of the 512p image set (4.4 at 512p). 77-frame clips,
+    """A 720p pan over a textured scene, sharp and blurred by a 2 px Gaussian: at 256p both pass
+    min_clarity, and no threshold there tells such pairs apart. Each tier measures at its own side, so
+    the blurred clip stays out of the 720p tier and its still out of the 512p image set. 77-frame clips,
     with the tiers' frame minimum lowered to 65, to keep the test short."""
     scene = clarity_scene().astype(np.uint8)
     cfg = replace(C.CFG, tier_frames=(65,) * 4)
@@ -704,7 +718,8 @@ def test_tiers_judge_clarity_at_their_own_size(tmp_path):
         assert rec["clarity"] >= C.CFG.min_clarity and rec["frames"] >= 65      # the basic filter keeps both
         got[sigma] = rec, res["images"][0]
     (sharp, sharp_img), (blurred, blurred_img) = got[0], got[2]
-    assert C.tiers_of(sharp, cfg) == list(C.CFG.tier_names) and C.tiers_of(blurred, cfg)[-1] != "720p", (sharp, blurred)
+    assert C.tiers_of(sharp, cfg) == list(C.CFG.tier_names), sharp
+    assert C.tiers_of(blurred, cfg)[-1] != "720p", blurred
     assert C.image_sets_of(sharp_img) == ["256p", "512p"] and C.image_sets_of(blurred_img) == ["256p"]
     # clarity_at is the clip's own frames (every 8th, as the 256p clarity) measured at 720p
     frames = list(C.iter_frames(str(tmp_path / "pan_2.mp4")))[blurred["start"]:blurred["end"]:8]
@@ -735,7 +750,8 @@ def raw(tmp_path_factory):
 
 
 def _clip_keys(out):
-    return sorted((r["clip"], r["start"], r["end"]) for r in C._read_jsonl(os.path.join(out, "manifest.jsonl")))
+    recs = C._read_jsonl(os.path.join(out, "manifest.jsonl"))
+    return sorted((r["clip"], r["start"], r["end"]) for r in recs)
 
 
 @pytest.fixture(scope="module")
@@ -755,7 +771,8 @@ def test_pipeline_outputs_and_captions(raw, reference):
     for r in man:
         assert os.path.exists(os.path.join(out, r["path"]))
         assert (r["frames"] - 1) % 4 == 0 and r["camera"] in C.CAMERA_CLASSES
-        shot = max(truth[r["video"]]["shots"], key=lambda s: min(r["end"], s["end"]) - max(r["start"], s["start"]))
+        shot = max(truth[r["video"]]["shots"],
+                   key=lambda s: min(r["end"], s["end"]) - max(r["start"], s["start"]))
         assert r["caption"]["short_description"] == shot["caption"]["short_description"]   # from the sidecar
         assert shot["start"] <= r["start"] < r["end"] <= shot["end"]                      # inside one shot
         assert not shot["blurred"] and not shot["still"]                                   # filters worked
@@ -766,7 +783,8 @@ def test_pipeline_outputs_and_captions(raw, reference):
     for v, side in truth.items():     # every deliberately bad shot is rejected with a reason
         for s in side["shots"]:
             if s["blurred"] or s["still"] or s["end"] - s["start"] < C.CFG.min_clip_frames:
-                assert any(x["path"] == v and x["start"] >= s["start"] and x["end"] <= s["end"] for x in rej), s
+                assert any(x["path"] == v and x["start"] >= s["start"] and x["end"] <= s["end"]
+                           for x in rej), s
 
 
 def test_tier_manifests_are_what_train_reads(reference):
@@ -784,25 +802,28 @@ def test_tier_manifests_are_what_train_reads(reference):
 
 
 def test_still_captions_have_no_camera_movement(reference):
-    """A still has no camera move: the shot's camera_movement field stays with the clip (stills used to
-    carry it into the image sets); quality tags are the still's own."""
+    """A still has no camera move: the shot's camera_movement field stays with the clip and does not
+    reach the image sets; quality tags are the still's own."""
     out, _ = reference
     clips = {r["clip"]: r for r in C._read_jsonl(os.path.join(out, "manifest.jsonl"))}
     images = [r for r in C._read_jsonl(os.path.join(out, "images.jsonl")) if r["caption"]]
     assert images and any("camera_movement" in c["caption"] for c in clips.values())
     for r in images:
         assert "camera_movement" not in r["caption"]
-        assert r["caption"]["quality_tags"][1] == ("sharp" if r["clarity"] >= C.CFG.sharp_tag_clarity else "soft")
+        sharp = r["clarity"] >= C.CFG.sharp_tag_clarity
+        assert r["caption"]["quality_tags"][1] == ("sharp" if sharp else "soft")
         if r["clip"] in clips:
             assert r["caption"]["short_description"] == clips[r["clip"]]["caption"]["short_description"]
 
 
 def test_tier_files_nested(reference):
     out, _ = reference
-    sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"manifest_{n}.jsonl"))} for n in C.CFG.tier_names]
+    sets = [{r["clip"] for r in C._read_jsonl(os.path.join(out, f"manifest_{n}.jsonl"))}
+            for n in C.CFG.tier_names]
     assert sets[0], "the 256p tier should not be empty on the demo data"
     assert all(b <= a for a, b in zip(sets, sets[1:]))
-    img = [{r["image"] for r in C._read_jsonl(os.path.join(out, f"images_{s}p.jsonl"))} for s in C.CFG.image_side]
+    img = [{r["image"] for r in C._read_jsonl(os.path.join(out, f"images_{s}p.jsonl"))}
+           for s in C.CFG.image_side]
     assert img[1] <= img[0]
 
 
@@ -854,15 +875,15 @@ def test_duplicate_copy_is_rejected(tmp_path):
     man = C._read_jsonl(str(tmp_path / "out" / "manifest.jsonl"))
     rej = C._read_jsonl(str(tmp_path / "out" / "rejected.jsonl"))
     assert len(man) == 2 and sorted(r["start"] // 40 for r in man) == [0, 1]   # one clip per shot is kept...
-    dups = [r for r in rej if "duplicate of" in r["reason"]]                   # ...the copies' are its duplicates
+    dups = [r for r in rej if "duplicate of" in r["reason"]]                   # ...the copies: its duplicates
     assert len(dups) == 4 and {r["reason"].split()[-1] for r in dups} == {r["clip"] for r in man}
 
 
 def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     """A 256x144 re-upload read first must not win over its 512x288 source: of a group of duplicates the
-    clip with the largest short side is kept (it used to be whichever came first); stills go with their
-    duplicate clip, or, where the clip was rejected anyway (the still third shot), are de-duplicated by
-    their own look (they used to be kept from every copy)."""
+    clip with the largest short side is kept, not whichever came first; stills go with their duplicate
+    clip, or, where the clip was rejected anyway (the still third shot), are de-duplicated by their own
+    look rather than kept from every copy."""
     d = tmp_path / "raw"
     d.mkdir()
     rng = np.random.default_rng(12)
@@ -881,8 +902,8 @@ def test_dedup_keeps_the_best_copy_and_dedups_stills(tmp_path):
     assert len(img) == 3 and all(r["video"] == "b_source.mp4" for r in img), [r["image"] for r in img]
     assert all("a_copy" not in r["image"] for r in C._read_jsonl(str(out / "images_256p.jsonl")))
     kept = {r["path"] for r in man + img}
-    on_disk = {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out / "clips") for f in fs} | \
-              {os.path.relpath(os.path.join(r, f), out) for r, _, fs in os.walk(out / "images") for f in fs}
+    on_disk = {os.path.relpath(os.path.join(r, f), out)
+               for d in ("clips", "images") for r, _, fs in os.walk(out / d) for f in fs}
     assert on_disk == kept           # the dropped copies' files are deleted
 
 
@@ -891,8 +912,8 @@ def test_finalize_keeps_stills_an_older_version_wrote(reference, tmp_path):
     of a resumed run (train.py's demo resumes its curated folder)."""
     out = tmp_path / "old"
     out.mkdir()
-    old = {"video": "x.mp4", "image": "x_000_img", "path": "images/x/x_000_img.jpg", "width": 64, "height": 64,
-           "clarity": 50.0, "quality": 0.5, "overlay": False, "caption": None}
+    old = {"video": "x.mp4", "image": "x_000_img", "path": "images/x/x_000_img.jpg", "width": 64,
+           "height": 64, "clarity": 50.0, "quality": 0.5, "overlay": False, "caption": None}
     new = C._read_jsonl(os.path.join(reference[0], "images.jsonl"))
     (out / "images.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [old] + new))
     C.finalize(str(out))
@@ -933,8 +954,8 @@ def test_cli_bad_arguments_exit_with_one_line(tmp_path):
 
 
 def test_cli_synthetic_writes_videos_and_sidecars(tmp_path):
-    r = subprocess.run([sys.executable, CURATE, "--synthetic", "1", "--output", str(tmp_path), "--seed", "11"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, CURATE, "--synthetic", "1", "--output", str(tmp_path),
+                        "--seed", "11"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     side = json.load(open(next(tmp_path.glob("*.json"))))
     cap = cv2.VideoCapture(str(next(tmp_path.glob("*.mp4"))))
@@ -976,12 +997,12 @@ def _real_video(name):
 
 def test_real_footage_shots_camera_and_overlays(tmp_path):
     """bikes.mp4 (640x272, 25 fps, a street trailer): PySceneDetect's ContentDetector and AdaptiveDetector
-    both cut it at frames 30, 76, 137, 187 and 242 (run 2026-11-26; the paper's shot splitter). Its shot
+    both cut it at frames 30, 76, 137, 187 and 242 (PySceneDetect is the paper's shot splitter). Its shot
     137-187 is a still camera looking through a fence with traffic behind: the fence's crossings stay as
-    fixed as a logo while everything around them moves, and the clip was rejected as "overlay"; it is
-    picture. Shot 187-242 is a slow truck to the right (the median flow of its frames is -0.29 px/frame in
-    x: content drifts left). bigbuckbunny.mp4 (720p) is one still-camera shot, carphone_pristine.mp4 one
-    shot; neither has a cut."""
+    fixed as a logo while everything around them moves, yet they are picture, not an overlay. Shot
+    187-242 is a slow truck to the right (the median flow of its frames is -0.29 px/frame in x: content
+    drifts left). bigbuckbunny.mp4 (720p) is one still-camera shot, carphone_pristine.mp4 one shot;
+    neither has a cut."""
     bikes = _real_video("bikes.mp4")
     assert [s for s, _ in C.detect_shots(bikes)] == [0, 30, 76, 137, 187, 242]
     for name in ("bigbuckbunny.mp4", "carphone_pristine.mp4"):
