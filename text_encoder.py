@@ -3,9 +3,9 @@ HunyuanVideo's two text encoders and the official prompt path (paper §4.3, offi
 
 A prompt is read twice:
   - by a decoder-only LLM, the language model of llava-llama-3-8b (32 layers, width 4096). The prompt is
-    wrapped in a system-instruction template, the hidden state after layer 30 of 32 is kept (what transformers
-    calls `hidden_states[-3]`, no final norm), and the template's tokens are cropped off: `text` (B, 256, 4096)
-    with its right-padded `text_mask` (B, 256);
+    wrapped in a system-instruction template, the hidden state after layer 30 of 32 is kept (what
+    transformers calls `hidden_states[-3]`, no final norm), and the template's tokens are cropped off:
+    `text` (B, 256, 4096) with its right-padded `text_mask` (B, 256);
   - by CLIP ViT-L/14's text tower, whose final-normed state at the end-of-text token is `pooled` (B, 768).
 Both read the Hugging Face folders the official repo uses (config.json + *.safetensors, tokenizer files),
 so sampling the released model needs no `transformers`. Tokenizer files are read with `tokenizers`.
@@ -16,11 +16,13 @@ weights' dtype. (On CPU, small random checkpoints gave fp32 and fp16 outputs ide
 
 Use (sample.py):
     pe = PromptEncoder.from_pretrained("ckpts/text_encoder", "ckpts/text_encoder_2", device="cuda")
-    text, text_mask, pooled = pe([NEGATIVE_PROMPT, prompt], video_length=129)  # CFG batch: [negative; positive]
+    text, text_mask, pooled = pe([NEGATIVE_PROMPT, prompt], video_length=129)  # CFG: [negative; positive]
 offload="model" or "layer" keeps the 8B weights on the CPU between calls.
 
-Read top to bottom: configs, prompt templates, the LLaMA decoder, the CLIP text tower, loading,
-tokenizers, the prompt encoder.
+Read top to bottom: configs, prompt templates, the LLaMA decoder, the CLIP text tower, loading the two
+from Hugging Face folders, tokenizers, then the prompt encoder that runs a prompt through all of them.
+(Tokenizers come after the models, not before: they are format machinery, while the encoders are what
+the paper describes.)
 """
 
 import glob
@@ -36,6 +38,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dit import check_state_dict  # one strict-load check and message for every loader
 
 
 def rope_type(scaling):
@@ -66,8 +70,8 @@ class LlamaConfig:
                              f"{self.num_key_value_heads} key/value heads")
         kind = rope_type(self.rope_scaling)
         if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"LlamaConfig: rope_scaling type {kind!r} is not supported (supported: none/default, "
-                             f"linear, llama3)")
+            raise ValueError(f"LlamaConfig: rope_scaling type {kind!r} is not supported "
+                             f"(supported: none/default, linear, llama3)")
 
 
 @dataclass
@@ -98,13 +102,14 @@ CLIP_CONFIGS = {
 }
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompt templates. These strings, their crop_start values and the negative prompt are interface constants
-# the released DiT was trained with; they are reproduced verbatim from the official hyvideo/constants.py at
-# commit fa14b00. crop_start counts the Llama 3 tokens before the prompt, BOS included.
+# Prompt templates: the system instruction that steers the LLM's states (paper §4.3). These strings, their
+# crop_start values and the negative prompt are interface constants the released DiT was trained with,
+# reproduced verbatim from the official hyvideo/constants.py (PROMPT_TEMPLATE, NEGATIVE_PROMPT) at commit
+# fa14b00. crop_start counts the Llama 3 tokens before the prompt, BOS included.
 
 PROMPT_TEMPLATE_ENCODE = (
-    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, size, texture, "
-    "quantity, text, spatial relationships of the objects and background:<|eot_id|>"
+    "<|start_header_id|>system<|end_header_id|>\n\nDescribe the image by detailing the color, shape, size, "
+    "texture, quantity, text, spatial relationships of the objects and background:<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
 )
 PROMPT_TEMPLATE_ENCODE_VIDEO = (
@@ -144,7 +149,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(cfg, length, dtype, device):
-    """cos, sin (length, head_dim) in `dtype` for positions 0..length-1, with the checkpoint's rope scaling."""
+    """cos, sin (length, head_dim) in `dtype` for positions 0..length-1, with the checkpoint's rope scaling.
+    """
     work = torch.promote_types(dtype, torch.float32)  # fp32 as transformers (fp64 for float64 runs)
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=work) / d)
@@ -167,6 +173,7 @@ def rope_tables(cfg, length, dtype, device):
 
 
 def apply_rope(x, cos, sin):
+    """Rotate the (i, i + d/2) pairs of x (B, nh, L, d) by the tables' angles."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
@@ -234,7 +241,8 @@ class LlamaEncoder(nn.Module):
     def forward(self, input_ids, attention_mask=None, skip_layers=2, stream_to=None):
         """input_ids (B, L); attention_mask (B, L), 1 = token, right-padded. Returns transformers'
         hidden_states[-(skip_layers + 1)]: the output of layer N - skip_layers without the final norm
-        (HunyuanVideo: skip_layers=2), or with skip_layers=0 the final normed output. (B, L, hidden).
+        (HunyuanVideo: skip_layers=2, the official hidden_state_skip_layer in text_encoder/__init__.py), or
+        with skip_layers=0 the final normed output. (B, L, hidden).
         stream_to: a device the weights (kept on CPU) visit one layer at a time, for CPU offload."""
         n = len(self.layers)
         assert 0 <= skip_layers <= n, f"skip_layers must be in 0..{n}"
@@ -246,7 +254,8 @@ class LlamaEncoder(nn.Module):
         mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
         if attention_mask is not None:
             if not attention_mask[:, 0].all():  # else the first query sees no key and NaNs spread
-                raise ValueError("LlamaEncoder: attention_mask must be right-padded (each row's first token real)")
+                raise ValueError("LlamaEncoder: attention_mask must be right-padded "
+                                 "(each row's first token real)")
             mask = mask & attention_mask.to(x.device, torch.bool)[:, None, None, :]  # (B, 1, L, L)
         for layer in self.layers[:n - skip_layers]:
             if stream_to is not None:
@@ -264,27 +273,11 @@ class LlamaEncoder(nn.Module):
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """A Hugging Face LlamaModel / LlamaForCausalLM folder: config.json + *.safetensors."""
         cfg = llama_config_from_hf(read_config(path, "llama"), path)
-        # lm_head: HunyuanVideo loads a bare decoder; rotary_emb.inv_freq: recomputed, stored by old checkpoints
-        rename = lambda k: None if k.startswith("lm_head.") or "rotary_emb." in k else k.removeprefix("model.")
+        # lm_head: HunyuanVideo loads a bare decoder; rotary_emb.inv_freq: recomputed, stored by old
+        # checkpoints
+        def rename(k):
+            return None if k.startswith("lm_head.") or "rotary_emb." in k else k.removeprefix("model.")
         return load_model(cls, cfg, path, rename, dtype, device)
-
-
-def llama_config_from_hf(d, path):
-    # rope: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 writes rope_parameters
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))  # 10000: transformers' default
-    if d.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}/config.json: hidden_act {d['hidden_act']!r}; only LLaMA's silu is supported")
-    try:
-        return LlamaConfig(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
-            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
-            rope_scaling=rope if rope_type(rope) != "default" else None,
-            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
-    except KeyError as e:
-        raise ValueError(f"{path}/config.json lacks {e}; is this a LLaMA checkpoint folder?") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -373,7 +366,7 @@ class CLIPTextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
-        """A Hugging Face CLIPModel or CLIPTextModel folder: config.json + *.safetensors (text_model.* read)."""
+        """A Hugging Face CLIPModel or CLIPTextModel folder: config.json + *.safetensors (text_model.*)."""
         d = read_config(path, "clip")
         d = d.get("text_config", d)
         # keys config.json leaves out take transformers' CLIPTextConfig defaults
@@ -399,8 +392,9 @@ class CLIPTextEncoder(nn.Module):
 
 def read_config(path, kind):
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{kind} text encoder folder {path!r} does not exist; pass the folder holding "
-                                f"config.json and *.safetensors (official: ckpts/text_encoder, ckpts/text_encoder_2)")
+        raise FileNotFoundError(f"{kind} text encoder folder {path!r} does not exist; pass the folder "
+                                f"holding config.json and *.safetensors (official: ckpts/text_encoder, "
+                                f"ckpts/text_encoder_2)")
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
         raise FileNotFoundError(f"{f} is missing; {path!r} must be a Hugging Face model folder "
@@ -409,15 +403,36 @@ def read_config(path, kind):
         d = json.load(fh)
     mt = d.get("model_type")
     if kind == "llama" and mt == "llava":
-        raise ValueError(f"{f} describes a full llava model; extract its language model first, as the official "
-                         f"hyvideo/utils/preprocess_text_encoder_tokenizer_utils.py does")
+        raise ValueError(f"{f} describes a full llava model; extract its language model first, as the "
+                         f"official hyvideo/utils/preprocess_text_encoder_tokenizer_utils.py does")
     if mt is not None and mt not in {"llama": ("llama",), "clip": ("clip", "clip_text_model")}[kind]:
         raise ValueError(f"{f} has model_type {mt!r}, expected a {kind} checkpoint; wrong folder?")
     return d
 
 
+def llama_config_from_hf(d, path):
+    # rope: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 writes rope_parameters
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))  # 10000: transformers' default
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}/config.json: hidden_act {d['hidden_act']!r}; only LLaMA's silu is "
+                         "supported")
+    try:
+        return LlamaConfig(
+            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"],
+            num_hidden_layers=d["num_hidden_layers"], num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
+            head_dim=d.get("head_dim"), rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type(rope) != "default" else None,
+            attention_bias=d.get("attention_bias", False), mlp_bias=d.get("mlp_bias", False))
+    except KeyError as e:
+        raise ValueError(f"{path}/config.json lacks {e}; is this a LLaMA checkpoint folder?") from None
+
+
 def load_model(cls, cfg, path, rename, dtype, device):
-    """Build cls(cfg) without allocating random weights, fill it from the folder's safetensors."""
+    """Build cls(cfg) without allocating random weights, fill it from the folder's safetensors. rename maps a
+    file's key to ours (None: not ours, skipped). Every key and shape is checked before any weight is read."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as fh:
@@ -433,27 +448,22 @@ def load_model(cls, cfg, path, rename, dtype, device):
                                 f"(safe_serialization=True) or download its .safetensors files")
     with torch.device("meta"):
         model = cls(cfg)
-    want = {k: v.shape for k, v in model.state_dict().items()}
     from safetensors import safe_open
-    sd = {}
+    found = {f: [] for f in files}  # per file: (our name, its key)
+    shapes = {}                     # our name -> a meta tensor of the file's shape (no data read yet)
     for f in files:
         with safe_open(f, framework="pt") as fh:
             for key in fh.keys():
                 name = rename(key)
-                if name is None:
-                    continue
-                if name not in want:
-                    raise ValueError(f"{f}: unexpected weight {key!r} for {cls.__name__}; "
-                                     f"does config.json match the weights?")
-                t = fh.get_tensor(key)
-                if t.shape != want[name]:
-                    raise ValueError(f"{f}: {key} has shape {tuple(t.shape)}, "
-                                     f"config.json implies {tuple(want[name])}")
-                sd[name] = t.to(device=device, dtype=dtype)
-    missing = [k for k in want if k not in sd]
-    if missing:
-        raise KeyError(f"{path}: {len(missing)} weights missing for {cls.__name__}, e.g. {missing[0]!r}; "
-                       f"incomplete download or wrong folder?")
+                if name is not None:
+                    found[f].append((name, key))
+                    shapes[name] = torch.empty(fh.get_slice(key).get_shape(), device="meta")
+    check_state_dict(model, shapes, path, "incomplete download, wrong folder, or a config.json that does not "
+                     "match the weights?")
+    sd = {}
+    for f, pairs in found.items():
+        with safe_open(f, framework="pt") as fh:
+            sd.update({name: fh.get_tensor(key).to(device=device, dtype=dtype) for name, key in pairs})
     model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)
 
@@ -493,12 +503,14 @@ class Tokenizer:
             self.vocab_size = sp.get_piece_size()
             return
         import tokenizers
-        if os.path.isfile(os.path.join(path, "vocab.json")) and os.path.isfile(os.path.join(path, "merges.txt")):
+        vocab, merges, tok_json = (os.path.join(path, name)
+                                   for name in ("vocab.json", "merges.txt", "tokenizer.json"))
+        if os.path.isfile(vocab) and os.path.isfile(merges):
             # CLIP: its tokenizer.json follows transformers' fast tokenizer, which splits CJK text differently
             # from the (slow) CLIPTokenizer the official code uses; rebuild the latter from the BPE files
             tok, clean = clip_bpe_tokenizer(path), clip_clean
-        elif os.path.isfile(os.path.join(path, "tokenizer.json")):
-            tok = tokenizers.Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+        elif os.path.isfile(tok_json):
+            tok = tokenizers.Tokenizer.from_file(tok_json)
             tok.no_truncation()
             tok.no_padding()
             clean = None
@@ -527,8 +539,8 @@ class Tokenizer:
         mask = torch.zeros(len(texts), max_length, dtype=torch.long)
         for i, (text, body) in enumerate(zip(shown or texts, self._encode(list(texts)))):
             if len(body) > budget:
-                warnings.warn(f"{len(body) + len(self.bos) + len(self.eos)} tokens, truncated to {max_length}: "
-                              f"{text[:80]!r}...")
+                warnings.warn(f"{len(body) + len(self.bos) + len(self.eos)} tokens, truncated to "
+                              f"{max_length}: {text[:80]!r}...")
             row = self.bos + body[:budget] + self.eos
             ids[i, :len(row)] = torch.tensor(row)
             mask[i, :len(row)] = 1
@@ -542,11 +554,11 @@ _CLIP_SPECIALS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 
 
 def clip_clean(text):
-    """The text clean-up of the transformers CLIPTokenizer the official code instantiates (no ftfy installed, so
-    its BasicTokenizer runs), in its order: control characters dropped and whitespace made spaces; spaces around
-    each CJK ideograph; NFC; split on whitespace; each word lower-cased by Python (str.lower: a word-final
-    capital sigma becomes the final form). The two special tokens typed literally in a prompt are matched on the
-    raw text first, as transformers does, and left as they are."""
+    """The text clean-up of the transformers CLIPTokenizer the official code instantiates (no ftfy
+    installed, so its BasicTokenizer runs), in its order: control characters dropped and whitespace made
+    spaces; spaces around each CJK ideograph; NFC; split on whitespace; each word lower-cased by Python
+    (str.lower: a word-final capital sigma becomes the final form). The two special tokens typed literally in
+    a prompt are matched on the raw text first, as transformers does, and left as they are."""
     out = []
     for piece in _CLIP_SPECIALS.split(text):
         if _CLIP_SPECIALS.fullmatch(piece):
@@ -568,10 +580,11 @@ def clip_clean(text):
 
 
 def clip_bpe_tokenizer(path):
-    """CLIP's tokenizer from vocab.json + merges.txt as the official (slow, transformers) CLIPTokenizer: text
-    cleaned by clip_clean (in Python, before this tokenizer), then OpenAI CLIP's word pattern, byte-level BPE
-    with an end-of-word '</w>', and <|startoftext|> ... <|endoftext|> around the text. The two specials are
-    added tokens, so a literal one in a prompt gets its id (and CLIP's pooling stops at the first end-of-text)."""
+    """CLIP's tokenizer from vocab.json + merges.txt as the official (slow, transformers) CLIPTokenizer:
+    text cleaned by clip_clean (in Python, before this tokenizer), then OpenAI CLIP's word pattern, byte-level
+    BPE with an end-of-word '</w>', and <|startoftext|> ... <|endoftext|> around the text. The two specials
+    are added tokens, so a literal one in a prompt gets its id (and CLIP's pooling stops at the first
+    end-of-text)."""
     from tokenizers import AddedToken, Regex, Tokenizer as HFTokenizer, models, pre_tokenizers, processors
     with open(os.path.join(path, "vocab.json"), encoding="utf-8") as fh:
         vocab = json.load(fh)
@@ -603,18 +616,19 @@ class PromptEncoder:
     Image mode (video_length == 1) uses the image template but, as the official code, the video template's
     token budget (text_len + 95 = 351; official inference.py sets max_length from the video template's
     crop_start in both modes) and crops the image template's 36: `text` is (B, 315, D) there, (B, 256, D) for
-    video (facts §7.22). The length matters beyond long prompts: the padded length changes the LLM's
+    video. The length matters beyond long prompts: the padded length changes the LLM's
     attention arithmetic, so even short prompts' states differ in fp16 if it is not the official one.
     """
 
     def __init__(self, llm, clip, llm_tokenizer, clip_tokenizer, templates=PROMPT_TEMPLATE,
                  text_len=TEXT_LEN, clip_len=CLIP_LEN, skip_layers=2, device=None, offload=None):
-        """templates: PROMPT_TEMPLATE, or None for raw prompts (our small models). offload: None (encoders stay
-        where they are), "model" (kept on CPU, each moved to `device` for its call) or "layer" (the LLM's
-        layers streamed to `device` one at a time; slow, but only one layer of GPU memory)."""
+        """templates: PROMPT_TEMPLATE, or None for raw prompts (our small models). offload: None (encoders
+        stay where they are), "model" (kept on CPU, each moved to `device` for its call) or "layer" (the
+        LLM's layers streamed to `device` one at a time; slow, but only one layer of GPU memory)."""
         assert offload in (None, "model", "layer"), "offload must be None, 'model' or 'layer'"
         self.llm, self.clip, self.llm_tok, self.clip_tok = llm, clip, llm_tokenizer, clip_tokenizer
-        self.templates, self.text_len, self.clip_len, self.skip_layers = templates, text_len, clip_len, skip_layers
+        self.templates, self.text_len, self.clip_len = templates, text_len, clip_len
+        self.skip_layers = skip_layers
         self.device = torch.device(device) if device is not None else llm.embed_tokens.weight.device
         self.offload = offload
         # names the encoders in cache keys: configs, settings and a few weights (seeds, checkpoints differ)
@@ -628,13 +642,13 @@ class PromptEncoder:
             # crop_start must be the template's token count before the prompt with this tokenizer
             n = len(llm_tokenizer.bos) + len(llm_tokenizer._encode([t["template"].split("{}")[0]])[0])
             if n != t["crop_start"]:
-                raise ValueError(f"template {name!r} has crop_start {t['crop_start']} but this tokenizer gives "
-                                 f"{n} tokens before the prompt; not llava-llama-3's tokenizer?")
+                raise ValueError(f"template {name!r} has crop_start {t['crop_start']} but this tokenizer "
+                                 f"gives {n} tokens before the prompt; not llava-llama-3's tokenizer?")
 
     @classmethod
     def from_pretrained(cls, llm_dir, clip_dir, dtype=torch.float16, device="cuda", offload=None, **kw):
-        """The official folders (ckpts/text_encoder, ckpts/text_encoder_2), weights and tokenizers; fp16 is the
-        official --text-encoder-precision. kw: templates, text_len, ... as in __init__."""
+        """The official folders (ckpts/text_encoder, ckpts/text_encoder_2), weights and tokenizers; fp16 is
+        the official --text-encoder-precision. kw: templates, text_len, ... as in __init__."""
         load_to = "cpu" if offload else device
         llm = LlamaEncoder.from_pretrained(llm_dir, dtype, load_to)
         clip = CLIPTextEncoder.from_pretrained(clip_dir, dtype, load_to)
@@ -653,8 +667,8 @@ class PromptEncoder:
 
     @torch.no_grad()
     def encode(self, prompts, video_length=129):
-        """list of str -> text (B, N, D_llm), text_mask (B, N) long, pooled (B, D_clip); N = text_len for video
-        (and without templates), text_len + 95 - 36 for an image (see the class docstring)."""
+        """list of str -> text (B, N, D_llm), text_mask (B, N) long, pooled (B, D_clip); N = text_len for
+        video (and without templates), text_len + 95 - 36 for an image (see the class docstring)."""
         prompts = [p.strip() for p in prompts]  # the official sampler strips prompts
         tpl = None if self.templates is None else self.templates[
             "dit-llm-encode-video" if video_length > 1 else "dit-llm-encode"]
@@ -688,7 +702,8 @@ class PromptEncoder:
             return self.encode(prompts, video_length)
         from safetensors.torch import load_file, save_file
         mode = "image" if video_length == 1 else "video"
-        keys = [hashlib.sha256(f"{self.fingerprint}|{mode}|{p.strip()}".encode()).hexdigest() for p in prompts]
+        keys = [hashlib.sha256(f"{self.fingerprint}|{mode}|{p.strip()}".encode()).hexdigest()
+                for p in prompts]
         files = [os.path.join(cache_dir, k + ".safetensors") for k in keys]
         todo = [i for i, f in enumerate(files) if not os.path.isfile(f)]
         if todo:

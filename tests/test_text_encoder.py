@@ -379,12 +379,21 @@ def test_clear_errors(tmp_path):
         te.LlamaEncoder.from_pretrained(str(tmp_path))
     sd = {"model." + k: v for k, v in m.state_dict().items() if k != "layers.2.mlp.up_proj.weight"}
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(KeyError, match="layers.2.mlp.up_proj.weight"):
+    # dit.check_state_dict's message, as for every loader: what is missing, unexpected or mis-shaped
+    with pytest.raises(ValueError, match=r"fit LlamaEncoder: 1 missing: layers\.2\.mlp\.up_proj\.weight"):
         te.LlamaEncoder.from_pretrained(str(tmp_path))
     sd["model.layers.2.mlp.up_proj.weight"] = torch.zeros(5, 5)
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"1 wrong shape: layers\.2\.mlp\.up_proj\.weight \(5, 5\) vs \(48, "):
         te.LlamaEncoder.from_pretrained(str(tmp_path))
+    sd["model.layers.2.mlp.up_proj.weight"] = m.state_dict()["layers.2.mlp.up_proj.weight"]
+    sd["model.layers.2.mlp.extra.weight"] = torch.zeros(2)
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"1 unexpected: layers\.2\.mlp\.extra\.weight"):
+        te.LlamaEncoder.from_pretrained(str(tmp_path))
+    del sd["model.layers.2.mlp.extra.weight"]
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    te.LlamaEncoder.from_pretrained(str(tmp_path))  # the repaired file loads
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "llava"}))
     with pytest.raises(ValueError, match="language model"):
