@@ -12,13 +12,12 @@ gradients are zero. Every query row, padded or not, attends to the n valid keys 
 output. n must lie in [1, Lk]: with no valid key the softmax is undefined, so 0 is an error. Lq may
 differ from Lk (cross-attention shapes work too).
 
-On CUDA tensors in bf16/fp16 the CUDA kernel (attention.cu, head_dim 64 or 128) runs, built on first use
-by torch.utils.cpp_extension.load (ninja; cached in attention_cuda/build/). Everywhere else (CPU tensors,
-fp32/fp64, no GPU, or a build that failed) the same call goes through torch's
+On CUDA tensors in bf16/fp16 with head_dim 64 or 128 a CUDA kernel runs, built on first use by
+torch.utils.cpp_extension.load (ninja; cached in attention_cuda/build/): on Hopper (compute capability
+9.0) version 2.1 (hopper.cu: wgmma, TMA, warp-specialised), on any other GPU from sm_80 on version 1.2
+(portable.cu: mma.sync); last_kernels() says which ran. Everywhere else (CPU tensors, fp32/fp64, no GPU,
+a build that failed, or ATTENTION_CUDA=0 in the environment) the same call goes through torch's
 scaled_dot_product_attention with a boolean key mask: the same function, autograd included.
-On Hopper (compute capability 9.0) that is version 2.1 (wgmma, TMA, warp-specialised), elsewhere version
-1.2 (mma.sync); ATTENTION_CUDA_FWD_WGMMA / ATTENTION_CUDA_BWD_WGMMA pick another on Hopper (README.md),
-last_kernels() says which ran. ATTENTION_CUDA=0 in the environment turns the kernel off.
 """
 
 import functools
@@ -32,10 +31,10 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SOURCES = [os.path.join(HERE, "binding.cpp"), os.path.join(HERE, "attention.cu")]
-# sm_90a for the H100 (the target later versions with wgmma need), sm_80 machine code plus compute_80 PTX
-# so any other GPU from Ampere on runs the same mma.sync kernel.
-# --threads 0: nvcc compiles the three targets in parallel (the build is one .cu file, so ninja cannot).
+SOURCES = [os.path.join(HERE, f) for f in ("binding.cpp", "portable.cu", "hopper.cu")]
+# sm_90a for the H100/H200 (wgmma and setmaxnreg exist only there), sm_80 machine code plus compute_80 PTX
+# so any other GPU from Ampere on runs the portable kernel. --threads 0: nvcc compiles the three targets
+# of one file in parallel.
 NVCC_FLAGS = ["-O3", "-lineinfo", "--threads", "0",
               "-gencode=arch=compute_90a,code=sm_90a",
               "-gencode=arch=compute_80,code=sm_80",
@@ -66,9 +65,9 @@ def build(verbose=False):
 
 
 def last_kernels():
-    """(forward, backward): the kernel versions the extension's last calls launched ("1.2", "2.0", "2.1 ws",
-    ...; "" before the first), or None where it is not loaded. The environment's version choices fall back
-    silently where they do not apply (another GPU, strides a tensor map refuses): this says what ran."""
+    """(forward, backward): the kernel versions the extension's last calls launched ("1.2", or "2.1 ws":
+    version 2.1, warp-specialised; "" before the first), or None where it is not loaded. Version 2.1 falls
+    back to 1.2 silently where the driver refuses a tensor map (odd strides): this says what ran."""
     return tuple(_ext.last_kernels()) if _ext is not None else None
 
 
@@ -160,6 +159,12 @@ def _aligned(x):
     return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
+def use_hopper_kernel(device):
+    """Version 2.1 on compute capability 9.0 (its sm_90a code runs nowhere else), version 1.2 elsewhere.
+    Tests replace this function to run version 1.2 on a Hopper GPU too."""
+    return torch.cuda.get_device_capability(device) == (9, 0)
+
+
 @functools.lru_cache(maxsize=64)
 def _lens_tensor(lens, B, Lk, device):
     """kv_lens as an int32 device tensor; cached so a model that passes the same lengths to every block
@@ -171,11 +176,12 @@ class FusedAttention(torch.autograd.Function):
     """Forward saves the per-row log-sum-exp (log2 units, scaled scores); backward recomputes P from it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lens_t):
+    def forward(ctx, q, k, v, lens_t, hopper):
         with torch.cuda.device(q.device):
             stream = torch.cuda.current_stream().cuda_stream
-            o, lse = _ext.forward(q, k, v, lens_t, stream)
+            o, lse = _ext.forward(q, k, v, lens_t, stream, hopper)
         ctx.save_for_backward(q, k, v, o, lse, lens_t)
+        ctx.hopper = hopper
         return o
 
     @staticmethod
@@ -184,8 +190,8 @@ class FusedAttention(torch.autograd.Function):
         q, k, v, o, lse, lens_t = ctx.saved_tensors
         with torch.cuda.device(q.device):
             stream = torch.cuda.current_stream().cuda_stream
-            dq, dk, dv = _ext.backward(q, k, v, o, lse, _aligned(do), lens_t, stream)
-        return dq, dk, dv, None
+            dq, dk, dv = _ext.backward(q, k, v, o, lse, _aligned(do), lens_t, stream, ctx.hopper)
+        return dq, dk, dv, None, None
 
 
 # -----------------------------------------------------------------------------
@@ -202,6 +208,6 @@ def attention(q, k, v, kv_lens=None):
     if use_kernel and kernel_available():
         B, Lk = k.shape[:2]
         lens_t = _lens_tensor(lens, B, Lk, q.device)
-        return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t)
+        return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t, use_hopper_kernel(q.device))
     return _sdpa(q, k, v, lens)
 

@@ -1,5 +1,5 @@
-// The C-style interface between the kernels (attention.cu: CUDA headers only, so it compiles without
-// torch's CUDA headers) and the torch binding (binding.cpp: torch headers only, no CUDA headers).
+// The C-style interface between the kernels (portable.cu, hopper.cu: CUDA headers only) and the torch
+// binding (binding.cpp: torch headers only, no CUDA headers).
 #pragma once
 
 // One (B, L, heads, head_dim) tensor: element strides of the first three dims; the last dim is
@@ -10,22 +10,24 @@ struct AttnTensor {
 };
 
 struct AttnParams {
-    AttnTensor q, k, v, o;      // forward: q, k, v in, o out
+    AttnTensor q, k, v, o;        // forward: q, k, v in, o out
     AttnTensor dout, dq, dk, dv;  // backward: dout in, dq, dk, dv out
-    float* lse;                 // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out, backward in
-    float* delta;               // (B, H, Lq) fp32 workspace: rowsum(dout * o)
-    float* dq_accum;            // unused since version 1.1 (dQ is written once by its own kernel); may be null
-    const int* kv_lens;         // (B,) int32 on the device: valid keys per sample, each in [1, len_k]
+    float* lse;                   // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out, backward in
+    float* delta;                 // (B, H, Lq) fp32 workspace: rowsum(dout * o)
+    float* unused;                // always null; keeps the layout the kernels' parameter offsets were built with
+    const int* kv_lens;           // (B,) int32 on the device: valid keys per sample, each in [1, len_k]
     int batch, heads, len_q, len_k, head_dim;
-    float scale;                // softmax scale, 1/sqrt(head_dim)
-    int is_bf16;                // 1: bf16, 0: fp16
+    float scale;                  // softmax scale, 1/sqrt(head_dim)
+    int is_bf16;                  // 1: bf16, 0: fp16
 };
 
 // Each returns 0 (cudaSuccess) or a cudaError_t code; attn_error_string turns it into words.
-int attn_forward(const AttnParams& p, void* stream);
-int attn_backward(const AttnParams& p, void* stream);
+// Version 1.2 (portable.cu): any GPU from sm_80 on.
+int attn_portable_forward(const AttnParams& p, void* stream);
+int attn_portable_backward(const AttnParams& p, void* stream);
+// Version 2.1 (hopper.cu): compute capability 9.0 only. ATTN_NO_TENSOR_MAP: the driver refused a tensor
+// map for these strides and nothing was launched; the caller runs version 1.2 instead.
+constexpr int ATTN_NO_TENSOR_MAP = -1;
+int attn_hopper_forward(const AttnParams& p, void* stream);
+int attn_hopper_backward(const AttnParams& p, void* stream);
 const char* attn_error_string(int err);
-// The kernels the last attn_forward / attn_backward call launched, in words ("1.2", "2.0", "2.1 ws", ...):
-// environment choices fall back silently where they do not apply, so tests and the benchmark ask.
-const char* attn_last_forward();
-const char* attn_last_backward();

@@ -1,7 +1,7 @@
-// torch binding of the kernels in attention.cu: allocates outputs and workspaces, fills AttnParams,
-// launches on the stream the caller passes (torch.cuda.current_stream().cuda_stream). Only torch
-// headers here, no CUDA headers: the checks a user can trip are made in Python (__init__.py) with
-// one-line messages; these are internal invariants.
+// torch binding of the kernels (portable.cu: version 1.2; hopper.cu: version 2.1): allocates outputs and
+// workspaces, fills AttnParams, launches on the stream the caller passes
+// (torch.cuda.current_stream().cuda_stream). Only torch headers here, no CUDA headers: the checks a user
+// can trip are made in Python (__init__.py) with one-line messages; these are internal invariants.
 #include <torch/extension.h>
 
 #include <cmath>
@@ -10,6 +10,10 @@
 #include "attention.h"
 
 namespace {
+
+// The kernel versions the last forward and backward launched, for last_kernels().
+const char* last_forward = "";
+const char* last_backward = "";
 
 AttnTensor view(const torch::Tensor& x) { return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)}; }
 
@@ -46,21 +50,27 @@ AttnParams params(const torch::Tensor& q, const torch::Tensor& k, const torch::T
     return p;
 }
 
-// Returns (o (B, Lq, H, D), lse (B, H, Lq) fp32).
-std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_lens, int64_t stream) {
+// Returns (o (B, Lq, H, D), lse (B, H, Lq) fp32). hopper: try version 2.1 first (compute capability 9.0
+// only); it falls back to 1.2 where the driver refuses a tensor map.
+std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor kv_lens,
+                                   int64_t stream, bool hopper) {
     AttnParams p = params(q, k, v, kv_lens);
     auto o = torch::empty({p.batch, p.len_q, p.heads, p.head_dim}, q.options());
     auto lse = torch::empty({p.batch, p.heads, p.len_q}, q.options().dtype(torch::kFloat32));
     p.o = view(o);
     p.lse = lse.data_ptr<float>();
-    const int err = attn_forward(p, reinterpret_cast<void*>(stream));
+    void* s = reinterpret_cast<void*>(stream);
+    int err = hopper ? attn_hopper_forward(p, s) : ATTN_NO_TENSOR_MAP;
+    last_forward = err == ATTN_NO_TENSOR_MAP ? "1.2" : "2.1 ws";
+    if (err == ATTN_NO_TENSOR_MAP) err = attn_portable_forward(p, s);
     TORCH_CHECK(err == 0, "attention_cuda forward: ", attn_error_string(err));
     return {o, lse};
 }
 
 // Returns (dq, dk, dv), each shaped like its input.
-std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o, torch::Tensor lse,
-                                    torch::Tensor dout, torch::Tensor kv_lens, int64_t stream) {
+std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
+                                    torch::Tensor lse, torch::Tensor dout, torch::Tensor kv_lens, int64_t stream,
+                                    bool hopper) {
     AttnParams p = params(q, k, v, kv_lens);
     check_input(o, q, "o");
     check_input(dout, q, "dout");
@@ -79,8 +89,10 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
     p.dv = view(dv);
     p.lse = lse.data_ptr<float>();
     p.delta = delta.data_ptr<float>();
-    p.dq_accum = nullptr;  // since version 1.1 dQ is written directly (no atomics, no fp32 buffer)
-    const int err = attn_backward(p, reinterpret_cast<void*>(stream));
+    void* s = reinterpret_cast<void*>(stream);
+    int err = hopper ? attn_hopper_backward(p, s) : ATTN_NO_TENSOR_MAP;
+    last_backward = err == ATTN_NO_TENSOR_MAP ? "1.2" : "2.1 ws";
+    if (err == ATTN_NO_TENSOR_MAP) err = attn_portable_backward(p, s);
     TORCH_CHECK(err == 0, "attention_cuda backward: ", attn_error_string(err));
     return {dq, dk, dv};
 }
@@ -90,6 +102,6 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "attention forward: (o, lse)");
     m.def("backward", &backward, "attention backward: (dq, dk, dv)");
-    m.def("last_kernels", [] { return std::make_pair(std::string(attn_last_forward()), std::string(attn_last_backward())); },
+    m.def("last_kernels", [] { return std::make_pair(std::string(last_forward), std::string(last_backward)); },
           "the kernel versions the last forward and backward launched");
 }

@@ -1,6 +1,7 @@
 """attention_cuda against a float64 formula written out by hand: softmax(q k^T / sqrt d) v over the valid
-keys of each sample. CPU tests cover the SDPA fallback; the GPU tests (skipped without CUDA) cover the
-kernel: bf16/fp16, head_dim 64 and 128, lengths off the tile, kv_lens edge cases, poisoned outputs."""
+keys of each sample. CPU tests cover the SDPA fallback; the GPU tests (skipped without CUDA) cover both
+kernels (version 2.1 on Hopper, version 1.2 everywhere): bf16/fp16, head_dim 64 and 128, lengths off the
+tile, kv_lens edge cases, poisoned outputs."""
 
 import math
 
@@ -122,6 +123,17 @@ def test_kernel_not_available_on_cpu():
 gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 
 
+@pytest.fixture(params=["2.1 ws", "1.2"], ids=["hopper", "portable"])
+def version(request, monkeypatch):
+    """The kernel under test, as last_kernels() names it: version 2.1 (hopper.cu, compute capability 9.0
+    only) or version 1.2 (portable.cu), which a Hopper GPU runs when use_hopper_kernel says no."""
+    if request.param == "2.1 ws" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("version 2.1 is sm_90a code: it needs an H100/H200")
+    if request.param == "1.2":
+        monkeypatch.setattr(attention_cuda, "use_hopper_kernel", lambda device: False)
+    return request.param
+
+
 def fresh_nan_memory(*tensors_like):
     """Fill the caching allocator's free blocks with NaN: allocate buffers the size of the outputs to
     come, poison them and free them, so the kernel's torch.empty outputs start as NaN and an element the
@@ -134,12 +146,16 @@ def fresh_nan_memory(*tensors_like):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("L, kv_lens", [
-    (1000, None),                     # L off the 64-row tile
+    (1000, None),                     # L off the 64- and 128-row tiles
     (4352 + 37, [4352 + 37, 4352]),   # none padded in sample 0; a whole-tile tail in sample 1
     (300, [1, 300]),                  # all but one key padded
     (517, [517 - 216, 40]),           # differing per sample, ends inside a tile
+    (129, [128, 129]),                # one key past a tile; a sample that ends on a tile boundary
 ])
-def test_kernel_forward_backward(dtype, D, L, kv_lens):
+def test_kernel_forward_backward(version, dtype, D, L, kv_lens):
+    """Forward and backward against float64, NaN in every padded key and value and in the memory the
+    outputs are allocated from; the backward reads the log-sum-exp the forward saves, so this checks
+    that too. The launcher must really have taken the version under test."""
     assert kernel_available(), "CUDA is here, so the extension must build: run python attention_cuda/build.py"
     B, H = 2, 2
     q, k, v = qkv(B, L, L, H, D, dtype=dtype, device="cuda", seed=L + D)
@@ -152,6 +168,7 @@ def test_kernel_forward_backward(dtype, D, L, kv_lens):
     o = attention(q, k, v, kv_lens)
     fresh_nan_memory(q, k, v, q.float())
     dq, dk, dv = torch.autograd.grad((o.float() * go.float()).sum(), (q, k, v))
+    assert attention_cuda.last_kernels() == (version, version)
     for x in (o, dq, dk, dv):
         assert torch.isfinite(x).all()
 
@@ -167,57 +184,10 @@ def test_kernel_forward_backward(dtype, D, L, kv_lens):
 
 
 @gpu
-@pytest.mark.parametrize("warps", [{"ATTENTION_CUDA_FWD_WARPS": "4", "ATTENTION_CUDA_DQ_WARPS": "4",
-                                    "ATTENTION_CUDA_DKDV_WARPS": "8", "ATTENTION_CUDA_FWD_ROWS": "16"},
-                                   {"ATTENTION_CUDA_FWD_WARPS": "8", "ATTENTION_CUDA_FWD_ROWS": "32"},
-                                   {"ATTENTION_CUDA_FWD_WARPS": "4", "ATTENTION_CUDA_FWD_ROWS": "32"}])
-def test_kernel_other_warp_counts(monkeypatch, warps):
-    """Launch choices that are not the default (read from the environment at every launch): warps per
-    block at head_dim 128, query rows per warp in the forward at both head_dims; the same checks as above."""
-    for name, value in warps.items():
-        monkeypatch.setenv(name, value)
-    for side in ("FWD", "BWD"):  # these choices are version 1.2's: take it on a Hopper GPU too
-        monkeypatch.setenv(f"ATTENTION_CUDA_{side}_WGMMA", "0")
-    test_kernel_forward_backward(torch.bfloat16, 128, 517, [517 - 216, 40])
-    test_kernel_forward_backward(torch.float16, 128, 300, [1, 300])
-    test_kernel_forward_backward(torch.bfloat16, 64, 333, [333, 64])
-
-
-@gpu
-@pytest.mark.parametrize("which, value, launched", [("FWD", "1", "2.0"), ("FWD", "ws", "2.1 ws"),
-                                                    ("FWD", "ws-pingpong", "2.1 ws-pingpong"),
-                                                    ("FWD", "ws-plain", "2.1 ws-plain"), ("FWD", "0", "1.2"),
-                                                    ("BWD", "1", "2.0"), ("BWD", "ws", "2.1 ws"), ("BWD", "0", "1.2")],
-                         ids=["fwd_v20", "fwd_full", "fwd_pingpong", "fwd_plain", "fwd_v12", "bwd_v20", "bwd_ws",
-                              "bwd_v12"])  # -k picks one
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("L, kv_lens", [(1000, None), (4352 + 37, [4352 + 37, 4352]), (300, [1, 300]),
-                                        (517, [517 - 216, 40]), (129, [128, 129])])
-def test_kernel_wgmma(monkeypatch, which, value, launched, dtype, D, L, kv_lens):
-    """Every version on a Hopper GPU (ATTENTION_CUDA_FWD_WGMMA = 1: 2.0, ws: 2.1, the default there,
-    ws-pingpong, ws-plain: 2.1 without its overlaps, 0: 1.2; ATTENTION_CUDA_BWD_WGMMA = 1, ws, 0; compute
-    capability 9.0 only), one side at a time so a failure names it: the
-    same checks (the backward reads the log-sum-exp the forward saves, so FWD checks that too), and the
-    launcher must really have taken the kernel asked for (it falls back silently where one does not apply)."""
-    if torch.cuda.get_device_capability() != (9, 0):
-        pytest.skip("the wgmma kernels are sm_90a code: they need an H100/H200")
-    monkeypatch.setenv(f"ATTENTION_CUDA_{which}_WGMMA", value)
-    test_kernel_forward_backward(dtype, D, L, kv_lens)
-    assert attention_cuda.last_kernels()[0 if which == "FWD" else 1] == launched
-
-
-@gpu
-@pytest.mark.parametrize("version", ["default", "0"])
-def test_kernel_matches_fallback_and_other_shapes(monkeypatch, version):
-    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens: through the default
-    (on Hopper version 2.1, whose tensor maps read those strides themselves) and version 1.2, forward and
-    backward."""
+def test_kernel_matches_fallback_and_other_shapes(version):
+    """Lq != Lk, non-contiguous inputs (slices of a packed qkv tensor), a tensor kv_lens, forward and
+    backward (version 2.1's tensor maps read those strides themselves)."""
     assert kernel_available()
-    hopper = torch.cuda.get_device_capability() == (9, 0)
-    if version != "default":
-        monkeypatch.setenv("ATTENTION_CUDA_FWD_WGMMA", version)
-        monkeypatch.setenv("ATTENTION_CUDA_BWD_WGMMA", version)
     B, L, H, D = 2, 333, 4, 128
     qkv_packed = rand(B, L, 3, H, D, dtype=torch.bfloat16, device="cuda", seed=11).requires_grad_()
     q, k, v = qkv_packed.unbind(2)
@@ -233,7 +203,7 @@ def test_kernel_matches_fallback_and_other_shapes(monkeypatch, version):
     rq, rk, rv = ref_in.unbind(2)
     (g_ref,) = torch.autograd.grad((reference(rq[:, :77], rk, rv, [333, 100]) * go.double()).sum(), ref_in)
     assert rel_err(g, g_ref) < 1e-2
-    assert attention_cuda.last_kernels() == (("2.1 ws",) * 2 if hopper and version == "default" else ("1.2",) * 2)
+    assert attention_cuda.last_kernels() == (version, version)
 
 
 @gpu
