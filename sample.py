@@ -1,13 +1,14 @@
 """
-Sampling: prompt in, mp4 out (the official HunyuanVideo pipeline, facts §5).
+Sampling: prompt in, mp4 out, as the official HunyuanVideo pipeline (official sample_video.py).
 
-    python sample.py --prompt "a red circle moving left"                  # the embedded demo (out/demo)
-    python sample.py --prompt "..." --dit DIT.pt --vae VAE_DIR --llm LLM_DIR --clip CLIP_DIR   # official 13B
-    torchrun --nproc_per_node 4 sample.py ...                              # one video on 4 GPUs
+    python sample.py --prompt "a red circle moving left"    # the embedded demo (out/demo)
+    python sample.py --prompt "..." --dit DIT.pt --vae VAE_DIR --llm LLM_DIR --clip CLIP_DIR  # the 13B
+    torchrun --nproc_per_node 4 sample.py ...                # one video on 4 GPUs (sequence parallel)
 
-Stages: encode the prompt (LLM + CLIP), free the encoders; draw noise; 50 Euler steps of the flow ODE
-from sigma=1 (noise) to 0 with the time shift, calling the DiT at t = sigma*1000; decode the latent with the
-tiled VAE; write an mp4 (24 fps) and a PNG strip of frames.
+Read top to bottom: the sampler (sigma schedule, Euler steps of the flow ODE), loading a pipeline (the
+official files or a train.py folder), generate() (encode the prompt with the LLM + CLIP, draw the noise,
+50 Euler steps from sigma=1 (noise) to 0 calling the DiT at t = sigma*1000, decode with the tiled VAE),
+writing (an mp4 at 24 fps and a PNG strip of frames), main().
 """
 
 import argparse
@@ -16,15 +17,24 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import dit
+import text_encoder
+import vae as vae_lib
 
 # ----------------------------------------------------------------------------------------------------------
 # The sampler
+
+# official hyvideo/config.py defaults: --infer-steps, --flow-shift, --embedded-cfg-scale, --cfg-scale
+OFFICIAL_SAMPLING = {"steps": 50, "shift": 7.0, "guidance": 6.0, "cfg_scale": 1.0}
+# official sample_video.py: 720p, 129 frames, saved at 24 fps
+OFFICIAL_VIDEO = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
 
 
 def flow_sigmas(steps, shift):
@@ -35,13 +45,14 @@ def flow_sigmas(steps, shift):
 
 
 @torch.no_grad()
-def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None, progress=True):
+def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None,
+            progress=True):
     """Integrate the flow ODE dx/dsigma = v from sigma=1 to 0 with Euler steps.
 
     cond/uncond: (text, text_mask, pooled) for the prompt and the negative prompt. Real CFG (cfg_scale > 1)
     runs the batch [uncond ; cond] and combines uncond + w*(cond - uncond); the released model is
-    guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype first
-    (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents are kept in fp32 between steps.
+    guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype
+    first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
     """
     sigmas = flow_sigmas(steps, shift).to(noise.device)
     dtype = next(model.parameters()).dtype
@@ -72,78 +83,69 @@ def initial_noise(shape, seed, device, dtype):
                                   device=device, dtype=dtype) for i in range(shape[0])])
 
 
-def to_frames(video):
-    """VAE output (3, T, H, W) in ~[-1, 1] -> uint8 (T, H, W, 3): clamp((x+1)/2) * 255, truncated like the
-    official save_videos_grid."""
-    v = (video / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype first, then fp32, as the official pipeline
-    return (v.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)
-
-
-def write_mp4(frames, path, fps=24):
-    """uint8 (T, H, W, 3) RGB -> mp4 (MPEG-4 through OpenCV, no ffmpeg needed); temp file + rename."""
-    import cv2
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.mp4"
-    T, H, W, _ = frames.shape
-    w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
-    if not w.isOpened():
-        raise RuntimeError(f"OpenCV cannot write mp4 files here ({path}); reinstall opencv-python-headless")
-    for f in frames:
-        w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
-    w.release()
-    os.replace(tmp, path)
-
-
-def write_strip(frames, path, n=8):
-    """A PNG of n evenly spaced frames side by side, for a quick look."""
-    import cv2
-    idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
-    strip = np.concatenate([frames[i] for i in idx], axis=1)
-    tmp = path + ".tmp.png"
-    cv2.imwrite(tmp, np.ascontiguousarray(strip[..., ::-1]))
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoint folders written by train.py
+# Loading: the official files or a folder written by train.py
 
-def load_ckpt_config(ckpt):
-    """config.json of a train.py folder, with the DiT and VAE configs as dataclasses."""
-    import vae as vae_lib
-    with open(os.path.join(ckpt, "config.json")) as f:
-        conf = json.load(f)
-    conf["dit"] = dit.DiTConfig(**conf["dit"])
-    conf["vae"] = vae_lib.VAEConfig(**conf["vae"])
-    return conf
-
-
-def load_ckpt_encoder(ckpt, device, offload=False):
-    """The text encoder of a train.py folder -> (PromptEncoder, default video size): the official encoders
-    where the run used them (config names their folders), else its small frozen one (stored in the folder)."""
-    import text_encoder as te
-    from safetensors.torch import load_file
-    conf = load_ckpt_config(ckpt)
-    t = conf["text"]
-    if "llm_dir" in t:
-        for d in (t["llm_dir"], t["clip_dir"]):
-            if not os.path.isdir(d):
-                raise SystemExit(f"error: {ckpt}/config.json names the text encoder folder {d}, which is not there; "
-                                 f"pass --dit/--vae/--llm/--clip instead of --ckpt")
-        enc = te.PromptEncoder.from_pretrained(t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device,
-                                               offload="model" if offload else None, text_len=t["text_len"])
-        return enc, conf["video"]
-    llm, clip = te.LlamaEncoder(te.LlamaConfig(**t["llm"])), te.CLIPTextEncoder(te.CLIPTextConfig(**t["clip"]))
-    sd = load_file(os.path.join(ckpt, "text_encoder.safetensors"))
-    llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
-    clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")}, strict=True)
-    tok = te.Tokenizer(os.path.join(ckpt, t["tokenizer"]))
-    llm, clip = (m.to(device).eval().requires_grad_(False) for m in (llm, clip))
-    enc = te.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=t["text_len"], device=device)
-    return enc, conf["video"]
+@dataclass
+class Pipeline:
+    """Everything generate() needs, loaded once by load_pipeline()."""
+    encoder: text_encoder.PromptEncoder
+    dit: torch.nn.Module       # dit.HunyuanVideoDiT
+    vae: torch.nn.Module       # vae.CausalVAE
+    video: dict                # default height, width, frames, fps
+    sampling: dict             # default steps, shift, guidance, cfg_scale
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Memory: block-wise offload of the DiT
+def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_dir=None, device="cpu",
+                  dtype=torch.bfloat16, offload=False):
+    """The prompt encoder, DiT (in `dtype`) and VAE with their default video size and sampling options:
+    the official files (dit_path, which may be the fp8 one, vae_path, llm_dir, clip_dir) or a train.py
+    output folder (ckpt; its config.json names its encoders and holds its own defaults).
+
+    On a GPU the official text encoders (8B LLM + CLIP, fp16) wait in CPU memory and visit the GPU only
+    while they encode, so they never share it with the DiT's activations. offload: the DiT's blocks too."""
+    device = torch.device(device)
+    big_encoders = "model" if offload or device.type == "cuda" else None
+    vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official --vae-precision fp16
+    video, sampling = dict(OFFICIAL_VIDEO), dict(OFFICIAL_SAMPLING)
+    if ckpt is None:
+        encoder = text_encoder.PromptEncoder.from_pretrained(llm_dir, clip_dir, dtype=torch.float16,
+                                                             device=device, offload=big_encoders)
+        vae = vae_lib.load_vae(vae_path, device=device, dtype=vae_dtype)
+    else:
+        with open(os.path.join(ckpt, "config.json")) as f:
+            conf = json.load(f)
+        video.update(conf["video"])  # the last stage's size and its clips' frame rate (fps absent: 24)
+        sampling.update({k: v for k, v in conf.get("sample", {}).items() if v is not None})
+        t = conf["text"]
+        if "llm_dir" in t:  # trained with the official encoders: config.json names their folders
+            for d in (t["llm_dir"], t["clip_dir"]):
+                if not os.path.isdir(d):
+                    raise SystemExit(f"error: {ckpt}/config.json names the text encoder folder {d}, which is "
+                                     f"not there; pass --dit/--vae/--llm/--clip instead of --ckpt")
+            encoder = text_encoder.PromptEncoder.from_pretrained(
+                t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device, offload=big_encoders,
+                text_len=t["text_len"])
+        else:  # train.py's small frozen encoders, stored in the folder with their tokenizer
+            from safetensors.torch import load_file
+            llm = text_encoder.LlamaEncoder(text_encoder.LlamaConfig(**t["llm"]))
+            clip = text_encoder.CLIPTextEncoder(text_encoder.CLIPTextConfig(**t["clip"]))
+            sd = load_file(os.path.join(ckpt, "text_encoder.safetensors"))
+            llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
+            clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")}, strict=True)
+            tok = text_encoder.Tokenizer(os.path.join(ckpt, t["tokenizer"]))
+            llm, clip = (m.to(device).eval().requires_grad_(False) for m in (llm, clip))
+            encoder = text_encoder.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=t["text_len"],
+                                                 device=device)
+        dit_path = os.path.join(ckpt, "dit.safetensors")
+        vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=vae_lib.VAEConfig(**conf["vae"]),
+                               device=device, dtype=vae_dtype)
+    model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device)
+    model.eval().requires_grad_(False)
+    if offload and device.type == "cuda":
+        offload_blocks(model, device)
+    return Pipeline(encoder, model, vae, video, sampling)
+
 
 def offload_blocks(model, device):
     """Keep the DiT's 60 blocks in (pinned) CPU memory; each block's weights come to `device` for its own
@@ -174,6 +176,94 @@ def offload_blocks(model, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Generating: prompts -> frames
+
+@torch.no_grad()
+def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=None, shift=None,
+             guidance=None, cfg_scale=None, negative_prompt=text_encoder.NEGATIVE_PROMPT, tiled=True,
+             times=None):
+    """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
+    starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
+    steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
+    each stage's seconds."""
+    H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
+    steps = pipe.sampling["steps"] if steps is None else steps
+    shift = pipe.sampling["shift"] if shift is None else shift
+    guidance = pipe.sampling["guidance"] if guidance is None else guidance
+    cfg_scale = pipe.sampling["cfg_scale"] if cfg_scale is None else cfg_scale
+    device = pipe.encoder.device
+    rank = 0 if pipe.dit.sp_group is None else dist.get_rank(pipe.dit.sp_group)
+    t0 = time.perf_counter()
+
+    def lap(name):
+        nonlocal t0
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if times is not None:
+            times[name] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+
+    cond = pipe.encoder(prompts, T)
+    uncond = pipe.encoder([negative_prompt] * len(prompts), T) if cfg_scale > 1 else None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the encoders' GPU copies are gone: their memory back for the DiT
+    lap("text encoders")
+
+    c = pipe.vae.cfg  # the latent grid follows the VAE's compression in time and space
+    shape = (len(prompts), pipe.dit.cfg.in_channels, (T - 1) // c.time_compression + 1,
+             H // c.spatial_compression, W // c.spatial_compression)
+    noise = initial_noise(shape, seed, device, cond[0].dtype)  # official: in the text encoder's dtype
+    latents = denoise(pipe.dit, noise, cond, steps, shift, guidance, cfg_scale, uncond, progress=rank == 0)
+    lap("denoise")
+    if rank != 0:
+        return None
+    video = pipe.vae.decode(latents / c.scaling_factor, tiled=tiled)  # unscale; the release has no shift
+    lap("VAE decode")
+    return np.stack([to_frames(v) for v in video])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writing: an mp4 and a PNG strip per prompt
+
+def to_frames(video):
+    """VAE output (3, T, H, W) in ~[-1, 1] -> uint8 (T, H, W, 3): clamp((x+1)/2) * 255, truncated like the
+    official save_videos_grid."""
+    v = (video / 2 + 0.5).clamp(0, 1).float()  # in the VAE's dtype first, then fp32, as the official code
+    return (v.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)
+
+
+def write_mp4(frames, path, fps=24):
+    """uint8 (T, H, W, 3) RGB -> mp4 (MPEG-4 through OpenCV, no ffmpeg needed); temp file + rename."""
+    import cv2
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.mp4"
+    T, H, W, _ = frames.shape
+    w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
+    if not w.isOpened():
+        raise RuntimeError(f"OpenCV cannot write mp4 files here ({path}); reinstall opencv-python-headless")
+    for f in frames:
+        w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
+    w.release()
+    os.replace(tmp, path)
+
+
+def write_strip(frames, path, n=8):
+    """A PNG of n evenly spaced frames side by side, for a quick look."""
+    import cv2
+    idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
+    strip = np.concatenate([frames[i] for i in idx], axis=1)
+    tmp = path + ".tmp.png"
+    cv2.imwrite(tmp, np.ascontiguousarray(strip[..., ::-1]))
+    os.replace(tmp, path)
+
+
+def slug(prompt, n=60):
+    """A file name from a prompt: its first n characters, non-alphanumerics as underscores."""
+    keep = "".join(ch if ch.isalnum() else "_" for ch in prompt.strip())[:n]
+    return keep.strip("_") or "prompt"
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Command line
 
 def nearest(n, multiple, offset=0):
@@ -182,25 +272,27 @@ def nearest(n, multiple, offset=0):
     return offset + k * multiple
 
 
-OFFICIAL_SAMPLING = {"steps": 50, "shift": 7.0, "guidance": 6.0, "cfg_scale": 1.0}  # facts §5, §6
-
-
 def check_args(args, prompts):
     """Every rule, before any model loads: returns the problems, one line each."""
     bad = []
     if not prompts or any(not p.strip() for p in prompts):
-        bad.append("the prompt is empty: pass --prompt \"a red circle moving left\" or a --prompts file with one per line")
+        bad.append("the prompt is empty: pass --prompt \"a red circle moving left\" or a --prompts file "
+                   "with one per line")
+    if args.out and len(prompts) > 1:
+        bad.append("--out names one file; with --prompts the files are named after each prompt: drop --out")
     if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
-        bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); nearest valid: {nearest(args.frames, 4, 1)}")
+        bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); "
+                   f"nearest valid: {nearest(args.frames, 4, 1)}")
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v < 16 or v % 16):
-            bad.append(f"--{name} {v}: must be a positive multiple of 16; nearest valid: {max(16, nearest(v, 16))}")
-    if args.steps < 1:
+            bad.append(f"--{name} {v}: must be a positive multiple of 16; "
+                       f"nearest valid: {max(16, nearest(v, 16))}")
+    if args.steps is not None and args.steps < 1:
         bad.append(f"--steps {args.steps}: must be at least 1 (official: 50)")
-    if args.shift <= 0:
+    if args.shift is not None and args.shift <= 0:
         bad.append(f"--shift {args.shift}: must be positive (official: 7.0)")
-    if args.cfg_scale < 1:
+    if args.cfg_scale is not None and args.cfg_scale < 1:
         bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
     official = [args.dit, args.vae, args.llm, args.clip]
     if any(official) and not all(official):
@@ -209,144 +301,51 @@ def check_args(args, prompts):
     if not any(official):
         paths = [("--ckpt", args.ckpt)]
         if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
-            bad.append(f"--ckpt {args.ckpt}: no config.json there; run `python train.py` first (it writes out/demo) "
-                       f"or pass the official --dit/--vae/--llm/--clip files")
+            bad.append(f"--ckpt {args.ckpt}: no config.json there; run `python train.py` first (it writes "
+                       f"out/demo) or pass the official --dit/--vae/--llm/--clip files")
             paths = []
     for flag, p in paths:
         if p and not os.path.exists(p):
             bad.append(f"{flag} {p}: no such file or directory")
     if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(dit.fp8_map_path(args.dit)):
-        bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing (released beside it)")
+        bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing "
+                   f"(released beside it)")
     return bad
-
-
-def run(args, prompts):
-    import torch.distributed as dist
-    import text_encoder
-    import vae as vae_lib
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun: sequence parallel over all ranks
-    rank = int(os.environ.get("RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    stage, t0 = {}, time.perf_counter()
-
-    def lap(name):
-        nonlocal t0
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        stage[name] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-
-    # 1. text: encoders first, then freed, so they never share the GPU with the DiT
-    official = bool(args.dit)
-    if official:
-        encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, dtype=torch.float16, device=device,
-                                                             offload="model" if args.offload else None)
-        defaults = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
-    else:
-        encoder, defaults = load_ckpt_encoder(args.ckpt, device, args.offload)
-    H, W, T = (getattr(args, k) or defaults[k] for k in ("height", "width", "frames"))
-    fps = args.fps or defaults.get("fps", 24)  # a train.py folder: the rate its training clips play at
-    cond = encoder(prompts, T)
-    uncond = None
-    if args.cfg_scale > 1:
-        neg = args.negative_prompt or text_encoder.NEGATIVE_PROMPT  # official inference.py: "" too means the default
-        uncond = encoder([neg] * len(prompts), T)
-    noise_dtype = cond[0].dtype  # official: noise drawn in the text encoder's dtype (fp16)
-    del encoder
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    lap("text encoders")
-
-    # 2. the DiT
-    if official:
-        model = dit.load_dit(args.dit, dtype=dtype, device="cpu" if args.offload else device)
-    else:
-        model = dit.load_dit(os.path.join(args.ckpt, "dit.safetensors"), dtype=dtype,
-                             device="cpu" if args.offload else device)
-    model.eval().requires_grad_(False)
-    if args.offload and device.type == "cuda":
-        offload_blocks(model, device)
-    if world > 1:
-        model.sp_group = dist.group.WORLD
-    if official:
-        vae = vae_lib.load_vae(args.vae, device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    else:
-        vae = vae_lib.load_vae(os.path.join(args.ckpt, "vae.safetensors"), cfg=load_ckpt_config(args.ckpt)["vae"],
-                               device=device, dtype=torch.float16 if device.type == "cuda" else torch.float32)
-    c = vae.cfg
-    lat = (len(prompts), model.cfg.in_channels, (T - 1) // c.time_compression + 1,
-           H // c.spatial_compression, W // c.spatial_compression)
-    lap("load DiT + VAE")
-
-    # 3. denoise: every rank runs the same loop on the same noise; the DiT splits the tokens between them
-    noise = initial_noise(lat, args.seed, device, noise_dtype)
-    cond = tuple(x.to(device) for x in cond)
-    uncond = None if uncond is None else tuple(x.to(device) for x in uncond)
-    latents = denoise(model, noise, cond, args.steps, args.shift, args.guidance, args.cfg_scale, uncond,
-                      progress=rank == 0)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    lap("denoise")
-
-    # 4. decode (rank 0) and write
-    if rank == 0:
-        with torch.no_grad():
-            video = vae.decode(latents / c.scaling_factor, tiled=args.tiling)  # unscale, no shift
-        lap("VAE decode")
-        for i, p in enumerate(prompts):
-            frames = to_frames(video[i])
-            out = args.out or os.path.join("out", "samples", f"{args.seed + i}_{slug(p)}.mp4")
-            write_mp4(frames, out, fps)
-            write_strip(frames, out[:-4] + ".png" if out.endswith(".mp4") else out + ".png")
-            print(f"wrote {out} ({len(frames)} frames, {W}x{H}, {fps} fps) and its .png strip")
-        lap("write")
-        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in stage.items()))
-        if device.type == "cuda":
-            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def slug(prompt, n=60):
-    keep = "".join(ch if ch.isalnum() else "_" for ch in prompt.strip())[:n]
-    return keep.strip("_") or "prompt"
 
 
 def main():
     ap = argparse.ArgumentParser(description="Sample videos with HunyuanVideo: prompt in, mp4 out.")
     ap.add_argument("--prompt", help="the text prompt")
     ap.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
-    ap.add_argument("--ckpt", default="out/demo", help="a folder written by train.py (default: the embedded demo)")
+    ap.add_argument("--ckpt", default="out/demo",
+                    help="a folder written by train.py (default: the embedded demo)")
     ap.add_argument("--dit", help="official DiT weights (mp_rank_00_model_states.pt, or the fp8 one: "
-                    "mp_rank_00_model_states_fp8.pt with its _map.pt beside it), or diffusers/ours safetensors")
+                    "mp_rank_00_model_states_fp8.pt with its _map.pt beside it), or diffusers/ours "
+                    "safetensors")
     ap.add_argument("--vae", help="official VAE folder or pytorch_model.pt")
     ap.add_argument("--llm", help="official text_encoder folder (llava-llama-3 language model + tokenizer)")
     ap.add_argument("--clip", help="official text_encoder_2 folder (CLIP ViT-L/14)")
-    ap.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 720)")
-    ap.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; official 1280)")
+    ap.add_argument("--height", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; "
+                    "official 720)")
+    ap.add_argument("--width", type=int, help="pixels, a multiple of 16 (default: the checkpoint's; "
+                    "official 1280)")
     ap.add_argument("--frames", type=int, help="4k+1 frames (default: the checkpoint's; official 129)")
-    # sampling defaults: the checkpoint folder's own (config.json "sample"), else the official ones
+    # sampling options: unset, they take the checkpoint folder's own (config.json "sample"), else official
     ap.add_argument("--steps", type=int, help="Euler steps (official 50)")
-    ap.add_argument("--shift", type=float, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma) (official 7.0)")
+    ap.add_argument("--shift", type=float, help="time shift s of sigma' = s*sigma/(1+(s-1)*sigma) "
+                    "(official 7.0)")
     ap.add_argument("--guidance", type=float, help="embedded (distilled) guidance scale (official 6.0)")
     ap.add_argument("--cfg-scale", type=float, help="real classifier-free guidance; 1 = off (official 1.0)")
-    ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default, also for an empty string: the official negative prompt)")
+    ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default, also for an empty string: the "
+                    "official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
     ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")
-    ap.add_argument("--offload", action="store_true", help="stream DiT blocks and encoders from CPU memory")
+    ap.add_argument("--offload", action="store_true", help="stream the DiT's blocks (and the encoders) from "
+                    "CPU memory")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="DiT dtype (official bf16)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                    help="DiT dtype (official bf16)")
     args = ap.parse_args()
 
     prompts = [args.prompt] if args.prompt else []
@@ -357,19 +356,48 @@ def main():
             prompts += [line.strip() for line in f if line.strip()]
     if args.prompt is None and not args.prompts:
         prompts = [""]
-    defaults = dict(OFFICIAL_SAMPLING)
-    if not args.dit and os.path.isfile(os.path.join(args.ckpt, "config.json")):
-        with open(os.path.join(args.ckpt, "config.json")) as f:
-            defaults.update({k: v for k, v in json.load(f).get("sample", {}).items() if v is not None})
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
     bad = check_args(args, prompts)
     if bad:
         sys.exit("error: " + "\nerror: ".join(bad))
-    if args.out and len(prompts) > 1:
-        sys.exit("error: --out names one file; with --prompts the files are named after each prompt")
-    run(args, prompts)
+
+    # torchrun: one GPU per rank, sequence parallel over all of them (the DiT splits the tokens)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+
+    t0 = time.perf_counter()
+    pipe = load_pipeline(None if args.dit else args.ckpt, args.dit, args.vae, args.llm, args.clip, device,
+                         dtype, args.offload)
+    if world > 1:
+        pipe.dit.sp_group = dist.group.WORLD
+    times = {"load": time.perf_counter() - t0}
+    # official inference.py: an empty negative prompt, too, means the default one
+    videos = generate(pipe, prompts, args.seed, args.height, args.width, args.frames, args.steps, args.shift,
+                      args.guidance, args.cfg_scale, args.negative_prompt or text_encoder.NEGATIVE_PROMPT,
+                      tiled=args.tiling, times=times)
+    if rank == 0:
+        t0 = time.perf_counter()
+        fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
+        for i, (p, frames) in enumerate(zip(prompts, videos)):
+            out = args.out or os.path.join("out", "samples", f"{args.seed + i}_{slug(p)}.mp4")
+            png = (out[:-4] if out.endswith(".mp4") else out) + ".png"
+            write_mp4(frames, out, fps)
+            write_strip(frames, png)
+            T, H, W, _ = frames.shape
+            print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
+        times["write"] = time.perf_counter() - t0
+        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+        if device.type == "cuda":
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -4,11 +4,13 @@ Flow-matching training of HunyuanVideo (paper §4.5), from one CPU to many GPUs,
     python train.py                                   # the embedded demo: data -> VAE -> DiT -> samples
     python train.py --quick                           # the same, in well under a minute (CI)
     python train.py --preset 1.3b-gpu --data CURATED  # a DiT on curate.py's manifests, one GPU
-    torchrun --nproc_per_node 8 train.py --preset 13b-finetune --data CURATED --init-dit mp_rank_00_model_states.pt
+    torchrun --nproc_per_node 8 train.py --preset 13b-finetune --data CURATED \
+        --init-dit mp_rank_00_model_states.pt         # fine-tune the release on 8 GPUs
     python train.py ... --resume                      # continue a killed run from its last checkpoint
 
-One file, one loop per stage, read top to bottom: configs, flow matching, data (buckets, captions, caches),
-distributed setup, checkpoints, the VAE stage, the DiT stage, the demo, main(). `python train.py` and
+One file, one loop per stage, read top to bottom: configs and presets, flow matching, data (captions,
+buckets, the small text encoder), distributed setup, checkpoints, the VAE stage, the DiT stage (latent
+caches, then the loop), the pipeline that runs them (and the demo), main(). `python train.py` and
 `torchrun ... train.py` run the same code: torchrun's RANK/WORLD_SIZE turn on FSDP2 sharding.
 """
 
@@ -45,7 +47,7 @@ class Stage:
     steps: int
     buckets: tuple                  # ((H, W, T, batch), ...)
     image_buckets: tuple = ()       # ((H, W, batch), ...): still frames mixed in at every stage
-    image_ratio: float = 0.0        # fraction of steps that take an image batch (paper: ratio varies by stage)
+    image_ratio: float = 0.0        # fraction of steps that take an image batch (paper: varies by stage)
     lr: float = 1e-4
 
 
@@ -62,7 +64,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     grad_checkpointing: bool = False
-    compile: bool = False               # torch.compile each DiT block (dit.compile_blocks): GPU training speed
+    compile: bool = False               # torch.compile each DiT block (dit.compile_blocks): GPU speed
     # flow matching (paper §4.5.1): sigma ~ logit-normal; mean/std not stated, SD3's (0, 1) by default
     sigma_mean: float = 0.0
     sigma_std: float = 1.0
@@ -70,13 +72,16 @@ class TrainConfig:
     caption_dropout: float = 0.1
     field_dropout: float = 0.5
     short_only: float = 0.4             # probability of the bare short description (what users type)
-    # draw each epoch's items with replacement in proportion to curate.py's k-means concept weights (paper
-    # §3.1: ~10K concept centroids "used to resample and balance"; the rule is not stated), not each once
+    # draw each epoch's items with replacement in proportion to curate.py's k-means concept weights
+    # (paper §3.1: ~10K concept centroids "used to resample and balance"; the rule is not stated)
     balance_concepts: bool = False
     # embedded guidance: None = the DiT has none; a number = that scale (x1000) fed while training, as
     # fine-tunes of the distilled release do; "distill" would need a teacher (paper §5.5), not done here
     train_guidance: float = None
-    # VAE stage (paper §4.1): train from scratch on clips, L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL
+    # data
+    frame_stride: int = 1               # every n-th source frame (a lower frame rate: more motion per clip)
+    clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip
+    # VAE stage (paper §4.1): from scratch on clips, L1 + 0.1 LPIPS + 0.05 GAN + 1e-6 KL
     vae: str = "tiny"                   # vae.CONFIGS preset...
     vae_overrides: dict = field(default_factory=dict)  # ...with these fields changed
     vae_steps: int = 0
@@ -86,19 +91,19 @@ class TrainConfig:
     vae_image_batch: int = 4
     vae_image_size: tuple = None        # (H, W) crops of the stills; None = vae_size's
     vae_lr: float = 1e-3
-    vae_tile_prob: float = 0.0
-    vae_mse: float = 0.0                # an extra MSE term (vae.VAELoss w_mse); 0 = the paper's loss
-    vae_chroma: float = 0.0             # an extra MSE on the error's colour part (vae.VAELoss w_chroma)
-    vae_crop_tries: int = 1             # >1: train on the most varied of this many random crops, so small
-                                        # objects on flat backgrounds are not drowned by background pixels
-    vae_sample_posterior: bool = True   # train through z ~ q(z|x); False = through its mean
+    vae_tile_prob: float = 0.0          # paper §4.1: some steps tiled, against tiling artifacts
     vae_frame_stride: int = None        # the VAE's clips take every n-th source frame; None = frame_stride's
-    vae_latent_rgb: float = 0.0         # hold latent channels 0-2 to each cell's mean RGB (vae.VAELoss)
-    vae_motion_steps: int = 0           # >0: the last this many VAE steps train only the time taps (train_vae)
+    # Demo-only options: each lets a VAE and DiT of ~1M parameters learn in CPU minutes where the paper's
+    # recipe needs far more steps; the defaults are the paper's (off). Only the demo preset sets them.
+    vae_mse: float = 0.0                # extra MSE term (VAELoss w_mse): LPIPS/GAN need longer runs
+    vae_chroma: float = 0.0             # extra MSE on the error's colour (w_chroma): small shapes' colours
+    vae_latent_rgb: float = 0.0         # latent channels 0-2 held to each cell's mean RGB: colours far apart
+    vae_crop_tries: int = 1             # the most varied of n random crops: not all flat background
+    vae_motion_steps: int = 0           # the last n VAE steps train only the time taps (train_vae): video
+                                        # steps otherwise wash the colours out of so small a VAE
     vae_motion_lr: float = 1e-3         # their lr: linear from 1.1x to 0.1x of this over the phase
-    latent_sample: bool = True          # the DiT sees posterior samples; False = the means
-    frame_stride: int = 1               # take every n-th source frame (a lower frame rate: more motion per clip)
-    clip_windows: int = 1               # train on up to this many non-overlapping windows of each clip
+    vae_sample_posterior: bool = True   # False: train through the posterior mean, not z ~ q(z|x)
+    latent_sample: bool = True          # False: the DiT sees posterior means, not samples
     # sample.py's defaults for the output folder (config.json "sample"); unset keys take the official ones
     sampling: dict = field(default_factory=dict)
     # bookkeeping
@@ -108,48 +113,32 @@ class TrainConfig:
 
 
 PRESETS = {
-    # the embedded demo: 64x112 px, 9-frame clips of coloured shapes, minutes on a 2-core CPU
+    # The embedded demo (`python train.py`): 64x112 px, 9-frame clips of coloured shapes, minutes on a
+    # 2-core CPU. docs/demo.md has the measurements behind these values.
     "demo": TrainConfig(
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
-        # Direction is learned last. At frame stride 4 it needed steps (3,600 for 65% of samples) and no other
-        # knob helped (batch 4 or 16, lr 5e-4 or 2e-3, 4 heads: 18-43%); at stride 8 (below), on one VAE with
-        # 40 samples each: 1,500 video steps 37/40 directions, 2,000 40/40, but 3-4 whites read as yellow (the
-        # VAE renders white greenish); 2,500 read 60/60 colours and directions in the full run.
+        # stills first, then mostly video: a shape's direction is the last thing the DiT learns
         stages=(Stage("image", 100, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
-                Stage("video", 2500, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),), image_ratio=0.2,
-                      lr=1e-3)),
-        # Every 8th source frame: a 9-frame clip spans 65 frames (2.7 s at 24 fps), in which a shape moves a median
-        # 34 px of the 112 (16 px at stride 4). Measured on one VAE, 40 samples each, same DiT budget: prompted
-        # direction 31/40 at stride 6, 38/40 at stride 8, 22/40 at stride 4: the larger each clip's motion, the
-        # sooner the DiT ties it to the direction word.
-        warmup=50, ema_decay=0.995, frame_stride=8, clip_windows=4, ckpt_every=500,
+                Stage("video", 2500, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),),
+                      image_ratio=0.2, lr=1e-3)),
+        warmup=50, ema_decay=0.995, ckpt_every=500,
+        # a 9-frame clip spans 65 source frames, in which a shape moves ~1/3 of the frame: the larger each
+        # clip's motion, the sooner the DiT ties it to the direction word
+        frame_stride=8, clip_windows=4,
         short_only=0.6,  # the sample prompts are bare short descriptions
-        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0),
-        # sigma ~ logit-normal(0.8, 1): the sampler's shifted schedule spends most of its steps at high noise,
-        # where the layout and the motion are decided; at mean 0 those levels get ~8% of the training samples
-        # (measured on this demo: 8/20 prompted directions at mean 0.8 against 3/20 at mean 0)
+        # the sampler's shifted schedule spends most steps at high noise, where layout and motion are decided
         sigma_mean=0.8,
-        # The VAE has the released model's 16 latent channels (4 lose the shapes' colour), a narrow first block
-        # (full-resolution layers dominate its cost) and a CPU-minutes version of the paper's low-to-high
-        # resolution curriculum: video steps on small crops, chosen to contain the moving shape (motion is
-        # local), stills at the full frame (so GroupNorm sees the statistics it will encode later). MSE and
-        # chroma terms stand in for the LPIPS/GAN terms a few hundred steps cannot use: without them small
-        # bright objects and their colour are learned last. Trained and read through the posterior mean.
-        # Two phases, because video steps wash the colours out of a VAE this small (README, "The demo"): 600
-        # steps on stills only, which train each 3D conv's sum over its time taps (all a still sees), then 200
-        # motion steps on clips that train only the taps' differences (the sums put back after every step, so
-        # stills decode exactly as before), on the DiT's stride-8 clips at a higher lr: every clip's direction
-        # reconstructed on two seeds (87-89 of 87-89 at lr 3e-3 or 5e-3), against 54-69 at stride 4 and lr 1e-3
-        # (blue shapes stood still); 5e-3 keeps white the least green in videos (the motion phase tints it).
-        # Latent channels 0-2 are held to each cell's mean RGB (vae_latent_rgb), so that every colour lies far
-        # from the background in latent space, where the DiT finds it.
+        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0),
+        # the release's 16 latent channels (4 lose the colours); a narrow first block, as full-resolution
+        # layers dominate the cost; video steps on small crops (motion is local), stills at the full frame
         vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=800, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_crop_tries=4, vae_batch=4,
-        vae_image_ratio=1.0, vae_image_batch=8, vae_lr=2e-3, vae_mse=10.0, vae_chroma=30.0,
-        vae_motion_steps=200, vae_motion_lr=5e-3, vae_latent_rgb=10.0,
-        vae_sample_posterior=False, latent_sample=False),
+        vae_steps=800, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_batch=4, vae_image_ratio=1.0,
+        vae_image_batch=8, vae_lr=2e-3,
+        # demo-only (see TrainConfig): 600 steps on stills, then 200 motion steps on the stride-8 clips
+        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0, vae_motion_steps=200,
+        vae_motion_lr=5e-3, vae_sample_posterior=False, latent_sample=False),
     # a 1.3B DiT from scratch on one GPU: 256px images, then 256px video, then longer video. No guidance
     # embedder: the release's was distilled from a CFG teacher (train_guidance, above), which a run from
     # scratch has not got; left on, it would see one constant while training and 6000 at sampling. The
@@ -166,11 +155,26 @@ PRESETS = {
         sampling=dict(cfg_scale=6.0)),  # the scale the release's embedder stands for (official default 6.0)
     # fine-tuning the released 13B on curated 540p video (load it with --init-dit)
     "13b-finetune": TrainConfig(
-        dit="13b", stages=(Stage("ft-540p", 5000, buckets=((544, 960, 65, 1), (960, 544, 65, 1), (720, 720, 65, 1)),
+        dit="13b", stages=(Stage("ft-540p", 5000,
+                                 buckets=((544, 960, 65, 1), (960, 544, 65, 1), (720, 720, 65, 1)),
                                  image_buckets=((544, 960, 4),), image_ratio=0.1, lr=1e-5),),
-        # guidance 1: the distilled model's plain conditional velocity, which is what the flow-matching target is
+        # guidance 1: the distilled model's plain conditional velocity, which is the flow-matching target
         grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy", train_guidance=1.0, warmup=200),
 }
+
+# the demo's data and prompts
+DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
+    ("red", "circle", "left"), ("green", "square", "right"), ("blue", "triangle", "up"),
+    ("yellow", "circle", "down"), ("white", "square", "left"), ("red", "triangle", "right"),
+    ("green", "circle", "up"), ("blue", "square", "down"), ("yellow", "triangle", "left"),
+    ("white", "circle", "right"), ("red", "square", "up"), ("green", "triangle", "down"),
+    ("blue", "circle", "left"), ("yellow", "square", "right"), ("white", "triangle", "up"),
+    ("red", "circle", "down"), ("green", "square", "left"), ("blue", "triangle", "right"),
+    ("yellow", "circle", "up"), ("white", "square", "down")]]
+DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enough for an 8x VAE
+# a whole short description (<= 8 word tokens) fits and leads every caption, so a longer caption loses
+# detail only; half the text tokens of 32 make a DiT step cheaper
+DEMO_TEXT_LEN = 16
 
 
 def dit_config(cfg: TrainConfig):
@@ -180,9 +184,9 @@ def dit_config(cfg: TrainConfig):
 def vae_config(cfg: TrainConfig):
     return replace(vae_lib.CONFIGS[cfg.vae], **cfg.vae_overrides)
 
-
 # ----------------------------------------------------------------------------------------------------------
-# Flow matching (paper §4.5.1, in the official sampler's convention: sigma=1 is noise, sigma=0 is data)
+# Flow matching (paper §4.5.1) in the official sampler's convention: sigma=1 is noise, sigma=0 is data;
+# and the learning-rate schedule
 
 def sample_sigma(n, mean, std, generator=None):
     """sigma ~ logit-normal: sigmoid of N(mean, std^2), which concentrates training on mid noise levels."""
@@ -198,6 +202,14 @@ def flow_matching_loss(model, x0, noise, sigma, cond, guidance=None):
     v = model(x, sigma * 1000, text, mask, pooled, guidance)
     return F.mse_loss(v.float(), (noise - x0).float())
 
+
+def lr_at(step, stage, cfg):
+    """Linear warmup, then cosine decay to min_lr_ratio of the stage's learning rate."""
+    if step < cfg.warmup:
+        return stage.lr * (step + 1) / cfg.warmup
+    p = (step - cfg.warmup) / max(1, stage.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, p)))
+    return stage.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 # ----------------------------------------------------------------------------------------------------------
 # Data: clips and stills from curate.py's manifests, captions, buckets
@@ -216,7 +228,8 @@ def load_items(data_dir, tier=None):
     name = "finetune.jsonl" if tier == "finetune" else f"manifest_{tier}.jsonl" if tier else "manifest.jsonl"
     path = os.path.join(data_dir, name)
     if not os.path.isfile(path):
-        raise SystemExit(f"error: --data {data_dir}: no {name}; run `python curate.py --input RAW --output {data_dir}` first")
+        raise SystemExit(f"error: --data {data_dir}: no {name}; run "
+                         f"`python curate.py --input RAW --output {data_dir}` first")
     clips = [dict(r, path=os.path.join(data_dir, r["path"]), kind="video") for r in read_jsonl(path)
              if r.get("caption")]
     img_name = "images.jsonl"
@@ -278,7 +291,8 @@ def read_clip(path, size, start=0, frames=None, stride=1):
     scale = max(H / h, W / w)
     nh, nw = max(H, round(h * scale)), max(W, round(w * scale))
     y, x = (nh - H) // 2, (nw - W) // 2
-    out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA)[y:y + H, x:x + W, ::-1] for f in raw])
+    out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA)[y:y + H, x:x + W, ::-1]
+                    for f in raw])
     return torch.from_numpy(out.copy()).permute(3, 0, 1, 2)
 
 
@@ -341,6 +355,47 @@ def sample_rng(seed, step, index):
     h = hashlib.sha256(f"{seed}/{step}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(h[:8], "little") & ((1 << 63) - 1))
 
+# ----------------------------------------------------------------------------------------------------------
+# Text: our small frozen encoder, when no official one is given
+
+def train_tokenizer(captions, path, vocab_size):
+    """A small SentencePiece model on the training captions (our small text encoder's vocabulary). BPE, as
+    both released tokenizers are (LLaMA-3's and CLIP's): on the demo's captions (~80 distinct words) it keeps
+    every word whole, where a unigram model stopped at ~100 pieces and spelled most words letter by letter."""
+    import io
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=buf, vocab_size=vocab_size,
+                                   model_type="bpe", bos_id=1, eos_id=2, pad_id=0, unk_id=3,
+                                   hard_vocab_limit=False, minloglevel=2)
+    with open(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(path + ".tmp", path)
+
+
+def small_encoder(out, clips, images, cfg, device, rank, world):
+    """Paper §4.3 keeps the text encoders frozen; ours are small and random
+    (text_encoder.PromptEncoder.tiny), which still keeps every token distinguishable, on a SentencePiece
+    vocabulary of the captions. Saved to out/ (tokenizer.model, text_encoder.safetensors) for sample.py."""
+    tok_path = os.path.join(out, "tokenizer.model")
+    if rank == 0 and not os.path.isfile(tok_path):
+        texts = [v if isinstance(v, str) else ", ".join(v)
+                 for it in clips + images for v in it["caption"].values()]
+        train_tokenizer(texts + DEMO_PROMPTS, tok_path, vocab_size=512)  # about one token per caption word
+    barrier(world)
+    encoder = text_encoder.PromptEncoder.tiny(text_encoder.Tokenizer(tok_path), seed=cfg.seed,
+                                              text_len=DEMO_TEXT_LEN, device=device)
+    if rank == 0:
+        save_encoder(encoder, os.path.join(out, "text_encoder.safetensors"))
+    return encoder
+
+
+def save_encoder(encoder, path):
+    from safetensors.torch import save_file
+    sd = {f"llm.{k}": v.contiguous() for k, v in encoder.llm.state_dict().items()}
+    sd.update({f"clip.{k}": v.contiguous() for k, v in encoder.clip.state_dict().items()})
+    save_file(sd, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 # ----------------------------------------------------------------------------------------------------------
 # Distributed: torchrun's environment turns it on; the DiT is sharded with FSDP2
@@ -368,8 +423,10 @@ def shard_model(model, device):
     # bf16, the timestep t = sigma*1000 (998.7 -> 1000: its 256-d sinusoid moves by up to 30%) and the RoPE
     # tables among them. The official bf16 run (autocast) and our one-GPU path keep both in fp32; the DiT
     # casts x, the text states and the pooled vector to its weights' dtype itself (dit.py forward, txt_in).
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
-        if device.type == "cuda" else MixedPrecisionPolicy()
+    mp = MixedPrecisionPolicy()
+    if device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                  cast_forward_inputs=False)
     for block in list(model.double_blocks) + list(model.single_blocks):
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -385,6 +442,11 @@ def all_mean(x, world):
         x /= world
     return x
 
+
+def barrier(world):
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
 
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints: one safetensors file per stage of the pipeline, written by rank 0 as temp file + rename
@@ -403,15 +465,17 @@ def save_train_state(path, parts, ema, meta, rank):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     tensors, groups = {}, {}
     for name, (model, opt) in parts.items():
-        msd, osd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        msd, osd = get_state_dict(model, opt,
+                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         tensors.update({f"{name}.model.{k}": v.contiguous() for k, v in msd.items()})
         for p, st in osd.get("state", {}).items():
             for k, v in st.items():
-                tensors[f"{name}.optim.{p}.{k}"] = torch.as_tensor(v).reshape(1).contiguous() if k == "step" else v.contiguous()
+                v = torch.as_tensor(v).reshape(1) if k == "step" else v
+                tensors[f"{name}.optim.{p}.{k}"] = v.contiguous()
         groups[name] = [{k: v for k, v in g.items() if k != "params"} | {"params": list(g["params"])}
                         for g in osd.get("param_groups", [])]
     ema_full = {}
-    for k, v in ema.items():  # gathered one tensor at a time (a collective under FSDP); rank 0 alone keeps them
+    for k, v in ema.items():  # gathered one at a time (a collective under FSDP); rank 0 alone keeps them
         full = full_tensor(v).detach()
         if rank == 0:
             ema_full[k] = full.cpu()
@@ -450,7 +514,9 @@ def load_train_state(path, parts, ema, device):
         keys = list(f.keys())
 
         def read(prefix):  # {key without prefix: tensor} on rank 0, {} elsewhere
-            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)} if rank == 0 else {}
+            if rank != 0:
+                return {}
+            return {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
 
         for name, (model, opt) in parts.items():
             set_model_state_dict(model, read(f"{name}.model."), options=opts)
@@ -458,10 +524,11 @@ def load_train_state(path, parts, ema, device):
             for k, v in read(f"{name}.optim.").items():
                 p, key = k.rsplit(".", 1)
                 state.setdefault(p, {})[key] = v.reshape(()) if key == "step" else v
-            set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups[name]} if rank == 0 else {},
-                                     options=opts)
+            osd = {"state": state, "param_groups": groups[name]} if rank == 0 else {}
+            set_optimizer_state_dict(model, opt, osd, options=opts)
         for k, e in ema.items():
-            full = f.get_tensor(f"ema.{k}").to(device) if rank == 0 else torch.empty(e.shape, dtype=e.dtype, device=device)
+            full = f.get_tensor(f"ema.{k}").to(device) if rank == 0 else \
+                torch.empty(e.shape, dtype=e.dtype, device=device)
             if hasattr(e, "device_mesh"):  # FSDP: rank 0's tensor, scattered; this rank keeps its shard
                 full = distribute_tensor(full, e.device_mesh, e.placements, src_data_rank=0)
             elif many:
@@ -489,52 +556,10 @@ def check_writable(out_dir, need_bytes):
                          f"{need_bytes / 2**30:.1f} GiB; free space or pass another --out")
 
 
-def lr_at(step, stage, cfg):
-    """Linear warmup, then cosine decay to min_lr_ratio of the stage's learning rate."""
-    if step < cfg.warmup:
-        return stage.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, stage.steps - cfg.warmup)
-    return stage.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
-
-
-def plot_losses(metrics_path, png_path, key="loss"):
-    """The loss curve as a PNG (OpenCV drawing, no plotting library): raw losses in grey, a running mean
-    in blue, log-scaled y axis, stage boundaries as vertical lines."""
-    import cv2
-    rows = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
-    rows = [r for r in rows if key in r and math.isfinite(r[key]) and r[key] > 0]
-    if len(rows) < 2:
-        return
-    W, H, m = 900, 420, 50
-    img = np.full((H, W, 3), 255, np.uint8)
-    steps = np.array([r["step"] for r in rows], float)
-    y = np.log10(np.array([r[key] for r in rows]))
-    k = max(1, len(y) // 50)
-    smooth = np.convolve(np.pad(y, (k - 1, 0), mode="edge"), np.ones(k) / k, mode="valid")
-    lo, hi = y.min(), y.max() + 1e-9
-
-    def pts(v):
-        px = m + (steps - steps[0]) / max(1.0, steps[-1] - steps[0]) * (W - 2 * m)
-        py = H - m - (v - lo) / (hi - lo) * (H - 2 * m)
-        return np.stack([px, py], 1).astype(np.int32)
-
-    for i in range(1, len(rows)):
-        if rows[i].get("stage") != rows[i - 1].get("stage"):
-            x = int(pts(y)[i][0])
-            cv2.line(img, (x, m), (x, H - m), (200, 200, 255), 1)
-            cv2.putText(img, str(rows[i]["stage"]), (x + 4, m + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 160), 1)
-    cv2.polylines(img, [pts(y)], False, (190, 190, 190), 1)
-    cv2.polylines(img, [pts(smooth)], False, (200, 80, 0), 2)
-    cv2.rectangle(img, (m, m), (W - m, H - m), (0, 0, 0), 1)
-    for v in (lo, (lo + hi) / 2, hi):
-        cv2.putText(img, f"{10 ** v:.3g}", (4, int(H - m - (v - lo) / (hi - lo) * (H - 2 * m)) + 4),
-                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
-    cv2.putText(img, f"{key} vs step ({int(steps[0])}-{int(steps[-1])})", (m, 30), cv2.FONT_HERSHEY_SIMPLEX,
-                0.6, (0, 0, 0), 1)
-    tmp = png_path + ".tmp.png"
-    cv2.imwrite(tmp, img)
-    os.replace(tmp, png_path)
-
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage "vae": the causal 3D VAE from scratch (paper §4.1)
@@ -553,21 +578,24 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     stride = cfg.vae_frame_stride or cfg.frame_stride
     need = sum(c["frames"] for c in clips) * H * W * 3 // stride + len(images) * H * W * 3
     if need > 8 * 2**30:
-        raise SystemExit(f"error: the VAE stage holds its clips in memory at {H}x{W}: {need / 2**30:.0f} GiB; "
-                         f"train on a smaller tier or fine-tune the released VAE instead")
-    data = [read_clip(c["path"], (H, W), stride=stride) for c in tqdm(clips, desc="read clips", disable=rank != 0)]
+        raise SystemExit(f"error: the VAE stage holds its clips in memory at {H}x{W}: {need / 2**30:.0f} "
+                         f"GiB; train on a smaller tier or fine-tune the released VAE instead")
+    data = [read_clip(c["path"], (H, W), stride=stride)
+            for c in tqdm(clips, desc="read clips", disable=rank != 0)]
     data = [d for d in data if d.shape[1] >= T]
     stills = [read_clip(i["path"], (H, W)) for i in images]
     if not data:
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
     if not 0 <= cfg.vae_motion_steps <= cfg.vae_steps:
-        raise SystemExit(f"error: vae_motion_steps {cfg.vae_motion_steps} must be between 0 and vae_steps ({cfg.vae_steps})")
+        raise SystemExit(f"error: vae_motion_steps {cfg.vae_motion_steps} must be between 0 and vae_steps "
+                         f"({cfg.vae_steps})")
 
     def crop(d, g, t):  # a (t, h, w) window: the most varied of cfg.vae_crop_tries random ones
         ch, cw = (cfg.vae_image_size or (h, w)) if t == 1 else (h, w)
         best = None
         for _ in range(cfg.vae_crop_tries):
-            s, y, x = (int(torch.randint(n - m + 1, (), generator=g)) for n, m in zip(d.shape[1:], (t, ch, cw)))
+            s, y, x = (int(torch.randint(n - m + 1, (), generator=g))
+                       for n, m in zip(d.shape[1:], (t, ch, cw)))
             c = d[:, s:s + t, y:y + ch, x:x + cw]
             score = c.float().std().item() if cfg.vae_crop_tries > 1 else 0.0
             if best is None or score > best[0]:
@@ -576,7 +604,7 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
 
     torch.manual_seed(cfg.seed)
     model = vae_lib.CausalVAE(vae_config(cfg)).to(device)
-    if device.type == "cpu":  # oneDNN's 3D convolutions run ~30% faster on channels-last tensors
+    if device.type == "cpu":  # oneDNN's 3D convolutions run faster on channels-last tensors
         model.to(memory_format=torch.channels_last_3d)
     gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
     lossf = vae_lib.VAELoss(perceptual_weights=lpips, gan_start=gan_start, w_mse=cfg.vae_mse,
@@ -585,7 +613,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
     # GAN-style betas (0.5, 0.9) once a discriminator is in the loop; Adam's defaults otherwise
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr,
+                            betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
     opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
     n_first = cfg.vae_steps - cfg.vae_motion_steps
     schedule = Stage("vae", n_first, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
@@ -620,12 +649,17 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
             x = x.contiguous(memory_format=torch.channels_last_3d)
         # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details (the
         # motion phase: a linear decay from its own lr)
+        lr = lr_at(step, schedule, cfg)
+        if motion:
+            lr = cfg.vae_motion_lr * (1.1 - (step - n_first) / cfg.vae_motion_steps)
         for group in opt.param_groups:
-            group["lr"] = cfg.vae_motion_lr * (1.1 - (step - n_first) / cfg.vae_motion_steps) if motion else lr_at(step, schedule, cfg)
-        recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior, tile_prob=cfg.vae_tile_prob)
+            group["lr"] = lr
+        recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior,
+                                    tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):
-            raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; the last good checkpoint is {path}")
+            raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; "
+                             f"the last good checkpoint is {path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if motion:
@@ -649,11 +683,17 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
         if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
             save_train_state(path, parts, {}, {"step": step}, rank)
         if rank == 0 and (step % cfg.log_every == 0 or step == cfg.vae_steps):
-            log({"stage": "vae", "step": step - 1, **{f"vae_{k}": round(v.item(), 6) for k, v in terms.items()}})
+            log({"stage": "vae", "step": step - 1,
+                 **{f"vae_{k}": round(v.item(), 6) for k, v in terms.items()}})
     bar.close()
     core.eval().requires_grad_(False)
     return core
 
+
+def vae_size_for_scale(cfg):
+    """(H, W, T) of the clips the DiT will see: its last video bucket, else the VAE crop size."""
+    video = [b for s in cfg.stages for b in s.buckets]
+    return video[-1][:3] if video else cfg.vae_size
 
 # ----------------------------------------------------------------------------------------------------------
 # Stage "dit": caches, then flow matching through the progressive stages
@@ -687,22 +727,26 @@ def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1
     # The folder names the VAE (its config and a few values of every tensor), as the text cache names its
     # encoders (text_encoder.PromptEncoder.fingerprint): another --vae into the same --out encodes afresh
     # instead of training on the old VAE's latents. The scaling factor stays out: the files are unscaled.
-    probe = (asdict(replace(vae.cfg, scaling_factor=None)), [v.flatten()[:4].tolist() for v in vae.state_dict().values()])
+    probe = (asdict(replace(vae.cfg, scaling_factor=None)),
+             [v.flatten()[:4].tolist() for v in vae.state_dict().values()])
     vae_id = hashlib.sha256(repr(probe).encode()).hexdigest()[:12]
-    folder = os.path.join(cache_dir, f"{H}x{W}x{T}" + (f"s{stride}" if stride > 1 and T > 1 else "") + f"-vae{vae_id}")
+    name = f"{H}x{W}x{T}" + (f"s{stride}" if stride > 1 and T > 1 else "") + f"-vae{vae_id}"
+    folder = os.path.join(cache_dir, name)
     os.makedirs(folder, exist_ok=True)
-    todo = [it for it in items[rank::world] if not os.path.isfile(os.path.join(folder, item_id(it) + ".safetensors"))]
+    todo = [it for it in items[rank::world]
+            if not os.path.isfile(os.path.join(folder, item_id(it) + ".safetensors"))]
     # small items a few per encode (one small frame at a time is mostly per-call overhead); large ones singly
     n = max(1, min(16, 2**22 // (H * W * T)))
     bar = tqdm(total=len(todo), desc=f"cache latents {H}x{W}x{T}", disable=rank != 0 or not todo)
     for i in range(0, len(todo), n):
         chunk = todo[i:i + n]
-        x = torch.stack([to_unit(read_clip(it["path"], (H, W), it.get("start", 0), T if it["kind"] == "video" else None, stride))
-                         for it in chunk])
+        x = torch.stack([to_unit(read_clip(it["path"], (H, W), it.get("start", 0),
+                                           T if it["kind"] == "video" else None, stride)) for it in chunk])
         mean, logvar = vae.encode(x.to(device), tiled=max(H, W) > vae.cfg.tile_sample_size)
         for it, m, lv in zip(chunk, mean, logvar):
             f = os.path.join(folder, item_id(it) + ".safetensors")
-            save_file({"mean": m.float().cpu().contiguous(), "logvar": lv.float().cpu().contiguous()}, f + ".tmp")
+            save_file({"mean": m.float().cpu().contiguous(), "logvar": lv.float().cpu().contiguous()},
+                      f + ".tmp")
             os.replace(f + ".tmp", f)
         bar.update(len(chunk))
     bar.close()
@@ -720,26 +764,12 @@ def load_latent(folder, it, g, scale, sample=True):
     return (t["mean"] + torch.exp(0.5 * t["logvar"]) * eps if sample else t["mean"]) * scale
 
 
-def export_dit(model, ema, path, rank):
-    """The EMA weights as an official-layout safetensors file with the config (what sample.py loads).
-    Collective under FSDP: every rank gathers each tensor in turn, rank 0 alone keeps and writes them."""
-    full = {}
-    for k, v in ema.items():
-        t = full_tensor(v).detach()
-        if rank == 0:
-            full[k] = t.float().cpu()
-    if rank == 0:
-        with torch.device("meta"):
-            m = dit.HunyuanVideoDiT(model.cfg)
-        m.load_state_dict(full, strict=True, assign=True)
-        dit.save_dit(m, path)
-
-
-def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False, init_dit=None,
-              log=print, nan_at=None, inf_grad_at=None):
+def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False,
+              init_dit=None, log=print):
     """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
     mcfg = dit_config(cfg)
-    assert mcfg.guidance_embed == (cfg.train_guidance is not None), "train_guidance must be set iff guidance_embed"
+    assert mcfg.guidance_embed == (cfg.train_guidance is not None), \
+        "train_guidance must be set iff guidance_embed"
     torch.manual_seed(cfg.seed)
     if init_dit and world > 1:
         # fine-tuning the 13B on N GPUs: shard an empty model, then rank 0 reads the file and broadcasts,
@@ -749,8 +779,11 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             model = dit.HunyuanVideoDiT(mcfg)
         shard_model(model, device)
         model.to_empty(device=device)
-        full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, keep_fp8=False).state_dict() if rank == 0 else {}
-        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        full = {}
+        if rank == 0:
+            full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, keep_fp8=False).state_dict()
+        set_model_state_dict(model, full,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
     else:
         if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
@@ -763,17 +796,18 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     if cfg.compile:  # after sharding: FSDP2 wants each block compiled as the unit it shards
         model.compile_blocks()
     model.train()
-    # fused AdamW: one kernel over all parameters instead of several ops per tensor (12% of a demo step on a
-    # CPU); sharded (DTensor) parameters keep the default implementation
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                            fused=world == 1)
+    # fused AdamW: one kernel over all parameters instead of several ops per tensor (faster, on a CPU too);
+    # sharded (DTensor) parameters keep the default implementation
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas,
+                            weight_decay=cfg.weight_decay, fused=world == 1)
     ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
     path = os.path.join(out_dir, "dit_state.safetensors")
     meta = {"stage": 0, "stage_step": 0, "step": 0, "data": {}}
     if resume and os.path.isfile(path):
         meta = load_train_state(path, {"dit": (model, opt)}, ema, device)
         if rank == 0:
-            print(f"resumed from {path} at step {meta['step']} (stage {cfg.stages[meta['stage']].name if meta['stage'] < len(cfg.stages) else 'done'})")
+            name = cfg.stages[meta["stage"]].name if meta["stage"] < len(cfg.stages) else "done"
+            print(f"resumed from {path} at step {meta['step']} (stage {name})")
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 else None
     scale = vae.cfg.scaling_factor
     cache_dir = os.path.join(out_dir, "cache")
@@ -787,8 +821,8 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             if kind == "video" and cfg.clip_windows > 1:
                 items, groups = clip_windows(items, groups, buckets, cfg.frame_stride, cfg.clip_windows)
             if groups:
-                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device, rank, world,
-                                            cfg.frame_stride)
+                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device,
+                                            rank, world, cfg.frame_stride)
                            for b, idx in groups.items()}
                 streams[kind] = dict(items=items, buckets=buckets, groups=groups, folders=folders)
         if not streams:
@@ -805,7 +839,9 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 pos[0], pos[1] = pos[0] + 1, 0
             if st.get("epoch") != pos[0]:  # an epoch's batch list is built once, not every step
                 st["epoch"] = pos[0]
-                weights = {i: it.get("weight", 1.0) for i, it in enumerate(st["items"])} if cfg.balance_concepts else None
+                weights = None
+                if cfg.balance_concepts:
+                    weights = {i: it.get("weight", 1.0) for i, it in enumerate(st["items"])}
                 st["batches"] = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
                                                cfg.seed + 7 * si + (kind == "image"), pos[0], world, weights)
                 if pos[1] >= len(st["batches"]):  # resumed exactly at the end of an epoch
@@ -825,7 +861,8 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 x0.append(z)
                 noise.append(torch.randn(z.shape, generator=g))
                 sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
-            x0, noise, sigma = torch.stack(x0).to(device), torch.stack(noise).to(device), torch.cat(sigma).to(device)
+            x0, noise = torch.stack(x0).to(device), torch.stack(noise).to(device)
+            sigma = torch.cat(sigma).to(device)
             cond = encoder(caps, video_length=st["buckets"][b][2], cache_dir=os.path.join(cache_dir, "text"))
             cond = tuple(c.to(device) for c in cond)
             guidance = None
@@ -837,18 +874,16 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             with autocast or torch.autocast("cpu", enabled=False):
                 loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
             loss.backward()
-            if inf_grad_at is not None and step == inf_grad_at:  # tests: one gradient inf/NaN, the loss finite
-                next(model.parameters()).grad.mul_(float("inf"))
-            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))  # over all ranks
+            # the norm over all ranks' gradients
+            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
             gloss = all_mean(loss, world)
-            if nan_at is not None and step == nan_at:  # tests: a NaN injected into the loss
-                gloss = gloss * float("nan")
-            # A non-finite gradient can come with a finite loss (an overflow in backward); its update would turn
-            # the weights into NaN, and the next checkpoint with them. Both values are the same on every rank.
+            # A non-finite gradient can come with a finite loss (an overflow in backward); its update would
+            # turn the weights into NaN, and the next checkpoint with them. Both values agree on every rank.
             for what, value in (("loss", gloss), ("gradient norm", gnorm)):
                 if not torch.isfinite(value):
-                    raise SystemExit(f"error: the {what} is {value.item()} at step {step} (stage {stage.name}); stopped "
-                                     f"before the update. The last good checkpoint is {path}: lower the lr and --resume")
+                    raise SystemExit(f"error: the {what} is {value.item()} at step {step} "
+                                     f"(stage {stage.name}); stopped before the update. The last good "
+                                     f"checkpoint is {path}: lower the lr and --resume")
             opt.step()
             opt.zero_grad(set_to_none=True)
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warmup: early EMA tracks the model
@@ -860,8 +895,9 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             bar.update(1)
             bar.set_postfix(loss=f"{gloss.item():.4f}", kind=kind)
             if rank == 0 and (step % cfg.log_every == 0 or meta["stage_step"] == stage.steps):
-                log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6), "lr": opt.param_groups[0]["lr"],
-                     "grad_norm": round(gnorm.item(), 4), "kind": kind, "time": round(time.time(), 2)})
+                log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6),
+                     "lr": opt.param_groups[0]["lr"], "grad_norm": round(gnorm.item(), 4), "kind": kind,
+                     "time": round(time.time(), 2)})
             if meta["step"] % cfg.ckpt_every == 0 or meta["stage_step"] == stage.steps:
                 saved = dict(meta, config=asdict(cfg))
                 if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
@@ -872,61 +908,22 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     return model, ema
 
 
-# ----------------------------------------------------------------------------------------------------------
-# The embedded demo: the whole pipeline on generated data
-
-DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
-    ("red", "circle", "left"), ("green", "square", "right"), ("blue", "triangle", "up"), ("yellow", "circle", "down"),
-    ("white", "square", "left"), ("red", "triangle", "right"), ("green", "circle", "up"), ("blue", "square", "down"),
-    ("yellow", "triangle", "left"), ("white", "circle", "right"), ("red", "square", "up"), ("green", "triangle", "down"),
-    ("blue", "circle", "left"), ("yellow", "square", "right"), ("white", "triangle", "up"), ("red", "circle", "down"),
-    ("green", "square", "left"), ("blue", "triangle", "right"), ("yellow", "circle", "up"), ("white", "square", "down")]]
-
-
-def train_tokenizer(captions, path, vocab_size):
-    """A small SentencePiece model on the training captions (our small text encoder's vocabulary). BPE, as
-    both released tokenizers are (LLaMA-3's and CLIP's): on the demo's captions (~80 distinct words) it keeps
-    every word whole, where a unigram model stopped at ~100 pieces and spelled most words letter by letter."""
-    import io
-    import sentencepiece as spm
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(captions), model_writer=buf, vocab_size=vocab_size,
-                                   model_type="bpe", bos_id=1, eos_id=2, pad_id=0, unk_id=3,
-                                   hard_vocab_limit=False, minloglevel=2)
-    with open(path + ".tmp", "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(path + ".tmp", path)
-
-
-def small_encoder(out, clips, images, cfg, device, rank, world):
-    """Paper §4.3 keeps the text encoders frozen; ours are small and random (text_encoder.PromptEncoder.tiny),
-    which still keeps every token distinguishable, on a SentencePiece vocabulary of the captions. Saved
-    to out/ (tokenizer.model, text_encoder.safetensors) for sample.py."""
-    tok_path = os.path.join(out, "tokenizer.model")
-    if rank == 0 and not os.path.isfile(tok_path):
-        texts = [v if isinstance(v, str) else ", ".join(v) for it in clips + images for v in it["caption"].values()]
-        train_tokenizer(texts + DEMO_PROMPTS, tok_path, vocab_size=512)  # about one token per caption word
-    barrier(world)
-    encoder = text_encoder.PromptEncoder.tiny(text_encoder.Tokenizer(tok_path), seed=cfg.seed, text_len=DEMO_TEXT_LEN,
-                                              device=device)
+def export_dit(model, ema, path, rank):
+    """The EMA weights as an official-layout safetensors file with the config (what sample.py loads).
+    Collective under FSDP: every rank gathers each tensor in turn, rank 0 alone keeps and writes them."""
+    full = {}
+    for k, v in ema.items():
+        t = full_tensor(v).detach()
+        if rank == 0:
+            full[k] = t.float().cpu()
     if rank == 0:
-        save_encoder(encoder, os.path.join(out, "text_encoder.safetensors"))
-    return encoder
+        with torch.device("meta"):
+            m = dit.HunyuanVideoDiT(model.cfg)
+        m.load_state_dict(full, strict=True, assign=True)
+        dit.save_dit(m, path)
 
-
-def save_encoder(encoder, path):
-    from safetensors.torch import save_file
-    sd = {f"llm.{k}": v.contiguous() for k, v in encoder.llm.state_dict().items()}
-    sd.update({f"clip.{k}": v.contiguous() for k, v in encoder.clip.state_dict().items()})
-    save_file(sd, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline: VAE stage, DiT stage, export; and the embedded demo on generated data
 
 def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
     """VAE stage (or a given VAE), caches, DiT stages, export and config.json: what `--stage` selects.
@@ -968,15 +965,19 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
         # the same way for the released VAE), so the DiT's data has unit variance like its noise.
         with torch.no_grad():
             H, W, T = vae_size_for_scale(cfg)
-            zs = [vae.encode(to_unit(read_clip(c["path"], (H, W), 0, T, cfg.frame_stride))[None].to(device))[0]
-                  for c in clips[:32] if c["frames"] >= (T - 1) * cfg.frame_stride + 1]
+            zs = []
+            for c in clips[:32]:
+                if c["frames"] >= (T - 1) * cfg.frame_stride + 1:
+                    x = to_unit(read_clip(c["path"], (H, W), 0, T, cfg.frame_stride))[None]
+                    zs.append(vae.encode(x.to(device))[0])
         if zs:
-            vae.cfg = replace(vae.cfg, scaling_factor=round(1.0 / torch.cat([z.flatten() for z in zs]).std().item(), 6))
+            std = torch.cat([z.flatten() for z in zs]).std().item()
+            vae.cfg = replace(vae.cfg, scaling_factor=round(1.0 / std, 6))
         if rank == 0:
             write_json(os.path.join(out, "vae_config.json"), asdict(vae.cfg))
     else:
         raise SystemExit("error: this preset trains no VAE: pass the released one with --vae")
-    vae_path = os.path.join(out, "vae.safetensors")  # the folder keeps its VAE: sample.py --ckpt decodes with it
+    vae_path = os.path.join(out, "vae.safetensors")  # the folder keeps its VAE: sample.py decodes with it
     if rank == 0 and not (args.vae and os.path.abspath(args.vae) == os.path.abspath(vae_path)):
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, vae_path + ".tmp")
@@ -986,7 +987,7 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
         return times, vae
     t0 = time.perf_counter()
     model, ema = train_dit(cfg, clips, images, encoder, vae, out, device, rank, world, args.resume,
-                           args.init_dit, log, nan_at=args.nan_at, inf_grad_at=args.inf_grad_at)
+                           args.init_dit, log)
     export_dit(model, ema, os.path.join(out, "dit.safetensors"), rank)
     times["dit"] = time.perf_counter() - t0
     if rank == 0:
@@ -997,20 +998,57 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
         if args.llm:
             text = {"llm_dir": os.path.abspath(args.llm), "clip_dir": os.path.abspath(args.clip)}
         else:
-            text = {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg), "tokenizer": "tokenizer.model"}
+            text = {"llm": asdict(encoder.llm.cfg), "clip": asdict(encoder.clip.cfg),
+                    "tokenizer": "tokenizer.model"}
         last = cfg.stages[-1]
         H, W, T = last.buckets[0][:3] if last.buckets else (*last.image_buckets[0][:2], 1)
-        fps = (clips[0].get("fps", 24.0) if clips else 24.0) / cfg.frame_stride  # the source rate, from the manifest
+        fps = (clips[0].get("fps", 24.0) if clips else 24.0) / cfg.frame_stride  # the manifest's source rate
         write_json(os.path.join(out, "config.json"), {
-            "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg), "text": dict(text, text_len=encoder.text_len),
-            "video": {"height": H, "width": W, "frames": T, "fps": fps}, "sample": cfg.sampling, "train": asdict(cfg)})
+            "dit": asdict(dit_config(cfg)), "vae": asdict(vae.cfg),
+            "text": dict(text, text_len=encoder.text_len),
+            "video": {"height": H, "width": W, "frames": T, "fps": fps},
+            "sample": cfg.sampling, "train": asdict(cfg)})
     return times, vae
 
 
-def vae_size_for_scale(cfg):
-    """(H, W, T) of the clips the DiT will see: its last video bucket, else the VAE crop size."""
-    video = [b for s in cfg.stages for b in s.buckets]
-    return video[-1][:3] if video else cfg.vae_size
+def plot_losses(metrics_path, png_path, key="loss"):
+    """The loss curve as a PNG (OpenCV drawing, no plotting library): raw losses in grey, a running mean
+    in blue, log-scaled y axis, stage boundaries as vertical lines."""
+    import cv2
+    rows = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
+    rows = [r for r in rows if key in r and math.isfinite(r[key]) and r[key] > 0]
+    if len(rows) < 2:
+        return
+    W, H, m = 900, 420, 50
+    img = np.full((H, W, 3), 255, np.uint8)
+    steps = np.array([r["step"] for r in rows], float)
+    y = np.log10(np.array([r[key] for r in rows]))
+    k = max(1, len(y) // 50)
+    smooth = np.convolve(np.pad(y, (k - 1, 0), mode="edge"), np.ones(k) / k, mode="valid")
+    lo, hi = y.min(), y.max() + 1e-9
+
+    def pts(v):
+        px = m + (steps - steps[0]) / max(1.0, steps[-1] - steps[0]) * (W - 2 * m)
+        py = H - m - (v - lo) / (hi - lo) * (H - 2 * m)
+        return np.stack([px, py], 1).astype(np.int32)
+
+    for i in range(1, len(rows)):
+        if rows[i].get("stage") != rows[i - 1].get("stage"):
+            x = int(pts(y)[i][0])
+            cv2.line(img, (x, m), (x, H - m), (200, 200, 255), 1)
+            cv2.putText(img, str(rows[i]["stage"]), (x + 4, m + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45,
+                        (0, 0, 160), 1)
+    cv2.polylines(img, [pts(y)], False, (190, 190, 190), 1)
+    cv2.polylines(img, [pts(smooth)], False, (200, 80, 0), 2)
+    cv2.rectangle(img, (m, m), (W - m, H - m), (0, 0, 0), 1)
+    for v in (lo, (lo + hi) / 2, hi):
+        cv2.putText(img, f"{10 ** v:.3g}", (4, int(H - m - (v - lo) / (hi - lo) * (H - 2 * m)) + 4),
+                    cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.putText(img, f"{key} vs step ({int(steps[0])}-{int(steps[-1])})", (m, 30), cv2.FONT_HERSHEY_SIMPLEX,
+                0.6, (0, 0, 0), 1)
+    tmp = png_path + ".tmp.png"
+    cv2.imwrite(tmp, img)
+    os.replace(tmp, png_path)
 
 
 def demo(args, rank, world, device):
@@ -1052,8 +1090,8 @@ def demo(args, rank, world, device):
     if rank != 0:
         return
     if args.stage == "vae":  # no DiT yet, so no samples: the VAE alone, e.g. to inspect or reuse with --vae
-        print(f"\nVAE stage done in {time.perf_counter() - t_start:.0f} s: {out}/vae.safetensors (+ vae_config.json); "
-              f"`python train.py --out {out} --resume` goes on to the DiT")
+        print(f"\nVAE stage done in {time.perf_counter() - t_start:.0f} s: {out}/vae.safetensors "
+              f"(+ vae_config.json); `python train.py --out {out} --resume` goes on to the DiT")
         return
     # 5. samples for the prompt grid, through sample.py's own loader and sampler
     t0 = time.perf_counter()
@@ -1061,48 +1099,30 @@ def demo(args, rank, world, device):
     times["samples"] = time.perf_counter() - t0
     rows = read_jsonl(os.path.join(out, "metrics.jsonl"))
     last = {k: next((r[k] for r in reversed(rows) if k in r), float("nan")) for k in ("loss", "vae_l1")}
-    print(f"\ndemo done in {time.perf_counter() - t_start:.0f} s: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
+    print(f"\ndemo done in {time.perf_counter() - t_start:.0f} s: "
+          + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
     print(f"final DiT loss {last['loss']:.4f}, VAE L1 {last['vae_l1']:.4f}")
-    print(f"model: {out}/ (config.json, dit.safetensors, vae.safetensors, text_encoder.safetensors, tokenizer.model)")
-    print(f"samples: {os.path.dirname(files[0])}/ ({len(files)} mp4 + png strips); loss curve: {out}/loss.png")
+    print(f"model: {out}/ (config.json, dit.safetensors, vae.safetensors, text_encoder.safetensors, "
+          f"tokenizer.model)")
+    print(f"samples: {os.path.dirname(files[0])}/ ({len(files)} mp4 + png strips); "
+          f"loss curve: {out}/loss.png")
     print(f"next: python sample.py --ckpt {out} --prompt \"a blue square moving up\"")
 
 
-DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enough for an 8x VAE
-DEMO_TEXT_LEN = 16  # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer
-                    # caption loses detail only; half the text tokens of 32 make a DiT step ~20% cheaper
-
-
 def sample_grid(ckpt, prompts, device):
-    """Sample each prompt with the exported checkpoint, as `python sample.py --ckpt` would."""
-    encoder, defaults = sample.load_ckpt_encoder(ckpt, device)
-    conf = sample.load_ckpt_config(ckpt)
-    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float32, device=device).eval()
-    vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=conf["vae"], device=device)
-    s = conf["sample"]
-    # all prompts in one batch (a small model's step is mostly per-call overhead); prompt i's noise is seed i's
-    cond = encoder(prompts, defaults["frames"])
-    uncond = encoder([""] * len(prompts), defaults["frames"]) if s["cfg_scale"] > 1 else None
-    lat = (1, model.cfg.in_channels, (defaults["frames"] - 1) // 4 + 1, defaults["height"] // 8, defaults["width"] // 8)
-    noise = torch.cat([sample.initial_noise(lat, i, device, torch.float32) for i in range(len(prompts))])
-    z = sample.denoise(model, noise, cond, s["steps"], s["shift"], s["guidance"] or 0.0, s["cfg_scale"], uncond)
+    """Sample each prompt from the exported folder through sample.py's loader and generate(); prompt i
+    from seed i, as `python sample.py --ckpt` with a --prompts file. Returns the mp4 paths."""
+    pipe = sample.load_pipeline(ckpt, device=device, dtype=torch.float32)
+    # The demo's own choices, measured with its samples: the unconditional prompt is the empty caption it
+    # trained with (not the official negative prompt), and the 64x112 frame is decoded in one piece.
+    videos = sample.generate(pipe, prompts, seed=0, negative_prompt="", tiled=False)
     files = []
-    with torch.no_grad():
-        video = vae.decode(z / vae.cfg.scaling_factor)
-    for i, p in enumerate(prompts):
-        frames = sample.to_frames(video[i])
+    for i, (p, frames) in enumerate(zip(prompts, videos)):
         f = os.path.join(ckpt, "samples", f"{i:02d}_{sample.slug(p)}.mp4")
-        sample.write_mp4(frames, f, fps=defaults["fps"])  # the clips' rate: motion plays at its true speed
+        sample.write_mp4(frames, f, fps=pipe.video["fps"])  # the clips' rate: motion at its true speed
         sample.write_strip(frames, f[:-4] + ".png")
         files.append(f)
     return files
-
-
-def barrier(world):
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
 
 # ----------------------------------------------------------------------------------------------------------
 
@@ -1114,8 +1134,8 @@ def main():
     ap = argparse.ArgumentParser(description="HunyuanVideo training; no arguments: the embedded demo.")
     ap.add_argument("--preset", choices=list(PRESETS), help="a training config (default: the demo)")
     ap.add_argument("--data", help="a curate.py output folder (its manifest.jsonl and images.jsonl)")
-    ap.add_argument("--tier", help="train on one of curate.py's stage sets (256p, 360p, 540p, 720p or finetune; stills: the "
-                    "largest image set not above it), as the paper's stages do")
+    ap.add_argument("--tier", help="train on one of curate.py's stage sets (256p, 360p, 540p, 720p or "
+                    "finetune; stills: the largest image set not above it), as the paper's stages do")
     ap.add_argument("--balance", action="store_true", help="draw clips in proportion to curate.py's k-means "
                     "concept weights (with replacement) instead of each once per epoch")
     ap.add_argument("--stage", choices=["vae", "dit"], help="run only up to this stage (default: all)")
@@ -1124,23 +1144,24 @@ def main():
     ap.add_argument("--llm", help="official text_encoder folder (with --clip); default: the small frozen one")
     ap.add_argument("--clip", help="official text_encoder_2 folder")
     ap.add_argument("--init-dit", help="start the DiT from these weights (e.g. the official .pt)")
-    ap.add_argument("--lpips", nargs="+", metavar="PATH", help="the VAE stage's LPIPS weights (paper §4.1: 0.1 LPIPS): "
-                    "local torchvision VGG16 and LPIPS v0.1 'lin' state dicts (.pth); without them no LPIPS term")
+    ap.add_argument("--lpips", nargs="+", metavar="PATH", help="the VAE stage's LPIPS weights (paper "
+                    "§4.1: 0.1 LPIPS): local torchvision VGG16 and LPIPS v0.1 'lin' state dicts (.pth); "
+                    "without them no LPIPS term")
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
-    ap.add_argument("--quick", action="store_true", help="the demo with a few steps per stage (CI smoke test)")
+    ap.add_argument("--quick", action="store_true",
+                    help="the demo with a few steps per stage (CI smoke test)")
     ap.add_argument("--steps", type=int, help="override every stage's step count")
     ap.add_argument("--batch", type=int, help="override every bucket's per-rank batch size")
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster GPU steps after "
-                    "a minute of compiling)")
-    ap.add_argument("--nan-at", type=int, help=argparse.SUPPRESS)  # tests: inject a NaN loss at this step
-    ap.add_argument("--inf-grad-at", type=int, help=argparse.SUPPRESS)  # tests: an inf gradient at this step
+    ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster GPU steps "
+                    "after a minute of compiling)")
     args = ap.parse_args()
     if args.stage == "dit" and not args.vae and args.preset:
         sys.exit("error: --stage dit needs a trained VAE: pass --vae")
     for p in args.lpips or ():
         if not os.path.isfile(p):
-            sys.exit(f"error: --lpips {p}: no such file (the VGG16 and LPIPS v0.1 weights, downloaded beforehand)")
+            sys.exit(f"error: --lpips {p}: no such file (the VGG16 and LPIPS v0.1 weights, downloaded "
+                     f"beforehand)")
     rank, world, device = setup_distributed()
     if args.preset is None and args.data is None:
         demo(args, rank, world, device)
@@ -1157,9 +1178,10 @@ def main():
     if args.balance:
         cfg = replace(cfg, balance_concepts=True)
     if args.batch:
-        cfg = replace(cfg, stages=tuple(replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
-                                                image_buckets=tuple((h, w, args.batch) for h, w, _ in s.image_buckets))
-                                        for s in cfg.stages))
+        cfg = replace(cfg, stages=tuple(
+            replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
+                    image_buckets=tuple((h, w, args.batch) for h, w, _ in s.image_buckets))
+            for s in cfg.stages))
     if not args.data:
         sys.exit("error: --preset needs --data, a curate.py output folder")
     out = args.out or os.path.join("out", args.preset or "demo")
@@ -1174,13 +1196,15 @@ def main():
     # checked here, not as a shape error at the first DiT step after every latent was cached
     mcfg, widths = dit_config(cfg), (encoder.llm.cfg.hidden_size, encoder.clip.cfg.hidden_size)
     if widths != (mcfg.text_dim, mcfg.pooled_dim):
-        sys.exit(f"error: the {cfg.dit} DiT reads text states {mcfg.text_dim} wide (pooled {mcfg.pooled_dim}), the "
-                 f"{'official' if args.llm else 'small'} text encoders give {widths[0]} ({widths[1]}): "
-                 + ("train this preset without --llm/--clip" if args.llm else "pass the official ones with --llm and --clip"))
+        fix = "train this preset without --llm/--clip" if args.llm else \
+            "pass the official ones with --llm and --clip"
+        which = "official" if args.llm else "small"
+        sys.exit(f"error: the {cfg.dit} DiT reads text states {mcfg.text_dim} wide (pooled "
+                 f"{mcfg.pooled_dim}), the {which} text encoders give {widths[0]} ({widths[1]}): {fix}")
     times, _ = run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder)
     if rank == 0:
         print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
-        if args.stage != "vae":  # the folder names its text encoders: ours (inside it) or the official folders
+        if args.stage != "vae":  # the folder names its text encoders: ours (inside it) or the official ones
             print(f"next: python sample.py --ckpt {out} --prompt \"...\"")
 
 

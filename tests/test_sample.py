@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -23,7 +24,7 @@ def test_sigma_schedule_is_the_official_one():
     assert s.dtype == torch.float32 and len(s) == 51
     x = torch.linspace(1, 0, 51, dtype=torch.float64)
     torch.testing.assert_close(s.double(), 7 * x / (1 + 6 * x), rtol=0, atol=1e-6)
-    # facts §5.1: 1.0, 0.99709, ..., 0.30882, 0.22581, 0.125, then 0
+    # the official FlowMatchDiscreteScheduler's: 1.0, 0.99709, ..., 0.30882, 0.22581, 0.125, then 0
     assert s[0] == 1.0 and s[-1] == 0.0 and s[-2] == 0.125
     assert [round(v, 5) for v in s[[1, -4, -3]].tolist()] == [0.99709, 0.30882, 0.22581]
 
@@ -36,6 +37,7 @@ class FakeDiT(nn.Module):
         self.w = nn.Parameter(torch.zeros(1))
         self.cfg = dit.replace(dit.CONFIGS["tiny"], guidance_embed=guidance_embed)
         self.fn, self.calls = fn, []
+        self.sp_group = None  # as the real DiT: no sequence parallel
 
     def forward(self, x, t, text, mask, pooled, guidance=None):
         self.calls.append(dict(t=t.clone(), guidance=None if guidance is None else guidance.clone(), B=x.shape[0]))
@@ -80,6 +82,40 @@ def test_embedded_guidance_is_x1000_in_the_dit_dtype():
     sample.denoise(model, torch.zeros(1, 4, 1, 2, 2), cond(), steps=1, guidance=6.0, progress=False)
     g = model.calls[0]["guidance"]
     assert g.dtype == torch.bfloat16 and g.item() == 6016.0  # official: 6.0 -> bf16 -> x1000
+
+
+def test_generate_sizes_the_latent_by_the_vae_and_seeds_each_prompt():
+    """generate(): the latent grid is the VAE's compression of the video size (here 2x in time and 4x in
+    space, not the release's 4x and 8x); prompt i starts from seed + i's noise; real CFG encodes the negative
+    prompt; the latent is unscaled before the decode; frames come back as uint8 per prompt."""
+    seen = {"prompts": []}
+    model = FakeDiT(lambda x, t, p: torch.zeros_like(x))  # v = 0: the latent stays the noise
+
+    class Encoder:
+        device = torch.device("cpu")
+
+        def __call__(self, prompts, T):
+            seen["prompts"].append((list(prompts), T))
+            return cond(len(prompts))
+
+    class VAE:
+        cfg = vae_lib.replace(vae_lib.CONFIGS["tiny"], time_compression=2, spatial_compression=4,
+                              scaling_factor=0.5)
+
+        def decode(self, z, tiled=False):
+            seen.update(z=z, tiled=tiled)
+            return torch.zeros(z.shape[0], 3, 9, 16, 24)
+
+    pipe = sample.Pipeline(Encoder(), model, VAE(), video={"height": 16, "width": 24, "frames": 9, "fps": 3},
+                           sampling=dict(sample.OFFICIAL_SAMPLING, steps=2))
+    frames = sample.generate(pipe, ["a", "b"], seed=5, cfg_scale=2.0, negative_prompt="no", tiled=False)
+    assert frames.shape == (2, 9, 16, 24, 3) and frames.dtype == np.uint8 and (frames == 127).all()
+    assert seen["prompts"] == [(["a", "b"], 9), (["no", "no"], 9)]
+    assert len(model.calls) == 2 and model.calls[0]["B"] == 4  # steps from the pipeline; [uncond ; cond]
+    C = model.cfg.in_channels
+    want = torch.cat([torch.randn(1, C, 5, 4, 6, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
+    torch.testing.assert_close(seen["z"], want / 0.5, rtol=0, atol=0)  # (9-1)/2+1 frames, 16/4 x 24/4
+    assert seen["tiled"] is False
 
 
 def test_frames_are_truncated_like_the_official_writer():
@@ -201,12 +237,13 @@ def test_ckpt_folder_trained_with_the_official_encoders(ckpt, tmp_path, monkeypa
     seen = {}
     monkeypatch.setattr(text_encoder.PromptEncoder, "from_pretrained",
                         classmethod(lambda cls, llm, clip, **kw: seen.update(llm=llm, clip=clip, **kw) or "enc"))
-    enc, video = sample.load_ckpt_encoder(folder, "cpu")
-    assert enc == "enc" and video == conf["video"]
-    assert seen == dict(llm=llm_dir, clip=clip_dir, dtype=torch.float16, device="cpu", offload=None, text_len=16)
+    pipe = sample.load_pipeline(folder, device="cpu")
+    assert pipe.encoder == "enc" and pipe.video == dict(conf["video"], fps=24)  # no fps in the folder: 24
+    assert seen == dict(llm=llm_dir, clip=clip_dir, dtype=torch.float16, device=torch.device("cpu"), offload=None,
+                        text_len=16)
     os.rmdir(clip_dir)
     with pytest.raises(SystemExit, match="names the text encoder folder .*clip, which is not there"):
-        sample.load_ckpt_encoder(folder, "cpu")
+        sample.load_pipeline(folder, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -224,9 +261,9 @@ def _sp_worker(rank, world, init_file, ckpt, out_file):
 
 
 def _denoise_ckpt(ckpt, group):
-    enc, video = sample.load_ckpt_encoder(ckpt, "cpu")
     # float64: each rank multiplies half the tokens, and fp32 GEMMs round by shape and machine (see test_dit.py)
-    model = dit.load_dit(os.path.join(ckpt, "dit.safetensors"), dtype=torch.float64)
+    pipe = sample.load_pipeline(ckpt, dtype=torch.float64)
+    enc, model = pipe.encoder, pipe.dit
     model.sp_group = group
     c = tuple(x.double() if x.is_floating_point() else x for x in enc(["a red circle moving left"], 5))
     u = tuple(x.double() if x.is_floating_point() else x for x in enc([""], 5))
