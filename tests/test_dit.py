@@ -1,4 +1,5 @@
-"""dit.py against an independent float64 reference written from the facts (architecture.md §1), plus the
+"""dit.py against an independent float64 reference written from the official model's equations (official
+hyvideo/modules/models.py, paper §4.2), against diffusers' HunyuanVideoTransformer3DModel, plus the
 invariants a reader relies on: padding invariance, RoPE algebra, checkpointing, loading, key layout."""
 
 import math
@@ -38,7 +39,8 @@ def inputs(cfg=TINY, B=2, T=3, H=4, W=6, L=7, lens=(7, 3), seed=1):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Independent float64 reference: a straight transcription of the facts, dense masks, no code shared with dit.py
+# Independent float64 reference: the official model's equations written out with dense masks, no code
+# shared with dit.py
 
 def ref_forward(sd, cfg, x, t, text, mask, pooled, guidance):
     sd = {k: v.double() for k, v in sd.items()}
@@ -87,7 +89,8 @@ def ref_forward(sd, cfg, x, t, text, mask, pooled, guidance):
     for b in range(B):
         n = int(mask[b].sum())
         L = text.shape[1]
-        vec = temb(t[b:b + 1], "time_in") + lin(silu(lin(pooled[b:b + 1], "vector_in.in_layer")), "vector_in.out_layer")
+        vec = temb(t[b:b + 1], "time_in")
+        vec = vec + lin(silu(lin(pooled[b:b + 1], "vector_in.in_layer")), "vector_in.out_layer")
         if cfg.guidance_embed:
             vec = vec + temb(guidance[b:b + 1], "guidance_in")
         # patch embedding as an explicit matmul over (c, pt, ph, pw) patches, tokens t-major then h then w
@@ -96,7 +99,9 @@ def ref_forward(sd, cfg, x, t, text, mask, pooled, guidance):
         img = patches @ w.T + sd["img_in.proj.bias"]
         # token refiner
         pre = "txt_in."
-        c = temb(t[b:b + 1], pre + "t_embedder") + lin(silu(lin(text[b, :n].mean(0, keepdim=True), pre + "c_embedder.linear_1")), pre + "c_embedder.linear_2")
+        pooled_text = text[b, :n].mean(0, keepdim=True)
+        c = temb(t[b:b + 1], pre + "t_embedder")
+        c = c + lin(silu(lin(pooled_text, pre + "c_embedder.linear_1")), pre + "c_embedder.linear_2")
         txt = lin(text[b], pre + "input_embedder")
         valid = torch.arange(L) < n
         allowed = valid[:, None] & valid[None, :]
@@ -169,7 +174,8 @@ def test_matches_float64_reference(shape, lens, attention_path):
 
 
 def test_reference_without_guidance_and_bigger_patch():
-    cfg = dit.replace(TINY, guidance_embed=False, qkv_bias=False, patch_size=(2, 2, 2), in_channels=4, out_channels=8)
+    cfg = dit.replace(TINY, guidance_embed=False, qkv_bias=False, patch_size=(2, 2, 2), in_channels=4,
+                      out_channels=8)
     model = random_model(cfg).double()
     x, t, text, mask, pooled, _ = inputs(cfg, T=4, lens=(5, 2))
     with torch.no_grad():
@@ -226,7 +232,8 @@ def test_attention_segments_match_dense_mask(attention_path):
         inside = torch.arange(10) < n
         allowed = inside[:, None] == inside[None, :]
         s = torch.einsum("qhd,khd->hqk", q[b], k[b]) / math.sqrt(8)
-        ref = torch.einsum("hqk,khd->qhd", s.masked_fill(~allowed, -math.inf).softmax(-1), v[b]).reshape(10, -1)
+        p = s.masked_fill(~allowed, -math.inf).softmax(-1)
+        ref = torch.einsum("hqk,khd->qhd", p, v[b]).reshape(10, -1)
         torch.testing.assert_close(got[b], ref)
 
 
@@ -333,7 +340,8 @@ def test_attention_dispatch_policy(monkeypatch, choice, cap, dtype, head_dim, gr
     monkeypatch.setattr(dit, "kernel_available", lambda: True)
     monkeypatch.setattr(dit, "KERNEL_HEAD_DIMS", (64, 128))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
-    x = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), requires_grad=grad, device="cuda")
+    x = SimpleNamespace(is_cuda=True, dtype=dtype, shape=(1, 8, 2, head_dim), requires_grad=grad,
+                        device="cuda")
     assert dit._use_kernel(x, x, x) == want
     q = torch.randn(1, 8, 2, 128, dtype=torch.bfloat16)  # CPU tensors: never
     assert not dit._use_kernel(q, q, q)
@@ -368,7 +376,8 @@ def test_rope_is_a_relative_rotation():
     grid = torch.arange(5 * 6 * 7).reshape(5, 6, 7)
 
     def rot(x, idx):
-        return dit.apply_rope(x.expand(1, 1, 1, 32).float(), cos[idx:idx + 1], sin[idx:idx + 1]).double().flatten()
+        rotated = dit.apply_rope(x.expand(1, 1, 1, 32).float(), cos[idx:idx + 1], sin[idx:idx + 1])
+        return rotated.double().flatten()
 
     # a rotation: norms are preserved
     for idx in (0, 17, 209):
@@ -384,7 +393,8 @@ def test_rope_is_a_relative_rotation():
     # and the angle of pair j at position p is p * theta^(-2k/m) (direct formula, height axis, k=2)
     p = (0, 3, 0)
     j = axes[0] // 2 + 2
-    assert abs(math.atan2(sin[grid[p], 2 * j].item(), cos[grid[p], 2 * j].item()) - 3 * theta ** (-4 / 12)) < 1e-5
+    angle = math.atan2(sin[grid[p], 2 * j].item(), cos[grid[p], 2 * j].item())
+    assert abs(angle - 3 * theta ** (-4 / 12)) < 1e-5
 
 
 def test_image_and_video_shapes_and_validation():
@@ -426,7 +436,8 @@ def test_bf16_close_to_fp32():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The 13B layout, written by hand from the facts tables (§2.2), not generated from the model
+# The 13B layout (paper Table 2; the official checkpoint's keys), written by hand, not generated from the
+# model
 
 FIXTURE = {
     "img_in.proj.weight": (3072, 16, 1, 2, 2), "img_in.proj.bias": (3072,),
@@ -445,9 +456,10 @@ FIXTURE = {
     "txt_in.c_embedder.linear_2.weight": (3072, 3072), "txt_in.c_embedder.linear_2.bias": (3072,),
 }
 REFINER = {"norm1.weight": (3072,), "norm1.bias": (3072,), "self_attn_qkv.weight": (9216, 3072),
-           "self_attn_qkv.bias": (9216,), "self_attn_proj.weight": (3072, 3072), "self_attn_proj.bias": (3072,),
-           "norm2.weight": (3072,), "norm2.bias": (3072,), "mlp.fc1.weight": (12288, 3072), "mlp.fc1.bias": (12288,),
-           "mlp.fc2.weight": (3072, 12288), "mlp.fc2.bias": (3072,), "adaLN_modulation.1.weight": (6144, 3072),
+           "self_attn_qkv.bias": (9216,), "self_attn_proj.weight": (3072, 3072),
+           "self_attn_proj.bias": (3072,), "norm2.weight": (3072,), "norm2.bias": (3072,),
+           "mlp.fc1.weight": (12288, 3072), "mlp.fc1.bias": (12288,), "mlp.fc2.weight": (3072, 12288),
+           "mlp.fc2.bias": (3072,), "adaLN_modulation.1.weight": (6144, 3072),
            "adaLN_modulation.1.bias": (6144,)}
 DOUBLE = {"_mod.linear.weight": (18432, 3072), "_mod.linear.bias": (18432,), "_attn_qkv.weight": (9216, 3072),
           "_attn_qkv.bias": (9216,), "_attn_q_norm.weight": (128,), "_attn_k_norm.weight": (128,),
@@ -482,11 +494,14 @@ def test_diffusers_conversion_round_trip_and_names():
     assert set(back) == set(sd)
     for k in sd:
         assert torch.equal(back[k], sd[k]), k
-    # facts §2.3: a few names and transforms, by hand
+    # a few of diffusers' names and transforms, by hand
     D = TINY.hidden_size
-    assert torch.equal(conv["transformer_blocks.1.attn.add_k_proj.weight"], sd["double_blocks.1.txt_attn_qkv.weight"][D:2 * D])
-    assert torch.equal(conv["single_transformer_blocks.0.proj_mlp.bias"], sd["single_blocks.0.linear1.bias"][3 * D:])
-    assert torch.equal(conv["norm_out.linear.weight"][:D], sd["final_layer.adaLN_modulation.1.weight"][D:])  # scale first
+    assert torch.equal(conv["transformer_blocks.1.attn.add_k_proj.weight"],
+                       sd["double_blocks.1.txt_attn_qkv.weight"][D:2 * D])
+    assert torch.equal(conv["single_transformer_blocks.0.proj_mlp.bias"],
+                       sd["single_blocks.0.linear1.bias"][3 * D:])
+    assert torch.equal(conv["norm_out.linear.weight"][:D],  # scale first
+                       sd["final_layer.adaLN_modulation.1.weight"][D:])
     assert torch.equal(conv["context_embedder.token_refiner.refiner_blocks.0.ff.net.2.weight"],
                        sd["txt_in.individual_token_refiner.blocks.0.mlp.fc2.weight"])
     assert "transformer_blocks.0.attn.norm_added_q.weight" in conv and "x_embedder.proj.weight" in conv
@@ -519,7 +534,8 @@ def test_load_dit_formats(tmp_path):
     with torch.no_grad():
         want = model(x, t, text, mask, pooled, g)
 
-    torch.save({"module": sd, "ema": {}}, tmp_path / "mp_rank_00_model_states.pt")  # official DeepSpeed layout
+    # the official DeepSpeed layout
+    torch.save({"module": sd, "ema": {}}, tmp_path / "mp_rank_00_model_states.pt")
     dit.save_dit(model, str(tmp_path / "ours.safetensors"))
     from safetensors.torch import save_file
     conv = {k: v.contiguous() for k, v in dit.official_to_diffusers(sd).items()}
@@ -533,7 +549,8 @@ def test_load_dit_formats(tmp_path):
         json.dumps({"weight_map": {k: n for n, ks in shards.items() for k in ks}}))
 
     for path in ("mp_rank_00_model_states.pt", "ours.safetensors", "diffusers"):
-        m = dit.load_dit(str(tmp_path / path), config=TINY if path != "ours.safetensors" else None, dtype=torch.float32)
+        config = None if path == "ours.safetensors" else TINY  # ours carry their config
+        m = dit.load_dit(str(tmp_path / path), config=config, dtype=torch.float32)
         with torch.no_grad():
             torch.testing.assert_close(m(x, t, text, mask, pooled, g), want, rtol=0, atol=0, msg=path)
 
@@ -543,7 +560,8 @@ def test_load_dit_refuses_bad_checkpoints(tmp_path):
     del sd["single_blocks.1.linear2.bias"]
     sd["extra.weight"] = torch.zeros(1)
     torch.save({"module": sd}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"1 missing: single_blocks\.1\.linear2\.bias.*1 unexpected: extra\.weight"):
+    with pytest.raises(ValueError,
+                       match=r"1 missing: single_blocks\.1\.linear2\.bias.*1 unexpected: extra\.weight"):
         dit.load_dit(str(tmp_path / "bad.pt"), config=TINY)
     with pytest.raises(ValueError, match="wrong shape"):
         dit.load_dit(_save(tmp_path, "ratio2.pt"), config=TINY)
@@ -557,7 +575,8 @@ def test_load_dit_refuses_bad_checkpoints(tmp_path):
 def _fp8_checkpoint(tmp_path, model):
     """The official fp8 release's layout: every linear weight of the 60 blocks as float8_e4m3fn in the .pt,
     one scale per layer in *_map.pt keyed by module name (scalar or (1,) tensors: both broadcast the same).
-    Our own quantiser (scale = max|w| / 448, jittered so no two layers share one): the loader must not care."""
+    Our own quantiser (scale = max|w| / 448, jittered so no two layers share one): the loader must not
+    care."""
     g = torch.Generator().manual_seed(3)
     sd, scales = dict(model.state_dict()), {}
     for name, m in model.named_modules():
@@ -588,13 +607,15 @@ def test_load_official_fp8(tmp_path):
         fp8 = dit.load_dit(path, config=TINY, dtype=dtype)
         unpacked = dit.load_dit(path, config=TINY, dtype=dtype, keep_fp8=False)
         layers = [m for m in fp8.modules() if isinstance(m, dit.FP8Linear)]
-        assert len(layers) == len(scales) == 2 * 10 + 2 * 3  # double: (mod, qkv, proj, fc1, fc2) x 2 streams; single: 3
+        # double: (mod, qkv, proj, fc1, fc2) x 2 streams; single: 3
+        assert len(layers) == len(scales) == 2 * 10 + 2 * 3
         assert all(m.weight.dtype == torch.float8_e4m3fn for m in layers)
         assert set(fp8.state_dict()) == set(sd)                 # still the official key names
+        args = (x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g)
         with torch.no_grad():
-            want = ref(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g)
-            assert torch.equal(fp8(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g), want), dtype
-            assert torch.equal(unpacked(x.to(dtype), t, text.to(dtype), mask, pooled.to(dtype), g), want), dtype
+            want = ref(*args)
+            assert torch.equal(fp8(*args), want), dtype
+            assert torch.equal(unpacked(*args), want), dtype
     with pytest.raises(ValueError, match="keep_fp8=False"):
         dit.save_dit(fp8, str(tmp_path / "x.safetensors"))
     dit.save_dit(unpacked, str(tmp_path / "x.safetensors"))   # dense: saves and reloads like any model
@@ -611,7 +632,8 @@ def test_load_official_fp8_refuses_missing_scales(tmp_path):
     torch.save(scales, tmp_path / "short_map.pt")
     with pytest.raises(ValueError, match=r"no scale for 1 fp8 layer.*single_blocks\.1\.linear2"):
         dit.load_dit(path, config=TINY, fp8_map=str(tmp_path / "short_map.pt"))
-    sd["double_blocks.0.img_attn_q_norm.weight"] = sd["double_blocks.0.img_attn_q_norm.weight"].to(torch.float8_e4m3fn)
+    name = "double_blocks.0.img_attn_q_norm.weight"
+    sd[name] = sd[name].to(torch.float8_e4m3fn)
     torch.save({"module": sd}, tmp_path / "odd.pt")
     with pytest.raises(ValueError, match="img_attn_q_norm.weight .* is not a linear weight"):
         dit.load_dit(str(tmp_path / "odd.pt"), config=TINY, fp8_map=str(tmp_path / "elsewhere.pt"))
@@ -621,13 +643,14 @@ def test_quantize_fp8_writes_what_load_dit_reads(tmp_path):
     """dit.quantize_fp8 (the official map-file format; its own rule max|w| / 448): every weight within e4m3's
     half step (2^-4 relative) of the original, the saved pair loads back to the same outputs."""
     model = random_model()
-    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear)}
     scales = dit.quantize_fp8(model)
     assert len(scales) == 26 and all(isinstance(model.get_submodule(n), dit.FP8Linear) for n in scales)
     for n, s in scales.items():
         m = model.get_submodule(n)
         w, w0 = m.weight.double() * s.double(), before[n].double()
-        normal = w0.abs() >= 2 ** -6 * s.double()                 # e4m3's normal range (below: absolute steps)
+        normal = w0.abs() >= 2 ** -6 * s.double()  # e4m3's normal range (below: absolute steps)
         assert ((w - w0).abs() <= 2 ** -4 * w0.abs() + 1e-12)[normal].all(), n
         assert ((w - w0).abs() <= 2 ** -10 * s.double() + 1e-12)[~normal].all(), n
         assert w0.abs().max() <= 448 * s <= w0.abs().max() * (1 + 1e-6)
