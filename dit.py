@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class DiTConfig:
+    """The DiT's shape; defaults are the released 13B (paper Table 2, official HUNYUAN_VIDEO_CONFIG)."""
     in_channels: int = 16             # VAE latent channels
     out_channels: int = 16
     patch_size: tuple = (1, 2, 2)     # (t, h, w)
@@ -337,6 +338,8 @@ class IndividualTokenRefinerBlock(nn.Module):
 
 
 class IndividualTokenRefiner(nn.Module):
+    """Holds the refiner blocks, so their keys read txt_in.individual_token_refiner.blocks.N (official)."""
+
     def __init__(self, hidden, heads, depth, mlp_ratio):
         super().__init__()
         self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(hidden, heads, mlp_ratio)
@@ -575,6 +578,7 @@ class HunyuanVideoDiT(nn.Module):
 
 
 def num_params(model):
+    """Parameter count (the 13B config: 12,821,012,544)."""
     return sum(p.numel() for p in model.parameters())
 
 

@@ -49,6 +49,7 @@ def rope_type(scaling):
 
 @dataclass
 class LlamaConfig:
+    """LLaMA decoder shape; defaults: llava-llama-3-8b's language model (official ckpts/text_encoder)."""
     vocab_size: int = 128320          # llava-llama-3-8b: Llama 3's 128256 plus llava's added tokens
     hidden_size: int = 4096
     intermediate_size: int = 14336
@@ -76,6 +77,7 @@ class LlamaConfig:
 
 @dataclass
 class CLIPTextConfig:
+    """CLIP's text tower; defaults: openai/clip-vit-large-patch14 (official ckpts/text_encoder_2)."""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -391,6 +393,7 @@ class CLIPTextEncoder(nn.Module):
 
 
 def read_config(path, kind):
+    """A folder's config.json as a dict, after checking that it is a `kind` ("llama" or "clip") model."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{kind} text encoder folder {path!r} does not exist; pass the folder "
                                 f"holding config.json and *.safetensors (official: ckpts/text_encoder, "
@@ -411,6 +414,7 @@ def read_config(path, kind):
 
 
 def llama_config_from_hf(d, path):
+    """A LlamaConfig from a transformers config.json dict (path: for error messages)."""
     # rope: transformers < 5 writes rope_theta + rope_scaling, transformers >= 5 writes rope_parameters
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = d.get("rope_theta", rope.pop("rope_theta", 10000.0))  # 10000: transformers' default
