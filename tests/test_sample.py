@@ -40,7 +40,8 @@ class FakeDiT(nn.Module):
         self.sp_group = None  # as the real DiT: no sequence parallel
 
     def forward(self, x, t, text, mask, pooled, guidance=None):
-        self.calls.append(dict(t=t.clone(), guidance=None if guidance is None else guidance.clone(), B=x.shape[0]))
+        self.calls.append(dict(t=t.clone(), guidance=None if guidance is None else guidance.clone(),
+                               B=x.shape[0]))
         return self.fn(x, t, pooled)
 
 
@@ -70,9 +71,10 @@ def test_velocity_field_one_step():
 
 def test_cfg_combination_and_batch_order():
     """Real CFG: batch [uncond ; cond], v = v_u + w (v_c - v_u)."""
-    model = FakeDiT(lambda x, t, p: p[:, :1].view(-1, 1, 1, 1, 1).expand_as(x).clone())  # velocity = pooled value
+    model = FakeDiT(lambda x, t, p: p[:, :1].view(-1, 1, 1, 1, 1).expand_as(x).clone())  # v = pooled value
     x = torch.zeros(1, 4, 1, 2, 2)
-    out = sample.denoise(model, x, cond(1, 5.0), steps=1, shift=1.0, cfg_scale=3.0, uncond=cond(1, 2.0), progress=False)
+    out = sample.denoise(model, x, cond(1, 5.0), steps=1, shift=1.0, cfg_scale=3.0, uncond=cond(1, 2.0),
+                         progress=False)
     assert model.calls[0]["B"] == 2
     torch.testing.assert_close(out, x - (2.0 + 3.0 * (5.0 - 2.0)))
 
@@ -148,15 +150,16 @@ def make_ckpt(path, H=32, W=48, T=5):
     from dataclasses import asdict
     train.write_json(os.path.join(path, "config.json"), {
         "dit": asdict(dcfg), "vae": asdict(vcfg),
-        "text": {"llm": asdict(enc.llm.cfg), "clip": asdict(enc.clip.cfg), "text_len": 16, "tokenizer": "tokenizer.model"},
+        "text": {"llm": asdict(enc.llm.cfg), "clip": asdict(enc.clip.cfg), "text_len": 16,
+                 "tokenizer": "tokenizer.model"},
         "video": {"height": H, "width": W, "frames": T},
         "sample": {"steps": 3, "shift": 3.0, "guidance": None, "cfg_scale": 1.0}})
     return path
 
 
 def run_sample(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -207,18 +210,21 @@ def test_prompts_file_batch(ckpt, tmp_path):
     (["--dit", "/x_fp8.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "/x_fp8_map.pt is missing"),
 ])
 def test_bad_input_is_one_clean_line(ckpt, args, needle, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left"] + args)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
+                                      *args])
     with pytest.raises(SystemExit) as e:
         sample.main()
     msg = str(e.value.code)
-    assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg  # a line per problem
+    # a line per problem
+    assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
     r = run_sample("--ckpt", ckpt, "--prompt", "x", "--frames", "8", "--height", "40")
     assert r.returncode != 0 and "Traceback" not in r.stderr
-    assert r.stderr.splitlines() == ["error: --frames 8: must be 4k+1 (1 for an image); nearest valid: 9",
-                                     "error: --height 40: must be a positive multiple of 16; nearest valid: 48"]
+    assert r.stderr.splitlines() == [
+        "error: --frames 8: must be 4k+1 (1 for an image); nearest valid: 9",
+        "error: --height 40: must be a positive multiple of 16; nearest valid: 48"]
 
 
 def test_ckpt_folder_trained_with_the_official_encoders(ckpt, tmp_path, monkeypatch):
@@ -236,11 +242,12 @@ def test_ckpt_folder_trained_with_the_official_encoders(ckpt, tmp_path, monkeypa
     train.write_json(os.path.join(folder, "config.json"), conf)
     seen = {}
     monkeypatch.setattr(text_encoder.PromptEncoder, "from_pretrained",
-                        classmethod(lambda cls, llm, clip, **kw: seen.update(llm=llm, clip=clip, **kw) or "enc"))
+                        classmethod(lambda cls, llm, clip, **kw: seen.update(llm=llm, clip=clip, **kw)
+                                    or "enc"))
     pipe = sample.load_pipeline(folder, device="cpu")
     assert pipe.encoder == "enc" and pipe.video == dict(conf["video"], fps=24)  # no fps in the folder: 24
-    assert seen == dict(llm=llm_dir, clip=clip_dir, dtype=torch.float16, device=torch.device("cpu"), offload=None,
-                        text_len=16)
+    assert seen == dict(llm=llm_dir, clip=clip_dir, dtype=torch.float16, device=torch.device("cpu"),
+                        offload=None, text_len=16)
     os.rmdir(clip_dir)
     with pytest.raises(SystemExit, match="names the text encoder folder .*clip, which is not there"):
         sample.load_pipeline(folder, device="cpu")
@@ -261,7 +268,8 @@ def _sp_worker(rank, world, init_file, ckpt, out_file):
 
 
 def _denoise_ckpt(ckpt, group):
-    # float64: each rank multiplies half the tokens, and fp32 GEMMs round by shape and machine (see test_dit.py)
+    # float64: each rank multiplies half the tokens, and fp32 GEMMs round by shape and machine
+    # (see test_dit.py)
     pipe = sample.load_pipeline(ckpt, dtype=torch.float64)
     enc, model = pipe.encoder, pipe.dit
     model.sp_group = group
