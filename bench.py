@@ -116,11 +116,11 @@ def bench_curate(args):
             p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
             return 2 * p * r / max(1e-9, p + r), p, r
 
-        # each detector's time is the fastest of 3 runs: a shared machine's timings vary by ~20%
-        rows = []
         def cuts(starts):   # {video: its cuts}: the start frames of every shot but the first
             return {v: starts(v)[1:] for v in videos}
 
+        # each detector's time is the fastest of 3 runs: a shared machine's timings vary by ~20%
+        rows = []
         sec, _, ours = timed(lambda: cuts(lambda v: [s for s, _ in curate.detect_shots(v)]), 0, 3, min)
         rows.append(("curate.detect_shots", sec, *f1(ours)))
         try:
@@ -302,9 +302,15 @@ def diffusers_dit(model):
 
 
 def bench_dit(args):
+    """One forward of a random-weight DiT (13B at 544x960x129 in bf16 on a GPU, tiny on a CPU): seconds,
+    tokens/s, matmul TFLOP/s, peak memory; diffusers with the same weights in the same run."""
     name = args.config or ("13b" if CUDA else "tiny")
     cfg = dit.CONFIGS[name]
-    H, W, T = (int(v) for v in (args.size or ("544x960x129" if CUDA else "64x64x9")).split("x"))
+    size = args.size or ("544x960x129" if CUDA else "64x64x9")
+    try:
+        H, W, T = (int(v) for v in size.split("x"))
+    except ValueError:
+        raise SystemExit(f"--size {size}: expected HxWxT, e.g. 544x960x129") from None
     if H % 16 or W % 16 or (T - 1) % 4:
         raise SystemExit(f"--size {H}x{W}x{T}: height/width must be multiples of 16 and frames 4k+1 "
                          "(e.g. 544x960x129)")
@@ -438,13 +444,16 @@ def bench_train(args):
         del ref
         if CUDA:
             torch.cuda.empty_cache()
-    source = "diffusers in this run"
-    if not peer and CUDA:
+    if peer:
+        source = "diffusers in this run"
+    elif CUDA:
         peer = {False: recorded_seconds("diffusers-1.3b-train-step"),
                 True: recorded_seconds("diffusers-1.3b-train-step-checkpointed")}
         source = ("the recorded diffusers steps (docs/performance.md): "
                   f"{recorded('diffusers-1.3b-train-step')} without checkpointing, "
                   f"{recorded('diffusers-1.3b-train-step-checkpointed')} with")
+    else:
+        source = "nothing: no diffusers run here, and the recorded steps are a GPU's"
 
     print(f"\n{'implementation':<44} {'s/step':>7} {'MFU 6ND':>8} {'MFU mm':>7} {'MFU mm@meas':>12} "
           f"{'vs diffusers':>13} {'peak GiB':>9}")
@@ -457,7 +466,7 @@ def bench_train(args):
           f"figure; MFU mm: {flops / 1e12:.1f} TFLOP, the matmuls forward + backward actually run, "
           f"recomputation not counted; both against --peak-tflops {args.peak_tflops:.0f}; mm@meas against "
           + (f"this GPU's {measured:.0f} TFLOP/s measured now" if measured else "a GPU's peak (not on a CPU)")
-          + f"; 'vs diffusers': its step time over ours, from {source})")
+          + f"; 'vs diffusers': its step time over ours, taken from {source})")
 
 # ----------------------------------------------------------------------------------------------------------
 # sample: end-to-end sampling, DiT steps then the tiled VAE decode
@@ -494,7 +503,8 @@ def bench_sample(args):
         torch.cuda.empty_cache()
     with torch.no_grad():
         t_vae, mem_vae, video = timed(lambda: vae.decode(z / vcfg.scaling_factor, tiled=True), 0, 1)
-    where = (", DiT blocks offloaded" if args.offload else "") + (", fp8 block weights" if args.fp8 else "")
+    where = ((", DiT blocks offloaded" if args.offload and CUDA else "")
+             + (", fp8 block weights" if args.fp8 else ""))
     print(f"\nsampling {name} {H}x{W}x{T}{where}, {args.steps} steps: DiT {t_dit:.1f} s "
           f"({t_dit / args.steps:.2f} s/step), VAE decode {t_vae:.1f} s, total {t_dit + t_vae:.1f} s, "
           f"peak {max(mem_dit, mem_vae):.1f} GiB, video {tuple(video.shape)}")
