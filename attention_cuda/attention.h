@@ -1,32 +1,29 @@
 // The C-style interface between the kernels (portable.cu, hopper.cu: CUDA headers only) and the torch
-// binding (binding.cpp: torch headers only, no CUDA headers).
+// binding (binding.cpp: torch headers only).
 #pragma once
 
 // One (B, L, heads, head_dim) tensor: element strides of the first three dims; the last dim is
 // contiguous, every row start 16-byte aligned (the Python side copies anything else).
-struct AttnTensor {
-    void* ptr;
-    long long stride_b, stride_l, stride_h;
-};
+struct AttnTensor { void* ptr; long long stride_b, stride_l, stride_h; };
 
 struct AttnParams {
     AttnTensor q, k, v, o;        // forward: q, k, v in, o out
     AttnTensor dout, dq, dk, dv;  // backward: dout in, dq, dk, dv out
-    float* lse;                   // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out, backward in
+    float* lse;                   // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out
     float* delta;                 // (B, H, Lq) fp32 workspace: rowsum(dout * o)
-    float* unused;                // always null; keeps the layout the kernels' parameter offsets were built with
+    float* unused;                // null: a slot the kernels' parameter offsets were built with
     const int* kv_lens;           // (B,) int32 on the device: valid keys per sample, each in [1, len_k]
     int batch, heads, len_q, len_k, head_dim;
     float scale;                  // softmax scale, 1/sqrt(head_dim)
     int is_bf16;                  // 1: bf16, 0: fp16
 };
 
-// Each returns 0 (cudaSuccess) or a cudaError_t code; attn_error_string turns it into words.
-// Version 1.2 (portable.cu): any GPU from sm_80 on.
+// Each returns 0 (cudaSuccess) or a cudaError_t code, which attn_error_string puts into words.
+// Version 1.2 (portable.cu), any GPU from sm_80 on:
 int attn_portable_forward(const AttnParams& p, void* stream);
 int attn_portable_backward(const AttnParams& p, void* stream);
-// Version 2.1 (hopper.cu): compute capability 9.0 only. ATTN_NO_TENSOR_MAP: the driver refused a tensor
-// map for these strides and nothing was launched; the caller runs version 1.2 instead.
+// Version 2.1 (hopper.cu), compute capability 9.0 only; ATTN_NO_TENSOR_MAP: the driver refused a tensor
+// map for these strides, nothing was launched, and the caller runs version 1.2 instead.
 constexpr int ATTN_NO_TENSOR_MAP = -1;
 int attn_hopper_forward(const AttnParams& p, void* stream);
 int attn_hopper_backward(const AttnParams& p, void* stream);

@@ -2,60 +2,48 @@
 // on the algorithm of portable.cu (read that first: tiling, online softmax, the backward's three steps),
 // rebuilt around three features of the H100/H200:
 //   * wgmma: a warpgroup (4 warps) issues a 64 x N x 16 product asynchronously, the tensor cores reading
-//     their operands from shared memory themselves (no ldmatrix); one wgmma does the work of 64 mma.sync.
-//   * TMA: one thread copies a whole tile global -> shared through a tensor map built on the host
-//     (tensor_map), the copy engine writing the 128-byte-swizzled layout wgmma reads.
+//     the operands from shared memory themselves; one wgmma does the work of 64 mma.sync.
+//   * TMA: one thread copies a whole tile global -> shared through a tensor map built on the host, the
+//     copy engine writing the 128-byte-swizzled layout wgmma reads.
 //   * Warp specialisation: in a block of 384 threads, warpgroup 0 is the producer (one thread issues the
-//     copies; setmaxnreg gives its registers away, 24 per thread) and warpgroups 1 and 2 are consumers
-//     (240 registers each, 64 rows apiece). They pass stages of a two-deep ring of tiles through mbarriers,
-//     "full" (the copy's bytes have landed) and "empty" (every consumer warp is done reading), never
-//     through a block-wide barrier, so copies run ahead of the math.
-// Forward (hopper_fwd_kernel): 128 query rows per block, K and V in 128-key tiles. Per tile a consumer
-// computes S = Q K^T, the online softmax of common.cuh, O += P V (P from registers, V read as an
-// MN-major operand), with two overlaps that keep the tensor cores busy while exponentials run:
-//   ping-pong  the two consumers take turns issuing their products (named barriers 1 and 2), so one
-//              warpgroup's softmax runs while the other's products run;
-//   in-warpgroup  tile j's S = Q K^T is issued together with tile j-1's O += P V: the softmax of tile j
-//              runs while P V of tile j-1 is still on the tensor cores, and O is rescaled once it lands.
-// Backward: the delta kernel (common.cuh), then two warp-specialised kernels with the products of
-// portable.cu's steps 2 and 3 on wgmma, without overlaps (the dK and dV accumulators take 128 registers,
-// leaving no room for a second tile's scores):
-//   hopper_bwd_dkdv_kernel  128 keys per block (64 per consumer), K and V copied once, then Q, dO (TMA)
-//                           and lse, delta (the producer's warp 1, plain loads) in 64-query tiles;
-//   hopper_bwd_dq_kernel    128 queries per block, Q and dO copied once, K and V in 64-key tiles.
+//     copies; setmaxnreg leaves it 24 registers) and warpgroups 1 and 2 are consumers (240 registers, 64
+//     rows each). They pass the stages of a two-deep ring of tiles through mbarriers, "full" (the bytes
+//     have landed) and "empty" (every consumer warp is done reading): no block-wide barrier per tile.
+// Forward (hopper_fwd_kernel): 128 query rows per block, 128-key tiles. Per tile a consumer computes
+// S = Q K^T, the online softmax of common.cuh, O += P V (P from registers), with two overlaps that keep the
+// tensor cores busy while the exponentials run:
+//   ping-pong: the two consumers take turns issuing their products (named barriers 1 and 2), so one
+//     warpgroup's softmax runs while the other's products do;
+//   in-warpgroup: tile j's S = Q K^T is issued together with tile j-1's O += P V; the softmax of tile j
+//     runs while that P V is still on the tensor cores, and O is rescaled once it has landed.
+// Backward: the delta kernel (common.cuh), then portable.cu's steps 2 and 3 on wgmma, warp-specialised:
+//   hopper_bwd_dkdv_kernel: 128 keys per block (64 per consumer); K, V copied once, then Q, dO (TMA) and
+//     lse, delta (the producer's warp 1, plain loads) in 64-query tiles;
+//   hopper_bwd_dq_kernel: 128 queries per block; Q, dO copied once, then K, V in 64-key tiles.
 // Padded keys: only ceil(n / tile) tiles are copied, but TMA copies the rows past n in the last one as
-// memory holds them (anything, NaN included: 0 x NaN is NaN on the tensor cores too). So their scores are
-// set to -inf (forward) or their P and dS selected to 0 (backward), never multiplied by a mask, and the
-// tail rows of a tile that is contracted over keys (V in O += P V, K in dQ += dS K) are zeroed in shared
-// memory before that product (zero_tail_rows, by both consumers, between barriers).
-// The host falls back to portable.cu when the driver refuses a tensor map (strides not multiples of 16 B).
+// memory holds them (NaN included, and 0 x NaN is NaN on the tensor cores too). So their scores are set to
+// -inf (forward) or their P and dS selected to 0 (backward), never multiplied by a mask, and the padded
+// rows of a tile contracted over keys (V in O += P V, K in dQ += dS K) are zeroed in shared memory first.
+// Where the driver refuses a tensor map (strides not multiples of 16 bytes) the host runs portable.cu.
 #include <cuda.h>          // CUtensorMap and its enums only: nothing links libcuda (see encode_tiled)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
-
 #include <type_traits>
-
 #include "common.cuh"
 
 namespace {
 // ---------------------------------------------------------------------------------------------------
-// wgmma (sm_90a only; PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"). A warpgroup, 4
-// consecutive warps starting at a multiple of 4, computes D (64 x N, fp32, in registers) (+)= A (64 x 16)
-// B (16 x N) asynchronously: issue (wgmma.mma_async), close a group (commit_group), wait for it
-// (wait_group). Within the warpgroup, warp w holds rows 16w..16w+15 of D in exactly the mma.m16n8 C layout
-// above, repeated over the N/8 column blocks, and an A taken from registers is the mma.m16n8k16 A fragment
-// of the warp's 16 rows: the fragment bookkeeping of the mma.sync kernel carries over unchanged.
-//
-// Operands in shared memory are described by a 64-bit descriptor (bits 0-13 start address >> 4, 16-29
-// "leading" byte offset >> 4, 32-45 "stride" byte offset >> 4, 62-63 swizzle: 1 = 128-byte) and must lie
-// in the canonical 128-byte-swizzled layout: rows of 64 elements (128 B) in 1024-byte groups of 8 rows,
-// the 16-byte chunk c of row r stored at chunk position c ^ (r % 8) (the hardware XORs address bits 4-6
-// with bits 7-9, so the tiles start 1024-byte aligned). A tile with D = 128 columns is stored as two
-// such 64-column halves one after the other. Then:
-//   K-major operand (the 16-wide k-slice contiguous: Q as A, K as B of Q K^T): 8-row groups 1024 B apart
-//     (stride offset); the k-step's start address moves 32 B along the 128-byte row, then to the next half.
-//   MN-major operand (V as B of P V: rows are keys = k, columns d = n; "transpose B" set): 8-key groups
-//     1024 B apart (stride offset), the two 64-column halves of d one half-tile apart (leading offset).
-
+// wgmma (PTX ISA "Asynchronous Warpgroup Level Matrix Multiply-Accumulate"): a warpgroup computes D (64 x N,
+// fp32, in registers) (+)= A (64 x 16) B (16 x N) asynchronously: issue (wgmma.mma_async), close a group
+// (commit_group), wait for it (wait_group). Warp w holds rows 16w..16w+15 of D in the C layout of
+// common.cuh, and an A taken from registers is the mma.m16n8k16 A fragment of its 16 rows (portable.cu).
+// Shared-memory operands are given by a 64-bit descriptor (bits 0-13 start address >> 4, 16-29 "leading"
+// byte offset >> 4, 32-45 "stride" byte offset >> 4, 62-63 swizzle: 1 = 128-byte) and lie in the
+// 128-byte-swizzled layout: rows of 64 elements (128 B) in 1024-byte groups of 8 rows, 16-byte chunk c of
+// row r at position c ^ (r % 8) (tiles start 1024-byte aligned); a D = 128 tile is two 64-column halves.
+//   K-major operand (k contiguous: Q as A, K as B of Q K^T): 8-row groups 1024 B apart (stride offset);
+//     a k-step moves 32 B along the 128-byte row, then to the next half.
+//   MN-major operand (V as B of P V, "transpose B" set): 8-key groups 1024 B apart (stride offset), the
+//     two 64-column halves of d one half-tile apart (leading offset).
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)  // sm_90a code only (unused helpers warn elsewhere)
 __device__ __forceinline__ uint64_t sw128_desc(uint32_t smem_addr, uint32_t leading_bytes, uint32_t stride_bytes) {
     return static_cast<uint64_t>((smem_addr & 0x3FFFF) >> 4) | static_cast<uint64_t>(leading_bytes >> 4) << 16 |
@@ -79,29 +67,19 @@ __device__ __forceinline__ void fence_regs(float (&d)[NB][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e]) :: "memory");
 }
 
-#define WGMMA_ACC64 \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+// The accumulator operands of an m64nN wgmma: d[0..N/8)[0..4), as in-out registers.
+#define WGMMA_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define WGMMA_ACC64 WGMMA_D(0), WGMMA_D(1), WGMMA_D(2), WGMMA_D(3), WGMMA_D(4), WGMMA_D(5), WGMMA_D(6), WGMMA_D(7)
 #define WGMMA_REGS64 \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
     " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
 #define WGMMA_ACC128 \
-    "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), \
-    "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]), \
-    "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), \
-    "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), \
-    "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), \
-    "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), \
-    "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]), \
-    "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]), "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+    WGMMA_ACC64, WGMMA_D(8), WGMMA_D(9), WGMMA_D(10), WGMMA_D(11), WGMMA_D(12), WGMMA_D(13), WGMMA_D(14), WGMMA_D(15)
 #define WGMMA_REGS128 \
     "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
     " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
     " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
     " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-
 
 // d (+)= A B, m64nNk16 (N = 64 or 128), A (64 x 16) and B (16 x N, K-major) from shared memory;
 // accumulate = 0 overwrites d (the first k-step of a product).
@@ -143,11 +121,9 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
 #undef WGMMA_RS
 }
 
-// The two shapes of product the wgmma kernels run, over tiles stored by load_tile_sw128 (rows of D columns,
-// split into 64-column halves of `rows` x 128 B each):
+// The kernels' two shapes of product (issued, not committed), over D-column tiles stored as 64-column halves:
 // d = A B^T, contracting the head dim: A = 64 rows at a (of an A_ROWS-row tile), B = N rows at b (of a
-// B_ROWS-row tile), both K-major; D / 16 k-steps, 32 B apart along a 128-byte row, then the next half.
-// Issued, not committed.
+// B_ROWS-row tile), both K-major.
 template <typename T, int N, int D, int A_ROWS, int B_ROWS>
 __device__ __forceinline__ void wgmma_dot_rows(float (&d)[N / 8][4], uint32_t a, uint32_t b) {
 #pragma unroll
@@ -167,8 +143,7 @@ __device__ __forceinline__ void wgmma_acc_rows(float (&d)[D / 8][4], const uint3
 }
 
 // C fragments of 8-column blocks (NB of them) -> A fragments of NB / 2 16-wide k-steps: blocks 2kk and
-// 2kk + 1 are k-step kk (the identity in the header comment). For the wgmma kernels, which pack a whole
-// tile before issuing its products.
+// 2kk + 1 are k-step kk (portable.cu's header), a whole tile at a time before its products are issued.
 template <typename T, int NB>
 __device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB / 2][4]) {
 #pragma unroll
@@ -181,21 +156,10 @@ __device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward
-
-constexpr int WG_BM = 128, WG_BN = 128;  // query rows per block (64 per consumer), keys per tile
-constexpr int WS_STAGES = 2;
-constexpr int WS_THREADS = 384;
-// mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
-constexpr int WS_BARS = 1 + 4 * WS_STAGES;
-template <typename T, int D> constexpr int fwd_ws_smem() {  // Q + stages x (K + V) + barriers + 1 KB to align
-    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * static_cast<int>(sizeof(T)) + WS_BARS * 8 + 1024;
-}
-
+// TMA copies, mbarriers, named barriers
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// mbarrier (PTX ISA "Parallel Synchronization and Communication Instructions: mbarrier"): a 64-bit shared
-// object whose current phase completes when its expected arrivals have arrived and its expected
-// transaction bytes (TMA copies) have landed; waits name the parity of the phase they wait for.
+// mbarrier (PTX ISA "mbarrier"): a 64-bit shared object whose current phase completes when its expected
+// arrivals have arrived and its expected bytes (TMA copies) have landed; waits name the phase's parity.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" :: "r"(bar), "r"(arrivals) : "memory");
 }
@@ -207,23 +171,14 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
 }
 // Spin until the phase of the given parity has completed (true at once for the phase before the first).
-// Every legitimate wait here lasts microseconds (a tile's copy or a tile's products); one still waiting
-// after 2^32 ns (~4 s, by the global nanosecond timer: try_wait may suspend the thread for an unspecified
-// while before it returns false, so a count of tries says little about time) is a synchronisation bug, and
-// the kernel traps (the launch fails with an error) instead of hanging the GPU. The loop stays inside one
-// asm block: written as a C++ loop, ptxas kept more registers live around it and spilled in the overlapped
-// forward.
+// A wait still waiting after 2^32 ns (~4 s by the global timer; try_wait may suspend a while, so tries are
+// no clock) is a synchronisation bug: trap (the launch fails) instead of hanging the GPU. One asm block:
+// as a C++ loop, ptxas kept more registers live around it and the forward spilled.
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-    asm volatile("{\n.reg .pred ready, more;\n.reg .u64 t0, t1;\nmov.u64 t0, %%globaltimer;\n"
-                 "wait_again:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n"
-                 "@ready bra wait_done;\n"
-                 "mov.u64 t1, %%globaltimer;\n"
-                 "sub.u64 t1, t1, t0;\n"
-                 "setp.lt.u64 more, t1, 4294967296;\n"
-                 "@more bra wait_again;\n"
-                 "trap;\n"
-                 "wait_done:\n}\n" :: "r"(bar), "r"(parity) : "memory");
+    asm volatile("{\n.reg .pred ready, more;\n.reg .u64 t0, t1;\nmov.u64 t0, %%globaltimer;\nwait_again:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n@ready bra wait_done;\n"
+                 "mov.u64 t1, %%globaltimer;\nsub.u64 t1, t1, t0;\nsetp.lt.u64 more, t1, 4294967296;\n"
+                 "@more bra wait_again;\ntrap;\nwait_done:\n}\n" :: "r"(bar), "r"(parity) : "memory");
 }
 // Copy the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into shared memory at dst; the
 // bytes complete on mbarrier bar. dst must be 1024-byte aligned for the 128-byte swizzle.
@@ -252,10 +207,9 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[NK][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e]) :: "memory");
 }
 
-// Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (thread index i in 0..NT-1). The
-// swizzle permutes 16-byte chunks within a row only, so a row's 128 bytes per 64-column half stay where
-// they are. The tensor cores read the tile next: each writing thread fences its stores into the async
-// proxy; the caller then syncs the NT threads.
+// Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (i in 0..NT-1; the swizzle moves
+// chunks within a row only). The tensor cores read the tile next: each thread fences its stores into the
+// async proxy; the caller then syncs the NT threads.
 template <int ROWS, int D, int NT>
 __device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, int i) {
     for (int c = first * 8 + i; c < ROWS * 8; c += NT)  // 8 chunks of 16 B per 128-byte row
@@ -265,6 +219,17 @@ __device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, i
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     fence_proxy_async();
 #endif
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward
+constexpr int WG_BM = 128, WG_BN = 128;  // query rows per block (64 per consumer), keys per tile
+constexpr int WS_STAGES = 2;
+constexpr int WS_THREADS = 384;
+// mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
+constexpr int WS_BARS = 1 + 4 * WS_STAGES;
+template <typename T, int D> constexpr int fwd_ws_smem() {  // Q + stages x (K + V) + barriers + 1 KB to align
+    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * static_cast<int>(sizeof(T)) + WS_BARS * 8 + 1024;
 }
 
 template <typename T, int D>
@@ -283,12 +248,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     auto v_full = [&](int st) { return bars + 8 * (1 + WS_STAGES + st); };
     auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
     auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * WS_STAGES + st); };
-
     const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + WG_BN - 1) / WG_BN;
-
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WS_STAGES; ++st) {
@@ -341,7 +304,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         uint32_t pa[WG_BN / 16][4];  // P of the tile whose P V is pending
         float alpha[2];              // the last softmax's rescale factors, applied to o once it may be touched
         mbar_wait(q_full, 0);
-
         // Tile j's S = Q K^T, issued on this consumer's turn (with tile j-1's P V behind it, if with_pv),
         // then waited for, K released, masked, and its softmax computed into alpha (not applied).
         auto scores = [&](int j, bool with_pv) {
@@ -366,23 +328,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             if (j == n_tiles - 1 && tail < WG_BN) mask_keys(s, j * WG_BN, kv_len, t);
             softmax_rows(s, m_row, l_row, scale_log2, alpha);
         };
-        // O += P V for the last tile j, zeroing its padded V rows first.
-        auto values = [&](int j) {
-            const int st = j % WS_STAGES;
-            mbar_wait(v_full(st), (j / WS_STAGES) & 1);
-            if (j == n_tiles - 1 && tail < WG_BN) {  // both consumers share the work, then wait for each other
-                zero_tail_rows<WG_BN, D, 256>(sV + st * KV_BYTES, tail, threadIdx.x - 128);
-                named_sync(3, 256);
-            }
-            wgmma_fence();
-            wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + st * KV_BYTES));
-            wgmma_commit();
-            wgmma_wait<0>();
-            fence_regs(o);
-            fence_regs(pa);
-            if (lane == 0) mbar_arrive(v_empty(st));
-        };
-
         scores(0, false);
         pack_a<T>(s, pa);  // o is still 0: nothing to rescale
         for (int j = 1; j < n_tiles; ++j) {
@@ -394,7 +339,21 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             rescale_rows(o, alpha);
             pack_a<T>(s, pa);
         }
-        values(n_tiles - 1);
+        // The last tile's O += P V, its padded V rows zeroed first (both consumers share the work, then
+        // wait for each other).
+        const int last = (n_tiles - 1) % WS_STAGES;
+        mbar_wait(v_full(last), ((n_tiles - 1) / WS_STAGES) & 1);
+        if (tail < WG_BN) {
+            zero_tail_rows<WG_BN, D, 256>(sV + last * KV_BYTES, tail, threadIdx.x - 128);
+            named_sync(3, 256);
+        }
+        wgmma_fence();
+        wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + last * KV_BYTES));
+        wgmma_commit();
+        wgmma_wait<0>();
+        fence_regs(o);
+        fence_regs(pa);
+        if (lane == 0) mbar_arrive(v_empty(last));
         // Consumer 1 passed the turn once more than consumer 0 took it: take it, so no arrival is left over.
         if (cw == 0) named_sync(1, 256);
 
@@ -405,17 +364,23 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 #endif
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Backward: no ping-pong and no in-warpgroup overlap (the dK/dV consumers hold 128 accumulator registers,
+// dK and dV, besides a tile's S^T and dP^T: no room for a second tile's scores).
 constexpr int WGB_BN = 128, WGB_BM = 64;  // dK/dV: keys per block (64 per warpgroup), queries per tile
 constexpr int WGQ_BM = 128, WGQ_BN = 64;  // dQ: queries per block (64 per warpgroup), keys per tile
+constexpr int WSB_STAGES = 2;
+template <typename T, int D> constexpr int dkdv_ws_smem() {  // K, V, stages x (Q, dO, lse, delta), barriers, align
+    return (2 * WGB_BN + 2 * WSB_STAGES * WGB_BM) * D * static_cast<int>(sizeof(T)) + WSB_STAGES * 2 * WGB_BM * 4 +
+           (1 + 2 * WSB_STAGES) * 8 + 1024;
+}
+template <typename T, int D> constexpr int dq_ws_smem() {  // Q, dO, stages x (K, V), barriers, align
+    return (2 * WGQ_BM + 2 * WSB_STAGES * WGQ_BN) * D * static_cast<int>(sizeof(T)) + (1 + 2 * WSB_STAGES) * 8 + 1024;
+}
 
-
-// One dK/dV tile for one warpgroup (versions 2.0 and 2.1): its 64 keys (k_addr, v_addr: 64-row slices of
-// the block's K and V) against a 64-query tile (q_addr, do_addr; lse_i, delta_i: the tile's 64 values):
-//   S^T = K Q^T, dP^T = V dO^T  (wgmma m64n64k16, A and B from shared memory; issued as two groups)
-//   P^T = 2^(S^T s log2e - lse), dS^T = P^T (dP^T - delta), both selected to 0 for keys past kv_len (never
-//         multiplied: version 2.1 copies padded K and V rows as they are, NaN included)
-//   dV += P^T dO, dK += dS^T Q  (wgmma m64nDk16, A from registers, dO and Q as MN-major B: the K-major B of
-//         the first two products, read through another descriptor)
+// One dK/dV tile for one warpgroup: its 64 keys (k_addr, v_addr) against 64 queries (q_addr, do_addr;
+// lse_i, delta_i): S^T = K Q^T, dP^T = V dO^T (two groups); P^T, dS^T, selected to 0 for keys past
+// kv_len; dV += P^T dO, dK += dS^T Q (A from registers; dO, Q read again as MN-major B operands).
 template <typename T, int D>
 __device__ __forceinline__ void dkdv_tile(float (&dk_acc)[D / 8][4], float (&dv_acc)[D / 8][4], uint32_t k_addr,
                                           uint32_t v_addr, uint32_t q_addr, uint32_t do_addr, const float* lse_i,
@@ -456,11 +421,9 @@ __device__ __forceinline__ void dkdv_tile(float (&dk_acc)[D / 8][4], float (&dv_
     fence_regs(sa);
 }
 
-// One dQ tile for one warpgroup (versions 2.0 and 2.1): its 64 queries (q_addr, do_addr; row_lse, row_delta:
-// this thread's two rows) against the 64-key tile at k_addr, v_addr whose first key is key0:
-//   S = Q K^T, dP = dO V^T (m64n64k16, two groups); P = 2^(S s log2e - lse), dS = P (dP - delta), both
-//   selected to 0 for keys past kv_len; before_dq() (version 2.1 zeroes the padded K rows there); dQ += dS K
-//   (m64nDk16, dS from registers, K as an MN-major B).
+// One dQ tile for one warpgroup: its 64 queries (q_addr, do_addr; row_lse, row_delta: this thread's rows)
+// against the 64 keys at k_addr, v_addr from key0: S = Q K^T, dP = dO V^T (two groups); P, dS, selected to
+// 0 for keys past kv_len; before_dq() (padded K rows zeroed); dQ += dS K (K as an MN-major B).
 template <typename T, int D, typename BeforeDq>
 __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], uint32_t q_addr, uint32_t do_addr, uint32_t k_addr,
                                         uint32_t v_addr, const float (&row_lse)[2], const float (&row_delta)[2],
@@ -501,34 +464,14 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], uint32_t q_addr, 
     fence_regs(sa);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Backward, version 2.1 (sm_90a; the default there, ATTENTION_CUDA_BWD_WGMMA=ws): version 2.0's
-// two kernels (the same products, the same recomputation) with the forward 2.1's structure: a producer
-// warpgroup (setmaxnreg 24) feeding a two-stage ring through TMA and mbarriers, two consumer warpgroups
-// (240) that no longer step together through a block barrier per tile. No ping-pong and no in-warpgroup
-// overlap: the dK/dV consumers hold 128 accumulator registers (dK and dV) besides a tile's S^T and dP^T,
-// which leaves no room for a second tile's scores.
-// Padded keys (TMA copies whatever memory holds; NaN in the tests): every P and dS of a key past kv_len is
-// selected to 0, never multiplied by a mask, so NaN in K or V cannot reach them; the one product that
-// reads K rows as the contracted dimension (dQ += dS K) gets its last tile's padded K rows zeroed first.
-constexpr int WSB_STAGES = 2;
-template <typename T, int D> constexpr int dkdv_ws_smem() {  // K, V, stages x (Q, dO, lse, delta), barriers, align
-    return (2 * WGB_BN + 2 * WSB_STAGES * WGB_BM) * D * static_cast<int>(sizeof(T)) + WSB_STAGES * 2 * WGB_BM * 4 +
-           (1 + 2 * WSB_STAGES) * 8 + 1024;
-}
-template <typename T, int D> constexpr int dq_ws_smem() {  // Q, dO, stages x (K, V), barriers, align
-    return (2 * WGQ_BM + 2 * WSB_STAGES * WGQ_BN) * D * static_cast<int>(sizeof(T)) + (1 + 2 * WSB_STAGES) * 8 + 1024;
-}
-
-// dK, dV: one block = 128 keys (64 per consumer warpgroup), query tiles of 64 rows. The producer's thread 0
-// copies K and V once and Q, dO tile by tile; its warp 1 copies each tile's lse and delta (64 floats each,
-// with lse_at / delta_at's values past Lq) with plain loads and stores, every lane arriving on the stage's
-// full barrier after its stores (33 arrivals: 1 expect_tx + 32).
+// dK, dV: the producer's thread 0 copies K and V once, then Q and dO tile by tile; its warp 1 copies each
+// tile's lse and delta (lse_at / delta_at) with plain loads and stores, every lane then arriving on the
+// stage's full barrier (33 arrivals: 1 expect_tx + 32).
 template <typename T, int D>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     hopper_bwd_dkdv_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
-                            const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                            const __grid_constant__ CUtensorMap map_do) {
+                           const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                           const __grid_constant__ CUtensorMap map_do) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int KV_BYTES = WGB_BN * D * 2, QT_BYTES = WGB_BM * D * 2;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -542,7 +485,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const uint32_t kv_full = bars;
     auto q_full = [&](int st) { return bars + 8 * (1 + st); };
     auto q_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
-
     const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
     const int kv_len = p.kv_lens[b];
@@ -552,7 +494,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         return;
     }
     const int q_tiles = (p.len_q + WGB_BM - 1) / WGB_BM;
-
     if (threadIdx.x == 0) {
         mbar_init(kv_full, 1);
         for (int st = 0; st < WSB_STAGES; ++st) {
@@ -612,7 +553,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             const uint32_t q_addr = smem_u32(sQ + st * QT_BYTES), do_addr = smem_u32(sdO + st * QT_BYTES);
             const float* lse_i = sLse + st * WGB_BM;
             const float* delta_i = sDelta + st * WGB_BM;
-
             dkdv_tile<T, D>(dk_acc, dv_acc, k_addr, v_addr, q_addr, do_addr, lse_i, delta_i, valid_key, scale_log2, t);
             __syncwarp();  // every lane's loads of lse and delta are ordered before lane 0's release
             if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
@@ -623,15 +563,13 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 #endif
 }
 
-// dQ: one block = 128 queries (64 per consumer warpgroup; Q and dO copied once), key tiles of 64 rows, K and
-// V of a tile on one full barrier. The last tile's keys past kv_len: S and dS selected to 0; their K rows
-// zeroed in shared memory before dQ += dS K, between two barriers of both consumers (the first: both have
-// finished reading K for S; the second: the zeros are in).
+// dQ: K and V of a tile complete one full barrier. The last tile's padded K rows are zeroed before
+// dQ += dS K, between two barriers of both consumers (both done reading K for S; the zeros are in).
 template <typename T, int D>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     hopper_bwd_dq_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
-                          const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
-                          const __grid_constant__ CUtensorMap map_do) {
+                         const __grid_constant__ CUtensorMap map_k, const __grid_constant__ CUtensorMap map_v,
+                         const __grid_constant__ CUtensorMap map_do) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     constexpr int QT_BYTES = WGQ_BM * D * 2, KV_BYTES = WGQ_BN * D * 2;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -643,12 +581,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     const uint32_t q_full = bars;
     auto kv_full = [&](int st) { return bars + 8 * (1 + st); };
     auto kv_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
-
     const int m0 = blockIdx.x * WGQ_BM, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;
-
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WSB_STAGES; ++st) {
@@ -718,10 +654,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 
 // ---------------------------------------------------------------------------------------------------
 // Launchers
-
-// Version 2.1's copies read global memory through tensor maps (CUDA driver API "Tensor Map Object
-// Management"), one per tensor, passed to the kernel by value. cuTensorMapEncodeTiled is a driver function:
-// it is fetched through the runtime, so the extension needs no libcuda at link time.
+// TMA reads global memory through tensor maps (CUDA driver API "Tensor Map Object Management"), passed to
+// the kernel by value; cuTensorMapEncodeTiled is fetched through the runtime, so nothing links libcuda.
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 EncodeTiled encode_tiled() {
     static const EncodeTiled fn = [] {
@@ -738,7 +672,7 @@ EncodeTiled encode_tiled() {
 // outer three; a box is 64 columns (128 bytes, the widest the 128-byte swizzle takes) x 1 head x `rows` rows
 // x 1 sample, written to shared memory in the 128-byte-swizzled layout, zeros where it leaves the tensor.
 // A size-1 dimension's stride is never used: the natural one stands in (the driver wants multiples of 16).
-// False where the driver refuses (e.g. strides not multiples of 16 bytes): the caller falls back.
+// False where the driver refuses.
 bool tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams& p, int rows) {
     const EncodeTiled encode = encode_tiled();
     if (encode == nullptr) return false;
@@ -755,19 +689,14 @@ bool tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams
                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// Each product tiles differently, so each kernel has its own maps, boxes of its tile heights.
 template <typename T, int D>
 int forward(const AttnParams& p, cudaStream_t stream) {
     CUtensorMap maps[3];
     if (!tensor_map(&maps[0], p.q, p.len_q, p, WG_BM) || !tensor_map(&maps[1], p.k, p.len_k, p, WG_BN) ||
         !tensor_map(&maps[2], p.v, p.len_k, p, WG_BN))
         return ATTN_NO_TENSOR_MAP;
-    const int smem = fwd_ws_smem<T, D>();  // D = 128: 164,936 B; D = 64: 83,016 B
-    cudaError_t err = allow_smem(hopper_fwd_kernel<T, D>, smem);
-    if (err != cudaSuccess) return err;
-    const dim3 grid((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch);
-    hopper_fwd_kernel<T, D><<<grid, WS_THREADS, smem, stream>>>(p, maps[0], maps[1], maps[2]);
-    return cudaGetLastError();
+    return launch(hopper_fwd_kernel<T, D>, dim3((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch), WS_THREADS,
+                  fwd_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2]);  // D = 128: 164,936 B
 }
 
 template <typename T, int D>
@@ -779,30 +708,19 @@ int backward(const AttnParams& p, cudaStream_t stream) {
         !tensor_map(&maps_dq[2], p.v, p.len_k, p, WGQ_BN) || !tensor_map(&maps_dq[3], p.dout, p.len_q, p, WGQ_BM))
         return ATTN_NO_TENSOR_MAP;
     cudaError_t err = launch_delta<T, D>(p, stream);
-    if (err != cudaSuccess) return err;
-    err = allow_smem(hopper_bwd_dkdv_kernel<T, D>, dkdv_ws_smem<T, D>());  // D = 128: 133,160 B
-    if (err != cudaSuccess) return err;
-    err = allow_smem(hopper_bwd_dq_kernel<T, D>, dq_ws_smem<T, D>());  // D = 128: 132,136 B
-    if (err != cudaSuccess) return err;
-    hopper_bwd_dkdv_kernel<T, D><<<dim3((p.len_k + WGB_BN - 1) / WGB_BN, p.heads, p.batch), WS_THREADS,
-                                   dkdv_ws_smem<T, D>(), stream>>>(p, maps[0], maps[1], maps[2], maps[3]);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    hopper_bwd_dq_kernel<T, D><<<dim3((p.len_q + WGQ_BM - 1) / WGQ_BM, p.heads, p.batch), WS_THREADS,
-                                 dq_ws_smem<T, D>(), stream>>>(p, maps_dq[0], maps_dq[1], maps_dq[2], maps_dq[3]);
-    return cudaGetLastError();
+    if (err == cudaSuccess)  // D = 128: 133,160 B of shared memory
+        err = launch(hopper_bwd_dkdv_kernel<T, D>, dim3((p.len_k + WGB_BN - 1) / WGB_BN, p.heads, p.batch),
+                     WS_THREADS, dkdv_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2], maps[3]);
+    if (err == cudaSuccess)  // D = 128: 132,136 B
+        err = launch(hopper_bwd_dq_kernel<T, D>, dim3((p.len_q + WGQ_BM - 1) / WGQ_BM, p.heads, p.batch),
+                     WS_THREADS, dq_ws_smem<T, D>(), stream, p, maps_dq[0], maps_dq[1], maps_dq[2], maps_dq[3]);
+    return err;
 }
-
 }  // namespace
 
-int attn_hopper_forward(const AttnParams& p, void* stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (p.is_bf16) return p.head_dim == 128 ? forward<__nv_bfloat16, 128>(p, s) : forward<__nv_bfloat16, 64>(p, s);
-    return p.head_dim == 128 ? forward<__half, 128>(p, s) : forward<__half, 64>(p, s);
+int attn_hopper_forward(const AttnParams& p, void* s) {
+    return ATTN_DISPATCH(forward, p, static_cast<cudaStream_t>(s));
 }
-
-int attn_hopper_backward(const AttnParams& p, void* stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (p.is_bf16) return p.head_dim == 128 ? backward<__nv_bfloat16, 128>(p, s) : backward<__nv_bfloat16, 64>(p, s);
-    return p.head_dim == 128 ? backward<__half, 128>(p, s) : backward<__half, 64>(p, s);
+int attn_hopper_backward(const AttnParams& p, void* s) {
+    return ATTN_DISPATCH(backward, p, static_cast<cudaStream_t>(s));
 }

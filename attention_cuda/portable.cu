@@ -11,8 +11,8 @@
 //     P = 2^(s log2(e) S - m), the row sums l and the output accumulator are rescaled by 2^(m_old - m).
 //     Then O += P V, P straight from registers (its C fragments are the next product's A fragments).
 //   * At the end O / l is stored, with the row's log-sum-exp lse = m + log2(l) (base 2) for the backward.
-//   * Padded keys cost nothing: the loop stops after ceil(n / 64) tiles; the copy zero-fills rows >= n
-//     instead of reading them, and in the last tile their scores are set to -inf, so P = 0 there.
+//   * Padded keys cost nothing: the loop stops after ceil(n / 64) tiles; the copy zero-fills rows >= n,
+//     never reading them, and in the last tile their scores are set to -inf, so P = 0 there.
 // Backward, from Q, K, V, O, dO and lse; P is recomputed from lse, never stored:
 //   1. delta = rowsum(dO * O) per query row (= rowsum(P * dP)): common.cuh's delta kernel.
 //   2. dK, dV (bwd_dkdv_kernel): a block owns 16 W keys and loops over all queries in 32-row tiles,
@@ -21,8 +21,8 @@
 //      (dK times s). A padded key gets P = 0 and so exact-zero gradients; a block of padded keys only
 //      writes zeros and returns.
 //   3. dQ (bwd_dq_kernel): a block owns 16 W query rows and streams the valid keys like the forward,
-//      recomputing S, P, dP, dS; dQ += dS K, stored once. Recomputing (7 products in all instead of 5) buys
-//      a dQ with no atomics and no fp32 buffer. Steps 2 and 3 are independent of each other.
+//      recomputing S, P, dP, dS; dQ += dS K, stored once: 7 products in all instead of 5, but no atomics
+//      and no fp32 buffer. Steps 2 and 3 are independent of each other.
 //
 // mma.m16n8k16's operand fragments (PTX ISA), lane = 4 g + t, beside the C layout of common.cuh:
 //   A 16x16 row-major, 4 regs of 2 halves: a0 (row g, cols 2t..2t+1)   a1 (row g+8, cols 2t..2t+1)
@@ -36,9 +36,8 @@
 #include "common.cuh"
 
 namespace {
-
-// Each warp owns 16 rows (query rows in the forward and dQ kernels, key rows in the dK/dV kernel); the
-// warp counts per head_dim are chosen in the launchers at the bottom.
+// Each warp owns 16 rows (queries in the forward and dQ kernels, keys in the dK/dV kernel); the warp
+// counts W are chosen in the launchers at the bottom.
 constexpr int FWD_BN = 64;    // forward: keys per tile
 constexpr int BWD_BM = 32;    // backward dK/dV: queries per tile
 constexpr int DQ_BN = 64;     // backward dQ: keys per tile
@@ -49,7 +48,6 @@ constexpr int PAD = 8;
 
 // ---------------------------------------------------------------------------------------------------
 // PTX wrappers
-
 // 16-byte async copy global -> shared. With valid == false the source is not read and 16 zero bytes
 // are written: that is how rows past L (or past kv_len) become zeros without a branch around the copy.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
@@ -58,7 +56,6 @@ __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool val
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
@@ -83,11 +80,9 @@ template <> __device__ __forceinline__ void mma<__half>(float c[4], const uint32
 
 // ---------------------------------------------------------------------------------------------------
 // Tiles
-
 // Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
-// [ROWS][D + PAD] shared tile; rows >= n are zero-filled and never read. Consecutive threads take
-// consecutive 16-byte chunks of a row: each row is one coalesced 256-byte (D = 128) read.
-// NT is the block's thread count (kernels differ in their warp counts).
+// [ROWS][D + PAD] shared tile by the block's NT threads; rows >= n are zero-filled and never read.
+// Consecutive threads take consecutive 16-byte chunks of a row: one coalesced read per row.
 template <typename T, int ROWS, int D, int NT>
 __device__ __forceinline__ void load_tile(T* tile, const T* g, long long ld, int row0, int n) {
     constexpr int CHUNKS = D / 8;  // 16-byte chunks per row
@@ -108,26 +103,18 @@ template <typename T>
 __device__ __forceinline__ const T* frag_a(const T* tile, int stride, int r0, int c0, int lane) {
     return tile + (r0 + (lane & 15)) * stride + c0 + (lane >> 4) * 8;
 }
-// ldmatrix row address for the B fragments of two adjacent 8-wide n blocks from an [n][k] tile:
-// tiles 0..3 = (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15), so r[0], r[1] are
-// b0, b1 of n block n0 and r[2], r[3] those of block n0 + 8. With .trans on a [k][m] tile the same
-// addresses give the A fragment of the transposed tile (used for dS in the backward).
+// ldmatrix row address for the B fragments of two adjacent 8-wide n blocks from an [n][k] tile: tiles
+// 0..3 = (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15): r[0], r[1] are b0, b1 of
+// block n0, r[2], r[3] those of block n0 + 8.
 template <typename T>
 __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, int k0, int lane) {
     return tile + (n0 + (lane & 7) + ((lane >> 4) << 3)) * stride + k0 + ((lane >> 3) & 1) * 8;
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Forward: one block = BM = 16 MT W query rows of one (b, h); each warp owns 16 MT consecutive rows (MT
-// m-tiles of 16) and streams all valid keys in FWD_BN-key tiles, double-buffered (the copy of tile j+1
-// overlaps the math on tile j). Every warp reads every K/V tile from shared memory: with MT = 1 each K/V
-// fragment loaded by ldmatrix feeds one mma (256 B of shared-memory reads per mma, Q held in registers);
-// with MT = 2 it feeds two, as in FlashAttention-2's 128-row tiles, and Q, which would then need D/2
-// registers, is re-read from shared memory at every k-step (Q K^T 192 B per mma, P V 128 B). At 128 B per
-// clock per SM, 256 B per 4,096-FLOP mma caps the SM at 2,048 FLOP/clock (~470 TFLOP/s on 132 SMs at
-// 1.75 GHz) before any other cost; MT = 2 lifts that cap to ~750. A larger W makes each tile copied from
-// L2 serve more rows (W = 4, MT = 1 at 67k: ~880 GB of K/V copied from L2 per call).
-
+// Forward: one block = 16 MT W query rows of one (b, h). With MT = 2 each K/V fragment read from shared
+// memory feeds two mma (half the shared-memory reads per FLOP, the limit here), and Q is re-read from
+// shared memory at every k-step instead of held in D/2 registers.
 template <typename T, int D, int W, int MT>
 __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
     constexpr int NT = W * 32, FWD_BM = 16 * MT * W;
@@ -136,7 +123,6 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
     T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
     T* sK = sQ + FWD_BM * STRIDE;        // [2][FWD_BN][STRIDE]
     T* sV = sK + 2 * FWD_BN * STRIDE;    // [2][FWD_BN][STRIDE]
-
     const int m0 = blockIdx.x * FWD_BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int r0 = warp * 16 * MT;  // this warp's first row in the block
@@ -145,14 +131,12 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
     const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
     const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
     const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
-
     load_tile<T, FWD_BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
     load_tile<T, FWD_BN, D, NT>(sK, k, p.k.stride_l, 0, kv_len);
     load_tile<T, FWD_BN, D, NT>(sV, v, p.v.stride_l, 0, kv_len);
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-
     // MT = 1: this warp's 16 query rows as A fragments, held in registers for the whole key loop (D/4
     // regs). MT = 2 reads them from sQ inside the loop instead (sQ is never overwritten).
     uint32_t qf[MT == 1 ? D / 16 : 1][4];
@@ -160,7 +144,6 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) ldmatrix_x4(qf[ks], frag_a(sQ, STRIDE, r0, ks * 16, lane));
     }
-
     // Two rows per thread and m-tile: r = 0 is row g, r = 1 is row g + 8 (softmax_step above).
     const float scale_log2 = p.scale * LOG2E;
     float o[MT][D / 8][4] = {};
@@ -177,7 +160,6 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
         }
         const T* sKj = sK + buf * FWD_BN * STRIDE;
         const T* sVj = sV + buf * FWD_BN * STRIDE;
-
         // S = Q K^T: 16 MT rows x FWD_BN keys per warp.
         float s[MT][FWD_BN / 8][4] = {};
 #pragma unroll
@@ -208,11 +190,9 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) mask_keys(s[mt], j * FWD_BN, kv_len, t);
         }
-
         // Online softmax: new running max, rescale what was accumulated under the old one.
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) softmax_step(s[mt], o[mt], m_row[mt], l_row[mt], scale_log2);
-
         // O += P V. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk.
 #pragma unroll
         for (int kk = 0; kk < FWD_BN / 16; ++kk) {
@@ -238,7 +218,6 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
         cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
         __syncthreads();      // ... everyone's, and everyone is done reading tile j
     }
-
     // O = acc / l, and the row's log2-sum-exp2 for the backward.
     T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
     float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
@@ -246,14 +225,8 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
     for (int mt = 0; mt < MT; ++mt) store_rows(o[mt], m_row[mt], l_row[mt], out, p.o.stride_l, lse, m0 + r0 + 16 * mt + g, p.len_q, t);
 }
 
-// Backward, step 2 (dK, dV): one block = BWD_BN = 16 W keys of one (b, h), each warp owning 16 of them, looping
-// over all queries in BWD_BM-row tiles (double-buffered). With P recomputed from the saved log-sum-exp:
-//   S^T = K Q^T, P^T = 2^(S^T s log2e - lse), dP^T = V dO^T, dS^T = P^T (dP^T - delta),
-//   dV += P^T dO, dK += dS^T Q  (in registers: this warp's keys only, no reduction across warps)
-// Computing the transposes directly gives each warp whole key rows. dQ is not computed here (version 1
-// added dS K into an fp32 dQ buffer with atomics from every key block: ~36 GB of reductions per (sample,
-// head) at 67k); bwd_dq_kernel computes it instead, once per query tile.
-
+// ---------------------------------------------------------------------------------------------------
+// Backward, step 2 (dK, dV): a block loops over all queries in BWD_BM-row tiles (double-buffered).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
     constexpr int NT = W * 32, BWD_BN = 16 * W;
@@ -265,7 +238,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
     T* sdO = sQ + 2 * BWD_BM * STRIDE;   // [2][BWD_BM][STRIDE]
     float* sLse = reinterpret_cast<float*>(sdO + 2 * BWD_BM * STRIDE);  // [2][BWD_BM]
     float* sDelta = sLse + 2 * BWD_BM;                                 // [2][BWD_BM]
-
     const int n0 = blockIdx.x * BWD_BN, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
@@ -276,7 +248,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
     }
 
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-
     // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
     auto load_queries = [&](int tile, int buf) {
         load_tile<T, BWD_BM, D, NT>(sQ + buf * BWD_BM * STRIDE, q, p.q.stride_l, tile * BWD_BM, p.len_q);
@@ -311,7 +282,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
         const T* sdOi = sdO + buf * BWD_BM * STRIDE;
         const float* lse_i = sLse + buf * BWD_BM;
         const float* delta_i = sDelta + buf * BWD_BM;
-
         // S^T = K Q^T and dP^T = V dO^T: 16 keys x BWD_BM queries per warp.
         float st[BWD_BM / 8][4] = {};
         float dpt[BWD_BM / 8][4] = {};
@@ -365,19 +335,13 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
         cp_async_wait_all();
         __syncthreads();  // next tile landed; sQ/sdO/sLse/sDelta of this one free to overwrite
     }
-
     // dK = s * dS^T Q (the scale of S = s Q K^T), dV as accumulated. Rows past kv_len hold exact zeros.
     store_scaled(dk_acc, in.dk, p.dk.stride_l, n0 + kw + g, p.len_k, t, p.scale);
     store_scaled(dv_acc, in.dv, p.dv.stride_l, n0 + kw + g, p.len_k, t, 1.f);
 }
 
-// Backward, step 3 (dQ): one block = DQ_BM = 16 W query rows of one (b, h), each warp owning 16 rows,
-// streaming the valid keys in DQ_BN-key tiles (K and V double-buffered), the forward's loop shape:
-//   S = Q K^T, P = 2^(S s log2e - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K,
-// Q and dO held in registers as A fragments, dQ accumulated in registers and written once, scaled by s.
-// This recomputes S and dP, which the dK/dV kernel also computes (backward matmul work 5 -> 7 products,
-// 2.5x -> 3.5x the forward's), in exchange for no atomics and no fp32 dQ buffer.
-
+// ---------------------------------------------------------------------------------------------------
+// Backward, step 3 (dQ): the forward's loop shape, K and V double-buffered, Q and dO held as A fragments.
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
     constexpr int NT = W * 32;
@@ -391,19 +355,16 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
     static_assert(2 * BM <= 4 * BN, "Q and dO must fit in the K/V buffers");
     T* sQ = sK;                 // [BM][STRIDE], before the key loop only
     T* sdO = sQ + BM * STRIDE;  // [BM][STRIDE], before the key loop only
-
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int kv_len = p.kv_lens[b];
     const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
-
     // Rows past Lq load as zeros (their results are not stored).
     load_tile<T, BM, D, NT>(sQ, q, p.q.stride_l, m0, p.len_q);
     load_tile<T, BM, D, NT>(sdO, dout, p.dout.stride_l, m0, p.len_q);
     cp_async_commit();
-
     // This thread's two rows (g and g + 8 of the warp's 16): their lse and delta, read once.
     float row_lse[2], row_delta[2];
 #pragma unroll
@@ -414,7 +375,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
 
     cp_async_wait_all();
     __syncthreads();
-
     // This warp's 16 rows of Q and dO as A fragments, in registers for the whole key loop (D/2 regs).
     uint32_t qf[D / 16][4], df[D / 16][4];
 #pragma unroll
@@ -442,14 +402,11 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
         const T* sKj = sK + buf * BN * STRIDE;
         const T* sVj = sV + buf * BN * STRIDE;
         const bool tail = (j + 1) * BN > kv_len;  // the last tile, partly past kv_len
-
         // The tile in chunks of DQ_CHUNK keys, each taken all the way from S to dQ, so only one chunk's S
-        // and dP are live next to Q, dO and dQ (all 64 keys at once: 255 registers and a spill at D = 128).
-        // The ldmatrix and mma counts are the same as for the whole tile at once.
+        // and dP are live next to Q, dO and dQ (all 64 keys at once spill at D = 128); same mma count.
 #pragma unroll
         for (int c0 = 0; c0 < BN; c0 += DQ_CHUNK) {
-            // S = Q K^T and dP = dO V^T: 16 rows x DQ_CHUNK keys per warp. B fragments from the [key][d]
-            // tiles with plain ldmatrix, as in the forward.
+            // S = Q K^T and dP = dO V^T: 16 rows x DQ_CHUNK keys per warp.
             float s[DQ_CHUNK / 8][4] = {};
             float dp[DQ_CHUNK / 8][4] = {};
 #pragma unroll
@@ -476,8 +433,7 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
                     s[nb][e] = pv * (dp[nb][e] - row_delta[e >> 1]);
                 }
             }
-            // dQ += dS K. The C fragments of key blocks 2kk and 2kk+1 are the A fragment of k-step kk; K
-            // is a [key][d] = [k][n] tile, so its B fragments come with .trans (as V in the forward's P V).
+            // dQ += dS K: dS as A fragments, K a [key][d] = [k][n] tile read with .trans (as V in P V).
 #pragma unroll
             for (int kk = 0; kk < DQ_CHUNK / 16; ++kk) {
                 const uint32_t sa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
@@ -495,7 +451,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
         cp_async_wait_all();  // tile j+1 has landed (this thread's copies) ...
         __syncthreads();      // ... everyone's, and everyone is done reading tile j
     }
-
     // dQ = s * dS K (the scale of S = s Q K^T), to the input dtype; rows past Lq are not stored.
     T* dqp = static_cast<T*>(p.dq.ptr) + b * p.dq.stride_b + h * p.dq.stride_h;
     store_scaled(dq, dqp, p.dq.stride_l, m0 + warp * 16 + g, p.len_q, t, p.scale);
@@ -503,9 +458,7 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
 
 // ---------------------------------------------------------------------------------------------------
 // Launchers
-
-// Shared memory a block may opt into on this device: 227 KB on the H100, 163 KB on the A100, 99 KB on
-// sm_86 and sm_89.
+// Shared memory a block may opt into: 227 KB on the H100, 163 KB on the A100, 99 KB on sm_86 and sm_89.
 int max_smem_per_block() {
     int dev = 0, bytes = 0;
     if (cudaGetDevice(&dev) != cudaSuccess ||
@@ -515,21 +468,15 @@ int max_smem_per_block() {
 template <typename T, int D, int W, int MT> constexpr int fwd_smem() {  // Q, 2 x K, 2 x V
     return (16 * MT * W + 4 * FWD_BN) * (D + PAD) * static_cast<int>(sizeof(T));
 }
-
 template <typename T, int D, int W, int MT>
 cudaError_t launch_forward(const AttnParams& p, cudaStream_t stream) {
     constexpr int BM = 16 * MT * W;
-    const int smem = fwd_smem<T, D, W, MT>();
-    cudaError_t err = allow_smem(fwd_kernel<T, D, W, MT>, smem);
-    if (err != cudaSuccess) return err;
     const dim3 grid((p.len_q + BM - 1) / BM, p.heads, p.batch);
-    fwd_kernel<T, D, W, MT><<<grid, W * 32, smem, stream>>>(p);
-    return cudaGetLastError();
+    return launch(fwd_kernel<T, D, W, MT>, grid, W * 32, fwd_smem<T, D, W, MT>(), stream, p);
 }
 
-// The forward's block: 32 query rows per warp (MT = 2), so each K/V fragment read from shared memory
-// feeds two products; at D = 128, 8 warps, so each K/V tile copied serves 256 rows (139,264 B of shared
-// memory). Where that does not fit (99 KB: sm_86, sm_89), 4 warps x 16 rows (87,040 B).
+// The forward's block: 32 query rows per warp; at D = 128, 8 warps, so each K/V tile copied serves 256
+// rows (139,264 B of shared memory); where that does not fit (sm_86, sm_89), 4 warps x 16 rows (87,040 B).
 template <typename T, int D>
 cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
     if constexpr (D == 128) {
@@ -544,37 +491,25 @@ cudaError_t forward(const AttnParams& p, cudaStream_t stream) {
 // which depend on delta and lse only, not on each other.
 template <typename T, int D>
 cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
-    constexpr int DKDV_W = 4, DQ_W = D == 128 ? 8 : 4;
+    constexpr int DKDV_W = 4, DQ_W = D == 128 ? 8 : 4, BYTES = sizeof(T);
+    // Shared memory: dK/dV K, V, 2 x (Q, dO, lse, delta); dQ 2 x (K, V), which Q and dO pass through first.
+    constexpr int DKDV_SMEM = (2 * 16 * DKDV_W + 4 * BWD_BM) * (D + PAD) * BYTES + 4 * BWD_BM * 4;
+    constexpr int DQ_SMEM = 4 * DQ_BN * (D + PAD) * BYTES;
     cudaError_t err = launch_delta<T, D>(p, stream);
-    if (err != cudaSuccess) return err;
-    const int dkdv_smem = (2 * 16 * DKDV_W + 4 * BWD_BM) * (D + PAD) * static_cast<int>(sizeof(T)) +
-                          4 * BWD_BM * static_cast<int>(sizeof(float));  // K, V, 2 x (Q, dO), 2 x (lse, delta)
-    err = allow_smem(bwd_dkdv_kernel<T, D, DKDV_W>, dkdv_smem);
-    if (err != cudaSuccess) return err;
-    bwd_dkdv_kernel<T, D, DKDV_W><<<dim3((p.len_k + 16 * DKDV_W - 1) / (16 * DKDV_W), p.heads, p.batch),
-                                    DKDV_W * 32, dkdv_smem, stream>>>(p);
-    err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-    const int dq_smem = 4 * DQ_BN * (D + PAD) * static_cast<int>(sizeof(T));  // 2 x (K, V); Q, dO staged in it
-    err = allow_smem(bwd_dq_kernel<T, D, DQ_W>, dq_smem);
-    if (err != cudaSuccess) return err;
-    bwd_dq_kernel<T, D, DQ_W><<<dim3((p.len_q + 16 * DQ_W - 1) / (16 * DQ_W), p.heads, p.batch), DQ_W * 32,
-                                dq_smem, stream>>>(p);
-    return cudaGetLastError();
+    if (err == cudaSuccess)
+        err = launch(bwd_dkdv_kernel<T, D, DKDV_W>, dim3((p.len_k + 16 * DKDV_W - 1) / (16 * DKDV_W), p.heads,
+                     p.batch), DKDV_W * 32, DKDV_SMEM, stream, p);
+    if (err == cudaSuccess)
+        err = launch(bwd_dq_kernel<T, D, DQ_W>, dim3((p.len_q + 16 * DQ_W - 1) / (16 * DQ_W), p.heads, p.batch),
+                     DQ_W * 32, DQ_SMEM, stream, p);
+    return err;
 }
-
 }  // namespace
 
-int attn_portable_forward(const AttnParams& p, void* stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (p.is_bf16) return p.head_dim == 128 ? forward<__nv_bfloat16, 128>(p, s) : forward<__nv_bfloat16, 64>(p, s);
-    return p.head_dim == 128 ? forward<__half, 128>(p, s) : forward<__half, 64>(p, s);
+int attn_portable_forward(const AttnParams& p, void* s) {
+    return ATTN_DISPATCH(forward, p, static_cast<cudaStream_t>(s));
 }
-
-int attn_portable_backward(const AttnParams& p, void* stream) {
-    cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (p.is_bf16) return p.head_dim == 128 ? backward<__nv_bfloat16, 128>(p, s) : backward<__nv_bfloat16, 64>(p, s);
-    return p.head_dim == 128 ? backward<__half, 128>(p, s) : backward<__half, 64>(p, s);
+int attn_portable_backward(const AttnParams& p, void* s) {
+    return ATTN_DISPATCH(backward, p, static_cast<cudaStream_t>(s));
 }
-
 const char* attn_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
