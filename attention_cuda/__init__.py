@@ -110,7 +110,8 @@ def _check(q, k, v, kv_lens):
                          f"on {q.device}/{k.device}/{v.device}; cast them with .to()")
     B, Lk = k.shape[0], k.shape[1]
     if Lk == 0:
-        raise ValueError("attention: k and v have no keys (Lk = 0), so the softmax is undefined; skip the call")
+        raise ValueError("attention: k and v have no keys (Lk = 0), so the softmax is undefined; "
+                         "skip the call")
     if kv_lens is None:
         return None
     if isinstance(kv_lens, torch.Tensor):
@@ -140,11 +141,13 @@ def _sdpa(q, k, v, lens):
     them; their gradients come out zero."""
     mask = None
     if lens is not None:
-        keep = torch.arange(k.shape[1], device=k.device) < torch.tensor(lens, device=k.device)[:, None]  # (B, Lk)
+        lens_t = torch.tensor(lens, device=k.device)
+        keep = torch.arange(k.shape[1], device=k.device) < lens_t[:, None]  # (B, Lk)
         k = k.masked_fill(~keep[:, :, None, None], 0)
         v = v.masked_fill(~keep[:, :, None, None], 0)
         mask = keep[:, None, None, :]  # (B, 1, 1, Lk), broadcast over heads and queries
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=mask)
     return o.transpose(1, 2)  # (B, Lq, H, D)
 
 
@@ -155,7 +158,8 @@ def _aligned(x):
     """The kernel reads rows with 16-byte loads: the last dim must be contiguous and every row start
     16-byte aligned. Anything else is copied once (clone: .contiguous() would keep a misaligned view)."""
     ok = (x.stride(-1) == 1 and x.data_ptr() % 16 == 0
-          and all(s % 8 == 0 or n == 1 for s, n in zip(x.stride()[:3], x.shape[:3])))  # size-1 dims: any stride
+          and all(s % 8 == 0 or n == 1  # a size-1 dim's stride is never used
+                  for s, n in zip(x.stride()[:3], x.shape[:3])))
     return x if ok else x.clone(memory_format=torch.contiguous_format)
 
 
@@ -208,6 +212,7 @@ def attention(q, k, v, kv_lens=None):
     if use_kernel and kernel_available():
         B, Lk = k.shape[:2]
         lens_t = _lens_tensor(lens, B, Lk, q.device)
-        return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t, use_hopper_kernel(q.device))
+        hopper = use_hopper_kernel(q.device)
+        return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t, hopper)
     return _sdpa(q, k, v, lens)
 

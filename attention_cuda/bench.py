@@ -1,26 +1,23 @@
 """
-Attention on the GPU: ours vs torch SDPA, forward and forward+backward, TFLOP/s of useful work.
+Attention on the GPU: our kernels vs torch SDPA, forward and forward+backward, TFLOP/s of useful work.
 
-    python attention_cuda/bench.py                       # the issue's lengths, batch 2, padded text
-    python attention_cuda/bench.py --lengths 16640 --batch 1
-    python attention_cuda/bench.py --only ours --no-backward    # ours alone (e.g. to compare launch choices:
-                                                         # ATTENTION_CUDA_FWD_WARPS, ATTENTION_CUDA_FWD_ROWS)
-    python bench.py attention                            # the same
+    python attention_cuda/bench.py                       # HunyuanVideo's lengths, batch 2, padded text
+    python attention_cuda/bench.py --lengths 67576 119056 --budget 1
+    python attention_cuda/bench.py --only ours --no-backward
+    python bench.py attention                            # the same, from the repository's bench.py
 
 Shapes as in HunyuanVideo's joint attention: 24 heads x 128, bf16, L = image tokens + 256 text tokens of
 which 40 (sample 0) and 90 (sample 1) are valid, so kv_lens = [L - 216, L - 166]. Useful FLOPs count the
 valid keys only: forward 4 * H * L * kv_len * D per sample, backward 2.5x that. Contenders:
   ours          attention_cuda.attention with kv_lens (the key loop stops at kv_len): on Hopper version 2.1
-                (TMA, warp-specialised, the forward with both overlaps), elsewhere version 1.2
-  ours-v1       on Hopper, the same with version 1.2's kernels (mma.sync, FlashAttention-2 style)
-  ours-wgmma    on Hopper, version 2.0's kernels (wgmma, no warp specialisation)
-  ours-ws-pingpong, ours-ws-plain   on Hopper, version 2.1's forward without one or both overlaps
+                (hopper.cu), elsewhere version 1.2 (portable.cu)
+  ours-1.2      on Hopper only: version 1.2 there too (attention_cuda.use_hopper_kernel patched to say no)
   flash         SDPA's flash backend, UNMASKED over all L keys (it takes no mask): a speed reference only,
                 its output is not the padded answer
-  cudnn+mask    SDPA's cuDNN backend with a boolean (B, 1, 1, L) key mask
-  cudnn split   SDPA's cuDNN backend per sample on k[:kv_len], unmasked (exact, B launches)
-Before timing, ours is checked against float64: the full forward and gradients at a small L, and 256
-random query rows of the forward at every timed L. Timing: CUDA events, warm-up, median.
+  cudnn split   SDPA's cuDNN backend per sample on k[:kv_len], unmasked (exact, B launches): what dit.py
+                runs when our kernel does not
+Before timing, each of ours is checked against float64: the full forward and gradients at a small L, and
+256 random query rows of the forward at every timed L. Timing: CUDA events, warm-up, median.
 """
 
 import argparse
@@ -75,13 +72,28 @@ def reference_rows(q, k, v, lens, rows):
     return torch.stack(out)
 
 
-def check_small(label=""):
-    """Full forward and gradients against float64 autograd at a length off the tile, padded per sample."""
+def ours(version):
+    """attention_cuda.attention running `version` ("2.1 ws" or "1.2"), and that version's name."""
+    hopper = version != "1.2"
+
+    def run(q, k, v, lens):
+        default = attention_cuda.use_hopper_kernel
+        attention_cuda.use_hopper_kernel = lambda device: hopper and default(device)
+        try:
+            return attention_cuda.attention(q, k, v, lens)
+        finally:
+            attention_cuda.use_hopper_kernel = default
+    return run
+
+
+def check_small(attend, version):
+    """Full forward and gradients against float64 autograd at a length off the tile, padded per sample;
+    the extension must report that `version` ran. Returns (forward ok, backward ok)."""
     L, lens = 1000 + 37, [1037 - 216, 1037 - 166]
     q, k, v = (torch.randn(2, L, 4, HEAD_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                for _ in range(3))
     go = torch.randn_like(q)
-    o = attention_cuda.attention(q, k, v, lens)
+    o = attend(q, k, v, lens)
     grads = torch.autograd.grad(o, (q, k, v), go)
     ref_in = [x.detach().double().requires_grad_() for x in (q, k, v)]
     ref = torch.stack([F.scaled_dot_product_attention(  # float64 math backend, per sample on valid keys
@@ -89,59 +101,35 @@ def check_small(label=""):
         ref_in[2][b:b + 1, :n].transpose(1, 2)).transpose(1, 2)[0] for b, n in enumerate(lens)])
     ref_grads = torch.autograd.grad(ref, ref_in, go.double())
     errs = [rel_err(o, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
-    print(f"check{label} L={L}, kv_lens={lens}: rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, dk {errs[2]:.1e}, "
-          f"dv {errs[3]:.1e} (bound 1e-2)")
-    fwd_ok = errs[0] < 1e-2 and bool(torch.isfinite(o).all())
-    return fwd_ok, fwd_ok and all(e < 1e-2 for e in errs[1:]) and all(bool(torch.isfinite(g).all()) for g in grads)
+    launched = attention_cuda.last_kernels()
+    print(f"check {version}: L={L}, kv_lens={lens}: rel err o {errs[0]:.1e}, dq {errs[1]:.1e}, "
+          f"dk {errs[2]:.1e}, dv {errs[3]:.1e} (bound 1e-2); launched {launched} (forward, backward)")
+    fwd_ok = errs[0] < 1e-2 and bool(torch.isfinite(o).all()) and launched[0] == version
+    bwd_ok = (all(e < 1e-2 for e in errs[1:]) and all(bool(torch.isfinite(g).all()) for g in grads)
+              and launched[1] == version)
+    return fwd_ok, fwd_ok and bwd_ok
 
 
-# The other versions on Hopper: name -> (ATTENTION_CUDA_FWD_WGMMA, ATTENTION_CUDA_BWD_WGMMA), and what
-# attention_cuda.last_kernels() must then report. A variant whose backward fails the check is timed forward only.
-VARIANTS = {"ours-v1": (("0", "0"), ("1.2", "1.2")), "ours-wgmma": (("1", "1"), ("2.0", "2.0")),
-            "ours-ws-pingpong": (("ws-pingpong", "ws"), ("2.1 ws-pingpong", "2.1 ws")),
-            "ours-ws-plain": (("ws-plain", "ws"), ("2.1 ws-plain", "2.1 ws"))}
-
-
-def variant(name, fn):
-    """fn() with the kernels of VARIANTS[name]: the launchers read the two variables at every call."""
-    fwd, bwd = VARIANTS[name][0]
-    def run():
-        old = {n: os.environ.get(n) for n in ("ATTENTION_CUDA_FWD_WGMMA", "ATTENTION_CUDA_BWD_WGMMA")}
-        os.environ.update({"ATTENTION_CUDA_FWD_WGMMA": fwd, "ATTENTION_CUDA_BWD_WGMMA": bwd})
-        try:
-            return fn()
-        finally:
-            for n, value in old.items():
-                if value is None:
-                    del os.environ[n]
-                else:
-                    os.environ[n] = value
-    return run
-
-
-def contenders(q, k, v, lens):
-    """name -> function returning the (B, L, H, D) output."""
+def sdpa_contenders(q, k, v, lens):
+    """name -> function returning the (B, L, H, D) output, for the SDPA backends."""
     qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) views for SDPA
-    keep = torch.arange(k.shape[1], device="cuda") < torch.tensor(lens, device="cuda")[:, None]
-    mask = keep[:, None, None, :]
-    def sdpa(backend, *args, **kw):
-        with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(*args, **kw)
 
+    def sdpa(backend, *args):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(*args)
     return {
-        "ours": lambda: attention_cuda.attention(q, k, v, lens),
-        **{name: variant(name, lambda: attention_cuda.attention(q, k, v, lens)) for name in VARIANTS},
         "flash (unmasked)": lambda: sdpa(SDPBackend.FLASH_ATTENTION, qt, kt, vt).transpose(1, 2),
-        "cudnn + mask": lambda: sdpa(SDPBackend.CUDNN_ATTENTION, qt, kt, vt, attn_mask=mask).transpose(1, 2),
-        "cudnn split": lambda: torch.cat([sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
-                                          for b, n in enumerate(lens)]).transpose(1, 2),
+        "cudnn split": lambda: torch.cat([  # one unmasked call per sample on its valid keys
+            sdpa(SDPBackend.CUDNN_ATTENTION, qt[b:b + 1], kt[b:b + 1, :, :n], vt[b:b + 1, :, :n])
+            for b, n in enumerate(lens)]).transpose(1, 2),
     }
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS), help="total tokens L per sample")
-    ap.add_argument("--batch", type=int, choices=(1, 2), default=2, help="1: 40 valid text tokens; 2: 40 and 90")
+    ap.add_argument("--batch", type=int, choices=(1, 2), default=2,
+                    help="1: 40 valid text tokens; 2: 40 and 90")
     ap.add_argument("--no-backward", dest="backward", action="store_false", help="forward only")
     ap.add_argument("--budget", type=float, default=2.0, help="seconds of timed runs per measurement")
     ap.add_argument("--only", nargs="+", metavar="NAME", help="time these contenders only (e.g. ours)")
@@ -153,55 +141,46 @@ def main(argv=None):
         sys.exit("attention_cuda/bench.py: the extension did not build; run python attention_cuda/build.py")
     torch.manual_seed(0)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, {HEADS} heads x {HEAD_DIM}")
-    fwd_ok, bwd_ok = check_small()
-    print("  ours launched versions %s (forward, backward)" % (attention_cuda.last_kernels(),))
-    if not fwd_ok:
-        sys.exit("attention_cuda/bench.py: the kernel's forward is wrong at the small check; not timing it")
-    if not bwd_ok:
-        print("  ours: the backward fails the small check: timing its forward only")
     hopper = torch.cuda.get_device_capability() == (9, 0)
-    ok = {}  # Hopper variants: (forward, backward) pass the small check and really launch their kernels
-    for name in VARIANTS if hopper else ():
-        if args.only and name not in args.only:
-            continue
-        passed = variant(name, lambda: check_small(f" ({name})"))()
-        launched, expected = attention_cuda.last_kernels(), VARIANTS[name][1]
-        ok[name] = tuple(p and got == want for p, got, want in zip(passed, launched, expected))
-        for side, p, got, want, good in zip(("forward", "backward"), passed, launched, expected, ok[name]):
+    kernels = {"ours": "2.1 ws" if hopper else "1.2", **({"ours-1.2": "1.2"} if hopper else {})}
+    kernels = {name: version for name, version in kernels.items() if not args.only or name in args.only}
+    ok = {}  # name -> (forward, backward) pass the small check with the right kernel
+    for name, version in kernels.items():
+        ok[name] = check_small(ours(version), version)
+        for side, good in zip(("forward", "backward"), ok[name]):
             if not good:
-                why = "fails the small check" if not p else f"launched version {got!r}, not {want}"
-                print(f"  {name}: the {side} {why}: not timing it")
+                print(f"  {name}: the {side} fails the small check: not timing it")
 
     rows = []
     for L in args.lengths:
         lens = [L - pad for pad in TEXT_PAD[:args.batch]]
-        q, k, v = (torch.randn(args.batch, L, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        q, k, v = (torch.randn(args.batch, L, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
         r = torch.randperm(L, device="cuda")[:256]
         ref = reference_rows(q, k, v, lens, r)
-        err = rel_err(attention_cuda.attention(q, k, v, lens)[:, r], ref)
-        print(f"L={L}: ours vs float64 on 256 random query rows: rel err {err:.1e}")
-        if not err < 1e-2:
-            sys.exit("attention_cuda/bench.py: wrong at this size; not timing it")
-        for name in [n for n in ok if ok[n][0]]:
-            err = rel_err(variant(name, lambda: attention_cuda.attention(q, k, v, lens))()[:, r], ref)
-            print(f"L={L}: {name} vs float64 on 256 random query rows: rel err {err:.1e}")
-            ok[name] = (err < 1e-2, ok[name][1] and err < 1e-2)
+        for name, version in kernels.items():
+            if ok[name][0]:
+                err = rel_err(ours(version)(q, k, v, lens)[:, r], ref)
+                print(f"L={L}: {name} vs float64 on 256 random query rows: rel err {err:.1e}")
+                ok[name] = (err < 1e-2, ok[name][1] and err < 1e-2)
         flops = sum(4 * HEADS * L * n * HEAD_DIM for n in lens)  # useful forward FLOPs
         go = torch.randn_like(q)
-        for name, fn in contenders(q, k, v, lens).items():
-            if (args.only and name.split()[0] not in args.only) or (name in VARIANTS and not ok.get(name, (0, 0))[0]):
-                continue
+
+        def attend(name):  # name -> function of (q, k, v) returning the output
+            if name in kernels:
+                return lambda q, k, v: ours(kernels[name])(q, k, v, lens)
+            return lambda q, k, v: sdpa_contenders(q, k, v, lens)[name]()
+        names = [n for n in kernels if ok[n][0]] + [n for n in sdpa_contenders(q, k, v, lens)
+                                                     if not args.only or n.split()[0] in args.only]
+        for name in names:
+            fn = attend(name)
             try:
-                fwd = time_ms(fn, args.budget)
+                fwd = time_ms(lambda: fn(q, k, v), args.budget)
                 fb = None
-                if args.backward and (ok[name][1] if name in VARIANTS else name != "ours" or bwd_ok):
+                if args.backward and (name not in kernels or ok[name][1]):
                     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
-                    f_grad = contenders(qg, kg, vg, lens)[name]
-                    fwd_bwd = lambda: torch.autograd.grad(f_grad(), (qg, kg, vg), go)
-                    if name in VARIANTS:  # the backward launches inside autograd.grad: switch it too
-                        fwd_bwd = variant(name, fwd_bwd)
-                    fb = time_ms(fwd_bwd, args.budget)
-            except RuntimeError as e:  # a backend that refuses the shape or the mask
+                    fb = time_ms(lambda: torch.autograd.grad(fn(qg, kg, vg), (qg, kg, vg), go), args.budget)
+            except RuntimeError as e:  # a backend that refuses the shape
                 print(f"  {name}: refused ({str(e).splitlines()[0][:100]})")
                 continue
             rows.append((L, name, fwd, flops / fwd / 1e9, fb, 3.5 * flops / fb / 1e9 if fb else None))
@@ -210,11 +189,12 @@ def main(argv=None):
         q = k = v = go = None  # free this length's tensors before the next
         torch.cuda.empty_cache()
 
-    print(f"\nbatch {args.batch}, kv_lens = L - {list(TEXT_PAD[:args.batch])}; TFLOP/s of useful work (valid keys "
-          "only); flash runs unmasked over all L keys")
+    print(f"\nbatch {args.batch}, kv_lens = L - {list(TEXT_PAD[:args.batch])}; TFLOP/s of useful work "
+          "(valid keys only); flash runs unmasked over all L keys")
     print(f"{'L':>7}  {'':18s} {'fwd ms':>9} {'TFLOP/s':>7}  {'fwd+bwd ms':>10} {'TFLOP/s':>7}")
     for L, name, fwd, tf, fb, tfb in rows:
-        print(f"{L:>7}  {name:18s} {fwd:9.2f} {tf:7.0f}  " + (f"{fb:10.2f} {tfb:7.0f}" if fb else f"{'-':>10} {'-':>7}"))
+        print(f"{L:>7}  {name:18s} {fwd:9.2f} {tf:7.0f}  "
+              + (f"{fb:10.2f} {tfb:7.0f}" if fb else f"{'-':>10} {'-':>7}"))
 
 
 if __name__ == "__main__":
