@@ -18,20 +18,25 @@ const char* last_backward = "";
 AttnTensor view(const torch::Tensor& x) { return {x.data_ptr(), x.stride(0), x.stride(1), x.stride(2)}; }
 
 void check_input(const torch::Tensor& x, const torch::Tensor& like, const char* name) {
-    TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.scalar_type() == like.scalar_type() && x.device() == like.device(),
+    TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.scalar_type() == like.scalar_type() &&
+                    x.device() == like.device(),
                 "attention_cuda: ", name, " must be a 4-d CUDA tensor like q");
     bool aligned = x.stride(3) == 1 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0;
-    for (int d = 0; d < 3; ++d) aligned = aligned && (x.stride(d) % 8 == 0 || x.size(d) == 1);  // size 1: stride unused
+    for (int d = 0; d < 3; ++d)  // a size-1 dim's stride is never used
+        aligned = aligned && (x.stride(d) % 8 == 0 || x.size(d) == 1);
     TORCH_CHECK(aligned, "attention_cuda: ", name, " rows must be contiguous and 16-byte aligned");
 }
 
-AttnParams params(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& kv_lens) {
+AttnParams params(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                  const torch::Tensor& kv_lens) {
     check_input(q, q, "q");
     check_input(k, q, "k");
     check_input(v, q, "v");
-    TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf, "attention_cuda: bf16 or fp16 only");
+    TORCH_CHECK(q.scalar_type() == torch::kBFloat16 || q.scalar_type() == torch::kHalf,
+                "attention_cuda: bf16 or fp16 only");
     TORCH_CHECK(q.size(3) == 64 || q.size(3) == 128, "attention_cuda: head_dim 64 or 128 only");
-    TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(3) == k.size(3),
+    TORCH_CHECK(k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+                    q.size(3) == k.size(3),
                 "attention_cuda: q, k, v shapes disagree");
     TORCH_CHECK(kv_lens.is_cuda() && kv_lens.scalar_type() == torch::kInt32 && kv_lens.is_contiguous() &&
                 kv_lens.numel() == q.size(0), "attention_cuda: kv_lens must be (B,) int32 on the GPU");
@@ -69,13 +74,15 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
 
 // Returns (dq, dk, dv), each shaped like its input.
 std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
-                                    torch::Tensor lse, torch::Tensor dout, torch::Tensor kv_lens, int64_t stream,
-                                    bool hopper) {
+                                    torch::Tensor lse, torch::Tensor dout, torch::Tensor kv_lens,
+                                    int64_t stream, bool hopper) {
     AttnParams p = params(q, k, v, kv_lens);
     check_input(o, q, "o");
     check_input(dout, q, "dout");
-    TORCH_CHECK(o.sizes() == q.sizes() && dout.sizes() == q.sizes(), "attention_cuda: o and dout must be shaped like q");
-    TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() && lse.numel() == p.batch * p.heads * p.len_q,
+    TORCH_CHECK(o.sizes() == q.sizes() && dout.sizes() == q.sizes(),
+                "attention_cuda: o and dout must be shaped like q");
+    TORCH_CHECK(lse.scalar_type() == torch::kFloat32 && lse.is_contiguous() &&
+                    lse.numel() == p.batch * p.heads * p.len_q,
                 "attention_cuda: lse must be the forward's (B, H, Lq) fp32 output");
     auto dq = torch::empty_like(q, at::MemoryFormat::Contiguous);
     auto dk = torch::empty_like(k, at::MemoryFormat::Contiguous);
@@ -102,6 +109,7 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "attention forward: (o, lse)");
     m.def("backward", &backward, "attention backward: (dq, dk, dv)");
-    m.def("last_kernels", [] { return std::make_pair(std::string(last_forward), std::string(last_backward)); },
+    m.def("last_kernels",
+          [] { return std::make_pair(std::string(last_forward), std::string(last_backward)); },
           "the kernel versions the last forward and backward launched");
 }
