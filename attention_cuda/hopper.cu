@@ -653,9 +653,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Launchers
-// TMA reads global memory through tensor maps (CUDA driver API "Tensor Map Object Management"), passed to
-// the kernel by value; cuTensorMapEncodeTiled is fetched through the runtime, so nothing links libcuda.
+// Launchers. TMA reads global memory through tensor maps (CUDA driver API "Tensor Map Object Management"),
+// passed to the kernel by value; cuTensorMapEncodeTiled is fetched through the runtime: nothing links libcuda.
 using EncodeTiled = PFN_cuTensorMapEncodeTiled_v12000;
 EncodeTiled encode_tiled() {
     static const EncodeTiled fn = [] {
@@ -672,10 +671,12 @@ EncodeTiled encode_tiled() {
 // outer three; a box is 64 columns (128 bytes, the widest the 128-byte swizzle takes) x 1 head x `rows` rows
 // x 1 sample, written to shared memory in the 128-byte-swizzled layout, zeros where it leaves the tensor.
 // A size-1 dimension's stride is never used: the natural one stands in (the driver wants multiples of 16).
-// False where the driver refuses.
+// False where the driver refuses. The driver call needs the device's context current on this thread, which
+// autograd's backward thread may not have yet (cudaSetDevice makes the primary context current).
 bool tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams& p, int rows) {
     const EncodeTiled encode = encode_tiled();
-    if (encode == nullptr) return false;
+    int dev;
+    if (encode == nullptr || cudaGetDevice(&dev) != cudaSuccess || cudaSetDevice(dev) != cudaSuccess) return false;
     const cuuint64_t s_h = p.heads == 1 ? p.head_dim * 2 : x.stride_h * 2;
     const cuuint64_t s_l = len == 1 ? s_h * p.heads : x.stride_l * 2;
     const cuuint64_t s_b = p.batch == 1 ? s_l * len : x.stride_b * 2;

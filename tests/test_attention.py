@@ -4,6 +4,9 @@ kernels (version 2.1 on Hopper, version 1.2 everywhere): bf16/fp16, head_dim 64 
 tile, kv_lens edge cases, poisoned outputs."""
 
 import math
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,3 +215,22 @@ def test_other_head_dims_fall_back_to_sdpa():
     q, k, v = qkv(1, 16, 16, 2, 96, dtype=torch.bfloat16, device="cuda")
     o = attention(q, k, v, kv_lens=[10])
     assert rel_err(o, reference(q, k, v, [10])) < 1e-2
+
+
+@gpu
+def test_hopper_backward_in_a_fresh_process():
+    """Autograd runs the backward on its own thread, which may not have the device's context current yet;
+    the tensor maps of version 2.1 need it. The very first backward of a process must still launch 2.1
+    (a fresh interpreter, since this one has run backwards already)."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("version 2.1 is sm_90a code: it needs an H100/H200")
+    code = ("import torch, attention_cuda\n"
+            "q, k, v = (torch.randn(1, 1000, 2, 128, device='cuda', dtype=torch.bfloat16,"
+            " requires_grad=True) for _ in range(3))\n"
+            "o = attention_cuda.attention(q, k, v, [800])\n"
+            "torch.autograd.grad(o, (q, k, v), torch.randn_like(o))\n"
+            "print(attention_cuda.last_kernels())\n")
+    root = str(pathlib.Path(__file__).resolve().parents[1])
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "('2.1 ws', '2.1 ws')", out.stdout
