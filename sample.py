@@ -102,10 +102,11 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
     the official files (dit_path, which may be the fp8 one, vae_path, llm_dir, clip_dir) or a train.py
     output folder (ckpt; its config.json names its encoders and holds its own defaults).
 
-    On a GPU the official text encoders (8B LLM + CLIP, fp16) wait in CPU memory and visit the GPU only
-    while they encode, so they never share it with the DiT's activations. offload: the DiT's blocks too."""
+    On a GPU the official text encoders (8B LLM + CLIP, fp16) wait in CPU memory and the LLM visits the
+    GPU one layer at a time while it encodes, so the encoders never add more than a layer to the GPU
+    memory the resident DiT needs. offload: the DiT's blocks stay in CPU memory too."""
     device = torch.device(device)
-    big_encoders = "model" if offload or device.type == "cuda" else None
+    big_encoders = "layer" if offload or device.type == "cuda" else None
     vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official --vae-precision fp16
     video, sampling = dict(OFFICIAL_VIDEO), dict(OFFICIAL_SAMPLING)
     if ckpt is None:
