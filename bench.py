@@ -162,8 +162,9 @@ CAMERA_ORDER = ["pan left", "pan right", "tilt up", "tilt down", "zoom in", "zoo
 
 
 def camera_accuracy(curate, path, per_class, seed=2026):
-    """curate.camera_movement()'s labels on `per_class` clips per class from camera_clip() (synthetic
-    inputs, below). Honest caveat: the parallax rule's zoom/roll guard was tuned on such clips."""
+    """curate.camera_movement()'s labels on `per_class` clips per class from curate.photo_camera_clip(),
+    clips neither the demo nor the tests use. Caveat: the parallax rule's zoom/roll guard was tuned on such
+    clips."""
     import collections
 
     import numpy as np
@@ -172,7 +173,7 @@ def camera_accuracy(curate, path, per_class, seed=2026):
     for cam in CAMERA_ORDER:
         for _ in range(per_class):
             w, h = [(320, 180), (480, 270), (640, 360), (256, 256), (256, 144)][int(rng.integers(0, 5))]
-            camera_clip(rng, cam, w, h, int(rng.integers(33, 66)), path)
+            curate.photo_camera_clip(rng, cam, w, h, int(rng.integers(33, 66)), path)
             label, _ = curate.camera_movement(np.stack(list(curate.iter_frames(path))))
             if label == cam:
                 right[cam] += 1
@@ -521,73 +522,6 @@ def bench_sample(args):
 def bench_attention(args):
     from attention_cuda import bench as attention_bench  # its own options: python bench.py attention -h
     attention_bench.main(args.rest)
-
-# ----------------------------------------------------------------------------------------------------------
-# Synthetic inputs for the camera-move accuracy run: a generator that neither the demo's videos
-# (curate.make_synthetic) nor the tests' camera clips use, so the labels are measured on unseen clips
-
-
-def smooth_photo(rng, h, w):
-    """A photo-like picture: smooth multi-scale colour noise with 20-80 small blobs (little fine texture, so
-    zoomed-in flow is noisy). One camera test in tests/test_curate.py zooms into it as well."""
-    import cv2
-    import numpy as np
-    img = np.zeros((h, w, 3), np.float32)
-    for s in (4, 8, 16, 32, 64):
-        img += cv2.resize(rng.normal(0, 1, (max(2, h // s), max(2, w // s), 3)).astype(np.float32), (w, h),
-                          interpolation=cv2.INTER_CUBIC) * (s / 16)
-    img = ((img - img.min()) / np.ptp(img) * 200 + 20).astype(np.uint8)
-    for _ in range(int(rng.integers(20, 80))):
-        c = tuple(int(v) for v in rng.integers(0, 255, 3))
-        centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
-        cv2.circle(img, centre, int(rng.integers(3, max(4, w // 40))), c, -1)
-    return cv2.GaussianBlur(img, (3, 3), 0)
-
-
-def camera_clip(rng, cam, w, h, n, path):
-    """Write an n-frame w x h mp4 clip of camera move `cam` to path: random speed, a moving subject in 40% of
-    clips. Rigid moves (pan, tilt, zoom, roll, handheld, static) warp a window over a smooth_photo; the
-    parallax moves (orbit = 'around', pedestal = 'pan up/down') slide a near band over the lower 35-50% of
-    the frame against the far layer. The frames are written as OpenCV's BGR as they are drawn."""
-    import cv2
-    import numpy as np
-    sp = rng.uniform(0.004, 0.025) * w                          # translation, px/frame
-    zr, ar = rng.uniform(0.004, 0.015), rng.uniform(0.3, 1.2)   # zoom per frame, roll degrees per frame
-    frames, walk = [], np.zeros(2)
-    if cam.startswith("around") or cam in ("pan up", "pan down"):
-        far, near = smooth_photo(rng, 3 * h, 3 * w), smooth_photo(rng, 3 * h, 3 * w)
-        band = int(h * rng.uniform(0.35, 0.5))
-        ratio = rng.uniform(1.8, 3.0)                           # near layer / far layer speed (pedestal)
-        for t in range(n):   # far, near offsets: orbit = opposite ways, pedestal = same way, near faster
-            fx, nx, fy, ny = {"around left": (-sp * t, sp * t, 0, 0), "around right": (sp * t, -sp * t, 0, 0),
-                              "pan up": (0, 0, sp * t / ratio, sp * t),
-                              "pan down": (0, 0, -sp * t / ratio, -sp * t)}[cam]
-            f = cv2.warpAffine(far, np.float32([[1, 0, fx - w], [0, 1, fy - h]]), (w, h))
-            near_f = cv2.warpAffine(near, np.float32([[1, 0, nx - w], [0, 1, ny - h]]), (w, h))
-            f[h - band:] = near_f[h - band:]
-            frames.append(f)
-    else:
-        img = smooth_photo(rng, 3 * h, 3 * w)
-        for t in range(n):   # the camera's move; the content moves the other way
-            dx = {"pan right": sp * t, "pan left": -sp * t}.get(cam, 0.0)
-            dy = {"tilt down": sp * t, "tilt up": -sp * t}.get(cam, 0.0)
-            z = {"zoom in": (1 + zr) ** t, "zoom out": (1 + zr) ** -t}.get(cam, 1.0)
-            ang = {"tilt right": ar * t, "tilt left": -ar * t}.get(cam, 0.0)
-            if cam == "handheld shot":                          # mean-reverting jitter, no drift
-                walk = 0.6 * walk + rng.normal(0, rng.uniform(0.006, 0.015) * w, 2)
-                dx, dy = walk
-            m = cv2.getRotationMatrix2D((1.5 * w + dx, 1.5 * h + dy), ang, z)
-            m[:, 2] += (w / 2 - 1.5 * w - dx, h / 2 - 1.5 * h - dy)
-            frames.append(cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR))
-    if rng.random() < 0.4:                                      # a subject crossing the frame
-        x, y = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h
-        vx, vy = rng.uniform(-2, 2), rng.uniform(-2, 2)
-        for t, f in enumerate(frames):
-            cv2.circle(f, (int(x + vx * t), int(y + vy * t)), h // 10, (240, 60, 60), -1)
-    vw = cv2.VideoWriter(path, cv2.VideoWriter_fourcc(*"mp4v"), 24, (w, h))
-    for f in frames:
-        vw.write(f)
-    vw.release()
 
 # ----------------------------------------------------------------------------------------------------------
 

@@ -19,7 +19,6 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import curate as C  # noqa: E402
-from bench import smooth_photo  # noqa: E402  (the camera benchmark's picture)
 
 CURATE = os.path.join(os.path.dirname(__file__), "..", "curate.py")
 
@@ -337,7 +336,7 @@ def test_camera_movement_zoom_on_compressed_smooth_texture_is_a_zoom_not_paralla
     it, the label would be around left/right or pan up/down)."""
     rng = np.random.default_rng(seed)
     w = h = 256
-    img = smooth_photo(rng, 3 * h, 3 * w)
+    img = C.smooth_photo(rng, 3 * h, 3 * w)
     frames = []
     for t in range(48):
         m = cv2.getRotationMatrix2D((1.5 * w, 1.5 * h), 0, 1.012 ** t)
