@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, replace  # noqa: F401  (replace: dit.replace(cfg, ...))
 
 import torch
@@ -713,10 +714,20 @@ def diffusers_to_official(sd):
 # ----------------------------------------------------------------------------------------------------------
 # Loading and saving
 
+def read_safetensors(path):
+    """(tensors, metadata) of a safetensors file; a truncated or corrupt file is one ValueError naming it
+    (safetensors checks that the header covers the whole file, so a cut-off download is caught here)."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    except Exception as e:  # SafetensorError (no public class to name) or an OSError
+        raise ValueError(f"cannot read {path}: the file is damaged or truncated ({e}); re-download or "
+                         "re-create it") from None
+
+
 def _read_state_dict(path, load_key):
     """Read tensors from an official .pt, a safetensors file, or a directory of (sharded) safetensors."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
     if not os.path.exists(path):
         raise FileNotFoundError(f"DiT checkpoint not found: {path}")
     meta = {}
@@ -737,20 +748,18 @@ def _read_state_dict(path, load_key):
         for s in shards:
             if not os.path.exists(os.path.join(path, s)):
                 raise FileNotFoundError(f"shard {s} listed in the index is missing from {path}")
-            sd.update(load_file(os.path.join(path, s)))
+            sd.update(read_safetensors(os.path.join(path, s))[0])
         if os.path.exists(os.path.join(path, "config.json")):
             with open(os.path.join(path, "config.json")) as f:
                 meta["diffusers_config"] = json.load(f)
         return sd, meta
     if path.endswith(".safetensors"):
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        return load_file(path), meta
+        return read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # truncated or not a torch file
         raise ValueError(f"cannot read {path} as a torch checkpoint ({type(e).__name__}: {e}); "
-                         "re-download it") from e
+                         "re-download it") from None
     if isinstance(obj, dict) and load_key in obj:  # DeepSpeed layout: weights under "module" (or "ema")
         obj = obj[load_key]
     elif isinstance(obj, dict) and load_key == "module" and "ema" not in obj and "state_dict" in obj:
@@ -842,9 +851,10 @@ def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="mo
 def save_dit(model, path):
     """Official-layout safetensors with our config in the metadata (atomic: temp file + rename)."""
     from safetensors.torch import save_file
-    if any(isinstance(m, FP8Linear) for m in model.modules()):
-        raise ValueError("save_dit: this model holds fp8 weights whose scales are not state-dict keys; "
-                         "load it with load_dit(..., keep_fp8=False) to save dense weights")
+    if any(isinstance(m, (FP8Linear, LoRALinear)) for m in model.modules()):
+        raise ValueError("save_dit: this model holds fp8 weights (their scales are not state-dict keys) or "
+                         "unmerged LoRA adapters; load it with load_dit(..., keep_fp8=False) to save dense "
+                         "weights, with any LoRA merged")
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path + ".tmp"
     save_file(sd, tmp, metadata={"config": json.dumps(asdict(model.cfg))})
@@ -909,6 +919,189 @@ def _read_fp8_map(path, fp8_map, names):
         raise ValueError(f"{fp8_map} has no scale for {len(missing)} fp8 layer(s) of {path}, "
                          f"e.g. {missing[0]}: is it the map released with this checkpoint?")
     return {n: scales[n] for n in names}  # rounded to the compute dtype in one step at use, as the official
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LoRA: low-rank adapters, W x + s * B A x (Hu et al. 2021, arXiv 2106.09685), read in the three layouts
+# in which LoRAs of this model are exchanged, and trained by train.py --lora
+
+# musubi-tuner's default targets (networks/lora.py): every linear layer of the 60 blocks but the modulation
+LORA_TARGETS = (r"(double_blocks\.\d+\.(img|txt)_(attn_qkv|attn_proj|mlp\.fc1|mlp\.fc2)"
+                r"|single_blocks\.\d+\.linear[12])")
+# original layout (diffusion_model. as ComfyUI and musubi-tuner's converter write it; transformer. as
+# diffusers' own saves); diffusers names go under transformer. too. kohya-style: lora_unet_ + the module
+# name with "." as "_" (musubi-tuner), or the official I2V trainer's prefix.
+_PREFIXES = ("diffusion_model.", "transformer.")
+_KOHYA_PREFIXES = ("lora_unet_", "Hunyuan_video_I2V_lora_")
+
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer (nn.Linear or FP8Linear) plus adapters kept apart from its weight:
+    y = base(x) + sum_i s_i (x A_i^T) B_i^T, the adapter path in fp32 (or the adapters' dtype)."""
+
+    def __init__(self, base):
+        super().__init__()
+        self.base = base
+        self.lora_A, self.lora_B = nn.ParameterList(), nn.ParameterList()
+        self.scales = []
+
+    def add(self, A, B, scale, trainable=False):
+        self.lora_A.append(nn.Parameter(A, requires_grad=trainable))
+        self.lora_B.append(nn.Parameter(B, requires_grad=trainable))
+        self.scales.append(scale)
+
+    def forward(self, x):
+        y = self.base(x)
+        for A, B, s in zip(self.lora_A, self.lora_B, self.scales):
+            y = y + (s * F.linear(F.linear(x.to(A.dtype), A), B)).to(y.dtype)
+        return y
+
+
+def _linears(model):
+    """{official module name: (out_features, in_features)} of every linear layer LoRA can reach."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, FP8Linear)) and not name.endswith(".base"):
+            out[name] = tuple(m.weight.shape)
+        elif isinstance(m, LoRALinear):
+            out[name] = tuple(m.base.weight.shape)
+    return out
+
+
+def read_lora(model, sd, source):
+    """A LoRA state dict in any of the three layouts -> {official module name: (A, B)}, each file alpha
+    folded into B (scale alpha / rank; no alpha: 1, as PEFT and diffusers read such files).
+
+    diffusers/PEFT keys name diffusers' separate q, k, v (and the single blocks' mlp) layers, each with its
+    own A. On the official fused layer they become one adapter of rank r_q + r_k + r_v (+ r_mlp): the A's
+    stacked, the B's on the block diagonal (rows q | k | v | mlp), which is the same sum of products
+    exactly. A key that fits no layer, or a mis-shaped tensor, is a ValueError naming them."""
+    linears = _linears(model)
+    kohya = {n.replace(".", "_"): n for n in linears}
+    # diffusers module -> (official module, first row, rows, swap the (shift, scale) halves)
+    pieces = {}
+    for off, difs in _name_pairs([n + ".weight" for n in linears], diffusers_side=False):
+        if off not in linears:
+            continue
+        rows, hidden = linears[off][0], model.cfg.hidden_size
+        sizes = [rows // len(difs)] * len(difs) if len(difs) < 4 else [hidden] * 3 + [rows - 3 * hidden]
+        for d, start, n in zip(difs, [sum(sizes[:i]) for i in range(len(sizes))], sizes):
+            pieces[d] = (off, start, n, off == "final_layer.adaLN_modulation.1")
+    found, unknown = {}, []
+    for key, t in sd.items():
+        for suffix, part in ((".lora_A.weight", "A"), (".lora_down.weight", "A"), (".lora_B.weight", "B"),
+                             (".lora_up.weight", "B"), (".alpha", "alpha")):
+            if key.endswith(suffix):
+                module = key[:-len(suffix)]
+                break
+        else:
+            unknown.append(key)
+            continue
+        for pre in _KOHYA_PREFIXES:
+            if module.startswith(pre):
+                module = kohya.get(module[len(pre):], module)
+        for pre in _PREFIXES:
+            if module.startswith(pre):
+                module = module[len(pre):]
+        if module not in linears and module not in pieces:
+            unknown.append(key)
+            continue
+        found.setdefault(module, {})[part] = t
+    if unknown:
+        raise ValueError(f"{source}: {len(unknown)} key(s) fit no linear layer of this DiT, e.g. "
+                         f"{', '.join(unknown[:3])}: is it a HunyuanVideo LoRA (for this model size)?")
+    adapters, wrong = {}, []
+    for module, parts in found.items():
+        off, start, n, swap = pieces.get(module, (module, 0, None, False))
+        out_f, in_f = linears[off]
+        n = out_f if n is None else n
+        A, B = parts.get("A"), parts.get("B")
+        if A is None or B is None or A.ndim != 2 or B.ndim != 2 or A.shape[1] != in_f or B.shape[0] != n \
+                or A.shape[0] != B.shape[1]:
+            got = [tuple(x.shape) if x is not None else "missing" for x in (A, B)]
+            wrong.append(f"{module} A {got[0]}, B {got[1]} (layer {off}: in {in_f}, out {n})")
+            continue
+        work = torch.promote_types(A.dtype, torch.float32)
+        alpha = float(parts["alpha"]) if "alpha" in parts else A.shape[0]
+        B = B.to(work) * (alpha / A.shape[0])
+        adapters.setdefault(off, []).append((start, n, A.to(work), _swap_halves(B) if swap else B))
+    if wrong:
+        raise ValueError(f"{source}: {len(wrong)} adapter(s) do not fit their layer: {'; '.join(wrong[:3])}")
+    out = {}
+    for off, parts in adapters.items():
+        out_f, rank = linears[off][0], sum(A.shape[0] for _, _, A, _ in parts)
+        A = torch.cat([A for _, _, A, _ in parts])
+        B = torch.zeros(out_f, rank, dtype=A.dtype)
+        col = 0
+        for start, n, a, b in parts:
+            B[start:start + n, col:col + a.shape[0]] = b
+            col += a.shape[0]
+        out[off] = (A, B)
+    return out
+
+
+def load_lora(model, path, scale=1.0):
+    """Apply the LoRA file at `path` to `model` in place, at `scale`; several calls stack.
+
+    Dense weights get the adapter merged, W <- W + scale * B A, computed in fp32 (float64 weights: float64)
+    and rounded to the weights' dtype once: no cost per step, and offloading, FSDP and sequence parallel
+    then move ordinary weights. fp8 weights (FP8Linear) keep it unmerged in a LoRALinear: a merge would have
+    to requantise W + BA to 4 significant bits, losing most of the adapter."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    sd, _ = read_safetensors(path)
+    for name, (A, B) in read_lora(model, sd, path).items():
+        module = model.get_submodule(name)
+        target = module.base if isinstance(module, LoRALinear) else module
+        if isinstance(target, nn.Linear):
+            w = target.weight
+            work = torch.float64 if w.dtype == torch.float64 else torch.float32
+            delta = B.to(w.device, work) @ A.to(w.device, work)
+            w.data = (w.data.to(work) + scale * delta).to(w.dtype)
+            continue
+        if not isinstance(module, LoRALinear):
+            parent, _, child = name.rpartition(".")
+            module = LoRALinear(module)
+            setattr(model.get_submodule(parent), child, module)
+        device = module.base.weight.device
+        module.add(A.to(device), B.to(device), scale)
+    return model
+
+
+def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
+    """Trainable adapters (fp32) on every linear layer whose name matches `targets` (a regex), base frozen:
+    A ~ Kaiming-uniform, B = 0, so training starts from the base model (as PEFT initialises them).
+    Returns the adapted module names."""
+    g = torch.Generator().manual_seed(seed)
+    model.requires_grad_(False)
+    names = [n for n in _linears(model) if re.fullmatch(targets, n)]
+    if not names:
+        raise ValueError(f"--lora-targets {targets!r} matches no linear layer of this DiT "
+                         f"(names look like double_blocks.0.img_attn_qkv)")
+    for name in names:
+        base = model.get_submodule(name)
+        out_f, in_f = base.weight.shape
+        bound = 1 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)), PyTorch's nn.Linear default
+        A = (torch.rand(rank, in_f, generator=g) * 2 - 1) * bound
+        parent, _, child = name.rpartition(".")
+        module = LoRALinear(base)
+        module.add(A.to(base.weight.device), torch.zeros(out_f, rank, device=base.weight.device),
+                   alpha / rank, trainable=True)
+        setattr(model.get_submodule(parent), child, module)
+    return names
+
+
+def lora_state_dict(model):
+    """The trained adapters in the original layout: diffusion_model.<official module>.lora_A/lora_B.weight,
+    alpha folded in (A and B each times sqrt(alpha / rank), as musubi-tuner's converter writes them), which
+    diffusers and ComfyUI read as they are and read_lora reads back with scale 1."""
+    sd = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear) and m.lora_A[0].requires_grad:
+            root = math.sqrt(m.scales[0])
+            sd[f"diffusion_model.{name}.lora_A.weight"] = (m.lora_A[0].detach().float() * root).cpu()
+            sd[f"diffusion_model.{name}.lora_B.weight"] = (m.lora_B[0].detach().float() * root).cpu()
+    return sd
 
 
 if __name__ == "__main__":
