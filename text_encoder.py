@@ -33,8 +33,9 @@ import os
 import re
 import unicodedata
 import warnings
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -87,6 +88,33 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int = None          # None: pool at the largest token id (see CLIPTextEncoder.forward)
+
+
+@dataclass
+class CLIPVisionConfig:
+    """CLIP's vision tower; defaults: openai/clip-vit-large-patch14 (vision half of ckpts/text_encoder_2)."""
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 224
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 768         # None: no visual_projection (LLaVA reads the tower's hidden states)
+
+
+@dataclass
+class LlavaConfig:
+    """LLaVA: a CLIP vision tower, a two-layer projector and a LLaMA; defaults: llava-llama-3-8b-v1_1."""
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    vision: CLIPVisionConfig = field(default_factory=lambda: CLIPVisionConfig(image_size=336,
+                                                                              projection_dim=None))
+    image_token_index: int = 128257
+    vision_feature_layer: object = -2          # an index into the tower's hidden states, or a list of them
+    vision_feature_select_strategy: str = "default"  # "default": the CLS state is dropped; "full": kept
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
 
 
 LLM_CONFIGS = {
@@ -150,9 +178,10 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
-def rope_tables(cfg, length, dtype, device):
+def rope_tables(cfg, length, dtype, device, round_freq=True):
     """cos, sin (length, head_dim) in `dtype` for positions 0..length-1, with the checkpoint's rope scaling.
-    """
+    round_freq: round the frequencies to `dtype` first, as a model cast with .to(dtype) does (below); False:
+    keep them in fp32, as transformers' from_pretrained(dtype=...) does."""
     work = torch.promote_types(dtype, torch.float32)  # fp32 as transformers (fp64 for float64 runs)
     d = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=work) / d)
@@ -168,7 +197,8 @@ def rope_tables(cfg, length, dtype, device):
         inv_freq = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
     # The official code casts the loaded encoder with .to(fp16), which also rounds transformers' inv_freq
     # buffer to fp16; rounding the same way keeps half-precision states equal to the official ones.
-    inv_freq = inv_freq.to(dtype).to(work)
+    if round_freq:
+        inv_freq = inv_freq.to(dtype).to(work)
     angles = torch.arange(length, device=device, dtype=work)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)  # LLaMA rotates (i, i + d/2) pairs, not adjacent ones
     return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -191,12 +221,18 @@ class LlamaAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.attention_bias)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, kv=None):
+        """kv: this layer's cache when decoding, a dict holding the earlier positions' keys and values;
+        this call's are appended to it."""
         B, L, _ = x.shape
         q = self.q_proj(x).view(B, L, self.nh, self.hd).transpose(1, 2)   # (B, nh, L, hd)
         k = self.k_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)  # (B, nkv, L, hd)
         v = self.v_proj(x).view(B, L, self.nkv, self.hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv is not None:
+            if kv:
+                k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
+            kv["k"], kv["v"] = k, v
         # query head h reads key/value head h // (nh / nkv)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.nh * self.hd))
@@ -225,13 +261,14 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, kv=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class LlamaEncoder(nn.Module):
-    """A bare LLaMA decoder (no LM head) used as a text encoder. Module names are the checkpoint's keys."""
+    """A bare LLaMA decoder (no LM head) used as a text encoder (forward), and by Llava as a causal language
+    model (decode). Module names are the checkpoint's keys."""
 
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -271,6 +308,19 @@ class LlamaEncoder(nn.Module):
                 self.norm.to("cpu")
         return x
 
+    def decode(self, x, cache, start):
+        """Embeddings x (B, L, hidden) at positions start..start+L-1, with the keys and values of positions
+        0..start-1 in `cache` (one dict per layer, extended in place) -> the final normed states
+        (B, L, hidden). No padding: every row is as long as the others (as Llava.generate feeds it)."""
+        L = x.shape[1]
+        # rotary frequencies kept in fp32: Llava is compared with transformers' from_pretrained(dtype=...)
+        cos, sin = (t[start:] for t in rope_tables(self.cfg, start + L, x.dtype, x.device, round_freq=False))
+        # query i (position start + i) sees every position up to its own; one new token sees them all
+        mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
+        for layer, kv in zip(self.layers, cache):
+            x = layer(x, cos, sin, mask, kv)
+        return self.norm(x)
+
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """A Hugging Face LlamaModel / LlamaForCausalLM folder: config.json + *.safetensors."""
@@ -287,7 +337,7 @@ class LlamaEncoder(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention with biased projections."""
+    """Multi-head self-attention with biased projections (causal through its mask in the text tower)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -305,7 +355,7 @@ class CLIPAttention(nn.Module):
 
 
 class CLIPMLP(nn.Module):
-    """fc1 -> quick GELU -> fc2."""
+    """fc1 -> GELU (OpenAI's quick GELU, or the exact one where the config says "gelu") -> fc2."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -389,14 +439,353 @@ class CLIPTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# CLIP vision tower (openai/clip-vit-large-patch14, and the 336-pixel tower inside LLaVA) and its image
+# preprocessing. curate.py embeds frames with it (paper §3.1: de-duplication and concept balancing).
+
+# transformers' OPENAI_CLIP_MEAN / OPENAI_CLIP_STD: the per-channel statistics OpenAI's CLIP was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_image_preprocess(images, size=224):
+    """list of HxWx3 uint8 RGB arrays -> pixel_values (B, 3, size, size) float32, as transformers'
+    CLIPImageProcessor (its PIL backend, the one CLIP and LLaVA were trained with): the shortest side resized
+    to `size` with PIL's bicubic filter, a centred size x size crop, x / 255, then CLIP's mean and std."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("clip_image_preprocess needs Pillow (pip install pillow): CLIP's bicubic resize is "
+                          "PIL's, which OpenCV does not reproduce") from None
+    mean = torch.tensor(CLIP_MEAN, dtype=torch.float32)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=torch.float32)[:, None, None]
+    out = []
+    for im in images:
+        if not (isinstance(im, np.ndarray) and im.dtype == np.uint8 and im.ndim == 3 and im.shape[2] == 3):
+            raise ValueError(f"clip_image_preprocess takes HxWx3 uint8 RGB arrays, got "
+                             f"{getattr(im, 'dtype', type(im))} {getattr(im, 'shape', '')}; convert frames "
+                             f"first (cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))")
+        h, w = im.shape[:2]
+        long = int(size * max(h, w) / min(h, w))  # truncated, as transformers does
+        nh, nw = (long, size) if w <= h else (size, long)
+        im = np.asarray(Image.fromarray(im).resize((nw, nh), resample=Image.BICUBIC))
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = torch.from_numpy(im[top:top + size, left:left + size].copy()).permute(2, 0, 1)
+        # transformers rescales in float64, rounds to float32, then normalises in float32
+        out.append(((x.double() * (1 / 255)).float() - mean) / std)
+    return torch.stack(out)
+
+
+class CLIPVisionEncoder(nn.Module):
+    """CLIP's vision transformer: patches + CLS + positions, pre-LayerNorm blocks; called, it returns what
+    transformers' CLIPModel.get_image_features returns (the CLS state, post-normed and projected)."""
+
+    def __init__(self, cfg: CLIPVisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.image_size = cfg.image_size
+        D, P = cfg.hidden_size, cfg.patch_size
+        self.class_embedding = nn.Parameter(torch.zeros(D))
+        self.patch_embedding = nn.Conv2d(3, D, kernel_size=P, stride=P, bias=False)
+        self.position_embedding = nn.Embedding((cfg.image_size // P) ** 2 + 1, D)
+        self.pre_layrnorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)  # sic: the checkpoint's key
+        self.layers = nn.ModuleList(CLIPLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.post_layernorm = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
+        if cfg.projection_dim is not None:
+            self.visual_projection = nn.Linear(D, cfg.projection_dim, bias=False)
+
+    def hidden_states(self, pixel_values, indices):
+        """pixel_values (B, 3, S, S) -> [transformers' hidden_states[i] for i in indices], each (B, 1 + N, D):
+        index 0 is the pre-normed embeddings, i the output of block i, negative indices count from the end."""
+        B, _, H, W = pixel_values.shape
+        if H != self.image_size or W != self.image_size:
+            raise ValueError(f"pixel_values are {H}x{W}, this CLIP vision tower takes {self.image_size}x"
+                             f"{self.image_size}: use clip_image_preprocess(images, size={self.image_size})")
+        n = len(self.layers)
+        assert all(-n - 1 <= i <= n for i in indices), f"hidden-state indices must be in -{n + 1}..{n}"
+        want = [i % (n + 1) for i in indices]
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in raster order
+        x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.position_embedding.weight
+        states = [self.pre_layrnorm(x)]
+        for layer in self.layers[:max(want)]:
+            states.append(layer(states[-1], None))  # no mask: every patch sees every patch
+        return [states[i] for i in want]
+
+    def forward(self, pixel_values):
+        """pixel_values (B, 3, S, S) -> image embeddings (B, projection_dim), not normalised."""
+        x = self.hidden_states(pixel_values, [-1])[0]
+        return self.visual_projection(self.post_layernorm(x[:, 0]))
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """A Hugging Face CLIPModel folder (config.json with a vision_config, e.g. the official
+        ckpts/text_encoder_2) or a CLIPVisionModelWithProjection folder: config.json + *.safetensors."""
+        d = read_config(path, "clip_vision")
+        cfg = clip_vision_config_from_hf(d.get("vision_config", d))
+        # a CLIPModel's projection width is its top-level projection_dim, not the vision config's
+        cfg.projection_dim = d.get("projection_dim", 512) if "vision_config" in d else cfg.projection_dim
+
+        def rename(k):
+            # a full CLIPModel also holds the text tower: skipped by name, every vision key must fit
+            if k.startswith(("text_model.", "text_projection.", "logit_scale")):
+                return None
+            return clip_vision_key(k.removeprefix("vision_model."))
+        return load_model(cls, cfg, path, rename, dtype, device)
+
+
+def clip_vision_config_from_hf(d):
+    """A CLIPVisionConfig from a transformers vision config dict; missing keys take transformers' defaults."""
+    defaults = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                    projection_dim=512)
+    if d.get("num_channels", 3) != 3:
+        raise ValueError(f"CLIP vision config has num_channels={d['num_channels']}; only RGB (3) is "
+                         f"supported")
+    return CLIPVisionConfig(**{f.name: d.get(f.name, defaults[f.name]) for f in fields(CLIPVisionConfig)})
+
+
+def clip_vision_key(k):
+    """A transformers CLIP vision key without its model prefix -> ours (None: a buffer, not a weight)."""
+    if k.endswith("position_ids"):  # a buffer older files stored
+        return None
+    return k.replace("embeddings.", "").replace("encoder.", "")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# LLaVA (llava-llama-3-8b-v1_1: the full model whose language model is the official text encoder), the
+# vision-language model curate.py captions clips with (paper §3.2: structured captions from a VLM)
+
+
+class LlavaProjector(nn.Module):
+    """The two-layer MLP from vision features to the LLM's embeddings: linear_2(gelu(linear_1(x)))."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        n = 1 if isinstance(cfg.vision_feature_layer, int) else len(cfg.vision_feature_layer)
+        D, bias = cfg.text.hidden_size, cfg.multimodal_projector_bias
+        self.linear_1 = nn.Linear(cfg.vision.hidden_size * n, D, bias=bias)
+        self.linear_2 = nn.Linear(D, D, bias=bias)
+
+    def forward(self, x):
+        return self.linear_2(F.gelu(self.linear_1(x)))
+
+
+class Llava(nn.Module):
+    """LLaVA as transformers' LlavaForConditionalGeneration: image features from a CLIP layer replace the
+    image tokens' embeddings, then the LLaMA with its LM head decodes greedily. Module names are the
+    checkpoint's."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = CLIPVisionEncoder(cfg.vision)
+        self.multi_modal_projector = LlavaProjector(cfg)
+        self.language_model = LlamaEncoder(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        # set by from_pretrained from the folder: generation stops, padding, tokenizer, chat template
+        self.eos_token_ids, self.pad_token_id, self.tokenizer, self.chat_template = [], 0, None, None
+        self.special_tokens = {}
+
+    @property
+    def image_size(self):
+        return self.cfg.vision.image_size
+
+    @property
+    def num_image_tokens(self):
+        """Image features per image: one per patch, plus CLS under the "full" strategy."""
+        n = (self.cfg.vision.image_size // self.cfg.vision.patch_size) ** 2
+        return n + (self.cfg.vision_feature_select_strategy == "full")
+
+    def image_features(self, pixel_values):
+        """pixel_values (B, 3, S, S) -> projected features (B, num_image_tokens, hidden)."""
+        layers = self.cfg.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else layers  # several: their states side by side
+        states = self.vision_tower.hidden_states(pixel_values, layers)
+        if self.cfg.vision_feature_select_strategy == "default":
+            states = [h[:, 1:] for h in states]  # the CLS state is not an image token
+        return self.multi_modal_projector(torch.cat(states, dim=-1))
+
+    @torch.no_grad()
+    def generate(self, input_ids, pixel_values, max_new_tokens, eos_token_id=None):
+        """Greedy decoding with a KV cache, as transformers' generate(do_sample=False). input_ids (B, L), no
+        padding, with the image token repeated num_image_tokens times where each image goes (as transformers'
+        LlavaProcessor expands it), images in order; pixel_values (n_images, 3, S, S). eos_token_id: an id
+        or a list (default: the folder's generation config). -> new ids (B, <= max_new_tokens); a row that
+        has ended is filled with the pad id until every row has ended."""
+        dev = self.lm_head.weight.device
+        input_ids = input_ids.to(dev)
+        B, L = input_ids.shape
+        eos = self.eos_token_ids if eos_token_id is None else eos_token_id
+        eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long, device=dev)
+        x = self.language_model.embed_tokens(input_ids)
+        if pixel_values is not None:
+            feats = self.image_features(pixel_values.to(dev))
+            slots = input_ids == self.cfg.image_token_index
+            if slots.sum() != feats.shape[0] * feats.shape[1]:
+                raise ValueError(f"input_ids hold {int(slots.sum())} image tokens for {feats.shape[0]} "
+                                 f"image(s) of {feats.shape[1]} features; repeat the image token "
+                                 f"{feats.shape[1]} times per image (Llava.chat_input_ids does)")
+            # features fill the image tokens' places in reading order, row by row
+            x = x.masked_scatter(slots[..., None], feats.to(x.dtype))
+        cache = [{} for _ in self.language_model.layers]
+        h = self.language_model.decode(x, cache, 0)[:, -1]
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        for step in range(max_new_tokens):
+            tok = self.lm_head(h).argmax(dim=-1)
+            tok = torch.where(done, torch.full_like(tok, self.pad_token_id), tok)
+            out.append(tok)
+            done |= torch.isin(tok, eos)
+            if done.all() or step == max_new_tokens - 1:
+                break
+            x = self.language_model.embed_tokens(tok)[:, None]  # (B, 1, hidden): the token just chosen
+            h = self.language_model.decode(x, cache, L + step)[:, -1]
+        return torch.stack(out, dim=1) if out else input_ids.new_zeros(B, 0)
+
+    @torch.no_grad()
+    def chat(self, prompt, image, max_new_tokens=256):
+        """Ask about one image (HxWx3 uint8 RGB) -> the answer as text. Stops at the generation config's
+        end-of-sequence ids or at the token the chat template closes a turn with (Llama 3: <|eot_id|>)."""
+        new = self.generate(self.chat_input_ids(prompt), clip_image_preprocess([image], self.image_size),
+                            max_new_tokens, eos_token_id=self.eos_token_ids + self.end_of_turn_ids())
+        return self.tokenizer.tok.decode(new[0].tolist(), skip_special_tokens=True)
+
+    def chat_input_ids(self, prompt):
+        """A user turn of an image and `prompt` in the model's own chat template, up to where the
+        assistant's answer starts -> input_ids (1, L), the image token expanded to num_image_tokens (as
+        LlavaProcessor does)."""
+        text = self.render_chat([("user", prompt)])
+        image = self.tokenizer.tok.id_to_token(self.cfg.image_token_index)
+        ids = self.tokenizer._encode([text.replace(image, image * self.num_image_tokens)])[0]
+        bos = self.tokenizer.bos
+        # a template that writes bos_token itself gets no second one (transformers' apply_chat_template rule)
+        return torch.tensor([ids if ids[:len(bos)] == bos else bos + ids])
+
+    def end_of_turn_ids(self):
+        """[the token the chat template writes right after an assistant's words], or [] if that is no
+        special token. Llama 3's <|eot_id|> is not llava-llama-3's configured end of sequence, yet ends each
+        answer."""
+        mark = "\ue000"  # a private-use character no template writes
+        text = self.render_chat([("user", "a"), ("assistant", mark)], add_generation_prompt=False)
+        after = self.tokenizer._encode([text.split(mark, 1)[1]])[0] if mark in text else []
+        specials = {i for i, t in self.tokenizer.tok.get_added_tokens_decoder().items() if t.special}
+        return after[:1] if after and after[0] in specials else []
+
+    def render_chat(self, turns, add_generation_prompt=True):
+        """[(role, text)] -> the chat template's text, the image (one image token) in the first turn. As
+        transformers renders it: jinja2 with trimmed blocks and loop controls. Templates that take typed
+        content parts (transformers' processors) get an image part; templates written for plain strings get
+        LLaVA's own convention, the image token on a line before the text."""
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        if self.chat_template is None:
+            raise ValueError("this Llava folder's tokenizer_config.json has no chat_template; build "
+                             "input_ids yourself (image token repeated num_image_tokens times) and call "
+                             "generate()")
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
+        template = env.from_string(self.chat_template)
+        image = self.tokenizer.tok.id_to_token(self.cfg.image_token_index)
+        typed = [{"role": role, "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": text}]}
+                 for i, (role, text) in enumerate(turns)]
+        try:
+            out = template.render(messages=typed, add_generation_prompt=add_generation_prompt,
+                                  **self.special_tokens)
+        except (TypeError, jinja2.exceptions.TemplateError):
+            out = ""
+        if image in out:  # the template understood the image part
+            return out
+        plain = [{"role": role, "content": f"{image}\n" * (i == 0) + text}
+                 for i, (role, text) in enumerate(turns)]
+        return template.render(messages=plain, add_generation_prompt=add_generation_prompt,
+                               **self.special_tokens)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.bfloat16, device="cpu"):
+        """A Hugging Face LlavaForConditionalGeneration folder (config.json, *.safetensors, tokenizer.json,
+        tokenizer_config.json; generation_config.json if present), e.g. llava-llama-3-8b-v1_1-transformers."""
+        d = read_config(path, "llava")
+        cfg = llava_config_from_hf(d, path)
+        text = d.get("text_config", {})
+
+        def rename(k):
+            # transformers' in-memory layout adds "model."; the released folder (transformers 4) has
+            # language_model.model.* and language_model.lm_head, vision_tower.vision_model.*; transformers 5
+            # writes vision_tower.* without vision_model.
+            k = k.removeprefix("model.")
+            if "rotary_emb." in k:  # recomputed
+                return None
+            if k.startswith("language_model.lm_head."):
+                return k.removeprefix("language_model.")
+            if k.startswith("language_model."):
+                return "language_model." + k.removeprefix("language_model.").removeprefix("model.")
+            if k.startswith("vision_tower."):
+                k = clip_vision_key(k.removeprefix("vision_tower.").removeprefix("vision_model."))
+                return None if k is None else "vision_tower." + k
+            return k
+        model = load_model(cls, cfg, path, rename, dtype, device)
+        gen = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen):  # transformers' generate reads it first, else the model config
+            with open(gen) as fh:
+                gen = json.load(fh)
+        else:
+            gen = {k: d.get(k, text.get(k)) for k in ("eos_token_id", "pad_token_id")}
+        eos = gen.get("eos_token_id")
+        model.eos_token_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = gen.get("pad_token_id")
+        model.pad_token_id = pad if pad is not None else (model.eos_token_ids or [0])[0]  # as transformers
+        model.tokenizer = Tokenizer(path)
+        with open(os.path.join(path, "tokenizer_config.json")) as fh:
+            tok_cfg = json.load(fh)
+        model.chat_template = tok_cfg.get("chat_template")
+        model.special_tokens = {name: _special_token(path, name) for name in ("bos_token", "eos_token")}
+        return model
+
+
+def llava_config_from_hf(d, path):
+    """A LlavaConfig from a transformers LlavaConfig dict (path: for error messages)."""
+    text, vision = dict(d.get("text_config") or {}), dict(d.get("vision_config") or {})
+    if text.get("model_type", "llama") != "llama" or vision.get("model_type", "clip_vision_model") not in (
+            "clip_vision_model", "clip"):
+        raise ValueError(f"{path}/config.json: a LLaVA of {text.get('model_type')} + "
+                         f"{vision.get('model_type')}; only a LLaMA language model with a CLIP vision "
+                         f"tower is supported")
+    if d.get("tie_word_embeddings") or text.get("tie_word_embeddings"):
+        raise ValueError(f"{path}/config.json: tied word embeddings are not supported (llava-llama-3 has a "
+                         f"separate lm_head)")
+    # keys the released config leaves out take transformers' LlamaConfig defaults
+    text = {**dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                   num_attention_heads=32), **text}
+    strategy = d.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"{path}/config.json: vision_feature_select_strategy {strategy!r} is not supported "
+                         f"(default, full)")
+    act = d.get("projector_hidden_act", "gelu")
+    if act != "gelu":
+        raise ValueError(f"{path}/config.json: projector_hidden_act {act!r}; only gelu is supported")
+    return LlavaConfig(text=llama_config_from_hf(text, path),
+                       vision=replace(clip_vision_config_from_hf(vision), projection_dim=None),
+                       image_token_index=d.get("image_token_index", d.get("image_token_id", 32000)),
+                       vision_feature_layer=d.get("vision_feature_layer", -2),
+                       vision_feature_select_strategy=strategy,
+                       multimodal_projector_bias=d.get("multimodal_projector_bias", True))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Loading Hugging Face folders
 
 
 def read_config(path, kind):
-    """A folder's config.json as a dict, after checking that it is a `kind` ("llama" or "clip") model."""
+    """A folder's config.json as a dict, after checking that it is a `kind` model ("llama", "clip",
+    "clip_vision" or "llava")."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"{kind} text encoder folder {path!r} does not exist; pass the folder "
-                                f"holding config.json and *.safetensors (official: ckpts/text_encoder, "
+        raise FileNotFoundError(f"{kind} model folder {path!r} does not exist; pass the folder holding "
+                                f"config.json and *.safetensors (official text encoders: ckpts/text_encoder, "
                                 f"ckpts/text_encoder_2)")
     f = os.path.join(path, "config.json")
     if not os.path.isfile(f):
@@ -408,7 +797,9 @@ def read_config(path, kind):
     if kind == "llama" and mt == "llava":
         raise ValueError(f"{f} describes a full llava model; extract its language model first, as the "
                          f"official hyvideo/utils/preprocess_text_encoder_tokenizer_utils.py does")
-    if mt is not None and mt not in {"llama": ("llama",), "clip": ("clip", "clip_text_model")}[kind]:
+    allowed = {"llama": ("llama",), "clip": ("clip", "clip_text_model"),
+               "clip_vision": ("clip", "clip_vision_model"), "llava": ("llava",)}[kind]
+    if mt is not None and mt not in allowed:
         raise ValueError(f"{f} has model_type {mt!r}, expected a {kind} checkpoint; wrong folder?")
     return d
 

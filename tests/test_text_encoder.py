@@ -652,3 +652,219 @@ def test_prompt_encoder_from_pretrained_folders(llama_tok_dir, clip_tok_dir, tmp
     ref = in_memory("A cat sits on a red mat.")
     assert torch.equal(mask, ref[1])
     assert rel(text.float(), ref[0]) < 0.05 and rel(pooled.float(), ref[2]) < 0.05
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLIP vision tower and LLaVA against transformers (curate.py's image embedder and captioner)
+
+
+def frames(seed=0):
+    """Landscape, portrait and square RGB frames with smooth structure (bicubic overshoot shows) and noise."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    out = []
+    for h, w in ((50, 70), (90, 41), (40, 40)):
+        yy, xx = np.mgrid[:h, :w]
+        base = 127 + 100 * np.sin(xx[..., None] / (3 + seed) + yy[..., None] / 5 + np.arange(3))
+        out.append(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+def test_clip_image_preprocess_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("PIL")
+    images = frames()
+    for size in (32, 224):
+        ref = transformers.CLIPImageProcessorPil(size={"shortest_edge": size},
+                                                 crop_size={"height": size, "width": size})
+        want = ref(images, return_tensors="pt")["pixel_values"]
+        got = te.clip_image_preprocess(images, size)
+        assert got.dtype == torch.float32 and got.shape == (3, 3, size, size)
+        assert torch.equal(got, want)  # same PIL resize, same float64 -> float32 arithmetic: bit for bit
+    with pytest.raises(ValueError, match="uint8 RGB"):
+        te.clip_image_preprocess([images[0].astype("float32")])
+
+
+def tiny_vision_config(**kw):
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                image_size=32, patch_size=8, **kw)
+
+
+def test_clip_vision_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    full = transformers.CLIPModel(transformers.CLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=tiny_vision_config(projection_dim=8), projection_dim=16)).eval()
+    vision_only = transformers.CLIPVisionModelWithProjection(transformers.CLIPVisionConfig(
+        **tiny_vision_config(hidden_act="gelu", projection_dim=12))).eval()
+    px = te.clip_image_preprocess(frames(), 32)
+    for i, ref in enumerate((full, vision_only)):
+        with torch.no_grad():
+            for n, p in ref.named_parameters():  # non-trivial norms and class embedding
+                if "norm" in n or "class_embedding" in n:
+                    p.add_(0.2 * torch.randn_like(p))
+        ref.save_pretrained(str(tmp_path / str(i)))
+        ours = te.CLIPVisionEncoder.from_pretrained(str(tmp_path / str(i)))
+        assert ours.image_size == 32
+        with torch.no_grad():
+            if i == 0:
+                want = full.get_image_features(pixel_values=px)
+                want = getattr(want, "pooler_output", want)  # transformers 5 returns a model output
+                states = full.vision_model(pixel_values=px, output_hidden_states=True).hidden_states
+            else:
+                out = vision_only(pixel_values=px, output_hidden_states=True)
+                want, states = out.image_embeds, out.hidden_states
+            got = ours(px)
+            assert got.shape == want.shape == (3, 16 if i == 0 else 12)
+            assert rel(got, want) < 1e-5
+            for j, s in zip((0, 1, -2, -1), ours.hidden_states(px, [0, 1, -2, -1])):
+                assert rel(s, states[j]) < 1e-5
+    with pytest.raises(ValueError, match="clip_image_preprocess"):
+        ours(torch.zeros(1, 3, 64, 64))
+    # the text tower's keys are skipped by name; anything else that does not fit is an error
+    from safetensors.torch import load_file
+    sd = load_file(str(tmp_path / "0" / "model.safetensors"))
+    save_file({**sd, "vision_model.extra.weight": torch.zeros(2)}, str(tmp_path / "0" / "model.safetensors"))
+    with pytest.raises(ValueError, match=r"unexpected: extra\.weight"):
+        te.CLIPVisionEncoder.from_pretrained(str(tmp_path / "0"))
+
+
+CHAT_TEMPLATE = (  # a Llama 3 chat template in transformers' typed-content form, as llava-hf folders have
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+STRING_TEMPLATE = (  # the same for plain-string contents (the image token is then written by the caller)
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] }}"
+    "{{ '<|eot_id|>' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def llava_tok_dir(llama_tok_dir, tmp_path_factory):
+    """The Llama 3-layout tokenizer with LLaVA's <image> token added and a chat template."""
+    from tokenizers import AddedToken, Tokenizer
+    tok = Tokenizer.from_file(os.path.join(llama_tok_dir, "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True)])
+    d = tmp_path_factory.mktemp("llava_tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<pad>",
+        "chat_template": CHAT_TEMPLATE}))
+    return str(d)
+
+
+def tiny_llava(transformers, tok_dir, path, seed=0, strategy="default", layer=-2):
+    """A random LlavaForConditionalGeneration (CLIP 32 px / patch 8: 16 patches; LLaMA width 32) saved to
+    `path` beside the tokenizer files."""
+    import shutil
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(**tiny_vision_config()),
+        text_config=transformers.LlamaConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rope_theta=500000.0,
+            bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|eot_id|>")),
+        image_token_index=tok.token_to_id("<image>"), vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer)
+    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():  # larger weights: logits with clear winners
+            p.mul_(1 if "norm" in n else 5)
+    ref.save_pretrained(path)
+    for f in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(path, f))
+    return ref
+
+
+def test_llava_generate_matches_transformers(llava_tok_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+    ref = tiny_llava(transformers, llava_tok_dir, str(tmp_path / "hf"))
+    ours = te.Llava.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+    assert ours.num_image_tokens == 16 and ours.image_size == 32
+    image_id = ref.config.image_token_index
+    text = te.Tokenizer(llava_tok_dir)._encode(["describe the video by detailing the color"])[0]
+    row = [ours.tokenizer.bos[0]] + text[:3] + [image_id] * 16 + text[3:]
+    ids = torch.tensor([row, row])
+    px = te.clip_image_preprocess(frames(0)[:1] + frames(1)[:1], 32)  # two different images
+
+    def reference(ids, px, n, **kw):
+        out = ref.generate(input_ids=ids, pixel_values=px, attention_mask=torch.ones_like(ids),
+                           do_sample=False, max_new_tokens=n, **kw)
+        return out[:, ids.shape[1]:]
+    with torch.no_grad():
+        want = reference(ids, px, 12, eos_token_id=None)
+    got = ours.generate(ids, px, 12, eos_token_id=[])
+    assert torch.equal(got, want) and got.shape == (2, 12)
+    assert not torch.equal(got[0], got[1])  # same prompt, the image changes the answer
+    # stopping: an id the first row emits at step 4 ends it (then padded); the batch runs until both end
+    stop = int(want[0, 4])
+    with torch.no_grad():
+        want = reference(ids, px, 12, eos_token_id=stop, pad_token_id=0)
+    ours.pad_token_id = 0
+    assert torch.equal(ours.generate(ids, px, 12, eos_token_id=stop), want)
+    # bf16 as the captioner runs on a GPU: the same tokens as transformers' from_pretrained(dtype=bf16), which
+    # keeps the rotary frequencies in fp32 (rounding them to bf16 changes tokens here)
+    half_ref = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / "hf"),
+                                                                          dtype=torch.bfloat16).eval()
+    half = te.Llava.from_pretrained(str(tmp_path / "hf"), dtype=torch.bfloat16)
+    chat = half.chat_input_ids("a cat sits on a red mat in the sun").expand(2, -1)
+    chat_px = te.clip_image_preprocess([frames(0)[0], frames(2)[0]], 32)
+    with torch.no_grad():
+        want = half_ref.generate(input_ids=chat, pixel_values=chat_px, attention_mask=torch.ones_like(chat),
+                                 do_sample=False, max_new_tokens=30, eos_token_id=None)[:, chat.shape[1]:]
+    assert torch.equal(half.generate(chat, chat_px, 30, eos_token_id=[]), want)
+    # the folder's layouts: transformers 5 (above), the released one (transformers 4) and the in-memory one
+    sd = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    released = {k.replace("vision_tower.", "vision_tower.vision_model."): v for k, v in sd.items()}
+    in_memory = {("lm_head.weight" if k == "language_model.lm_head.weight" else "model." + k.replace(
+        "language_model.model.", "language_model.")): v for k, v in sd.items()}
+    base = ours.generate(ids[:1], px[:1], 6, eos_token_id=[])
+    for layout in (released, in_memory):
+        save_file(layout, str(tmp_path / "hf" / "model.safetensors"))
+        again = te.Llava.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32)
+        assert torch.equal(again.generate(ids[:1], px[:1], 6, eos_token_id=[]), base)
+    with pytest.raises(ValueError, match="15 image tokens for 1 image"):  # one placeholder short
+        ours.generate(torch.tensor([row[:5] + row[6:]]), px[:1], 2)
+
+
+@pytest.mark.parametrize("strategy,layer", [("default", -2), ("full", [-3, -1])])
+def test_llava_chat_matches_transformers(llava_tok_dir, tmp_path, strategy, layer):
+    transformers = pytest.importorskip("transformers")
+    PIL = pytest.importorskip("PIL.Image")
+    ref = tiny_llava(transformers, llava_tok_dir, str(tmp_path), strategy=strategy, layer=layer)
+    ours = te.Llava.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert ours.num_image_tokens == (16 if strategy == "default" else 17)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(llava_tok_dir, "tokenizer.json"),
+                                               bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                               pad_token="<pad>")
+    processor = transformers.LlavaProcessor(
+        image_processor=transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                          crop_size={"height": 32, "width": 32}),
+        tokenizer=tok, patch_size=8, vision_feature_select_strategy=strategy, num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE)
+    image, prompt = frames(2)[0], "Describe the video by detailing the color, shape"
+    inputs = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image", "image": PIL.fromarray(image)},
+                                      {"type": "text", "text": prompt}]}],
+        add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt")
+    assert torch.equal(ours.chat_input_ids(prompt), inputs["input_ids"])
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    assert ours.end_of_turn_ids() == [eot]
+    with torch.no_grad():
+        out = ref.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=[eot])
+    want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours.chat(prompt, image, max_new_tokens=20) == want and len(want) > 0
+    # a template written for plain strings: LLaVA's "<image>\n" before the prompt, same ids
+    ours.chat_template = STRING_TEMPLATE
+    assert torch.equal(ours.chat_input_ids(prompt), inputs["input_ids"])
+    assert ours.end_of_turn_ids() == [eot]
