@@ -30,7 +30,8 @@ import shutil
 import sys
 import threading
 import time
-from dataclasses import dataclass, asdict
+import warnings
+from dataclasses import dataclass, asdict, replace
 
 import cv2
 import numpy as np
@@ -98,6 +99,16 @@ class CurateConfig:
     # --- concept balancing (paper §3.1: k-means over clip embeddings, ~10K centroids at their scale) ---
     clips_per_concept: int = 20       # k = n_clips / this, at least 1
     max_concepts: int = 10000
+    # --- the open models' units (curate.py --clip, --aesthetic; model_units() switches to these when a
+    # manifest's values come from them): the same filters as above, in CLIP cosine distance and in the LAION
+    # aesthetic predictor's score (~1-10; LAION-Aesthetics cut its image sets at 5, 6 and 6.5) ---
+    clip_dedup_max_dist: float = 0.05   # cosine similarity 0.95, the usual CLIP near-duplicate cut: a
+                                        # re-encode or resize of a clip lies far below it (see tests)
+    min_aesthetic: float = 4.0          # basic filter: only the unappealing tail goes, footage scores below
+                                        # curated photos
+    tier_aesthetic: tuple = (4.0, 4.5, 5.0, 5.5)   # 540p at 5.0: the "5+" set Stable Diffusion trained on
+    image_aesthetic: tuple = (4.5, 5.0)            # stills half a point above the video tier of their side
+    finetune_aesthetic: float = 6.0     # LAION-Aesthetics' "6+" high-aesthetic set
 
 
 CFG = CurateConfig()
@@ -151,10 +162,12 @@ def resize_w(frame, w):
 # -----------------------------------------------------------------------------
 # shot detection (paper §3.1 uses PySceneDetect; this is our own, faster: hard cuts, jump cuts, fades)
 
-def frame_change(a, b, shift, cfg=CFG):
-    """Mean |BGR diff| of two uint8 thumbnails, or the diff after undoing the global (sub-pixel) shift
-    between them (phase correlation, given) when that shift explains the change: a fast pan moves content
-    but keeps it, a cut brings new content, even in the same palette."""
+def frame_change(a, b, shift):
+    """Mean |BGR diff| of two uint8 thumbnails, lowered to the diff after undoing the global (sub-pixel)
+    shift between them (phase correlation, given) where that is smaller: a pan or tilt moves content but
+    keeps it, a cut brings new content. Every frame of a move is scored this way, so a move's frames are
+    compared with each other like for like (a score that fell back to the raw diff on some frames of a move
+    made those frames stand out as cuts over fine texture, where the compensation is only partial)."""
     d0 = cv2.norm(a, b, cv2.NORM_L1) / a.size
     sx, sy = shift
     h, w = a.shape[:2]
@@ -164,13 +177,7 @@ def frame_change(a, b, shift, cfg=CFG):
     x0, x1 = int(np.ceil(max(0, sx))), w - int(np.ceil(max(0, -sx)))
     y0, y1 = int(np.ceil(max(0, sy))), h - int(np.ceil(max(0, -sy)))
     aa, bb = np.ascontiguousarray(wa[y0:y1, x0:x1]), np.ascontiguousarray(b[y0:y1, x0:x1])
-    d1 = cv2.norm(aa, bb, cv2.NORM_L1) / aa.size
-    # the shift explains the change if it does so across the frame (most of a 4x4 grid of blocks), not
-    # just for one object that happens to sit where another sat in the previous shot
-    raw = cv2.resize(cv2.absdiff(a, b)[y0:y1, x0:x1].mean(2), (4, 4), interpolation=cv2.INTER_AREA)
-    comp = cv2.resize(cv2.absdiff(aa, bb).mean(2), (4, 4), interpolation=cv2.INTER_AREA)
-    explained = ((comp <= 0.5 * raw) | (comp <= cfg.cut_min_score)).mean()
-    return d1 if explained >= 0.75 else d0
+    return min(d0, cv2.norm(aa, bb, cv2.NORM_L1) / aa.size)
 
 
 def cuts_from_scores(d, cfg=CFG):
@@ -182,11 +189,15 @@ def cuts_from_scores(d, cfg=CFG):
     n, W = len(d), cfg.cut_window
     if n < 2:
         return []
-    pad = np.pad(d, W, mode="edge")
+    # d[0] and the frames beyond the ends are no measurements (NaN): near the start of a video the median
+    # before a frame is that of the few frames there are, not pulled to 0 by padding
+    pad = np.pad(d[1:], (W + 1, W), constant_values=np.nan)
     win = np.lib.stride_tricks.sliding_window_view(pad, W)       # win[j] = pad[j:j+W]
-    left = np.median(win[:n], axis=1)                              # d[i-W:i]
-    right = np.median(win[W + 1:W + 1 + n], axis=1)                # d[i+1:i+W+1]
-    calm = np.minimum(left, right)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)            # an all-NaN side: no median there
+        left = np.nanmedian(win[:n], axis=1)                       # d[i-W:i]
+        right = np.nanmedian(win[W + 1:W + 1 + n], axis=1)         # d[i+1:i+W+1]
+    calm = np.fmin(left, right)                                    # the side that has a median
     cuts, last = [], 0
     for i in range(1, n):
         lo, hi = max(1, i - 2), min(n, i + 3)
@@ -234,7 +245,7 @@ def _scan(cap, cfg, win, prev=None, limit=None, keep=range(0), stop=None):
                     r[3:] = shift(a, b)
                 recent.clear()
                 row[3:] = shift(prev, t)
-                row[2], after = frame_change(prev, t, row[3:], cfg), 3
+                row[2], after = frame_change(prev, t, row[3:]), 3
             elif after:                                         # ...and after it
                 row[3:], after = shift(prev, t), after - 1
             else:
@@ -789,12 +800,8 @@ def balance_weights(labels):
     return w * len(w) / w.sum()
 
 # -----------------------------------------------------------------------------
-# structured captions (paper §3.2): from a sidecar file or a pluggable captioner, never invented
-
-def captioner(frames):
-    """Plug a VLM here (frames -> dict with CAPTION_FIELDS). Default: no captioner, so no caption."""
-    return None
-
+# structured captions (paper §3.2): from a sidecar file here, from LLaVA with --captioner (caption_clips()),
+# never invented
 
 def load_sidecar(video_path):
     """name.json ({"shots": [{"start", "end", "caption": {...}}]} or one caption dict for the whole
@@ -813,13 +820,26 @@ def load_sidecar(video_path):
     return None
 
 
-def caption_for(side, start, end, frames):
-    """The sidecar caption of the shot overlapping [start, end) most, else the captioner's, else None."""
+def caption_for(side, start, end):
+    """The sidecar caption of the shot overlapping [start, end) most, else None."""
     if side:
         best = max(side["shots"], key=lambda s: min(end, s["end"]) - max(start, s["start"]))
         if min(end, best["end"]) - max(start, best["start"]) > 0 and best.get("caption"):
             return {k: v for k, v in best["caption"].items() if k in CAPTION_FIELDS + ("camera_movement",)}
-    return captioner(frames)
+    return None
+
+
+def caption_tags(cap, rec, cfg=CFG):
+    """Paper §3.2: a structured caption with our labels merged in: the camera movement when confident (a
+    still has none), the source (the input's top folder) and quality tags from the record's own scores."""
+    cap = dict(cap)
+    if "image" in rec:
+        cap.pop("camera_movement", None)
+    elif "camera_movement" not in cap and rec["camera_conf"] >= cfg.cam_min_conf:
+        cap["camera_movement"] = rec["camera"]    # paper §3.2: only confident labels enter captions
+    cap["source_tags"] = [rec["video"].split(os.sep)[0] if os.sep in rec["video"] else "raw"]
+    cap["quality_tags"] = quality_tags(rec, cfg)
+    return cap
 
 # -----------------------------------------------------------------------------
 # hierarchical tiers (paper §3.1, Fig. 4)
@@ -1025,13 +1045,9 @@ def process_video(path, rel, out_dir, cfg=CFG):
             why.append(f"low quality ({rec['quality']:.2f} < {cfg.min_quality})")
         if rec["overlay"]:   # paper §3.1: watermarks, logos and borders are removed; here cropping failed
             why.append("overlay inside the picture (watermark, logo or text that cannot be cropped off)")
-        cap_ = caption_for(side, rec["start"], rec["end"], crop)
+        cap_ = caption_for(side, rec["start"], rec["end"])
         if cap_ is not None:
-            cap_ = dict(cap_)
-            if "camera_movement" not in cap_ and rec["camera_conf"] >= cfg.cam_min_conf:
-                cap_["camera_movement"] = rec["camera"]   # paper §3.2: only confident labels enter captions
-            cap_["source_tags"] = [rel.split(os.sep)[0] if os.sep in rel else "raw"]
-            cap_["quality_tags"] = quality_tags(rec, cfg)
+            cap_ = caption_tags(cap_, rec, cfg)
         rec["caption"] = cap_
         # image candidate, one per shot (from its first clip's window): the sharpest frame, video filters
         # minus the motion ones (§3.1)
@@ -1046,9 +1062,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
                   for s_ in clarity_sides(size, cfg.image_side, cfg)}
             if at:
                 img["clarity_at"] = at
-            if cap_ is not None:   # a still has no camera movement; its quality tags come from its own scores
-                img["caption"] = {**{k_: v for k_, v in cap_.items() if k_ != "camera_movement"},
-                                  "quality_tags": quality_tags(img, cfg)}
+            if cap_ is not None:
+                img["caption"] = caption_tags(cap_, img, cfg)
             if (img["clarity"] >= cfg.min_clarity and img["quality"] >= cfg.min_quality and not img["overlay"]
                     and min(img["width"], img["height"]) >= 16):
                 img["path"] = f"images/{vid}/{img['image']}.jpg"
@@ -1586,6 +1601,54 @@ def photo_camera_clip(rng, cam, w, h, n, path):
     for f in frames:
         vw.write(f)
     vw.release()
+
+
+# Multi-shot videos in which every shot is a camera move, for shot detection (`bench.py curate` and the
+# tests): the moves a cut detector must not mistake for cuts, and cuts it must still find between shots
+# that look alike.
+
+MOVES = ("pan left", "pan right", "tilt up", "tilt down", "zoom in", "zoom out", "static shot")
+
+
+def move_texture(rng, h, w, fine, grey, dark):
+    """An (h, w, 3) uint8 picture to move a camera over: fine (1-2 px grain) or coarse (8-24 px blobs)
+    texture, in colour or near-grey (the channels differ by a few percent), at a normal or a dark level."""
+    sigma = rng.uniform(0.6, 1.5) if fine else rng.uniform(8, 24)
+    f = max(1, int(sigma // 3))   # blur noise at 1/f size and upsample: the same field, far cheaper
+    n = cv2.GaussianBlur(rng.standard_normal((h // f + 2, w // f + 2, 3)).astype(np.float32), (0, 0),
+                         sigma / f)
+    n = cv2.resize(n, (w, h), interpolation=cv2.INTER_LINEAR)
+    n /= n.std((0, 1)) + 1e-6
+    n = n.mean(2, keepdims=True) + (0.03 if grey else 0.6) * (n - n.mean(2, keepdims=True))
+    level, spread = ((rng.uniform(14, 30), rng.uniform(3, 7)) if dark
+                     else (rng.uniform(70, 180), rng.uniform(20, 45)))
+    tint = 0 if grey else rng.uniform(-15, 15, 3)
+    return np.clip(level + spread * n + tint, 0, 255).astype(np.uint8)
+
+
+def camera_move_video(rng, w, h, n_shots, shot_frames=(24, 48)):
+    """(frames (n, h, w, 3) RGB uint8, [(start, end, move)]) of a video of n_shots shots, each one camera
+    move from MOVES at 0.5-8 px/frame per 240 px of height (zooms: the same speed at the frame's edge)
+    over a move_texture(): fine or coarse, colour or near-grey, a fifth dark. A third of the cuts join
+    two shots of the same look (texture, palette and level alike: only the picture differs)."""
+    frames, shots, t, look = [], [], 0, None
+    for _ in range(n_shots):
+        n = int(rng.integers(shot_frames[0], shot_frames[1] + 1))
+        if look is None or rng.random() > 1 / 3:
+            look = (bool(rng.random() < 0.5), bool(rng.random() < 0.4), bool(rng.random() < 0.2))
+        canvas = move_texture(rng, 3 * h, 3 * w, *look)
+        move = MOVES[int(rng.integers(0, len(MOVES)))]
+        v = min(float(rng.choice([0.5, 1, 2, 4, 8])) * h / 240, 0.9 * h / n)   # px/frame, inside the canvas
+        for k in range(n):   # the camera's move; the content moves the other way
+            dx = {"pan left": -v * k, "pan right": v * k}.get(move, 0.0)
+            dy = {"tilt up": -v * k, "tilt down": v * k}.get(move, 0.0)
+            z = {"zoom in": (1 + v / h) ** k, "zoom out": 1.5 * (1 + v / h) ** -k}.get(move, 1.0)
+            m = cv2.getRotationMatrix2D((1.5 * w + dx, 1.5 * h + dy), 0, z)
+            m[:, 2] += (w / 2 - 1.5 * w - dx, h / 2 - 1.5 * h - dy)
+            frames.append(cv2.warpAffine(canvas, m, (w, h), flags=cv2.INTER_LINEAR))
+        shots.append((t, t + n, move))
+        t += n
+    return np.stack(frames), shots
 
 
 if __name__ == "__main__":
