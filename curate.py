@@ -2,6 +2,7 @@
 HunyuanVideo data curation (paper §3, §3.1, §3.2): raw videos in, filtered, tiered, captioned clips out.
 
     python curate.py --input RAW_DIR --output OUT_DIR [--workers N] [--labels human_labels.jsonl]
+                     [--clip CLIP_DIR [--aesthetic FILE]] [--captioner LLAVA_DIR]    # the open models
     python curate.py --synthetic N --output RAW_DIR [--seed S]      # the embedded demo's raw videos
 
 Per video: split into shots -> cut each shot into clips of up to 129 frames, each from a sharp frame ->
@@ -12,10 +13,12 @@ fine-tuning set and two image sets. OUT_DIR gets manifest.jsonl, rejected.jsonl,
 images/, and one manifest per tier (manifest_256p.jsonl ... manifest_720p.jsonl: what `train.py --tier
 256p` reads), finetune.jsonl, images_256p.jsonl, images_512p.jsonl.
 
-The paper uses in-house or heavy models we cannot ship. Each stand-in here is one function to replace:
-  VideoCLIP embedding -> clip_embedding()   (pooled thumbnails + colour histogram)
-  DOVER quality       -> quality_score()    (exposure, contrast, noise; technical view only)
-  VLM captioner       -> captioner()        (returns None: captions come only from sidecar files)
+The paper uses in-house or heavy models we cannot ship. Open models take three of their places when
+given (apply_models(), after the per-video pass); without them a transparent stand-in does each job:
+  VideoCLIP embedding -> --clip: CLIP ViT-L/14        (else clip_embedding(): thumbnails + colour histogram)
+  DOVER quality       -> --aesthetic: LAION aesthetic predictor on CLIP ViT-L/14
+                                                      (else quality_score(): exposure, contrast, noise)
+  VLM captioner       -> --captioner: LLaVA (llava-llama-3-8b)    (else captions come only from sidecars)
   OCR / YOLOX overlay -> static_overlay()   (pixels that stay fixed while the picture changes)
   camera classifier   -> camera_movement()  (global motion model fitted to optical flow)
 PySceneDetect is replaced by detect_shots() (plain OpenCV; `bench.py curate` compares the two).
@@ -679,7 +682,7 @@ def clip_embedding(frames):
     """Unit vector describing a clip: zero-mean 32x18 grey thumbnails, each averaged over one half of
     the clip (layout and coarse motion; averaging makes it insensitive to a few frames' offset in the
     clip start), and a 4x4x4 RGB histogram (colour). Cheap and honest: it finds copies and re-encodes
-    and groups clips by look, not by meaning; swap in VideoCLIP/SigLIP for semantic concepts. Re-encoded
+    and groups clips by look, not by meaning (--clip: CLIP embeddings, by meaning). Re-encoded
     copies lie well below dedup_max_dist, distinct shots well above it (docs/demo.md)."""
     thumbs = np.stack([cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), (32, 18), interpolation=cv2.INTER_AREA)
                        .astype(np.float32).ravel() for f in frames])
@@ -1125,6 +1128,288 @@ def write_segments(path, writes, out_dir, fps):
         os.replace(os.path.join(out_dir, rel) + f".{os.getpid()}.tmp.mp4", os.path.join(out_dir, rel))
 
 # -----------------------------------------------------------------------------
+# the open models (--clip, --aesthetic, --captioner), over the written clips: CLIP ViT-L/14 for the paper's
+# VideoCLIP embeddings, the LAION improved aesthetic predictor for its aesthetic scores, LLaVA for its VLM
+# captioner (paper §3.1, §3.2). They run in the main process after the per-video pass (one model on one GPU,
+# not one per worker), on frames read back from the clip files. Each record names the model behind each of
+# its values (embedding_model, quality_model, caption_model): a re-run does only what is missing, and
+# model_units() never lets finalize() compare values of different models.
+
+KEY_FRAMES = 4          # frames a clip's CLIP embedding averages: the centres of four equal parts of the clip
+MODEL_BATCH = 16        # clips per CLIP forward pass
+CAPTION_TOKENS = 400    # room for the seven fields, a few sentences of dense description among them
+# paper §3.2's structured caption, asked for as JSON with the sidecar files' field names (CAPTION_FIELDS)
+CAPTION_PROMPT = (
+    "Describe this frame of a video for a text-to-video training set. Answer with one JSON object with "
+    "these keys, each a string: \"short_description\" (one sentence: the main subject and what it does), "
+    "\"dense_description\" (three to five sentences: subjects, actions, scene and composition), "
+    "\"background\" (the setting behind the subject), \"style\" (e.g. documentary, cinematic, animation, "
+    "vlog), \"shot_type\" (e.g. close-up, medium shot, wide shot, aerial shot), \"lighting\" (e.g. natural "
+    "daylight, low-key, neon), \"atmosphere\" (the mood, e.g. calm, tense, festive).")
+CAPTION_RETRY = CAPTION_PROMPT + (
+    " Reply with the JSON object only: it starts with { and ends with }, all seven keys, double-quoted "
+    "strings, no other text.")
+# The improved aesthetic predictor (christophschuhmann/improved-aesthetic-predictor, released as
+# sac+logos+ava1-l14-linearMSE.pth): an nn.Sequential of Linear 768-1024, Dropout, Linear 1024-128, Dropout,
+# Linear 128-64, Dropout, Linear 64-16, Linear 16-1, no activations. Its Linear layers' state-dict names:
+AESTHETIC_LAYERS = ("layers.0", "layers.2", "layers.4", "layers.6", "layers.7")
+AESTHETIC_DIMS = (768, 1024, 128, 64, 16, 1)
+
+
+def model_name(path):
+    """How records name a model: its folder or file name and a hash of its config.json (or of the file), so
+    results of two different models never pass for each other."""
+    path = os.path.normpath(path)
+    with open(os.path.join(path, "config.json") if os.path.isdir(path) else path, "rb") as f:
+        return f"{os.path.basename(path)}@{hashlib.sha1(f.read()).hexdigest()[:8]}"
+
+
+def model_units(recs, cfg=CFG):
+    """cfg with the thresholds in the units of these records' values: CLIP cosine distance for embeddings
+    CLIP made, aesthetic scores where the aesthetic predictor gave the quality. Values of different models
+    have no common unit: records that mix them are a one-line error, not a silent mix."""
+    made = {}
+    for field in ("embedding_model", "quality_model"):
+        made[field] = collections.Counter(r.get(field, "stand-in") for r in recs if "embedding" in r)
+        if len(made[field]) > 1:
+            mix = ", ".join(f"{n} by {m}" for m, n in made[field].items())
+            raise SystemExit(f"curate.py: error: the records' {field} values come from different models "
+                             f"({mix}): run curate.py again with the models this folder was curated with "
+                             "(--clip, --aesthetic), or curate into a fresh --output folder")
+    if made["embedding_model"] and "stand-in" not in made["embedding_model"]:
+        cfg = replace(cfg, dedup_max_dist=cfg.clip_dedup_max_dist)
+    if made["quality_model"] and "stand-in" not in made["quality_model"]:
+        cfg = replace(cfg, min_quality=cfg.min_aesthetic, tier_quality=cfg.tier_aesthetic,
+                      image_quality=cfg.image_aesthetic, finetune_quality=cfg.finetune_aesthetic)
+    return cfg
+
+
+def key_frames(rec, out, n):
+    """RGB frames of a written clip, at the centres of n equal parts of it, or the still itself."""
+    path = os.path.join(out, rec["path"])
+    if "image" in rec:
+        f = cv2.imread(path)
+        frames = [] if f is None else [cv2.cvtColor(f, cv2.COLOR_BGR2RGB)]
+    else:
+        want = set(((np.arange(n) + 0.5) * rec["frames"] / n).astype(int).tolist())
+        cap, frames = cv2.VideoCapture(path), []
+        for i in range(max(want) + 1):
+            ok, f = cap.read()
+            if not ok:
+                break
+            if i in want:
+                frames.append(cv2.cvtColor(f, cv2.COLOR_BGR2RGB))
+        cap.release()
+    if not frames:
+        raise ValueError(f"unreadable file {rec['path']}")
+    return frames
+
+
+def load_aesthetic(path):
+    """The aesthetic predictor's Linear layers as float64 (weight, bias) pairs, from its released .pth (read
+    with weights_only=True: loading runs no code from the file) or a .safetensors copy of it."""
+    import torch
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            sd = load_file(path)
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--aesthetic {path}: not a readable state dict ({type(e).__name__}); download "
+                         "sac+logos+ava1-l14-linearMSE.pth again") from None
+    want = {}
+    for k, i, o in zip(AESTHETIC_LAYERS, AESTHETIC_DIMS, AESTHETIC_DIMS[1:]):
+        want[k + ".weight"], want[k + ".bias"] = (o, i), (o,)
+    got = {k: tuple(v.shape) for k, v in sd.items()} if isinstance(sd, dict) else {}
+    if got != want:
+        bad = sorted(k for k in want.keys() | got.keys() if got.get(k) != want.get(k))
+        raise ValueError(f"--aesthetic {path}: not the improved aesthetic predictor's state dict (missing, "
+                         f"unexpected or misshapen: {', '.join(bad[:4])}); use "
+                         "sac+logos+ava1-l14-linearMSE.pth")
+    return [(sd[k + ".weight"].double(), sd[k + ".bias"].double()) for k in AESTHETIC_LAYERS]
+
+
+def aesthetic_scores(layers, e):
+    """Aesthetic scores (~1-10) of unit CLIP ViT-L/14 image embeddings e (N, 768). Dropout is the identity
+    at inference, so the predictor is its Linear layers applied in turn."""
+    import torch
+    x = torch.as_tensor(np.asarray(e), dtype=torch.float64)
+    for w, b in layers:
+        x = x @ w.T + b
+    return x[:, 0].numpy()
+
+
+def embed_clips(out, recs, clip, aesthetic=None):
+    """--clip: each record's embedding becomes the normalised mean of the unit CLIP embeddings of its key
+    frames (a clip's KEY_FRAMES, a still itself); with --aesthetic its quality becomes the mean aesthetic
+    score of those frames (the predictor was fitted on single images; the stand-in's score stays as
+    "technical"). Returns [(record, why)] for records whose file cannot be read."""
+    import torch
+    import text_encoder as te
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # fp16 on a GPU, as OpenAI's clip.load runs it: the embeddings the aesthetic predictor was fitted on
+    dtype = torch.float16 if device == "cuda" else torch.float32
+    enc = te.CLIPVisionEncoder.from_pretrained(clip, dtype=dtype, device=device)
+    layers = load_aesthetic(aesthetic) if aesthetic else None
+    cname, aname = model_name(clip), aesthetic and model_name(aesthetic)
+    failed = []
+    bar = tqdm(total=len(recs), unit="clip", desc="clip embeddings" + (" + aesthetics" if aesthetic else ""),
+               dynamic_ncols=True)
+    for a in range(0, len(recs), MODEL_BATCH):
+        done, frames = [], []
+        for r in recs[a:a + MODEL_BATCH]:
+            try:
+                f = key_frames(r, out, KEY_FRAMES)
+            except ValueError as e:
+                failed.append((r, str(e)))
+                continue
+            done.append((r, len(f)))
+            frames += f
+        if frames:
+            with torch.no_grad():
+                e = enc(te.clip_image_preprocess(frames, enc.image_size).to(device, dtype)).double().cpu()
+            e = (e / e.norm(dim=-1, keepdim=True)).numpy()
+        i = 0
+        for r, n in done:
+            u, i = e[i:i + n], i + n
+            m = u.mean(0)
+            r["embedding"] = [round(float(v), 4) for v in m / np.linalg.norm(m)]
+            r["embedding_model"] = cname
+            if layers is not None:
+                r.setdefault("technical", r["quality"])
+                r["quality"] = round(float(aesthetic_scores(layers, u).mean()), 3)
+                r["quality_model"] = aname
+        bar.update(min(MODEL_BATCH, len(recs) - a))
+    bar.close()
+    return failed
+
+
+def parse_caption(text):
+    """The structured fields in a model's answer: the JSON object in it (code fences or words around it
+    ignored), every field of CAPTION_FIELDS a non-empty string. Returns (fields, None) or (None, why)."""
+    a, b = text.find("{"), text.rfind("}")
+    if a < 0 or b < a:
+        return None, "no JSON object in the answer"
+    try:
+        obj = json.loads(text[a:b + 1])
+    except json.JSONDecodeError as e:
+        return None, f"invalid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return None, "the JSON is not an object"
+    missing = [k for k in CAPTION_FIELDS if not isinstance(obj.get(k), str) or not obj[k].strip()]
+    if missing:
+        return None, "missing or empty: " + ", ".join(missing)
+    return {k: " ".join(obj[k].split()) for k in CAPTION_FIELDS}, None
+
+
+def caption_frame(llava, frame):
+    """(fields, tries, why): LLaVA's answer to CAPTION_PROMPT on one frame, asked once more with the stricter
+    CAPTION_RETRY when it is not the JSON asked for; fields is None (and why says why) after two misses."""
+    why = None
+    for tries, prompt in enumerate((CAPTION_PROMPT, CAPTION_RETRY), 1):
+        fields, why = parse_caption(llava.chat(prompt, frame, max_new_tokens=CAPTION_TOKENS))
+        if fields:
+            return fields, tries, None
+    return None, 2, why
+
+
+def caption_clips(out, manifest, images, captioner, cfg=CFG):
+    """--captioner: LLaVA's structured caption (paper §3.2) of every clip and still this model has not
+    captioned yet, from the clip's middle frame, with our labels merged in (caption_tags()). A still takes
+    its clip's caption, as without models, or is captioned itself when its clip is gone. After two answers
+    that are not the JSON asked for, a record keeps its sidecar caption if it has one, else none, and
+    caption_error says why: no record is dropped. Answers are cached in out/caption_cache.jsonl by record,
+    model and prompt, so a re-run or a resumed run does not ask again. Returns counts for the summary."""
+    import torch
+    import text_encoder as te
+    name = model_name(captioner)
+    todo = [r for r in manifest + images if r.get("caption_model") != name]   # clips first: stills follow
+    n = collections.Counter()
+    if not todo:
+        return n
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    llava = te.Llava.from_pretrained(captioner, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                                     device=device)
+    path = os.path.join(out, "caption_cache.jsonl")
+    cache = {c["key"]: c for c in _read_jsonl(path)}
+    clips = {r["clip"]: r for r in manifest}
+    with open(path, "a") as f:
+        for r in tqdm(todo, unit="clip", desc="captions", dynamic_ncols=True):
+            src = clips.get(r.get("clip")) if "image" in r else None
+            if src is not None and src.get("caption_model") == name and "caption_error" not in src:
+                r["caption"], r["caption_model"] = caption_tags(src["caption"], r, cfg), name
+                n["stills from their clip"] += 1
+                continue
+            key = f"{r.get('image') or r['clip']}\n{name}\n{CAPTION_PROMPT}"
+            key = hashlib.sha1(key.encode()).hexdigest()
+            if key in cache:
+                n["from cache"] += 1
+            else:
+                fields, tries, why = caption_frame(llava, key_frames(r, out, 1)[0])
+                cache[key] = {"key": key, "fields": fields, "tries": tries, "why": why}
+                _append(f, [cache[key]])
+            hit = cache[key]
+            n["retried"] += hit["tries"] > 1
+            if hit["fields"]:
+                r["caption"] = caption_tags(hit["fields"], r, cfg)
+                r.pop("caption_error", None)
+                n["captioned"] += 1
+            else:
+                r["caption_error"] = hit["why"]
+                n["sidecar caption kept" if r.get("caption") else "uncaptioned"] += 1
+            r["caption_model"] = name
+    return n
+
+
+def apply_models(out, clip=None, aesthetic=None, captioner=None, cfg=CFG):
+    """The open models over out's clips and stills, between the per-video pass and finalize(): embeddings
+    and aesthetic scores, the aesthetic basic filter (paper §3.1), then captions. Records that fail (an
+    unreadable file, an aesthetic score below min_aesthetic) are logged and removed as finalize() removes
+    duplicates. Returns a summary line of what each model did."""
+    P = {k: os.path.join(out, k + ".jsonl") for k in ("manifest", "images", "rejected")}
+    manifest, images = _read_jsonl(P["manifest"]), _read_jsonl(P["images"])
+    said = []
+    if clip:
+        cname, aname = model_name(clip), aesthetic and model_name(aesthetic)
+        todo = [r for r in manifest + images if "embedding" in r and (
+            r.get("embedding_model") != cname or aname and r.get("quality_model") != aname)]
+        drop = embed_clips(out, todo, clip, aesthetic) if todo else []
+        failed = {id(r) for r, _ in drop}
+        kinds = collections.Counter("stills" if "image" in r else "clips"
+                                    for r in todo if id(r) not in failed)
+        said.append(f"CLIP embedded {kinds['clips']} clips, {kinds['stills']} stills"
+                    + (f" ({len(failed)} unreadable, removed)" if failed else ""))
+        if aesthetic:
+            drop += [(r, f"low aesthetic score ({r['quality']:.2f} < {cfg.min_aesthetic})")
+                     for r in todo if r.get("quality_model") == aname and r["quality"] < cfg.min_aesthetic]
+        gone = {id(r) for r, _ in drop}
+        if drop:     # log, delete files, then drop the records: a kill between steps redoes them
+            logged = {r.get("clip") for r in _read_jsonl(P["rejected"])}
+            with open(P["rejected"], "a") as f:
+                _append(f, [{"path": r["video"], "clip": r["clip"], "start": r["start"], "end": r["end"],
+                             "reason": why}
+                            for r, why in drop if "image" not in r and r["clip"] not in logged])
+            for r, _ in drop:
+                if os.path.exists(os.path.join(out, r["path"])):
+                    os.remove(os.path.join(out, r["path"]))
+            manifest = [r for r in manifest if id(r) not in gone]
+            images = [r for r in images if id(r) not in gone]
+        if aesthetic:
+            said.append(f"aesthetic scored {sum(kinds.values())}, {len(drop) - len(failed)} below "
+                        f"{cfg.min_aesthetic} removed")
+            ucfg = model_units(manifest + images, cfg)
+            for r in todo:    # captions made before the new scores: their quality tags follow them
+                if id(r) not in gone and r.get("caption"):
+                    r["caption"] = caption_tags(r["caption"], r, ucfg)
+    if captioner:
+        n = caption_clips(out, manifest, images, captioner, model_units(manifest + images, cfg))
+        said.append("LLaVA " + (", ".join(f"{k} {v}" for k, v in n.items() if v) or "had nothing to caption"))
+    _write_jsonl(P["manifest"], manifest)
+    _write_jsonl(P["images"], images)
+    return "; ".join(said)
+
+# -----------------------------------------------------------------------------
 # the resumable run over a folder (manifests appended per finished input), and the dataset-level steps
 
 def _read_jsonl(path, embeddings=False):
@@ -1201,10 +1486,11 @@ def _init_worker():
     cv2.setNumThreads(1)
 
 
-def run(inp, out, workers=1, labels=None, cfg=CFG):
+def run(inp, out, workers=1, labels=None, cfg=CFG, clip=None, aesthetic=None, captioner=None):
     """Curate every file under inp into out. Resumable: out/done.jsonl lists finished inputs; on start,
     records of unfinished inputs (a kill mid-video) are dropped and their files redone, so a kill at any
-    moment loses at most the videos in progress and never duplicates a line."""
+    moment loses at most the videos in progress and never duplicates a line. clip, aesthetic, captioner:
+    the open models' paths (apply_models()); without them the stand-ins' values stay."""
     P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:   # the thresholds this output was made with
@@ -1246,7 +1532,14 @@ def run(inp, out, workers=1, labels=None, cfg=CFG):
             pool.terminate()
         for f in files_out.values():
             f.close()
-    return finalize(out, labels, cfg)
+    said = [apply_models(out, clip, aesthetic, None, cfg)] if clip else []
+    counts = finalize(out, labels, cfg)
+    if captioner:    # after de-duplication: no caption is spent on a duplicate
+        said.append(apply_models(out, captioner=captioner, cfg=cfg))
+        counts = finalize(out, labels, cfg)
+    if said:
+        print("models: " + "; ".join(said))
+    return counts
 
 
 def finalize(out, labels=None, cfg=CFG):
@@ -1257,6 +1550,7 @@ def finalize(out, labels=None, cfg=CFG):
     and their chunks (timings and peaks at 20k and 100k clips: docs/performance.md)."""
     manifest = _read_jsonl(os.path.join(out, "manifest.jsonl"), embeddings=True)
     images = _read_jsonl(os.path.join(out, "images.jsonl"), embeddings=True)
+    cfg = model_units(manifest + images, cfg)   # thresholds in the units of CLIP's or the predictor's values
     manifest, dup_clips = deduplicate(manifest, cfg)
     gone = {r["clip"]: keep for r, keep in dup_clips}          # a duplicate clip's still goes with it...
     dup_images = [(r, gone[r["clip"]]) for r in images if r.get("clip") in gone]
@@ -1325,7 +1619,15 @@ def main(argv=None):
                    help="jsonl of human labels {\"clip\": id, \"keep\": true} for the fine-tune set")
     p.add_argument("--synthetic", type=int, metavar="N", help="write N synthetic demo videos to --output")
     p.add_argument("--seed", type=int, default=0, help="seed for --synthetic")
+    p.add_argument("--clip", metavar="DIR", help="CLIP folder (Hugging Face layout; the released model's "
+                   "text_encoder_2 is CLIP ViT-L/14): embeddings for de-duplication and concept balancing")
+    p.add_argument("--aesthetic", metavar="FILE", help="LAION improved aesthetic predictor "
+                   "(sac+logos+ava1-l14-linearMSE.pth or .safetensors) on --clip ViT-L/14: the quality score")
+    p.add_argument("--captioner", metavar="DIR", help="LLaVA folder (llava-llama-3-8b-v1_1, Hugging Face "
+                   "layout): structured captions; a video's sidecar captions become the fallback")
     a = p.parse_args(argv)
+    if a.synthetic is not None and (a.clip or a.aesthetic or a.captioner):
+        p.error("--clip, --aesthetic and --captioner curate --input; --synthetic only writes raw videos")
     if a.synthetic is not None:
         if a.synthetic < 1:
             p.error("--synthetic N needs N >= 1")
@@ -1341,8 +1643,26 @@ def main(argv=None):
         p.error("--workers must be >= 1")
     if a.labels and not os.path.isfile(a.labels):
         p.error(f"--labels {a.labels} not found")
+    for flag, d in (("--clip", a.clip), ("--captioner", a.captioner)):
+        if d and not os.path.isfile(os.path.join(d, "config.json")):
+            p.error(f"{flag} {d}: no config.json there (pass the model's Hugging Face folder)")
+    if a.aesthetic:
+        if not a.clip:
+            p.error("--aesthetic scores CLIP ViT-L/14 image embeddings: pass --clip DIR too")
+        if not os.path.isfile(a.aesthetic):
+            p.error(f"--aesthetic {a.aesthetic} not found")
+        with open(os.path.join(a.clip, "config.json")) as f:
+            dim = json.load(f).get("projection_dim", 512)    # transformers' default for CLIP configs
+        if dim != AESTHETIC_DIMS[0]:
+            p.error(f"--aesthetic scores {AESTHETIC_DIMS[0]}-dim CLIP ViT-L/14 embeddings; --clip {a.clip} "
+                    f"makes {dim}-dim ones (use CLIP ViT-L/14, e.g. the released model's text_encoder_2)")
+        try:
+            load_aesthetic(a.aesthetic)      # a damaged file fails here, not after the per-video pass
+        except ValueError as e:
+            p.error(str(e))
     t0 = time.time()
-    counts = run(a.input, a.output, a.workers, a.labels)
+    counts = run(a.input, a.output, a.workers, a.labels, clip=a.clip, aesthetic=a.aesthetic,
+                 captioner=a.captioner)
     print(json.dumps(counts), f"({time.time() - t0:.1f}s)")
 
 
