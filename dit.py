@@ -1094,13 +1094,14 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
 def lora_state_dict(model):
     """The trained adapters in the original layout: diffusion_model.<official module>.lora_A/lora_B.weight,
     alpha folded in (A and B each times sqrt(alpha / rank), as musubi-tuner's converter writes them), which
-    diffusers and ComfyUI read as they are and read_lora reads back with scale 1."""
+    diffusers and ComfyUI read as they are and read_lora reads back with scale 1. Collective under FSDP."""
     sd = {}
     for name, m in model.named_modules():
         if isinstance(m, LoRALinear) and m.lora_A[0].requires_grad:
             root = math.sqrt(m.scales[0])
-            sd[f"diffusion_model.{name}.lora_A.weight"] = (m.lora_A[0].detach().float() * root).cpu()
-            sd[f"diffusion_model.{name}.lora_B.weight"] = (m.lora_B[0].detach().float() * root).cpu()
+            for key, p in (("lora_A", m.lora_A[0]), ("lora_B", m.lora_B[0])):
+                p = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP shards: gathered (collective)
+                sd[f"diffusion_model.{name}.{key}.weight"] = (p.detach().float() * root).cpu().contiguous()
     return sd
 
 

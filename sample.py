@@ -97,14 +97,16 @@ class Pipeline:
 
 
 def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_dir=None, device="cpu",
-                  dtype=torch.bfloat16, offload=False):
+                  dtype=torch.bfloat16, offload=False, loras=()):
     """The prompt encoder, DiT (in `dtype`) and VAE with their default video size and sampling options:
     the official files (dit_path, which may be the fp8 one, vae_path, llm_dir, clip_dir) or a train.py
     output folder (ckpt; its config.json names its encoders and holds its own defaults).
 
     On a GPU the official text encoders (8B LLM + CLIP, fp16) wait in CPU memory and the LLM visits the
     GPU one layer at a time while it encodes, so the encoders never add more than a layer to the GPU
-    memory the resident DiT needs. offload: the DiT's blocks stay in CPU memory too."""
+    memory the resident DiT needs. offload: the DiT's blocks stay in CPU memory too. loras: (file, scale)
+    pairs, applied in order (dit.load_lora) before any block is offloaded, so the streamed blocks carry
+    them."""
     device = torch.device(device)
     big_encoders = "layer" if offload or device.type == "cuda" else None
     vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official --vae-precision fp16
@@ -128,10 +130,9 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
                 t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device, offload=big_encoders,
                 text_len=t["text_len"])
         else:  # train.py's small frozen encoders, stored in the folder with their tokenizer
-            from safetensors.torch import load_file
             llm = text_encoder.LlamaEncoder(text_encoder.LlamaConfig(**t["llm"]))
             clip = text_encoder.CLIPTextEncoder(text_encoder.CLIPTextConfig(**t["clip"]))
-            sd = load_file(os.path.join(ckpt, "text_encoder.safetensors"))
+            sd, _ = dit.read_safetensors(os.path.join(ckpt, "text_encoder.safetensors"))
             llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
             clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")}, strict=True)
             tok = text_encoder.Tokenizer(os.path.join(ckpt, t["tokenizer"]))
@@ -143,6 +144,8 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
                                device=device, dtype=vae_dtype)
     model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device)
     model.eval().requires_grad_(False)
+    for path, scale in loras:
+        dit.load_lora(model, path, scale)
     if offload and device.type == "cuda":
         offload_blocks(model, device)
     return Pipeline(encoder, model, vae, video, sampling)
@@ -151,13 +154,20 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
 def offload_blocks(model, device):
     """Keep the DiT's 60 blocks in (pinned) CPU memory; each block's weights come to `device` for its own
     forward and are dropped after, so the GPU holds the small embedders plus one block (~0.7 GB at 13B in
-    bf16) and the activations. Slower: every step streams the whole model over PCIe once."""
+    bf16) and the activations. Slower: every step streams the whole model over PCIe once.
+
+    Training (train.py --lora --offload) uses it too, under gradient checkpointing: the backward re-runs
+    each block's forward, which fetches its weights again. Trainable parameters (the adapters) are not
+    streamed: they stay on `device`, where the optimizer updates them."""
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
     for block in list(model.double_blocks) + list(model.single_blocks):
         host = {}
         for n, p in block.named_parameters():
+            if p.requires_grad:
+                p.data = p.data.to(device)
+                continue
             try:
                 host[n] = p.data.pin_memory() if torch.cuda.is_available() else p.data
             except RuntimeError:  # no room for pinned memory: pageable copies work, more slowly
@@ -165,11 +175,13 @@ def offload_blocks(model, device):
 
         def fetch(mod, args, host=host):
             for n, p in mod.named_parameters():
-                p.data = host[n].to(device, non_blocking=True)
+                if n in host:
+                    p.data = host[n].to(device, non_blocking=True)
 
         def drop(mod, args, out, host=host):
             for n, p in mod.named_parameters():
-                p.data = host[n]
+                if n in host:
+                    p.data = host[n]
 
         block.register_forward_pre_hook(fetch)
         block.register_forward_hook(drop)
@@ -273,6 +285,17 @@ def nearest(n, multiple, offset=0):
     return offset + k * multiple
 
 
+def lora_spec(spec):
+    """--lora FILE[:SCALE] -> (FILE, SCALE); scale 1.0 when absent, None when not a number."""
+    path, sep, tail = spec.rpartition(":")
+    if not sep or os.path.isfile(spec):
+        return spec, 1.0
+    try:
+        return path, float(tail)
+    except ValueError:
+        return path, None
+
+
 def check_args(args, prompts):
     """Every rule, before any model loads: returns the problems, one line each."""
     bad = []
@@ -308,6 +331,13 @@ def check_args(args, prompts):
     for flag, p in paths:
         if p and not os.path.exists(p):
             bad.append(f"{flag} {p}: no such file or directory")
+    for spec in args.lora or ():
+        path, scale = lora_spec(spec)
+        if scale is None:
+            bad.append(f"--lora {spec}: the scale after ':' must be a number, "
+                       f"e.g. --lora style.safetensors:0.8")
+        elif not os.path.isfile(path):
+            bad.append(f"--lora {path}: no such file")
     if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(dit.fp8_map_path(args.dit)):
         bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing "
                    f"(released beside it)")
@@ -344,6 +374,8 @@ def main():
     ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")
     ap.add_argument("--offload", action="store_true", help="stream the DiT's blocks (and the encoders) from "
                     "CPU memory")
+    ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (diffusers/PEFT, "
+                    "original-layout or kohya/musubi safetensors) at SCALE (default 1); repeat to stack")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
@@ -373,8 +405,11 @@ def main():
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
 
     t0 = time.perf_counter()
-    pipe = load_pipeline(None if args.dit else args.ckpt, args.dit, args.vae, args.llm, args.clip, device,
-                         dtype, args.offload)
+    try:  # a damaged or mismatched weights file: one line naming it, not a traceback
+        pipe = load_pipeline(None if args.dit else args.ckpt, args.dit, args.vae, args.llm, args.clip, device,
+                             dtype, args.offload, [lora_spec(s) for s in args.lora or ()])
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
     if world > 1:
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}

@@ -177,6 +177,10 @@ DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enou
 DEMO_TEXT_LEN = 16
 
 
+# train.py --lora: the steps and learning rate unless --steps/--lr say otherwise
+LORA_STEPS, LORA_LR = 1000, 1e-4
+
+
 def dit_config(cfg: TrainConfig):
     return replace(dit.CONFIGS[cfg.dit], **cfg.dit_overrides)
 
@@ -455,18 +459,25 @@ def full_tensor(t):
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def save_train_state(path, parts, ema, meta, rank):
+def previous_state(path):
+    """Where the checkpoint before `path` is kept: x.safetensors -> x.prev.safetensors."""
+    return path[:-len(".safetensors")] + ".prev.safetensors"
+
+
+def save_train_state(path, parts, ema, meta, rank, trainable_only=False):
     """parts {name: (model, optimizer)}: weights and optimizer states as full fp32 tensors (gathered from
     FSDP shards), the EMA, and meta (step, stage, data position, config) in the safetensors header, plus
     the torch RNG state (the CPU's, and every rank's CUDA generator: the VAE's posterior samples draw from
-    it). Collective under FSDP: every rank calls it; rank 0 writes, temp file + rename."""
+    it). trainable_only: the frozen weights stay out (LoRA: adapters and their optimizer state only).
+    Collective under FSDP: every rank calls it; rank 0 writes, temp file + rename, and the checkpoint it
+    replaces is kept as previous_state(path): --resume falls back to it if the latest is damaged."""
     import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
     tensors, groups = {}, {}
     for name, (model, opt) in parts.items():
-        msd, osd = get_state_dict(model, opt,
-                                  options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        msd, osd = get_state_dict(model, opt, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only))
         tensors.update({f"{name}.model.{k}": v.contiguous() for k, v in msd.items()})
         for p, st in osd.get("state", {}).items():
             for k, v in st.items():
@@ -492,10 +503,34 @@ def save_train_state(path, parts, ema, meta, rank):
     tensors.update({f"rng.cuda.{r}": state for r, state in enumerate(cuda_rng)})  # uint8, one per rank
     tmp = path + ".tmp"
     save_file(tensors, tmp, metadata={"meta": json.dumps(dict(meta, param_groups=groups))})
+    if os.path.exists(path):
+        os.replace(path, previous_state(path))
     os.replace(tmp, path)
 
 
-def load_train_state(path, parts, ema, device):
+def resume_state(path, rank):
+    """The checkpoint --resume continues from: `path`, or the one before it if `path` is damaged (cut off
+    by a full disk or a killed copy); None if there is none yet. Both damaged: a one-line exit."""
+    from safetensors import safe_open
+    tried = []
+    for p in (path, previous_state(path)):
+        if not os.path.isfile(p):
+            continue
+        try:  # safetensors checks that the header covers the whole file: a truncated file fails here
+            with safe_open(p, "pt") as f:
+                json.loads(f.metadata()["meta"])
+            if tried and rank == 0:
+                print(f"warning: {tried[0]} is damaged; resuming from the checkpoint before it, {p}")
+            return p
+        except Exception:
+            tried.append(p)
+    if tried:
+        raise SystemExit(f"error: cannot resume: {' and '.join(tried)} damaged or truncated; start afresh "
+                         f"without --resume (or into a new --out)")
+    return None
+
+
+def load_train_state(path, parts, ema, device, trainable_only=False):
     """The inverse of save_train_state; returns meta. Under torchrun rank 0 alone reads the weights, the
     optimizer states and the EMA, one part at a time, and sends every rank its shards (as the --init-dit
     path does): a 13B checkpoint is ~205 GB, which every rank reading it whole would hold in CPU memory.
@@ -507,7 +542,7 @@ def load_train_state(path, parts, ema, device):
     from torch.distributed.tensor import distribute_tensor
     many = dist.is_initialized()
     rank = dist.get_rank() if many else 0
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=many)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=many, strict=not trainable_only)
     with safe_open(path, "pt") as f:
         meta = json.loads(f.metadata()["meta"])
         groups = meta.pop("param_groups")
@@ -620,7 +655,8 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     schedule = Stage("vae", n_first, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
-    step = load_train_state(path, parts, {}, device)["step"] if resume and os.path.isfile(path) else 0
+    start = resume_state(path, rank) if resume else None
+    step = load_train_state(start, parts, {}, device)["step"] if start else 0
     core = model.module if world > 1 else model
     taps = [m.weight for m in core.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] > 1]
     frozen = [p for p in core.parameters() if all(p is not w for w in taps)]
@@ -765,31 +801,58 @@ def load_latent(folder, it, g, scale, sample=True):
 
 
 def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False,
-              init_dit=None, log=print):
-    """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict."""
+              init_dit=None, log=print, lora=None, base=None, offload=False):
+    """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict.
+
+    lora = (rank, alpha, targets): the DiT (from init_dit, or `base`, an already loaded model) is frozen
+    and only adapters on the targeted layers train (dit.add_lora); no EMA, and the checkpoints hold the
+    adapters and their optimizer state only. offload (LoRA on one GPU): the frozen blocks stay in CPU
+    memory and visit the GPU for their forward and its recomputation in the backward."""
     mcfg = dit_config(cfg)
     assert mcfg.guidance_embed == (cfg.train_guidance is not None), \
         "train_guidance must be set iff guidance_embed"
     torch.manual_seed(cfg.seed)
-    if init_dit and world > 1:
+
+    def read_dit(dtype, dev, keep_fp8):
+        try:
+            return dit.load_dit(init_dit, config=mcfg, dtype=dtype, device=dev, keep_fp8=keep_fp8)
+        except (ValueError, OSError) as e:
+            raise SystemExit(f"error: --init-dit: {e}")
+
+    if init_dit and world > 1 and base is None:
         # fine-tuning the 13B on N GPUs: shard an empty model, then rank 0 reads the file and broadcasts,
         # so no GPU ever holds the whole fp32 model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         with torch.device("meta"):
             model = dit.HunyuanVideoDiT(mcfg)
+        if lora:
+            dit.add_lora(model, *lora)
         shard_model(model, device)
         model.to_empty(device=device)
         full = {}
         if rank == 0:
-            full = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, keep_fp8=False).state_dict()
+            full = read_dit(torch.float32, "cpu", False)
+            if lora:
+                dit.add_lora(full, *lora)  # the same seeded initial adapters as every rank's
+            full = full.state_dict()
         set_model_state_dict(model, full,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
         del full
     else:
-        if init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
-            model = dit.load_dit(init_dit, config=mcfg, dtype=torch.float32, device=device, keep_fp8=False)
+        if base is not None:
+            model = base
+        elif init_dit and lora:
+            # a frozen base needs no fp32 master copy: bf16 on a GPU, and official fp8 weights stay fp8
+            model = read_dit(torch.bfloat16 if device.type == "cuda" else torch.float32,
+                             "cpu" if offload else device, True)
+        elif init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
+            model = read_dit(torch.float32, device, False)
         else:
             model = dit.HunyuanVideoDiT(mcfg).to(device)
+        if lora:
+            dit.add_lora(model, *lora)
+        if offload:
+            sample.offload_blocks(model, device)
         if world > 1:
             shard_model(model, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -798,16 +861,18 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     model.train()
     # fused AdamW: one kernel over all parameters instead of several ops per tensor (faster, on a CPU too);
     # sharded (DTensor) parameters keep the default implementation
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.stages[0].lr, betas=cfg.betas,
-                            weight_decay=cfg.weight_decay, fused=world == 1)
-    ema = {n: p.detach().clone().float() for n, p in model.named_parameters()}
-    path = os.path.join(out_dir, "dit_state.safetensors")
+    params = dict(model.named_parameters())
+    opt = torch.optim.AdamW([p for p in params.values() if p.requires_grad], lr=cfg.stages[0].lr,
+                            betas=cfg.betas, weight_decay=cfg.weight_decay, fused=world == 1)
+    ema = {} if lora else {n: p.detach().clone().float() for n, p in params.items()}
+    path = os.path.join(out_dir, "lora_state.safetensors" if lora else "dit_state.safetensors")
     meta = {"stage": 0, "stage_step": 0, "step": 0, "data": {}}
-    if resume and os.path.isfile(path):
-        meta = load_train_state(path, {"dit": (model, opt)}, ema, device)
+    start = resume_state(path, rank) if resume else None
+    if start:
+        meta = load_train_state(start, {"dit": (model, opt)}, ema, device, trainable_only=bool(lora))
         if rank == 0:
             name = cfg.stages[meta["stage"]].name if meta["stage"] < len(cfg.stages) else "done"
-            print(f"resumed from {path} at step {meta['step']} (stage {name})")
+            print(f"resumed from {start} at step {meta['step']} (stage {name})")
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 else None
     scale = vae.cfg.scaling_factor
     cache_dir = os.path.join(out_dir, "cache")
@@ -888,8 +953,8 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             opt.zero_grad(set_to_none=True)
             decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warmup: early EMA tracks the model
             with torch.no_grad():
-                for n, p in model.named_parameters():
-                    ema[n].lerp_(p.detach().float(), 1 - decay)
+                for n, e in ema.items():
+                    e.lerp_(params[n].detach().float(), 1 - decay)
             meta["step"] += 1
             meta["stage_step"] += 1
             bar.update(1)
@@ -902,7 +967,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 saved = dict(meta, config=asdict(cfg))
                 if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
                     saved.update(stage=si + 1, stage_step=0)
-                save_train_state(path, {"dit": (model, opt)}, ema, saved, rank)
+                save_train_state(path, {"dit": (model, opt)}, ema, saved, rank, trainable_only=bool(lora))
         bar.close()
         meta.update(stage=si + 1, stage_step=0)
     return model, ema
@@ -928,37 +993,12 @@ def export_dit(model, ema, path, rank):
 def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
     """VAE stage (or a given VAE), caches, DiT stages, export and config.json: what `--stage` selects.
     Returns the stage times and the VAE."""
-    metrics = os.path.join(out, "metrics.jsonl")
-    if rank == 0:
-        if not args.resume and os.path.exists(metrics):
-            os.remove(metrics)
-        elif args.resume and os.path.exists(metrics):  # drop what a killed run logged past its checkpoint
-            done = {}
-            for f in ("vae_state.safetensors", "dit_state.safetensors"):
-                p = os.path.join(out, f)
-                if os.path.isfile(p):
-                    from safetensors import safe_open
-                    with safe_open(p, "pt") as h:
-                        done[f[:3]] = json.loads(h.metadata()["meta"])["step"]
-            keep = [r for r in read_jsonl(metrics)
-                    if r["step"] < done.get("vae" if r["stage"] == "vae" else "dit", 0)]
-            with open(metrics + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in keep)
-            os.replace(metrics + ".tmp", metrics)
-    logf = open(metrics, "a") if rank == 0 else None
-
-    def log(row):
-        logf.write(json.dumps(row) + "\n")
-        logf.flush()
-
+    metrics, log = open_metrics(out, rank, args.resume, {"vae": "vae_state.safetensors",
+                                                         "dit": "dit_state.safetensors"})
     times = {}
     t0 = time.perf_counter()
     if args.vae:
-        # a VAE this script trained has its config (scaling factor included) in vae_config.json beside it
-        side = os.path.join(os.path.dirname(args.vae), "vae_config.json")
-        vcfg = None if os.path.isdir(args.vae) else \
-            vae_lib.VAEConfig(**json.load(open(side))) if os.path.isfile(side) else vae_config(cfg)
-        vae = vae_lib.load_vae(args.vae, cfg=vcfg, device=device)
+        vae = read_vae(args.vae, cfg, device)
     elif cfg.vae_steps > 0:
         vae = train_vae(cfg, clips, images, out, device, rank, world, args.resume, log, lpips=args.lpips)
         # A VAE of our own gets its own scaling factor, 1/std of its latents (the released 0.476986 was found
@@ -991,7 +1031,6 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
     export_dit(model, ema, os.path.join(out, "dit.safetensors"), rank)
     times["dit"] = time.perf_counter() - t0
     if rank == 0:
-        logf.close()
         plot_losses(metrics, os.path.join(out, "loss.png"))
         # what sample.py --ckpt reads: the configs, the text encoder (ours is in the folder; the official
         # ones are named by their folders), the video size and frame rate of the last stage, sampling defaults
@@ -1009,6 +1048,68 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
             "video": {"height": H, "width": W, "frames": T, "fps": fps},
             "sample": cfg.sampling, "train": asdict(cfg)})
     return times, vae
+
+
+def train_lora(cfg, args, clips, images, out, rank, world, device, encoder, vae, base=None):
+    """--lora RANK: adapters on a frozen DiT (--init-dit, or `base`: a --from folder's), one stage with the
+    buckets of cfg's last stage; writes out/lora.safetensors in the original layout (dit.lora_state_dict),
+    rank, alpha and targets in its metadata. Returns the LoRA's path."""
+    stage = replace(cfg.stages[-1], name="lora", steps=args.steps or LORA_STEPS, lr=args.lr or LORA_LR)
+    cfg = replace(cfg, stages=(stage,), grad_checkpointing=cfg.grad_checkpointing or args.offload)
+    metrics, log = open_metrics(out, rank, args.resume, {"dit": "lora_state.safetensors"})
+    alpha = args.lora if args.lora_alpha is None else args.lora_alpha
+    spec = (args.lora, alpha, args.lora_targets)
+    model, _ = train_dit(cfg, clips, images, encoder, vae, out, device, rank, world, args.resume,
+                         args.init_dit, log, lora=spec, base=base, offload=args.offload)
+    sd = dit.lora_state_dict(model)  # collective under FSDP
+    path = os.path.join(out, "lora.safetensors")
+    if rank == 0:
+        from safetensors.torch import save_file
+        save_file(sd, path + ".tmp", metadata={"rank": str(args.lora), "alpha": str(alpha),
+                                               "targets": args.lora_targets, "format": "diffusion_model"})
+        os.replace(path + ".tmp", path)
+        plot_losses(metrics, os.path.join(out, "loss.png"))
+    return path
+
+
+def open_metrics(out, rank, resume, states):
+    """out/metrics.jsonl and a log(row) appending to it (rank 0). A fresh run empties it; --resume drops
+    the rows a killed run logged past the checkpoint it continues from. states: {"vae"|"dit": file}."""
+    metrics = os.path.join(out, "metrics.jsonl")
+    if rank == 0 and os.path.exists(metrics):
+        if not resume:
+            os.remove(metrics)
+        else:
+            from safetensors import safe_open
+            done = {}
+            for kind, f in states.items():
+                p = resume_state(os.path.join(out, f), rank)
+                if p:
+                    with safe_open(p, "pt") as h:
+                        done[kind] = json.loads(h.metadata()["meta"])["step"]
+            keep = [r for r in read_jsonl(metrics)
+                    if r["step"] < done.get("vae" if r["stage"] == "vae" else "dit", 0)]
+            with open(metrics + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
+            os.replace(metrics + ".tmp", metrics)
+
+    def log(row):
+        with open(metrics, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    return metrics, log
+
+
+def read_vae(path, cfg, device):
+    """--vae: the released VAE or one this script trained (its config, scaling factor included, is in
+    vae_config.json beside it). A damaged or mismatched file: a one-line exit."""
+    side = os.path.join(os.path.dirname(path), "vae_config.json")
+    vcfg = None if os.path.isdir(path) else \
+        vae_lib.VAEConfig(**json.load(open(side))) if os.path.isfile(side) else vae_config(cfg)
+    try:
+        return vae_lib.load_vae(path, cfg=vcfg, device=device)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"error: --vae: {e}")
 
 
 def plot_losses(metrics_path, png_path, key="loss"):
@@ -1124,7 +1225,166 @@ def sample_grid(ckpt, prompts, device):
         files.append(f)
     return files
 
+# The LoRA demo: a colour the demo model never saw (curate.py's palette has none like it)
+LORA_DEMO_COLOUR = ("purple", (150, 40, 210))
+LORA_DEMO_PROMPTS = ["a purple circle moving left", "a purple square moving up", "a purple triangle moving "
+                     "right", "a red circle moving down"]
+
+
+def lora_demo(args):
+    """`python train.py --lora-demo`: teach the demo model (--from, default out/demo) the word "purple".
+    Clips of purple shapes (and a few of the known colours, so those stay as they were) -> a rank-8 LoRA ->
+    the same prompts and seeds sampled without and with it -> OUT/lora_demo.png, and each sample's
+    foreground colour (mean RGB of its saturated pixels) named by the nearest palette colour."""
+    import cv2
+    import curate
+    t_start = time.perf_counter()
+    rank, world, device = setup_distributed()
+    src, out = args.from_dir or "out/demo", args.out or "out/lora_demo"
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        sys.exit(f"error: --from {src}: no config.json; run `python train.py` first (it writes out/demo)")
+    check_writable(out, 2**27)
+    name, rgb = LORA_DEMO_COLOUR
+    curate.COLOURS.setdefault(name, rgb)  # render_shot draws from this palette
+    data = os.path.join(out, "data")
+    if rank == 0 and not os.path.isfile(os.path.join(data, "manifest.jsonl")):
+        os.makedirs(os.path.join(data, "clips"), exist_ok=True)
+        rng = np.random.default_rng(0)
+        clips, images = [], []
+        combos = [(name, s, d) for s in curate.SHAPES for d in curate.DIRECTIONS] + \
+            [(c, s, d) for c, s, d in zip(("red", "green", "blue", "yellow", "white", "red"),
+                                          curate.SHAPES * 2, list(curate.DIRECTIONS) * 2)]
+        for i, (c, shape, d) in enumerate(combos[:4] if args.quick else combos):
+            frames = curate.render_shot(rng, 112, 64, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
+            curate.write_video(os.path.join(data, f"clips/c{i}.mp4"), frames)
+            cv2.imwrite(os.path.join(data, f"clips/i{i}.png"), frames[0][..., ::-1])
+            cap = {"short_description": f"a {c} {shape} moving {d}"}
+            clips.append({"clip": f"c{i}", "path": f"clips/c{i}.mp4", "width": 112, "height": 64,
+                          "frames": 72, "caption": cap})
+            images.append({"image": f"i{i}", "path": f"clips/i{i}.png", "width": 112, "height": 64,
+                           "caption": cap})
+        for f, rows in (("images.jsonl", images), ("manifest.jsonl", clips)):  # manifest last: the marker
+            with open(os.path.join(data, f), "w") as fh:
+                fh.writelines(json.dumps(r) + "\n" for r in rows)
+    barrier(world)
+    args = argparse.Namespace(**dict(vars(args), from_dir=src, out=out, data=data, tier=None,
+                                     lora=args.lora or 8, steps=args.steps or (3 if args.quick else 400),
+                                     lr=args.lr or 2e-3))
+    path = lora_main(args)
+    if rank != 0:
+        return
+    prompts = LORA_DEMO_PROMPTS[:1] if args.quick else LORA_DEMO_PROMPTS
+    pipe = sample.load_pipeline(src, device=device, dtype=torch.float32)
+    rows = []
+    for label in ("without", "with"):
+        if label == "with":
+            dit.load_lora(pipe.dit, path)
+        videos = sample.generate(pipe, prompts, seed=0, negative_prompt="", tiled=False,
+                                 steps=3 if args.quick else None)
+        rows.append((label, videos, [foreground_colour(v) for v in videos]))
+    palette = dict(curate.COLOURS)
+    report = []
+    for label, _, colours in rows:
+        for p, c in zip(prompts, colours):
+            nearest = min(palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(palette[k], c)))
+            report.append({"lora": label, "prompt": p, "mean_rgb": [round(v) for v in c], "nearest": nearest})
+            print(f"{label:>7} LoRA: {p!r}: foreground mean RGB {tuple(round(v) for v in c)} -> {nearest}")
+    write_json(os.path.join(out, "lora_demo.json"), report)
+    lora_demo_picture(rows, prompts, os.path.join(out, "lora_demo.png"))
+    print(f"LoRA demo done in {time.perf_counter() - t_start:.0f} s: {out}/lora_demo.png, {path}")
+
+
+def foreground_colour(video):
+    """Mean RGB of a sample's shape: its saturated pixels (the backdrop is a near-grey texture), all frames;
+    the whole frame's mean if none are (a white shape)."""
+    v = video.reshape(-1, 3).astype(np.float64)
+    sat = v.max(1) - v.min(1)
+    fg = v[sat > 60]
+    return (fg if len(fg) else v).mean(0).tolist()
+
+
+def lora_demo_picture(rows, prompts, path):
+    """One row per (prompt, without/with the LoRA): 5 frames side by side, labelled."""
+    import cv2
+    lines = []
+    for i, p in enumerate(prompts):
+        for label, videos, _ in rows:
+            frames = videos[i]
+            idx = np.linspace(0, len(frames) - 1, 5).round().astype(int)
+            strip = np.concatenate([frames[j] for j in idx], axis=1)
+            head = np.full((18, strip.shape[1], 3), 255, np.uint8)
+            cv2.putText(head, f"{p} - {label} LoRA", (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
+            lines += [head, strip]
+    img = np.concatenate(lines, axis=0)
+    cv2.imwrite(path + ".tmp.png", np.ascontiguousarray(img[..., ::-1]))
+    os.replace(path + ".tmp.png", path)
+
 # ----------------------------------------------------------------------------------------------------------
+
+def lora_main(args):
+    """`train.py --lora RANK ...`: check the options, load the frozen parts, train_lora."""
+    bad = []
+    if args.lora < 1:
+        bad.append(f"--lora {args.lora}: the rank must be at least 1 (e.g. 16)")
+    if bool(args.from_dir) == bool(args.init_dit):
+        bad.append("--lora needs the DiT to adapt: --from DIR (a train.py folder) or --init-dit FILE")
+    if args.from_dir and (args.preset or args.vae or args.llm or args.stage):
+        bad.append("--from takes the folder's config, VAE and text encoder: "
+                   "drop --preset/--vae/--llm/--stage")
+    if args.from_dir and not os.path.isfile(os.path.join(args.from_dir, "config.json")):
+        bad.append(f"--from {args.from_dir}: no config.json there (a folder written by train.py)")
+    if args.init_dit and not args.vae:
+        bad.append("--lora --init-dit needs the VAE its latents come from: pass --vae")
+    if not args.data:
+        bad.append("--lora needs --data, a curate.py output folder with the clips to learn")
+    if bad:
+        sys.exit("error: " + "\nerror: ".join(bad))
+    try:
+        re.compile(args.lora_targets)
+    except re.error as e:
+        sys.exit(f"error: --lora-targets {args.lora_targets!r} is not a regular expression ({e})")
+    rank, world, device = setup_distributed()
+    if args.offload and world > 1:
+        sys.exit("error: --offload is for one GPU; under torchrun FSDP shards the DiT instead")
+    out = args.out or os.path.join("out", "lora")
+    check_writable(out, 2**28)
+    clips, images = load_items(args.data, args.tier)
+    base = None
+    if args.from_dir:
+        with open(os.path.join(args.from_dir, "config.json")) as f:
+            t = json.load(f)["train"]
+        cfg = TrainConfig(**dict(t, stages=tuple(Stage(**st) for st in t["stages"])))
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            pipe = sample.load_pipeline(args.from_dir, device="cpu" if args.offload else device, dtype=dtype)
+        except (ValueError, OSError) as e:
+            sys.exit(f"error: --from {args.from_dir}: {e}")
+        encoder, vae, base = pipe.encoder, pipe.vae.float().to(device), pipe.dit
+    else:
+        cfg = PRESETS[args.preset or "demo"]
+        if args.llm or args.clip:
+            if not (args.llm and args.clip):
+                sys.exit("error: the official text encoders need both --llm and --clip")
+            encoder = text_encoder.PromptEncoder.from_pretrained(args.llm, args.clip, device=device)
+        else:
+            encoder = small_encoder(out, clips, images, cfg, device, rank, world)
+        vae = read_vae(args.vae, cfg, device)
+    if args.ckpt_every:
+        cfg = replace(cfg, ckpt_every=args.ckpt_every)
+    if args.batch:
+        cfg = replace(cfg, stages=tuple(
+            replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
+                    image_buckets=tuple((h, w, args.batch) for h, w, _ in s.image_buckets))
+            for s in cfg.stages))
+    try:
+        path = train_lora(cfg, args, clips, images, out, rank, world, device, encoder, vae, base)
+    except ValueError as e:  # add_lora: --lora-targets matching no layer
+        sys.exit(f"error: {e}")
+    if rank == 0:
+        src = f"--ckpt {args.from_dir}" if args.from_dir else "--dit ... --vae ... --llm ... --clip ..."
+        print(f"done: {path}\nnext: python sample.py {src} --lora {path} --prompt \"...\"")
+    return path
+
 
 def main():
     # Assembled captions are often longer than CLIP's 77 tokens; CLIP reads the first 77, as it does in the
@@ -1155,7 +1415,27 @@ def main():
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster GPU steps "
                     "after a minute of compiling)")
+    lo = ap.add_argument_group("LoRA: adapters on a frozen DiT (--init-dit, or a train.py folder: --from)")
+    lo.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA of this rank; writes "
+                    "OUT/lora.safetensors (sample.py --lora reads it)")
+    lo.add_argument("--lora-alpha", type=float, help="scale alpha/rank of the adapters (default: the rank)")
+    lo.add_argument("--lora-targets", default=dit.LORA_TARGETS, metavar="REGEX", help="the linear layers "
+                    "that get adapters, by official module name (default, musubi-tuner's: every linear "
+                    "layer of the 60 blocks but the modulation)")
+    lo.add_argument("--from", dest="from_dir", metavar="DIR", help="a train.py output folder: its DiT, VAE, "
+                    "text encoder and config (e.g. out/demo)")
+    lo.add_argument("--lr", type=float, help=f"LoRA learning rate (default {LORA_LR})")
+    lo.add_argument("--lora-demo", action="store_true", help="teach the demo model (--from, default "
+                    "out/demo) the colour word 'purple' and picture it before/after (OUT/lora_demo.png)")
+    lo.add_argument("--offload", action="store_true", help="LoRA on one GPU: the frozen DiT blocks stay in "
+                    "CPU memory and stream to the GPU for forward and backward (gradient checkpointing on)")
     args = ap.parse_args()
+    if args.lora_demo:
+        lora_demo(args)
+        return
+    if args.lora is not None:
+        lora_main(args)
+        return
     if args.stage == "dit" and not args.vae and args.preset:
         sys.exit("error: --stage dit needs a trained VAE: pass --vae")
     for p in args.lpips or ():

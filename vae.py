@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from dit import check_state_dict  # the one strict-load check shared by every loader
+from dit import check_state_dict, read_safetensors  # the strict-load check and reader every loader shares
 
 try:  # optional: the stream path's fused kernels on CUDA (end of file); CUDA builds of torch ship Triton
     import triton
@@ -567,10 +567,13 @@ def load_vae(path, cfg=None, device="cpu", dtype=torch.float32):
     if not path.exists():
         raise FileNotFoundError(f"load_vae: {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
+        sd = read_safetensors(str(path))[0]
     else:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated or not a torch file
+            raise ValueError(f"load_vae: cannot read {path} ({type(e).__name__}: {e}): the file is damaged "
+                             "or truncated; re-download it") from None
     # the official loader (hyvideo/vae/__init__.py load_vae) accepts a "state_dict" wrapper and a "vae."
     # key prefix, as its training checkpoints have them
     if "state_dict" in sd and isinstance(sd["state_dict"], dict):
