@@ -1,5 +1,6 @@
 """
-HunyuanVideo's two text encoders and the official prompt path (paper §4.3, official `hyvideo/text_encoder`).
+HunyuanVideo's two text encoders and the official prompt path (paper §4.3, official `hyvideo/text_encoder`),
+and the two open vision models curation uses (paper §3): CLIP's vision tower and the LLaVA captioner.
 
 A prompt is read twice:
   - by a decoder-only LLM, the language model of llava-llama-3-8b (32 layers, width 4096). The prompt is
@@ -19,8 +20,16 @@ Use (sample.py):
     text, text_mask, pooled = pe([NEGATIVE_PROMPT, prompt], video_length=129)  # CFG: [negative; positive]
 offload="model" or "layer" keeps the 8B weights on the CPU between calls.
 
-Read top to bottom: configs, prompt templates, the LLaMA decoder, the CLIP text tower, loading the two
-from Hugging Face folders, tokenizers, then the prompt encoder that runs a prompt through all of them.
+Use (curate.py), with the same folders' siblings, exact to transformers as well:
+    clip = CLIPVisionEncoder.from_pretrained("ckpts/text_encoder_2", device="cuda")  # the full CLIP ViT-L/14
+    emb = clip(clip_image_preprocess(frames_rgb, clip.image_size).cuda())          # get_image_features
+    vlm = Llava.from_pretrained("ckpts/llava-llama-3-8b-v1_1-transformers", device="cuda")  # bf16
+    answer = vlm.chat("Describe this frame ...", frame_rgb)   # the model's chat template, greedy decoding
+(LLaVA generates from transformers' from_pretrained numerics: rotary frequencies stay fp32, see decode.)
+
+Read top to bottom: configs, prompt templates, the LLaMA decoder, the CLIP text tower, the CLIP vision
+tower with its image preprocessing, LLaVA (which reuses the LLaMA and the vision tower), loading from
+Hugging Face folders, tokenizers, then the prompt encoder that runs a prompt through the text encoders.
 (Tokenizers come after the models, not before: they are format machinery, while the encoders are what
 the paper describes.)
 """
@@ -449,8 +458,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_image_preprocess(images, size=224):
     """list of HxWx3 uint8 RGB arrays -> pixel_values (B, 3, size, size) float32, as transformers'
-    CLIPImageProcessor (its PIL backend, the one CLIP and LLaVA were trained with): the shortest side resized
-    to `size` with PIL's bicubic filter, a centred size x size crop, x / 255, then CLIP's mean and std."""
+    CLIPImageProcessor with PIL (transformers 4's only backend, CLIPImageProcessorPil in 5): the shortest side
+    resized to `size` with PIL's bicubic filter, a centred size x size crop, x / 255, CLIP's mean and std."""
     try:
         from PIL import Image
     except ImportError:
@@ -467,7 +476,7 @@ def clip_image_preprocess(images, size=224):
         h, w = im.shape[:2]
         long = int(size * max(h, w) / min(h, w))  # truncated, as transformers does
         nh, nw = (long, size) if w <= h else (size, long)
-        im = np.asarray(Image.fromarray(im).resize((nw, nh), resample=Image.BICUBIC))
+        im = np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize((nw, nh), resample=Image.BICUBIC))
         top, left = (nh - size) // 2, (nw - size) // 2
         x = torch.from_numpy(im[top:top + size, left:left + size].copy()).permute(2, 0, 1)
         # transformers rescales in float64, rounds to float32, then normalises in float32
@@ -513,6 +522,7 @@ class CLIPVisionEncoder(nn.Module):
 
     def forward(self, pixel_values):
         """pixel_values (B, 3, S, S) -> image embeddings (B, projection_dim), not normalised."""
+        assert self.cfg.projection_dim is not None, "a tower without visual_projection: use hidden_states"
         x = self.hidden_states(pixel_values, [-1])[0]
         return self.visual_projection(self.post_layernorm(x[:, 0]))
 
@@ -691,6 +701,9 @@ class Llava(nn.Module):
         env.filters["tojson"] = lambda v, indent=None: json.dumps(v, indent=indent, ensure_ascii=False)
         template = env.from_string(self.chat_template)
         image = self.tokenizer.tok.id_to_token(self.cfg.image_token_index)
+        if image is None:
+            raise ValueError(f"the tokenizer has no token {self.cfg.image_token_index} (config.json's "
+                             f"image_token_index); tokenizer and weights from different models?")
         typed = [{"role": role, "content": [{"type": "image"}] * (i == 0) + [{"type": "text", "text": text}]}
                  for i, (role, text) in enumerate(turns)]
         try:
@@ -740,10 +753,17 @@ class Llava(nn.Module):
         pad = gen.get("pad_token_id")
         model.pad_token_id = pad if pad is not None else (model.eos_token_ids or [0])[0]  # as transformers
         model.tokenizer = Tokenizer(path)
-        with open(os.path.join(path, "tokenizer_config.json")) as fh:
-            tok_cfg = json.load(fh)
-        model.chat_template = tok_cfg.get("chat_template")
-        model.special_tokens = {name: _special_token(path, name) for name in ("bos_token", "eos_token")}
+        # the chat template: in tokenizer_config.json (the released folder), or the file transformers 5 writes
+        tok_cfg, jinja = (os.path.join(path, f) for f in ("tokenizer_config.json", "chat_template.jinja"))
+        if os.path.isfile(jinja):
+            with open(jinja) as fh:
+                model.chat_template = fh.read()
+        elif os.path.isfile(tok_cfg):
+            with open(tok_cfg) as fh:
+                model.chat_template = json.load(fh).get("chat_template")
+        # the names a template may use for them; one the folder does not declare stays undefined (renders "")
+        model.special_tokens = {name: tok for name in ("bos_token", "eos_token")
+                                if (tok := _special_token(path, name)) is not None}
         return model
 
 

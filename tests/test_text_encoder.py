@@ -864,7 +864,13 @@ def test_llava_chat_matches_transformers(llava_tok_dir, tmp_path, strategy, laye
         out = ref.generate(**inputs, do_sample=False, max_new_tokens=20, eos_token_id=[eot])
     want = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     assert ours.chat(prompt, image, max_new_tokens=20) == want and len(want) > 0
-    # a template written for plain strings: LLaVA's "<image>\n" before the prompt, same ids
-    ours.chat_template = STRING_TEMPLATE
+    # a template written for plain strings: LLaVA's "<image>\n" before the prompt, same ids; read from the
+    # file transformers 5 writes, which wins over tokenizer_config.json
+    (tmp_path / "chat_template.jinja").write_text(STRING_TEMPLATE)
+    ours = te.Llava.from_pretrained(str(tmp_path), dtype=torch.float32)
+    assert ours.chat_template == STRING_TEMPLATE
     assert torch.equal(ours.chat_input_ids(prompt), inputs["input_ids"])
     assert ours.end_of_turn_ids() == [eot]
+    ours.chat_template = None
+    with pytest.raises(ValueError, match="no chat_template"):
+        ours.chat(prompt, image)
