@@ -731,6 +731,29 @@ def test_clip_vision_matches_transformers(tmp_path):
         te.CLIPVisionEncoder.from_pretrained(str(tmp_path / "0"))
 
 
+def test_released_configs_give_the_default_configs():
+    # the fields of the released config.json files (openai/clip-vit-large-patch14's vision_config and
+    # projection_dim; xtuner/llava-llama-3-8b-v1_1-transformers); keys they leave out take transformers'
+    # defaults, which must give our defaults (the released models' shapes)
+    clip = {"projection_dim": 768, "vision_config": dict(
+        hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24, patch_size=14,
+        image_size=224, projection_dim=768, hidden_act="quick_gelu", layer_norm_eps=1e-5)}
+    assert te.clip_vision_config_from_hf(clip["vision_config"]) == te.CLIPVisionConfig()
+    llava = {"model_type": "llava", "image_token_index": 128257, "pad_token_id": 128258,
+             "projector_hidden_act": "gelu", "vision_feature_layer": -2,
+             "vision_feature_select_strategy": "default",
+             "text_config": dict(model_type="llama", bos_token_id=128000, eos_token_id=128001,
+                                 intermediate_size=14336, num_key_value_heads=8, rms_norm_eps=1e-5,
+                                 rope_theta=500000.0, vocab_size=128320, max_position_embeddings=8192),
+             "vision_config": dict(model_type="clip_vision_model", hidden_size=1024, image_size=336,
+                                   intermediate_size=4096, num_attention_heads=16, num_hidden_layers=24,
+                                   patch_size=14, projection_dim=768)}
+    cfg = te.llava_config_from_hf(llava, "llava")
+    assert cfg == te.LlavaConfig() and cfg.text == te.LLM_CONFIGS["llava-llama-3-8b"]
+    with pytest.raises(ValueError, match="only a LLaMA language model"):
+        te.llava_config_from_hf({**llava, "text_config": {"model_type": "mistral"}}, "llava")
+
+
 CHAT_TEMPLATE = (  # a Llama 3 chat template in transformers' typed-content form, as llava-hf folders have
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
