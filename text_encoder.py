@@ -25,7 +25,7 @@ Use (curate.py), with the same folders' siblings, exact to transformers as well:
     emb = clip(clip_image_preprocess(frames_rgb, clip.image_size).cuda())          # get_image_features
     vlm = Llava.from_pretrained("ckpts/llava-llama-3-8b-v1_1-transformers", device="cuda")  # bf16
     answer = vlm.chat("Describe this frame ...", frame_rgb)   # the model's chat template, greedy decoding
-(LLaVA generates from transformers' from_pretrained numerics: rotary frequencies stay fp32, see decode.)
+(LLaVA follows transformers' from_pretrained(dtype=...) numerics instead: its rotary frequencies stay fp32.)
 
 Read top to bottom: configs, prompt templates, the LLaMA decoder, the CLIP text tower, the CLIP vision
 tower with its image preprocessing, LLaVA (which reuses the LLaMA and the vision tower), loading from
@@ -322,7 +322,7 @@ class LlamaEncoder(nn.Module):
         0..start-1 in `cache` (one dict per layer, extended in place) -> the final normed states
         (B, L, hidden). No padding: every row is as long as the others (as Llava.generate feeds it)."""
         L = x.shape[1]
-        # rotary frequencies kept in fp32: Llava is compared with transformers' from_pretrained(dtype=...)
+        # rotary frequencies in fp32, as transformers' from_pretrained(dtype=...) keeps them for LLaVA
         cos, sin = (t[start:] for t in rope_tables(self.cfg, start + L, x.dtype, x.device, round_freq=False))
         # query i (position start + i) sees every position up to its own; one new token sees them all
         mask = None if L == 1 else torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(start)
@@ -458,8 +458,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_image_preprocess(images, size=224):
     """list of HxWx3 uint8 RGB arrays -> pixel_values (B, 3, size, size) float32, as transformers'
-    CLIPImageProcessor with PIL (transformers 4's only backend, CLIPImageProcessorPil in 5): the shortest side
-    resized to `size` with PIL's bicubic filter, a centred size x size crop, x / 255, CLIP's mean and std."""
+    CLIPImageProcessor with PIL (transformers 4's default slow processor, CLIPImageProcessorPil in 5; the
+    torchvision-backed default of 5 resizes differently): the shortest side resized to `size` with PIL's
+    bicubic filter, a centred size x size crop, x / 255, CLIP's mean and std."""
     try:
         from PIL import Image
     except ImportError:
