@@ -513,7 +513,7 @@ class CLIPVisionEncoder(nn.Module):
         n = len(self.layers)
         assert all(-n - 1 <= i <= n for i in indices), f"hidden-state indices must be in -{n + 1}..{n}"
         want = [i % (n + 1) for i in indices]
-        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight))  # its device and dtype
         x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in raster order
         x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.position_embedding.weight
         states = [self.pre_layrnorm(x)]
