@@ -211,3 +211,146 @@ def test_a_damaged_lora_file_is_one_error_naming_it(tmp_path):
     (tmp_path / "l.safetensors").write_bytes(raw[:len(raw) // 2])
     with pytest.raises(ValueError, match="l.safetensors.*damaged or truncated"):
         dit.load_lora(model64(), str(tmp_path / "l.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train.py --lora and sample.py --lora on a small train.py folder
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from test_train import ROOT, losses, make_data, run_train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """(curated data, a train.py folder trained 3 steps per stage on it)."""
+    root = tmp_path_factory.mktemp("lora")
+    data = make_data(str(root / "data"))
+    r = run_train(data, str(root / "base"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data, str(root / "base")
+
+
+def run_lora(folder, out, *extra, fault=None):
+    """train.py --lora 4 --from the folder, 6 steps; fault=(kind, step) as test_train.run_train."""
+    data, base = folder
+    script = [os.path.join(ROOT, "tests", "test_train.py"), fault[0], str(fault[1])] if fault else \
+        [os.path.join(ROOT, "train.py")]
+    cmd = [sys.executable, *script, "--lora", "4", "--from", base, "--data", data, "--out", out,
+           "--steps", "6", "--ckpt-every", "2", "--lr", "1e-2", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def read(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+
+
+def test_lora_training_resumes_exactly_also_from_the_previous_checkpoint(folder, tmp_path):
+    """Stopped at step 5, its latest checkpoint (step 4) then truncated: --resume continues from the one
+    before (step 2) and ends where the uninterrupted run does, bit for bit on a CPU."""
+    full = run_lora(folder, str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    cut = run_lora(folder, str(tmp_path / "cut"), fault=("nan", 5))
+    assert cut.returncode != 0 and "the loss is nan at step 5" in cut.stderr
+    state = tmp_path / "cut" / "lora_state.safetensors"
+    assert read(str(tmp_path / "cut" / "lora_state.prev.safetensors"))[1]["meta"].find('"step": 2') >= 0
+    raw = state.read_bytes()
+    state.write_bytes(raw[:len(raw) // 3])
+    res = run_lora(folder, str(tmp_path / "cut"), "--resume")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "is damaged; resuming from the checkpoint before it" in res.stdout + res.stderr
+    assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
+    a, meta = read(str(tmp_path / "full" / "lora.safetensors"))
+    b, _ = read(str(tmp_path / "cut" / "lora.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the original layout, musubi-tuner's targets, rank/alpha/targets in the metadata
+    assert all(k.startswith(("diffusion_model.double_blocks.", "diffusion_model.single_blocks."))
+               for k in a)
+    assert not any("_mod." in k or "modulation" in k for k in a)
+    assert meta["rank"] == "4" and float(meta["alpha"]) == 4.0 and meta["targets"] == dit.LORA_TARGETS
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)  # it did learn
+    # checkpoints hold adapters and optimizer state, not the frozen DiT
+    state_keys = read(str(tmp_path / "full" / "lora_state.safetensors"))[0]
+    assert not [k for k in state_keys if k.startswith("dit.model.") and "lora_" not in k]
+
+
+def test_sample_loads_a_trained_lora_and_damaged_files_are_one_line(folder, tmp_path):
+    import sample
+    r = run_lora(folder, str(tmp_path / "l"), "--steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lora = str(tmp_path / "l" / "lora.safetensors")
+    base = sample.load_pipeline(folder[1], dtype=torch.float64).dit
+    got = sample.load_pipeline(folder[1], dtype=torch.float64, loras=[(lora, 0.5), (lora, 0.25)]).dit
+    sd, _ = read(lora)
+    for name in ("double_blocks.0.img_attn_qkv", "single_blocks.1.linear1"):
+        A, B = (sd[f"diffusion_model.{name}.lora_{x}.weight"].double() for x in "AB")
+        want = base.get_submodule(name).weight + 0.75 * B @ A
+        assert torch.allclose(got.get_submodule(name).weight, want, atol=1e-12)
+
+    def cli(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--prompt", "a red circle",
+                               "--steps", "1", "--out", str(tmp_path / "s.mp4"), *args],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+    ok = cli("--ckpt", folder[1], "--lora", lora + ":0.5")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    bad = cli("--ckpt", folder[1], "--lora", lora + ":x")
+    assert bad.returncode != 0 and "must be a number" in bad.stderr
+    # a truncated file anywhere sample.py reads one: one line naming it, no traceback
+    import shutil
+    for name in ("dit.safetensors", "vae.safetensors", "text_encoder.safetensors", "lora"):
+        broken = tmp_path / f"broken_{name}"
+        shutil.copytree(folder[1], broken, ignore=shutil.ignore_patterns("cache", "samples"))
+        target = tmp_path / "cut_lora.safetensors" if name == "lora" else broken / name
+        raw = open(lora if name == "lora" else folder[1] + "/" + name, "rb").read()
+        target.write_bytes(raw[:len(raw) // 2])
+        extra = ["--lora", str(target)] if name == "lora" else []
+        r = cli("--ckpt", str(broken), *extra)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert str(target) in lines[-1] and "damaged or truncated" in lines[-1], lines[-1]
+
+
+def test_train_damaged_init_dit_and_vae_are_one_line(folder, tmp_path):
+    data, base = folder
+    for flag, src in (("--init-dit", "dit.safetensors"), ("--vae", "vae.safetensors")):
+        raw = open(os.path.join(base, src), "rb").read()
+        cut = tmp_path / src
+        cut.write_bytes(raw[:len(raw) // 2])
+        init = str(cut) if flag == "--init-dit" else os.path.join(base, "dit.safetensors")
+        vae = str(cut) if flag == "--vae" else os.path.join(base, "vae.safetensors")
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--lora", "4", "--init-dit", init,
+                            "--vae", vae, "--data", data, "--out", str(tmp_path / "o"), "--steps", "1"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        last = r.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {flag}") and str(cut) in last and "damaged" in last, last
+
+
+def test_offloaded_blocks_with_checkpointing_give_the_same_adapter_gradients():
+    """train.py --lora --offload: the frozen block weights stream through sample.offload_blocks' hooks (on a
+    CPU they only swap tensors), the adapters stay put; gradient checkpointing re-fetches in the backward."""
+    import sample
+    grads = []
+    for offload in (False, True):
+        model = random_model(TINY)
+        dit.add_lora(model, rank=2, alpha=2.0)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, dit.LoRALinear):
+                    m.lora_B[0].normal_(0, 0.1)
+        if offload:
+            sample.offload_blocks(model, torch.device("cpu"))
+        model.gradient_checkpointing = offload
+        x, t, text, mask, pooled, g = inputs()
+        model(x, t, text, mask, pooled, g).square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
