@@ -216,8 +216,9 @@ def test_clip_embeddings_aesthetics_dedup_and_tiers(base, tmp_path):
     assert {r["path"] for r in dups} == {"c.mp4"} and all(r["reason"].split()[-1][:2] == "a_" for r in dups)
     # tiers in aesthetic units: 256p takes a clip of >= 256 px, 65 frames, clarity 2.5 and aesthetic 4.0
     tier = {r["clip"] for r in C._read_jsonl(os.path.join(out, "manifest_256p.jsonl"))}
-    assert tier and tier == {r["clip"] for r in kept if min(r["width"], r["height"]) >= 256 and r["frames"] >= 65
-                    and r["clarity"] >= 2.5 and r["quality"] >= C.CFG.tier_aesthetic[0] and not r["overlay"]}
+    assert tier and tier == {r["clip"] for r in kept if min(r["width"], r["height"]) >= 256
+                             and r["frames"] >= 65 and r["clarity"] >= 2.5
+                             and r["quality"] >= C.CFG.tier_aesthetic[0] and not r["overlay"]}
     # a record curated later without the models would mix units: a one-line error, not a silent mix
     recs = C._read_jsonl(os.path.join(out, "manifest.jsonl"))
     recs[0].pop("embedding_model")
@@ -348,6 +349,65 @@ def test_cli_model_options_fail_with_one_line(tmp_path):
         assert err.startswith("curate.py: error: ") and msg in err and "\n" not in err
     with pytest.raises(SystemExit, match="--synthetic only writes raw videos"):
         C.main(["--synthetic", "1", "--output", str(tmp_path / "s"), "--clip", str(tmp_path / "l14")])
+
+
+def tiny_llava(path):
+    """A random LlavaForConditionalGeneration (CLIP 32 px, LLaMA width 32) with a byte-level BPE in Llama 3's
+    layout and a Llama 3 chat template, saved as a Hugging Face folder."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+    specials = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([C.CAPTION_RETRY, json.dumps(FIELDS)] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken("<image>", normalized=False, special=True)])
+    torch.manual_seed(0)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                                    num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+            bos_token_id=tok.token_to_id("<|begin_of_text|>"), eos_token_id=tok.token_to_id("<|eot_id|>")),
+        image_token_index=tok.token_to_id("<image>"))
+    transformers.LlavaForConditionalGeneration(cfg).save_pretrained(str(path))
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for message in messages %}"
+                "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+                "{% for part in message['content'] %}{% if part['type'] == 'image' %}{{ '<image>\n' }}"
+                "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{{ '<|eot_id|>' }}"
+                "{% endfor %}{% if add_generation_prompt %}"
+                "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<pad>",
+        "chat_template": template}))
+
+
+def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
+    """The full command with text_encoder's real CLIP and LLaVA (tiny and random: LLaVA's answers are not
+    JSON, so every record is asked twice and falls back to its sidecar caption or to none) and the
+    predictor: one summary line, every clip kept or rejected with a reason, nothing captioned silently."""
+    raw = base[0]
+    tiny_clip(tmp_path / "clip")
+    tiny_llava(tmp_path / "llava")
+    torch.save(predictor().state_dict(), tmp_path / "aes.pth")
+    monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
+    out = tmp_path / "out"
+    C.main(["--input", str(raw), "--output", str(out), "--workers", "1", "--clip", str(tmp_path / "clip"),
+            "--aesthetic", str(tmp_path / "aes.pth"), "--captioner", str(tmp_path / "llava")])
+    said = [line for line in capsys.readouterr().out.splitlines() if line.startswith("models: ")]
+    man = C._read_jsonl(str(out / "manifest.jsonl"))
+    imgs = C._read_jsonl(str(out / "images.jsonl"))
+    rej = C._read_jsonl(str(out / "rejected.jsonl"))
+    assert len(said) == 1 and "CLIP embedded" in said[0] and "aesthetic scored" in said[0], said
+    for r in man + imgs:
+        assert r["caption_model"].startswith("llava@") and r["embedding_model"].startswith("clip@")
+        assert r["caption_error"] and (r["caption"] is None) == (r["video"] != "a.mp4")
+    n_clips = len(man) + sum("low aesthetic" in r["reason"] or "duplicate" in r["reason"] for r in rej)
+    assert n_clips == len(C._read_jsonl(os.path.join(base[1], "manifest.jsonl")))
+    cache = C._read_jsonl(str(out / "caption_cache.jsonl"))
+    assert len(cache) == len(man) + len(imgs) and all(c["tries"] == 2 for c in cache)
 
 
 # -----------------------------------------------------------------------------
