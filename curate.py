@@ -317,15 +317,23 @@ def detect_shots(path, cfg=CFG):
 
 def cuts_from_rows(rows, cfg=CFG):
     """Cuts from _scan's rows (level, d0, d1, shift x, y per frame): hard cuts from the change scores, and
-    fades through black. The pan-compensated score d1 stands only where the frame's shift is within 2
-    thumbnail px of the median shift of the 3 frames before or of the 3 after: inside a slow pan, a jump
-    of several px is an edit (a jump cut), not the pan, and must not be explained away as one."""
+    fades through black. The pan-compensated score d1 stands only inside a camera move, where it is the
+    like-for-like score of every frame around: the frame's shift is within 2 thumbnail px of the median
+    shift of the 3 frames before or of the 3 after (inside a slow pan, a jump of several px is an edit, a
+    jump cut, not the pan), and undoing the shift lowered the change of those frames (median d1 <= 0.8 d0).
+    Between two still shots a shift found across the cut only lines up leftovers (a shape where another
+    was, a similar backdrop), and the raw change decides."""
     n = len(rows)
     level, d0, d1, shift = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3:5]
-    pad = np.pad(shift, ((3, 3), (0, 0)), mode="edge")
-    before = np.median(np.stack([pad[i:i + n] for i in range(3)]), axis=0)     # frames i-3..i-1
-    after = np.median(np.stack([pad[i + 4:i + 4 + n] for i in range(3)]), axis=0)   # frames i+1..i+3
+
+    def around(x):   # medians of x over frames i-3..i-1 and i+1..i+3
+        pad = np.pad(x, ((3, 3),) + ((0, 0),) * (x.ndim - 1), mode="edge")
+        return (np.median(np.stack([pad[i:i + n] for i in range(3)]), axis=0),
+                np.median(np.stack([pad[i + 4:i + 4 + n] for i in range(3)]), axis=0))
+    before, after = around(shift)
     steady = (np.abs(shift - before).max(1) <= 2) | (np.abs(shift - after).max(1) <= 2)
+    before, after = around(np.where(d0 > 0, d1 / np.maximum(d0, 1e-9), 1.0))
+    steady &= (before <= 0.8) | (after <= 0.8)
     cuts = cuts_from_scores(np.where(steady, d1, d0), cfg)
     # fade out to black and in again: no single frame changes much, so cut in the middle of the dark run
     # (PySceneDetect's threshold detector does the same), unless a hard cut already falls inside it
