@@ -166,11 +166,10 @@ def resize_w(frame, w):
 # shot detection (paper §3.1 uses PySceneDetect; this is our own, faster: hard cuts, jump cuts, fades)
 
 def frame_change(a, b, shift):
-    """Mean |BGR diff| of two uint8 thumbnails, lowered to the diff after undoing the global (sub-pixel)
-    shift between them (phase correlation, given) where that is smaller: a pan or tilt moves content but
-    keeps it, a cut brings new content. Every frame of a move is scored this way, so a move's frames are
-    compared with each other like for like (a score that fell back to the raw diff on some frames of a move
-    made those frames stand out as cuts over fine texture, where the compensation is only partial)."""
+    """Mean |BGR diff| of two uint8 thumbnails after undoing the global (sub-pixel) shift between them
+    (phase correlation, given), or without, whichever is lower: a pan or tilt moves content but keeps it, a
+    cut brings new content. Over fine texture undoing the shift lowers the diff only partly, yet on every
+    frame of the move alike; cuts_from_rows decides where this score or the raw diff counts."""
     d0 = cv2.norm(a, b, cv2.NORM_L1) / a.size
     sx, sy = shift
     h, w = a.shape[:2]
@@ -1251,8 +1250,10 @@ def aesthetic_scores(layers, e):
 def embed_clips(out, recs, clip, aesthetic=None):
     """--clip: each record's embedding becomes the normalised mean of the unit CLIP embeddings of its key
     frames (a clip's KEY_FRAMES, a still itself); with --aesthetic its quality becomes the mean aesthetic
-    score of those frames (the predictor was fitted on single images; the stand-in's score stays as
-    "technical"). Returns [(record, why)] for records whose file cannot be read."""
+    score of those frames (the predictor was fitted on single images). The stand-in's score stays as
+    "technical": its lenient basic filter has run in the per-video pass, as DOVER's technical view, which
+    the aesthetic predictor does not judge (exposure, noise). Returns [(record, why)] for records whose
+    file cannot be read."""
     import torch
     import text_encoder as te
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1278,15 +1279,15 @@ def embed_clips(out, recs, clip, aesthetic=None):
             with torch.no_grad():
                 e = enc(te.clip_image_preprocess(frames, enc.image_size).to(device, dtype)).double().cpu()
             e = (e / e.norm(dim=-1, keepdim=True)).numpy()
+            s = aesthetic_scores(layers, e) if layers is not None else None
         i = 0
         for r, n in done:
-            u, i = e[i:i + n], i + n
-            m = u.mean(0)
+            m, i = e[i:i + n].mean(0), i + n
             r["embedding"] = [round(float(v), 4) for v in m / np.linalg.norm(m)]
             r["embedding_model"] = cname
-            if layers is not None:
+            if s is not None:
                 r.setdefault("technical", r["quality"])
-                r["quality"] = round(float(aesthetic_scores(layers, u).mean()), 3)
+                r["quality"] = round(float(s[i - n:i].mean()), 3)
                 r["quality_model"] = aname
         bar.update(min(MODEL_BATCH, len(recs) - a))
     bar.close()
