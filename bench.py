@@ -5,6 +5,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py vae                                     # tiled VAE decode 544x960x129 and encode
     python bench.py dit --config 13b --size 544x960x129     # bf16 DiT forward, ours vs diffusers
     python bench.py train [--compile]                       # 1.3B training step: s/step, MFU, memory
+    python bench.py lora                                    # 13B LoRA step, 49x512x768, rank 128: s, GiB
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
 
@@ -502,6 +503,65 @@ def bench_train(args):
           + f"; 'vs diffusers': its step time over ours, taken from {source})")
 
 # ----------------------------------------------------------------------------------------------------------
+# lora: one LoRA training step of the 13B (train.py --lora), finetrainers' published setting
+
+
+def bench_lora(args):
+    """One LoRA training step (forward, backward, AdamW on the adapters) of a random-weight 13B at 49x512x768,
+    rank 128 on musubi-tuner's targets (dit.LORA_TARGETS), batch 1, gradient checkpointing, bf16 autocast:
+    seconds and peak memory with the frozen weights in bf16 on the GPU, in fp8 (FP8Linear), and in CPU
+    memory streamed block by block (train.py --offload). On a CPU: the tiny config, a smoke run."""
+    import sample
+    name, (H, W, T), rank, n_txt = ("13b", (512, 768, 49), 128, 256) if CUDA else ("tiny", (64, 64, 9), 4, 16)
+    cfg = dit.CONFIGS[name]
+    lat = (1, cfg.in_channels, (T - 1) // 4 + 1, H // 8, W // 8)
+    g = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(lat, device=DEVICE, generator=g)
+    t = torch.rand(1, device=DEVICE, generator=g) * 1000
+    text = torch.randn(1, n_txt, cfg.text_dim, device=DEVICE, generator=g)
+    mask = (torch.arange(n_txt, device=DEVICE) < n_txt // 4)[None].long()
+    pooled = torch.randn(1, cfg.pooled_dim, device=DEVICE, generator=g)
+    guid = torch.full((1,), 1000.0, device=DEVICE)
+    print(f"LoRA train step: {name} at {H}x{W}x{T} ({lat[2] * lat[3] * lat[4] // 4} image tokens), "
+          f"rank {rank}, batch 1, gradient checkpointing, AdamW, {DEVICE}")
+    rows = []
+    for variant in args.variants:
+        model = random_dit(cfg, torch.bfloat16 if CUDA else torch.float32)
+        if variant == "fp8":
+            dit.quantize_fp8(model)
+        names = dit.add_lora(model, rank, float(rank))
+        if variant == "offload":  # the frozen blocks to pinned CPU memory; the adapters stay on the GPU
+            if CUDA:
+                for block in list(model.double_blocks) + list(model.single_blocks):
+                    for p in block.parameters():
+                        if not p.requires_grad:
+                            p.data = p.data.cpu()
+                torch.cuda.empty_cache()
+            sample.offload_blocks(model, torch.device(DEVICE))
+        model.gradient_checkpointing = True
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, fused=CUDA)
+
+        def step():
+            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
+                loss = (model(x, t, text, mask, pooled, guid).float() - x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        sec, mem, _ = timed(step, 1, 2)
+        n = sum(p.numel() for p in params)
+        print(f"  {variant}: {sec:.2f} s/step, peak {mem:.1f} GiB ({len(names)} layers, {n:,} adapter "
+              f"parameters)", flush=True)
+        rows.append((variant, sec, mem))
+        del model, opt, params
+        if CUDA:
+            torch.cuda.empty_cache()
+    print("finetrainers at this setting (its docs, attention-only targets): ~42 GB bf16, ~32 GB with fp8 "
+          "layerwise upcasting")
+
+# ----------------------------------------------------------------------------------------------------------
 # sample: end-to-end sampling, DiT steps then the tiled VAE decode
 
 
@@ -581,6 +641,10 @@ def main():
     p.add_argument("--compile", action="store_true", help="also time compiled blocks (dit.compile_blocks)")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers comparison")
     p.set_defaults(fn=bench_train)
+    p = sub.add_parser("lora", help="13B LoRA training step at 49x512x768, rank 128: s/step, peak memory")
+    p.add_argument("--variants", nargs="+", default=["bf16", "fp8", "offload"],
+                   choices=["bf16", "fp8", "offload"], help="where the frozen weights live")
+    p.set_defaults(fn=bench_lora)
     p = sub.add_parser("sample", help="end-to-end sampling (DiT steps + VAE decode)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--offload", action="store_true", help="DiT blocks in CPU memory (sample.py --offload)")
