@@ -354,3 +354,28 @@ def test_offloaded_blocks_with_checkpointing_give_the_same_adapter_gradients():
     assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
+
+
+def test_lora_under_fsdp_two_ranks_matches_one_process(folder, tmp_path):
+    """torchrun, 2 gloo ranks with FSDP2 (frozen base and adapters sharded together) against one process
+    with their global batch."""
+    data, base = folder
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    common = ["--lora", "4", "--from", base, "--data", data, "--steps", "3", "--lr", "1e-2"]
+    one = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *common, "--batch", "4",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29541", os.path.join(ROOT, "train.py"), *common, "--batch", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600,
+                         env=env, cwd=ROOT)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(str(tmp_path / "one")), losses(str(tmp_path / "two"))
+    assert len(a) == len(b) == 3
+    for (sa, la), (sb, lb) in zip(a, b):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-4), (a, b)
+    x, _ = read(str(tmp_path / "one" / "lora.safetensors"))
+    y, _ = read(str(tmp_path / "two" / "lora.safetensors"))
+    assert x.keys() == y.keys() and all(torch.allclose(x[k], y[k], rtol=1e-3, atol=1e-6) for k in x)
