@@ -23,6 +23,14 @@ import text_encoder as te  # noqa: E402
 transformers = pytest.importorskip("transformers")
 
 
+@pytest.fixture(autouse=True)
+def on_cpu(request, monkeypatch):
+    """The models run where curate.py would run them: on a GPU in fp16/bf16 when there is one. The exact
+    comparisons below are of the CPU's float32 path; test_models_on_gpu checks the GPU's."""
+    if request.node.name != "test_models_on_gpu":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def write_mp4(path, frames, fps=24):
     h, w = frames[0].shape[:2]
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
@@ -391,7 +399,9 @@ def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
     raw = base[0]
     tiny_clip(tmp_path / "clip")
     tiny_llava(tmp_path / "llava")
-    torch.save(predictor().state_dict(), tmp_path / "aes.pth")
+    sd = predictor().state_dict()
+    sd["layers.7.bias"] += 5.0           # scores near 5: every clip passes min_aesthetic
+    torch.save(sd, tmp_path / "aes.pth")
     monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
     out = tmp_path / "out"
     C.main(["--input", str(raw), "--output", str(out), "--workers", "1", "--clip", str(tmp_path / "clip"),
@@ -401,6 +411,7 @@ def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
     imgs = C._read_jsonl(str(out / "images.jsonl"))
     rej = C._read_jsonl(str(out / "rejected.jsonl"))
     assert len(said) == 1 and "CLIP embedded" in said[0] and "aesthetic scored" in said[0], said
+    assert man and imgs and "0 below 4.0 removed" in said[0]
     for r in man + imgs:
         assert r["caption_model"].startswith("llava@") and r["embedding_model"].startswith("clip@")
         assert r["caption_error"] and (r["caption"] is None) == (r["video"] != "a.mp4")
@@ -408,6 +419,32 @@ def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
     assert n_clips == len(C._read_jsonl(os.path.join(base[1], "manifest.jsonl")))
     cache = C._read_jsonl(str(out / "caption_cache.jsonl"))
     assert len(cache) == len(man) + len(imgs) and all(c["tries"] == 2 for c in cache)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_models_on_gpu(base, tmp_path, monkeypatch):
+    """On a GPU, CLIP runs in fp16 and LLaVA in bf16: the embeddings and aesthetic scores stay close to the
+    CPU's float32 ones, and captioning runs (tiny random LLaVA: its answers fall back, as on the CPU)."""
+    tiny_clip(tmp_path / "clip")
+    tiny_llava(tmp_path / "llava")
+    sd = predictor().state_dict()
+    sd["layers.7.bias"] += 5.0           # scores near 5: every clip passes min_aesthetic
+    torch.save(sd, tmp_path / "aes.pth")
+    monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
+    models = dict(clip=str(tmp_path / "clip"), aesthetic=str(tmp_path / "aes.pth"))
+    gpu, cpu = fresh(base, tmp_path / "gpu"), fresh(base, tmp_path / "cpu")
+    C.apply_models(gpu, **models, captioner=str(tmp_path / "llava"))
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: False)
+        C.apply_models(cpu, **models)
+    recs = {r["path"]: r for r in C._read_jsonl(os.path.join(cpu, "manifest.jsonl"))}
+    got = C._read_jsonl(os.path.join(gpu, "manifest.jsonl"))
+    assert got and {r["path"] for r in got} <= set(recs)
+    for r in got:
+        want = recs[r["path"]]
+        assert np.abs(np.array(r["embedding"]) - np.array(want["embedding"])).max() < 5e-3
+        assert abs(r["quality"] - want["quality"]) < 0.02 * max(1.0, abs(want["quality"]))
+        assert r["caption_model"].startswith("llava@") and "caption_error" in r
 
 
 # -----------------------------------------------------------------------------
