@@ -106,7 +106,7 @@ class CurateConfig:
     # manifest's values come from them): the same filters as above, in CLIP cosine distance and in the LAION
     # aesthetic predictor's score (~1-10; LAION-Aesthetics cut its image sets at 5, 6 and 6.5) ---
     clip_dedup_max_dist: float = 0.05   # cosine similarity 0.95, the usual CLIP near-duplicate cut:
-                                        # re-encodes below, distinct shots above (tested where CLIP is on disk)
+                                        # re-encodes below, other shots above (tested where CLIP is on disk)
     min_aesthetic: float = 4.0          # basic filter: only the unappealing tail goes, footage scores below
                                         # curated photos
     tier_aesthetic: tuple = (4.0, 4.5, 5.0, 5.5)   # 540p at 5.0: the "5+" set Stable Diffusion trained on
