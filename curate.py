@@ -11,7 +11,8 @@ filter -> write the clip -> caption from a sidecar file. Across videos: de-dupli
 distance, balance concepts with k-means weights, and sort clips into nested resolution tiers, a
 fine-tuning set and two image sets. OUT_DIR gets manifest.jsonl, rejected.jsonl, images.jsonl, clips/,
 images/, and one manifest per tier (manifest_256p.jsonl ... manifest_720p.jsonl: what `train.py --tier
-256p` reads), finetune.jsonl, images_256p.jsonl, images_512p.jsonl.
+256p` reads), finetune.jsonl, images_256p.jsonl, images_512p.jsonl (and caption_cache.jsonl with
+--captioner).
 
 The paper uses in-house or heavy models we cannot ship. Open models take three of their places when
 given (apply_models(), after the per-video pass); without them a transparent stand-in does each job:
