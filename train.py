@@ -1354,7 +1354,8 @@ def lora_main(args):
         with open(os.path.join(args.from_dir, "config.json")) as f:
             t = json.load(f)["train"]
         cfg = TrainConfig(**dict(t, stages=tuple(Stage(**st) for st in t["stages"])))
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        # the frozen base in bf16 on one GPU; fp32 under FSDP, whose shards keep one dtype (it gathers bf16)
+        dtype = torch.bfloat16 if device.type == "cuda" and world == 1 else torch.float32
         try:
             pipe = sample.load_pipeline(args.from_dir, device="cpu" if args.offload else device, dtype=dtype)
         except (ValueError, OSError) as e:
