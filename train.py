@@ -7,10 +7,14 @@ Flow-matching training of HunyuanVideo (paper §4.5), from one CPU to many GPUs,
     torchrun --nproc_per_node 8 train.py --preset 13b-finetune --data CURATED \
         --init-dit mp_rank_00_model_states.pt         # fine-tune the release on 8 GPUs
     python train.py ... --resume                      # continue a killed run from its last checkpoint
+    python train.py --lora 16 --from out/demo --data CURATED          # a LoRA on a train.py folder's DiT
+    python train.py --lora 128 --init-dit mp_rank_00_model_states.pt --vae VAE --llm LLM --clip CLIP \
+        --preset 13b-finetune --data CURATED [--offload]              # a LoRA on the release, one GPU
+    python train.py --lora-demo                       # teach the demo model "moving diagonally" (LoRA)
 
 One file, one loop per stage, read top to bottom: configs and presets, flow matching, data (captions,
 buckets, the small text encoder), distributed setup, checkpoints, the VAE stage, the DiT stage (latent
-caches, then the loop), the pipeline that runs them (and the demo), main(). `python train.py` and
+caches, then the loop), the pipeline that runs them (and the demo), LoRA runs, main(). `python train.py` and
 `torchrun ... train.py` run the same code: torchrun's RANK/WORLD_SIZE turn on FSDP2 sharding.
 """
 
@@ -1225,17 +1229,17 @@ def sample_grid(ckpt, prompts, device):
         files.append(f)
     return files
 
-# The LoRA demo: a colour the demo model never saw (curate.py's palette has none like it)
-LORA_DEMO_COLOUR = ("purple", (150, 40, 210))
-LORA_DEMO_PROMPTS = ["a purple circle moving left", "a purple square moving up", "a purple triangle moving "
-                     "right", "a red circle moving down"]
+# The LoRA demo: a motion the demo model never saw (its shapes move along one axis: curate.DIRECTIONS)
+LORA_DEMO_WORD = "moving diagonally"  # up and to the right
+LORA_DEMO_PROMPTS = ["a red circle moving diagonally", "a green square moving diagonally",
+                     "a blue triangle moving diagonally", "a yellow circle moving left"]
 
 
 def lora_demo(args):
-    """`python train.py --lora-demo`: teach the demo model (--from, default out/demo) the word "purple".
-    Clips of purple shapes (and a few of the known colours, so those stay as they were) -> a rank-8 LoRA ->
-    the same prompts and seeds sampled without and with it -> OUT/lora_demo.png, and each sample's
-    foreground colour (mean RGB of its saturated pixels) named by the nearest palette colour."""
+    """`python train.py --lora-demo`: teach the demo model (--from, default out/demo) "moving diagonally".
+    Clips of shapes moving up and to the right (and a few of the known directions, so those keep their
+    meaning) -> a rank-8 LoRA -> the same prompts and seeds sampled without and with it ->
+    OUT/lora_demo.png, and each sample's motion measured: its shape's centroid, first frame to last."""
     import cv2
     import curate
     t_start = time.perf_counter()
@@ -1244,21 +1248,27 @@ def lora_demo(args):
     if not os.path.isfile(os.path.join(src, "config.json")):
         sys.exit(f"error: --from {src}: no config.json; run `python train.py` first (it writes out/demo)")
     check_writable(out, 2**27)
-    name, rgb = LORA_DEMO_COLOUR
-    curate.COLOURS.setdefault(name, rgb)  # render_shot draws from this palette
     data = os.path.join(out, "data")
     if rank == 0 and not os.path.isfile(os.path.join(data, "manifest.jsonl")):
         os.makedirs(os.path.join(data, "clips"), exist_ok=True)
         rng = np.random.default_rng(0)
+        colours = list(curate.COLOURS)
+        combos = [(c, s, None) for c in colours for s in curate.SHAPES] + \
+            [(c, s, d) for c, s, d in zip(colours, curate.SHAPES * 2, list(curate.DIRECTIONS) * 2)]
         clips, images = [], []
-        combos = [(name, s, d) for s in curate.SHAPES for d in curate.DIRECTIONS] + \
-            [(c, s, d) for c, s, d in zip(("red", "green", "blue", "yellow", "white", "red"),
-                                          curate.SHAPES * 2, list(curate.DIRECTIONS) * 2)]
         for i, (c, shape, d) in enumerate(combos[:4] if args.quick else combos):
-            frames = curate.render_shot(rng, 112, 64, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
+            if d:
+                frames = curate.render_shot(rng, 112, 64, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
+            else:  # curate's backdrop and shapes, the shape moving 0.5 px per frame right and up
+                back = curate.texture(rng, 64, 112, rng.uniform(20, 34), rng.uniform(44, 58))
+                frames = np.stack([back.copy() for _ in range(72)])
+                x0, y0 = 56 - 16 + rng.uniform(-4, 4), 32 + 16 + rng.uniform(-2, 2)
+                for t, f in enumerate(frames):
+                    curate.draw_shape(f, shape, curate.COLOURS[c], x0 + 0.5 * t, y0 - 0.5 * t,
+                                      DEMO_SHAPE_SIZE * 64)
             curate.write_video(os.path.join(data, f"clips/c{i}.mp4"), frames)
             cv2.imwrite(os.path.join(data, f"clips/i{i}.png"), frames[0][..., ::-1])
-            cap = {"short_description": f"a {c} {shape} moving {d}"}
+            cap = {"short_description": f"a {c} {shape} " + (f"moving {d}" if d else LORA_DEMO_WORD)}
             clips.append({"clip": f"c{i}", "path": f"clips/c{i}.mp4", "width": 112, "height": 64,
                           "frames": 72, "caption": cap})
             images.append({"image": f"i{i}", "path": f"clips/i{i}.png", "width": 112, "height": 64,
@@ -1268,52 +1278,55 @@ def lora_demo(args):
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
     barrier(world)
     args = argparse.Namespace(**dict(vars(args), from_dir=src, out=out, data=data, tier=None,
-                                     lora=args.lora or 8, steps=args.steps or (3 if args.quick else 400),
-                                     lr=args.lr or 2e-3))
+                                     lora=args.lora or 8, steps=args.steps or (3 if args.quick else 300),
+                                     lr=args.lr or 3e-3))
     path = lora_main(args)
     if rank != 0:
         return
     prompts = LORA_DEMO_PROMPTS[:1] if args.quick else LORA_DEMO_PROMPTS
     pipe = sample.load_pipeline(src, device=device, dtype=torch.float32)
-    rows = []
+    rows, report = [], []
     for label in ("without", "with"):
         if label == "with":
             dit.load_lora(pipe.dit, path)
         videos = sample.generate(pipe, prompts, seed=0, negative_prompt="", tiled=False,
                                  steps=3 if args.quick else None)
-        rows.append((label, videos, [foreground_colour(v) for v in videos]))
-    palette = dict(curate.COLOURS)
-    report = []
-    for label, _, colours in rows:
-        for p, c in zip(prompts, colours):
-            nearest = min(palette, key=lambda k: sum((a - b) ** 2 for a, b in zip(palette[k], c)))
-            report.append({"lora": label, "prompt": p, "mean_rgb": [round(v) for v in c], "nearest": nearest})
-            print(f"{label:>7} LoRA: {p!r}: foreground mean RGB {tuple(round(v) for v in c)} -> {nearest}")
+        travel = [centroid_travel(v) for v in videos]
+        rows.append((label, videos, travel))
+        for p, d in zip(prompts, travel):
+            report.append({"lora": label, "prompt": p, "right_px": round(d[0], 1), "up_px": round(d[1], 1)})
+            print(f"{label:>7} LoRA: {p!r}: the shape moves {d[0]:+.1f} px right, {d[1]:+.1f} px up")
     write_json(os.path.join(out, "lora_demo.json"), report)
     lora_demo_picture(rows, prompts, os.path.join(out, "lora_demo.png"))
     print(f"LoRA demo done in {time.perf_counter() - t_start:.0f} s: {out}/lora_demo.png, {path}")
 
 
-def foreground_colour(video):
-    """Mean RGB of a sample's shape: its saturated pixels (the backdrop is a near-grey texture), all frames;
-    the whole frame's mean if none are (a white shape)."""
-    v = video.reshape(-1, 3).astype(np.float64)
-    sat = v.max(1) - v.min(1)
-    fg = v[sat > 60]
-    return (fg if len(fg) else v).mean(0).tolist()
+def centroid_travel(video):
+    """(right, up) pixels from the centroid of a sample's shape in its first frame to that in its last.
+    The shape: the pixels far from the frame's median colour (the backdrop, a dim texture, fills most of it).
+    """
+    def centroid(frame):
+        f = frame.astype(np.float64)
+        far = np.abs(f - np.median(f.reshape(-1, 3), 0)).sum(-1) > 120
+        ys, xs = np.nonzero(far)
+        return np.array([xs.mean(), ys.mean()]) if len(xs) else np.zeros(2)
+    dx, dy = centroid(video[-1]) - centroid(video[0])
+    return float(dx), float(-dy)
 
 
 def lora_demo_picture(rows, prompts, path):
-    """One row per (prompt, without/with the LoRA): 5 frames side by side, labelled."""
+    """One row per (prompt, without/with the LoRA): 5 frames side by side, labelled with the travel."""
     import cv2
     lines = []
     for i, p in enumerate(prompts):
-        for label, videos, _ in rows:
+        for label, videos, travel in rows:
             frames = videos[i]
             idx = np.linspace(0, len(frames) - 1, 5).round().astype(int)
             strip = np.concatenate([frames[j] for j in idx], axis=1)
             head = np.full((18, strip.shape[1], 3), 255, np.uint8)
-            cv2.putText(head, f"{p} - {label} LoRA", (4, 13), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
+            cv2.putText(head, f"{p} - {label} LoRA: {travel[i][0]:+.0f} px right, {travel[i][1]:+.0f} up",
+                        (4, 13),
+                        cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
             lines += [head, strip]
     img = np.concatenate(lines, axis=0)
     cv2.imwrite(path + ".tmp.png", np.ascontiguousarray(img[..., ::-1]))
@@ -1427,7 +1440,7 @@ def main():
                     "text encoder and config (e.g. out/demo)")
     lo.add_argument("--lr", type=float, help=f"LoRA learning rate (default {LORA_LR})")
     lo.add_argument("--lora-demo", action="store_true", help="teach the demo model (--from, default "
-                    "out/demo) the colour word 'purple' and picture it before/after (OUT/lora_demo.png)")
+                    "out/demo) 'moving diagonally' and picture it before/after (OUT/lora_demo.png)")
     lo.add_argument("--offload", action="store_true", help="LoRA on one GPU: the frozen DiT blocks stay in "
                     "CPU memory and stream to the GPU for forward and backward (gradient checkpointing on)")
     args = ap.parse_args()

@@ -382,8 +382,8 @@ def test_lora_under_fsdp_two_ranks_matches_one_process(folder, tmp_path):
 
 
 def test_quick_lora_demo_writes_its_picture_and_measurements(folder, tmp_path):
-    """train.py --lora-demo --quick: purple clips -> a few LoRA steps -> the same prompt sampled without and
-    with the LoRA -> a PNG and each sample's measured foreground colour."""
+    """train.py --lora-demo --quick: diagonal-motion clips -> a few LoRA steps -> the same prompt sampled
+    without and with the LoRA -> a PNG and each sample's measured motion."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--lora-demo", "--quick", "--from",
                         folder[1], "--out", str(tmp_path / "d")], capture_output=True, text=True, timeout=600,
                        cwd=ROOT)
@@ -392,5 +392,5 @@ def test_quick_lora_demo_writes_its_picture_and_measurements(folder, tmp_path):
     img = cv2.imread(str(tmp_path / "d" / "lora_demo.png"))
     rows = json.loads((tmp_path / "d" / "lora_demo.json").read_text())
     assert [row["lora"] for row in rows] == ["without", "with"]
-    assert all(len(row["mean_rgb"]) == 3 and row["prompt"].startswith("a purple") for row in rows)
+    assert all({"right_px", "up_px"} <= row.keys() and row["prompt"].endswith("diagonally") for row in rows)
     assert img is not None and img.shape[1] == 5 * 112 and img.shape[0] == 2 * (18 + 64)
