@@ -248,7 +248,11 @@ def _scan(cap, cfg, win, prev=None, limit=None, keep=range(0), stop=None):
                     r[3:] = shift(a, b)
                 recent.clear()
                 row[3:] = shift(prev, t)
-                row[2], after = frame_change(prev, t, row[3:]), 3
+                # phase correlation on a thumbnail is off by a few tenths of a px now and then: inside a move
+                # the previous frame's shift may undo this one's better
+                before = rows[-1][3:] if rows else (0.0, 0.0)
+                row[2] = min(frame_change(prev, t, row[3:]), frame_change(prev, t, before))
+                after = 3
             elif after:                                         # ...and after it
                 row[3:], after = shift(prev, t), after - 1
             else:
@@ -300,8 +304,8 @@ def detect_shots(path, cfg=CFG):
             joined = (len(overlap) == len(head) == seam
                       and all(np.array_equal(x, y) for x, y in zip(overlap, head))
                       and any(not np.array_equal(overlap[0], x) for x in overlap[1:]))
-            if joined:  # frames 0..mid from the first half, the rest from the second (its row 0: no scores)
-                rows = rows[:mid + 1] + rows2[1:]
+            if joined:  # frames 0..mid+1 from the first half, the rest from the second (its row 0 has no
+                rows = rows[:mid + 2] + rows2[2:]   # scores, its row 1 no previous shift)
             elif len(overlap) == seam:  # the first capture has not reached the end: read on from there
                 rows = rows + _scan(cap, cfg, win, prev=last)[0]
     finally:

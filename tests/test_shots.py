@@ -54,13 +54,17 @@ def test_no_cut_inside_moves_and_cuts_between_them(tmp_path, move, look):
     assert_cuts(*cuts_of(tmp_path, shots))
 
 
-@pytest.mark.parametrize("look", [(True, True, False), (False, False, False)], ids=["fine-grey",
-                                                                                     "coarse-colour"])
-def test_tilts_at_four_px_per_frame(tmp_path, look):
-    """Long tilts at ~4 px/frame on 240-px-high frames, up then down: one cut, where the direction turns."""
-    rng = np.random.default_rng(int(look[0]))
-    assert_cuts(*cuts_of(tmp_path, [move_shot(rng, "tilt up", 4.0, look, n=50),
-                                    move_shot(rng, "tilt down", 4.5, look, n=50)]))
+@pytest.mark.parametrize("look", [(True, False, False), (True, True, False), (False, False, False),
+                                  (False, True, False)], ids=["fine-colour", "fine-grey", "coarse-colour",
+                                                              "coarse-grey"])
+def test_no_cut_inside_tilts_at_four_px_per_frame(tmp_path, look):
+    """Tilts at 4 px/frame on 240-px-high frames, 60 frames over each of six pictures: no cut at all.
+    (Phase correlation on the 64x36 thumbnails misjudges a 0.6 px step now and then; such a frame must
+    not stand out from the rest of the tilt.)"""
+    for seed in range(6):
+        rng = np.random.default_rng([seed, 99])
+        found, _ = cuts_of(tmp_path, [move_shot(rng, ("tilt down", "tilt up")[seed % 2], 4.0, look, n=60)])
+        assert found == [], (seed, found)
 
 
 @pytest.mark.parametrize("fine", [True, False], ids=["fine", "coarse"])
