@@ -248,11 +248,12 @@ def _scan(cap, cfg, win, prev=None, limit=None, keep=range(0), stop=None):
                     r[3:] = shift(a, b)
                 recent.clear()
                 row[3:] = shift(prev, t)
+                row[2], after = frame_change(prev, t, row[3:]), 3
                 # phase correlation on a thumbnail is off by a few tenths of a px now and then: inside a move
                 # the previous frame's shift may undo this one's better
                 before = rows[-1][3:] if rows else (0.0, 0.0)
-                row[2] = min(frame_change(prev, t, row[3:]), frame_change(prev, t, before))
-                after = 3
+                if abs(before[0] - row[3]) + abs(before[1] - row[4]) > 0.1:
+                    row[2] = min(row[2], frame_change(prev, t, before))
             elif after:                                         # ...and after it
                 row[3:], after = shift(prev, t), after - 1
             else:

@@ -86,3 +86,13 @@ def test_camera_move_video_cuts(tmp_path):
     path = str(tmp_path / "m.mp4")
     C.write_video(path, frames)
     assert_cuts([s for s, _ in C.detect_shots(path)][1:], [s for s, _, _ in shots][1:])
+
+
+def test_cut_near_the_start_between_dark_still_shots_of_one_look(tmp_path):
+    """The demo's kind of shot (curate.render_shot: a shape over a dark textured backdrop, still camera):
+    a 9-frame shot, then two more of the same shape and colour. A shift found across such a cut only lines
+    up the two backdrops' leftovers, so it must not explain the cut away; and the first cut comes before a
+    full window of frames has been seen."""
+    rng = np.random.default_rng(45)
+    shots = [C.render_shot(rng, 192, 108, n, "square", "green", "right") for n in (9, 40, 30)]
+    assert_cuts(*cuts_of(tmp_path, shots))
