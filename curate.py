@@ -336,10 +336,10 @@ def cuts_from_rows(rows, cfg=CFG):
         return (np.median(np.stack([pad[i:i + n] for i in range(3)]), axis=0),
                 np.median(np.stack([pad[i + 4:i + 4 + n] for i in range(3)]), axis=0))
     before, after = around(shift)
-    steady = (np.abs(shift - before).max(1) <= 2) | (np.abs(shift - after).max(1) <= 2)
+    in_move = (np.abs(shift - before).max(1) <= 2) | (np.abs(shift - after).max(1) <= 2)
     before, after = around(np.where(d0 > 0, d1 / np.maximum(d0, 1e-9), 1.0))
-    steady &= (before <= 0.8) | (after <= 0.8)
-    cuts = cuts_from_scores(np.where(steady, d1, d0), cfg)
+    in_move &= (before <= 0.8) | (after <= 0.8)
+    cuts = cuts_from_scores(np.where(in_move, d1, d0), cfg)
     # fade out to black and in again: no single frame changes much, so cut in the middle of the dark run
     # (PySceneDetect's threshold detector does the same), unless a hard cut already falls inside it
     dark = np.concatenate([[False], level < cfg.fade_level, [False]])
