@@ -524,7 +524,10 @@ def resume_state(path, rank):
             with safe_open(p, "pt") as f:
                 json.loads(f.metadata()["meta"])
             if tried and rank == 0:
-                print(f"warning: {tried[0]} is damaged; resuming from the checkpoint before it, {p}")
+                print(f"warning: {tried[0]} is damaged; resuming from the checkpoint before it, {p} (the "
+                      f"damaged one is kept as {tried[0]}.damaged)")
+                # moved aside, or the next save would rotate it into the place of the good one
+                os.replace(tried[0], tried[0] + ".damaged")
             return p
         except Exception:
             tried.append(p)

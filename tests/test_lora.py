@@ -266,6 +266,8 @@ def test_lora_training_resumes_exactly_also_from_the_previous_checkpoint(folder,
     res = run_lora(folder, str(tmp_path / "cut"), "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "is damaged; resuming from the checkpoint before it" in res.stdout + res.stderr
+    assert (tmp_path / "cut" / "lora_state.safetensors.damaged").is_file()
+    assert read(str(tmp_path / "cut" / "lora_state.prev.safetensors"))[1]["meta"].find('"step": 4') >= 0
     assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
     a, meta = read(str(tmp_path / "full" / "lora.safetensors"))
     b, _ = read(str(tmp_path / "cut" / "lora.safetensors"))
