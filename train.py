@@ -1281,8 +1281,8 @@ def lora_demo(args):
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
     barrier(world)
     args = argparse.Namespace(**dict(vars(args), from_dir=src, out=out, data=data, tier=None,
-                                     lora=args.lora or 8, steps=args.steps or (3 if args.quick else 300),
-                                     lr=args.lr or 3e-3))
+                                     lora=args.lora or 8, steps=args.steps or (3 if args.quick else 150),
+                                     batch=args.batch or 4, lr=args.lr or 4e-3))
     path = lora_main(args)
     if rank != 0:
         return
