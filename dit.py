@@ -508,9 +508,11 @@ class HunyuanVideoDiT(nn.Module):
             self._rope_cache = {key: (cos.to(device), sin.to(device))}  # keep one resolution at a time
         return self._rope_cache[key]
 
-    def forward(self, x, t, text, text_mask, pooled, guidance=None):
+    def forward(self, x, t, text, text_mask, pooled, guidance=None, cache=None):
         """x (B, C, T, H, W); t (B,) in 0..1000; text (B, L, text_dim); text_mask (B, L) 1 = real token,
         right-padded (or None: all real); pooled (B, pooled_dim); guidance (B,) already x1000.
+        cache (sampling only, e.g. sample.TeaCache): shown block 0's modulated image input, it says
+        whether to run the blocks; when it says no, the image tokens get its stored residual instead.
         Returns the velocity (B, out_channels, T, H, W) in the weights' dtype."""
         cfg = self.cfg
         B, C, T, H, W = x.shape
@@ -558,14 +560,16 @@ class HunyuanVideoDiT(nn.Module):
             rope = tuple(tab[r * n_local:(r + 1) * n_local] for tab in rope)
             sp = (self.sp_group, n_local)
 
-        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.double_blocks:
-            args = (img, txt, vec, rope, seg_lens, sp)
-            img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
-        x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
-        for block in self.single_blocks:
-            args = (x, vec, rope, seg_lens, n_local, sp)
-            x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        if cache is None:
+            x = self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)
+        else:  # step caching (TeaCache): skip all blocks, or run them and keep what they added to img
+            mod = self.double_blocks[0].img_mod(vec).chunk(6, dim=-1)
+            probe = modulate(layer_norm(img), mod[0], mod[1])  # block 0's first modulated image input
+            if cache.should_compute(probe, self.sp_group):
+                x = self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)
+                cache.residual = x[:, :n_local] - img
+            else:
+                x = img + cache.residual
         out = self.final_layer(x[:, :n_local], vec)  # (B, L_img, C*pt*ph*pw)
         if sp is not None:  # every rank gets the whole video back
             parts = [torch.empty_like(out) for _ in range(N)]
@@ -576,6 +580,18 @@ class HunyuanVideoDiT(nn.Module):
         out = out.reshape(B, *grid, cfg.out_channels, pt, ph, pw)
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, c, t, pt, h, ph, w, pw)
         return out.reshape(B, cfg.out_channels, T, H, W)
+
+    def run_blocks(self, img, txt, vec, rope, seg_lens, n_local, sp):
+        """The double then the single blocks -> the joint sequence [img ; txt] (B, n_local + L, D)."""
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self.double_blocks:
+            args = (img, txt, vec, rope, seg_lens, sp)
+            img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
+        for block in self.single_blocks:
+            args = (x, vec, rope, seg_lens, n_local, sp)
+            x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
+        return x
 
 
 def num_params(model):

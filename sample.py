@@ -47,13 +47,14 @@ def flow_sigmas(steps, shift):
 
 @torch.no_grad()
 def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None,
-            progress=True):
+            progress=True, cache=None):
     """Integrate the flow ODE dx/dsigma = v from sigma=1 to 0 with Euler steps.
 
     cond/uncond: (text, text_mask, pooled) for the prompt and the negative prompt. Real CFG (cfg_scale > 1)
     runs the batch [uncond ; cond] and combines uncond + w*(cond - uncond); the released model is
     guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype
     first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
+    cache: a TeaCache, reset here, or None (every step runs the whole DiT).
     """
     sigmas = flow_sigmas(steps, shift).to(noise.device)
     dtype = next(model.parameters()).dtype
@@ -66,10 +67,13 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     g = None
     if model.cfg.guidance_embed:
         g = torch.full((B,), float(guidance), device=noise.device, dtype=torch.float32).to(dtype) * 1000.0
+    if cache is not None:
+        cache.reset(steps)
     for i in tqdm(range(steps), desc="denoise", disable=not progress):
         xin = torch.cat([x, x]) if use_cfg else x
         t = (sigmas[i] * 1000).expand(B)
-        v = model(xin, t, text, mask, pooled, g)
+        v = model(xin, t, text, mask, pooled, g) if cache is None else \
+            model(xin, t, text, mask, pooled, g, cache=cache)
         if use_cfg:
             v_u, v_c = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)  # in the DiT's dtype, as the official pipeline combines them
@@ -82,6 +86,63 @@ def initial_noise(shape, seed, device, dtype):
     encoder's dtype, fp16, on the GPU); no scaling: sigma=1 is pure noise."""
     return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator(device).manual_seed(seed + i),
                                   device=device, dtype=dtype) for i in range(shape[0])])
+
+
+class TeaCache:
+    """Step caching as TeaCache publishes it for HunyuanVideo (ali-vilab/TeaCache,
+    TeaCache4HunyuanVideo/teacache_sample_video.py): the DiT's blocks are skipped on a step whose input
+    barely moved, and the image tokens get the residual the blocks added at the last computed step.
+
+    "Moved": the relative L1 change of block 0's modulated image input since the previous step,
+    mean|x - x_prev| / mean|x_prev|, mapped through the published 4th-degree polynomial (fitted by the
+    authors from input changes to output changes) and summed over the skipped steps; once the sum reaches
+    `threshold` the step is computed and the sum restarts. The first and last steps are always computed.
+    Not exact (a skipped step's output is an approximation): off by default; threshold 0 computes every
+    step. A CFG batch [uncond ; cond] gets one decision from the mean over the whole batch and keeps a
+    residual per sample, as the reference does with its batch. Under sequence parallel each rank holds
+    a slice of the image tokens: the two sums are all-reduced, so every rank gets the same distance as
+    one GPU would and takes the same decision."""
+
+    # np.poly1d coefficients, highest power first: TeaCache4HunyuanVideo/teacache_sample_video.py
+    COEFFICIENTS = (7.33226126e+02, -4.01131952e+02, 6.75869174e+01, -3.14987800e+00, 9.61237896e-02)
+    DEFAULT_THRESHOLD = 0.1  # chosen on the demo model: see docs/performance.md "Step caching"
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.reset(1)
+
+    def reset(self, steps):
+        """Before a new sampling run of `steps` steps."""
+        self.steps, self.step = steps, 0
+        self.accumulated, self.previous, self.residual = 0.0, None, None
+        self.computed = self.skipped = 0
+
+    @classmethod
+    def rescale(cls, rel_l1):
+        value = 0.0
+        for c in cls.COEFFICIENTS:  # Horner's rule
+            value = value * rel_l1 + c
+        return value
+
+    def should_compute(self, probe, group=None):
+        """Called by the DiT once per step with block 0's modulated image input (this rank's tokens)."""
+        probe = probe.float()
+        first_or_last = self.step == 0 or self.step == self.steps - 1
+        if first_or_last or self.previous is None or self.previous.shape != probe.shape:
+            compute = True
+        else:
+            sums = torch.stack([(probe - self.previous).abs().sum(), self.previous.abs().sum()]).double()
+            if group is not None:
+                dist.all_reduce(sums, group=group)
+            self.accumulated += self.rescale((sums[0] / sums[1]).item())
+            compute = self.accumulated >= self.threshold
+        if compute:
+            self.accumulated = 0.0
+        self.previous = probe
+        self.step += 1
+        self.computed += compute
+        self.skipped += not compute
+        return compute
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -159,14 +220,15 @@ def offload_blocks(model, device):
 
     Training (train.py --lora --offload) uses it too, under gradient checkpointing: the backward re-runs
     each block's forward, which fetches its weights again. Trainable parameters (the adapters) are not
-    streamed: they stay on `device`, where the optimizer updates them."""
+    streamed: they stay on `device`, where the optimizer updates them. Neither is block 0's img_mod:
+    step caching (TeaCache) runs it alone every step, and a skipped step then streams no block at all."""
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
-    for block in list(model.double_blocks) + list(model.single_blocks):
+    for i, block in enumerate(list(model.double_blocks) + list(model.single_blocks)):
         host = {}
         for n, p in block.named_parameters():
-            if p.requires_grad:
+            if p.requires_grad or (i == 0 and n.startswith("img_mod.")):
                 p.data = p.data.to(device)
                 continue
             try:
@@ -195,11 +257,11 @@ def offload_blocks(model, device):
 @torch.no_grad()
 def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=None, shift=None,
              guidance=None, cfg_scale=None, negative_prompt=text_encoder.NEGATIVE_PROMPT, tiled=True,
-             times=None):
+             times=None, cache=None):
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
-    each stage's seconds."""
+    each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None."""
     H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
     steps = pipe.sampling["steps"] if steps is None else steps
     shift = pipe.sampling["shift"] if shift is None else shift
@@ -227,7 +289,8 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     shape = (len(prompts), pipe.dit.cfg.in_channels, (T - 1) // c.time_compression + 1,
              H // c.spatial_compression, W // c.spatial_compression)
     noise = initial_noise(shape, seed, device, cond[0].dtype)  # official: in the text encoder's dtype
-    latents = denoise(pipe.dit, noise, cond, steps, shift, guidance, cfg_scale, uncond, progress=rank == 0)
+    latents = denoise(pipe.dit, noise, cond, steps, shift, guidance, cfg_scale, uncond, progress=rank == 0,
+                      cache=cache)
     lap("denoise")
     if rank != 0:
         return None
@@ -297,6 +360,16 @@ def lora_spec(spec):
         return path, None
 
 
+def cache_spec(spec):
+    """--cache teacache:THRESHOLD -> a TeaCache; None when malformed."""
+    method, _, tail = spec.partition(":")
+    try:
+        threshold = float(tail) if tail else TeaCache.DEFAULT_THRESHOLD
+    except ValueError:
+        return None
+    return TeaCache(threshold) if method == "teacache" and threshold >= 0 else None
+
+
 def check_args(args, prompts):
     """Every rule, before any model loads: returns the problems, one line each."""
     bad = []
@@ -317,6 +390,9 @@ def check_args(args, prompts):
         bad.append(f"--steps {args.steps}: must be at least 1 (official: 50)")
     if args.shift is not None and args.shift <= 0:
         bad.append(f"--shift {args.shift}: must be positive (official: 7.0)")
+    if args.cache is not None and cache_spec(args.cache) is None:
+        bad.append(f"--cache {args.cache}: write teacache:THRESHOLD with a threshold >= 0, "
+                   f"e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
     if args.cfg_scale is not None and args.cfg_scale < 1:
         bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
     official = [args.dit, args.vae, args.llm, args.clip]
@@ -377,6 +453,9 @@ def main():
                     "CPU memory")
     ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (diffusers/PEFT, "
                     "original-layout or kohya/musubi safetensors) at SCALE (default 1); repeat to stack")
+    ap.add_argument("--cache", metavar="teacache[:THRESHOLD]", help="skip DiT evaluations on steps whose "
+                    "input barely changed (TeaCache; approximate, off by default; threshold default "
+                    f"{TeaCache.DEFAULT_THRESHOLD}, 0 = every step, larger = more skipped)")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
@@ -414,10 +493,11 @@ def main():
     if world > 1:
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}
+    cache = cache_spec(args.cache) if args.cache else None
     # official inference.py: an empty negative prompt, too, means the default one
     videos = generate(pipe, prompts, args.seed, args.height, args.width, args.frames, args.steps, args.shift,
                       args.guidance, args.cfg_scale, args.negative_prompt or text_encoder.NEGATIVE_PROMPT,
-                      tiled=args.tiling, times=times)
+                      tiled=args.tiling, times=times, cache=cache)
     if rank == 0:
         t0 = time.perf_counter()
         fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
@@ -430,6 +510,9 @@ def main():
             print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
         times["write"] = time.perf_counter() - t0
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+        if cache is not None:
+            print(f"teacache {cache.threshold}: {cache.computed} of {cache.computed + cache.skipped} steps "
+                  f"ran the DiT's blocks")
         if device.type == "cuda":
             print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if world > 1:
