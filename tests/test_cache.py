@@ -104,6 +104,17 @@ def test_skipped_steps_reuse_the_cached_residual_exactly(cfg_scale):
     assert torch.equal(final_in[-1], blocks_io[1][1][:, :n])  # the last step ran the blocks again
 
 
+def test_offloaded_blocks_are_streamed_on_computed_steps_only():
+    """sample.offload_blocks keeps block 0's img_mod resident (the cache runs it alone every step); the
+    blocks' weights come over only for the steps that run them, and the result is the resident one's."""
+    resident = run(tiny_dit(), sample.TeaCache(0.8))
+    model = sample.offload_blocks(tiny_dit(), torch.device("cpu"))
+    calls = count_block_calls(model)
+    cache = sample.TeaCache(0.8)
+    assert torch.equal(run(model, cache), resident)
+    assert cache.skipped > 0 and len(calls) == cache.computed * 4
+
+
 def test_polynomial_is_the_published_one():
     # TeaCache4HunyuanVideo/teacache_sample_video.py: np.poly1d of these, highest power first
     assert sample.TeaCache.COEFFICIENTS == (7.33226126e+02, -4.01131952e+02, 6.75869174e+01,
