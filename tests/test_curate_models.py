@@ -392,17 +392,23 @@ def tiny_llava(path):
         "chat_template": template}))
 
 
+def all_three_models(tmp_path, monkeypatch):
+    """Tiny random CLIP (tmp_path/clip) and LLaVA (tmp_path/llava) folders and an aesthetic predictor
+    (tmp_path/aes.pth) whose scores sit near 5, so every clip passes min_aesthetic; short LLaVA answers."""
+    tiny_clip(tmp_path / "clip")
+    tiny_llava(tmp_path / "llava")
+    sd = predictor().state_dict()
+    sd["layers.7.bias"] += 5.0
+    torch.save(sd, tmp_path / "aes.pth")
+    monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
+
+
 def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
     """The full command with text_encoder's real CLIP and LLaVA (tiny and random: LLaVA's answers are not
     JSON, so every record is asked twice and falls back to its sidecar caption or to none) and the
     predictor: one summary line, every clip kept or rejected with a reason, nothing captioned silently."""
     raw = base[0]
-    tiny_clip(tmp_path / "clip")
-    tiny_llava(tmp_path / "llava")
-    sd = predictor().state_dict()
-    sd["layers.7.bias"] += 5.0           # scores near 5: every clip passes min_aesthetic
-    torch.save(sd, tmp_path / "aes.pth")
-    monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
+    all_three_models(tmp_path, monkeypatch)
     out = tmp_path / "out"
     C.main(["--input", str(raw), "--output", str(out), "--workers", "1", "--clip", str(tmp_path / "clip"),
             "--aesthetic", str(tmp_path / "aes.pth"), "--captioner", str(tmp_path / "llava")])
@@ -425,12 +431,7 @@ def test_cli_with_all_three_models(base, tmp_path, monkeypatch, capsys):
 def test_models_on_gpu(base, tmp_path, monkeypatch):
     """On a GPU, CLIP runs in fp16 and LLaVA in bf16: the embeddings and aesthetic scores stay close to the
     CPU's float32 ones, and captioning runs (tiny random LLaVA: its answers fall back, as on the CPU)."""
-    tiny_clip(tmp_path / "clip")
-    tiny_llava(tmp_path / "llava")
-    sd = predictor().state_dict()
-    sd["layers.7.bias"] += 5.0           # scores near 5: every clip passes min_aesthetic
-    torch.save(sd, tmp_path / "aes.pth")
-    monkeypatch.setattr(C, "CAPTION_TOKENS", 6)
+    all_three_models(tmp_path, monkeypatch)
     models = dict(clip=str(tmp_path / "clip"), aesthetic=str(tmp_path / "aes.pth"))
     gpu, cpu = fresh(base, tmp_path / "gpu"), fresh(base, tmp_path / "cpu")
     C.apply_models(gpu, **models, captioner=str(tmp_path / "llava"))
