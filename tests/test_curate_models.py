@@ -2,8 +2,8 @@
 
 CLIP is a tiny random transformers CLIPVisionModelWithProjection saved as a Hugging Face folder and read
 by text_encoder.CLIPVisionEncoder; the expected embeddings come from transformers itself on frames read
-here. The aesthetic predictor is checked against its product of matrices in float64. LLaVA is a scripted test double that
-answers from a script (text_encoder's own tests check the real one against transformers).
+here. The aesthetic predictor is checked against its product of matrices in float64. LLaVA is a test
+double that answers from a script (text_encoder's own tests check the real one against transformers).
 """
 import json
 import os
