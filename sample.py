@@ -225,6 +225,24 @@ def offload_blocks(model, device):
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
+    resident = []  # the (block, host weights) pair whose weights are on `device` now: at most one
+
+    def drop(block, host):
+        for n, p in block.named_parameters():
+            if n in host:
+                p.data = host[n]
+
+    def fetch(block, host):
+        # A checkpointed backward re-runs a block's forward only until it has what the backward needs
+        # (torch.utils.checkpoint's early stop), so that block's forward hook never drops its weights:
+        # the next fetch does, else every block would stay on `device` by the end of the backward.
+        while resident:
+            drop(*resident.pop())
+        resident.append((block, host))
+        for n, p in block.named_parameters():
+            if n in host:
+                p.data = host[n].to(device, non_blocking=True)
+
     for i, block in enumerate(list(model.double_blocks) + list(model.single_blocks)):
         host = {}
         for n, p in block.named_parameters():
@@ -235,19 +253,8 @@ def offload_blocks(model, device):
                 host[n] = p.data.pin_memory() if torch.cuda.is_available() else p.data
             except RuntimeError:  # no room for pinned memory: pageable copies work, more slowly
                 host[n] = p.data
-
-        def fetch(mod, args, host=host):
-            for n, p in mod.named_parameters():
-                if n in host:
-                    p.data = host[n].to(device, non_blocking=True)
-
-        def drop(mod, args, out, host=host):
-            for n, p in mod.named_parameters():
-                if n in host:
-                    p.data = host[n]
-
-        block.register_forward_pre_hook(fetch)
-        block.register_forward_hook(drop)
+        block.register_forward_pre_hook(lambda mod, args, host=host: fetch(mod, host))
+        block.register_forward_hook(lambda mod, args, out, host=host: drop(mod, host))
     return model
 
 

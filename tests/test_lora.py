@@ -358,6 +358,32 @@ def test_offloaded_blocks_with_checkpointing_give_the_same_adapter_gradients():
         assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-7), n
 
 
+def test_offloaded_training_keeps_at_most_one_block_on_the_device(monkeypatch):
+    """The backward's recomputation stops early (torch.utils.checkpoint), so a block's forward hook may never
+    drop its weights; offload_blocks must still hold one block at a time. On a CPU a fetch is no copy, so
+    the test makes the streaming copies visible: .to(..., non_blocking=True) returns a clone."""
+    import sample
+    model = random_model(TINY)
+    dit.add_lora(model, rank=2, alpha=2.0)
+    sample.offload_blocks(model, torch.device("cpu"))
+    blocks = list(model.double_blocks) + list(model.single_blocks)
+    host = [{n: p.data_ptr() for n, p in b.named_parameters() if not p.requires_grad} for b in blocks]
+    plain_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k:
+                        self.clone() if k.get("non_blocking") else plain_to(self, *a, **k))
+
+    def on_device():  # blocks with any streamed weight not its host copy
+        return [i for i, b in enumerate(blocks)
+                if any(p.data_ptr() != host[i][n] for n, p in b.named_parameters() if n in host[i])]
+
+    model.gradient_checkpointing = True
+    out = model(*inputs())
+    assert on_device() == []  # the forward hooks dropped every block
+    out.square().mean().backward()
+    assert len(on_device()) <= 1, on_device()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
 def test_lora_under_fsdp_two_ranks_matches_one_process(folder, tmp_path):
     """torchrun, 2 gloo ranks with FSDP2 (frozen base and adapters sharded together) against one process
     with their global batch."""
