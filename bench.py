@@ -15,6 +15,8 @@ which records every figure with the command, GPU and date it was measured with.
 """
 
 import argparse
+import contextlib
+import functools
 import os
 import resource
 import shutil
@@ -515,11 +517,19 @@ def bench_train(args):
 # lora: one LoRA training step of the 13B (train.py --lora), finetrainers' published setting
 
 
+# finetrainers' targets (to_q, to_k, to_v, to_out.0) on the official names; a single block's q, k and v
+# are rows of linear1, which also holds the MLP input, so its adapter is larger than theirs
+ATTENTION_TARGETS = r"double_blocks\.\d+\.(img|txt)_attn_(qkv|proj)|single_blocks\.\d+\.linear1"
+
+
 def bench_lora(args):
     """One LoRA training step (forward, backward, AdamW on the adapters) of a random-weight 13B at 49x512x768,
-    rank 128 on musubi-tuner's targets (dit.LORA_TARGETS), batch 1, gradient checkpointing, bf16 autocast:
-    seconds and peak memory with the frozen weights in bf16 on the GPU, in fp8 (FP8Linear), and in CPU
-    memory streamed block by block (train.py --offload). On a CPU: the tiny config, a smoke run."""
+    rank 128, batch 1, gradient checkpointing, bf16 autocast, as train.py --lora runs it: seconds and peak
+    memory for each place the frozen weights and the checkpointed block inputs live. Variants: bf16 (all
+    on the GPU), act (bf16, the block inputs in CPU memory: train.py --offload activations), offload (the
+    frozen blocks streamed too: --offload), fp8 (FP8Linear weights). Targets: musubi-tuner's (every block
+    linear but the modulation, dit.LORA_TARGETS) and attention-only (finetrainers'). On a CPU: the tiny
+    config, a smoke run."""
     import sample
     name, (H, W, T), rank, n_txt = ("13b", (512, 768, 49), 128, 256) if CUDA else ("tiny", (64, 64, 9), 4, 16)
     cfg = dit.CONFIGS[name]
@@ -533,40 +543,43 @@ def bench_lora(args):
     guid = torch.full((1,), 1000.0, device=DEVICE)
     print(f"LoRA train step: {name} at {H}x{W}x{T} ({lat[2] * lat[3] * lat[4] // 4} image tokens), "
           f"rank {rank}, batch 1, gradient checkpointing, AdamW, {DEVICE}")
-    rows = []
-    for variant in args.variants:
-        model = random_dit(cfg, torch.bfloat16 if CUDA else torch.float32)
-        if variant == "fp8":
-            dit.quantize_fp8(model)
-        names = dit.add_lora(model, rank, float(rank))
-        if variant == "offload":  # the frozen blocks to pinned CPU memory; the adapters stay on the GPU
+    for targets in args.targets:
+        regex = {"musubi": dit.LORA_TARGETS, "attention": ATTENTION_TARGETS}[targets]
+        for variant in args.variants:
+            model = random_dit(cfg, torch.bfloat16 if CUDA else torch.float32)
+            if variant == "fp8":
+                dit.quantize_fp8(model)
+            names = dit.add_lora(model, rank, float(rank), regex)
+            if variant == "offload":  # the frozen blocks to pinned CPU memory; the adapters stay on the GPU
+                if CUDA:
+                    for block in list(model.double_blocks) + list(model.single_blocks):
+                        for p in block.parameters():
+                            if not p.requires_grad:
+                                p.data = p.data.cpu()
+                    torch.cuda.empty_cache()
+                sample.offload_blocks(model, torch.device(DEVICE))
+            model.gradient_checkpointing = True
+            model.train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(params, lr=1e-4, fused=CUDA)
+            keep_on_cpu = contextlib.nullcontext  # as train.py sets it
+            if CUDA and variant in ("act", "offload"):
+                keep_on_cpu = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True)
+
+            def step():
+                with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA), keep_on_cpu():
+                    loss = (model(x, t, text, mask, pooled, guid).float() - x).square().mean()
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            sec, mem, _ = timed(step, 1, args.iters)
+            n = sum(p.numel() for p in params)
+            print(f"  {targets} targets, {variant}: {sec:.2f} s/step, peak {mem:.1f} GiB "
+                  f"({len(names)} layers, {n:,} adapter parameters)", flush=True)
+            del model, opt, params
             if CUDA:
-                for block in list(model.double_blocks) + list(model.single_blocks):
-                    for p in block.parameters():
-                        if not p.requires_grad:
-                            p.data = p.data.cpu()
                 torch.cuda.empty_cache()
-            sample.offload_blocks(model, torch.device(DEVICE))
-        model.gradient_checkpointing = True
-        model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, fused=CUDA)
-
-        def step():
-            with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=CUDA):
-                loss = (model(x, t, text, mask, pooled, guid).float() - x).square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        sec, mem, _ = timed(step, 1, 2)
-        n = sum(p.numel() for p in params)
-        print(f"  {variant}: {sec:.2f} s/step, peak {mem:.1f} GiB ({len(names)} layers, {n:,} adapter "
-              f"parameters)", flush=True)
-        rows.append((variant, sec, mem))
-        del model, opt, params
-        if CUDA:
-            torch.cuda.empty_cache()
     print("finetrainers at this setting (its docs, attention-only targets): ~42 GB bf16, ~32 GB with fp8 "
           "layerwise upcasting")
 
@@ -651,8 +664,11 @@ def main():
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers comparison")
     p.set_defaults(fn=bench_train)
     p = sub.add_parser("lora", help="13B LoRA training step at 49x512x768, rank 128: s/step, peak memory")
-    p.add_argument("--variants", nargs="+", default=["bf16", "fp8", "offload"],
-                   choices=["bf16", "fp8", "offload"], help="where the frozen weights live")
+    p.add_argument("--variants", nargs="+", default=["bf16", "act", "offload", "fp8"],
+                   choices=["bf16", "act", "offload", "fp8"], help="where the frozen weights and the "
+                   "checkpointed activations live (see bench_lora)")
+    p.add_argument("--targets", nargs="+", default=["musubi", "attention"], choices=["musubi", "attention"])
+    p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")
     p.set_defaults(fn=bench_lora)
     p = sub.add_parser("sample", help="end-to-end sampling (DiT steps + VAE decode)")
     p.add_argument("--steps", type=int, default=50)

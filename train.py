@@ -19,6 +19,8 @@ caches, then the loop), the pipeline that runs them (and the demo), LoRA runs, m
 """
 
 import argparse
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -808,13 +810,14 @@ def load_latent(folder, it, g, scale, sample=True):
 
 
 def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False,
-              init_dit=None, log=print, lora=None, base=None, offload=False):
+              init_dit=None, log=print, lora=None, base=None, offload=None):
     """Flow matching through cfg.stages. Returns the model (training weights) and the EMA dict.
 
     lora = (rank, alpha, targets): the DiT (from init_dit, or `base`, an already loaded model) is frozen
     and only adapters on the targeted layers train (dit.add_lora); no EMA, and the checkpoints hold the
-    adapters and their optimizer state only. offload (LoRA on one GPU): the frozen blocks stay in CPU
-    memory and visit the GPU for their forward and its recomputation in the backward."""
+    adapters and their optimizer state only. offload (LoRA on one GPU, under gradient checkpointing):
+    "activations" keeps each block's checkpointed input in CPU memory until the backward needs it; "all"
+    also keeps the frozen blocks there, each visiting the GPU for its forward and its recomputation."""
     mcfg = dit_config(cfg)
     assert mcfg.guidance_embed == (cfg.train_guidance is not None), \
         "train_guidance must be set iff guidance_embed"
@@ -851,14 +854,14 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
         elif init_dit and lora:
             # a frozen base needs no fp32 master copy: bf16 on a GPU, and official fp8 weights stay fp8
             model = read_dit(torch.bfloat16 if device.type == "cuda" else torch.float32,
-                             "cpu" if offload else device, True)
+                             "cpu" if offload == "all" else device, True)
         elif init_dit:  # fine-tuning, e.g. from the official mp_rank_00_model_states.pt
             model = read_dit(torch.float32, device, False)
         else:
             model = dit.HunyuanVideoDiT(mcfg).to(device)
         if lora:
             dit.add_lora(model, *lora)
-        if offload:
+        if offload == "all":
             sample.offload_blocks(model, device)
         if world > 1:
             shard_model(model, device)
@@ -881,6 +884,11 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             name = cfg.stages[meta["stage"]].name if meta["stage"] < len(cfg.stages) else "done"
             print(f"resumed from {start} at step {meta['step']} (stage {name})")
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 else None
+    # Checkpointing keeps only each block's input for the backward, but at 13B that is 60 x the hidden
+    # states (~7 GiB at 49x512x768): offloaded, they wait in pinned CPU memory instead (docs/lora.md).
+    keep_on_cpu = contextlib.nullcontext
+    if offload and device.type == "cuda":
+        keep_on_cpu = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True)
     scale = vae.cfg.scaling_factor
     cache_dir = os.path.join(out_dir, "cache")
 
@@ -943,7 +951,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(meta["stage_step"], stage, cfg)
-            with autocast or torch.autocast("cpu", enabled=False):
+            with autocast or torch.autocast("cpu", enabled=False), keep_on_cpu():
                 loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
             loss.backward()
             # the norm over all ranks' gradients
@@ -1373,7 +1381,8 @@ def lora_main(args):
         # the frozen base in bf16 on one GPU; fp32 under FSDP, whose shards keep one dtype (it gathers bf16)
         dtype = torch.bfloat16 if device.type == "cuda" and world == 1 else torch.float32
         try:
-            pipe = sample.load_pipeline(args.from_dir, device="cpu" if args.offload else device, dtype=dtype)
+            pipe = sample.load_pipeline(args.from_dir, device="cpu" if args.offload == "all" else device,
+                                        dtype=dtype)
         except (ValueError, OSError) as e:
             sys.exit(f"error: --from {args.from_dir}: {e}")
         encoder, vae, base = pipe.encoder, pipe.vae.float().to(device), pipe.dit
@@ -1444,8 +1453,9 @@ def main():
     lo.add_argument("--lr", type=float, help=f"LoRA learning rate (default {LORA_LR})")
     lo.add_argument("--lora-demo", action="store_true", help="teach the demo model (--from, default "
                     "out/demo) 'moving diagonally' and picture it before/after (OUT/lora_demo.png)")
-    lo.add_argument("--offload", action="store_true", help="LoRA on one GPU: the frozen DiT blocks stay in "
-                    "CPU memory and stream to the GPU for forward and backward (gradient checkpointing on)")
+    lo.add_argument("--offload", nargs="?", const="all", choices=("all", "activations"), help="LoRA on one "
+                    "GPU, gradient checkpointing on: the blocks' saved inputs wait in CPU memory; with 'all' "
+                    "(the default) the frozen DiT blocks too, streamed to the GPU for forward and backward")
     args = ap.parse_args()
     if args.lora_demo:
         lora_demo(args)
