@@ -968,8 +968,11 @@ class LoRALinear(nn.Module):
 
     def forward(self, x):
         y = self.base(x)
+        # under autocast the matmuls run in its dtype anyway: casting x up would only make the backward
+        # keep a second copy of it (train.py's memory at 13B, docs/lora.md)
+        autocast = torch.is_autocast_enabled(x.device.type)
         for A, B, s in zip(self.lora_A, self.lora_B, self.scales):
-            y = y + (s * F.linear(F.linear(x.to(A.dtype), A), B)).to(y.dtype)
+            y = y + (s * F.linear(F.linear(x if autocast else x.to(A.dtype), A), B)).to(y.dtype)
         return y
 
 

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import dit
@@ -382,6 +383,24 @@ def test_offloaded_training_keeps_at_most_one_block_on_the_device(monkeypatch):
     out.square().mean().backward()
     assert len(on_device()) <= 1, on_device()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_adapters_under_autocast_keep_no_extra_copy_of_the_input():
+    """Under bf16 autocast (train.py on a GPU) the adapter path gives what it gives with x cast to the
+    adapters' fp32 first, without the backward keeping a copy of x beside x."""
+    torch.manual_seed(0)
+    layer = dit.LoRALinear(torch.nn.Linear(16, 12).to(torch.bfloat16).requires_grad_(False))
+    layer.add(torch.randn(4, 16), torch.randn(12, 4), 0.5, trainable=True)
+    x = torch.randn(5, 16, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autocast("cpu", torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            y = layer(x)
+        A, B = layer.lora_A[0], layer.lora_B[0]
+        ref = layer.base(x) + (0.5 * F.linear(F.linear(x.float(), A), B)).to(torch.bfloat16)
+    assert torch.equal(y, ref)
+    copies = [t for t in saved if t.shape == x.shape]
+    assert copies and all(t.data_ptr() == x.data_ptr() for t in copies)  # x itself, saved once
 
 
 def test_lora_under_fsdp_two_ranks_matches_one_process(folder, tmp_path):
