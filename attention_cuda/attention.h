@@ -16,6 +16,10 @@ struct AttnParams {
     int batch, heads, len_q, len_k, head_dim;
     float scale;                  // softmax scale, 1/sqrt(head_dim)
     int is_bf16;                  // 1: bf16, 0: fp16
+    // Sliding-tile attention (hopper.cu's forward only): null, or per head its (t, h, w) window in tiles
+    // ((H, 3) int32 on the device), the sequence starting with the T x H x W grid's tokens in tile order
+    const int* sta_windows;
+    int sta_grid[3];
 };
 
 // Each returns 0 (cudaSuccess) or a cudaError_t code, which attn_error_string puts into words.

@@ -228,9 +228,48 @@ constexpr int WS_STAGES = 2;
 constexpr int WS_THREADS = 384;
 // mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
 constexpr int WS_BARS = 1 + 4 * WS_STAGES;
-template <typename T, int D> constexpr int fwd_ws_smem() {  // Q + stages x (K + V) + barriers + 1 KB to align
-    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * static_cast<int>(sizeof(T)) + WS_BARS * 8 + 1024;
+template <typename T, int D> constexpr int fwd_ws_smem() {  // Q, stages x (K, V), barriers, valid keys, align
+    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * 2 + WS_BARS * 8 + WS_STAGES * 4 + 1024;
 }
+
+// The key tiles a forward block visits, in order: dense, [0, kv_len). Sliding-tile attention (sta_layout in
+// __init__.py): the image tokens lead in 6 x 8 x 8 tiles of 384 slots (3 key tiles; a query block lies in
+// one); an image query block visits the tiles of its head's window, a text block every tile, then both the
+// text keys [slots, kv_len). key0(j): tile j's first key and its valid keys (an edge tile's padding slots
+// are not); the first tile always has one, so every row max is finite.
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ int sta_tile(int d) { return d == 0 ? 6 : 8; }  // __init__.py's STA_TILE (t, h, w)
+struct KeyTiles {
+    int lo[3], len[3], n_img = 0, base = 0, kv_len;
+    __device__ KeyTiles(const AttnParams& p, int m0, int h, int n) : kv_len(n) {
+        if (p.sta_windows == nullptr) return;
+        int nt[3], c = m0 / 384;
+        for (int d = 0; d < 3; ++d) nt[d] = (p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d);
+        const int q[3] = {c / (nt[1] * nt[2]), c / nt[2] % nt[1], c % nt[2]};
+        base = nt[0] * nt[1] * nt[2] * 384;
+        for (int d = 0; d < 3; ++d) {  // centred on the query's tile, shifted inward at the grid's edge
+            const int half = p.sta_windows[3 * h + d] / 2, mid = min(max(q[d], half), nt[d] - 1 - half);
+            lo[d] = m0 < base ? max(mid - half, 0) : 0;
+            len[d] = m0 < base ? min(mid + half, nt[d] - 1) - lo[d] + 1 : nt[d];
+        }
+        n_img = 3 * len[0] * len[1] * len[2];
+    }
+    __device__ int count() const { return n_img + (kv_len - base + WG_BN - 1) / WG_BN; }
+    __device__ int key0(const AttnParams& p, int j, int& valid) const {
+        const int text0 = base + (j - n_img) * WG_BN;
+        if (j >= n_img) { valid = min(WG_BN, kv_len - text0); return text0; }
+        const int k = j / 3, first = j % 3 * WG_BN;
+        const int t[3] = {lo[0] + k / (len[1] * len[2]), lo[1] + k / len[2] % len[1], lo[2] + k % len[2]};
+        int tile = 0, tokens = 1;
+        for (int d = 0; d < 3; ++d) {
+            tile = tile * ((p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d)) + t[d];
+            tokens *= min(sta_tile(d), p.sta_grid[d] - t[d] * sta_tile(d));
+        }
+        valid = max(0, min(WG_BN, tokens - first));
+        return tile * 384 + first;
+    }
+};
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(WS_THREADS, 1)
@@ -248,10 +287,11 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     auto v_full = [&](int st) { return bars + 8 * (1 + WS_STAGES + st); };
     auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
     auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * WS_STAGES + st); };
+    int* s_valid = reinterpret_cast<int*>(sV + WS_STAGES * KV_BYTES + WS_BARS * 8);  // per stage: valid keys
     const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
-    const int kv_len = p.kv_lens[b];
-    const int n_tiles = (kv_len + WG_BN - 1) / WG_BN;
+    const KeyTiles keys(p, m0, h, p.kv_lens[b]);
+    const int n_tiles = keys.count();
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WS_STAGES; ++st) {
@@ -275,16 +315,19 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             for (int j = 0; j < n_tiles; ++j) {
                 const int st = j % WS_STAGES;
                 const uint32_t parity = (j / WS_STAGES) & 1;
+                int valid;
+                const int key0 = keys.key0(p, j, valid);
                 if (j >= WS_STAGES) mbar_wait(k_empty(st), parity ^ 1);
+                s_valid[st] = valid;  // released to the consumers by the arrival on K full
                 mbar_arrive_expect(k_full(st), KV_BYTES);
                 for (int half = 0; half < D / 64; ++half)
                     tma_load_4d(smem_u32(sK + st * KV_BYTES) + half * WG_BN * 128, &map_k, k_full(st), half * 64, h,
-                                j * WG_BN, b);
+                                key0, b);
                 if (j >= WS_STAGES) mbar_wait(v_empty(st), parity ^ 1);
                 mbar_arrive_expect(v_full(st), KV_BYTES);
                 for (int half = 0; half < D / 64; ++half)
                     tma_load_4d(smem_u32(sV + st * KV_BYTES) + half * WG_BN * 128, &map_v, v_full(st), half * 64, h,
-                                j * WG_BN, b);
+                                key0, b);
             }
         }
     } else {
@@ -293,7 +336,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, t = lane % 4;
         const uint32_t q_addr = smem_u32(sQ) + cw * 64 * 128;
         const float scale_log2 = p.scale * LOG2E;
-        const int tail = kv_len - (n_tiles - 1) * WG_BN;  // valid keys in the last tile, 1..128
         // Named barrier 1 + c: "consumer c may issue". Consumer 0 goes first; each passes the turn on after
         // issuing a tile's products (id 3: both consumers, after zeroing V's padded rows).
         if (cw == 1) named_arrive(1, 256);
@@ -309,12 +351,13 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         auto scores = [&](int j, bool with_pv) {
             const int st = j % WS_STAGES, prev = (j + WS_STAGES - 1) % WS_STAGES;
             mbar_wait(k_full(st), (j / WS_STAGES) & 1);
+            const int valid = s_valid[st];  // read before the named barrier, so before this warp releases K
             if (with_pv) mbar_wait(v_full(prev), ((j - 1) / WS_STAGES) & 1);
             named_sync(1 + cw, 256);
             wgmma_fence();
             wgmma_dot_rows<T, WG_BN, D, WG_BM, WG_BN>(s, q_addr, smem_u32(sK + st * KV_BYTES));
             wgmma_commit();
-            if (with_pv) {  // tile j-1 < the last: no padded V rows
+            if (with_pv) {  // tile j-1 < the last: its keys past `valid` are padding slots, finite, P = 0
                 wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + prev * KV_BYTES));
                 wgmma_commit();
                 named_arrive(1 + (cw ^ 1), 256);
@@ -325,7 +368,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             }
             fence_regs(s);
             if (lane == 0) mbar_arrive(k_empty(st));  // this warp no longer reads K tile j
-            if (j == n_tiles - 1 && tail < WG_BN) mask_keys(s, j * WG_BN, kv_len, t);
+            if (valid < WG_BN) mask_keys(s, 0, valid, t);
             softmax_rows(s, m_row, l_row, scale_log2, alpha);
         };
         scores(0, false);
@@ -343,6 +386,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         // wait for each other).
         const int last = (n_tiles - 1) % WS_STAGES;
         mbar_wait(v_full(last), ((n_tiles - 1) / WS_STAGES) & 1);
+        const int tail = s_valid[last];  // valid keys in the last tile (nothing overwrites it any more)
         if (tail < WG_BN) {
             zero_tail_rows<WG_BN, D, 256>(sV + last * KV_BYTES, tail, threadIdx.x - 128);
             named_sync(3, 256);
