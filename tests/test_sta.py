@@ -242,14 +242,17 @@ hopper = pytest.mark.skipif(not CUDA or torch.cuda.get_device_capability() != (9
 
 
 @hopper
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("D", [64, 128])
-@pytest.mark.parametrize("grid, windows, text_len", [
-    ((7, 9, 10), ((1, 1, 1), (3, 1, 5), (2, 2, 2), (9, 9, 9)), (256, 40)),
-    ((18, 24, 40), ((3, 3, 3), (1, 3, 5), (3, 1, 1), (5, 3, 5)), (17, 256)),
-    ((33, 45, 80), ((3, 3, 7),) * 2 + ((1, 6, 10), (5, 1, 10)), (256, 90)),   # 720p's grid, cut edge tiles
+@pytest.mark.parametrize("dtype, D, grid, windows, text_len", [
+    (torch.bfloat16, 128, (7, 9, 10), ((1, 1, 1), (3, 1, 5), (2, 2, 2), (9, 9, 9)), (256, 40)),
+    (torch.float16, 64, (7, 9, 10), ((1, 1, 1), (3, 1, 5), (2, 2, 2), (9, 9, 9)), (256, 40)),
+    (torch.float16, 128, (18, 24, 40), ((3, 3, 3), (1, 3, 5), (3, 1, 1), (5, 3, 5)), (17, 256)),
+    (torch.bfloat16, 64, (18, 24, 40), ((3, 3, 3), (1, 3, 5), (3, 1, 1), (5, 3, 5)), (0, 1)),
+    (torch.bfloat16, 128, (33, 45, 80), ((3, 3, 7), (1, 6, 10), (5, 1, 10), (3, 3, 7)), (256, 90)),  # 720p
 ])
 def test_kernel_sparse_forward_matches_fallback(dtype, D, grid, windows, text_len):
+    """Edge tiles cut by the grid (their padding slots masked in the middle of the key loop), windows wider
+    than the grid, text lengths 0 to 256 (text tiles ending inside a tile, none at all), and in the
+    last case the 720p latent grid with the published windows' shapes."""
     assert attention_cuda.kernel_available()
     _, n_slots = sta_layout(grid)
     L, H = n_slots + 256, len(windows)
@@ -273,3 +276,17 @@ def test_kernel_sparse_backward_is_refused():
     out = attention(q, q, q, sparse=(grid, ((1, 1, 1),) * 2))
     with pytest.raises(RuntimeError, match="forward-only"):
         out.sum().backward()
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_other_gpus_take_the_masked_path(monkeypatch):
+    """Off Hopper (use_hopper_kernel says no) sparse runs the masked SDPA path, not the portable kernel,
+    which has no windows."""
+    monkeypatch.setattr(attention_cuda, "use_hopper_kernel", lambda device: False)
+    grid, windows = (7, 9, 10), ((1, 1, 1), (3, 1, 5))
+    _, n_slots = sta_layout(grid)
+    q, k, v = (torch.randn(1, n_slots + 8, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    called = []
+    monkeypatch.setattr(attention_cuda, "_sta_sdpa", lambda *a: called.append(1) or a[0])
+    attention(q, k, v, [n_slots + 3], sparse=(grid, windows))
+    assert called == [1]
