@@ -36,8 +36,8 @@ import vae as vae_lib
 OFFICIAL_SAMPLING = {"steps": 50, "shift": 7.0, "guidance": 6.0, "cfg_scale": 1.0}
 # official sample_video.py: 720p, 129 frames, saved at 24 fps
 OFFICIAL_VIDEO = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
-# --sparse sta's default window in tiles, ~17% of the image keys at 720x1280x129: about the published
-# HunyuanVideo strategy's average density (docs/attention.md, "Sliding-tile attention")
+# --sparse sta's default window in tiles: ~19% of the dense attention pairs at 720x1280x129, near the
+# released HunyuanVideo strategy's average (docs/attention.md, "Sliding-tile attention")
 STA_WINDOW = "3,3,7"
 
 
