@@ -20,14 +20,12 @@
 //   hopper_bwd_dkdv_kernel: 128 keys per block (64 per consumer); K, V copied once, then Q, dO (TMA) and
 //     lse, delta (the producer's warp 1, plain loads) in 64-query tiles;
 //   hopper_bwd_dq_kernel: 128 queries per block; Q, dO copied once, then K, V in 64-key tiles.
-// Padded keys: only ceil(n / tile) tiles are copied, but TMA copies the rows past n in the last one as
-// memory holds them (NaN included, and 0 x NaN is NaN on the tensor cores too). So their scores are set to
-// -inf (forward) or their P and dS selected to 0 (backward), never multiplied by a mask, and the padded
-// rows of a tile contracted over keys (V in O += P V, K in dQ += dS K) are zeroed in shared memory first.
+// Padded keys: TMA copies the rows past n in the last tile as memory holds them (NaN too; 0 x NaN is NaN on
+// the tensor cores), so their scores are set to -inf or P, dS selected to 0, never multiplied by a mask,
+// and the padded rows of V (in O += P V) and K (in dQ += dS K) are zeroed in shared memory first.
 // Where the driver refuses a tensor map (strides not multiples of 16 bytes) the host runs portable.cu.
 #include <cuda.h>          // CUtensorMap and its enums only: nothing links libcuda (see encode_tiled)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
-#include <type_traits>
 #include "common.cuh"
 
 namespace {
@@ -57,14 +55,19 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
-// The compiler sees a wgmma's accumulators as written when the instruction is issued, not when wait_group
-// returns: this pins every read of them after the wait (an empty volatile asm that "rewrites" each one).
-template <int NB>
-__device__ __forceinline__ void fence_regs(float (&d)[NB][4]) {
+// The compiler sees a wgmma's accumulators (float) as written when the instruction is issued, not when
+// wait_group returns, and its register A operand (uint32_t) as read at issue, though the tensor cores read
+// it until then: this pins every read of the former after the wait, and keeps the latter's values (and so
+// the registers) live until it (an empty volatile asm that "rewrites" each one).
+template <typename R, int NB>
+__device__ __forceinline__ void fence_regs(R (&d)[NB][4]) {
 #pragma unroll
     for (int i = 0; i < NB; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e]) :: "memory");
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (std::is_same<R, float>::value) asm volatile("" : "+f"(d[i][e]) :: "memory");
+            else asm volatile("" : "+r"(d[i][e]) :: "memory");
+        }
 }
 
 // The accumulator operands of an m64nN wgmma: d[0..N/8)[0..4), as in-out registers.
@@ -90,14 +93,12 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
                  "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN              \
                  ", " A ", " B ", p, 1, 1, 0, 0;\n}\n"                                                          \
                  : WGMMA_ACC##NN : "l"(desc_a), "l"(desc_b), "r"(accumulate))
-    if constexpr (N == 128) {
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 128, "%64", "%65", "%66");
-        else WGMMA_SS("f16", 128, "%64", "%65", "%66");
-    } else {
-        static_assert(N == 64, "wgmma_ss: N = 64 or 128");
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 64, "%32", "%33", "%34");
-        else WGMMA_SS("f16", 64, "%32", "%33", "%34");
-    }
+    static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
+    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    if constexpr (N == 128 && bf16) WGMMA_SS("bf16", 128, "%64", "%65", "%66");
+    else if constexpr (N == 128) WGMMA_SS("f16", 128, "%64", "%65", "%66");
+    else if constexpr (bf16) WGMMA_SS("bf16", 64, "%32", "%33", "%34");
+    else WGMMA_SS("f16", 64, "%32", "%33", "%34");
 #undef WGMMA_SS
 }
 
@@ -110,14 +111,12 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
                  "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN               \
                  ", {" A0 ", " A1 ", " A2 ", " A3 "}, " B ", p, 1, 1, 1;\n}\n"                                 \
                  : WGMMA_ACC##NN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-    if constexpr (N == 128) {
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
-        else WGMMA_RS("f16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
-    } else {
-        static_assert(N == 64, "wgmma_rs: N = 64 or 128");
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
-        else WGMMA_RS("f16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
-    }
+    static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
+    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    if constexpr (N == 128 && bf16) WGMMA_RS("bf16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+    else if constexpr (N == 128) WGMMA_RS("f16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+    else if constexpr (bf16) WGMMA_RS("bf16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
+    else WGMMA_RS("f16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
 #undef WGMMA_RS
 }
 
@@ -197,16 +196,6 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 #endif
-// A wgmma reads its register A operand until wait_group returns: this keeps those registers' values (and
-// so the registers) live until then, as fence_regs does for the accumulators.
-template <int NK>
-__device__ __forceinline__ void fence_regs(uint32_t (&a)[NK][4]) {
-#pragma unroll
-    for (int i = 0; i < NK; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e]) :: "memory");
-}
-
 // Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (i in 0..NT-1; the swizzle moves
 // chunks within a row only). The tensor cores read the tile next: each thread fences its stores into the
 // async proxy; the caller then syncs the NT threads.
@@ -232,11 +221,9 @@ template <typename T, int D> constexpr int fwd_ws_smem() {  // Q, stages x (K, V
     return (WG_BM + 2 * WS_STAGES * WG_BN) * D * 2 + WS_BARS * 8 + WS_STAGES * 4 + 1024;
 }
 
-// The key tiles a forward block visits, in order: dense, [0, kv_len). Sliding-tile attention (sta_layout in
-// __init__.py): the image tokens lead in 6 x 8 x 8 tiles of 384 slots (3 key tiles; a query block lies in
-// one); an image query block visits the tiles of its head's window, a text block every tile, then both the
-// text keys [slots, kv_len). key0(j): tile j's first key and its valid keys (an edge tile's padding slots
-// are not); the first tile always has one, so every row max is finite.
+// The key tiles a forward block visits: dense, [0, kv_len); sliding-tile attention (docs/attention.md), the
+// tiles of the head's window (a text block: all) of the 384-slot tiles leading the sequence, then the text.
+// key0(j): tile j's first key and its valid keys (the first tile has one: every row max is finite).
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ int sta_tile(int d) { return d == 0 ? 6 : 8; }  // __init__.py's STA_TILE (t, h, w)
 struct KeyTiles {
@@ -315,8 +302,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             for (int j = 0; j < n_tiles; ++j) {
                 const int st = j % WS_STAGES;
                 const uint32_t parity = (j / WS_STAGES) & 1;
-                int valid;
-                const int key0 = keys.key0(p, j, valid);
+                int valid, key0 = keys.key0(p, j, valid);
                 if (j >= WS_STAGES) mbar_wait(k_empty(st), parity ^ 1);
                 s_valid[st] = valid;  // released to the consumers by the arrival on K full
                 mbar_arrive_expect(k_full(st), KV_BYTES);
@@ -763,9 +749,5 @@ int backward(const AttnParams& p, cudaStream_t stream) {
 }
 }  // namespace
 
-int attn_hopper_forward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(forward, p, static_cast<cudaStream_t>(s));
-}
-int attn_hopper_backward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(backward, p, static_cast<cudaStream_t>(s));
-}
+ATTN_ENTRY(attn_hopper_forward, forward)
+ATTN_ENTRY(attn_hopper_backward, backward)
