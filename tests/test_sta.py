@@ -150,7 +150,7 @@ def tiny_inputs(T=7, H=18, W=18):
 def test_dit_windows_covering_the_grid_equal_dense():
     """Windows that cover the whole tile grid make STA dense: the tile reordering of the image tokens, the
     RoPE rows and the text lengths around the blocks must then change nothing (float64, rounding only)."""
-    model, args = tiny_model(), tiny_inputs()  # latent grid 7 x 9 x 9 after the 1 x 2 x 2 patch: 2 x 2 x 2 tiles
+    model, args = tiny_model(), tiny_inputs()  # grid 7 x 9 x 9 after the 1 x 2 x 2 patch: 2 x 2 x 2 tiles
     with torch.no_grad():
         dense = model(*args)
         full = model(*args, sparse=dit.SlidingTile.uniform(CFG, (3, 3, 3)))
@@ -232,6 +232,24 @@ def test_cli_rejects_bad_sparse_options(tmp_path):
     msg = r.stderr.strip()
     assert r.returncode != 0 and all(line.startswith("error: ") for line in msg.splitlines()), msg
     assert "--sta-window 3,3" in msg and "--sta-full-steps -1" in msg and "none.json: no such file" in msg
+
+
+def test_sample_cli_end_to_end(tmp_path):
+    """sample.py --sparse sta on a tiny checkpoint folder: the video is written; a window table of the
+    wrong shape is one line naming the file."""
+    from test_sample import make_ckpt
+    ckpt = make_ckpt(str(tmp_path / "ckpt"))
+    out = str(tmp_path / "v.mp4")
+    run = [sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", ckpt, "--prompt", "a red circle",
+           "--out", out, "--steps", "2", "--sparse", "sta", "--sta-full-steps", "1"]
+    r = subprocess.run(run + ["--sta-window", "1,1,1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 0 and os.path.isfile(out), r.stderr
+    table = tmp_path / "w.json"
+    table.write_text("[[[1, 1, 1]]]")
+    r = subprocess.run(run + ["--sta-strategy", str(table)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    msg = r.stderr.strip()
+    assert r.returncode != 0 and msg.startswith(f"error: STA window table {table}") and "\n" not in msg, msg
 
 
 # -----------------------------------------------------------------------------
