@@ -226,7 +226,7 @@ _DENSE_MASK_MAX = 1 << 22
 
 
 @torch.compiler.disable  # a graph break for compile_blocks: the dispatch below branches on python ints
-def attention(q, k, v, seg_lens=None, sp=None, sparse=None):  # (the text lengths): would recompile
+def attention(q, k, v, seg_lens=None, sp=None, sparse=None):  # (the text lengths), which would recompile
     """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
 
     seg_lens[i] (a python int) reproduces the official flash-attn varlen call (official

@@ -25,7 +25,7 @@ Sliding-tile attention (STA, Zhang et al. 2025, arXiv 2502.04507), for sampling:
     o = attention(q, k, v, kv_lens, sparse=((T, H, W), windows))   # windows: one (t, h, w) per head
 
 The first n_slots rows of q, k, v are the image tokens in tile order (sta_layout; slots of edge tiles past
-the grid are padding, never keys), the rest text. An image query attends to the image keys of the tiles in
+the grid are padding, never keys, and their output rows are any finite values), the rest text. An image query attends to the image keys of the tiles in
 its head's window and to every valid text key; a text query to every valid key. On Hopper the kernel
 visits only those key tiles (forward only); elsewhere the same mask runs through SDPA, tile by tile.
 """

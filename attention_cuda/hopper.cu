@@ -223,37 +223,65 @@ template <typename T, int D> constexpr int fwd_ws_smem() {  // Q, stages x (K, V
 
 // The key tiles a forward block visits: dense, [0, kv_len); sliding-tile attention (docs/attention.md), the
 // tiles of the head's window (a text block: all) of the 384-slot tiles leading the sequence, then the text.
-// key0(j): tile j's first key and its valid keys (the first tile has one: every row max is finite).
+// Key tiles of padding slots only are skipped; `idle`: a block of padding-slot queries only.
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 __device__ __forceinline__ int sta_tile(int d) { return d == 0 ? 6 : 8; }  // __init__.py's STA_TILE (t, h, w)
 struct KeyTiles {
-    int lo[3], len[3], n_img = 0, base = 0, kv_len;
-    __device__ KeyTiles(const AttnParams& p, int m0, int h, int n) : kv_len(n) {
-        if (p.sta_windows == nullptr) return;
-        int nt[3], c = m0 / 384;
-        for (int d = 0; d < 3; ++d) nt[d] = (p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d);
-        const int q[3] = {c / (nt[1] * nt[2]), c / nt[2] % nt[1], c % nt[2]};
-        base = nt[0] * nt[1] * nt[2] * 384;
-        for (int d = 0; d < 3; ++d) {  // centred on the query's tile, shifted inward at the grid's edge
-            const int half = p.sta_windows[3 * h + d] / 2, mid = min(max(q[d], half), nt[d] - 1 - half);
-            lo[d] = m0 < base ? max(mid - half, 0) : 0;
-            len[d] = m0 < base ? min(mid + half, nt[d] - 1) - lo[d] + 1 : nt[d];
-        }
-        n_img = 3 * len[0] * len[1] * len[2];
-    }
-    __device__ int count() const { return n_img + (kv_len - base + WG_BN - 1) / WG_BN; }
-    __device__ int key0(const AttnParams& p, int j, int& valid) const {
-        const int text0 = base + (j - n_img) * WG_BN;
-        if (j >= n_img) { valid = min(WG_BN, kv_len - text0); return text0; }
-        const int k = j / 3, first = j % 3 * WG_BN;
-        const int t[3] = {lo[0] + k / (len[1] * len[2]), lo[1] + k / len[2] % len[1], lo[2] + k % len[2]};
-        int tile = 0, tokens = 1;
+    int lo[3], len[3], n_win = 0, base = 0, kv_len, n = 0, k = 0, c = 0;  // k, c: next()'s tile and key tile
+    bool idle = false;
+    // The tile at tile coordinates t: its index in the tile grid and its tokens (fewer at the grid's edge).
+    __device__ static int tile(const AttnParams& p, const int (&t)[3], int& tokens) {
+        int index = 0;
+        tokens = 1;
         for (int d = 0; d < 3; ++d) {
-            tile = tile * ((p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d)) + t[d];
+            index = index * ((p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d)) + t[d];
             tokens *= min(sta_tile(d), p.sta_grid[d] - t[d] * sta_tile(d));
         }
-        valid = max(0, min(WG_BN, tokens - first));
-        return tile * 384 + first;
+        return index;
+    }
+    __device__ int window_tile(const AttnParams& p, int i, int& tokens) const {  // tile i of the window
+        const int t[3] = {lo[0] + i / (len[1] * len[2]), lo[1] + i / len[2] % len[1], lo[2] + i % len[2]};
+        return tile(p, t, tokens);
+    }
+    __device__ KeyTiles(const AttnParams& p, int m0, int h, int kv_len_) : kv_len(kv_len_) {
+        if (p.sta_windows != nullptr) {
+            int nt[3], q = m0 / 384, tokens;
+            for (int d = 0; d < 3; ++d) nt[d] = (p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d);
+            const int qc[3] = {q / (nt[1] * nt[2]), q / nt[2] % nt[1], q % nt[2]};
+            base = nt[0] * nt[1] * nt[2] * 384;
+            for (int d = 0; d < 3; ++d) {  // centred on the query's tile, shifted inward at the grid's edge
+                const int half = p.sta_windows[3 * h + d] / 2, mid = min(max(qc[d], half), nt[d] - 1 - half);
+                lo[d] = m0 < base ? max(mid - half, 0) : 0;
+                len[d] = m0 < base ? min(mid + half, nt[d] - 1) - lo[d] + 1 : nt[d];
+            }
+            if (m0 < base) {
+                tile(p, qc, tokens);
+                idle = m0 % 384 >= tokens;
+            }
+            n_win = len[0] * len[1] * len[2];
+            for (int i = 0; i < n_win; ++i) {
+                window_tile(p, i, tokens);
+                n += (tokens + WG_BN - 1) / WG_BN;
+            }
+        }
+        n += (kv_len - base + WG_BN - 1) / WG_BN;
+    }
+    // The next key tile, in order: its first key and (in `valid`) its valid keys (the first has one, so
+    // every row max is finite).
+    __device__ int next(const AttnParams& p, int& valid) {
+        if (k < n_win) {
+            int tokens;
+            const int key0 = window_tile(p, k, tokens) * 384 + c * WG_BN;
+            valid = min(WG_BN, tokens - c * WG_BN);
+            if (++c * WG_BN >= tokens) {
+                ++k;
+                c = 0;
+            }
+            return key0;
+        }
+        const int key0 = base + c++ * WG_BN;  // the text's tiles
+        valid = min(WG_BN, kv_len - key0);
+        return key0;
     }
 };
 #endif
@@ -277,8 +305,14 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     int* s_valid = reinterpret_cast<int*>(sV + WS_STAGES * KV_BYTES + WS_BARS * 8);  // per stage: valid keys
     const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
     const int wg = threadIdx.x / 128;
-    const KeyTiles keys(p, m0, h, p.kv_lens[b]);
-    const int n_tiles = keys.count();
+    KeyTiles keys(p, m0, h, p.kv_lens[b]);
+    const int n_tiles = keys.n;
+    if (keys.idle) {  // padding-slot queries only: zeros, so the DiT's padding tokens stay finite
+        T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+        for (int i = threadIdx.x; i < WG_BM * D / 8; i += WS_THREADS)
+            *reinterpret_cast<uint4*>(out + (m0 + i / (D / 8)) * p.o.stride_l + i % (D / 8) * 8) = uint4{};
+        return;
+    }
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WS_STAGES; ++st) {
@@ -302,7 +336,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             for (int j = 0; j < n_tiles; ++j) {
                 const int st = j % WS_STAGES;
                 const uint32_t parity = (j / WS_STAGES) & 1;
-                int valid, key0 = keys.key0(p, j, valid);
+                int valid, key0 = keys.next(p, valid);
                 if (j >= WS_STAGES) mbar_wait(k_empty(st), parity ^ 1);
                 s_valid[st] = valid;  // released to the consumers by the arrival on K full
                 mbar_arrive_expect(k_full(st), KV_BYTES);
@@ -727,7 +761,7 @@ int forward(const AttnParams& p, cudaStream_t stream) {
         !tensor_map(&maps[2], p.v, p.len_k, p, WG_BN))
         return ATTN_NO_TENSOR_MAP;
     return launch(hopper_fwd_kernel<T, D>, dim3((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch), WS_THREADS,
-                  fwd_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2]);  // D = 128: 164,936 B
+                  fwd_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2]);  // D = 128: 164,944 B
 }
 
 template <typename T, int D>
