@@ -303,7 +303,8 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
     auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * WS_STAGES + st); };
     int* s_valid = reinterpret_cast<int*>(sV + WS_STAGES * KV_BYTES + WS_BARS * 8);  // per stage: valid keys
-    const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
+    const int h = blockIdx.y, b = blockIdx.z;  // sliding-tile: the text blocks (every image tile) go first
+    const int m0 = (p.sta_windows ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * WG_BM;
     const int wg = threadIdx.x / 128;
     KeyTiles keys(p, m0, h, p.kv_lens[b]);
     const int n_tiles = keys.n;
