@@ -229,8 +229,9 @@ __device__ __forceinline__ int sta_tile(int d) { return d == 0 ? 6 : 8; }  // __
 struct KeyTiles {
     int lo[3], len[3], n_win = 0, base = 0, kv_len, n = 0, k = 0, c = 0;  // k, c: next()'s tile and key tile
     bool idle = false;
-    // The tile at tile coordinates t: its index in the tile grid and its tokens (fewer at the grid's edge).
-    __device__ static int tile(const AttnParams& p, const int (&t)[3], int& tokens) {
+    // Tile i of the window: its index in the tile grid and its tokens (fewer at the grid's edge).
+    __device__ int tile(const AttnParams& p, int i, int& tokens) const {
+        const int t[3] = {lo[0] + i / (len[1] * len[2]), lo[1] + i / len[2] % len[1], lo[2] + i % len[2]};
         int index = 0;
         tokens = 1;
         for (int d = 0; d < 3; ++d) {
@@ -239,13 +240,9 @@ struct KeyTiles {
         }
         return index;
     }
-    __device__ int window_tile(const AttnParams& p, int i, int& tokens) const {  // tile i of the window
-        const int t[3] = {lo[0] + i / (len[1] * len[2]), lo[1] + i / len[2] % len[1], lo[2] + i % len[2]};
-        return tile(p, t, tokens);
-    }
     __device__ KeyTiles(const AttnParams& p, int m0, int h, int kv_len_) : kv_len(kv_len_) {
         if (p.sta_windows != nullptr) {
-            int nt[3], q = m0 / 384, tokens;
+            int nt[3], q = m0 / 384, tokens = 1;
             for (int d = 0; d < 3; ++d) nt[d] = (p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d);
             const int qc[3] = {q / (nt[1] * nt[2]), q / nt[2] % nt[1], q % nt[2]};
             base = nt[0] * nt[1] * nt[2] * 384;
@@ -253,14 +250,12 @@ struct KeyTiles {
                 const int half = p.sta_windows[3 * h + d] / 2, mid = min(max(qc[d], half), nt[d] - 1 - half);
                 lo[d] = m0 < base ? max(mid - half, 0) : 0;
                 len[d] = m0 < base ? min(mid + half, nt[d] - 1) - lo[d] + 1 : nt[d];
+                tokens *= min(sta_tile(d), p.sta_grid[d] - qc[d] * sta_tile(d));  // the query tile's
             }
-            if (m0 < base) {
-                tile(p, qc, tokens);
-                idle = m0 % 384 >= tokens;
-            }
+            idle = m0 < base && m0 % 384 >= tokens;
             n_win = len[0] * len[1] * len[2];
             for (int i = 0; i < n_win; ++i) {
-                window_tile(p, i, tokens);
+                tile(p, i, tokens);
                 n += (tokens + WG_BN - 1) / WG_BN;
             }
         }
@@ -271,7 +266,7 @@ struct KeyTiles {
     __device__ int next(const AttnParams& p, int& valid) {
         if (k < n_win) {
             int tokens;
-            const int key0 = window_tile(p, k, tokens) * 384 + c * WG_BN;
+            const int key0 = tile(p, k, tokens) * 384 + c * WG_BN;
             valid = min(WG_BN, tokens - c * WG_BN);
             if (++c * WG_BN >= tokens) {
                 ++k;
