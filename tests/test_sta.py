@@ -206,6 +206,21 @@ def test_sta_off_is_bit_identical_and_full_steps_are_honoured(monkeypatch):
     assert seen == [None, None, sta, sta, sta]
 
 
+def test_sparse_with_step_caching():
+    """--sparse sta with --cache teacache: threshold 0 computes every step, so the result is bit for bit
+    the sparse run's; a cached run skips steps and still finishes (the residual is kept in raster order)."""
+    model, (x, _, text, mask, pooled) = tiny_model().float(), tiny_inputs(T=3, H=18, W=18)
+    x, text, pooled = x.float(), text.float(), pooled.float()
+    sta = dit.SlidingTile.uniform(CFG, (1, 1, 1), full_steps=1)
+    cond = (text, mask, pooled)
+    alone = sample.denoise(model, x, cond, steps=4, progress=False, sparse=sta)
+    zero = sample.TeaCache(0.0)
+    assert torch.equal(sample.denoise(model, x, cond, steps=4, progress=False, sparse=sta, cache=zero), alone)
+    cache = sample.TeaCache(10.0)
+    out = sample.denoise(model, x, cond, steps=4, progress=False, sparse=sta, cache=cache)
+    assert cache.skipped > 0 and out.isfinite().all()
+
+
 def test_window_table_file(tmp_path):
     good = [[[1, 2, 3], [3, 3, 3]], [[5, 1, 1], [1, 1, 1]]]
     path = tmp_path / "w.json"
