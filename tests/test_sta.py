@@ -160,27 +160,31 @@ def test_dit_windows_covering_the_grid_equal_dense():
 
 
 def test_dit_sparse_matches_a_raster_order_masked_model(monkeypatch):
-    """The DiT with narrow windows equals the same DiT run densely in raster order with every attention
-    call masked by reference_mask: the reordering is exact, only the mask differs."""
+    """The DiT with narrow windows, different per layer, equals the same DiT run densely in raster order
+    with each block's attention masked by reference_mask for that layer's windows: the reordering is
+    exact, only the mask differs."""
     model, args = tiny_model(), tiny_inputs()
     grid = (7, 9, 9)
-    windows = ((1, 1, 1), (3, 1, 3))
-    sta = dit.SlidingTile(((windows,) * 2), full_steps=0)
+    table = (((1, 1, 1), (3, 1, 3)), ((1, 3, 1), (1, 1, 1)))  # layer 0: the double block, 1: the single
     with torch.no_grad():
-        sparse = model(*args, sparse=sta)
+        sparse = model(*args, sparse=dit.SlidingTile(table, full_steps=0))
     n_img = math.prod(grid)
-    masks = [reference_mask(grid, windows, 5, n) for n in (5, 2)]
+    masks = [[reference_mask(grid, windows, 5, n) for n in (5, 2)] for windows in table]
+    calls = []
 
     def masked(q, k, v, seg_lens=None, sp=None, sparse=None):
         if q.shape[1] != n_img + 5:  # the token refiner
             return dense_attention(q, k, v, seg_lens, sp)
-        out = torch.stack([reference(q[b], k[b], v[b], masks[b]) for b in range(2)])
+        layer = masks[len(calls)]
+        calls.append(1)
+        out = torch.stack([reference(q[b], k[b], v[b], layer[b]) for b in range(2)])
         return out.to(q.dtype).flatten(2)
 
     dense_attention = dit.attention
     monkeypatch.setattr(dit, "attention", masked)
     with torch.no_grad():
         ref = model(*args)
+    assert len(calls) == 2
     torch.testing.assert_close(sparse, ref, rtol=1e-9, atol=1e-9)
 
 
