@@ -25,9 +25,10 @@ Sliding-tile attention (STA, Zhang et al. 2025, arXiv 2502.04507), for sampling:
     o = attention(q, k, v, kv_lens, sparse=((T, H, W), windows))   # windows: one (t, h, w) per head
 
 The first n_slots rows of q, k, v are the image tokens in tile order (sta_layout; slots of edge tiles past
-the grid are padding, never keys, and their output rows are any finite values), the rest text. An image query attends to the image keys of the tiles in
-its head's window and to every valid text key; a text query to every valid key. On Hopper the kernel
-visits only those key tiles (forward only); elsewhere the same mask runs through SDPA, tile by tile.
+the grid are padding, never keys, and their output rows are any finite values), the rest text. An image
+query attends to the image keys of the tiles in its head's window and to every valid text key; a text
+query to every valid key. On Hopper the kernel visits only those key tiles (forward only); elsewhere the
+same mask runs through SDPA, tile by tile.
 """
 
 import functools
@@ -153,6 +154,7 @@ def _check(q, k, v, kv_lens, sparse=None):
 
 
 def _check_sparse(q, k, kv_lens, sparse):
+    """sparse = ((T, H, W), one (t, h, w) per head), over a self-attention led by the grid's slots."""
     try:
         grid, windows = sparse
         grid, windows = tuple(map(int, grid)), tuple(tuple(map(int, w)) for w in windows)
@@ -220,18 +222,6 @@ def sta_window(tile, tiles, window):
         centre = min(max(c, w // 2), n - 1 - w // 2)
         out.append((max(centre - w // 2, 0), min(centre + w // 2, n - 1)))
     return out
-
-
-def sta_density(grid, windows):
-    """The fraction of image keys an image query attends to, averaged over heads and query tiles."""
-    tiles = [-(-g // s) for g, s in zip(grid, STA_TILE)]
-    n = math.prod(tiles)
-    seen = 0
-    for w in windows:
-        for c in range(n):
-            rng = sta_window((c // (tiles[1] * tiles[2]), c // tiles[2] % tiles[1], c % tiles[2]), tiles, w)
-            seen += math.prod(hi - lo + 1 for lo, hi in rng)
-    return seen / (n * n * len(windows))
 
 
 def _sta_sdpa(q, k, v, lens, grid, windows):
