@@ -49,10 +49,10 @@ def reference(q, k, v, mask):
     return torch.einsum("hqk,khd->qhd", p, v.double())
 
 
-def to_tiles(x_img, x_txt, grid, fill=0.0):
-    """Raster image rows + text rows -> the tile-ordered sequence, padding slots set to `fill`."""
+def to_tiles(x_img, x_txt, grid):
+    """Raster image rows + text rows -> the tile-ordered sequence, padding slots zero."""
     slot, n_slots = sta_layout(grid)
-    out = torch.full((x_img.shape[0], n_slots, *x_img.shape[2:]), fill, dtype=x_img.dtype)
+    out = torch.zeros((x_img.shape[0], n_slots, *x_img.shape[2:]), dtype=x_img.dtype)
     out[:, slot] = x_img
     return torch.cat([out, x_txt], 1)
 
