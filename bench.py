@@ -8,6 +8,8 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py lora                                    # 13B LoRA step, 49x512x768, rank 128: s, GiB
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
+    python bench.py sta                                     # sliding-tile vs dense kernel forward, 720p
+    python bench.py video                                   # 13B 720x1280x129 x 50 steps: dense, STA, +cache
 
 On a CPU every subcommand but attention runs a tiny config: a smoke run. GPU timings use CUDA events after
 warm-up and report the median. A peer that cannot run in this process is quoted from docs/performance.md,
@@ -17,6 +19,7 @@ which records every figure with the command, GPU and date it was measured with.
 import argparse
 import contextlib
 import functools
+import math
 import os
 import resource
 import shutil
@@ -630,6 +633,120 @@ def bench_sample(args):
         print(f"  {what}: {recorded(key) or 'not recorded'}")
 
 # ----------------------------------------------------------------------------------------------------------
+# sta, video: sliding-tile attention (dit.SlidingTile) against dense, the kernel alone and the whole sampler
+
+
+def bench_sta(args):
+    """The attention kernel's sliding-tile forward against its dense forward for one 720x1280x129 sample
+    (latent grid 33 x 45 x 80, 118,800 image + 256 text tokens, 40 valid; 24 heads x 128, bf16), every head
+    with --window: ms, TFLOP/s and the speedup. Dense-equivalent TFLOP/s divide the dense forward's FLOPs
+    by the sparse time; useful TFLOP/s count the pairs the mask keeps. On a CPU, a tiny grid: a smoke run."""
+    import attention_cuda
+    from attention_cuda import attention, sta_layout, sta_window, STA_TILE
+    grid, H, D, n_txt, n_valid = ((33, 45, 80), 24, 128, 256, 40) if CUDA else ((7, 9, 10), 2, 16, 8, 3)
+    windows = (tuple(args.window),) * H
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    n_img = math.prod(grid)
+    slot, n_slots = sta_layout(grid, torch.device(DEVICE))
+    g = torch.Generator(DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(1, n_img + n_txt, H, D, device=DEVICE, generator=g).to(dtype) for _ in range(3))
+    tiled = []  # the same tokens in tile order, padding slots zero
+    for x in (q, k, v):
+        xs = x.new_zeros(1, n_slots + n_txt, H, D)
+        xs[:, slot], xs[:, n_slots:] = x[:, :n_img], x[:, n_img:]
+        tiled.append(xs)
+    hopper = (CUDA and attention_cuda.kernel_available()
+              and attention_cuda.use_hopper_kernel(torch.device(DEVICE)))
+    print(f"sliding-tile attention, grid {grid} ({n_slots:,} slots in {STA_TILE} tiles) + {n_txt} text "
+          f"({n_valid} valid), {H} heads x {D}, window {tuple(args.window)}, {dtype}, {DEVICE}"
+          + (f" ({torch.cuda.get_device_name()})" if CUDA else ""))
+    if not hopper:
+        print("not a Hopper GPU with the kernel built: both sides run the PyTorch paths (a smoke run)")
+
+    # the pairs the mask keeps: per query tile, its valid queries x the valid keys of its window + text
+    tiles = [-(-n // s) for n, s in zip(grid, STA_TILE)]
+    extent = [[min(s, n - i * s) for i in range(nt)] for n, s, nt in zip(grid, STA_TILE, tiles)]
+    kept = 0
+    for w in windows:
+        for c in range(math.prod(tiles)):
+            tc = (c // (tiles[1] * tiles[2]), c // tiles[2] % tiles[1], c % tiles[2])
+            n_q = math.prod(extent[d][tc[d]] for d in range(3))
+            n_k = math.prod(sum(extent[d][lo:hi + 1]) for d, (lo, hi) in enumerate(sta_window(tc, tiles, w)))
+            kept += n_q * (n_k + n_valid)
+    kept += H * n_txt * (n_img + n_valid)  # text queries see every valid key
+    dense_flops = 4 * H * D * (n_img + n_txt) * (n_img + n_valid)
+    lens, lens_s = [n_img + n_valid], [n_slots + n_valid]
+    with torch.no_grad():
+        t_dense, mem_dense, _ = timed(lambda: attention(q, k, v, lens), 1, 5)
+        t_sparse, mem_sparse, out = timed(lambda: attention(*tiled, lens_s, sparse=(grid, windows)), 1, 5)
+        ref = attention_cuda._sta_sdpa(*tiled, lens_s, grid, windows)
+    rows = torch.cat([slot, torch.arange(n_slots, n_slots + n_txt, device=slot.device)])  # not padding
+    err = ((out[:, rows].float() - ref[:, rows].float()).norm() / ref[:, rows].float().norm()).item()
+    print(f"key density: {kept / (H * (n_img + n_txt) * (n_img + n_valid)):.1%} of the dense pairs; "
+          f"sparse vs the masked SDPA path: relative difference {err:.1e}")
+    print(f"\n{'forward':<16} {'ms':>9} {'TFLOP/s':>8} {'peak GiB':>9}")
+    print(f"{'dense':<16} {t_dense * 1e3:>9.1f} {dense_flops / t_dense / 1e12:>8.0f} {mem_dense:>9.1f}")
+    print(f"{'sliding-tile':<16} {t_sparse * 1e3:>9.1f} {dense_flops / t_sparse / 1e12:>8.0f} "
+          f"{mem_sparse:>9.1f}   (dense-equivalent; useful {4 * D * kept / t_sparse / 1e12:.0f})")
+    print(f"speedup {t_dense / t_sparse:.2f}x (median of 5 after 1 warm-up)")
+
+
+def bench_video(args):
+    """Sampling 720x1280x129 for 50 steps with a random-weight 13B DiT (the tiny one on a CPU), DiT steps
+    only (VAE decode: bench.py vae): one step timed dense (our kernel), with sliding-tile attention, and
+    skipped by TeaCache; the 50-step totals extrapolated from them (dense for --full-steps, then sparse).
+    Then the 544x960x129 dense step. Peak memory per measurement."""
+    name = "13b" if CUDA else "tiny"
+    cfg = dit.CONFIGS[name]
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    model = random_dit(cfg, dtype).eval().requires_grad_(False)
+    n_txt = 256 if CUDA else 16
+    g = torch.Generator(DEVICE).manual_seed(0)
+    text = (torch.randn(1, n_txt, cfg.text_dim, device=DEVICE, generator=g).to(dtype),
+            (torch.arange(n_txt, device=DEVICE) < n_txt * 3 // 4)[None].long(),
+            torch.randn(1, cfg.pooled_dim, device=DEVICE, generator=g).to(dtype))
+    t = torch.tensor([900.0], device=DEVICE)
+    guid = torch.tensor([6016.0], device=DEVICE, dtype=dtype)
+
+    def latent(H, W, T):
+        return torch.randn(1, cfg.in_channels, (T - 1) // 4 + 1, H // 8, W // 8, device=DEVICE,
+                           generator=g).to(dtype)
+
+    class Skip:  # a TeaCache that skips: the step costs block 0's modulation probe and the final layer
+        residual = 0.0
+
+        def should_compute(self, probe, group=None):
+            return False
+
+    big, small = ((720, 1280, 129), (544, 960, 129)) if CUDA else ((64, 96, 9), (64, 64, 9))
+    sta = dit.SlidingTile.uniform(cfg, tuple(args.window), args.full_steps)
+    steps = 50
+    print(f"DiT {name}, {dtype}, {DEVICE}" + (f" ({torch.cuda.get_device_name()})" if CUDA else "")
+          + f"; sliding-tile window {tuple(args.window)} after {args.full_steps} dense steps")
+    with torch.no_grad():
+        x = latent(*small)
+        t_small, mem_small, _ = timed(lambda: model(x, t, *text, guid), 1, 1)
+        x = latent(*big)
+        t_dense, mem_dense, _ = timed(lambda: model(x, t, *text, guid), 1, 1)
+        t_sparse, mem_sparse, _ = timed(lambda: model(x, t, *text, guid, sparse=sta), 1, 1)
+        t_skip, _, _ = timed(lambda: model(x, t, *text, guid, cache=Skip()), 1, 1)
+    dense = steps * t_dense
+    sparse = args.full_steps * t_dense + (steps - args.full_steps) * t_sparse
+    f = 1 / args.teacache_speedup  # the fraction of steps TeaCache computes
+    cached = f * sparse + (1 - f) * steps * t_skip
+    H, W, T = big
+    print(f"\n{H}x{W}x{T}, one step each, after one warm-up step:")
+    print(f"  dense         {t_dense:7.2f} s/step  peak {mem_dense:5.1f} GiB")
+    print(f"  sliding-tile  {t_sparse:7.2f} s/step  peak {mem_sparse:5.1f} GiB")
+    print(f"  skipped step  {t_skip:7.2f} s/step")
+    print(f"{steps} steps, EXTRAPOLATED from those single steps (50 do not fit the device time):")
+    print(f"  dense {dense:7.0f} s;  sliding-tile {sparse:7.0f} s ({dense / sparse:.2f}x);  "
+          f"sliding-tile + TeaCache {cached:7.0f} s ({dense / cached:.2f}x)")
+    print(f"  (TeaCache ASSUMED to compute 1/{args.teacache_speedup} of the steps, its published rate at "
+          "threshold 0.1: a random-weight model cannot measure which steps it skips)")
+    print(f"{small[0]}x{small[1]}x{small[2]} dense step: {t_small:.2f} s, peak {mem_small:.1f} GiB")
+
+# ----------------------------------------------------------------------------------------------------------
 # attention: attention_cuda/bench.py, whose options pass through
 
 
@@ -675,6 +792,20 @@ def main():
     p.add_argument("--offload", action="store_true", help="DiT blocks in CPU memory (sample.py --offload)")
     p.add_argument("--fp8", action="store_true", help="block linears in fp8 (the official fp8 checkpoint)")
     p.set_defaults(fn=bench_sample)
+    def window(s):
+        w = tuple(int(n) for n in s.split(","))
+        if len(w) != 3 or min(w) < 1:
+            raise ValueError
+        return w
+    p = sub.add_parser("sta", help="sliding-tile vs dense attention kernel forward at 720x1280x129")
+    p.add_argument("--window", type=window, default=(3, 3, 7), help="t,h,w in tiles (default 3,3,7: ~17%%)")
+    p.set_defaults(fn=bench_sta)
+    p = sub.add_parser("video", help="13B 720x1280x129 x 50 steps (extrapolated): dense, STA, STA + TeaCache")
+    p.add_argument("--window", type=window, default=(3, 3, 7), help="t,h,w in tiles (default 3,3,7)")
+    p.add_argument("--full-steps", type=int, default=15, help="dense steps first (default 15)")
+    p.add_argument("--teacache-speedup", type=float, default=1.6,
+                   help="fewer DiT evaluations with TeaCache (default 1.6, published at threshold 0.1)")
+    p.set_defaults(fn=bench_video)
     # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass)
     p = sub.add_parser("attention", prefix_chars="+", add_help=False,
                        help="fused attention vs SDPA flash/cuDNN, TFLOP/s (attention_cuda/bench.py)")

@@ -210,9 +210,9 @@ class Modulation(nn.Module):
 # Attention: one function for the refiner and all 60 blocks
 
 try:  # our fused kernel (attention_cuda/); without it every call goes through PyTorch's SDPA
-    from attention_cuda import KERNEL_HEAD_DIMS, attention as fused_attention, kernel_available
+    from attention_cuda import KERNEL_HEAD_DIMS, attention as fused_attention, kernel_available, sta_layout
 except ImportError:
-    fused_attention, kernel_available, KERNEL_HEAD_DIMS = None, (lambda: False), ()
+    fused_attention, kernel_available, KERNEL_HEAD_DIMS, sta_layout = None, (lambda: False), (), None
 
 # Which attention runs on CUDA tensors. By default our kernel on Hopper (compute capability 9.0) where no
 # gradient flows (sampling): its forward is the fastest we measured there. Elsewhere cuDNN through SDPA:
@@ -226,7 +226,7 @@ _DENSE_MASK_MAX = 1 << 22
 
 
 @torch.compiler.disable  # a graph break for compile_blocks: the dispatch below branches on python ints
-def attention(q, k, v, seg_lens=None, sp=None):  # (the text lengths), which would recompile every batch
+def attention(q, k, v, seg_lens=None, sp=None, sparse=None):  # (the text lengths), which would recompile
     """Joint attention over (B, L, H, D) tensors; returns (B, L, H*D).
 
     seg_lens[i] (a python int) reproduces the official flash-attn varlen call (official
@@ -236,7 +236,10 @@ def attention(q, k, v, seg_lens=None, sp=None):  # (the text lengths), which wou
     is attended unmasked.
 
     sp = (process group, local image length): sequence parallel, see ulysses_attention.
+    sparse = ((T, H, W), windows): sliding-tile attention over tile-ordered image tokens (SlidingTile).
     """
+    if sparse is not None:  # attention_cuda's kernel on Hopper, its masked SDPA path anywhere else
+        return fused_attention(q.to(v.dtype), k.to(v.dtype), v, kv_lens=seg_lens, sparse=sparse).flatten(2)
     if sp is not None:
         return ulysses_attention(q, k, v, seg_lens, *sp)
     B, L = q.shape[:2]
@@ -304,6 +307,47 @@ def _sdpa(q, k, v, mask=None):
     else:
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return o.transpose(1, 2).flatten(2)
+
+
+class SlidingTile:
+    """Sliding-tile attention for sampling (STA, Zhang et al. 2025, arXiv 2502.04507; training-free): in
+    every block an image query attends only to the image keys in a 3D window of 6 x 8 x 8-token tiles
+    around its own (and to all text); text queries attend to everything. Not exact: it drops the far keys,
+    so sample.py runs the first `full_steps` steps densely (FastVideo's HunyuanVideo strategy: steps 0-14
+    of 50), when the layout of the video forms. windows[layer][head] = (t, h, w) in tiles, layers counted
+    double blocks first; a window of w tiles covers 2 (w // 2) + 1 of them, shifted inward at the edges."""
+
+    def __init__(self, windows, full_steps=15):
+        self.windows, self.full_steps = windows, full_steps
+
+    @classmethod
+    def uniform(cls, cfg, window, full_steps=15):
+        """The same (t, h, w) window for every layer and head."""
+        layers = cfg.depth_double + cfg.depth_single
+        return cls(tuple((tuple(window),) * cfg.num_heads for _ in range(layers)), full_steps)
+
+    @classmethod
+    def from_file(cls, path, cfg, full_steps=15):
+        """A JSON file: a list of one list per layer (double blocks, then single blocks) of one [t, h, w]
+        per head, positive ints. ValueError, one line, for anything else."""
+        layers = cfg.depth_double + cfg.depth_single
+        try:
+            with open(path) as f:
+                table = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"STA window table {path}: cannot read it as JSON ({type(e).__name__}); "
+                             f"write [[[t, h, w] per head] per layer]") from None
+        if not isinstance(table, list) or len(table) != layers:
+            raise ValueError(f"STA window table {path}: need a list of {layers} layers ({cfg.depth_double} "
+                             f"double + {cfg.depth_single} single blocks), got "
+                             f"{len(table) if isinstance(table, list) else type(table).__name__}")
+        for i, heads in enumerate(table):
+            if not isinstance(heads, list) or len(heads) != cfg.num_heads or not all(
+                    isinstance(w, list) and len(w) == 3 and all(type(n) is int and n >= 1 for n in w)
+                    for w in heads):
+                raise ValueError(f"STA window table {path}: layer {i} must list {cfg.num_heads} windows "
+                                 "[t, h, w] of positive ints, one per head")
+        return cls(tuple(tuple(tuple(w) for w in heads) for heads in table), full_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -390,7 +434,7 @@ class MMDoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(D, D, bias=cfg.qkv_bias))
             setattr(self, f"{s}_mlp", MLP(D, mlp, nn.GELU(approximate="tanh")))
 
-    def forward(self, img, txt, vec, rope, seg_lens, sp=None):
+    def forward(self, img, txt, vec, rope, seg_lens, sp=None, sparse=None):
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
 
@@ -402,7 +446,8 @@ class MMDoubleStreamBlock(nn.Module):
         iq, ik, iv = qkv("img", img, img_mod)
         iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)  # RoPE on image tokens only, after QK-norm
         tq, tk, tv = qkv("txt", txt, txt_mod)
-        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens, sp)
+        a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens, sp,
+                      sparse)
         img_a, txt_a = a[:, :img.shape[1]], a[:, img.shape[1]:]
 
         def residual(s, x, attn_out, mod):
@@ -426,7 +471,7 @@ class MMSingleStreamBlock(nn.Module):
         self.modulation = Modulation(D, 3)
         self.mlp_act = nn.GELU(approximate="tanh")
 
-    def forward(self, x, vec, rope, seg_lens, n_img, sp=None):
+    def forward(self, x, vec, rope, seg_lens, n_img, sp=None, sparse=None):
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
         h = modulate(layer_norm(x), shift, scale).to(x.dtype)
         qkv, mlp = self.linear1(h).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
@@ -435,7 +480,7 @@ class MMSingleStreamBlock(nn.Module):
         # RoPE on the image part [0, n_img) only; the text tail keeps no positional encoding
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], 1)
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], 1)
-        a = attention(q, k, v, seg_lens, sp)
+        a = attention(q, k, v, seg_lens, sp, sparse)
         return x + gate.unsqueeze(1) * self.linear2(torch.cat([a, self.mlp_act(mlp)], -1))
 
 
@@ -508,11 +553,12 @@ class HunyuanVideoDiT(nn.Module):
             self._rope_cache = {key: (cos.to(device), sin.to(device))}  # keep one resolution at a time
         return self._rope_cache[key]
 
-    def forward(self, x, t, text, text_mask, pooled, guidance=None, cache=None):
+    def forward(self, x, t, text, text_mask, pooled, guidance=None, cache=None, sparse=None):
         """x (B, C, T, H, W); t (B,) in 0..1000; text (B, L, text_dim); text_mask (B, L) 1 = real token,
         right-padded (or None: all real); pooled (B, pooled_dim); guidance (B,) already x1000.
         cache (sampling only, e.g. sample.TeaCache): shown block 0's modulated image input, it says
         whether to run the blocks; when it says no, the image tokens get its stored residual instead.
+        sparse (sampling only): a SlidingTile, whose windows every block's attention uses this call.
         Returns the velocity (B, out_channels, T, H, W) in the weights' dtype."""
         cfg = self.cfg
         B, C, T, H, W = x.shape
@@ -559,18 +605,31 @@ class HunyuanVideoDiT(nn.Module):
             img = img[:, r * n_local:(r + 1) * n_local]
             rope = tuple(tab[r * n_local:(r + 1) * n_local] for tab in rope)
             sp = (self.sp_group, n_local)
+        if sparse is not None and sp is not None:
+            raise ValueError("sliding-tile attention runs on one GPU: drop sparse or sequence parallel")
+
+        def blocks(img):
+            """The blocks' image tokens (B, n_local, D). Sliding-tile attention: the blocks see the image
+            tokens and RoPE rows in tile order (padding slots zero), and give them back in raster order."""
+            if sparse is None:
+                return self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)[:, :n_local]
+            slot, n_slots = sta_layout(grid, x.device)
+            tiles = img.new_zeros(B, n_slots, img.shape[-1]).index_copy_(1, slot, img)
+            tab = tuple(r.new_zeros(n_slots, r.shape[1]).index_copy_(0, slot, r) for r in rope)
+            seg = None if seg_lens is None else [n - n_img + n_slots for n in seg_lens]
+            return self.run_blocks(tiles, txt, vec, tab, seg, n_slots, None, (grid, sparse.windows))[:, slot]
 
         if cache is None:
-            x = self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)
+            x = blocks(img)
         else:  # step caching (TeaCache): skip all blocks, or run them and keep what they added to img
             mod = self.double_blocks[0].img_mod(vec).chunk(6, dim=-1)
             probe = modulate(layer_norm(img), mod[0], mod[1])  # block 0's first modulated image input
             if cache.should_compute(probe, self.sp_group):
-                x = self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)
-                cache.residual = x[:, :n_local] - img
+                x = blocks(img)
+                cache.residual = x - img
             else:
                 x = img + cache.residual
-        out = self.final_layer(x[:, :n_local], vec)  # (B, L_img, C*pt*ph*pw)
+        out = self.final_layer(x, vec)  # (B, L_img, C*pt*ph*pw)
         if sp is not None:  # every rank gets the whole video back
             parts = [torch.empty_like(out) for _ in range(N)]
             dist.all_gather(parts, out.contiguous(), group=self.sp_group)
@@ -581,15 +640,17 @@ class HunyuanVideoDiT(nn.Module):
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, c, t, pt, h, ph, w, pw)
         return out.reshape(B, cfg.out_channels, T, H, W)
 
-    def run_blocks(self, img, txt, vec, rope, seg_lens, n_local, sp):
-        """The double then the single blocks -> the joint sequence [img ; txt] (B, n_local + L, D)."""
+    def run_blocks(self, img, txt, vec, rope, seg_lens, n_local, sp, sta=None):
+        """The double then the single blocks -> the joint sequence [img ; txt] (B, n_local + L, D).
+        sta: (grid, windows[layer]) for sliding-tile attention, layers counted double blocks first."""
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
-        for block in self.double_blocks:
-            args = (img, txt, vec, rope, seg_lens, sp)
+        layer = (lambda i: None) if sta is None else (lambda i: (sta[0], sta[1][i]))
+        for i, block in enumerate(self.double_blocks):
+            args = (img, txt, vec, rope, seg_lens, sp, layer(i))
             img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
-        for block in self.single_blocks:
-            args = (x, vec, rope, seg_lens, n_local, sp)
+        for i, block in enumerate(self.single_blocks, len(self.double_blocks)):
+            args = (x, vec, rope, seg_lens, n_local, sp, layer(i))
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         return x
 

@@ -36,6 +36,9 @@ import vae as vae_lib
 OFFICIAL_SAMPLING = {"steps": 50, "shift": 7.0, "guidance": 6.0, "cfg_scale": 1.0}
 # official sample_video.py: 720p, 129 frames, saved at 24 fps
 OFFICIAL_VIDEO = {"height": 720, "width": 1280, "frames": 129, "fps": 24}
+# --sparse sta's default window in tiles: ~19% of the dense attention pairs at 720x1280x129, near the
+# released HunyuanVideo strategy's average (docs/attention.md, "Sliding-tile attention")
+STA_WINDOW = "3,3,7"
 
 
 def flow_sigmas(steps, shift):
@@ -47,7 +50,7 @@ def flow_sigmas(steps, shift):
 
 @torch.no_grad()
 def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None,
-            progress=True, cache=None):
+            progress=True, cache=None, sparse=None):
     """Integrate the flow ODE dx/dsigma = v from sigma=1 to 0 with Euler steps.
 
     cond/uncond: (text, text_mask, pooled) for the prompt and the negative prompt. Real CFG (cfg_scale > 1)
@@ -55,6 +58,7 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype
     first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
     cache: a TeaCache, reset here, or None (every step runs the whole DiT).
+    sparse: a dit.SlidingTile, used from step sparse.full_steps on (dense before), or None.
     """
     sigmas = flow_sigmas(steps, shift).to(noise.device)
     dtype = next(model.parameters()).dtype
@@ -72,8 +76,10 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     for i in tqdm(range(steps), desc="denoise", disable=not progress):
         xin = torch.cat([x, x]) if use_cfg else x
         t = (sigmas[i] * 1000).expand(B)
-        v = model(xin, t, text, mask, pooled, g) if cache is None else \
-            model(xin, t, text, mask, pooled, g, cache=cache)
+        kw = {} if cache is None else {"cache": cache}
+        if sparse is not None and i >= sparse.full_steps:
+            kw["sparse"] = sparse
+        v = model(xin, t, text, mask, pooled, g, **kw)
         if use_cfg:
             v_u, v_c = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)  # in the DiT's dtype, as the official pipeline combines them
@@ -264,11 +270,12 @@ def offload_blocks(model, device):
 @torch.no_grad()
 def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=None, shift=None,
              guidance=None, cfg_scale=None, negative_prompt=text_encoder.NEGATIVE_PROMPT, tiled=True,
-             times=None, cache=None):
+             times=None, cache=None, sparse=None):
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
-    each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None."""
+    each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None.
+    sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps) or None."""
     H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
     steps = pipe.sampling["steps"] if steps is None else steps
     shift = pipe.sampling["shift"] if shift is None else shift
@@ -297,7 +304,7 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
              H // c.spatial_compression, W // c.spatial_compression)
     noise = initial_noise(shape, seed, device, cond[0].dtype)  # official: in the text encoder's dtype
     latents = denoise(pipe.dit, noise, cond, steps, shift, guidance, cfg_scale, uncond, progress=rank == 0,
-                      cache=cache)
+                      cache=cache, sparse=sparse)
     lap("denoise")
     if rank != 0:
         return None
@@ -377,6 +384,15 @@ def cache_spec(spec):
     return TeaCache(threshold) if method == "teacache" and threshold >= 0 else None
 
 
+def window_spec(spec):
+    """--sta-window T,H,W -> (t, h, w) positive ints; None when malformed."""
+    try:
+        w = tuple(int(n) for n in spec.split(","))
+    except ValueError:
+        return None
+    return w if len(w) == 3 and min(w) >= 1 else None
+
+
 def check_args(args, prompts):
     """Every rule, before any model loads: returns the problems, one line each."""
     bad = []
@@ -400,6 +416,16 @@ def check_args(args, prompts):
     if args.cache is not None and cache_spec(args.cache) is None:
         bad.append(f"--cache {args.cache}: write teacache:THRESHOLD with a threshold >= 0, "
                    f"e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
+    if window_spec(args.sta_window) is None:
+        bad.append(f"--sta-window {args.sta_window}: write three positive tile counts t,h,w, e.g. 3,3,7")
+    if args.sta_full_steps < 0:
+        bad.append(f"--sta-full-steps {args.sta_full_steps}: must be >= 0 (0 = sparse from the first step)")
+    if args.sta_strategy and not os.path.isfile(args.sta_strategy):
+        bad.append(f"--sta-strategy {args.sta_strategy}: no such file")
+    if args.sparse is None and (args.sta_strategy or args.sta_window != STA_WINDOW):
+        bad.append("--sta-window/--sta-strategy need --sparse sta")
+    if args.sparse is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        bad.append("--sparse sta runs on one GPU: drop it or run without torchrun")
     if args.cfg_scale is not None and args.cfg_scale < 1:
         bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
     official = [args.dit, args.vae, args.llm, args.clip]
@@ -463,6 +489,15 @@ def main():
     ap.add_argument("--cache", metavar="teacache[:THRESHOLD]", help="skip DiT evaluations on steps whose "
                     "input barely changed (TeaCache; approximate, off by default; threshold default "
                     f"{TeaCache.DEFAULT_THRESHOLD}, 0 = every step, larger = more skipped)")
+    ap.add_argument("--sparse", choices=["sta"], help="sliding-tile attention (approximate, off by "
+                    "default): image tokens attend to a 3D window of 6x8x8-token tiles after "
+                    "--sta-full-steps dense steps")
+    ap.add_argument("--sta-window", default=STA_WINDOW, metavar="T,H,W",
+                    help=f"the window in tiles for every layer and head (default {STA_WINDOW})")
+    ap.add_argument("--sta-strategy", metavar="FILE", help="a JSON window table, one [t, h, w] per head "
+                    "per layer (double blocks first), instead of --sta-window")
+    ap.add_argument("--sta-full-steps", type=int, default=15, help="dense steps before the sparse ones "
+                    "(default 15, FastVideo's HunyuanVideo strategy at 50 steps)")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
@@ -501,10 +536,18 @@ def main():
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}
     cache = cache_spec(args.cache) if args.cache else None
+    sparse = None
+    if args.sparse == "sta":
+        try:
+            sparse = dit.SlidingTile.from_file(args.sta_strategy, pipe.dit.cfg, args.sta_full_steps) \
+                if args.sta_strategy else \
+                dit.SlidingTile.uniform(pipe.dit.cfg, window_spec(args.sta_window), args.sta_full_steps)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
     # official inference.py: an empty negative prompt, too, means the default one
     videos = generate(pipe, prompts, args.seed, args.height, args.width, args.frames, args.steps, args.shift,
                       args.guidance, args.cfg_scale, args.negative_prompt or text_encoder.NEGATIVE_PROMPT,
-                      tiled=args.tiling, times=times, cache=cache)
+                      tiled=args.tiling, times=times, cache=cache, sparse=sparse)
     if rank == 0:
         t0 = time.perf_counter()
         fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at

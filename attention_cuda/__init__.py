@@ -18,9 +18,21 @@ torch.utils.cpp_extension.load (ninja; cached in attention_cuda/build/): on Hopp
 (portable.cu: mma.sync); last_kernels() says which ran. Everywhere else (CPU tensors, fp32/fp64, no GPU,
 a build that failed, or ATTENTION_CUDA=0 in the environment) the same call goes through torch's
 scaled_dot_product_attention with a boolean key mask: the same function, autograd included.
+
+Sliding-tile attention (STA, Zhang et al. 2025, arXiv 2502.04507), for sampling:
+
+    slot, n_slots = sta_layout((T, H, W))   # raster token i of a T x H x W latent grid -> position slot[i]
+    o = attention(q, k, v, kv_lens, sparse=((T, H, W), windows))   # windows: one (t, h, w) per head
+
+The first n_slots rows of q, k, v are the image tokens in tile order (sta_layout; slots of edge tiles past
+the grid are padding, never keys, and their output rows are any finite values), the rest text. An image
+query attends to the image keys of the tiles in its head's window and to every valid text key; a text
+query to every valid key. On Hopper the kernel visits only those key tiles (forward only); elsewhere the
+same mask runs through SDPA, tile by tile.
 """
 
 import functools
+import math
 import operator
 import os
 import sys
@@ -40,6 +52,10 @@ NVCC_FLAGS = ["-O3", "-lineinfo", "--threads", "0",
               "-gencode=arch=compute_80,code=sm_80",
               "-gencode=arch=compute_80,code=compute_80"]
 KERNEL_HEAD_DIMS = (64, 128)
+# The STA tile (t, h, w) in latent tokens, the paper's 6 x 8 x 8 for HunyuanVideo: 384 tokens, three of
+# the Hopper forward's 128-key tiles, so a query block of 128 rows lies inside one tile. hopper.cu has it too.
+STA_TILE = (6, 8, 8)
+STA_TILE_TOKENS = math.prod(STA_TILE)
 
 _ext = None        # the loaded extension module
 _available = None  # cached answer of kernel_available()
@@ -93,7 +109,7 @@ def kernel_available():
 # -----------------------------------------------------------------------------
 # Input checks (errors a caller can cause, one line each)
 
-def _check(q, k, v, kv_lens):
+def _check(q, k, v, kv_lens, sparse=None):
     """Validate shapes; return kv_lens as a tuple of python ints, or None when no key is padded."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or x.ndim != 4:
@@ -112,6 +128,8 @@ def _check(q, k, v, kv_lens):
     if Lk == 0:
         raise ValueError("attention: k and v have no keys (Lk = 0), so the softmax is undefined; "
                          "skip the call")
+    if sparse is not None:
+        _check_sparse(q, k, kv_lens, sparse)
     if kv_lens is None:
         return None
     if isinstance(kv_lens, torch.Tensor):
@@ -129,7 +147,30 @@ def _check(q, k, v, kv_lens):
     if bad:
         raise ValueError(f"attention: kv_lens must lie in [1, Lk={Lk}], got {bad[0]}; a sample with no valid "
                          "key has no softmax: drop it from the batch instead")
+    if sparse is not None and min(lens) < sta_layout(tuple(sparse[0]))[1]:
+        raise ValueError(f"attention: with sparse, kv_lens must cover the {sta_layout(tuple(sparse[0]))[1]} "
+                         f"image slots, got {min(lens)}; only text keys may be padded")
     return None if all(n == Lk for n in lens) else lens
+
+
+def _check_sparse(q, k, kv_lens, sparse):
+    """sparse = ((T, H, W), one (t, h, w) per head), over a self-attention led by the grid's slots."""
+    try:
+        grid, windows = sparse
+        grid, windows = tuple(map(int, grid)), tuple(tuple(map(int, w)) for w in windows)
+        ok = len(grid) == 3 and min(grid) >= 1 and all(len(w) == 3 and min(w) >= 1 for w in windows)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"attention: sparse must be ((T, H, W), windows) with one (t, h, w) window of "
+                         f"positive ints per head, got {sparse!r}")
+    if len(windows) != q.shape[2]:
+        raise ValueError(f"attention: sparse has {len(windows)} windows for {q.shape[2]} heads; "
+                         "give one (t, h, w) per head")
+    if q.shape[1] != k.shape[1] or q.shape[1] < sta_layout(grid)[1]:
+        raise ValueError(f"attention: sparse needs self-attention over the {sta_layout(grid)[1]} "
+                         f"tile-ordered image slots of grid {grid} then text, got Lq {q.shape[1]}, "
+                         f"Lk {k.shape[1]}")
 
 
 # -----------------------------------------------------------------------------
@@ -149,6 +190,76 @@ def _sdpa(q, k, v, lens):
     o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        attn_mask=mask)
     return o.transpose(1, 2)  # (B, Lq, H, D)
+
+
+# -----------------------------------------------------------------------------
+# Sliding-tile attention: the token layout, the windows, and the fallback
+
+@functools.lru_cache(maxsize=8)
+def sta_layout(grid, device=None):
+    """(slot, n_slots): slot[i] is where raster token i (t slowest, w fastest) of a T x H x W latent grid
+    goes in tile order; n_slots = 384 x the tiles that cover the grid. Tiles come in raster order of the
+    tile grid, and inside a tile its tokens in raster order; an edge tile cut by the grid keeps its tokens
+    first, and its remaining slots are padding, never keys."""
+    T, H, W = grid
+    tt, th, tw = STA_TILE
+    t, h, w = (x.flatten() for x in torch.meshgrid(torch.arange(T), torch.arange(H), torch.arange(W),
+                                                    indexing="ij"))
+    nt, nh, nw = -(-T // tt), -(-H // th), -(-W // tw)
+    tile = ((t // tt) * nh + h // th) * nw + w // tw
+    eh = (H - h // th * th).clamp(max=th)  # the tile's extent in h and w (smaller at the grid's edge)
+    ew = (W - w // tw * tw).clamp(max=tw)
+    slot = tile * STA_TILE_TOKENS + ((t % tt) * eh + h % th) * ew + w % tw
+    return slot.to(device), nt * nh * nw * STA_TILE_TOKENS
+
+
+def sta_window(tile, tiles, window):
+    """The key tiles' index ranges [lo, hi] per axis for query tile coordinates `tile` in a tile grid of
+    `tiles`: a window of w tiles covers 2 (w // 2) + 1, centred on the query's tile and shifted, not cut,
+    at the grid's edge (FastVideo's reference mask, csrc/sliding_tile_attention/test/flex_sta_ref.py)."""
+    out = []
+    for c, n, w in zip(tile, tiles, window):
+        centre = min(max(c, w // 2), n - 1 - w // 2)
+        out.append((max(centre - w // 2, 0), min(centre + w // 2, n - 1)))
+    return out
+
+
+def _sta_sdpa(q, k, v, lens, grid, windows):
+    """The fallback for sparse: (B, L, H, D) in and out. Per query tile and distinct window, SDPA over the
+    keys of the window's tiles and the text, padding slots and padded text masked (and zeroed, as _sdpa
+    does); text queries over every valid key."""
+    B, L, H, D = q.shape
+    slot, n_slots = sta_layout(grid, q.device)
+    keep = torch.zeros(B, L, dtype=torch.bool, device=q.device)
+    keep[:, slot] = True
+    keep[:, n_slots:] = True
+    if lens is not None:
+        keep &= torch.arange(L, device=q.device) < torch.tensor(lens, device=q.device)[:, None]
+    k = k.masked_fill(~keep[:, :, None, None], 0)
+    v = v.masked_fill(~keep[:, :, None, None], 0)
+
+    def sdpa(qq, kk, vv, mask):  # (B, l, h, D) -> (B, l, h, D)
+        o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                           attn_mask=mask[:, None, None, :])
+        return o.transpose(1, 2)
+
+    out = torch.empty_like(q)
+    out[:, n_slots:] = sdpa(q[:, n_slots:], k, v, keep)
+    tiles = [-(-g // s) for g, s in zip(grid, STA_TILE)]
+    text = torch.arange(n_slots, L, device=q.device)
+    S = STA_TILE_TOKENS
+    for w in sorted(set(windows)):
+        heads = [i for i, wi in enumerate(windows) if wi == w]
+        for c in range(n_slots // S):
+            (t0, t1), (h0, h1), (w0, w1) = sta_window(
+                (c // (tiles[1] * tiles[2]), c // tiles[2] % tiles[1], c % tiles[2]), tiles, w)
+            idx = torch.cat([torch.arange(((t * tiles[1] + h) * tiles[2] + w0) * S,
+                                          ((t * tiles[1] + h) * tiles[2] + w1 + 1) * S, device=q.device)
+                             for t in range(t0, t1 + 1) for h in range(h0, h1 + 1)] + [text])
+            rows = slice(c * S, (c + 1) * S)
+            kk, vv = k[:, idx][:, :, heads], v[:, idx][:, :, heads]
+            out[:, rows, heads] = sdpa(q[:, rows][:, :, heads], kk, vv, keep[:, idx])
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -176,39 +287,60 @@ def _lens_tensor(lens, B, Lk, device):
     return torch.tensor(lens if lens is not None else [Lk] * B, dtype=torch.int32, device=device)
 
 
+@functools.lru_cache(maxsize=256)
+def _windows_tensor(windows, device):
+    """The per-head windows as an (H, 3) int32 device tensor, cached per layer's windows like _lens_tensor."""
+    return torch.tensor(windows, dtype=torch.int32, device=device)
+
+
 class FusedAttention(torch.autograd.Function):
     """Forward saves the per-row log-sum-exp (log2 units, scaled scores); backward recomputes P from it."""
 
     @staticmethod
-    def forward(ctx, q, k, v, lens_t, hopper):
+    def forward(ctx, q, k, v, lens_t, hopper, windows_t=None, grid=()):
         with torch.cuda.device(q.device):
             stream = torch.cuda.current_stream().cuda_stream
-            o, lse = _ext.forward(q, k, v, lens_t, stream, hopper)
+            if windows_t is None:
+                o, lse = _ext.forward(q, k, v, lens_t, stream, hopper)
+            else:
+                o, lse = _ext.forward_sparse(q, k, v, lens_t, stream, windows_t, list(grid))
         ctx.save_for_backward(q, k, v, o, lse, lens_t)
-        ctx.hopper = hopper
+        ctx.hopper, ctx.sparse = hopper, windows_t is not None
         return o
 
     @staticmethod
     @once_differentiable  # the backward kernels are not themselves differentiable
     def backward(ctx, do):
+        if ctx.sparse:
+            raise RuntimeError("attention_cuda: the sliding-tile kernel is forward-only (sampling); for "
+                               "gradients call attention() with sparse=None, or on CPU tensors")
         q, k, v, o, lse, lens_t = ctx.saved_tensors
         with torch.cuda.device(q.device):
             stream = torch.cuda.current_stream().cuda_stream
             dq, dk, dv = _ext.backward(q, k, v, o, lse, _aligned(do), lens_t, stream, ctx.hopper)
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None, None
 
 
 # -----------------------------------------------------------------------------
 
-def attention(q, k, v, kv_lens=None):
+def attention(q, k, v, kv_lens=None, sparse=None):
     """softmax(q k^T / sqrt(head_dim)) v, non-causal. q (B, Lq, H, D), k and v (B, Lk, H, D), kv_lens None
-    or (B,) ints in [1, Lk] (list, tuple or tensor; a python list costs no device sync). Returns
-    (B, Lq, H, D) in q's dtype."""
-    lens = _check(q, k, v, kv_lens)
+    or (B,) ints in [1, Lk] (list, tuple or tensor; a python list costs no device sync). sparse None, or
+    ((T, H, W), windows): sliding-tile attention (the module docstring). Returns (B, Lq, H, D) in q's
+    dtype."""
+    lens = _check(q, k, v, kv_lens, sparse)
     # the kernel covers bf16/fp16 with the head sizes HunyuanVideo uses; anything else (tiny test configs,
     # fp32) takes SDPA with the same semantics
     use_kernel = (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and q.numel() > 0
                   and q.shape[-1] in KERNEL_HEAD_DIMS)
+    if sparse is not None:
+        grid, windows = tuple(map(int, sparse[0])), tuple(tuple(map(int, w)) for w in sparse[1])
+        # only version 2.1 skips key tiles; any other GPU (or dtype) gets the masked SDPA path
+        if use_kernel and kernel_available() and use_hopper_kernel(q.device):
+            lens_t = _lens_tensor(lens, k.shape[0], k.shape[1], q.device)
+            windows_t = _windows_tensor(windows, q.device)
+            return FusedAttention.apply(_aligned(q), _aligned(k), _aligned(v), lens_t, True, windows_t, grid)
+        return _sta_sdpa(q, k, v, lens, grid, windows)
     if use_kernel and kernel_available():
         B, Lk = k.shape[:2]
         lens_t = _lens_tensor(lens, B, Lk, q.device)

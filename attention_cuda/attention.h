@@ -11,11 +11,12 @@ struct AttnParams {
     AttnTensor dout, dq, dk, dv;  // backward: dout in, dq, dk, dv out
     float* lse;                   // (B, H, Lq) fp32: log2-sum-exp2 of the scaled scores, forward out
     float* delta;                 // (B, H, Lq) fp32 workspace: rowsum(dout * o)
-    float* unused;                // null: a slot the kernels' parameter offsets were built with
+    const int* sta_windows;       // null, or (H, 3) int32 on the device: hopper.cu's sliding-tile forward
     const int* kv_lens;           // (B,) int32 on the device: valid keys per sample, each in [1, len_k]
     int batch, heads, len_q, len_k, head_dim;
     float scale;                  // softmax scale, 1/sqrt(head_dim)
     int is_bf16;                  // 1: bf16, 0: fp16
+    int sta_grid[3];              // with sta_windows: the latent (T, H, W) whose tiles lead the sequence
 };
 
 // Each returns 0 (cudaSuccess) or a cudaError_t code, which attn_error_string puts into words.

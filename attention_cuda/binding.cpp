@@ -72,6 +72,29 @@ std::vector<torch::Tensor> forward(torch::Tensor q, torch::Tensor k, torch::Tens
     return {o, lse};
 }
 
+// Sliding-tile attention's forward (version 2.1 only; attention_cuda/__init__.py checks the layout):
+// windows (H, 3) int32 on the GPU, grid the latent (T, H, W) whose tile-ordered tokens lead the sequence.
+std::vector<torch::Tensor> forward_sparse(torch::Tensor q, torch::Tensor k, torch::Tensor v,
+                                          torch::Tensor kv_lens, int64_t stream, torch::Tensor windows,
+                                          std::vector<int64_t> grid) {
+    AttnParams p = params(q, k, v, kv_lens);
+    TORCH_CHECK(windows.is_cuda() && windows.scalar_type() == torch::kInt32 && windows.is_contiguous() &&
+                    windows.numel() == 3 * p.heads && grid.size() == 3,
+                "attention_cuda: sparse windows must be (H, 3) int32 on the GPU and grid (T, H, W)");
+    auto o = torch::empty({p.batch, p.len_q, p.heads, p.head_dim}, q.options());
+    auto lse = torch::empty({p.batch, p.heads, p.len_q}, q.options().dtype(torch::kFloat32));
+    p.o = view(o);
+    p.lse = lse.data_ptr<float>();
+    p.sta_windows = windows.data_ptr<int>();
+    for (int d = 0; d < 3; ++d) p.sta_grid[d] = static_cast<int>(grid[d]);
+    int err = attn_hopper_forward(p, reinterpret_cast<void*>(stream));
+    TORCH_CHECK(err != ATTN_NO_TENSOR_MAP, "attention_cuda: the driver refused a tensor map, and only "
+                "version 2.1 runs sliding-tile attention; pass contiguous q, k, v");
+    last_forward = "2.1 ws";
+    TORCH_CHECK(err == 0, "attention_cuda forward: ", attn_error_string(err));
+    return {o, lse};
+}
+
 // Returns (dq, dk, dv), each shaped like its input.
 std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor o,
                                     torch::Tensor lse, torch::Tensor dout, torch::Tensor kv_lens,
@@ -108,6 +131,7 @@ std::vector<torch::Tensor> backward(torch::Tensor q, torch::Tensor k, torch::Ten
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("forward", &forward, "attention forward: (o, lse)");
+    m.def("forward_sparse", &forward_sparse, "sliding-tile attention forward, version 2.1: (o, lse)");
     m.def("backward", &backward, "attention backward: (dq, dk, dv)");
     m.def("last_kernels",
           [] { return std::make_pair(std::string(last_forward), std::string(last_backward)); },

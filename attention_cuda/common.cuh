@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
+#include <type_traits>
 #include "attention.h"
 
 namespace {
@@ -222,7 +223,12 @@ cudaError_t launch_delta(const AttnParams& p, cudaStream_t stream) {  // 8 rows 
 }
 }  // namespace
 
-// fn<T, D>(p, stream) for the dtype and head_dim in p: the four instantiations behind each entry point.
-#define ATTN_DISPATCH(fn, p, stream)                                                                         \
-    ((p).is_bf16 ? ((p).head_dim == 128 ? fn<__nv_bfloat16, 128>(p, stream) : fn<__nv_bfloat16, 64>(p, stream)) \
-                 : ((p).head_dim == 128 ? fn<__half, 128>(p, stream) : fn<__half, 64>(p, stream)))
+// The entry point `name` (attention.h): fn<T, D>(p, stream) for the dtype and head_dim in p, the four
+// instantiations.
+#define ATTN_ENTRY(name, fn)                                                                         \
+    int name(const AttnParams& p, void* s) {                                                         \
+        const cudaStream_t st = static_cast<cudaStream_t>(s);                                        \
+        const bool d128 = p.head_dim == 128;                                                         \
+        return p.is_bf16 ? (d128 ? fn<__nv_bfloat16, 128>(p, st) : fn<__nv_bfloat16, 64>(p, st))   \
+                         : (d128 ? fn<__half, 128>(p, st) : fn<__half, 64>(p, st));                  \
+    }

@@ -20,14 +20,12 @@
 //   hopper_bwd_dkdv_kernel: 128 keys per block (64 per consumer); K, V copied once, then Q, dO (TMA) and
 //     lse, delta (the producer's warp 1, plain loads) in 64-query tiles;
 //   hopper_bwd_dq_kernel: 128 queries per block; Q, dO copied once, then K, V in 64-key tiles.
-// Padded keys: only ceil(n / tile) tiles are copied, but TMA copies the rows past n in the last one as
-// memory holds them (NaN included, and 0 x NaN is NaN on the tensor cores too). So their scores are set to
-// -inf (forward) or their P and dS selected to 0 (backward), never multiplied by a mask, and the padded
-// rows of a tile contracted over keys (V in O += P V, K in dQ += dS K) are zeroed in shared memory first.
+// Padded keys: TMA copies the rows past n in the last tile as memory holds them (NaN too; 0 x NaN is NaN on
+// the tensor cores), so their scores are set to -inf or P, dS selected to 0, never multiplied by a mask,
+// and the padded rows of V (in O += P V) and K (in dQ += dS K) are zeroed in shared memory first.
 // Where the driver refuses a tensor map (strides not multiples of 16 bytes) the host runs portable.cu.
 #include <cuda.h>          // CUtensorMap and its enums only: nothing links libcuda (see encode_tiled)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
-#include <type_traits>
 #include "common.cuh"
 
 namespace {
@@ -57,14 +55,19 @@ __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sy
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 #endif
-// The compiler sees a wgmma's accumulators as written when the instruction is issued, not when wait_group
-// returns: this pins every read of them after the wait (an empty volatile asm that "rewrites" each one).
-template <int NB>
-__device__ __forceinline__ void fence_regs(float (&d)[NB][4]) {
+// The compiler sees a wgmma's accumulators (float) as written when the instruction is issued, not when
+// wait_group returns, and its register A operand (uint32_t) as read at issue, though the tensor cores read
+// it until then: this pins every read of the former after the wait, and keeps the latter's values (and so
+// the registers) live until it (an empty volatile asm that "rewrites" each one).
+template <typename R, int NB>
+__device__ __forceinline__ void fence_regs(R (&d)[NB][4]) {
 #pragma unroll
     for (int i = 0; i < NB; ++i)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e]) :: "memory");
+        for (int e = 0; e < 4; ++e) {
+            if constexpr (std::is_same<R, float>::value) asm volatile("" : "+f"(d[i][e]) :: "memory");
+            else asm volatile("" : "+r"(d[i][e]) :: "memory");
+        }
 }
 
 // The accumulator operands of an m64nN wgmma: d[0..N/8)[0..4), as in-out registers.
@@ -90,14 +93,12 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
                  "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN              \
                  ", " A ", " B ", p, 1, 1, 0, 0;\n}\n"                                                          \
                  : WGMMA_ACC##NN : "l"(desc_a), "l"(desc_b), "r"(accumulate))
-    if constexpr (N == 128) {
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 128, "%64", "%65", "%66");
-        else WGMMA_SS("f16", 128, "%64", "%65", "%66");
-    } else {
-        static_assert(N == 64, "wgmma_ss: N = 64 or 128");
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_SS("bf16", 64, "%32", "%33", "%34");
-        else WGMMA_SS("f16", 64, "%32", "%33", "%34");
-    }
+    static_assert(N == 64 || N == 128, "wgmma_ss: N = 64 or 128");
+    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    if constexpr (N == 128 && bf16) WGMMA_SS("bf16", 128, "%64", "%65", "%66");
+    else if constexpr (N == 128) WGMMA_SS("f16", 128, "%64", "%65", "%66");
+    else if constexpr (bf16) WGMMA_SS("bf16", 64, "%32", "%33", "%34");
+    else WGMMA_SS("f16", 64, "%32", "%33", "%34");
 #undef WGMMA_SS
 }
 
@@ -110,14 +111,12 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 8][4], const uint32_t (&
                  "wgmma.mma_async.sync.aligned.m64n" #NN "k16.f32." TY "." TY " " WGMMA_REGS##NN               \
                  ", {" A0 ", " A1 ", " A2 ", " A3 "}, " B ", p, 1, 1, 1;\n}\n"                                 \
                  : WGMMA_ACC##NN : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1))
-    if constexpr (N == 128) {
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
-        else WGMMA_RS("f16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
-    } else {
-        static_assert(N == 64, "wgmma_rs: N = 64 or 128");
-        if constexpr (std::is_same<T, __nv_bfloat16>::value) WGMMA_RS("bf16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
-        else WGMMA_RS("f16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
-    }
+    static_assert(N == 64 || N == 128, "wgmma_rs: N = 64 or 128");
+    constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+    if constexpr (N == 128 && bf16) WGMMA_RS("bf16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+    else if constexpr (N == 128) WGMMA_RS("f16", 128, "%64", "%65", "%66", "%67", "%68", "%69");
+    else if constexpr (bf16) WGMMA_RS("bf16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
+    else WGMMA_RS("f16", 64, "%32", "%33", "%34", "%35", "%36", "%37");
 #undef WGMMA_RS
 }
 
@@ -197,16 +196,6 @@ __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
 #endif
-// A wgmma reads its register A operand until wait_group returns: this keeps those registers' values (and
-// so the registers) live until then, as fence_regs does for the accumulators.
-template <int NK>
-__device__ __forceinline__ void fence_regs(uint32_t (&a)[NK][4]) {
-#pragma unroll
-    for (int i = 0; i < NK; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[i][e]) :: "memory");
-}
-
 // Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (i in 0..NT-1; the swizzle moves
 // chunks within a row only). The tensor cores read the tile next: each thread fences its stores into the
 // async proxy; the caller then syncs the NT threads.
@@ -228,9 +217,69 @@ constexpr int WS_STAGES = 2;
 constexpr int WS_THREADS = 384;
 // mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
 constexpr int WS_BARS = 1 + 4 * WS_STAGES;
-template <typename T, int D> constexpr int fwd_ws_smem() {  // Q + stages x (K + V) + barriers + 1 KB to align
-    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * static_cast<int>(sizeof(T)) + WS_BARS * 8 + 1024;
+template <typename T, int D> constexpr int fwd_ws_smem() {  // Q, stages x (K, V), barriers, valid keys, align
+    return (WG_BM + 2 * WS_STAGES * WG_BN) * D * 2 + WS_BARS * 8 + WS_STAGES * 4 + 1024;
 }
+
+// The key tiles a forward block visits: dense, [0, kv_len); sliding-tile attention (docs/attention.md), the
+// tiles of the head's window (a text block: all) of the 384-slot tiles leading the sequence, then the text.
+// Key tiles of padding slots only are skipped; `idle`: a block of padding-slot queries only.
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ int sta_tile(int d) { return d == 0 ? 6 : 8; }  // __init__.py's STA_TILE (t, h, w)
+struct KeyTiles {
+    int lo[3], len[3], n_win = 0, base = 0, kv_len, n = 0, k = 0, c = 0;  // k, c: next()'s tile and key tile
+    bool idle = false;
+    // Tile i of the window: its index in the tile grid and its tokens (fewer at the grid's edge).
+    __device__ int tile(const AttnParams& p, int i, int& tokens) const {
+        const int t[3] = {lo[0] + i / (len[1] * len[2]), lo[1] + i / len[2] % len[1], lo[2] + i % len[2]};
+        int index = 0;
+        tokens = 1;
+        for (int d = 0; d < 3; ++d) {
+            index = index * ((p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d)) + t[d];
+            tokens *= min(sta_tile(d), p.sta_grid[d] - t[d] * sta_tile(d));
+        }
+        return index;
+    }
+    __device__ KeyTiles(const AttnParams& p, int m0, int h, int kv_len_) : kv_len(kv_len_) {
+        if (p.sta_windows != nullptr) {
+            int nt[3], q = m0 / 384, tokens = 1;
+            for (int d = 0; d < 3; ++d) nt[d] = (p.sta_grid[d] + sta_tile(d) - 1) / sta_tile(d);
+            const int qc[3] = {q / (nt[1] * nt[2]), q / nt[2] % nt[1], q % nt[2]};
+            base = nt[0] * nt[1] * nt[2] * 384;
+            for (int d = 0; d < 3; ++d) {  // centred on the query's tile, shifted inward at the grid's edge
+                const int half = p.sta_windows[3 * h + d] / 2, mid = min(max(qc[d], half), nt[d] - 1 - half);
+                lo[d] = m0 < base ? max(mid - half, 0) : 0;
+                len[d] = m0 < base ? min(mid + half, nt[d] - 1) - lo[d] + 1 : nt[d];
+                tokens *= min(sta_tile(d), p.sta_grid[d] - qc[d] * sta_tile(d));  // the query tile's
+            }
+            idle = m0 < base && m0 % 384 >= tokens;
+            n_win = len[0] * len[1] * len[2];
+            for (int i = 0; i < n_win; ++i) {
+                tile(p, i, tokens);
+                n += (tokens + WG_BN - 1) / WG_BN;
+            }
+        }
+        n += (kv_len - base + WG_BN - 1) / WG_BN;
+    }
+    // The next key tile, in order: its first key and (in `valid`) its valid keys (the first has one, so
+    // every row max is finite).
+    __device__ int next(const AttnParams& p, int& valid) {
+        if (k < n_win) {
+            int tokens;
+            const int key0 = tile(p, k, tokens) * 384 + c * WG_BN;
+            valid = min(WG_BN, tokens - c * WG_BN);
+            if (++c * WG_BN >= tokens) {
+                ++k;
+                c = 0;
+            }
+            return key0;
+        }
+        const int key0 = base + c++ * WG_BN;  // the text's tiles
+        valid = min(WG_BN, kv_len - key0);
+        return key0;
+    }
+};
+#endif
 
 template <typename T, int D>
 __global__ void __launch_bounds__(WS_THREADS, 1)
@@ -248,10 +297,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     auto v_full = [&](int st) { return bars + 8 * (1 + WS_STAGES + st); };
     auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
     auto v_empty = [&](int st) { return bars + 8 * (1 + 3 * WS_STAGES + st); };
-    const int m0 = blockIdx.x * WG_BM, h = blockIdx.y, b = blockIdx.z;
+    int* s_valid = reinterpret_cast<int*>(sV + WS_STAGES * KV_BYTES + WS_BARS * 8);  // per stage: valid keys
+    const int h = blockIdx.y, b = blockIdx.z;  // sliding-tile: the text blocks (every image tile) go first
+    const int m0 = (p.sta_windows ? gridDim.x - 1 - blockIdx.x : blockIdx.x) * WG_BM;
     const int wg = threadIdx.x / 128;
-    const int kv_len = p.kv_lens[b];
-    const int n_tiles = (kv_len + WG_BN - 1) / WG_BN;
+    KeyTiles keys(p, m0, h, p.kv_lens[b]);
+    const int n_tiles = keys.n;
+    if (keys.idle) {  // padding-slot queries only: zeros, so the DiT's padding tokens stay finite
+        T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
+        for (int i = threadIdx.x; i < WG_BM * D / 8; i += WS_THREADS)
+            *reinterpret_cast<uint4*>(out + (m0 + i / (D / 8)) * p.o.stride_l + i % (D / 8) * 8) = uint4{};
+        return;
+    }
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WS_STAGES; ++st) {
@@ -275,16 +332,18 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             for (int j = 0; j < n_tiles; ++j) {
                 const int st = j % WS_STAGES;
                 const uint32_t parity = (j / WS_STAGES) & 1;
+                int valid, key0 = keys.next(p, valid);
                 if (j >= WS_STAGES) mbar_wait(k_empty(st), parity ^ 1);
+                s_valid[st] = valid;  // released to the consumers by the arrival on K full
                 mbar_arrive_expect(k_full(st), KV_BYTES);
                 for (int half = 0; half < D / 64; ++half)
                     tma_load_4d(smem_u32(sK + st * KV_BYTES) + half * WG_BN * 128, &map_k, k_full(st), half * 64, h,
-                                j * WG_BN, b);
+                                key0, b);
                 if (j >= WS_STAGES) mbar_wait(v_empty(st), parity ^ 1);
                 mbar_arrive_expect(v_full(st), KV_BYTES);
                 for (int half = 0; half < D / 64; ++half)
                     tma_load_4d(smem_u32(sV + st * KV_BYTES) + half * WG_BN * 128, &map_v, v_full(st), half * 64, h,
-                                j * WG_BN, b);
+                                key0, b);
             }
         }
     } else {
@@ -293,7 +352,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const int warp = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32, t = lane % 4;
         const uint32_t q_addr = smem_u32(sQ) + cw * 64 * 128;
         const float scale_log2 = p.scale * LOG2E;
-        const int tail = kv_len - (n_tiles - 1) * WG_BN;  // valid keys in the last tile, 1..128
         // Named barrier 1 + c: "consumer c may issue". Consumer 0 goes first; each passes the turn on after
         // issuing a tile's products (id 3: both consumers, after zeroing V's padded rows).
         if (cw == 1) named_arrive(1, 256);
@@ -309,12 +367,13 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         auto scores = [&](int j, bool with_pv) {
             const int st = j % WS_STAGES, prev = (j + WS_STAGES - 1) % WS_STAGES;
             mbar_wait(k_full(st), (j / WS_STAGES) & 1);
+            const int valid = s_valid[st];  // read before the named barrier, so before this warp releases K
             if (with_pv) mbar_wait(v_full(prev), ((j - 1) / WS_STAGES) & 1);
             named_sync(1 + cw, 256);
             wgmma_fence();
             wgmma_dot_rows<T, WG_BN, D, WG_BM, WG_BN>(s, q_addr, smem_u32(sK + st * KV_BYTES));
             wgmma_commit();
-            if (with_pv) {  // tile j-1 < the last: no padded V rows
+            if (with_pv) {  // tile j-1 < the last: its keys past `valid` are padding slots, finite, P = 0
                 wgmma_acc_rows<T, D, WG_BN>(o, pa, smem_u32(sV + prev * KV_BYTES));
                 wgmma_commit();
                 named_arrive(1 + (cw ^ 1), 256);
@@ -325,7 +384,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             }
             fence_regs(s);
             if (lane == 0) mbar_arrive(k_empty(st));  // this warp no longer reads K tile j
-            if (j == n_tiles - 1 && tail < WG_BN) mask_keys(s, j * WG_BN, kv_len, t);
+            if (valid < WG_BN) mask_keys(s, 0, valid, t);
             softmax_rows(s, m_row, l_row, scale_log2, alpha);
         };
         scores(0, false);
@@ -343,6 +402,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         // wait for each other).
         const int last = (n_tiles - 1) % WS_STAGES;
         mbar_wait(v_full(last), ((n_tiles - 1) / WS_STAGES) & 1);
+        const int tail = s_valid[last];  // valid keys in the last tile (nothing overwrites it any more)
         if (tail < WG_BN) {
             zero_tail_rows<WG_BN, D, 256>(sV + last * KV_BYTES, tail, threadIdx.x - 128);
             named_sync(3, 256);
@@ -697,7 +757,7 @@ int forward(const AttnParams& p, cudaStream_t stream) {
         !tensor_map(&maps[2], p.v, p.len_k, p, WG_BN))
         return ATTN_NO_TENSOR_MAP;
     return launch(hopper_fwd_kernel<T, D>, dim3((p.len_q + WG_BM - 1) / WG_BM, p.heads, p.batch), WS_THREADS,
-                  fwd_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2]);  // D = 128: 164,936 B
+                  fwd_ws_smem<T, D>(), stream, p, maps[0], maps[1], maps[2]);  // D = 128: 164,944 B
 }
 
 template <typename T, int D>
@@ -719,9 +779,5 @@ int backward(const AttnParams& p, cudaStream_t stream) {
 }
 }  // namespace
 
-int attn_hopper_forward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(forward, p, static_cast<cudaStream_t>(s));
-}
-int attn_hopper_backward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(backward, p, static_cast<cudaStream_t>(s));
-}
+ATTN_ENTRY(attn_hopper_forward, forward)
+ATTN_ENTRY(attn_hopper_backward, backward)

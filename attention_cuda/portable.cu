@@ -66,16 +66,15 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
 }
 
 // c += a * b for one 16x8x16 block.
-template <typename T> __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1);
-template <> __device__ __forceinline__ void mma<__nv_bfloat16>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-template <> __device__ __forceinline__ void mma<__half>(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+template <typename T>
+__device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+#define MMA(TY)                                                                                         \
+    asm("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, " \
+        "{%8, %9}, {%0, %1, %2, %3};\n"                                                                 \
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                                \
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) MMA("bf16"); else MMA("f16");
+#undef MMA
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -506,10 +505,6 @@ cudaError_t backward(const AttnParams& p, cudaStream_t stream) {
 }
 }  // namespace
 
-int attn_portable_forward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(forward, p, static_cast<cudaStream_t>(s));
-}
-int attn_portable_backward(const AttnParams& p, void* s) {
-    return ATTN_DISPATCH(backward, p, static_cast<cudaStream_t>(s));
-}
+ATTN_ENTRY(attn_portable_forward, forward)
+ATTN_ENTRY(attn_portable_backward, backward)
 const char* attn_error_string(int err) { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
