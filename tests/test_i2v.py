@@ -226,3 +226,176 @@ def test_sequence_parallel_token_replace_equals_single_process(tmp_path):
     for got, args in zip(torch.load(tmp_path / "out.pt"), sp_inputs()):
         with torch.no_grad():
             torch.testing.assert_close(got, model(*args), rtol=1e-12, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The prompt path: the full LLaVA reads the image with the prompt
+
+LLAMA3_WORDS = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama 3's pre-tokenizer pattern: "\n\n" stays one piece
+SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<pad>", "<image>"]
+SENTENCES = ["A cat sits on a red mat in the sun.", "The camera pans left over a city at night.",
+             "Two dogs run across a green park, chasing a ball.", "The woman smiles and waves.\n\nThen rain."]
+
+
+@pytest.fixture(scope="module")
+def i2v_tok_dir(tmp_path_factory):
+    """A byte-level BPE in Llama 3's layout (BOS added, its word pattern) with LLaVA's <image> token."""
+    import text_encoder as te
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_WORDS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(SENTENCES * 3 + [te.PROMPT_TEMPLATE_ENCODE_VIDEO_I2V], trainers.BpeTrainer(
+        vocab_size=600, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A",
+        special_tokens=[("<|begin_of_text|>", tok.token_to_id("<|begin_of_text|>"))])
+    d = tmp_path_factory.mktemp("i2v_tok")
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|begin_of_text|>", "eos_token": "<|eot_id|>", "pad_token": "<pad>"}))
+    return str(d)
+
+
+def tiny_llava_folder(transformers, tok_dir, path, seed=0):
+    """A random transformers LlavaForConditionalGeneration (CLIP 32 px, patch 8: 16 image features; LLaMA
+    width 32, 4 layers) saved with the tokenizer files, as the official text_encoder_i2v folder."""
+    import shutil
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(os.path.join(tok_dir, "tokenizer.json"))
+    torch.manual_seed(seed)
+    cfg = transformers.LlavaConfig(
+        vision_config=transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                                    num_attention_heads=4, image_size=32, patch_size=8),
+        text_config=transformers.LlamaConfig(
+            vocab_size=tok.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rope_theta=500000.0,
+            rms_norm_eps=1e-5),
+        image_token_index=tok.token_to_id("<image>"))
+    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            p.mul_(1 if "norm" in n else 3)
+    ref.save_pretrained(path)
+    for f in os.listdir(tok_dir):
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(path, f))
+    return ref
+
+
+def tiny_i2v_template(tok, llava):
+    """The official I2V template with its positions counted for a test tokenizer (as PromptEncoder checks)."""
+    import text_encoder as te
+    head, tail = te.PROMPT_TEMPLATE_ENCODE_VIDEO_I2V.split("{}")
+    head = tok.bos + tok._encode([head])[0]
+    return dict(te.PROMPT_TEMPLATE_I2V, crop_start=len(head), image_emb_start=head.index(
+        llava.cfg.image_token_index), image_emb_len=llava.num_image_tokens,
+        double_return_token_id=tok._encode([tail])[0][-1])
+
+
+def official_i2v_states(ref, hf_tok, tpl, prompts, pixel_values, max_length, interleave):
+    """The official TextEncoder.encode in i2v_mode for data_type "video", one prompt at a time as the
+    official pipeline runs it, with transformers 5's LLaVA: the processor's expansion of "<image>" to
+    image_emb_len tokens lays the sequence out as the official run's legacy merge did."""
+    n_img, image_id = tpl["image_emb_len"], ref.config.image_token_index
+    out, out_mask = [], []
+    for prompt, px in zip(prompts, pixel_values):
+        enc = hf_tok(tpl["template"].format(prompt.strip()), truncation=True, max_length=max_length,
+                     padding="max_length", return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        pos = int((ids[0] == image_id).nonzero()[0])
+        ids_x = torch.cat([ids[:, :pos], torch.full((1, n_img), image_id), ids[:, pos + 1:]], 1)
+        mask_x = torch.cat([mask[:, :pos], torch.ones(1, n_img, dtype=mask.dtype), mask[:, pos + 1:]], 1)
+        with torch.no_grad():
+            hidden = ref(input_ids=ids_x, attention_mask=mask_x, pixel_values=px[None],
+                         output_hidden_states=True).hidden_states[-(2 + 1)]
+        # the official crop arithmetic, as written there
+        crop_start = tpl["crop_start"]
+        text_crop_start = crop_start - 1 + n_img
+        image_crop_start, image_crop_end = tpl["image_emb_start"], tpl["image_emb_start"] + n_img
+        _, last = torch.where(ids == tpl["double_return_token_id"])
+        if last.shape[0] == 3:
+            last = torch.cat((last, torch.tensor([ids.shape[-1]])))
+        last = last.reshape(ids.shape[0], -1)[:, -1]
+        a_start, a_end = last - 1 + n_img - 4, last - 1 + n_img
+        m_start, m_end = last - 4, last
+        text = torch.cat([hidden[0, text_crop_start:a_start[0].item()], hidden[0, a_end[0].item():]])
+        tmask = torch.cat([mask[0, crop_start:m_start[0].item()], mask[0, m_end[0].item():]])
+        image = hidden[0, image_crop_start:image_crop_end][::interleave]
+        out.append(torch.cat([image, text]))
+        out_mask.append(torch.cat([torch.ones(image.shape[0], dtype=tmask.dtype), tmask]))
+    return torch.stack(out), torch.stack(out_mask)
+
+
+@pytest.mark.parametrize("interleave", [4, 2])
+def test_i2v_prompt_path_matches_transformers_and_the_official_crop(i2v_tok_dir, tmp_path, interleave):
+    transformers = pytest.importorskip("transformers")
+    PIL = pytest.importorskip("PIL.Image")
+    import numpy as np
+    import text_encoder as te
+    ref = tiny_llava_folder(transformers, i2v_tok_dir, str(tmp_path))
+    llava = te.Llava.from_pretrained(str(tmp_path), dtype=torch.float32)
+    tok = te.Tokenizer(i2v_tok_dir)
+    torch.manual_seed(1)
+    clip = te.CLIPTextEncoder(te.CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=24,
+                                                intermediate_size=48, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16)).eval()
+    tpl = tiny_i2v_template(tok, llava)
+    assert tpl["image_emb_start"] == 5  # BOS, <|start_header_id|>, system, <|end_header_id|>, \n\n: official
+    text_len = 20
+    pe = te.PromptEncoder(llava.language_model, clip, tok, tok, templates=None, text_len=text_len,
+                          clip_len=16, llava=llava, i2v_template=tpl)
+    assert pe.i2v_returns_before == 3  # as the official code's count (Llama 3 tokenizes "\n\n" alike)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
+              rng.integers(0, 256, (90, 41, 3), dtype=np.uint8)]
+    # a short prompt; one with "\n\n" of its own; one cut inside the prompt (the assistant header lost)
+    prompts = ["A cat sits on a mat.", "The woman smiles and waves.\n\nThen rain.",
+               " ".join(SENTENCES[:3])]
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(i2v_tok_dir, "tokenizer.json"),
+                                                  bos_token="<|begin_of_text|>", pad_token="<pad>",
+                                                  padding_side="right")
+    processor = transformers.CLIPImageProcessorPil(size={"shortest_edge": 32},
+                                                   crop_size={"height": 32, "width": 32})
+    for batch in ([0, 1], [2]):
+        ps, ims = [prompts[i] for i in batch], [images[i % 2] for i in batch]
+        px = processor([PIL.fromarray(im) for im in ims], return_tensors="pt")["pixel_values"]
+        want, want_mask = official_i2v_states(ref, hf_tok, tpl, ps, px, tpl["crop_start"] + text_len,
+                                              interleave)
+        with pytest.warns(UserWarning, match="truncated") if 2 in batch else _no_warning():
+            text, mask, pooled = pe(ps, 129, images=ims, interleave=interleave)
+        assert text.shape == (len(ps), 16 // interleave + text_len - 4, 32)
+        assert torch.equal(mask, want_mask) and mask[:, :16 // interleave].all()
+        valid = want_mask.bool()  # padding rows' states never reach the DiT (and differ in position ids)
+        assert rel(text[valid], want[valid]) < 1e-5
+        # CLIP's vector, as for text-to-video
+        torch.testing.assert_close(pooled, pe.clip(*tok(ps, 16)), rtol=0, atol=0)
+    assert mask[0, -1] == 1  # the cut prompt fills every position
+    # the image changes the states of every text token after it
+    other, _, _ = pe(prompts[:1], 129, images=[images[1]], interleave=interleave)
+    first, _, _ = pe(prompts[:1], 129, images=[images[0]], interleave=interleave)
+    assert rel(other[0, -text_len:], first[0, -text_len:]) > 1e-3
+
+
+class _no_warning:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_i2v_prompt_path_needs_the_llava(i2v_tok_dir, tmp_path):
+    import numpy as np
+    import text_encoder as te
+    tok = te.Tokenizer(i2v_tok_dir)
+    llm = te.LlamaEncoder(te.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    clip = te.CLIPTextEncoder(te.CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=24,
+                                                intermediate_size=48, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16))
+    pe = te.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=12, clip_len=16)
+    with pytest.raises(ValueError, match="full LLaVA"):
+        pe(["a cat"], 129, images=[np.zeros((40, 40, 3), np.uint8)])
