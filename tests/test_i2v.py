@@ -399,3 +399,217 @@ def test_i2v_prompt_path_needs_the_llava(i2v_tok_dir, tmp_path):
     pe = te.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=12, clip_len=16)
     with pytest.raises(ValueError, match="full LLaVA"):
         pe(["a cat"], 129, images=[np.zeros((40, 40, 3), np.uint8)])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sampling: the image's size bucket and pixels, the sampler, sample.py --image end to end
+
+def official_bucket(height, width, base):
+    """The official generate_crop_size_list + get_closest_ratio (hyvideo/utils/data_utils.py), as written
+    there (numpy ratios), and inference.py's call."""
+    import numpy as np
+    num_patches = round((base / 32) ** 2)
+    crop_size_list, wp, hp = [], num_patches, 1
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= 4.0:
+            crop_size_list.append((wp * 32, hp * 32))
+        if (hp + 1) * wp <= num_patches:
+            hp += 1
+        else:
+            wp -= 1
+    ratios = np.array([round(float(h) / float(w), 5) for h, w in crop_size_list])
+    aspect_ratio = float(height) / float(width)
+    diff_ratios = ratios - aspect_ratio
+    if aspect_ratio >= 1:
+        indices = [(index, x) for index, x in enumerate(diff_ratios) if x <= 0]
+    else:
+        indices = [(index, x) for index, x in enumerate(diff_ratios) if x > 0]
+    return crop_size_list[min(indices, key=lambda pair: abs(pair[1]))[0]]
+
+
+def test_i2v_bucket_is_the_official_one():
+    import sample
+    for base in sample.I2V_BUCKET_BASE.values():
+        for h, w in ((720, 1280), (1280, 720), (1000, 1000), (1024, 1000), (480, 640), (333, 1999), (50, 41)):
+            assert sample.i2v_bucket(h, w, base) == official_bucket(h, w, base), (h, w, base)
+    assert sample.i2v_bucket(720, 1280, 960) == (704, 1248)  # 16:9 at 720p
+    assert sample.i2v_bucket(1000, 1000, 720) == (704, 704)
+
+
+def test_image_pixels_resize_crop_and_pad():
+    """The official torchvision transform on a PIL image, by its rules: shorter side to min(h, w) (the other
+    truncated), PIL bilinear, a centred crop whose offset rounds half to even, black padding, [-1, 1]."""
+    import numpy as np
+    from PIL import Image
+    import sample
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    # same size: no resampling, x / 127.5 - 1 up to float32 rounding of the official (x/255 - 0.5) / 0.5
+    x = sample.image_pixels(img, 40, 50)
+    assert x.shape == (1, 3, 1, 40, 50) and x.dtype == torch.float32
+    torch.testing.assert_close(x[0, :, 0], torch.from_numpy(img).permute(2, 0, 1) / 127.5 - 1,
+                               rtol=0, atol=1e-6)
+    # 40x50 -> shorter side 32: 32 x int(32 * 50 / 40) = 32 x 40, then a 32 x 35 crop: offset round(2.5) = 2
+    x = sample.image_pixels(img, 32, 35)
+    want = np.asarray(Image.fromarray(img).resize((40, 32), Image.BILINEAR))[:, 2:37]
+    torch.testing.assert_close(x[0, :, 0], torch.from_numpy(want.copy()).permute(2, 0, 1) / 255 * 2 - 1,
+                               rtol=0, atol=1e-6)
+    # a portrait image into a landscape size: 16 x 20 after the resize, padded 1 | 2 columns to 16 x 23
+    tall = rng.integers(0, 256, (100, 80, 3), dtype=np.uint8)
+    x = sample.image_pixels(tall, 16, 23)[0, :, 0]
+    assert (x[:, :, :1] == -1).all() and (x[:, :, -2:] == -1).all() and (x[:, :, 1:-2] > -1).any()
+
+
+def test_load_image_errors(tmp_path):
+    import numpy as np
+    from PIL import Image
+    import sample
+    Image.fromarray(np.zeros((8, 40, 3), np.uint8)).save(tmp_path / "tiny.png")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ValueError, match="40x8 pixels: give at least 32"):
+        sample.load_image(str(tmp_path / "tiny.png"))
+    with pytest.raises(ValueError, match="cannot read it as an image"):
+        sample.load_image(str(tmp_path / "text.png"))
+    Image.fromarray(np.full((40, 40), 7, np.uint8)).save(tmp_path / "gray.jpg")
+    img = sample.load_image(str(tmp_path / "gray.jpg"))
+    assert img.shape == (40, 40, 3) and img.dtype == np.uint8  # grey -> RGB, as convert("RGB")
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a DiT and keeps every latent it is called with."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.sp_group, self.seen = model, model.cfg, None, []
+
+    def forward(self, x, *args, **kw):
+        self.seen.append(x.clone())
+        return self.model(x, *args, **kw)
+
+
+def test_sampler_keeps_the_image_latent(tmp_path):
+    """token_replace: the DiT sees the image latent as frame 0 at every step, the result ends with it, and
+    frames 1.. step as the T2V sampler steps them; latent_concat: [x ; image on frame 0 ; mask] channels."""
+    import sample
+    cfg = dit.replace(VARIANTS["token_replace"], guidance_embed=False)
+    model = Recorder(random_model(cfg))
+    g = torch.Generator().manual_seed(3)
+    noise, image = torch.randn(1, 16, 3, 4, 6, generator=g), torch.randn(1, 16, 1, 4, 6, generator=g)
+    _, t, text, mask, pooled, _ = inputs(cfg, B=1, lens=(7,))
+    out = sample.denoise(model, noise, (text, mask, pooled), steps=3, shift=3.0, progress=False, image=image)
+    assert len(model.seen) == 3 and all(torch.equal(x[:, :, :1], image) for x in model.seen)
+    assert torch.equal(out[:, :, :1], image) and torch.equal(model.seen[0][:, :, 1:], noise[:, :, 1:])
+    # a step by hand: x1 = x0 + v(x0) * (sigma_1 - sigma_0) on frames 1..
+    sig = sample.flow_sigmas(3, 3.0)
+    with torch.no_grad():
+        v = model.model(model.seen[0], sig[0:1] * 1000, text, mask, pooled)
+    torch.testing.assert_close(model.seen[1][:, :, 1:], (model.seen[0] + v * (sig[1] - sig[0]))[:, :, 1:],
+                               rtol=0, atol=0)
+    cat = Recorder(random_model(VARIANTS["latent_concat"]))
+    out = sample.denoise(cat, noise, (text, mask, pooled), steps=2, shift=3.0, progress=False, image=image)
+    x = cat.seen[0]
+    assert x.shape == (1, 33, 3, 4, 6) and torch.equal(x[:, :16], noise)
+    assert torch.equal(x[:, 16:32, :1], image) and not x[:, 16:32, 1:].any()
+    assert (x[:, 32, 0] == 1).all() and not x[:, 32, 1:].any()
+    with pytest.raises(AssertionError, match="image latent"):
+        sample.denoise(cat, noise, (text, mask, pooled), steps=1, progress=False)
+
+
+def make_i2v_ckpt(path, kind):
+    """tests/test_sample.py's tiny train.py folder with an I2V DiT (4 latent channels)."""
+    from dataclasses import asdict
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_sample import make_ckpt
+    import train
+    make_ckpt(path)
+    conf = json.load(open(os.path.join(path, "config.json")))
+    cfg = dit.DiTConfig(**conf["dit"])
+    cfg = dit.replace(cfg, image_condition_type=kind, in_channels=9 if kind == "latent_concat" else 4)
+    dit.save_dit(random_model(cfg, std=0.05), os.path.join(path, "dit.safetensors"))
+    conf["dit"] = asdict(cfg)
+    train.write_json(os.path.join(path, "config.json"), conf)
+    return path
+
+
+def run_sample(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def read_mp4(path):
+    import cv2
+    cap, frames = cv2.VideoCapture(path), []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            return frames
+        frames.append(f)
+
+
+@pytest.mark.parametrize("kind", ["token_replace", "latent_concat"])
+def test_sample_image_to_mp4(kind, tmp_path):
+    """python sample.py --image ... end to end on a tiny I2V folder: 9 frames (latent_concat: the official
+    4 fewer) at the folder's size, --i2v-stability and --i2v-resolution accepted."""
+    import numpy as np
+    from PIL import Image
+    ckpt = make_i2v_ckpt(str(tmp_path / "ckpt"), kind)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)).save(tmp_path / "img.png")
+    out = str(tmp_path / "v.mp4")
+    r = run_sample("--ckpt", ckpt, "--image", str(tmp_path / "img.png"), "--prompt", "a red circle",
+                   "--out", out, "--steps", "2", "--frames", "9", "--i2v-stability")
+    assert r.returncode == 0, r.stderr
+    frames = read_mp4(out)
+    assert len(frames) == (9 if kind == "token_replace" else 5) and frames[0].shape == (32, 48, 3)
+
+
+def test_sample_picks_the_size_bucket(tmp_path, monkeypatch):
+    """--i2v-resolution: the official bucket of the image's shape; without it a folder's own size (None:
+    generate() takes it) and the folder's own shift."""
+    import numpy as np
+    from PIL import Image
+    import sample
+    ckpt = make_i2v_ckpt(str(tmp_path / "ckpt"), "token_replace")
+    Image.fromarray(np.zeros((60, 90, 3), np.uint8)).save(tmp_path / "img.png")
+    seen = []
+    monkeypatch.setattr(sample, "generate", lambda pipe, prompts, seed, h, w, *a, **kw: seen.append(
+        (h, w, a[2], kw["image"].shape, kw["stability"])) or [])
+    for extra in (["--i2v-resolution", "360p"], ["--i2v-stability"]):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a", "--image",
+                                          str(tmp_path / "img.png"), *extra])
+        sample.main()
+    assert seen == [(*official_bucket(60, 90, 480), None, (60, 90, 3), False),
+                    (None, None, None, (60, 90, 3), True)]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--image", "/nonexistent.png"], "--image /nonexistent.png: no such file"),
+    (["--image", "{tiny}"], "pixels: give at least 32"),
+    (["--image", "{text}"], "cannot read it as an image"),
+    (["--image", "{img}", "--frames", "1"], "--frames 1 with --image"),
+    (["--i2v-stability"], "go with --image"),
+    (["--image", "{img}", "--ckpt", "{t2v}"], "is a text-to-video DiT"),
+    ([], "this DiT is image-to-video (token_replace, HunyuanVideo-I2V): pass --image FILE"),
+])
+def test_bad_image_input_is_one_clean_line(args, needle, tmp_path_factory, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    import sample
+    d = tmp_path_factory.getbasetemp() / "i2v_errors"
+    if not d.exists():
+        d.mkdir()
+        make_i2v_ckpt(str(d / "ckpt"), "token_replace")
+        sys.path.insert(0, os.path.dirname(__file__))
+        from test_sample import make_ckpt
+        make_ckpt(str(d / "t2v"))
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "tiny.png")
+        Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(d / "img.png")
+        (d / "text.png").write_text("not an image")
+    names = dict(tiny=d / "tiny.png", text=d / "text.png", img=d / "img.png", t2v=d / "t2v")
+    args = [a.format(**names) for a in args]
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(d / "ckpt"), "--prompt", "a red circle",
+                                      "--steps", "1", *args])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    msg = str(e.value.code)
+    assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg
