@@ -194,6 +194,39 @@ def test_load_dit_tells_the_variants(tmp_path):
         dit.DiTConfig(image_condition_type="latent_concat")
 
 
+def test_token_replace_with_offload_fp8_and_lora(tmp_path):
+    """The paths sample.py reuses take an I2V DiT as they are: blocks streamed by offload_blocks (here
+    CPU to CPU), the official fp8 layout read with image=True (weights stay fp8, dequantised per forward),
+    and a LoRA in the official I2V trainer's kohya prefix, merged into W."""
+    import sample
+    from safetensors.torch import save_file
+    cfg = VARIANTS["token_replace"]
+    x, t, text, mask, pooled, g = inputs(cfg)
+    model = random_model(cfg)
+    with torch.no_grad():
+        want = model(x, t, text, mask, pooled, g)
+        sample.offload_blocks(model, torch.device("cpu"))
+        torch.testing.assert_close(model(x, t, text, mask, pooled, g), want, rtol=0, atol=0)
+    model = random_model(cfg)
+    scales = dit.quantize_fp8(model)
+    torch.save({"module": model.state_dict()}, tmp_path / "m_fp8.pt")
+    torch.save(scales, tmp_path / "m_fp8_map.pt")
+    loaded = dit.load_dit(str(tmp_path / "m_fp8.pt"), TINY, dtype=torch.float32, image=True)
+    assert loaded.cfg.image_condition_type == "token_replace"
+    assert isinstance(loaded.double_blocks[0].img_mod.linear, dit.FP8Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, t, text, mask, pooled, g), model(x, t, text, mask, pooled, g),
+                                   rtol=0, atol=0)
+    model = random_model(cfg)
+    A, B = torch.randn(4, 64) * 0.1, torch.randn(64, 4) * 0.1
+    name = "double_blocks.0.img_attn_proj"
+    key = "Hunyuan_video_I2V_lora_" + name.replace(".", "_")
+    save_file({f"{key}.lora_down.weight": A, f"{key}.lora_up.weight": B}, tmp_path / "l.safetensors")
+    w = model.get_submodule(name).weight.detach().clone()
+    dit.load_lora(model, str(tmp_path / "l.safetensors"), scale=0.5)
+    torch.testing.assert_close(model.get_submodule(name).weight, w + 0.5 * B @ A, rtol=0, atol=1e-6)
+
+
 def _sp_worker(rank, world, init_file, out_file):
     import torch.distributed as dist
     torch.set_num_threads(1)
@@ -613,3 +646,39 @@ def test_bad_image_input_is_one_clean_line(args, needle, tmp_path_factory, monke
         sample.main()
     msg = str(e.value.code)
     assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg
+
+
+def test_generate_with_the_llava_reads_the_image_and_a_black_one_for_the_negative(i2v_tok_dir, tmp_path):
+    """generate() on the official-style pipeline: the full LLaVA reads the image with the prompt (token
+    states: 16 / 4 image + text_len - 4 prompt), the negative prompt (real CFG) gets the official
+    NEGATIVE_PROMPT_I2V and a black image of the same size."""
+    transformers = pytest.importorskip("transformers")
+    import numpy as np
+    import sample
+    import text_encoder as te
+    import vae as vae_lib
+    tiny_llava_folder(transformers, i2v_tok_dir, str(tmp_path))
+    llava = te.Llava.from_pretrained(str(tmp_path), dtype=torch.float32)
+    tok = te.Tokenizer(i2v_tok_dir)
+    clip = te.CLIPTextEncoder(te.CLIPTextConfig(vocab_size=tok.vocab_size, hidden_size=24,
+                                                intermediate_size=48, num_hidden_layers=1,
+                                                num_attention_heads=2, max_position_embeddings=16)).eval()
+    pe = te.PromptEncoder(llava.language_model, clip, tok, tok, templates=None, text_len=20, clip_len=16,
+                          llava=llava, i2v_template=tiny_i2v_template(tok, llava))
+    calls = []
+    encode = pe.encode_i2v
+    pe.encode_i2v = lambda prompts, images, interleave: calls.append((prompts, images, interleave)) or \
+        encode(prompts, images, interleave)
+    model = Recorder(random_model(dit.replace(VARIANTS["token_replace"], in_channels=4, out_channels=4)))
+    texts = []
+    model.model.txt_in.register_forward_pre_hook(lambda m, a: texts.append(a[0].shape))
+    pipe = sample.Pipeline(pe, model, vae_lib.CausalVAE(vae_lib.CONFIGS["tiny"]).eval(),
+                           video={"height": 32, "width": 48, "frames": 5, "fps": 24},
+                           sampling=dict(sample.OFFICIAL_SAMPLING, steps=1))
+    image = np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    frames = sample.generate(pipe, ["a cat walks"], image=image, cfg_scale=2.0, tiled=False)
+    assert frames.shape == (1, 5, 32, 48, 3)
+    (p, im, n), (neg, black, n2) = calls
+    assert p == ["a cat walks"] and im[0] is image and n == n2 == 4
+    assert neg == [te.NEGATIVE_PROMPT_I2V] and black[0].shape == image.shape and not black[0].any()
+    assert texts == [(2, 16 // 4 + 20 - 4, 32)]  # [uncond ; cond], image states then prompt states
