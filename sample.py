@@ -623,6 +623,9 @@ def main():
     kind = pipe.dit.cfg.image_condition_type
     if kind and image is None:
         sys.exit(f"error: this DiT is image-to-video ({kind}, HunyuanVideo-I2V): pass --image FILE")
+    if image is not None and args.dit and pipe.encoder.llava is None:
+        sys.exit(f"error: --llm {args.llm} is a language model alone; HunyuanVideo-I2V reads the image with "
+                 f"the full LLaVA: pass its text_encoder_i2v folder (llava-llama-3-8b-v1_1-transformers)")
     shift = args.shift
     if shift is None and image is not None and args.dit:  # official I2V scripts: 7 with stability, else 17
         shift = 7.0 if args.i2v_stability else 17.0

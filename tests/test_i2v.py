@@ -682,3 +682,24 @@ def test_generate_with_the_llava_reads_the_image_and_a_black_one_for_the_negativ
     assert p == ["a cat walks"] and im[0] is image and n == n2 == 4
     assert neg == [te.NEGATIVE_PROMPT_I2V] and black[0].shape == image.shape and not black[0].any()
     assert texts == [(2, 16 // 4 + 20 - 4, 32)]  # [uncond ; cond], image states then prompt states
+
+
+def test_official_weights_with_an_image_need_the_full_llava(tmp_path, monkeypatch):
+    """--dit/--vae/--llm/--clip with --image: a T2V --llm folder (the language model alone) is one line."""
+    import numpy as np
+    from types import SimpleNamespace
+    from PIL import Image
+    import sample
+    for name in ("dit.pt", "vae", "llm", "clip"):
+        (tmp_path / name).mkdir() if name != "dit.pt" else (tmp_path / name).write_bytes(b"")
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(tmp_path / "img.png")
+    seen = {}
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a: seen.update(image=a[-1]) or SimpleNamespace(
+        dit=SimpleNamespace(cfg=VARIANTS["token_replace"]), encoder=SimpleNamespace(llava=None)))
+    files = [f"--{n}={tmp_path / f}" for n, f in (("dit", "dit.pt"), ("vae", "vae"), ("llm", "llm"),
+                                                   ("clip", "clip"))]
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--prompt", "a", "--image", str(tmp_path / "img.png"),
+                                      *files])
+    with pytest.raises(SystemExit, match="error: --llm .* is a language model alone"):
+        sample.main()
+    assert seen["image"] is True  # load_dit reads an official .pt as the I2V one
