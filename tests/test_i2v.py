@@ -703,3 +703,80 @@ def test_official_weights_with_an_image_need_the_full_llava(tmp_path, monkeypatc
     with pytest.raises(SystemExit, match="error: --llm .* is a language model alone"):
         sample.main()
     assert seen["image"] is True  # load_dit reads an official .pt as the I2V one
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: train.py --i2v
+
+def test_i2v_flow_matching_keeps_the_first_frame_clean():
+    """The I2V loss (official I2V trainer): the DiT sees the clean latent frame 0 and noised frames 1..,
+    and only frames 1.. count."""
+    import train
+    model = Recorder(random_model(VARIANTS["token_replace"]))
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 16, 3, 4, 6, generator=g), torch.randn(2, 16, 3, 4, 6, generator=g)
+    sigma = torch.tensor([0.3, 0.8])
+    _, _, text, mask, pooled, guid = inputs(VARIANTS["token_replace"])
+    loss = train.flow_matching_loss(model, x0, noise, sigma, (text, mask, pooled), guid)
+    s = sigma.view(2, 1, 1, 1, 1)
+    x = model.seen[0]
+    assert torch.equal(x[:, :, :1], x0[:, :, :1])
+    torch.testing.assert_close(x[:, :, 1:], ((1 - s) * x0 + s * noise)[:, :, 1:], rtol=0, atol=0)
+    with torch.no_grad():
+        v = model.model(x, sigma * 1000, text, mask, pooled, guid)
+    want = ((v - (noise - x0))[:, :, 1:] ** 2).mean()
+    torch.testing.assert_close(loss, want, rtol=1e-6, atol=0)
+
+
+def make_video_data(root, frames=72):
+    """A curate.py-shaped folder of 3 clips long enough for the demo preset's video bucket (9 frames at
+    stride 8), and a VAE of the preset's shape."""
+    import numpy as np
+    import curate
+    import train
+    import vae as vae_lib
+    from safetensors.torch import save_file
+    rng = np.random.default_rng(0)
+    os.makedirs(os.path.join(root, "clips"), exist_ok=True)
+    rows = []
+    for i, (colour, shape, d) in enumerate([("red", "circle", "left"), ("green", "square", "right"),
+                                            ("blue", "triangle", "up")]):
+        path = f"clips/c{i}.mp4"
+        video = curate.render_shot(rng, 112, 64, frames, shape, colour, d)
+        curate.write_video(os.path.join(root, path), video)
+        rows.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": frames,
+                     "caption": {"short_description": f"a {colour} {shape} moving {d}", "style": "flat",
+                                 "camera_movement": "static shot"}})
+    with open(os.path.join(root, "manifest.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    open(os.path.join(root, "images.jsonl"), "w").close()
+    torch.manual_seed(0)
+    save_file(vae_lib.CausalVAE(train.vae_config(train.PRESETS["demo"])).state_dict(),
+              os.path.join(root, "vae.safetensors"))
+    return root
+
+
+def test_train_i2v_then_sample_from_an_image(tmp_path):
+    """train.py --i2v from a T2V DiT (3 steps of the demo preset's video stage), then sample.py --image on
+    its folder; the folder's DiT says it is token_replace, and --i2v refuses what it does not support."""
+    import cv2
+    data = make_video_data(str(tmp_path / "data"))
+    t2v = random_model(dit.replace(TINY, hidden_size=128, rope_axes=(16, 24, 24), pooled_dim=32,
+                                   guidance_embed=False))
+    dit.save_dit(t2v, str(tmp_path / "t2v.safetensors"))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    base = [sys.executable, os.path.join(ROOT, "train.py"), "--preset", "demo", "--data", data, "--vae",
+            os.path.join(data, "vae.safetensors"), "--out", str(tmp_path / "out"), "--steps", "3", "--i2v"]
+    r = subprocess.run(base + ["--init-dit", str(tmp_path / "t2v.safetensors")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--image FIRST_FRAME.png" in r.stdout
+    assert dit.load_dit(str(tmp_path / "out" / "dit.safetensors")).cfg.image_condition_type == "token_replace"
+    first = cv2.VideoCapture(os.path.join(data, "clips", "c0.mp4")).read()[1]  # BGR, as imwrite takes it
+    cv2.imwrite(str(tmp_path / "first.png"), first)
+    r = run_sample("--ckpt", str(tmp_path / "out"), "--image", str(tmp_path / "first.png"), "--prompt",
+                   "a red circle moving left", "--out", str(tmp_path / "v.mp4"), "--steps", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(read_mp4(str(tmp_path / "v.mp4"))) == 9
+    r = subprocess.run(base + ["--lora", "4"], capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode != 0 and r.stderr.strip().startswith("error: --i2v fine-tunes with --preset/--data")
