@@ -5,6 +5,7 @@ Sampling: prompt in, mp4 out, as the official HunyuanVideo pipeline (official sa
     python sample.py --prompt "..." --dit DIT.pt --vae VAE_DIR --llm LLM_DIR --clip CLIP_DIR  # the 13B
     torchrun --nproc_per_node 4 sample.py ...                # one video on 4 GPUs (sequence parallel)
     python sample.py ... --lora style.safetensors:0.8 --lora motion.safetensors   # LoRAs, stacked
+    python sample.py --image first.jpg --prompt "..." --dit I2V.pt ...   # image-to-video (docs/i2v.md)
 
 Read top to bottom: the sampler (sigma schedule, Euler steps of the flow ODE), loading a pipeline (the
 official files or a train.py folder), generate() (encode the prompt with the LLM + CLIP, draw the noise,

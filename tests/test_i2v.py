@@ -271,6 +271,20 @@ SENTENCES = ["A cat sits on a red mat in the sun.", "The camera pans left over a
              "Two dogs run across a green park, chasing a ball.", "The woman smiles and waves.\n\nThen rain."]
 
 
+def test_official_i2v_constants_unchanged():
+    """The I2V template, its positions and negative prompt as in the official hyvideo/constants.py (checked
+    there character for character when written; pinned here so an edit shows)."""
+    import hashlib
+    import text_encoder as te
+    h = lambda s: hashlib.sha256(s.encode()).hexdigest()[:16]  # noqa: E731
+    assert h(te.PROMPT_TEMPLATE_ENCODE_VIDEO_I2V) == "7f45a330cc8fa70b"
+    assert h(te.NEGATIVE_PROMPT_I2V) == "48fba20107d6a612"
+    assert te.PROMPT_TEMPLATE_I2V == {"template": te.PROMPT_TEMPLATE_ENCODE_VIDEO_I2V, "crop_start": 103,
+                                      "image_emb_start": 5, "image_emb_len": 576,
+                                      "double_return_token_id": 271}
+    assert te.IMAGE_EMBED_INTERLEAVE == {"token_replace": 4, "latent_concat": 2}
+
+
 @pytest.fixture(scope="module")
 def i2v_tok_dir(tmp_path_factory):
     """A byte-level BPE in Llama 3's layout (BOS added, its word pattern) with LLaVA's <image> token."""
