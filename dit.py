@@ -893,7 +893,7 @@ def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="mo
     cfg = CONFIGS[config] if isinstance(config, str) else config
     w = sd.get("img_in.proj.weight")
     if w is not None and w.ndim == 5 and w.shape[1] == 2 * cfg.out_channels + 1 and not told:
-        # the first I2V release: [noisy latent ; image latent ; mask] channels, real CFG (no guidance_in)
+        # the first I2V release: [noisy latent ; image latent ; mask] channels; not guidance-distilled
         cfg = replace(cfg, in_channels=w.shape[1], image_condition_type="latent_concat",
                       guidance_embed="guidance_in.mlp.0.weight" in sd)
         told = True
