@@ -4,6 +4,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py curate                                  # shot detection vs PySceneDetect, pipeline fps
     python bench.py vae                                     # tiled VAE decode 544x960x129 and encode
     python bench.py dit --config 13b --size 544x960x129     # bf16 DiT forward, ours vs diffusers
+    python bench.py i2v                                     # image-to-video DiT forward next to T2V's
     python bench.py train [--compile]                       # 1.3B training step: s/step, MFU, memory
     python bench.py lora                                    # 13B LoRA step, 49x512x768, rank 128: s, GiB
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
@@ -407,6 +408,45 @@ def bench_dit(args):
               f"{mem:>9.1f}")
     print(f"({flops / 1e15:.2f} PFLOP per forward, matmuls only; median of {iters} after {warmup} warm-up)")
 
+
+
+def bench_i2v(args):
+    """One DiT forward (a sampling step) of image-to-video, HunyuanVideo-I2V's token_replace, next to
+    text-to-video's on the same random weights (13B, 544x960x129, bf16 on a GPU; tiny on a CPU): seconds
+    and peak memory. I2V's text is 144 image states + 252 prompt tokens (docs/i2v.md), T2V's 256."""
+    cfg = dit.CONFIGS["13b" if CUDA else "tiny"]
+    H, W, T = (544, 960, 129) if CUDA else (64, 64, 9)
+    lat = (1, cfg.in_channels, (T - 1) // 4 + 1, H // 8, W // 8)
+    n_img = lat[2] * (lat[3] // 2) * (lat[4] // 2)
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    print(f"I2V vs T2V DiT forward: {cfg.hidden_size}x{cfg.depth_double}+{cfg.depth_single}, {H}x{W}x{T}, "
+          f"{n_img:,} image tokens, {dtype}, {DEVICE}"
+          + (f" ({torch.cuda.get_device_name()})" if CUDA else ""))
+    model = random_dit(cfg, dtype).eval()
+    g = torch.Generator(DEVICE).manual_seed(0)
+    x = torch.randn(lat, device=DEVICE, generator=g).to(dtype)
+    t = torch.tensor([900.0], device=DEVICE)
+    pooled = torch.randn(1, cfg.pooled_dim, device=DEVICE, generator=g).to(dtype)
+    guid = torch.tensor([6016.0], device=DEVICE, dtype=dtype)
+    warmup, iters = 1, 2  # a 13B forward at this size takes seconds
+    rows = []
+    for kind, n_txt, n_valid in ((None, 256, 64), ("token_replace", 144 + 252, 144 + 64)):
+        model.cfg = dit.replace(cfg, image_condition_type=kind)
+        text = torch.randn(1, n_txt, cfg.text_dim, device=DEVICE, generator=g).to(dtype)
+        mask = (torch.arange(n_txt, device=DEVICE) < n_valid)[None].long()
+        with torch.no_grad():
+            sec, mem, out = timed(lambda: model(x, t, text, mask, pooled, guid), warmup, iters)
+        finite = bool(torch.isfinite(out).all())
+        rows.append((kind or "T2V", n_txt, sec, mem, finite))
+        print(f"{kind or 'T2V'}: {sec:.3f} s per forward, peak {mem:.1f} GiB, output finite: {finite}",
+              flush=True)
+    print(f"\n{'model':<15} {'text tokens':>11} {'seconds':>9} {'peak GiB':>9}")
+    for label, n_txt, sec, mem, _ in rows:
+        print(f"{label:<15} {n_txt:>11} {sec:>9.3f} {mem:>9.1f}")
+    print(f"I2V / T2V time: {rows[1][2] / rows[0][2]:.3f}x (median of {iters} after {warmup} warm-up)")
+    ok = all(r[4] for r in rows) and rows[1][2] < 1.25 * rows[0][2]
+    print(("PASS" if ok else "FAIL") + ": I2V step finite and within 25% of T2V's time")
+
 # ----------------------------------------------------------------------------------------------------------
 # train: one optimizer step of the 1.3B DiT, ours (eager, compiled, checkpointed) vs diffusers
 
@@ -774,6 +814,8 @@ def main():
     p.add_argument("--size", help="HxWxT video size, default 544x960x129 on a GPU, 64x64x9 on a CPU")
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers comparison")
     p.set_defaults(fn=bench_dit)
+    p = sub.add_parser("i2v", help="image-to-video (token_replace) DiT forward next to text-to-video's")
+    p.set_defaults(fn=bench_i2v)
     p = sub.add_parser("train", help="DiT training step: seconds, MFU, memory")
     p.add_argument("--peak-tflops", type=float, default=779.0,
                    help="bf16 matmul peak for MFU (default: an H100's, measured; docs/performance.md)")

@@ -49,6 +49,10 @@ class DiTConfig:
     rope_theta: float = 256.0         # official CLI default --rope-theta 256, not 10000
     guidance_embed: bool = True       # the released weights are guidance-distilled
     qkv_bias: bool = True
+    # image-to-video (HunyuanVideo-I2V, docs/i2v.md): None (text-to-video); "token_replace" (the image's
+    # latent is frame 0 of x, whose tokens are modulated as at t = 0); "latent_concat" (the first I2V
+    # release: x = [noisy latent ; image latent ; mask] on the channels, in_channels = 2 * 16 + 1)
+    image_condition_type: str = None
 
     def __post_init__(self):
         self.patch_size, self.rope_axes = tuple(self.patch_size), tuple(self.rope_axes)
@@ -56,6 +60,12 @@ class DiTConfig:
         if rem or sum(self.rope_axes) != head_dim or any(a % 2 for a in self.rope_axes):
             raise ValueError(f"DiTConfig: hidden_size/num_heads = {self.hidden_size}/{self.num_heads} must "
                              f"give a head dim equal to sum(rope_axes)={sum(self.rope_axes)}, each axis even")
+        if self.image_condition_type not in (None, "token_replace", "latent_concat"):
+            raise ValueError(f"DiTConfig: image_condition_type {self.image_condition_type!r}: use None, "
+                             f"'token_replace' or 'latent_concat'")
+        if self.image_condition_type == "latent_concat" and self.in_channels != 2 * self.out_channels + 1:
+            raise ValueError(f"DiTConfig: latent_concat takes in_channels = 2 * out_channels + 1 (noisy "
+                             f"latent, image latent, mask), got {self.in_channels}")
 
 
 CONFIGS = {
@@ -80,9 +90,22 @@ def layer_norm(x, eps=1e-6):
     return F.layer_norm(fp32(x), x.shape[-1:], eps=eps)
 
 
-def modulate(x, shift, scale):
-    """adaLN: x * (1 + scale) + shift, broadcast over the sequence (official "1 + scale" convention)."""
+def modulate(x, shift, scale, first=None):
+    """adaLN: x * (1 + scale) + shift, broadcast over the sequence (official "1 + scale" convention).
+    first = (n, shift0, scale0): the first n tokens take those instead (I2V token_replace: the image's
+    frame)."""
+    if first is not None:
+        n, shift0, scale0 = first
+        return torch.cat([modulate(x[:, :n], shift0, scale0), modulate(x[:, n:], shift, scale)], 1)
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated(x, gate, first=None):
+    """gate * x per sample; first = (n, gate0): the first n tokens' gate (I2V token_replace)."""
+    if first is not None:
+        n, gate0 = first
+        return torch.cat([gate0.unsqueeze(1) * x[:, :n], gate.unsqueeze(1) * x[:, n:]], 1)
+    return gate.unsqueeze(1) * x
 
 
 class RMSNorm(nn.Module):
@@ -434,28 +457,37 @@ class MMDoubleStreamBlock(nn.Module):
             setattr(self, f"{s}_attn_proj", nn.Linear(D, D, bias=cfg.qkv_bias))
             setattr(self, f"{s}_mlp", MLP(D, mlp, nn.GELU(approximate="tanh")))
 
-    def forward(self, img, txt, vec, rope, seg_lens, sp=None, sparse=None):
+    def forward(self, img, txt, vec, rope, seg_lens, sp=None, sparse=None, first=None):
+        """first = (n, vec0), I2V token_replace only: the first n image tokens (the image's frame) are
+        modulated by vec0 instead of vec (official modulate/apply_gate with condition_type)."""
         img_mod = self.img_mod(vec).chunk(6, dim=-1)  # shift1, scale1, gate1, shift2, scale2, gate2
         txt_mod = self.txt_mod(vec).chunk(6, dim=-1)
+        img_mod0 = None if first is None else self.img_mod(first[1]).chunk(6, dim=-1)
 
-        def qkv(s, x, mod):
-            h = modulate(layer_norm(x), mod[0], mod[1]).to(x.dtype)
+        def qkv(s, x, mod, mod0):
+            f = None if mod0 is None else (first[0], mod0[0], mod0[1])
+            h = modulate(layer_norm(x), mod[0], mod[1], f).to(x.dtype)
             q, k, v = getattr(self, f"{s}_attn_qkv")(h).unflatten(-1, (3, self.heads, -1)).unbind(2)
             return getattr(self, f"{s}_attn_q_norm")(q), getattr(self, f"{s}_attn_k_norm")(k), v
 
-        iq, ik, iv = qkv("img", img, img_mod)
+        iq, ik, iv = qkv("img", img, img_mod, img_mod0)
         iq, ik = apply_rope(iq, *rope), apply_rope(ik, *rope)  # RoPE on image tokens only, after QK-norm
-        tq, tk, tv = qkv("txt", txt, txt_mod)
+        tq, tk, tv = qkv("txt", txt, txt_mod, None)
         a = attention(torch.cat([iq, tq], 1), torch.cat([ik, tk], 1), torch.cat([iv, tv], 1), seg_lens, sp,
                       sparse)
         img_a, txt_a = a[:, :img.shape[1]], a[:, img.shape[1]:]
 
-        def residual(s, x, attn_out, mod):
-            x = x + mod[2].unsqueeze(1) * getattr(self, f"{s}_attn_proj")(attn_out)
-            h = modulate(layer_norm(x), mod[3], mod[4]).to(x.dtype)
-            return x + mod[5].unsqueeze(1) * getattr(self, f"{s}_mlp")(h)
+        def residual(s, x, attn_out, mod, mod0):
+            if mod0 is None:
+                x = x + mod[2].unsqueeze(1) * getattr(self, f"{s}_attn_proj")(attn_out)
+                h = modulate(layer_norm(x), mod[3], mod[4]).to(x.dtype)
+                return x + mod[5].unsqueeze(1) * getattr(self, f"{s}_mlp")(h)
+            n = first[0]
+            x = x + gated(getattr(self, f"{s}_attn_proj")(attn_out), mod[2], (n, mod0[2]))
+            h = modulate(layer_norm(x), mod[3], mod[4], (n, mod0[3], mod0[4])).to(x.dtype)
+            return x + gated(getattr(self, f"{s}_mlp")(h), mod[5], (n, mod0[5]))
 
-        return residual("img", img, img_a, img_mod), residual("txt", txt, txt_a, txt_mod)
+        return residual("img", img, img_a, img_mod, img_mod0), residual("txt", txt, txt_a, txt_mod, None)
 
 
 class MMSingleStreamBlock(nn.Module):
@@ -471,9 +503,12 @@ class MMSingleStreamBlock(nn.Module):
         self.modulation = Modulation(D, 3)
         self.mlp_act = nn.GELU(approximate="tanh")
 
-    def forward(self, x, vec, rope, seg_lens, n_img, sp=None, sparse=None):
+    def forward(self, x, vec, rope, seg_lens, n_img, sp=None, sparse=None, first=None):
+        """first = (n, vec0): as in MMDoubleStreamBlock (I2V token_replace)."""
         shift, scale, gate = self.modulation(vec).chunk(3, dim=-1)
-        h = modulate(layer_norm(x), shift, scale).to(x.dtype)
+        mod0 = None if first is None else self.modulation(first[1]).chunk(3, dim=-1)
+        f = None if first is None else (first[0], mod0[0], mod0[1])
+        h = modulate(layer_norm(x), shift, scale, f).to(x.dtype)
         qkv, mlp = self.linear1(h).split([x.shape[-1] * 3, self.mlp_hidden], dim=-1)
         q, k, v = qkv.unflatten(-1, (3, self.heads, -1)).unbind(2)
         q, k = self.q_norm(q), self.k_norm(k)
@@ -481,6 +516,8 @@ class MMSingleStreamBlock(nn.Module):
         q = torch.cat([apply_rope(q[:, :n_img], *rope), q[:, n_img:]], 1)
         k = torch.cat([apply_rope(k[:, :n_img], *rope), k[:, n_img:]], 1)
         a = attention(q, k, v, seg_lens, sp, sparse)
+        if first is not None:
+            return x + gated(self.linear2(torch.cat([a, self.mlp_act(mlp)], -1)), gate, (first[0], mod0[2]))
         return x + gate.unsqueeze(1) * self.linear2(torch.cat([a, self.mlp_act(mlp)], -1))
 
 
@@ -587,6 +624,11 @@ class HunyuanVideoDiT(nn.Module):
 
         dt = self.img_in.proj.weight.dtype
         vec = self.time_in(t) + self.vector_in(pooled.to(dt))  # plain sum of the conditioning vectors
+        first = None
+        if cfg.image_condition_type == "token_replace":
+            # I2V: the image's frame is clean, so its tokens are modulated as at t = 0 (no guidance term),
+            # in every double and single block; the final layer uses vec alone (official models.py)
+            first = (grid[1] * grid[2], self.time_in(torch.zeros_like(t)) + self.vector_in(pooled.to(dt)))
         if self.guidance_in is not None:
             vec = vec + self.guidance_in(guidance)
         img = self.img_in(x.to(dt))
@@ -605,14 +647,19 @@ class HunyuanVideoDiT(nn.Module):
             img = img[:, r * n_local:(r + 1) * n_local]
             rope = tuple(tab[r * n_local:(r + 1) * n_local] for tab in rope)
             sp = (self.sp_group, n_local)
+            if first is not None:  # the first frame's tokens that fall in this rank's slice (maybe none)
+                first = (min(max(first[0] - r * n_local, 0), n_local), first[1])
         if sparse is not None and sp is not None:
             raise ValueError("sliding-tile attention runs on one GPU: drop sparse or sequence parallel")
+        if sparse is not None and first is not None:  # the first frame's tokens must stay a prefix
+            raise ValueError("sliding-tile attention reorders the image tokens, and token_replace's first "
+                             "frame needs them in order: drop sparse for image-to-video")
 
         def blocks(img):
             """The blocks' image tokens (B, n_local, D). Sliding-tile attention: the blocks see the image
             tokens and RoPE rows in tile order (padding slots zero), and give them back in raster order."""
             if sparse is None:
-                return self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)[:, :n_local]
+                return self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp, first=first)[:, :n_local]
             slot, n_slots = sta_layout(grid, x.device)
             tiles = img.new_zeros(B, n_slots, img.shape[-1]).index_copy_(1, slot, img)
             tab = tuple(r.new_zeros(n_slots, r.shape[1]).index_copy_(0, slot, r) for r in rope)
@@ -640,17 +687,18 @@ class HunyuanVideoDiT(nn.Module):
         out = out.permute(0, 4, 1, 5, 2, 6, 3, 7)  # (B, c, t, pt, h, ph, w, pw)
         return out.reshape(B, cfg.out_channels, T, H, W)
 
-    def run_blocks(self, img, txt, vec, rope, seg_lens, n_local, sp, sta=None):
+    def run_blocks(self, img, txt, vec, rope, seg_lens, n_local, sp, sta=None, first=None):
         """The double then the single blocks -> the joint sequence [img ; txt] (B, n_local + L, D).
-        sta: (grid, windows[layer]) for sliding-tile attention, layers counted double blocks first."""
+        sta: (grid, windows[layer]) for sliding-tile attention, layers counted double blocks first.
+        first: (n, vec0) for I2V token_replace (see MMDoubleStreamBlock), else None."""
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         layer = (lambda i: None) if sta is None else (lambda i: (sta[0], sta[1][i]))
         for i, block in enumerate(self.double_blocks):
-            args = (img, txt, vec, rope, seg_lens, sp, layer(i))
+            args = (img, txt, vec, rope, seg_lens, sp, layer(i), first)
             img, txt = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         x = torch.cat([img, txt], 1)  # image first, then text, as in the official sequence
         for i, block in enumerate(self.single_blocks, len(self.double_blocks)):
-            args = (x, vec, rope, seg_lens, n_local, sp, layer(i))
+            args = (x, vec, rope, seg_lens, n_local, sp, layer(i), first)
             x = checkpoint(block, *args, use_reentrant=False) if ckpt else block(*args)
         return x
 
@@ -857,7 +905,7 @@ def config_from_diffusers(c):
                      refiner_depth=c["num_refiner_layers"], text_dim=c["text_embed_dim"],
                      pooled_dim=c["pooled_projection_dim"],
                      rope_axes=tuple(c["rope_axes_dim"]), rope_theta=c["rope_theta"],
-                     guidance_embed=c["guidance_embeds"])
+                     guidance_embed=c["guidance_embeds"], image_condition_type=c.get("image_condition_type"))
 
 
 def check_state_dict(model, sd, source, hint=""):
@@ -882,7 +930,7 @@ def check_state_dict(model, sd, source, hint=""):
 
 
 def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="module", fp8_map=None,
-             keep_fp8=True):
+             keep_fp8=True, image=False):
     """Load a DiT from the official mp_rank_00_model_states.pt, official-layout safetensors (ours, from
     save_dit, carry their config), or diffusers-layout safetensors (file or sharded directory), detected
     from the keys. config: a CONFIGS name or DiTConfig; default = the file's own config, else "13b".
@@ -891,15 +939,33 @@ def load_dit(path, config=None, dtype=torch.bfloat16, device="cpu", load_key="mo
     The official fp8 checkpoint (mp_rank_00_model_states_fp8.pt, float8_e4m3fn weights for every linear
     layer of the 60 blocks) needs its scale map (fp8_map, default: *_fp8_map.pt beside it). keep_fp8: those
     layers become FP8Linear (the official --use-fp8: ~12 GB less at 13B); False: their dequantised weights,
-    the same numbers, are stored densely in `dtype` (for training)."""
+    the same numbers, are stored densely in `dtype` (for training).
+
+    Image-to-video (HunyuanVideo-I2V): diffusers' config.json and our files name their
+    image_condition_type; an official file with 33 input channels is the latent_concat one. The official
+    token_replace .pt has exactly T2V's keys and shapes, so the file cannot tell: image=True (the caller
+    has an image) reads such a file as token_replace, and refuses a file that says it is text-to-video."""
     sd, meta = _read_state_dict(path, load_key)
+    told = False  # whether the file itself says which variant it is
     if any(k.startswith(("transformer_blocks.", "x_embedder.", "context_embedder.")) for k in sd):
         sd = diffusers_to_official(sd)
         if config is None and "diffusers_config" in meta:
-            config = config_from_diffusers(meta["diffusers_config"])
+            config, told = config_from_diffusers(meta["diffusers_config"]), True
     if config is None:
-        config = DiTConfig(**json.loads(meta["config"])) if "config" in meta else "13b"
+        told = "config" in meta
+        config = DiTConfig(**json.loads(meta["config"])) if told else "13b"
     cfg = CONFIGS[config] if isinstance(config, str) else config
+    w = sd.get("img_in.proj.weight")
+    if w is not None and w.ndim == 5 and w.shape[1] == 2 * cfg.out_channels + 1 and not told:
+        # the first I2V release: [noisy latent ; image latent ; mask] channels; not guidance-distilled
+        cfg = replace(cfg, in_channels=w.shape[1], image_condition_type="latent_concat",
+                      guidance_embed="guidance_in.mlp.0.weight" in sd)
+        told = True
+    if image and cfg.image_condition_type is None:
+        if told:
+            raise ValueError(f"{path} is a text-to-video DiT (its config has no image_condition_type); "
+                             "sampling from an image needs a HunyuanVideo-I2V checkpoint")
+        cfg = replace(cfg, image_condition_type="token_replace")
 
     with torch.device("meta"):
         model = HunyuanVideoDiT(cfg)

@@ -5,6 +5,7 @@ Sampling: prompt in, mp4 out, as the official HunyuanVideo pipeline (official sa
     python sample.py --prompt "..." --dit DIT.pt --vae VAE_DIR --llm LLM_DIR --clip CLIP_DIR  # the 13B
     torchrun --nproc_per_node 4 sample.py ...                # one video on 4 GPUs (sequence parallel)
     python sample.py ... --lora style.safetensors:0.8 --lora motion.safetensors   # LoRAs, stacked
+    python sample.py --image first.jpg --prompt "..." --dit I2V.pt ...   # image-to-video (docs/i2v.md)
 
 Read top to bottom: the sampler (sigma schedule, Euler steps of the flow ODE), loading a pipeline (the
 official files or a train.py folder), generate() (encode the prompt with the LLM + CLIP, draw the noise,
@@ -50,7 +51,7 @@ def flow_sigmas(steps, shift):
 
 @torch.no_grad()
 def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0, uncond=None,
-            progress=True, cache=None, sparse=None):
+            progress=True, cache=None, sparse=None, image=None):
     """Integrate the flow ODE dx/dsigma = v from sigma=1 to 0 with Euler steps.
 
     cond/uncond: (text, text_mask, pooled) for the prompt and the negative prompt. Real CFG (cfg_scale > 1)
@@ -59,7 +60,17 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
     cache: a TeaCache, reset here, or None (every step runs the whole DiT).
     sparse: a dit.SlidingTile, used from step sparse.full_steps on (dense before), or None.
+    image: an I2V DiT's image latent (B, C, 1, h, w), scaled (official HunyuanVideo-I2V pipeline):
+    token_replace makes it frame 0 of the latent before every step and at the end (the scheduler steps
+    frames 1.. only); latent_concat gives the DiT [x ; the image latent on frame 0, zeros after ; a mask
+    of ones on frame 0] on the channels.
     """
+    kind = getattr(model.cfg, "image_condition_type", None)
+    assert (kind is None) == (image is None), "an image latent goes with an I2V DiT, and only with one"
+    if kind == "latent_concat":
+        extra = torch.zeros(noise.shape[0], noise.shape[1] + 1, *noise.shape[2:], device=noise.device)
+        extra[:, :-1, :1] = image
+        extra[:, -1, 0] = 1
     sigmas = flow_sigmas(steps, shift).to(noise.device)
     dtype = next(model.parameters()).dtype
     x = noise
@@ -74,7 +85,10 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     if cache is not None:
         cache.reset(steps)
     for i in tqdm(range(steps), desc="denoise", disable=not progress):
-        xin = torch.cat([x, x]) if use_cfg else x
+        if kind == "token_replace":
+            x = torch.cat([image, x[:, :, 1:]], 2)
+        xin = torch.cat([x, extra], 1) if kind == "latent_concat" else x
+        xin = torch.cat([xin, xin]) if use_cfg else xin
         t = (sigmas[i] * 1000).expand(B)
         kw = {} if cache is None else {"cache": cache}
         if sparse is not None and i >= sparse.full_steps:
@@ -84,6 +98,8 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
             v_u, v_c = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)  # in the DiT's dtype, as the official pipeline combines them
         x = x.float() + v.float() * (sigmas[i + 1] - sigmas[i])  # Euler step in fp32 (sigma decreases)
+    if kind == "token_replace":
+        x = torch.cat([image.to(x.dtype), x[:, :, 1:]], 2)
     return x
 
 
@@ -165,7 +181,7 @@ class Pipeline:
 
 
 def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_dir=None, device="cpu",
-                  dtype=torch.bfloat16, offload=False, loras=()):
+                  dtype=torch.bfloat16, offload=False, loras=(), image=False):
     """The prompt encoder, DiT (in `dtype`) and VAE with their default video size and sampling options:
     the official files (dit_path, which may be the fp8 one, vae_path, llm_dir, clip_dir) or a train.py
     output folder (ckpt; its config.json names its encoders and holds its own defaults).
@@ -174,7 +190,8 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
     GPU one layer at a time while it encodes, so the encoders never add more than a layer to the GPU
     memory the resident DiT needs. offload: the DiT's blocks stay in CPU memory too. loras: (file, scale)
     pairs, applied in order (dit.load_lora) before any block is offloaded, so the streamed blocks carry
-    them."""
+    them. image: sampling from an image, so a DiT file that cannot tell is read as HunyuanVideo-I2V's
+    token_replace one (dit.load_dit); llm_dir may then be the full LLaVA (the official text_encoder_i2v)."""
     device = torch.device(device)
     big_encoders = "layer" if offload or device.type == "cuda" else None
     vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # official --vae-precision fp16
@@ -210,7 +227,7 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
         dit_path = os.path.join(ckpt, "dit.safetensors")
         vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=vae_lib.VAEConfig(**conf["vae"]),
                                device=device, dtype=vae_dtype)
-    model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device)
+    model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device, image=image)
     model.eval().requires_grad_(False)
     for path, scale in loras:
         dit.load_lora(model, path, scale)
@@ -265,18 +282,94 @@ def offload_blocks(model, device):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Image-to-video inputs (HunyuanVideo-I2V, docs/i2v.md): the image, its size bucket and its pixels
+
+# official hyvideo/inference.py predict(): --i2v-resolution -> bucket_hw_base_size
+I2V_BUCKET_BASE = {"720p": 960, "540p": 720, "360p": 480}
+MIN_IMAGE_SIDE = 32  # pixels; a thumbnail upscaled to a 720p bucket has no detail left to animate
+
+
+def load_image(path):
+    """An image file -> HxWx3 uint8 RGB (PIL's convert("RGB"), as the official sampler); ValueError naming
+    the problem for an unreadable or tiny image."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            image = np.asarray(im.convert("RGB"))
+    except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"--image {path}: cannot read it as an image ({type(e).__name__}); give a png or "
+                         f"jpg file") from None
+    h, w = image.shape[:2]
+    if min(h, w) < MIN_IMAGE_SIDE:
+        raise ValueError(f"--image {path} is {w}x{h} pixels: give at least {MIN_IMAGE_SIDE} on each side")
+    return image
+
+
+def i2v_bucket(height, width, base):
+    """The official size bucket for an image of height x width (official hyvideo/utils/data_utils.py,
+    generate_crop_size_list + get_closest_ratio): among the (h, w) multiples of 32 of at most (base/32)^2
+    cells and aspect ratios up to 4, the one whose h/w (rounded to 5 places) is nearest the image's, taken
+    from those no taller than the image for a portrait or square image and from those taller for a
+    landscape one; the first in the official list order on a tie."""
+    cells, sizes, wp, hp = round((base / 32) ** 2), [], round((base / 32) ** 2), 1
+    while wp > 0:
+        if max(wp, hp) / min(wp, hp) <= 4:
+            sizes.append((wp * 32, hp * 32))
+        if (hp + 1) * wp <= cells:
+            hp += 1
+        else:
+            wp -= 1
+    aspect = height / width
+    ratios = [round(h / w, 5) for h, w in sizes]
+    fits = [i for i, r in enumerate(ratios) if (r <= aspect if aspect >= 1 else r > aspect)]
+    return sizes[min(fits, key=lambda i: abs(ratios[i] - aspect))]
+
+
+def image_pixels(image, height, width):
+    """HxWx3 uint8 RGB -> (1, 3, 1, height, width) float32 in [-1, 1], the official I2V reference-image
+    transform (torchvision Resize(min(height, width)), CenterCrop((height, width)), ToTensor, Normalize 0.5):
+    the shorter side to min(height, width) with PIL's bilinear filter (the longer one truncated), then a
+    centred crop, black padding where the image falls short."""
+    from PIL import Image
+    h, w = image.shape[:2]
+    short = min(height, width)
+    nh, nw = (int(short * h / w), short) if w <= h else (short, int(short * w / h))
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BILINEAR))
+    ph, pw = max(height - nh, 0), max(width - nw, 0)
+    image = np.pad(image, ((ph // 2, (ph + 1) // 2), (pw // 2, (pw + 1) // 2), (0, 0)))
+    top, left = int(round((image.shape[0] - height) / 2)), int(round((image.shape[1] - width) / 2))
+    x = torch.from_numpy(image[top:top + height, left:left + width].copy()).permute(2, 0, 1).float() / 255
+    return ((x - 0.5) / 0.5)[None, :, None]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Generating: prompts -> frames
 
 @torch.no_grad()
 def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=None, shift=None,
-             guidance=None, cfg_scale=None, negative_prompt=text_encoder.NEGATIVE_PROMPT, tiled=True,
-             times=None, cache=None, sparse=None):
+             guidance=None, cfg_scale=None, negative_prompt=None, tiled=True, times=None, cache=None,
+             sparse=None, image=None, stability=False):
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
     each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None.
-    sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps) or None."""
+    sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps) or None.
+    negative_prompt: None or "" is the official one (NEGATIVE_PROMPT, or NEGATIVE_PROMPT_I2V with an image).
+
+    image (HxWx3 uint8 RGB), for an I2V DiT (official HunyuanVideo-I2V pipeline): resized and cropped to
+    height x width, VAE-encoded (the posterior's mode, scaled) as the video's first latent frame; the full
+    LLaVA reads it with the prompt where the encoder has one (the negative prompt gets a black image); a
+    train.py folder's small encoders read the prompt alone. stability: the noise starts 0.1% of the way
+    to the image latent repeated over all frames (official --i2v-stability). latent_concat drops the first
+    decoded frames as the official sampler does (T - 4 frames come back)."""
     H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
+    kind = pipe.dit.cfg.image_condition_type
+    if (image is None) != (kind is None):
+        raise ValueError("this DiT is image-to-video: it needs an image" if image is None
+                         else "this DiT is text-to-video: an image needs a HunyuanVideo-I2V checkpoint")
+    if not negative_prompt:
+        negative_prompt = text_encoder.NEGATIVE_PROMPT if image is None else text_encoder.NEGATIVE_PROMPT_I2V
     steps = pipe.sampling["steps"] if steps is None else steps
     shift = pipe.sampling["shift"] if shift is None else shift
     guidance = pipe.sampling["guidance"] if guidance is None else guidance
@@ -293,22 +386,39 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
             times[name] = time.perf_counter() - t0
         t0 = time.perf_counter()
 
-    cond = pipe.encoder(prompts, T)
-    uncond = pipe.encoder([negative_prompt] * len(prompts), T) if cfg_scale > 1 else None
+    if image is not None and getattr(pipe.encoder, "llava", None) is not None:
+        mode = dict(interleave=text_encoder.IMAGE_EMBED_INTERLEAVE[kind])
+        cond = pipe.encoder(prompts, T, images=[image] * len(prompts), **mode)
+        black = [np.zeros_like(image)] * len(prompts)  # official: the negative prompt's image
+        uncond = pipe.encoder([negative_prompt] * len(prompts), T, images=black, **mode) \
+            if cfg_scale > 1 else None
+    else:
+        cond = pipe.encoder(prompts, T)
+        uncond = pipe.encoder([negative_prompt] * len(prompts), T) if cfg_scale > 1 else None
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the encoders' GPU copies are gone: their memory back for the DiT
     lap("text encoders")
 
     c = pipe.vae.cfg  # the latent grid follows the VAE's compression in time and space
-    shape = (len(prompts), pipe.dit.cfg.in_channels, (T - 1) // c.time_compression + 1,
+    shape = (len(prompts), pipe.dit.cfg.out_channels, (T - 1) // c.time_compression + 1,
              H // c.spatial_compression, W // c.spatial_compression)
     noise = initial_noise(shape, seed, device, cond[0].dtype)  # official: in the text encoder's dtype
+    z_image = None
+    if image is not None:  # the image as a one-frame video; untiled, as the official encode
+        z_image = pipe.vae.encode(image_pixels(image, H, W).to(device))[0] * c.scaling_factor
+        z_image = z_image.expand(len(prompts), -1, -1, -1, -1)
+        lap("image encode")
+        if stability:  # official prepare_latents: 0.999 noise + 0.001 image latent, on every frame
+            s = torch.tensor([0.999], device=device)
+            noise = (noise * s + z_image * (1 - s)).to(noise.dtype)
     latents = denoise(pipe.dit, noise, cond, steps, shift, guidance, cfg_scale, uncond, progress=rank == 0,
-                      cache=cache, sparse=sparse)
+                      cache=cache, sparse=sparse, image=z_image)
     lap("denoise")
     if rank != 0:
         return None
     video = pipe.vae.decode(latents / c.scaling_factor, tiled=tiled)  # unscale; the release has no shift
+    if kind == "latent_concat":  # as the official pipeline_hunyuan_video.py: image[:, :, 4:]
+        video = video[:, :, 4:]
     lap("VAE decode")
     return np.stack([to_frames(v) for v in video])
 
@@ -426,6 +536,9 @@ def check_args(args, prompts):
         bad.append("--sta-window/--sta-strategy need --sparse sta")
     if args.sparse is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         bad.append("--sparse sta runs on one GPU: drop it or run without torchrun")
+    if args.sparse is not None and args.image:
+        bad.append("--sparse sta reorders the image tokens, which image-to-video's first frame needs in order: "
+                   "drop --sparse with --image")
     if args.cfg_scale is not None and args.cfg_scale < 1:
         bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
     official = [args.dit, args.vae, args.llm, args.clip]
@@ -448,6 +561,12 @@ def check_args(args, prompts):
                        f"e.g. --lora style.safetensors:0.8")
         elif not os.path.isfile(path):
             bad.append(f"--lora {path}: no such file")
+    if args.image is not None and not os.path.isfile(args.image):
+        bad.append(f"--image {args.image}: no such file")
+    if args.image is not None and args.frames == 1:
+        bad.append("--frames 1 with --image: the video's first frame is the image; ask for 4k+1 > 1 frames")
+    if args.image is None and (args.i2v_resolution or args.i2v_stability):
+        bad.append("--i2v-resolution and --i2v-stability go with --image")
     if args.dit and args.dit.endswith("_fp8.pt") and not os.path.exists(dit.fp8_map_path(args.dit)):
         bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing "
                    f"(released beside it)")
@@ -498,6 +617,13 @@ def main():
                     "per layer (double blocks first), instead of --sta-window")
     ap.add_argument("--sta-full-steps", type=int, default=15, help="dense steps before the sparse ones "
                     "(default 15, FastVideo's HunyuanVideo strategy at 50 steps)")
+    ap.add_argument("--image", help="image-to-video (HunyuanVideo-I2V checkpoints): the first frame, a png "
+                    "or jpg; the video size defaults to its official bucket (official weights) or the "
+                    "folder's size")
+    ap.add_argument("--i2v-resolution", choices=list(I2V_BUCKET_BASE), help="with --image: the size bucket "
+                    "(official weights' default 720p; a train.py folder: its own size unless given)")
+    ap.add_argument("--i2v-stability", action="store_true", help="with --image: start from 0.999 noise + "
+                    "0.001 image latent (official --i2v-stability; the default shift is then 7, else 17)")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
@@ -514,6 +640,14 @@ def main():
     bad = check_args(args, prompts)
     if bad:
         sys.exit("error: " + "\nerror: ".join(bad))
+    image, size = None, (args.height, args.width)
+    if args.image:
+        try:
+            image = load_image(args.image)
+        except ValueError as e:
+            sys.exit(f"error: {e}")
+        if args.i2v_resolution or (args.dit and args.height is None and args.width is None):
+            size = i2v_bucket(*image.shape[:2], I2V_BUCKET_BASE[args.i2v_resolution or "720p"])
 
     # torchrun: one GPU per rank, sequence parallel over all of them (the DiT splits the tokens)
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -529,9 +663,18 @@ def main():
     t0 = time.perf_counter()
     try:  # a damaged or mismatched weights file: one line naming it, not a traceback
         pipe = load_pipeline(None if args.dit else args.ckpt, args.dit, args.vae, args.llm, args.clip, device,
-                             dtype, args.offload, [lora_spec(s) for s in args.lora or ()])
+                             dtype, args.offload, [lora_spec(s) for s in args.lora or ()], image is not None)
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    kind = pipe.dit.cfg.image_condition_type
+    if kind and image is None:
+        sys.exit(f"error: this DiT is image-to-video ({kind}, HunyuanVideo-I2V): pass --image FILE")
+    if image is not None and args.dit and pipe.encoder.llava is None:
+        sys.exit(f"error: --llm {args.llm} is a language model alone; HunyuanVideo-I2V reads the image with "
+                 f"the full LLaVA: pass its text_encoder_i2v folder (llava-llama-3-8b-v1_1-transformers)")
+    shift = args.shift
+    if shift is None and image is not None and args.dit:  # official I2V scripts: 7 with stability, else 17
+        shift = 7.0 if args.i2v_stability else 17.0
     if world > 1:
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}
@@ -544,10 +687,10 @@ def main():
                 dit.SlidingTile.uniform(pipe.dit.cfg, window_spec(args.sta_window), args.sta_full_steps)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    # official inference.py: an empty negative prompt, too, means the default one
-    videos = generate(pipe, prompts, args.seed, args.height, args.width, args.frames, args.steps, args.shift,
-                      args.guidance, args.cfg_scale, args.negative_prompt or text_encoder.NEGATIVE_PROMPT,
-                      tiled=args.tiling, times=times, cache=cache, sparse=sparse)
+    # an empty --negative-prompt, too, means the default one (generate(), as official inference.py)
+    videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
+                      args.cfg_scale, args.negative_prompt, tiled=args.tiling, times=times, cache=cache,
+                      sparse=sparse, image=image, stability=args.i2v_stability)
     if rank == 0:
         t0 = time.perf_counter()
         fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at

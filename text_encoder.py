@@ -169,6 +169,29 @@ PROMPT_TEMPLATE = {
 TEXT_LEN = 256   # prompt tokens the DiT reads (official --text-len)
 CLIP_LEN = 77    # CLIP's context (official --text-len-2)
 
+# HunyuanVideo-I2V (docs/i2v.md): the full LLaVA reads the image with the prompt. Reproduced verbatim from
+# the official Tencent-Hunyuan/HunyuanVideo-I2V hyvideo/constants.py ("dit-llm-encode-video-i2v",
+# NEGATIVE_PROMPT_I2V). The "<image>" token (position image_emb_start, BOS included) becomes the LLaVA's
+# image_emb_len projected CLIP features; crop_start counts the tokens before the prompt with "<image>" as one;
+# the last double_return_token_id ("\n\n", Llama 3's 271) closes the assistant header. Only the video
+# template: the official I2V encoder has no image (1-frame) mode.
+PROMPT_TEMPLATE_ENCODE_VIDEO_I2V = (
+    "<|start_header_id|>system<|end_header_id|>\n\n<image>\nDescribe the video by detailing the following "
+    "aspects according to the reference image: "
+    "1. The main content and theme of the video."
+    "2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects."
+    "3. Actions, events, behaviors temporal relationships, physical movement changes of the objects."
+    "4. background environment, light, style and atmosphere."
+    "5. camera angles, movements, and transitions used in the video:<|eot_id|>\n\n"
+    "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+NEGATIVE_PROMPT_I2V = "deformation, a poor composition and deformed video, bad teeth, bad eyes, bad limbs"
+PROMPT_TEMPLATE_I2V = {"template": PROMPT_TEMPLATE_ENCODE_VIDEO_I2V, "crop_start": 103, "image_emb_start": 5,
+                       "image_emb_len": 576, "double_return_token_id": 271}
+# the DiT reads every n-th image state (official inference.py, image_embed_interleave): 144 or 288 tokens
+IMAGE_EMBED_INTERLEAVE = {"token_replace": 4, "latent_concat": 2}
+
 # ----------------------------------------------------------------------------------------------------------
 # LLaMA decoder (the language model of llava-llama-3-8b)
 
@@ -286,16 +309,17 @@ class LlamaEncoder(nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, input_ids, attention_mask=None, skip_layers=2, stream_to=None):
+    def forward(self, input_ids, attention_mask=None, skip_layers=2, stream_to=None, embeds=None):
         """input_ids (B, L); attention_mask (B, L), 1 = token, right-padded. Returns transformers'
         hidden_states[-(skip_layers + 1)]: the output of layer N - skip_layers without the final norm
         (HunyuanVideo: skip_layers=2, the official hidden_state_skip_layer in text_encoder/__init__.py), or
         with skip_layers=0 the final normed output. (B, L, hidden).
-        stream_to: a device the weights (kept on CPU) visit one layer at a time, for CPU offload."""
+        stream_to: a device the weights (kept on CPU) visit one layer at a time, for CPU offload.
+        embeds: (B, L, hidden) instead of the tokens' embeddings (LLaVA: image features among them)."""
         n = len(self.layers)
         assert 0 <= skip_layers <= n, f"skip_layers must be in 0..{n}"
         B, L = input_ids.shape
-        x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device))
+        x = self.embed_tokens(input_ids.to(self.embed_tokens.weight.device)) if embeds is None else embeds
         x = x.to(stream_to) if stream_to is not None else x
         cos, sin = rope_tables(self.cfg, L, x.dtype, x.device)
         # a token sees itself, the tokens before it, and no padding
@@ -1037,11 +1061,16 @@ class PromptEncoder:
     """
 
     def __init__(self, llm, clip, llm_tokenizer, clip_tokenizer, templates=PROMPT_TEMPLATE,
-                 text_len=TEXT_LEN, clip_len=CLIP_LEN, skip_layers=2, device=None, offload=None):
+                 text_len=TEXT_LEN, clip_len=CLIP_LEN, skip_layers=2, device=None, offload=None, llava=None,
+                 i2v_template=PROMPT_TEMPLATE_I2V):
         """templates: PROMPT_TEMPLATE, or None for raw prompts (our small models). offload: None (encoders
         stay where they are), "model" (kept on CPU, each moved to `device` for its call) or "layer" (the
-        LLM's layers streamed to `device` one at a time; slow, but only one layer of GPU memory)."""
+        LLM's layers streamed to `device` one at a time; slow, but only one layer of GPU memory).
+        llava: the full Llava whose language_model is `llm`, for image prompts (HunyuanVideo-I2V), read
+        with i2v_template."""
         assert offload in (None, "model", "layer"), "offload must be None, 'model' or 'layer'"
+        assert llava is None or llava.language_model is llm, "llm must be the llava's language model"
+        self.llava, self.i2v_template = llava, i2v_template
         self.llm, self.clip, self.llm_tok, self.clip_tok = llm, clip, llm_tokenizer, clip_tokenizer
         self.templates, self.text_len, self.clip_len = templates, text_len, clip_len
         self.skip_layers = skip_layers
@@ -1052,7 +1081,7 @@ class PromptEncoder:
                  llm.embed_tokens.weight[0, :8].tolist(), clip.token_embedding.weight[0, :8].tolist())
         self.fingerprint = hashlib.sha256(repr(probe).encode()).hexdigest()[:16]
         if offload:
-            llm.to("cpu")
+            (llava or llm).to("cpu")
             clip.to("cpu")
         for name, t in (templates or {}).items():
             # crop_start must be the template's token count before the prompt with this tokenizer
@@ -1060,15 +1089,36 @@ class PromptEncoder:
             if n != t["crop_start"]:
                 raise ValueError(f"template {name!r} has crop_start {t['crop_start']} but this tokenizer "
                                  f"gives {n} tokens before the prompt; not llava-llama-3's tokenizer?")
+        if llava is not None:  # the I2V template's positions, checked the same way
+            t = i2v_template
+            head = llm_tokenizer.bos + llm_tokenizer._encode([t["template"].split("{}")[0]])[0]
+            tail = llm_tokenizer._encode([t["template"].split("{}")[1]])[0]
+            got = (len(head), head.index(llava.cfg.image_token_index) if llava.cfg.image_token_index in head
+                   else None, llava.num_image_tokens, tail[-1])
+            want = tuple(t[k] for k in ("crop_start", "image_emb_start", "image_emb_len",
+                                        "double_return_token_id"))
+            if got != want:
+                raise ValueError(f"the I2V template's (crop_start, image_emb_start, image_emb_len, "
+                                 f"double_return_token_id) are {want}, this LLaVA and tokenizer give {got}; "
+                                 f"not llava-llama-3-8b-v1_1?")
+            # how many of those "\n\n" come before the prompt (official: 3; one more closes the assistant)
+            self.i2v_returns_before = head.count(t["double_return_token_id"])
 
     @classmethod
     def from_pretrained(cls, llm_dir, clip_dir, dtype=torch.float16, device="cuda", offload=None, **kw):
         """The official folders (ckpts/text_encoder, ckpts/text_encoder_2), weights and tokenizers; fp16 is
         the official --text-encoder-precision. kw: templates, text_len, ... as in __init__."""
         load_to = "cpu" if offload else device
-        llm = LlamaEncoder.from_pretrained(llm_dir, dtype, load_to)
+        llava = None
+        if os.path.isfile(os.path.join(llm_dir, "config.json")):
+            with open(os.path.join(llm_dir, "config.json")) as fh:
+                is_llava = json.load(fh).get("model_type") == "llava"
+            if is_llava:  # HunyuanVideo-I2V's text_encoder_i2v: the whole llava-llama-3-8b-v1_1
+                llava = Llava.from_pretrained(llm_dir, dtype, load_to)
+        llm = LlamaEncoder.from_pretrained(llm_dir, dtype, load_to) if llava is None else llava.language_model
         clip = CLIPTextEncoder.from_pretrained(clip_dir, dtype, load_to)
-        return cls(llm, clip, Tokenizer(llm_dir), Tokenizer(clip_dir), device=device, offload=offload, **kw)
+        return cls(llm, clip, Tokenizer(llm_dir), Tokenizer(clip_dir), device=device, offload=offload,
+                   llava=llava, **kw)
 
     @classmethod
     def tiny(cls, tokenizer, seed=0, text_len=TEXT_LEN, device="cpu"):
@@ -1109,11 +1159,69 @@ class PromptEncoder:
             self.clip.to("cpu")
         return text, mask, pooled
 
-    def __call__(self, prompts, video_length=129, cache_dir=None):
+    @torch.no_grad()
+    def encode_i2v(self, prompts, images, interleave=IMAGE_EMBED_INTERLEAVE["token_replace"]):
+        """HunyuanVideo-I2V's prompt path (official hyvideo/text_encoder/__init__.py, encode in i2v_mode):
+        prompts, each with its image (HxWx3 uint8 RGB) -> text (B, 576 / interleave + text_len - 4, D),
+        text_mask, pooled. The LLaVA reads the I2V template with the image's 576 features in place of
+        "<image>"; the DiT gets every interleave-th image state, then the prompt's states (the template's
+        head and the assistant header's 4 tokens cropped off; the closing "\n\n" and the padding kept),
+        with the text mask after a block of ones. pooled: CLIP's text vector, as for text-to-video."""
+        if self.llava is None:
+            raise ValueError("image prompts need the full LLaVA (HunyuanVideo-I2V's text_encoder_i2v folder, "
+                             "llava-llama-3-8b-v1_1-transformers), not its language model alone")
+        tpl, llava = self.i2v_template, self.llava
+        prompts = [p.strip() for p in prompts]
+        crop, start, n_img = tpl["crop_start"], tpl["image_emb_start"], llava.num_image_tokens
+        ids, mask = self.llm_tok([tpl["template"].format(p) for p in prompts], self.text_len + crop,
+                                 shown=[f"LLM prompt {p}" for p in prompts])
+        B, L = ids.shape
+        # "<image>" -> n_img positions, as the official run's transformers (legacy LLaVA merge) laid it out
+        ids_x = torch.cat([ids[:, :start], ids[:, start:start + 1].expand(B, n_img), ids[:, start + 1:]], 1)
+        mask_x = torch.cat([mask[:, :start], torch.ones(B, n_img, dtype=mask.dtype), mask[:, start + 1:]], 1)
+        if self.offload == "model":
+            llava.to(self.device)
+        elif self.offload == "layer":  # everything but the LLM's layers, which stream
+            for m in (llava.vision_tower, llava.multi_modal_projector):
+                m.to(self.device)
+        pixels = clip_image_preprocess(images, llava.image_size).to(self.device)
+        x = llava.language_model.embed_tokens(ids_x.to(llava.language_model.embed_tokens.weight.device))
+        x = x.to(self.device)
+        x[:, start:start + n_img] = llava.image_features(pixels).to(x.dtype)
+        h = self.llm(ids_x, mask_x.to(self.device), skip_layers=self.skip_layers, embeds=x,
+                     stream_to=self.device if self.offload == "layer" else None)
+        if self.offload:
+            llava.to("cpu")
+        # official crop, per row: idx = the last "\n\n" (the assistant header's), or L if the prompt was cut
+        # before it; hidden position p - 1 + n_img is token p's for p past the image
+        dr = tpl["double_return_token_id"]
+        text, text_mask = [], []
+        for i in range(B):
+            hits = (ids[i] == dr).nonzero().flatten().tolist()
+            idx = L if len(hits) == self.i2v_returns_before else hits[-1]
+            text.append(torch.cat([h[i, crop - 1 + n_img:idx - 5 + n_img], h[i, idx - 1 + n_img:]]))
+            text_mask.append(torch.cat([mask[i, crop:idx - 4], mask[i, idx:]]))
+        image = h[:, start:start + n_img:interleave]
+        text = torch.cat([image, torch.stack(text)], 1)
+        text_mask = torch.cat([torch.ones(B, image.shape[1], dtype=mask.dtype), torch.stack(text_mask)], 1)
+
+        ids2, mask2 = self.clip_tok(prompts, self.clip_len, shown=[f"CLIP prompt {p}" for p in prompts])
+        if self.offload:
+            self.clip.to(self.device)
+        pooled = self.clip(ids2.to(self.device), mask2.to(self.device))
+        if self.offload:
+            self.clip.to("cpu")
+        return text, text_mask.to(self.device), pooled
+
+    def __call__(self, prompts, video_length=129, cache_dir=None, images=None,
+                 interleave=IMAGE_EMBED_INTERLEAVE["token_replace"]):
         """encode(), optionally through a cache: one safetensors file per prompt in cache_dir, keyed by the
-        prompt, image/video mode and the encoders' fingerprint."""
+        prompt, image/video mode and the encoders' fingerprint. images (one per prompt): encode_i2v, never
+        cached."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if images is not None:
+            return self.encode_i2v(prompts, images, interleave)
         if cache_dir is None:
             return self.encode(prompts, video_length)
         from safetensors.torch import load_file, save_file

@@ -209,6 +209,12 @@ def flow_matching_loss(model, x0, noise, sigma, cond, guidance=None):
     s = sigma.view(-1, *[1] * (x0.ndim - 1))
     x = (1 - s) * x0 + s * noise
     text, mask, pooled = cond
+    if getattr(getattr(model, "cfg", None), "image_condition_type", None) == "token_replace":
+        # image-to-video (--i2v, docs/i2v.md; official I2V trainer, transport.py): latent frame 0 stays
+        # clean, as the sampler gives it the image's latent, and only frames 1.. are learned
+        x = torch.cat([x0[:, :, :1], x[:, :, 1:]], 2)
+        v = model(x, sigma * 1000, text, mask, pooled, guidance)
+        return F.mse_loss(v[:, :, 1:].float(), (noise - x0)[:, :, 1:].float())
     v = model(x, sigma * 1000, text, mask, pooled, guidance)
     return F.mse_loss(v.float(), (noise - x0).float())
 
@@ -1441,6 +1447,9 @@ def main():
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
     ap.add_argument("--compile", action="store_true", help="torch.compile each DiT block (faster GPU steps "
                     "after a minute of compiling)")
+    ap.add_argument("--i2v", action="store_true", help="image-to-video fine-tuning (HunyuanVideo-I2V's "
+                    "token_replace, docs/i2v.md): video buckets only, frames 1.. learned from a clean first "
+                    "latent frame; start from a T2V DiT with --init-dit")
     lo = ap.add_argument_group("LoRA: adapters on a frozen DiT (--init-dit, or a train.py folder: --from)")
     lo.add_argument("--lora", type=int, metavar="RANK", help="train a LoRA of this rank; writes "
                     "OUT/lora.safetensors (sample.py --lora reads it)")
@@ -1457,6 +1466,9 @@ def main():
                     "GPU, gradient checkpointing on: the blocks' saved inputs wait in CPU memory; with 'all' "
                     "(the default) the frozen DiT blocks too, streamed to the GPU for forward and backward")
     args = ap.parse_args()
+    if args.i2v and (args.lora is not None or args.lora_demo or not args.data or args.llm):
+        sys.exit("error: --i2v fine-tunes with --preset/--data and the small text encoders (which read the "
+                 "prompt alone; the official I2V text path needs the full LLaVA), not with --lora or --llm")
     if args.lora_demo:
         lora_demo(args)
         return
@@ -1484,6 +1496,10 @@ def main():
         cfg = replace(cfg, compile=True)
     if args.balance:
         cfg = replace(cfg, balance_concepts=True)
+    if args.i2v:  # a still has no frames after the first to learn: video buckets only
+        cfg = replace(cfg, dit_overrides={**cfg.dit_overrides, "image_condition_type": "token_replace"},
+                      stages=tuple(replace(s, image_buckets=(), image_ratio=0.0)
+                                   for s in cfg.stages if s.buckets))
     if args.batch:
         cfg = replace(cfg, stages=tuple(
             replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
@@ -1512,7 +1528,8 @@ def main():
     if rank == 0:
         print("done: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; weights in {out}")
         if args.stage != "vae":  # the folder names its text encoders: ours (inside it) or the official ones
-            print(f"next: python sample.py --ckpt {out} --prompt \"...\"")
+            print(f"next: python sample.py --ckpt {out} --prompt \"...\""
+                  + (" --image FIRST_FRAME.png" if args.i2v else ""))
 
 
 if __name__ == "__main__":
