@@ -537,8 +537,8 @@ def check_args(args, prompts):
     if args.sparse is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         bad.append("--sparse sta runs on one GPU: drop it or run without torchrun")
     if args.sparse is not None and args.image:
-        bad.append("--sparse sta reorders the image tokens, which image-to-video's first frame needs in order: "
-                   "drop --sparse with --image")
+        bad.append("--sparse sta reorders the image tokens, which image-to-video's first frame needs in "
+                   "order: drop --sparse with --image")
     if args.cfg_scale is not None and args.cfg_scale < 1:
         bad.append(f"--cfg-scale {args.cfg_scale}: must be >= 1 (1 = off)")
     official = [args.dit, args.vae, args.llm, args.clip]
