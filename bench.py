@@ -706,7 +706,8 @@ def bench_cache(args):
             threshold = sample.cache_spec(spec).threshold
             rows.append((spec + ", measured ratios", lambda t=threshold: sample.MagCache(t, ratios=ratios)))
     total = steps * len(jobs)
-    print("\n| `--cache` | DiT evaluations | saved | PSNR mean | PSNR worst | SSIM mean | SSIM worst | wall |")
+    print("\n| `--cache` | DiT evaluations | saved | PSNR mean | PSNR worst | SSIM mean | SSIM worst "
+          "| wall |")
     print("|---|---|---|---|---|---|---|---|")
     for name, make in rows:
         if make is None:

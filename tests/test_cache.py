@@ -162,7 +162,8 @@ def test_decisions_follow_the_accumulated_rescaled_distance():
 
 def sp_cases():
     """One cache of each method with its step count, at thresholds where the tiny model skips some steps."""
-    return [(sample.TeaCache(0.3), STEPS), (sample.MagCache(0.24), STEPS), (sample.EasyCache(1.0), EASY_STEPS)]
+    return [(sample.TeaCache(0.3), STEPS), (sample.MagCache(0.24), STEPS),
+            (sample.EasyCache(1.0), EASY_STEPS)]
 
 
 def _sp_worker(rank, world, init_file, out_file):
@@ -210,8 +211,8 @@ def test_cache_spec_and_bad_input(tmp_path, monkeypatch):
                                       "--cache", "teacache:abc"])
     with pytest.raises(SystemExit) as e:
         sample.main()
-    assert ("error: --cache teacache:abc: write teacache, magcache or easycache, optionally with :THRESHOLD >= 0"
-            in str(e.value.code))
+    assert ("error: --cache teacache:abc: write teacache, magcache or easycache, optionally with "
+            ":THRESHOLD >= 0" in str(e.value.code))
 
 
 # ----------------------------------------------------------------------------------------------------------
