@@ -526,7 +526,7 @@ class HunyuanVideoDiT(nn.Module):
     def forward(self, x, t, text, text_mask, pooled, guidance=None, cache=None):
         """x (B, C, T, H, W); t (B,) in 0..1000; text (B, L, text_dim); text_mask (B, L) 1 = real token,
         right-padded (or None: all real); pooled (B, pooled_dim); guidance (B,) already x1000.
-        cache (sampling only, e.g. sample.TeaCache): shown block 0's modulated image input, it says
+        cache (sampling only, sample.TeaCache or MagCache): shown block 0's modulated image input, it says
         whether to run the blocks; when it says no, the image tokens get its stored residual instead.
         Returns the velocity (B, out_channels, T, H, W) in the weights' dtype."""
         cfg = self.cfg
@@ -577,7 +577,7 @@ class HunyuanVideoDiT(nn.Module):
 
         if cache is None:
             x = self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp)
-        else:  # step caching (TeaCache): skip all blocks, or run them and keep what they added to img
+        else:  # step caching (TeaCache, MagCache): skip all blocks, or run them and keep their residual
             mod = self.double_blocks[0].img_mod(vec).chunk(6, dim=-1)
             probe = modulate(layer_norm(img), mod[0], mod[1])  # block 0's first modulated image input
             if cache.should_compute(probe, self.sp_group):

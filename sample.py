@@ -343,7 +343,7 @@ def offload_blocks(model, device):
     Training (train.py --lora --offload) uses it too, under gradient checkpointing: the backward re-runs
     each block's forward, which fetches its weights again. Trainable parameters (the adapters) are not
     streamed: they stay on `device`, where the optimizer updates them. Neither is block 0's img_mod:
-    step caching (TeaCache) runs it alone every step, and a skipped step then streams no block at all."""
+    step caching (TeaCache, MagCache) runs it alone every step, and a skipped step then streams no block."""
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
@@ -383,7 +383,8 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
-    each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None."""
+    each stage's seconds. cache: a TeaCache, MagCache or EasyCache (its computed/skipped counts hold this
+    call's steps) or None."""
     H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
     steps = pipe.sampling["steps"] if steps is None else steps
     shift = pipe.sampling["shift"] if shift is None else shift
