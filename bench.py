@@ -675,6 +675,8 @@ def bench_cache(args):
     if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
         raise SystemExit(f"bench.py cache: --ckpt {args.ckpt}: no config.json there; run `python train.py` "
                          "first (it writes out/demo)")
+    if args.prompts < 1 or args.seeds < 1:
+        raise SystemExit("bench.py cache: --prompts and --seeds must be >= 1")
     bad = [s for s in args.caches if sample.cache_spec(s) is None]
     if bad:
         raise SystemExit(f"bench.py cache: {' '.join(bad)}: write teacache, magcache or easycache, "

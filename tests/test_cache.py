@@ -400,3 +400,25 @@ def test_ssim_matches_the_direct_formula_on_luma():
     assert got == pytest.approx(float(np.mean(want)), rel=1e-10, abs=1e-12)
     assert bench.ssim(a, a) == pytest.approx(1.0, abs=1e-12) and want[1] == pytest.approx(1.0)
     assert 0 < got < 0.9
+
+
+def test_bench_cache_report_and_magcache_calibration(tmp_path, capsys):
+    """bench.py cache end to end on a tiny folder, and its MagCache calibration against the residuals read
+    off the DiT directly: (final layer input - patch embedding) per step, mean over tokens of the ratio of
+    consecutive norms, in float64."""
+    import argparse
+    import bench
+    from test_sample import make_ckpt
+    ckpt = make_ckpt(str(tmp_path / "ckpt"), H=16, W=16, T=5)
+    pipe = sample.load_pipeline(ckpt, dtype=torch.float32)
+    patched, final_in = [], []
+    pipe.dit.img_in.register_forward_hook(lambda mod, args, out: patched.append(out))
+    pipe.dit.final_layer.register_forward_pre_hook(lambda mod, args: final_in.append(args[0]))
+    ratios = bench.magcache_ratios(pipe, "a red circle moving left", 3)
+    norms = [(f.double() - p.double()).norm(dim=-1) for f, p in zip(final_in, patched)]
+    want = [1.0] + [(b / a).mean().item() for a, b in zip(norms, norms[1:])]
+    assert len(ratios) == 3 and ratios == pytest.approx(want, rel=1e-5)
+    bench.bench_cache(argparse.Namespace(ckpt=ckpt, caches=["magcache:0.5", "easycache"], prompts=2, seeds=1))
+    out = capsys.readouterr().out
+    assert "| off | 6/6 | 0% | reference |" in out and "| easycache | 6/6 | 0% | inf dB |" in out
+    assert "| magcache:0.5 |" in out and "| magcache:0.5, measured ratios |" in out
