@@ -8,6 +8,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py train [--compile]                       # 1.3B training step: s/step, MFU, memory
     python bench.py lora                                    # 13B LoRA step, 49x512x768, rank 128: s, GiB
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
+    python bench.py cache --ckpt out/demo                   # step caching: evaluations saved, PSNR, SSIM
     python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
     python bench.py sta                                     # sliding-tile vs dense kernel forward, 720p
     python bench.py video                                   # 13B 720x1280x129 x 50 steps: dense, STA, +cache
@@ -786,6 +787,113 @@ def bench_video(args):
           "threshold 0.1: a random-weight model cannot measure which steps it skips)")
     print(f"{small[0]}x{small[1]}x{small[2]} dense step: {t_small:.2f} s, peak {mem_small:.1f} GiB")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# cache: step caching on a trained folder, the video against the uncached one
+
+
+def ssim(a, b):
+    """Mean SSIM of two uint8 videos (T, H, W, 3) on their luma (ITU-R BT.601), in float64: Wang et al.
+    2004 with an 11x11 Gaussian window (sigma 1.5), K1 0.01, K2 0.03, over the window positions inside the
+    frame (as skimage's structural_similarity with gaussian_weights=True), averaged over frames."""
+    rgb = torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)
+    x, y = (torch.from_numpy(v).double() @ rgb for v in (a, b))  # (T, H, W)
+    x, y = x[:, None], y[:, None]
+    g = torch.exp(-(torch.arange(11, dtype=torch.float64) - 5) ** 2 / (2 * 1.5 ** 2))
+    g = g / g.sum()
+
+    def blur(z):  # the separable window, "valid" positions only
+        conv = torch.nn.functional.conv2d
+        return conv(conv(z, g.view(1, 1, 1, 11)), g.view(1, 1, 11, 1))
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    s = (2 * mx * my + c1) * (2 * cxy + c2) / ((mx ** 2 + my ** 2 + c1) * (vx + vy + c2))
+    return s.mean().item()
+
+
+def magcache_ratios(pipe, prompt, seed):
+    """MagCache's calibration (magcache_calibration in MagCache4HunyuanVideo/magcache_sample_video.py) on
+    this model: one uncached run; per step the mean over image tokens of |r_i| / |r_(i-1)|, r the residual
+    the blocks add (1.0 for step 0)."""
+    import sample
+    norms, run_blocks = [], pipe.dit.run_blocks
+
+    def recording(img, *args, **kwargs):
+        x = run_blocks(img, *args, **kwargs)
+        norms.append((x[:, :img.shape[1]] - img).float().norm(dim=-1))
+        return x
+
+    pipe.dit.run_blocks = recording
+    try:
+        sample.generate(pipe, [prompt], seed=seed)
+    finally:
+        del pipe.dit.run_blocks
+    return [1.0] + [(b / a).mean().item() for a, b in zip(norms, norms[1:])]
+
+
+def bench_cache(args):
+    """Each --cache spec on a train.py folder (the demo by default): DiT evaluations run and saved, and the
+    decoded video's PSNR (RGB) and SSIM (luma) against the uncached one, same prompt and seed, over the
+    demo prompts x --seeds; MagCache also with ratios measured on this model (its calibration, on a
+    prompt/seed pair outside the measured ones), since the published ones are the 13B's."""
+    import numpy as np
+    from tqdm import tqdm
+
+    import sample
+    import train
+    if not os.path.isfile(os.path.join(args.ckpt, "config.json")):
+        raise SystemExit(f"bench.py cache: --ckpt {args.ckpt}: no config.json there; run `python train.py` "
+                         "first (it writes out/demo)")
+    if args.prompts < 1 or args.seeds < 1:
+        raise SystemExit("bench.py cache: --prompts and --seeds must be >= 1")
+    bad = [s for s in args.caches if sample.cache_spec(s) is None]
+    if bad:
+        raise SystemExit(f"bench.py cache: {' '.join(bad)}: write teacache, magcache or easycache, "
+                         "optionally with :THRESHOLD >= 0")
+    pipe = sample.load_pipeline(args.ckpt, device=DEVICE, dtype=torch.float32)
+    prompts = train.DEMO_PROMPTS[:args.prompts]
+    jobs = [(p, i + len(prompts) * s) for s in range(args.seeds) for i, p in enumerate(prompts)]
+    steps, height = pipe.sampling["steps"], pipe.video["height"]
+    print(f"{args.ckpt}: {len(jobs)} videos ({len(prompts)} prompts x {args.seeds} seeds), {steps} steps, "
+          f"cfg {pipe.sampling['cfg_scale']}, {pipe.video['height']}x{pipe.video['width']}x"
+          f"{pipe.video['frames']}, fp32, {DEVICE}")
+
+    def run_all(make_cache):
+        t0, videos, computed = time.perf_counter(), [], 0
+        for p, seed in tqdm(jobs, desc="videos", leave=False):
+            cache = make_cache()
+            videos.append(sample.generate(pipe, [p], seed=seed, cache=cache)[0])
+            computed += steps if cache is None else cache.computed
+        return videos, computed, time.perf_counter() - t0
+
+    run_all(lambda: None)  # warm-up
+    ref, _, t_ref = run_all(lambda: None)
+    ratios = magcache_ratios(pipe, train.DEMO_PROMPTS[-1], 10_000)
+    print("MagCache ratios measured on this model: " + ", ".join(f"{r:.4f}" for r in ratios))
+    rows = [("off", None)]
+    for spec in args.caches:
+        rows.append((spec, lambda spec=spec: sample.cache_spec(spec, height)))
+        if spec.startswith("magcache"):
+            threshold = sample.cache_spec(spec).threshold
+            rows.append((spec + ", measured ratios", lambda t=threshold: sample.MagCache(t, ratios=ratios)))
+    total = steps * len(jobs)
+    print("\n| `--cache` | DiT evaluations | saved | PSNR mean | PSNR worst | SSIM mean | SSIM worst "
+          "| wall |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, make in rows:
+        if make is None:
+            videos, computed, wall = ref, total, t_ref
+        else:
+            videos, computed, wall = run_all(make)
+        mse = [((v.astype(np.float64) - r) ** 2).mean() for v, r in zip(videos, ref)]
+        psnr = [10 * np.log10(255 ** 2 / m) if m > 0 else np.inf for m in mse]
+        ssims = [ssim(v, r) for v, r in zip(videos, ref)]
+        quality = ("reference | reference | reference | reference" if make is None else
+                   f"{np.mean(psnr):.1f} dB | {min(psnr):.1f} dB | {np.mean(ssims):.4f} | {min(ssims):.4f}")
+        print(f"| {name} | {computed}/{total} | {1 - computed / total:.0%} | {quality} | {wall:.1f} s |")
+
 # ----------------------------------------------------------------------------------------------------------
 # attention: attention_cuda/bench.py, whose options pass through
 
@@ -848,6 +956,15 @@ def main():
     p.add_argument("--teacache-speedup", type=float, default=1.6,
                    help="fewer DiT evaluations with TeaCache (default 1.6, published at threshold 0.1)")
     p.set_defaults(fn=bench_video)
+    p = sub.add_parser("cache", help="step caching on a train.py folder: DiT evaluations saved, PSNR and "
+                       "SSIM of the video against the uncached one")
+    p.add_argument("--ckpt", default="out/demo", help="a folder written by train.py (default: the demo)")
+    p.add_argument("--caches", nargs="+", default=["teacache", "teacache:0.15", "teacache:0.2", "magcache",
+                                                   "magcache:0.12", "easycache", "easycache:0.05",
+                                                   "easycache:0.1"], help="--cache specs to measure")
+    p.add_argument("--prompts", type=int, default=20, help="how many of train.DEMO_PROMPTS")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    p.set_defaults(fn=bench_cache)
     # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass)
     p = sub.add_parser("attention", prefix_chars="+", add_help=False,
                        help="fused attention vs SDPA flash/cuDNN, TFLOP/s (attention_cuda/bench.py)")

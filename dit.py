@@ -121,17 +121,31 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-def rope_tables(grid, axes, theta, dtype=torch.float32):
+# RIFLEx (arXiv 2502.15894; thu-ml/RIFLEx hunyuanvideo.py, riflex_utils.py): the released model repeats its
+# video after one period of the temporal RoPE's 4th frequency theta^(-6/16), 50 latent frames (~200 frames).
+RIFLEX_K = 4  # that "intrinsic" frequency, counted from 1 as in the paper
+
+
+def riflex_period(m, theta):
+    """Latent frames in one period of the intrinsic frequency for a temporal sub-dim m (13B: 50)."""
+    return round(2 * math.pi * theta ** (2 * (RIFLEX_K - 1) / m))
+
+
+def rope_tables(grid, axes, theta, dtype=torch.float32, riflex=False):
     """3D RoPE (paper §4.2) cos/sin tables (L_img, head_dim), rows in token order (t slowest, w fastest);
     computed in fp32 like the official code (float64 only for reference checks).
 
     Positions are token indices per axis; each axis' sub-dim m gets m/2 frequencies theta^(-2k/m), and
     cos/sin are repeated x2 so they line up with adjacent (2i, 2i+1) pairs (official posemb_layers.py).
+    riflex: a video of more latent frames than the intrinsic period gets that temporal frequency lowered to
+    0.9 * 2 pi / frames, so one period covers the whole video (RIFLEx Eq. 8, with the official 0.9 margin).
     """
     cos, sin = [], []
     mesh = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in grid], indexing="ij")
-    for pos, m in zip(mesh, axes):
+    for axis, (pos, m) in enumerate(zip(mesh, axes)):
         freqs = 1.0 / theta ** (torch.arange(0, m, 2, dtype=dtype) / m)
+        if riflex and axis == 0 and m // 2 >= RIFLEX_K and grid[0] > riflex_period(m, theta):
+            freqs[RIFLEX_K - 1] = 0.9 * 2 * math.pi / grid[0]
         ang = pos.reshape(-1, 1) * freqs  # (L, m/2)
         cos.append(ang.cos().repeat_interleave(2, dim=1))
         sin.append(ang.sin().repeat_interleave(2, dim=1))
@@ -556,6 +570,7 @@ class HunyuanVideoDiT(nn.Module):
         self.gradient_checkpointing = False
         self.sp_group = None  # a torch.distributed group: sequence-parallel sampling (sample.py sets it)
         self._rope_cache = {}
+        self.riflex = False  # long videos: RIFLEx on the temporal RoPE (sample.py --riflex sets it)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -583,17 +598,17 @@ class HunyuanVideoDiT(nn.Module):
         return self
 
     def rope(self, grid, device, dtype):
-        key = (grid, str(device), dtype)
+        key = (grid, str(device), dtype, self.riflex)
         if key not in self._rope_cache:
             work = fp32(torch.empty(0, dtype=dtype)).dtype
-            cos, sin = rope_tables(grid, self.cfg.rope_axes, self.cfg.rope_theta, work)
+            cos, sin = rope_tables(grid, self.cfg.rope_axes, self.cfg.rope_theta, work, self.riflex)
             self._rope_cache = {key: (cos.to(device), sin.to(device))}  # keep one resolution at a time
         return self._rope_cache[key]
 
     def forward(self, x, t, text, text_mask, pooled, guidance=None, cache=None, sparse=None):
         """x (B, C, T, H, W); t (B,) in 0..1000; text (B, L, text_dim); text_mask (B, L) 1 = real token,
         right-padded (or None: all real); pooled (B, pooled_dim); guidance (B,) already x1000.
-        cache (sampling only, e.g. sample.TeaCache): shown block 0's modulated image input, it says
+        cache (sampling only, sample.TeaCache or MagCache): shown block 0's modulated image input, it says
         whether to run the blocks; when it says no, the image tokens get its stored residual instead.
         sparse (sampling only): a SlidingTile, whose windows every block's attention uses this call.
         Returns the velocity (B, out_channels, T, H, W) in the weights' dtype."""
@@ -668,7 +683,7 @@ class HunyuanVideoDiT(nn.Module):
 
         if cache is None:
             x = blocks(img)
-        else:  # step caching (TeaCache): skip all blocks, or run them and keep what they added to img
+        else:  # step caching (TeaCache, MagCache): skip all blocks, or run them and keep their residual
             mod = self.double_blocks[0].img_mod(vec).chunk(6, dim=-1)
             probe = modulate(layer_norm(img), mod[0], mod[1])  # block 0's first modulated image input
             if cache.should_compute(probe, self.sp_group):

@@ -58,7 +58,7 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     runs the batch [uncond ; cond] and combines uncond + w*(cond - uncond); the released model is
     guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype
     first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
-    cache: a TeaCache, reset here, or None (every step runs the whole DiT).
+    cache: a TeaCache, MagCache or EasyCache, reset here, or None (every step runs the whole DiT).
     sparse: a dit.SlidingTile, used from step sparse.full_steps on (dense before), or None.
     image: an I2V DiT's image latent (B, C, 1, h, w), scaled (official HunyuanVideo-I2V pipeline):
     token_replace makes it frame 0 of the latent before every step and at the end (the scheduler steps
@@ -90,10 +90,13 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
         xin = torch.cat([x, extra], 1) if kind == "latent_concat" else x
         xin = torch.cat([xin, xin]) if use_cfg else xin
         t = (sigmas[i] * 1000).expand(B)
-        kw = {} if cache is None else {"cache": cache}
-        if sparse is not None and i >= sparse.full_steps:
-            kw["sparse"] = sparse
-        v = model(xin, t, text, mask, pooled, g, **kw)
+        kw = {"sparse": sparse} if sparse is not None and i >= sparse.full_steps else {}
+        if cache is None:
+            v = model(xin, t, text, mask, pooled, g, **kw)
+        elif isinstance(cache, EasyCache):  # it sees the DiT's input and output only: it wraps the whole call
+            v = cache.run(model, xin, t, text, mask, pooled, g, **kw)
+        else:  # TeaCache, MagCache: inside the DiT, around its blocks
+            v = model(xin, t, text, mask, pooled, g, cache=cache, **kw)
         if use_cfg:
             v_u, v_c = v.chunk(2)
             v = v_u + cfg_scale * (v_c - v_u)  # in the DiT's dtype, as the official pipeline combines them
@@ -165,6 +168,126 @@ class TeaCache:
         self.computed += compute
         self.skipped += not compute
         return compute
+
+
+class MagCache:
+    """Step caching as MagCache publishes it for HunyuanVideo (Zehong-Ma/MagCache,
+    MagCache4HunyuanVideo/magcache_sample_video.py): TeaCache's skip-and-reuse of the blocks' residual,
+    decided from how the residual's magnitude changes from one step to the next, which its authors measured
+    once on the 13B and publish per step: mean over tokens of |r_i| / |r_(i-1)| (RATIOS_*).
+
+    The first RETENTION of the steps always run. After them each step multiplies a running ratio by its
+    published one and adds |1 - running ratio| to an error: the step is skipped while the error stays within
+    `threshold` and no more than K steps in a row were skipped; otherwise it runs and all three restart.
+    The decision depends on the step index alone: the samples of a CFG batch (each keeps its own residual)
+    and the ranks of sequence parallel agree without looking at each other. The ratios belong to the 13B
+    at 50 steps: other step counts take the nearest step's ratio, and another model needs its own
+    (bench.py cache measures them). Not exact; threshold 0 runs every step."""
+
+    # magcache_sample_video.py: np.array([1.0] + [...]) for 720p and for 544p videos, 50 steps
+    RATIOS_720P = (1.0, 1.0754, 1.27807, 1.11596, 1.09504, 1.05188, 1.00844, 1.05779, 1.00657, 1.04142,
+                   1.03101, 1.00679, 1.02556, 1.00908, 1.06949, 1.05438, 1.02214, 1.02321, 1.03019, 1.00779,
+                   1.03381, 1.01886, 1.01161, 1.02968, 1.00544, 1.02822, 1.00689, 1.02119, 1.0105, 1.01044,
+                   1.01572, 1.02972, 1.0094, 1.02368, 1.0226, 0.98965, 1.01588, 1.02146, 1.0018, 1.01687,
+                   0.99436, 1.00283, 1.01139, 0.97122, 0.98251, 0.94513, 0.97656, 0.90943, 0.85703, 0.75456)
+    RATIOS_544P = (1.0, 1.06971, 1.29073, 1.11245, 1.09596, 1.05233, 1.01415, 1.05672, 1.00848, 1.03632,
+                   1.02974, 1.00984, 1.03028, 1.00681, 1.06614, 1.05022, 1.02592, 1.01776, 1.02985, 1.00726,
+                   1.03727, 1.01502, 1.00992, 1.03371, 0.9976, 1.02742, 1.0093, 1.01869, 1.00815, 1.01461,
+                   1.01152, 1.03082, 1.0061, 1.02162, 1.01999, 0.99063, 1.01186, 1.0217, 0.99947, 1.01711,
+                   0.9904, 1.00258, 1.00878, 0.97039, 0.97686, 0.94315, 0.97728, 0.91154, 0.86139, 0.76592)
+    # magcache_sample_video.py: magcache_thresh 0.24, magcache_K 6, retention_ratio 0.2
+    DEFAULT_THRESHOLD, K, RETENTION = 0.24, 6, 0.2
+
+    def __init__(self, threshold, height=720, ratios=None):
+        """height: the video's, in pixels, picks the published table (544p below 720); or ratios: one per
+        step of a 50-step (or any other) run, the first 1.0."""
+        self.threshold = threshold
+        self.ratios = tuple(ratios or (self.RATIOS_720P if height >= 720 else self.RATIOS_544P))
+        self.reset(1)
+
+    def reset(self, steps):
+        """Before a new sampling run of `steps` steps: the table resampled to them by nearest step
+        (MagCache4Wan2.1/magcache_generate.py nearest_interp)."""
+        n = len(self.ratios)
+        if steps == 1:
+            self.step_ratios = [self.ratios[-1]]
+        else:
+            scale = (n - 1) / (steps - 1)
+            self.step_ratios = [self.ratios[round(i * scale)] for i in range(steps)]
+        self.steps, self.step = steps, 0
+        self.ratio, self.error, self.run_length = 1.0, 0.0, 0
+        self.residual = None
+        self.computed = self.skipped = 0
+
+    def should_compute(self, probe=None, group=None):
+        """Called by the DiT once per step (block 0's input and the ranks' group are not needed)."""
+        compute = True
+        if self.step >= int(self.RETENTION * self.steps) and self.residual is not None:
+            self.ratio *= self.step_ratios[self.step]
+            self.error += abs(1 - self.ratio)
+            self.run_length += 1
+            compute = self.error > self.threshold or self.run_length > self.K
+            if compute:
+                self.ratio, self.error, self.run_length = 1.0, 0.0, 0
+        self.step += 1
+        self.computed += compute
+        self.skipped += not compute
+        return compute
+
+
+class EasyCache:
+    """Step caching as EasyCache publishes it for HunyuanVideo (H-EmbodVis/EasyCache,
+    EasyCache4HunyuanVideo/easycache_sample_video.py): adaptive at run time, nothing calibrated. It sees the
+    DiT's input x and output v only: a skipped step returns x + (v - x) of the last computed step, so it
+    skips the embedders and the final layer as well as the blocks.
+
+    The criterion is the transformation rate k = mean|v - v'| / mean|x - x'| between the last two computed
+    steps (x', v' the earlier one's). On a later step the relative output change is predicted as
+    k * mean|x - x_prev| / mean|v_last| (x_prev: the previous step's input, computed or not; v_last: the last
+    computed output) and summed over the skipped steps; the step is skipped while the sum stays below
+    `threshold`. The first WARMUP steps and the last step always run. Not exact; threshold 0 runs every
+    step. A CFG batch gets one decision from the means over the whole batch and keeps (v - x) per sample.
+    Under sequence parallel every rank holds the whole latent and the gathered output, the same numbers,
+    so every rank takes the same decisions."""
+
+    # easycache_sample_video.py: thresh 0.025, ret_steps 5
+    DEFAULT_THRESHOLD, WARMUP = 0.025, 5
+
+    def __init__(self, threshold):
+        self.threshold = threshold
+        self.reset(1)
+
+    def reset(self, steps):
+        """Before a new sampling run of `steps` steps."""
+        self.steps, self.step = steps, 0
+        self.accumulated, self.rate = 0.0, None
+        self.previous_input = self.computed_input = self.output = self.difference = None
+        self.computed = self.skipped = 0
+
+    def run(self, model, x, *args, **kwargs):
+        """One step's DiT output at input x (B, C, T, H, W), computed by model(x, *args, **kwargs) or
+        predicted. An I2V latent_concat input holds [x ; image ; mask]: the output has x's channels."""
+        xf = x.float()
+        compute = True
+        if self.WARMUP <= self.step < self.steps - 1 and self.rate is not None:
+            change = (xf - self.previous_input).abs().mean() / self.output.abs().mean()
+            self.accumulated += self.rate * change.item()
+            compute = self.accumulated >= self.threshold
+        if compute:
+            self.accumulated = 0.0
+        self.previous_input = xf
+        self.step += 1
+        self.computed += compute
+        self.skipped += not compute
+        if not compute:
+            return (xf[:, :self.difference.shape[1]] + self.difference).to(self.dtype)
+        v = model(x, *args, **kwargs)
+        vf = v.float()
+        if self.output is not None:
+            self.rate = ((vf - self.output).abs().mean() / (xf - self.computed_input).abs().mean()).item()
+        self.computed_input, self.output, self.dtype = xf, vf, v.dtype
+        self.difference = vf - xf[:, :vf.shape[1]]
+        return v
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -244,7 +367,7 @@ def offload_blocks(model, device):
     Training (train.py --lora --offload) uses it too, under gradient checkpointing: the backward re-runs
     each block's forward, which fetches its weights again. Trainable parameters (the adapters) are not
     streamed: they stay on `device`, where the optimizer updates them. Neither is block 0's img_mod:
-    step caching (TeaCache) runs it alone every step, and a skipped step then streams no block at all."""
+    step caching (TeaCache, MagCache) runs it alone every step, and a skipped step then streams no block."""
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
@@ -353,8 +476,8 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
-    each stage's seconds. cache: a TeaCache (its computed/skipped counts hold this call's steps) or None.
-    sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps) or None.
+    each stage's seconds. cache: a TeaCache, MagCache or EasyCache (its computed/skipped counts hold this
+    call's steps) or None. sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps).
     negative_prompt: None or "" is the official one (NEGATIVE_PROMPT, or NEGATIVE_PROMPT_I2V with an image).
 
     image (HxWx3 uint8 RGB), for an I2V DiT (official HunyuanVideo-I2V pipeline): resized and cropped to
@@ -484,14 +607,20 @@ def lora_spec(spec):
         return path, None
 
 
-def cache_spec(spec):
-    """--cache teacache:THRESHOLD -> a TeaCache; None when malformed."""
+def cache_spec(spec, height=720):
+    """--cache METHOD[:THRESHOLD] -> a TeaCache, MagCache or EasyCache (each with its published default
+    threshold); None when malformed. height (pixels) picks MagCache's published table."""
     method, _, tail = spec.partition(":")
+    kind = {"teacache": TeaCache, "magcache": MagCache, "easycache": EasyCache}.get(method)
+    if kind is None:
+        return None
     try:
-        threshold = float(tail) if tail else TeaCache.DEFAULT_THRESHOLD
+        threshold = float(tail) if tail else kind.DEFAULT_THRESHOLD
     except ValueError:
         return None
-    return TeaCache(threshold) if method == "teacache" and threshold >= 0 else None
+    if not threshold >= 0:  # negative or nan
+        return None
+    return MagCache(threshold, height) if kind is MagCache else kind(threshold)
 
 
 def window_spec(spec):
@@ -524,8 +653,8 @@ def check_args(args, prompts):
     if args.shift is not None and args.shift <= 0:
         bad.append(f"--shift {args.shift}: must be positive (official: 7.0)")
     if args.cache is not None and cache_spec(args.cache) is None:
-        bad.append(f"--cache {args.cache}: write teacache:THRESHOLD with a threshold >= 0, "
-                   f"e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
+        bad.append(f"--cache {args.cache}: write teacache, magcache or easycache, optionally with "
+                   f":THRESHOLD >= 0, e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
     if window_spec(args.sta_window) is None:
         bad.append(f"--sta-window {args.sta_window}: write three positive tile counts t,h,w, e.g. 3,3,7")
     if args.sta_full_steps < 0:
@@ -605,9 +734,13 @@ def main():
                     "CPU memory")
     ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (diffusers/PEFT, "
                     "original-layout or kohya/musubi safetensors) at SCALE (default 1); repeat to stack")
-    ap.add_argument("--cache", metavar="teacache[:THRESHOLD]", help="skip DiT evaluations on steps whose "
-                    "input barely changed (TeaCache; approximate, off by default; threshold default "
-                    f"{TeaCache.DEFAULT_THRESHOLD}, 0 = every step, larger = more skipped)")
+    ap.add_argument("--cache", metavar="METHOD[:THRESHOLD]", help="skip DiT evaluations on steps whose "
+                    "result barely changes: teacache, magcache or easycache (approximate, off by default; "
+                    f"default thresholds {TeaCache.DEFAULT_THRESHOLD}, {MagCache.DEFAULT_THRESHOLD}, "
+                    f"{EasyCache.DEFAULT_THRESHOLD}; 0 = every step, larger = more skipped; "
+                    "docs/performance.md)")
+    ap.add_argument("--riflex", action="store_true", help="for videos longer than the model repeats at "
+                    "(13B: past ~200 frames): RIFLEx lowers the temporal RoPE's intrinsic frequency")
     ap.add_argument("--sparse", choices=["sta"], help="sliding-tile attention (approximate, off by "
                     "default): image tokens attend to a 3D window of 6x8x8-token tiles after "
                     "--sta-full-steps dense steps")
@@ -678,7 +811,8 @@ def main():
     if world > 1:
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}
-    cache = cache_spec(args.cache) if args.cache else None
+    cache = cache_spec(args.cache, size[0] or pipe.video["height"]) if args.cache else None
+    pipe.dit.riflex = args.riflex
     sparse = None
     if args.sparse == "sta":
         try:
@@ -704,8 +838,15 @@ def main():
         times["write"] = time.perf_counter() - t0
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         if cache is not None:
-            print(f"teacache {cache.threshold}: {cache.computed} of {cache.computed + cache.skipped} steps "
-                  f"ran the DiT's blocks")
+            print(f"{type(cache).__name__} {cache.threshold}: {cache.computed} of "
+                  f"{cache.computed + cache.skipped} steps ran the DiT's blocks")
+        if args.riflex:
+            c = pipe.dit.cfg
+            period = dit.riflex_period(c.rope_axes[0], c.rope_theta)
+            latent = (T - 1) // pipe.vae.cfg.time_compression + 1
+            print(f"--riflex: {latent} latent frames, " + (f"past the {period} of one period of the temporal "
+                  "RoPE's intrinsic frequency: lowered" if latent > period else
+                  f"within one period ({period}) of the temporal RoPE's intrinsic frequency: RoPE unchanged"))
         if device.type == "cuda":
             print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if world > 1:
