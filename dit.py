@@ -674,7 +674,7 @@ class HunyuanVideoDiT(nn.Module):
             """The blocks' image tokens (B, n_local, D). Sliding-tile attention: the blocks see the image
             tokens and RoPE rows in tile order (padding slots zero), and give them back in raster order."""
             if sparse is None:
-                return self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp, first=first)[:, :n_local]
+                return self.run_blocks(img, txt, vec, rope, seg_lens, n_local, sp, None, first)[:, :n_local]
             slot, n_slots = sta_layout(grid, x.device)
             tiles = img.new_zeros(B, n_slots, img.shape[-1]).index_copy_(1, slot, img)
             tab = tuple(r.new_zeros(n_slots, r.shape[1]).index_copy_(0, slot, r) for r in rope)
