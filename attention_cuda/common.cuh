@@ -40,6 +40,15 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+// The C fragments of 8-column blocks 2kk and 2kk + 1 are the A fragment of 16-wide k-step kk (portable.cu's
+// header): a product's output feeds the next product from registers.
+template <typename T, int NB>
+__device__ __forceinline__ void pack_a(const float (&c)[NB][4], int kk, uint32_t (&a)[4]) {
+    a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
+    a[1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
+    a[2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+    a[3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+}
 
 // 2^x on the special-function unit; 2^-inf = 0, which the masking relies on.
 __device__ __forceinline__ float fast_exp2(float x) {
@@ -186,8 +195,7 @@ __device__ __forceinline__ void store_scaled(const float (&acc)[ND][4], T* out, 
     }
 }
 
-// Backward, step 1 (both kernels): delta[b, h, i] = sum_d dO[i, d] * O[i, d] (= rowsum(P * dP)), one warp
-// per row.
+// Backward, step 1 (both kernels): delta[b, h, i] = sum_d dO[i, d] O[i, d] (= rowsum(P * dP)), a warp a row.
 template <typename T, int D>
 __global__ void __launch_bounds__(256) bwd_delta_kernel(const AttnParams p) {
     const long long row = (static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -223,8 +231,7 @@ cudaError_t launch_delta(const AttnParams& p, cudaStream_t stream) {  // 8 rows 
 }
 }  // namespace
 
-// The entry point `name` (attention.h): fn<T, D>(p, stream) for the dtype and head_dim in p, the four
-// instantiations.
+// The entry point `name` (attention.h): fn<T, D>(p, stream) for p's dtype and head_dim, four instantiations.
 #define ATTN_ENTRY(name, fn)                                                                         \
     int name(const AttnParams& p, void* s) {                                                         \
         const cudaStream_t st = static_cast<cudaStream_t>(s);                                        \

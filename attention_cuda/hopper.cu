@@ -141,17 +141,11 @@ __device__ __forceinline__ void wgmma_acc_rows(float (&d)[D / 8][4], const uint3
     for (int kk = 0; kk < ROWS / 16; ++kk) wgmma_rs<T, D>(d, a[kk], sw128_desc(x + kk * 16 * 128, ROWS * 128, 1024));
 }
 
-// C fragments of 8-column blocks (NB of them) -> A fragments of NB / 2 16-wide k-steps: blocks 2kk and
-// 2kk + 1 are k-step kk (portable.cu's header), a whole tile at a time before its products are issued.
+// common.cuh's pack_a for a whole tile (NB / 2 k-steps), before its products are issued.
 template <typename T, int NB>
 __device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB / 2][4]) {
 #pragma unroll
-    for (int kk = 0; kk < NB / 2; ++kk) {
-        a[kk][0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
-        a[kk][1] = pack2<T>(c[2 * kk][2], c[2 * kk][3]);
-        a[kk][2] = pack2<T>(c[2 * kk + 1][0], c[2 * kk + 1][1]);
-        a[kk][3] = pack2<T>(c[2 * kk + 1][2], c[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < NB / 2; ++kk) pack_a<T>(c, kk, a[kk]);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -213,8 +207,7 @@ __device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, i
 // ---------------------------------------------------------------------------------------------------
 // Forward
 constexpr int WG_BM = 128, WG_BN = 128;  // query rows per block (64 per consumer), keys per tile
-constexpr int WS_STAGES = 2;
-constexpr int WS_THREADS = 384;
+constexpr int WS_STAGES = 2, WS_THREADS = 384;
 // mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
 constexpr int WS_BARS = 1 + 4 * WS_STAGES;
 template <typename T, int D> constexpr int fwd_ws_smem() {  // Q, stages x (K, V), barriers, valid keys, align
@@ -268,10 +261,7 @@ struct KeyTiles {
             int tokens;
             const int key0 = tile(p, k, tokens) * 384 + c * WG_BN;
             valid = min(WG_BN, tokens - c * WG_BN);
-            if (++c * WG_BN >= tokens) {
-                ++k;
-                c = 0;
-            }
+            if (++c * WG_BN >= tokens) ++k, c = 0;  // the window's next tile
             return key0;
         }
         const int key0 = base + c++ * WG_BN;  // the text's tiles
@@ -603,17 +593,15 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const int key_g = n0 + cw * 64 + warp * 16 + g;  // this thread's key rows: key_g and key_g + 8
         const bool valid_key[2] = {key_g < kv_len, key_g + 8 < kv_len};
         const uint32_t k_addr = smem_u32(sK) + cw * 64 * 128, v_addr = smem_u32(sV) + cw * 64 * 128;
-        float dk_acc[D / 8][4] = {};
-        float dv_acc[D / 8][4] = {};
+        float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
         mbar_wait(kv_full, 0);
 
         for (int it = 0; it < q_tiles; ++it) {
             const int st = it % WSB_STAGES;
             mbar_wait(q_full(st), (it / WSB_STAGES) & 1);
             const uint32_t q_addr = smem_u32(sQ + st * QT_BYTES), do_addr = smem_u32(sdO + st * QT_BYTES);
-            const float* lse_i = sLse + st * WGB_BM;
-            const float* delta_i = sDelta + st * WGB_BM;
-            dkdv_tile<T, D>(dk_acc, dv_acc, k_addr, v_addr, q_addr, do_addr, lse_i, delta_i, valid_key, scale_log2, t);
+            dkdv_tile<T, D>(dk_acc, dv_acc, k_addr, v_addr, q_addr, do_addr, sLse + st * WGB_BM,
+                            sDelta + st * WGB_BM, valid_key, scale_log2, t);
             __syncwarp();  // every lane's loads of lse and delta are ordered before lane 0's release
             if (lane == 0) mbar_arrive(q_empty(st));  // this warp is done with the stage (Q, dO, lse, delta)
         }

@@ -116,8 +116,7 @@ __device__ __forceinline__ const T* frag_b(const T* tile, int stride, int n0, in
 // shared memory at every k-step instead of held in D/2 registers.
 template <typename T, int D, int W, int MT>
 __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
-    constexpr int NT = W * 32, FWD_BM = 16 * MT * W;
-    constexpr int STRIDE = D + PAD;
+    constexpr int NT = W * 32, FWD_BM = 16 * MT * W, STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sQ = reinterpret_cast<T*>(smem);  // [FWD_BM][STRIDE]
     T* sK = sQ + FWD_BM * STRIDE;        // [2][FWD_BN][STRIDE]
@@ -157,8 +156,7 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
             load_tile<T, FWD_BN, D, NT>(sV + (buf ^ 1) * FWD_BN * STRIDE, v, p.v.stride_l, (j + 1) * FWD_BN, kv_len);
             cp_async_commit();
         }
-        const T* sKj = sK + buf * FWD_BN * STRIDE;
-        const T* sVj = sV + buf * FWD_BN * STRIDE;
+        const T *sKj = sK + buf * FWD_BN * STRIDE, *sVj = sV + buf * FWD_BN * STRIDE;
         // S = Q K^T: 16 MT rows x FWD_BN keys per warp.
         float s[MT][FWD_BN / 8][4] = {};
 #pragma unroll
@@ -197,12 +195,7 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
         for (int kk = 0; kk < FWD_BN / 16; ++kk) {
             uint32_t pa[MT][4];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-            }
+            for (int mt = 0; mt < MT; ++mt) pack_a<T>(s[mt], kk, pa[mt]);
 #pragma unroll
             for (int nd = 0; nd < D / 8; nd += 2) {
                 uint32_t vf[4];
@@ -228,8 +221,7 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
 // Backward, step 2 (dK, dV): a block loops over all queries in BWD_BM-row tiles (double-buffered).
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
-    constexpr int NT = W * 32, BWD_BN = 16 * W;
-    constexpr int STRIDE = D + PAD;
+    constexpr int NT = W * 32, BWD_BN = 16 * W, STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [BWD_BN][STRIDE]
     T* sV = sK + BWD_BN * STRIDE;        // [BWD_BN][STRIDE]
@@ -268,8 +260,7 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
     const int q_tiles = (p.len_q + BWD_BM - 1) / BWD_BM;
     // Which of this thread's two key rows (g, g + 8) are real keys; fixed for the whole query loop.
     const bool valid_key[2] = {n0 + kw + g < kv_len, n0 + kw + g + 8 < kv_len};
-    float dk_acc[D / 8][4] = {};
-    float dv_acc[D / 8][4] = {};
+    float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
 
     for (int it = 0; it < q_tiles; ++it) {
         const int buf = it & 1;
@@ -277,13 +268,10 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
             load_queries(it + 1, buf ^ 1);
             cp_async_commit();
         }
-        const T* sQi = sQ + buf * BWD_BM * STRIDE;
-        const T* sdOi = sdO + buf * BWD_BM * STRIDE;
-        const float* lse_i = sLse + buf * BWD_BM;
-        const float* delta_i = sDelta + buf * BWD_BM;
+        const T *sQi = sQ + buf * BWD_BM * STRIDE, *sdOi = sdO + buf * BWD_BM * STRIDE;
+        const float *lse_i = sLse + buf * BWD_BM, *delta_i = sDelta + buf * BWD_BM;
         // S^T = K Q^T and dP^T = V dO^T: 16 keys x BWD_BM queries per warp.
-        float st[BWD_BM / 8][4] = {};
-        float dpt[BWD_BM / 8][4] = {};
+        float st[BWD_BM / 8][4] = {}, dpt[BWD_BM / 8][4] = {};
 #pragma unroll
         for (int ks = 0; ks < D / 16; ++ks) {
             uint32_t ka[4], va[4];
@@ -314,12 +302,9 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
         // dV += P^T dO and dK += dS^T Q: A from registers, B = dO / Q tiles ([query][d]: .trans).
 #pragma unroll
         for (int kk = 0; kk < BWD_BM / 16; ++kk) {
-            const uint32_t pa[4] = {pack2<T>(st[2 * kk][0], st[2 * kk][1]), pack2<T>(st[2 * kk][2], st[2 * kk][3]),
-                                    pack2<T>(st[2 * kk + 1][0], st[2 * kk + 1][1]),
-                                    pack2<T>(st[2 * kk + 1][2], st[2 * kk + 1][3])};
-            const uint32_t sa[4] = {pack2<T>(dpt[2 * kk][0], dpt[2 * kk][1]), pack2<T>(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                    pack2<T>(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                    pack2<T>(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+            uint32_t pa[4], sa[4];
+            pack_a<T>(st, kk, pa);
+            pack_a<T>(dpt, kk, sa);
 #pragma unroll
             for (int nd = 0; nd < D / 8; nd += 2) {
                 uint32_t db[4], qb[4];
@@ -343,9 +328,7 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
 // Backward, step 3 (dQ): the forward's loop shape, K and V double-buffered, Q and dO held as A fragments.
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
-    constexpr int NT = W * 32;
-    constexpr int BM = 16 * W, BN = DQ_BN;
-    constexpr int STRIDE = D + PAD;
+    constexpr int NT = W * 32, BM = 16 * W, BN = DQ_BN, STRIDE = D + PAD;
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [2][BN][STRIDE]
     T* sV = sK + 2 * BN * STRIDE;        // [2][BN][STRIDE]
@@ -398,16 +381,14 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
             load_tile<T, BN, D, NT>(sV + (buf ^ 1) * BN * STRIDE, v, p.v.stride_l, (j + 1) * BN, kv_len);
             cp_async_commit();
         }
-        const T* sKj = sK + buf * BN * STRIDE;
-        const T* sVj = sV + buf * BN * STRIDE;
+        const T *sKj = sK + buf * BN * STRIDE, *sVj = sV + buf * BN * STRIDE;
         const bool tail = (j + 1) * BN > kv_len;  // the last tile, partly past kv_len
         // The tile in chunks of DQ_CHUNK keys, each taken all the way from S to dQ, so only one chunk's S
         // and dP are live next to Q, dO and dQ (all 64 keys at once spill at D = 128); same mma count.
 #pragma unroll
         for (int c0 = 0; c0 < BN; c0 += DQ_CHUNK) {
             // S = Q K^T and dP = dO V^T: 16 rows x DQ_CHUNK keys per warp.
-            float s[DQ_CHUNK / 8][4] = {};
-            float dp[DQ_CHUNK / 8][4] = {};
+            float s[DQ_CHUNK / 8][4] = {}, dp[DQ_CHUNK / 8][4] = {};
 #pragma unroll
             for (int ks = 0; ks < D / 16; ++ks) {
 #pragma unroll
@@ -435,9 +416,8 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
             // dQ += dS K: dS as A fragments, K a [key][d] = [k][n] tile read with .trans (as V in P V).
 #pragma unroll
             for (int kk = 0; kk < DQ_CHUNK / 16; ++kk) {
-                const uint32_t sa[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                                        pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                        pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+                uint32_t sa[4];
+                pack_a<T>(s, kk, sa);
 #pragma unroll
                 for (int nd = 0; nd < D / 8; nd += 2) {
                     uint32_t kb[4];
