@@ -22,8 +22,7 @@
 namespace {
 constexpr float LOG2E = 1.4426950408889634f;
 
-// ---------------------------------------------------------------------------------------------------
-// Conversions and the exponential
+// Conversions and the exponential -------------------------------------------------------------------
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
     return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
@@ -40,8 +39,7 @@ template <> __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi
 }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-// The C fragments of 8-column blocks 2kk and 2kk + 1 are the A fragment of 16-wide k-step kk (portable.cu's
-// header): a product's output feeds the next product from registers.
+// C fragments of 8-column blocks 2kk, 2kk + 1 -> the A fragment of k-step kk (portable.cu's header).
 template <typename T, int NB>
 __device__ __forceinline__ void pack_a(const float (&c)[NB][4], int kk, uint32_t (&a)[4]) {
     a[0] = pack2<T>(c[2 * kk][0], c[2 * kk][1]);
@@ -146,8 +144,7 @@ __device__ __forceinline__ void store_rows(const float (&o)[ND][4], const float 
     }
 }
 
-// ---------------------------------------------------------------------------------------------------
-// The backward's view of one (b, h), and its stores
+// The backward's view of one (b, h), and its stores -------------------------------------------------
 // One (b, h) slice of the backward's inputs: Q, K, V, dO rows (stride_l apart) and lse, delta (one per row).
 // A query row at or past Lq reads lse = +inf (so its P is 2^-inf = 0) and delta = 0: it adds nothing.
 template <typename T>
@@ -212,8 +209,7 @@ __global__ void __launch_bounds__(256) bwd_delta_kernel(const AttnParams p) {
     if (lane == 0) p.delta[(static_cast<long long>(b) * p.heads + h) * p.len_q + i] = acc;
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Host side
+// Host side -----------------------------------------------------------------------------------------
 // Launch kernel<<<grid, threads, smem, stream>>>(args...), first raising its dynamic shared-memory limit
 // (a block gets more than 48 KB only then); returns the launch's error.
 template <typename Kernel, typename... Args>

@@ -20,10 +20,9 @@
 //   hopper_bwd_dkdv_kernel: 128 keys per block (64 per consumer); K, V copied once, then Q, dO (TMA) and
 //     lse, delta (the producer's warp 1, plain loads) in 64-query tiles;
 //   hopper_bwd_dq_kernel: 128 queries per block; Q, dO copied once, then K, V in 64-key tiles.
-// Padded keys: TMA copies the rows past n in the last tile as memory holds them (NaN too; 0 x NaN is NaN on
-// the tensor cores), so their scores are set to -inf or P, dS selected to 0, never multiplied by a mask,
-// and the padded rows of V (in O += P V) and K (in dQ += dS K) are zeroed in shared memory first.
-// Where the driver refuses a tensor map (strides not multiples of 16 bytes) the host runs portable.cu.
+// Padded keys: TMA copies rows past n as memory holds them (NaN too; 0 x NaN is NaN on the tensor cores),
+// so their scores are set to -inf or P, dS selected to 0, never multiplied by a mask, and the padded rows of
+// V (in O += P V) and K (in dQ += dS K) are zeroed in shared memory first. No tensor map: portable.cu runs.
 #include <cuda.h>          // CUtensorMap and its enums only: nothing links libcuda (see encode_tiled)
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled_v12000
 #include "common.cuh"
@@ -54,7 +53,6 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-#endif
 // The compiler sees a wgmma's accumulators (float) as written when the instruction is issued, not when
 // wait_group returns, and its register A operand (uint32_t) as read at issue, though the tensor cores read
 // it until then: this pins every read of the former after the wait, and keeps the latter's values (and so
@@ -73,17 +71,16 @@ __device__ __forceinline__ void fence_regs(R (&d)[NB][4]) {
 // The accumulator operands of an m64nN wgmma: d[0..N/8)[0..4), as in-out registers.
 #define WGMMA_D(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
 #define WGMMA_ACC64 WGMMA_D(0), WGMMA_D(1), WGMMA_D(2), WGMMA_D(3), WGMMA_D(4), WGMMA_D(5), WGMMA_D(6), WGMMA_D(7)
-#define WGMMA_REGS64 \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
-    " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define WGMMA_R0_31 \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
+    " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define WGMMA_REGS64 "{" WGMMA_R0_31 "}"
 #define WGMMA_ACC128 \
     WGMMA_ACC64, WGMMA_D(8), WGMMA_D(9), WGMMA_D(10), WGMMA_D(11), WGMMA_D(12), WGMMA_D(13), WGMMA_D(14), WGMMA_D(15)
 #define WGMMA_REGS128 \
-    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15," \
-    " %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31," \
+    "{" WGMMA_R0_31 "," \
     " %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47," \
     " %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
-
 // d (+)= A B, m64nNk16 (N = 64 or 128), A (64 x 16) and B (16 x N, K-major) from shared memory;
 // accumulate = 0 overwrites d (the first k-step of a product).
 template <typename T, int N>
@@ -101,7 +98,6 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[N / 8][4], uint64_t desc_a, 
     else WGMMA_SS("f16", 64, "%32", "%33", "%34");
 #undef WGMMA_SS
 }
-
 // d += A B, m64nNk16 (N = 64 or 128), A from registers (the m16n8k16 A fragment of the warp's 16 rows), B
 // (16 x N) MN-major from shared memory (transpose bit set).
 template <typename T, int N>
@@ -148,9 +144,7 @@ __device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB
     for (int kk = 0; kk < NB / 2; ++kk) pack_a<T>(c, kk, a[kk]);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// TMA copies, mbarriers, named barriers
-#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// TMA copies, mbarriers, named barriers -------------------------------------------------------------
 // mbarrier (PTX ISA "mbarrier"): a 64-bit shared object whose current phase completes when its expected
 // arrivals have arrived and its expected bytes (TMA copies) have landed; waits name the phase's parity.
 __device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
@@ -164,9 +158,8 @@ __device__ __forceinline__ void mbar_arrive_expect(uint32_t bar, uint32_t bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" :: "r"(bar), "r"(bytes) : "memory");
 }
 // Spin until the phase of the given parity has completed (true at once for the phase before the first).
-// A wait still waiting after 2^32 ns (~4 s by the global timer; try_wait may suspend a while, so tries are
-// no clock) is a synchronisation bug: trap (the launch fails) instead of hanging the GPU. One asm block:
-// as a C++ loop, ptxas kept more registers live around it and the forward spilled.
+// A wait past 2^32 ns of %globaltimer (~4 s) is a synchronisation bug: trap (the launch fails), not hang.
+// One asm block: as a C++ loop the forward spilled (docs/attention.md, "Hopper, 2.1").
 __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
     asm volatile("{\n.reg .pred ready, more;\n.reg .u64 t0, t1;\nmov.u64 t0, %%globaltimer;\nwait_again:\n"
                  "mbarrier.try_wait.parity.shared::cta.b64 ready, [%0], %1;\n@ready bra wait_done;\n"
@@ -189,7 +182,6 @@ __device__ __forceinline__ void named_sync(int id, int threads) {
 __device__ __forceinline__ void named_arrive(int id, int threads) {
     asm volatile("bar.arrive %0, %1;\n" :: "r"(id), "r"(threads) : "memory");
 }
-#endif
 // Zero rows [first, ROWS) of a swizzled ROWS x D tile, by NT threads (i in 0..NT-1; the swizzle moves
 // chunks within a row only). The tensor cores read the tile next: each thread fences its stores into the
 // async proxy; the caller then syncs the NT threads.
@@ -199,13 +191,11 @@ __device__ __forceinline__ void zero_tail_rows(unsigned char* tile, int first, i
 #pragma unroll
         for (int half = 0; half < D / 64; ++half)
             *reinterpret_cast<uint4*>(tile + half * ROWS * 128 + c * 16) = make_uint4(0, 0, 0, 0);
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     fence_proxy_async();
-#endif
 }
+#endif
 
-// ---------------------------------------------------------------------------------------------------
-// Forward
+// Forward -------------------------------------------------------------------------------------------
 constexpr int WG_BM = 128, WG_BN = 128;  // query rows per block (64 per consumer), keys per tile
 constexpr int WS_STAGES = 2, WS_THREADS = 384;
 // mbarriers, 8 bytes each after the tiles: Q full, then per stage K full, V full, K empty, V empty.
@@ -281,8 +271,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     unsigned char* sQ = smem_raw + ((1024 - (smem_u32(smem_raw) & 1023)) & 1023);  // 1024-byte aligned
     unsigned char* sK = sQ + Q_BYTES;                   // [WS_STAGES][KV_BYTES]
     unsigned char* sV = sK + WS_STAGES * KV_BYTES;      // [WS_STAGES][KV_BYTES]
-    const uint32_t bars = smem_u32(sV + WS_STAGES * KV_BYTES);
-    const uint32_t q_full = bars;
+    const uint32_t bars = smem_u32(sV + WS_STAGES * KV_BYTES), q_full = bars;
     auto k_full = [&](int st) { return bars + 8 * (1 + st); };
     auto v_full = [&](int st) { return bars + 8 * (1 + WS_STAGES + st); };
     auto k_empty = [&](int st) { return bars + 8 * (1 + 2 * WS_STAGES + st); };
@@ -345,7 +334,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         // Named barrier 1 + c: "consumer c may issue". Consumer 0 goes first; each passes the turn on after
         // issuing a tile's products (id 3: both consumers, after zeroing V's padded rows).
         if (cw == 1) named_arrive(1, 256);
-
         float o[D / 8][4] = {};
         float m_row[2] = {-INFINITY, -INFINITY}, l_row[2] = {0.f, 0.f};
         float s[WG_BN / 8][4];
@@ -388,8 +376,7 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
             rescale_rows(o, alpha);
             pack_a<T>(s, pa);
         }
-        // The last tile's O += P V, its padded V rows zeroed first (both consumers share the work, then
-        // wait for each other).
+        // The last tile's O += P V, its padded V rows zeroed first by both consumers, then a barrier.
         const int last = (n_tiles - 1) % WS_STAGES;
         mbar_wait(v_full(last), ((n_tiles - 1) / WS_STAGES) & 1);
         const int tail = s_valid[last];  // valid keys in the last tile (nothing overwrites it any more)
@@ -406,7 +393,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         if (lane == 0) mbar_arrive(v_empty(last));
         // Consumer 1 passed the turn once more than consumer 0 took it: take it, so no arrival is left over.
         if (cw == 0) named_sync(1, 256);
-
         T* out = static_cast<T*>(p.o.ptr) + b * p.o.stride_b + h * p.o.stride_h;
         float* lse = p.lse + (static_cast<long long>(b) * p.heads + h) * p.len_q;
         store_rows(o, m_row, l_row, out, p.o.stride_l, lse, m0 + cw * 64 + warp * 16 + lane / 4, p.len_q, t);
@@ -514,9 +500,8 @@ __device__ __forceinline__ void dq_tile(float (&dq)[D / 8][4], uint32_t q_addr, 
     fence_regs(sa);
 }
 
-// dK, dV: the producer's thread 0 copies K and V once, then Q and dO tile by tile; its warp 1 copies each
-// tile's lse and delta (lse_at / delta_at) with plain loads and stores, every lane then arriving on the
-// stage's full barrier (33 arrivals: 1 expect_tx + 32).
+// dK, dV: the producer's thread 0 copies K and V once, then Q and dO tile by tile; its warp 1 copies lse
+// and delta with plain loads, every lane arriving on the stage's full barrier (33: 1 expect_tx + 32).
 template <typename T, int D>
 __global__ void __launch_bounds__(WS_THREADS, 1)
     hopper_bwd_dkdv_kernel(const AttnParams p, const __grid_constant__ CUtensorMap map_q,
@@ -531,12 +516,10 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     unsigned char* sdO = sQ + WSB_STAGES * QT_BYTES;  // [WSB_STAGES][QT_BYTES]
     float* sLse = reinterpret_cast<float*>(sdO + WSB_STAGES * QT_BYTES);  // [WSB_STAGES][WGB_BM]
     float* sDelta = sLse + WSB_STAGES * WGB_BM;                          // [WSB_STAGES][WGB_BM]
-    const uint32_t bars = smem_u32(sDelta + WSB_STAGES * WGB_BM);
-    const uint32_t kv_full = bars;
+    const uint32_t bars = smem_u32(sDelta + WSB_STAGES * WGB_BM), kv_full = bars;
     auto q_full = [&](int st) { return bars + 8 * (1 + st); };
     auto q_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
-    const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z;
-    const int wg = threadIdx.x / 128;
+    const int n0 = blockIdx.x * WGB_BN, h = blockIdx.y, b = blockIdx.z, wg = threadIdx.x / 128;
     const int kv_len = p.kv_lens[b];
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     if (n0 >= kv_len) {  // a block of padded keys only: their gradients are zero, nothing else to do
@@ -625,14 +608,11 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
     unsigned char* sdO = sQ + QT_BYTES;
     unsigned char* sK = sdO + QT_BYTES;               // [WSB_STAGES][KV_BYTES]
     unsigned char* sV = sK + WSB_STAGES * KV_BYTES;   // [WSB_STAGES][KV_BYTES]
-    const uint32_t bars = smem_u32(sV + WSB_STAGES * KV_BYTES);
-    const uint32_t q_full = bars;
+    const uint32_t bars = smem_u32(sV + WSB_STAGES * KV_BYTES), q_full = bars;
     auto kv_full = [&](int st) { return bars + 8 * (1 + st); };
     auto kv_empty = [&](int st) { return bars + 8 * (1 + WSB_STAGES + st); };
-    const int m0 = blockIdx.x * WGQ_BM, h = blockIdx.y, b = blockIdx.z;
-    const int wg = threadIdx.x / 128;
-    const int kv_len = p.kv_lens[b];
-    const int n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;
+    const int m0 = blockIdx.x * WGQ_BM, h = blockIdx.y, b = blockIdx.z, wg = threadIdx.x / 128;
+    const int kv_len = p.kv_lens[b], n_tiles = (kv_len + WGQ_BN - 1) / WGQ_BN;
     if (threadIdx.x == 0) {
         mbar_init(q_full, 1);
         for (int st = 0; st < WSB_STAGES; ++st) {
@@ -731,8 +711,7 @@ bool tensor_map(CUtensorMap* map, const AttnTensor& x, int len, const AttnParams
     const cuuint64_t dims[4] = {static_cast<cuuint64_t>(p.head_dim), static_cast<cuuint64_t>(p.heads),
                                 static_cast<cuuint64_t>(len), static_cast<cuuint64_t>(p.batch)};
     const cuuint64_t strides[3] = {s_h, s_l, s_b};
-    const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1};
-    const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+    const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(rows), 1}, elem_strides[4] = {1, 1, 1, 1};
     return encode(map, p.is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4, x.ptr, dims,
                   strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                   CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;

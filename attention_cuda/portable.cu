@@ -46,8 +46,7 @@ constexpr int DQ_CHUNK = 32;  // backward dQ: keys taken from S to dQ at a time 
 // one ldmatrix tile fall 4 banks apart and cover all 32 banks once (no conflicts). Same for D = 64.
 constexpr int PAD = 8;
 
-// ---------------------------------------------------------------------------------------------------
-// PTX wrappers
+// PTX wrappers --------------------------------------------------------------------------------------
 // 16-byte async copy global -> shared. With valid == false the source is not read and 16 zero bytes
 // are written: that is how rows past L (or past kv_len) become zeros without a branch around the copy.
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
@@ -64,7 +63,6 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* p) 
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_u32(p)) : "memory");
 }
-
 // c += a * b for one 16x8x16 block.
 template <typename T>
 __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
@@ -77,8 +75,7 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
 #undef MMA
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Tiles
+// Tiles ---------------------------------------------------------------------------------------------
 // Start async copies of rows [row0, row0 + ROWS) of one (b, h) slice (row stride ld elements) into a
 // [ROWS][D + PAD] shared tile by the block's NT threads; rows >= n are zero-filled and never read.
 // Consecutive threads take consecutive 16-byte chunks of a row: one coalesced read per row.
@@ -124,8 +121,7 @@ __global__ void __launch_bounds__(W * 32) fwd_kernel(const AttnParams p) {
     const int m0 = blockIdx.x * FWD_BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
     const int r0 = warp * 16 * MT;  // this warp's first row in the block
-    const int kv_len = p.kv_lens[b];
-    const int n_tiles = (kv_len + FWD_BN - 1) / FWD_BN;  // keys past kv_len cost nothing
+    const int kv_len = p.kv_lens[b], n_tiles = (kv_len + FWD_BN - 1) / FWD_BN;  // keys past kv_len: no cost
     const T* q = static_cast<const T*>(p.q.ptr) + b * p.q.stride_b + h * p.q.stride_h;
     const T* k = static_cast<const T*>(p.k.ptr) + b * p.k.stride_b + h * p.k.stride_h;
     const T* v = static_cast<const T*>(p.v.ptr) + b * p.v.stride_b + h * p.v.stride_h;
@@ -237,7 +233,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
         zero_key_rows<T, D, NT>(p, in, n0, min(BWD_BN, p.len_k - n0));
         return;
     }
-
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
     // Queries past Lq: zero Q and dO rows, lse = +inf (BwdSlice::lse_at): they add nothing.
     auto load_queries = [&](int tile, int buf) {
@@ -254,7 +249,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dkdv_kernel(const AttnParams p) {
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();
-
     const float scale_log2 = p.scale * LOG2E;
     const int kw = warp * 16;  // this warp's first key within the block
     const int q_tiles = (p.len_q + BWD_BM - 1) / BWD_BM;
@@ -332,15 +326,13 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
     extern __shared__ __align__(16) unsigned char smem[];
     T* sK = reinterpret_cast<T*>(smem);  // [2][BN][STRIDE]
     T* sV = sK + 2 * BN * STRIDE;        // [2][BN][STRIDE]
-    // Q and dO pass through the K/V buffers before the key loop (they live in registers after it), so the
-    // block needs 69,632 B at D = 128 whatever W is: within the 99 KB per block of sm_86/sm_89 too.
+    // Q and dO pass through the K/V buffers before the key loop (registers after it): 99 KB GPUs fit any W.
     static_assert(2 * BM <= 4 * BN, "Q and dO must fit in the K/V buffers");
     T* sQ = sK;                 // [BM][STRIDE], before the key loop only
     T* sdO = sQ + BM * STRIDE;  // [BM][STRIDE], before the key loop only
     const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-    const int kv_len = p.kv_lens[b];
-    const int n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
+    const int kv_len = p.kv_lens[b], n_tiles = (kv_len + BN - 1) / BN;  // keys past kv_len cost nothing
     const BwdSlice<T> in = bwd_slice<T>(p, b, h);
     const T *q = in.q, *k = in.k, *v = in.v, *dout = in.dout;
     // Rows past Lq load as zeros (their results are not stored).
@@ -354,7 +346,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
         row_lse[r] = in.lse_at(m0 + warp * 16 + g + 8 * r, p.len_q);
         row_delta[r] = in.delta_at(m0 + warp * 16 + g + 8 * r, p.len_q);
     }
-
     cp_async_wait_all();
     __syncthreads();
     // This warp's 16 rows of Q and dO as A fragments, in registers for the whole key loop (D/2 regs).
@@ -370,7 +361,6 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
     cp_async_commit();
     cp_async_wait_all();
     __syncthreads();  // tile 0 is in
-
     const float scale_log2 = p.scale * LOG2E;
     float dq[D / 8][4] = {};
 
@@ -435,8 +425,7 @@ __global__ void __launch_bounds__(W * 32) bwd_dq_kernel(const AttnParams p) {
     store_scaled(dq, dqp, p.dq.stride_l, m0 + warp * 16 + g, p.len_q, t, p.scale);
 }
 
-// ---------------------------------------------------------------------------------------------------
-// Launchers
+// Launchers -----------------------------------------------------------------------------------------
 // Shared memory a block may opt into: 227 KB on the H100, 163 KB on the A100, 99 KB on sm_86 and sm_89.
 int max_smem_per_block() {
     int dev = 0, bytes = 0;
