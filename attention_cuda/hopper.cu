@@ -53,10 +53,9 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" :: "n"(N) : "memory"); }
 // Shared memory written by cp.async (the generic proxy) must be fenced before wgmma (the async proxy) reads it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// The compiler sees a wgmma's accumulators (float) as written when the instruction is issued, not when
-// wait_group returns, and its register A operand (uint32_t) as read at issue, though the tensor cores read
-// it until then: this pins every read of the former after the wait, and keeps the latter's values (and so
-// the registers) live until it (an empty volatile asm that "rewrites" each one).
+// The compiler sees a wgmma's accumulators (float) as written at issue, not when wait_group returns, and
+// its register A operand (uint32_t) as read at issue, though the tensor cores read it until then: an empty
+// volatile asm that "rewrites" each one pins the former's reads after the wait and keeps the latter live.
 template <typename R, int NB>
 __device__ __forceinline__ void fence_regs(R (&d)[NB][4]) {
 #pragma unroll
@@ -136,7 +135,6 @@ __device__ __forceinline__ void wgmma_acc_rows(float (&d)[D / 8][4], const uint3
 #pragma unroll
     for (int kk = 0; kk < ROWS / 16; ++kk) wgmma_rs<T, D>(d, a[kk], sw128_desc(x + kk * 16 * 128, ROWS * 128, 1024));
 }
-
 // common.cuh's pack_a for a whole tile (NB / 2 k-steps), before its products are issued.
 template <typename T, int NB>
 __device__ __forceinline__ void pack_a(const float (&c)[NB][4], uint32_t (&a)[NB / 2][4]) {
@@ -244,8 +242,7 @@ struct KeyTiles {
         }
         n += (kv_len - base + WG_BN - 1) / WG_BN;
     }
-    // The next key tile, in order: its first key and (in `valid`) its valid keys (the first has one, so
-    // every row max is finite).
+    // The next key tile: its first key, and in `valid` its valid keys (>= 1: every row max is finite).
     __device__ int next(const AttnParams& p, int& valid) {
         if (k < n_win) {
             int tokens;
@@ -578,7 +575,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const uint32_t k_addr = smem_u32(sK) + cw * 64 * 128, v_addr = smem_u32(sV) + cw * 64 * 128;
         float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
         mbar_wait(kv_full, 0);
-
         for (int it = 0; it < q_tiles; ++it) {
             const int st = it % WSB_STAGES;
             mbar_wait(q_full(st), (it / WSB_STAGES) & 1);
@@ -659,7 +655,6 @@ __global__ void __launch_bounds__(WS_THREADS, 1)
         const int tail = kv_len - (n_tiles - 1) * WGQ_BN;  // valid keys in the last tile, 1..64
         float dq[D / 8][4] = {};
         mbar_wait(q_full, 0);
-
         for (int j = 0; j < n_tiles; ++j) {
             const int st = j % WSB_STAGES;
             mbar_wait(kv_full(st), (j / WSB_STAGES) & 1);
