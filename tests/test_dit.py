@@ -241,8 +241,8 @@ def test_attention_segments_match_dense_mask(attention_path):
 @pytest.mark.parametrize("kernel", [False, True], ids=["sdpa-cudnn", "attention_cuda"])
 def test_attention_on_gpu_in_training_matches_float64(kernel, monkeypatch):
     """The GPU paths of dit.attention as training runs them: bf16 autocast, q and k in fp32 (they leave the
-    fp32 RMSNorm/RoPE) and v in bf16. Default: cuDNN through SDPA per segment (gradients flow: cuDNN's backward
-    is the faster); ATTENTION_CUDA=1: our kernel.
+    fp32 RMSNorm/RoPE) and v in bf16. Default: cuDNN through SDPA per segment (gradients flow: cuDNN's
+    backward is the faster); ATTENTION_CUDA=1: our kernel.
     Output rows and gradients within 1e-2 of float64. Padded query rows get a zero upstream gradient, as in
     the model (no output ever reads them), so both semantics for them give the same gradients."""
     import attention_cuda
@@ -277,7 +277,8 @@ def test_attention_on_gpu_in_training_matches_float64(kernel, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_attention_on_gpu_in_sampling_takes_the_kernel_on_hopper(monkeypatch):
     """Without gradients (sampling) the default dispatch takes our kernel on compute capability 9.0 (its
-    forward is the fastest measured there) and cuDNN elsewhere; valid rows within 1e-2 of float64 either way."""
+    forward is the fastest measured there) and cuDNN elsewhere; valid rows within 1e-2 of float64 either
+    way."""
     import attention_cuda
     monkeypatch.setattr(dit, "KERNEL_CHOICE", None)
     B, L, H, D, seg = 2, 700, 4, 128, [700 - 30, 700 - 71]
