@@ -1272,7 +1272,8 @@ def lora_demo(args):
         sys.exit(f"error: --from {src}: no config.json; run `python train.py` first (it writes out/demo)")
     check_writable(out, 2**27)
     with open(os.path.join(src, "config.json")) as f:  # clips at the demo model's own frame size
-        H, W = (json.load(f)["video"][k] for k in ("height", "width"))
+        video = json.load(f)["video"]
+    H, W = video["height"], video["width"]
     data = os.path.join(out, "data")
     if rank == 0 and not os.path.isfile(os.path.join(data, "manifest.jsonl")):
         os.makedirs(os.path.join(data, "clips"), exist_ok=True)
