@@ -121,7 +121,7 @@ PRESETS = {
     # CPU. docs/demo.md has the measurements behind these values.
     "demo": TrainConfig(
         # 8x8 tokens of 8x8 px per latent frame (a 4x VAE, 2x2 patches): a shape ~26 px across spans 3x3
-        # tokens, enough to carry its corners; a narrower DiT than the 1.3B's, same layout
+        # tokens, where an 8x VAE gave it under 2x2; a narrower DiT than the 1.3B's, same layout
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
