@@ -9,6 +9,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py lora                                    # 13B LoRA step, 49x512x768, rank 128: s, GiB
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py cache --ckpt out/demo                   # step caching: evaluations saved, PSNR, SSIM
+    python bench.py demo --ckpt out/demo [...]              # the demo's samples: colour, shape, direction
     python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
     python bench.py sta                                     # sliding-tile vs dense kernel forward, 720p
     python bench.py video                                   # 13B 720x1280x129 x 50 steps: dense, STA, +cache
@@ -895,6 +896,109 @@ def bench_cache(args):
         print(f"| {name} | {computed}/{total} | {1 - computed / total:.0%} | {quality} | {wall:.1f} s |")
 
 # ----------------------------------------------------------------------------------------------------------
+# demo: colour, shape and direction read back from the demo's samples, apart from the code that made them
+
+GRAMMAR = [(c, s, d) for c in ("red", "green", "blue", "yellow", "white")
+           for s in ("circle", "square", "triangle") for d in ("left", "right", "up", "down")]
+# a shape's area over its bounding box's, for the shapes curate.draw_shape draws (upright triangle: 1/2)
+FILL = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
+
+
+def read_demo_video(frames):
+    """uint8 RGB (T, H, W, 3) of one coloured shape on the demo's dark backdrop -> dict(colour, shape,
+    direction, ghosts). Foreground: pixels far from the frame's median colour, with the threshold halfway to
+    the video's brightest 2% (a dim sample's shape still counts); its largest connected blob is the shape.
+    colour: the palette entry nearest the blob's mean RGB; shape: the fill of the blob's bounding box nearest
+    FILL's (frames where the blob touches the border skipped); direction: the blob centroid's move, first
+    frame to last, along its larger axis (at least 2 px, else "none"); ghosts: frames with a second blob at
+    least 15% the shape's size."""
+    import cv2
+    import numpy as np
+
+    import curate
+    f = frames.astype(np.float32)
+    dist = np.abs(f - np.median(f.reshape(len(f), -1, 3), 1)[:, None, None]).sum(-1)  # (T, H, W)
+    thr = max(60.0, 0.5 * float(np.percentile(dist, 98)))
+    rgb, fills, cents, ghosts = [], [], [], 0
+    for t, m in enumerate(dist > thr):
+        n, lab, stats, cent = cv2.connectedComponentsWithStats(m.astype(np.uint8), connectivity=8)
+        if n < 2:
+            continue
+        areas = stats[1:, cv2.CC_STAT_AREA]
+        k = 1 + int(areas.argmax())
+        if areas.max() < 12:  # a few noisy pixels, no shape
+            continue
+        ghosts += int((areas >= 0.15 * areas.max()).sum() > 1)
+        x, y, w, h, a = stats[k]
+        rgb.append(frames[t][lab == k].mean(0))
+        cents.append(cent[k])
+        if x > 0 and y > 0 and x + w < m.shape[1] and y + h < m.shape[0]:
+            fills.append(a / (w * h))
+    if not cents:
+        return {"colour": "none", "shape": "none", "direction": "none", "ghosts": 0, "fill": None,
+                "rgb": None, "move": None}
+    mean = np.mean(rgb, 0)
+    colour = min(curate.COLOURS, key=lambda c: np.square(mean - np.array(curate.COLOURS[c])).sum())
+    fill = float(np.median(fills)) if fills else None
+    shape = "none" if fill is None else min(FILL, key=lambda s: abs(FILL[s] - fill))
+    dx, dy = cents[-1] - cents[0]
+    direction = "none" if max(abs(dx), abs(dy)) < 2 else \
+        ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+    return {"colour": colour, "shape": shape, "direction": direction, "ghosts": ghosts,
+            "fill": None if fill is None else round(fill, 3), "rgb": [round(float(v)) for v in mean],
+            "move": [round(float(dx), 1), round(float(dy), 1)]}
+
+
+def read_mp4(path):
+    """An mp4 at its own size, through the reader training uses (train.read_clip): uint8 (T, H, W, 3)."""
+    import cv2
+
+    import train
+    cap = cv2.VideoCapture(path)
+    size = (int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)), int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)))
+    cap.release()
+    return train.read_clip(path, size).permute(1, 2, 3, 0).numpy()
+
+
+def bench_demo(args):
+    """Samples every prompt of the demo's grammar ("a {colour} {shape} moving {direction}", 60 prompts; prompt
+    i from noise seed i) from each --ckpt folder (one per training seed), writes them to FOLDER/bench/, reads
+    each mp4 back with read_demo_video and reports colour, shape and direction accuracy per folder, for the
+    demo's own prompt grid and for the prompts it never listed. Writes FOLDER/bench/demo.json."""
+    import json
+
+    import sample
+    import train
+    for ckpt in args.ckpt:
+        pipe = sample.load_pipeline(ckpt, device=DEVICE, dtype=torch.float32)
+        seed = json.load(open(os.path.join(ckpt, "config.json")))["train"]["seed"]
+        prompts = [f"a {c} {s} moving {d}" for c, s, d in GRAMMAR]
+        t0 = time.perf_counter()
+        videos = []
+        for i in range(0, len(prompts), 20):
+            videos += list(sample.generate(pipe, prompts[i:i + 20], seed=i, negative_prompt="", tiled=False))
+        dt = time.perf_counter() - t0
+        rows = []
+        for i, (p, (c, s, d), v) in enumerate(zip(prompts, GRAMMAR, videos)):
+            f = os.path.join(ckpt, "bench", f"{i:02d}_{sample.slug(p)}.mp4")
+            sample.write_mp4(v, f, fps=pipe.video["fps"])
+            got = read_demo_video(read_mp4(f))
+            rows.append(dict(got, prompt=p, listed=p in train.DEMO_PROMPTS, colour_ok=got["colour"] == c,
+                             shape_ok=got["shape"] == s, direction_ok=got["direction"] == d))
+        print(f"\n{ckpt} (training seed {seed}): {len(prompts)} samples in {dt:.0f} s")
+        for r in rows:
+            if not (r["colour_ok"] and r["shape_ok"] and r["direction_ok"]) or r["ghosts"]:
+                print(f"  {r['prompt']!r}: read {r['colour']} {r['shape']} {r['direction']}, rgb {r['rgb']}, "
+                      f"fill {r['fill']}, move {r['move']}, ghost frames {r['ghosts']}")
+        for name, keep in (("demo prompts", True), ("unlisted prompts", False)):
+            sel = [r for r in rows if r["listed"] == keep]
+            n = {k: sum(r[k + "_ok"] for r in sel) for k in ("colour", "shape", "direction")}
+            print(f"  {name:>16}: colour {n['colour']}/{len(sel)}, shape {n['shape']}/{len(sel)}, direction "
+                  f"{n['direction']}/{len(sel)}, with ghosts {sum(r['ghosts'] > 0 for r in sel)}")
+        with open(os.path.join(ckpt, "bench", "demo.json"), "w") as fh:
+            json.dump({"seed": seed, "rows": rows}, fh, indent=1)
+
+# ----------------------------------------------------------------------------------------------------------
 # attention: attention_cuda/bench.py, whose options pass through
 
 
@@ -965,6 +1069,9 @@ def main():
     p.add_argument("--prompts", type=int, default=20, help="how many of train.DEMO_PROMPTS")
     p.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     p.set_defaults(fn=bench_cache)
+    p = sub.add_parser("demo", help="colour, shape and direction read from the demo's samples (CPU)")
+    p.add_argument("--ckpt", nargs="+", default=["out/demo"], help="train.py demo folders (one per seed)")
+    p.set_defaults(fn=bench_demo)
     # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass)
     p = sub.add_parser("attention", prefix_chars="+", add_help=False,
                        help="fused attention vs SDPA flash/cuDNN, TFLOP/s (attention_cuda/bench.py)")

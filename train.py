@@ -119,32 +119,36 @@ class TrainConfig:
 
 
 PRESETS = {
-    # The embedded demo (`python train.py`): 64x112 px, 9-frame clips of coloured shapes, minutes on a
-    # 2-core CPU. docs/demo.md has the measurements behind these values.
+    # The embedded demo (`python train.py`): 64x64 px, 9-frame clips of coloured shapes, minutes on a 2-core
+    # CPU. docs/demo.md has the measurements behind these values.
     "demo": TrainConfig(
+        # 8x8 tokens of 8x8 px per latent frame (a 4x VAE, 2x2 patches): a shape ~26 px across spans 3x3
+        # tokens, where an 8x VAE gave it under 2x2; a narrower DiT than the 1.3B's, same layout
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
         # stills first, then mostly video: a shape's direction is the last thing the DiT learns
-        stages=(Stage("image", 100, buckets=(), image_buckets=((64, 112, 16),), image_ratio=1.0, lr=1e-3),
-                Stage("video", 2500, buckets=((64, 112, 9, 8),), image_buckets=((64, 112, 16),),
+        stages=(Stage("image", 300, buckets=(), image_buckets=((64, 64, 16),), image_ratio=1.0, lr=1e-3),
+                Stage("video", 2500, buckets=((64, 64, 9, 8),), image_buckets=((64, 64, 16),),
                       image_ratio=0.2, lr=1e-3)),
         warmup=50, ema_decay=0.995, ckpt_every=500,
-        # a 9-frame clip spans 65 source frames, in which a shape moves ~1/3 of the frame: the larger each
-        # clip's motion, the sooner the DiT ties it to the direction word
+        # a 9-frame clip spans 65 source frames, in which a shape moves 1/5 to 1/2 of the frame: the larger
+        # each clip's motion, the sooner the DiT ties it to the direction word
         frame_stride=8, clip_windows=4,
         short_only=0.6,  # the sample prompts are bare short descriptions
         # the sampler's shifted schedule spends most steps at high noise, where layout and motion are decided
         sigma_mean=0.8,
         sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0),
-        # the release's 16 latent channels (4 lose the colours); a narrow first block, as full-resolution
-        # layers dominate the cost; video steps on small crops (motion is local), stills at the full frame
-        vae_overrides=dict(latent_channels=16, block_out_channels=(8, 16, 32, 32), norm_groups=4),
-        vae_steps=800, vae_size=(32, 56, 9), vae_image_size=(64, 112), vae_batch=4, vae_image_ratio=1.0,
+        # the release's 16 latent channels at 4x spatial compression (three blocks): 16x16 cells of 4x4 px
+        vae_overrides=dict(latent_channels=16, block_out_channels=(16, 32, 32), norm_groups=4,
+                           spatial_compression=4),
+        # video steps on small crops (motion is local), stills at the full frame
+        vae_steps=800, vae_size=(32, 32, 9), vae_image_size=(64, 64), vae_batch=4, vae_image_ratio=0.5,
         vae_image_batch=8, vae_lr=2e-3,
-        # demo-only (see TrainConfig): 600 steps on stills, then 200 motion steps on the stride-8 clips
-        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0, vae_motion_steps=200,
-        vae_motion_lr=5e-3, vae_sample_posterior=False, latent_sample=False),
+        # demo-only (see TrainConfig): without the chroma and latent-RGB terms, red and blue reconstruct
+        # green (docs/demo.md); crops of a quarter frame are often all backdrop without the crop tries
+        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0,
+        vae_sample_posterior=False, latent_sample=False),
     # a 1.3B DiT from scratch on one GPU: 256px images, then 256px video, then longer video. No guidance
     # embedder: the release's was distilled from a CFG teacher (train_guidance, above), which a run from
     # scratch has not got; left on, it would see one constant while training and 6000 at sampling. The
@@ -177,7 +181,8 @@ DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
     ("blue", "circle", "left"), ("yellow", "square", "right"), ("white", "triangle", "up"),
     ("red", "circle", "down"), ("green", "square", "left"), ("blue", "triangle", "right"),
     ("yellow", "circle", "up"), ("white", "square", "down")]]
-DEMO_SHAPE_SIZE = 0.2  # shape radius / frame height: ~13 px at 64x112, big enough for an 8x VAE
+DEMO_SOURCE = (256, 256)  # the generated videos' (width, height): square, so no crop cuts a shape off
+DEMO_SHAPE_SIZE = 0.2  # shape radius / frame side: ~13 px in the 64x64 frame
 # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer caption loses
 # detail only; half the text tokens of 32 make a DiT step cheaper
 DEMO_TEXT_LEN = 16
@@ -1178,7 +1183,7 @@ def demo(args, rank, world, device):
     DiT (images, then video) -> samples. Everything sample.py needs ends up in out/demo."""
     import curate
     t_start = time.perf_counter()
-    cfg = PRESETS["demo"]
+    cfg = replace(PRESETS["demo"], seed=args.seed)
     n_videos, n_samples = 48, len(DEMO_PROMPTS)
     if args.quick:  # CI: every stage runs, for a few steps
         cfg = replace(cfg, vae_steps=4, vae_motion_steps=min(cfg.vae_motion_steps, 2), ckpt_every=10,
@@ -1193,7 +1198,7 @@ def demo(args, rank, world, device):
     raw, curated = os.path.join(out, "raw"), os.path.join(out, "curated")
     if rank == 0:
         if len([f for f in os.listdir(raw) if f.endswith(".mp4")] if os.path.isdir(raw) else []) < n_videos:
-            curate.make_synthetic(raw, n_videos, seed=cfg.seed, sizes=((456, 256),), size_p=(1.0,),
+            curate.make_synthetic(raw, n_videos, seed=cfg.seed, sizes=(DEMO_SOURCE,), size_p=(1.0,),
                                   shape_size=DEMO_SHAPE_SIZE, workers=min(2, os.cpu_count() or 1))
         counts = curate.run(raw, curated, workers=min(2, os.cpu_count() or 1))
         print(f"curated: {counts}")
@@ -1226,8 +1231,8 @@ def demo(args, rank, world, device):
     print(f"final DiT loss {last['loss']:.4f}, VAE L1 {last['vae_l1']:.4f}")
     print(f"model: {out}/ (config.json, dit.safetensors, vae.safetensors, text_encoder.safetensors, "
           f"tokenizer.model)")
-    print(f"samples: {os.path.dirname(files[0])}/ ({len(files)} mp4 + png strips); "
-          f"loss curve: {out}/loss.png")
+    print(f"samples: {os.path.dirname(files[0])}/ ({len(files)} mp4 + png strips), all in one picture: "
+          f"{out}/samples.png; loss curve: {out}/loss.png")
     print(f"next: python sample.py --ckpt {out} --prompt \"a blue square moving up\"")
 
 
@@ -1236,7 +1241,7 @@ def sample_grid(ckpt, prompts, device):
     from seed i, as `python sample.py --ckpt` with a --prompts file. Returns the mp4 paths."""
     pipe = sample.load_pipeline(ckpt, device=device, dtype=torch.float32)
     # The demo's own choices, measured with its samples: the unconditional prompt is the empty caption it
-    # trained with (not the official negative prompt), and the 64x112 frame is decoded in one piece.
+    # trained with (not the official negative prompt), and the 64x64 frame is decoded in one piece.
     videos = sample.generate(pipe, prompts, seed=0, negative_prompt="", tiled=False)
     files = []
     for i, (p, frames) in enumerate(zip(prompts, videos)):
@@ -1244,7 +1249,22 @@ def sample_grid(ckpt, prompts, device):
         sample.write_mp4(frames, f, fps=pipe.video["fps"])  # the clips' rate: motion at its true speed
         sample.write_strip(frames, f[:-4] + ".png")
         files.append(f)
+    contact_sheet(prompts, videos, os.path.join(ckpt, "samples.png"))
     return files
+
+
+def contact_sheet(prompts, videos, path, scale=2):
+    """One row per prompt: its text, then every other frame, each pixel shown as scale x scale."""
+    import cv2
+    rows = []
+    for p, frames in zip(prompts, videos):
+        strip = np.concatenate(list(frames[::2]), axis=1).repeat(scale, 0).repeat(scale, 1)
+        label = np.full((strip.shape[0], 260, 3), 255, np.uint8)
+        cv2.putText(label, p, (6, strip.shape[0] // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+        rows.append(np.concatenate([label, strip], axis=1))
+    img = np.concatenate(rows, axis=0)
+    cv2.imwrite(path + ".tmp.png", np.ascontiguousarray(img[..., ::-1]))
+    os.replace(path + ".tmp.png", path)
 
 # The LoRA demo: a motion the demo model never saw (its shapes move along one axis: curate.DIRECTIONS)
 LORA_DEMO_WORD = "moving diagonally"  # up and to the right
@@ -1265,6 +1285,9 @@ def lora_demo(args):
     if not os.path.isfile(os.path.join(src, "config.json")):
         sys.exit(f"error: --from {src}: no config.json; run `python train.py` first (it writes out/demo)")
     check_writable(out, 2**27)
+    with open(os.path.join(src, "config.json")) as f:  # clips at the demo model's own frame size
+        video = json.load(f)["video"]
+    H, W = video["height"], video["width"]
     data = os.path.join(out, "data")
     if rank == 0 and not os.path.isfile(os.path.join(data, "manifest.jsonl")):
         os.makedirs(os.path.join(data, "clips"), exist_ok=True)
@@ -1275,20 +1298,20 @@ def lora_demo(args):
         clips, images = [], []
         for i, (c, shape, d) in enumerate(combos[:4] if args.quick else combos):
             if d:
-                frames = curate.render_shot(rng, 112, 64, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
+                frames = curate.render_shot(rng, W, H, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
             else:  # curate's backdrop and shapes, the shape moving 0.5 px per frame right and up
-                back = curate.texture(rng, 64, 112, rng.uniform(20, 34), rng.uniform(44, 58))
+                back = curate.texture(rng, H, W, rng.uniform(20, 34), rng.uniform(44, 58))
                 frames = np.stack([back.copy() for _ in range(72)])
-                x0, y0 = 56 - 16 + rng.uniform(-4, 4), 32 + 16 + rng.uniform(-2, 2)
+                x0, y0 = W / 2 - 16 + rng.uniform(-4, 4), H / 2 + 16 + rng.uniform(-2, 2)
                 for t, f in enumerate(frames):
                     curate.draw_shape(f, shape, curate.COLOURS[c], x0 + 0.5 * t, y0 - 0.5 * t,
-                                      DEMO_SHAPE_SIZE * 64)
+                                      DEMO_SHAPE_SIZE * min(H, W))
             curate.write_video(os.path.join(data, f"clips/c{i}.mp4"), frames)
             cv2.imwrite(os.path.join(data, f"clips/i{i}.png"), frames[0][..., ::-1])
             cap = {"short_description": f"a {c} {shape} " + (f"moving {d}" if d else LORA_DEMO_WORD)}
-            clips.append({"clip": f"c{i}", "path": f"clips/c{i}.mp4", "width": 112, "height": 64,
+            clips.append({"clip": f"c{i}", "path": f"clips/c{i}.mp4", "width": W, "height": H,
                           "frames": 72, "caption": cap})
-            images.append({"image": f"i{i}", "path": f"clips/i{i}.png", "width": 112, "height": 64,
+            images.append({"image": f"i{i}", "path": f"clips/i{i}.png", "width": W, "height": H,
                            "caption": cap})
         for f, rows in (("images.jsonl", images), ("manifest.jsonl", clips)):  # manifest last: the marker
             with open(os.path.join(data, f), "w") as fh:
@@ -1442,6 +1465,7 @@ def main():
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--quick", action="store_true",
                     help="the demo with a few steps per stage (CI smoke test)")
+    ap.add_argument("--seed", type=int, default=0, help="the run's seed: data, initial weights, batches")
     ap.add_argument("--steps", type=int, help="override every stage's step count")
     ap.add_argument("--batch", type=int, help="override every bucket's per-rank batch size")
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
@@ -1485,7 +1509,7 @@ def main():
     if args.preset is None and args.data is None:
         demo(args, rank, world, device)
         return
-    cfg = PRESETS[args.preset or "demo"]
+    cfg = replace(PRESETS[args.preset or "demo"], seed=args.seed)
     if args.steps:
         n = min(cfg.vae_steps, args.steps)  # the VAE keeps its phases' proportions (a third in motion, say)
         cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=n,

@@ -440,4 +440,5 @@ def test_quick_lora_demo_writes_its_picture_and_measurements(folder, tmp_path):
     rows = json.loads((tmp_path / "d" / "lora_demo.json").read_text())
     assert [row["lora"] for row in rows] == ["without", "with"]
     assert all({"right_px", "up_px"} <= row.keys() and row["prompt"].endswith("diagonally") for row in rows)
-    assert img is not None and img.shape[1] == 5 * 112 and img.shape[0] == 2 * (18 + 64)
+    video = json.loads(open(os.path.join(folder[1], "config.json")).read())["video"]  # the model's frame
+    assert img is not None and img.shape == (2 * (18 + video["height"]), 5 * video["width"], 3)
