@@ -478,7 +478,9 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
     each stage's seconds. cache: a TeaCache, MagCache or EasyCache (its computed/skipped counts hold this
     call's steps) or None. sparse: a dit.SlidingTile (sliding-tile attention after its dense first steps).
-    negative_prompt: None or "" is the official one (NEGATIVE_PROMPT, or NEGATIVE_PROMPT_I2V with an image).
+    negative_prompt: None takes the folder's own (config.json "sample"; a train.py model's is the empty
+    caption it learned unconditional generation from), else the official one (NEGATIVE_PROMPT, or
+    NEGATIVE_PROMPT_I2V with an image); "" is the empty caption.
 
     image (HxWx3 uint8 RGB), for an I2V DiT (official HunyuanVideo-I2V pipeline): resized and cropped to
     height x width, VAE-encoded (the posterior's mode, scaled) as the video's first latent frame; the full
@@ -491,7 +493,9 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     if (image is None) != (kind is None):
         raise ValueError("this DiT is image-to-video: it needs an image" if image is None
                          else "this DiT is text-to-video: an image needs a HunyuanVideo-I2V checkpoint")
-    if not negative_prompt:
+    if negative_prompt is None:
+        negative_prompt = pipe.sampling.get("negative_prompt")
+    if negative_prompt is None:
         negative_prompt = text_encoder.NEGATIVE_PROMPT if image is None else text_encoder.NEGATIVE_PROMPT_I2V
     steps = pipe.sampling["steps"] if steps is None else steps
     shift = pipe.sampling["shift"] if shift is None else shift
@@ -726,7 +730,7 @@ def main():
     ap.add_argument("--guidance", type=float, help="embedded (distilled) guidance scale (official 6.0)")
     ap.add_argument("--cfg-scale", type=float, help="real classifier-free guidance; 1 = off (official 1.0)")
     ap.add_argument("--negative-prompt", help="for --cfg-scale > 1 (default, also for an empty string: the "
-                    "official negative prompt)")
+                    "checkpoint folder's own, else the official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
     ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")
@@ -821,10 +825,10 @@ def main():
                 dit.SlidingTile.uniform(pipe.dit.cfg, window_spec(args.sta_window), args.sta_full_steps)
         except ValueError as e:
             sys.exit(f"error: {e}")
-    # an empty --negative-prompt, too, means the default one (generate(), as official inference.py)
+    # an empty --negative-prompt, too, means the default one (as official inference.py)
     videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
-                      args.cfg_scale, args.negative_prompt, tiled=args.tiling, times=times, cache=cache,
-                      sparse=sparse, image=image, stability=args.i2v_stability)
+                      args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
+                      cache=cache, sparse=sparse, image=image, stability=args.i2v_stability)
     if rank == 0:
         t0 = time.perf_counter()
         fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at

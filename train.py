@@ -138,7 +138,9 @@ PRESETS = {
         short_only=0.6,  # the sample prompts are bare short descriptions
         # the sampler's shifted schedule spends most steps at high noise, where layout and motion are decided
         sigma_mean=0.8,
-        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0),
+        # the unconditional prompt is the empty caption the DiT was trained with (10% of captions), not the
+        # official negative prompt, whose words the demo's vocabulary never saw
+        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0, negative_prompt=""),
         # the release's 16 latent channels at 4x spatial compression (three blocks): 16x16 cells of 4x4 px
         vae_overrides=dict(latent_channels=16, block_out_channels=(16, 32, 32), norm_groups=4,
                            spatial_compression=4),
@@ -1240,9 +1242,8 @@ def sample_grid(ckpt, prompts, device):
     """Sample each prompt from the exported folder through sample.py's loader and generate(); prompt i
     from seed i, as `python sample.py --ckpt` with a --prompts file. Returns the mp4 paths."""
     pipe = sample.load_pipeline(ckpt, device=device, dtype=torch.float32)
-    # The demo's own choices, measured with its samples: the unconditional prompt is the empty caption it
-    # trained with (not the official negative prompt), and the 64x64 frame is decoded in one piece.
-    videos = sample.generate(pipe, prompts, seed=0, negative_prompt="", tiled=False)
+    # the folder's sampling options (config.json "sample"), the 64x64 frame decoded in one piece
+    videos = sample.generate(pipe, prompts, seed=0, tiled=False)
     files = []
     for i, (p, frames) in enumerate(zip(prompts, videos)):
         f = os.path.join(ckpt, "samples", f"{i:02d}_{sample.slug(p)}.mp4")

@@ -118,6 +118,14 @@ def test_generate_sizes_the_latent_by_the_vae_and_seeds_each_prompt():
     want = torch.cat([torch.randn(1, C, 5, 4, 6, generator=torch.Generator().manual_seed(s)) for s in (5, 6)])
     torch.testing.assert_close(seen["z"], want / 0.5, rtol=0, atol=0)  # (9-1)/2+1 frames, 16/4 x 24/4
     assert seen["tiled"] is False
+    # the unconditional prompt when none is passed: the folder's own ("" is the empty caption a train.py
+    # model learned), else the official negative prompt
+    for folder, want in ((None, text_encoder.NEGATIVE_PROMPT), ("", ""), ("blurry", "blurry")):
+        seen["prompts"].clear()
+        extra = {} if folder is None else {"negative_prompt": folder}
+        pipe.sampling = dict(sample.OFFICIAL_SAMPLING, steps=2, **extra)
+        sample.generate(pipe, ["a"], cfg_scale=2.0, tiled=False)
+        assert seen["prompts"][1] == ([want], 9)
 
 
 def test_frames_are_truncated_like_the_official_writer():
