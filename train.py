@@ -29,7 +29,7 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -105,11 +105,6 @@ class TrainConfig:
     vae_chroma: float = 0.0             # extra MSE on the error's colour (w_chroma): small shapes' colours
     vae_latent_rgb: float = 0.0         # latent channels 0-2 held to each cell's mean RGB: colours far apart
     vae_crop_tries: int = 1             # the most varied of n random crops: not all flat background
-    vae_motion_steps: int = 0           # the last n VAE steps train only the time taps (train_vae): video
-                                        # steps otherwise wash the colours out of so small a VAE
-    vae_motion_lr: float = 1e-3         # their lr: linear from 1.1x to 0.1x of this over the phase
-    vae_sample_posterior: bool = True   # False: train through the posterior mean, not z ~ q(z|x)
-    latent_sample: bool = True          # False: the DiT sees posterior means, not samples
     # sample.py's defaults for the output folder (config.json "sample"); unset keys take the official ones
     sampling: dict = field(default_factory=dict)
     # bookkeeping
@@ -149,8 +144,7 @@ PRESETS = {
         vae_image_batch=8, vae_lr=2e-3,
         # demo-only (see TrainConfig): without the chroma and latent-RGB terms, red and blue reconstruct
         # green (docs/demo.md); crops of a quarter frame are often all backdrop without the crop tries
-        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0,
-        vae_sample_posterior=False, latent_sample=False),
+        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0),
     # a 1.3B DiT from scratch on one GPU: 256px images, then 256px video, then longer video. No guidance
     # embedder: the release's was distilled from a CFG teacher (train_guidance, above), which a run from
     # scratch has not got; left on, it would see one constant while training and 6000 at sampling. The
@@ -624,11 +618,9 @@ def write_json(path, obj):
 def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False, log=print, lpips=None):
     """Trains vae_config(cfg) on random crops of size cfg.vae_size from the clips (read at the DiT's
     video size and frame stride) plus stills (cfg.vae_image_ratio of the steps; the paper mixes 4:1): L1 +
-    1e-6 KL, + LPIPS where `lpips` names its local weight files (--lpips), + GAN after its start step. With
-    cfg.vae_motion_steps > 0 the last that many steps are clips only and train only the time taps of the 3D
-    convs: each such conv's sum over its taps (all a still or a static scene sees) is put back after every
-    step, so only the taps' differences, which only motion sees, learn. The clips are read once into memory:
-    this stage is for small data (the demo, ablations); at scale, fine-tune the released VAE instead."""
+    1e-6 KL, + LPIPS where `lpips` names its local weight files (--lpips), + GAN after its start step,
+    through posterior samples z ~ q(z|x). The clips are read once into memory: this stage is for small
+    data (the demo, ablations); at scale, fine-tune the released VAE instead."""
     h, w, T = cfg.vae_size
     video = [b for s in cfg.stages for b in s.buckets]
     H, W = (video[-1][0], video[-1][1]) if video else (h, w)
@@ -643,9 +635,6 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     stills = [read_clip(i["path"], (H, W)) for i in images]
     if not data:
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
-    if not 0 <= cfg.vae_motion_steps <= cfg.vae_steps:
-        raise SystemExit(f"error: vae_motion_steps {cfg.vae_motion_steps} must be between 0 and vae_steps "
-                         f"({cfg.vae_steps})")
 
     def crop(d, g, t):  # a (t, h, w) window: the most varied of cfg.vae_crop_tries random ones
         ch, cw = (cfg.vae_image_size or (h, w)) if t == 1 else (h, w)
@@ -673,63 +662,34 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.vae_lr,
                             betas=(0.5, 0.9) if gan_start < cfg.vae_steps else (0.9, 0.999))
     opt_d = torch.optim.AdamW(lossf.discriminator.parameters(), lr=cfg.vae_lr, betas=(0.5, 0.9))
-    n_first = cfg.vae_steps - cfg.vae_motion_steps
-    schedule = Stage("vae", n_first, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
+    schedule = Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
     start = resume_state(path, rank) if resume else None
     step = load_train_state(start, parts, {}, device)["step"] if start else 0
     core = model.module if world > 1 else model
-    taps = [m.weight for m in core.modules() if isinstance(m, torch.nn.Conv3d) and m.kernel_size[0] > 1]
-    frozen = [p for p in core.parameters() if all(p is not w for w in taps)]
-    tap_sums = None
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="VAE", disable=rank != 0)
     while step < cfg.vae_steps:
         g = sample_rng(cfg.seed, step, rank)
-        motion = step >= n_first
-        if motion and tap_sums is None:  # entering the motion phase (or resuming inside it)
-            tap_sums = [w.detach().sum(2, keepdim=True).clone() for w in taps]
-            if world == 1:  # DDP needs every gradient; there the frozen ones are dropped after backward
-                for p in frozen:
-                    p.requires_grad_(False)
-            if step == n_first:
-                with torch.no_grad():  # the taps' differences still hold their random init: start them at
-                    for weight in taps:  # zero, i.e. each tap the mean (a still decodes the same either way)
-                        weight.copy_(weight.sum(2, keepdim=True).expand_as(weight) / weight.shape[2])
-                for weight in taps:  # fresh Adam moments: the stills' ones measured the tap sums' gradients
-                    opt.state.pop(weight, None)
-        image = not motion and bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
+        image = bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
         pool = stills if image else data
         x = torch.stack([crop(pool[int(torch.randint(len(pool), (), generator=g))], g, 1 if image else T)
                          for _ in range(cfg.vae_image_batch if image else cfg.vae_batch)])
         x = to_unit(x).to(device)
         if device.type == "cpu":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details (the
-        # motion phase: a linear decay from its own lr)
-        lr = lr_at(step, schedule, cfg)
-        if motion:
-            lr = cfg.vae_motion_lr * (1.1 - (step - n_first) / cfg.vae_motion_steps)
+        # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details
         for group in opt.param_groups:
-            group["lr"] = lr
-        recon, mean, logvar = model(x, sample_posterior=cfg.vae_sample_posterior,
-                                    tile_prob=cfg.vae_tile_prob)
+            group["lr"] = lr_at(step, schedule, cfg)
+        recon, mean, logvar = model(x, sample_posterior=True, tile_prob=cfg.vae_tile_prob)
         loss, terms = lossf(x, recon, mean, logvar, step)
         if not torch.isfinite(loss):
             raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; "
                              f"the last good checkpoint is {path}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if motion:
-            for p in frozen:
-                p.grad = None
-        else:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        if motion:
-            with torch.no_grad():
-                for weight, total in zip(taps, tap_sums):
-                    weight -= (weight.sum(2, keepdim=True) - total) / weight.shape[2]
         d_loss = lossf.disc_loss(x, recon, step)
         if d_loss.requires_grad:
             opt_d.zero_grad(set_to_none=True)
@@ -814,12 +774,12 @@ def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1
     return folder
 
 
-def load_latent(folder, it, g, scale, sample=True):
-    """A posterior sample z = (mean + std * eps) * scaling_factor (what the DiT sees), or the mean."""
+def load_latent(folder, it, g, scale):
+    """A posterior sample z = (mean + std * eps) * scaling_factor: what the DiT sees."""
     from safetensors.torch import load_file
     t = load_file(os.path.join(folder, item_id(it) + ".safetensors"))
-    eps = torch.randn(t["mean"].shape, generator=g)  # drawn either way: the same stream of numbers
-    return (t["mean"] + torch.exp(0.5 * t["logvar"]) * eps if sample else t["mean"]) * scale
+    eps = torch.randn(t["mean"].shape, generator=g)
+    return (t["mean"] + torch.exp(0.5 * t["logvar"]) * eps) * scale
 
 
 def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1, resume=False,
@@ -950,7 +910,7 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
                 it = st["items"][i]
                 drop = torch.rand((), generator=g) < cfg.caption_dropout  # empty prompt: CFG learns uncond
                 caps.append("" if drop else build_caption(it["caption"], g, cfg))
-                z = load_latent(st["folders"][b], it, g, scale, cfg.latent_sample)
+                z = load_latent(st["folders"][b], it, g, scale)
                 x0.append(z)
                 noise.append(torch.randn(z.shape, generator=g))
                 sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
@@ -1188,7 +1148,7 @@ def demo(args, rank, world, device):
     cfg = replace(PRESETS["demo"], seed=args.seed)
     n_videos, n_samples = 48, len(DEMO_PROMPTS)
     if args.quick:  # CI: every stage runs, for a few steps
-        cfg = replace(cfg, vae_steps=4, vae_motion_steps=min(cfg.vae_motion_steps, 2), ckpt_every=10,
+        cfg = replace(cfg, vae_steps=4, ckpt_every=10,
                       stages=tuple(replace(s, steps=3) for s in cfg.stages))
         n_videos, n_samples = 2, 1
     out = args.out or "out/demo"
@@ -1255,10 +1215,12 @@ def sample_grid(ckpt, prompts, device):
 
 
 def contact_sheet(prompts, videos, path, scale=2):
-    """One row per prompt: its text, then every other frame, each pixel shown as scale x scale."""
+    """One row per prompt: its text, then every other frame, each pixel shown as scale x scale; rows and
+    frames apart by a white line, so no shape seems to run into the next."""
     import cv2
     rows = []
     for p, frames in zip(prompts, videos):
+        frames = np.pad(frames, ((0, 0), (0, 2), (0, 2), (0, 0)), constant_values=255)
         strip = np.concatenate(list(frames[::2]), axis=1).repeat(scale, 0).repeat(scale, 1)
         label = np.full((strip.shape[0], 260, 3), 255, np.uint8)
         cv2.putText(label, p, (6, strip.shape[0] // 2 + 5), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
@@ -1355,20 +1317,22 @@ def centroid_travel(video):
     return float(dx), float(-dy)
 
 
-def lora_demo_picture(rows, prompts, path):
-    """One row per (prompt, without/with the LoRA): 5 frames side by side, labelled with the travel."""
+def lora_demo_picture(rows, prompts, path, scale=2):
+    """One row per (prompt, without/with the LoRA): the prompt and the measured travel, then 5 frames side by
+    side, each pixel shown as scale x scale (as contact_sheet)."""
     import cv2
     lines = []
     for i, p in enumerate(prompts):
         for label, videos, travel in rows:
             frames = videos[i]
             idx = np.linspace(0, len(frames) - 1, 5).round().astype(int)
-            strip = np.concatenate([frames[j] for j in idx], axis=1)
-            head = np.full((18, strip.shape[1], 3), 255, np.uint8)
-            cv2.putText(head, f"{p} - {label} LoRA: {travel[i][0]:+.0f} px right, {travel[i][1]:+.0f} up",
-                        (4, 13),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1)
-            lines += [head, strip]
+            strip = np.concatenate([frames[j] for j in idx], axis=1).repeat(scale, 0).repeat(scale, 1)
+            text = np.full((strip.shape[0], 300, 3), 255, np.uint8)
+            mid = strip.shape[0] // 2
+            cv2.putText(text, p, (6, mid - 4), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+            cv2.putText(text, f"{label} LoRA: {travel[i][0]:+.0f} px right, {travel[i][1]:+.0f} up",
+                        (6, mid + 14), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1)
+            lines.append(np.concatenate([text, strip], axis=1))
     img = np.concatenate(lines, axis=0)
     cv2.imwrite(path + ".tmp.png", np.ascontiguousarray(img[..., ::-1]))
     os.replace(path + ".tmp.png", path)
@@ -1407,6 +1371,8 @@ def lora_main(args):
     if args.from_dir:
         with open(os.path.join(args.from_dir, "config.json")) as f:
             t = json.load(f)["train"]
+        # a folder written before an option was removed still loads: its settings no longer exist
+        t = {k: v for k, v in t.items() if k in {fl.name for fl in fields(TrainConfig)}}
         cfg = TrainConfig(**dict(t, stages=tuple(Stage(**st) for st in t["stages"])))
         # the frozen base in bf16 on one GPU; fp32 under FSDP, whose shards keep one dtype (it gathers bf16)
         dtype = torch.bfloat16 if device.type == "cuda" and world == 1 else torch.float32
@@ -1512,9 +1478,8 @@ def main():
         return
     cfg = replace(PRESETS[args.preset or "demo"], seed=args.seed)
     if args.steps:
-        n = min(cfg.vae_steps, args.steps)  # the VAE keeps its phases' proportions (a third in motion, say)
-        cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages), vae_steps=n,
-                      vae_motion_steps=round(n * cfg.vae_motion_steps / max(1, cfg.vae_steps)))
+        cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages),
+                      vae_steps=min(cfg.vae_steps, args.steps))
     if args.ckpt_every:
         cfg = replace(cfg, ckpt_every=args.ckpt_every)
     if args.compile:

@@ -441,4 +441,4 @@ def test_quick_lora_demo_writes_its_picture_and_measurements(folder, tmp_path):
     assert [row["lora"] for row in rows] == ["without", "with"]
     assert all({"right_px", "up_px"} <= row.keys() and row["prompt"].endswith("diagonally") for row in rows)
     video = json.loads(open(os.path.join(folder[1], "config.json")).read())["video"]  # the model's frame
-    assert img is not None and img.shape == (2 * (18 + video["height"]), 5 * video["width"], 3)
+    assert img is not None and img.shape == (2 * 2 * video["height"], 300 + 5 * 2 * video["width"], 3)
