@@ -10,6 +10,7 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py sample --steps 50                       # 13B sampling + VAE decode, 544x960x129
     python bench.py cache --ckpt out/demo                   # step caching: evaluations saved, PSNR, SSIM
     python bench.py demo --ckpt out/demo [...]              # the demo's samples: colour, shape, direction
+    python bench.py i2v-demo --ckpt out/i2v_demo            # train.py --i2v on the demo: fresh first frames
     python bench.py attention [--lengths 16640 ...]         # attention_cuda kernel vs SDPA flash/cuDNN
     python bench.py sta                                     # sliding-tile vs dense kernel forward, 720p
     python bench.py video                                   # 13B 720x1280x129 x 50 steps: dense, STA, +cache
@@ -998,6 +999,45 @@ def bench_demo(args):
         with open(os.path.join(ckpt, "bench", "demo.json"), "w") as fh:
             json.dump({"seed": seed, "rows": rows}, fh, indent=1)
 
+
+def bench_i2v_demo(args):
+    """A train.py --i2v folder (docs/i2v.md): 5 first frames rendered afresh (one per colour, shapes in turn,
+    the shape at the centre), each sampled with the 4 directions; each video read with read_demo_video, and
+    its first frame's PSNR against the image. Writes FOLDER/bench/i2v_demo.json."""
+    import json
+
+    import cv2
+    import numpy as np
+
+    import curate
+    import sample
+    import train
+    pipe = sample.load_pipeline(args.ckpt, device=DEVICE, dtype=torch.float32)
+    H, W = pipe.video["height"], pipe.video["width"]
+    rng = np.random.default_rng(12345)  # not a training seed: frames the model never saw
+    rows = []
+    for k, c in enumerate(("red", "green", "blue", "yellow", "white")):
+        s = ("circle", "square", "triangle")[k % 3]
+        still = curate.render_shot(rng, *train.DEMO_SOURCE, 1, s, c, "left", still=True,
+                                   size=train.DEMO_SHAPE_SIZE)[0]
+        image = cv2.resize(still, (W, H), interpolation=cv2.INTER_AREA)
+        for j, d in enumerate(("left", "right", "up", "down")):
+            p = f"a {c} {s} moving {d}"
+            v = sample.generate(pipe, [p], seed=4 * k + j, image=image, tiled=False)[0]
+            f = os.path.join(args.ckpt, "bench", f"i2v_{sample.slug(p)}.mp4")
+            sample.write_mp4(v, f, fps=pipe.video["fps"])
+            got = read_demo_video(read_mp4(f))
+            mse = float(np.mean((v[0].astype(np.float64) - image) ** 2))
+            rows.append(dict(got, prompt=p, colour_ok=got["colour"] == c, shape_ok=got["shape"] == s,
+                             direction_ok=got["direction"] == d, psnr=10 * math.log10(255 ** 2 / mse)))
+            print(f"  {p!r}: read {got['colour']} {got['shape']} {got['direction']}, move {got['move']}, "
+                  f"first frame {rows[-1]['psnr']:.1f} dB")
+    n = {k: sum(r[k + "_ok"] for r in rows) for k in ("colour", "shape", "direction")}
+    print(f"{args.ckpt}: direction {n['direction']}/{len(rows)}, colour {n['colour']}/{len(rows)}, shape "
+          f"{n['shape']}/{len(rows)}, with ghosts {sum(r['ghosts'] > 0 for r in rows)}; first frame "
+          f"{np.mean([r['psnr'] for r in rows]):.1f} dB PSNR (mean)")
+    with open(os.path.join(args.ckpt, "bench", "i2v_demo.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
 # ----------------------------------------------------------------------------------------------------------
 # attention: attention_cuda/bench.py, whose options pass through
 
@@ -1072,6 +1112,9 @@ def main():
     p = sub.add_parser("demo", help="colour, shape and direction read from the demo's samples (CPU)")
     p.add_argument("--ckpt", nargs="+", default=["out/demo"], help="train.py demo folders (one per seed)")
     p.set_defaults(fn=bench_demo)
+    p = sub.add_parser("i2v-demo", help="a train.py --i2v demo folder: direction from fresh first frames (CPU)")
+    p.add_argument("--ckpt", default="out/i2v_demo", help="the train.py --i2v folder")
+    p.set_defaults(fn=bench_i2v_demo)
     # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass)
     p = sub.add_parser("attention", prefix_chars="+", add_help=False,
                        help="fused attention vs SDPA flash/cuDNN, TFLOP/s (attention_cuda/bench.py)")
