@@ -2,8 +2,10 @@
 HunyuanVideoTransformer3DModel (and the official model code when a checkout is given), the I2V prompt path
 against transformers' LlavaForConditionalGeneration, and `sample.py --image` end to end on tiny models."""
 
+import argparse
 import importlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -801,6 +803,14 @@ def test_train_i2v_then_sample_from_an_image(tmp_path, monkeypatch):
                                       "--out", str(tmp_path / "v.mp4"), "--steps", "2"])
     sample.main()
     assert len(read_mp4(str(tmp_path / "v.mp4"))) == 9
+    # bench.py i2v-demo on the folder: 5 first frames x 4 directions, each read back (2 steps here)
+    import bench
+    real = sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: real(*a, **dict(kw, steps=2)))
+    bench.bench_i2v_demo(argparse.Namespace(ckpt=str(tmp_path / "out")))
+    rows = json.loads((tmp_path / "out" / "bench" / "i2v_demo.json").read_text())
+    assert len(rows) == 20 and len({r["prompt"] for r in rows}) == 20
+    assert all(math.isfinite(r["psnr"]) and {"colour", "shape", "direction"} <= r.keys() for r in rows)
     monkeypatch.setattr(sys, "argv", base[1:] + ["--lora", "4"])
     with pytest.raises(SystemExit, match="error: --i2v fine-tunes with --preset/--data"):
         train.main()
