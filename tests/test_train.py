@@ -469,14 +469,6 @@ def test_tier_reads_curate_sets(tmp_path):
         train.load_items(str(tmp_path), "720p")
 
 
-if __name__ == "__main__":
-    # `python tests/test_train.py KIND STEP ARGS...` (run_train's fault=): train.py ARGS, with
-    # inject_fault(KIND, STEP) first
-    inject_fault(sys.argv[1], int(sys.argv[2]))
-    sys.argv = [os.path.join(ROOT, "train.py")] + sys.argv[3:]
-    train.main()
-
-
 def test_contact_sheet_rows_hold_every_other_frame(tmp_path):
     """samples.png: one row per prompt, a 260 px text column, then frames 0, 2, 4, ... at 2x, each with a
     2 px white border right and below."""
@@ -492,3 +484,12 @@ def test_contact_sheet_rows_hold_every_other_frame(tmp_path):
             np.testing.assert_array_equal(tile, videos[r, t].repeat(2, 0).repeat(2, 1))
             assert (img[36 * r + 32:36 * r + 36, 260 + 52 * k:260 + 52 * (k + 1)] == 255).all()
     assert (img[:, :260] < 128).any()  # the prompt's text
+
+
+if __name__ == "__main__":
+    # `python tests/test_train.py KIND STEP ARGS...` (run_train's fault=): train.py ARGS, with
+    # inject_fault(KIND, STEP) first
+    inject_fault(sys.argv[1], int(sys.argv[2]))
+    sys.argv = [os.path.join(ROOT, "train.py")] + sys.argv[3:]
+    train.main()
+
