@@ -1725,9 +1725,11 @@ def draw_shape(img, shape, colour, cx, cy, r):
 
 
 def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", camera="static shot",
-                cam_speed=None, still=False, blur=0.0, focus_pull=0, size=0.12):
+                cam_speed=None, still=False, blur=0.0, focus_pull=0, size=0.12, travel=0.5):
     """One shot as (n, h, w, 3) RGB uint8. The camera moves the backdrop (content moves opposite to the
-    camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one."""
+    camera); parallax moves ('around *', 'pan up/down') slide a near ground layer against the far one.
+    size: the shape's radius and travel: the farthest its centre moves over the shot (centred on the frame's
+    centre), both as fractions of the frame."""
     lo, hi = rng.uniform(20, 34), rng.uniform(44, 58)
     big = texture(rng, 2 * h, 2 * w, lo, hi)            # far layer, twice the frame so pans stay inside
     near = texture(rng, 2 * h, 2 * w, lo + 4, hi)       # near "ground" layer
@@ -1740,7 +1742,7 @@ def render_shot(rng, w, h, n, shape="circle", colour="red", direction="left", ca
     jit = rng.uniform(0, 2 * np.pi, 6)
     r = size * min(h, w)                                # the shape's radius
     dx, dy = DIRECTIONS[direction]
-    speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, 0.5 * w / max(n, 1))
+    speed = 0.0 if still else min(rng.uniform(0.005, 0.012) * w, travel * w / max(n, 1))
     x0, y0 = w / 2 - dx * speed * n / 2, h / 2 - dy * speed * n / 2
     frames = np.empty((n, h, w, 3), np.uint8)
     for t in range(n):
@@ -1801,7 +1803,7 @@ def write_video(path, frames, fps=24.0):
     os.replace(tmp, path)
 
 
-def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
+def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160), travel=0.5):
     """Frames plus the sidecar dict (each shot's true caption) of one multi-shot video; shot lengths uniform
     in shot_frames, except 1 in 10 shots that are too short on purpose (8-19 frames)."""
     cams = [c for c in CAMERA_CLASSES if c != "static shot"]
@@ -1822,7 +1824,7 @@ def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
         blur = 4.0 if rng.random() < 0.12 else 0.0
         pull = int(rng.integers(4, 9)) if rng.random() < 0.2 else 0
         f = render_shot(rng, w, h - 2 * letterbox, n, shape, colour, direction, camera, still=still,
-                        blur=blur, focus_pull=pull, size=size)
+                        blur=blur, focus_pull=pull, size=size, travel=travel)
         if letterbox:
             f = np.pad(f, ((0, 0), (letterbox, letterbox), (0, 0), (0, 0)))
         if logo is not None:  # a static watermark in the top-right corner, the same in every shot
@@ -1848,13 +1850,14 @@ def synthetic_video(rng, w, h, n_shots, size=0.12, shot_frames=(72, 160)):
 
 def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540), (1280, 720)),
                    size_p=(0.4, 0.3, 0.2, 0.1), shape_size=0.12, shots=(3, 5), shot_frames=(72, 160),
-                   workers=1):
+                   workers=1, shape_travel=0.5):
     """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
     draws from its own generator (seed, i), so the files are the same for any number of workers.
-    shape_size: the shapes' radius as a fraction of the frame's shorter side; shots: (fewest, most) shots
+    shape_size: the shapes' radius as a fraction of the frame's shorter side; shape_travel: the farthest a
+    shape moves over a shot, a fraction of the frame; shots: (fewest, most) shots
     per video; shot_frames: (shortest, longest) regular shot."""
     os.makedirs(out_dir, exist_ok=True)
-    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames) for i in range(n)]
+    jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames, shape_travel) for i in range(n)]
     if workers > 1 and n > 1:
         with mp.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
             return list(tqdm(pool.imap(_synthetic_one, jobs), total=n, desc="synthetic"))
@@ -1862,11 +1865,11 @@ def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540)
 
 
 def _synthetic_one(job):
-    out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames = job
+    out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames, travel = job
     rng = np.random.default_rng([seed, i])
     w, h = sizes[rng.choice(len(sizes), p=np.array(size_p[:len(sizes)]) / sum(size_p[:len(sizes)]))]
     frames, side = synthetic_video(rng, int(w), int(h), int(rng.integers(shots[0], shots[1] + 1)), shape_size,
-                                   shot_frames)
+                                   shot_frames, travel)
     path = os.path.join(out_dir, f"synthetic_{seed}_{i:04d}.mp4")
     write_video(path, frames)
     with open(path[:-4] + ".json.tmp", "w") as f:

@@ -179,6 +179,7 @@ DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
     ("yellow", "circle", "up"), ("white", "square", "down")]]
 DEMO_SOURCE = (256, 256)  # the generated videos' (width, height): square, so no crop cuts a shape off
 DEMO_SHAPE_SIZE = 0.2  # shape radius / frame side: ~13 px in the 64x64 frame
+DEMO_SHAPE_TRAVEL = 0.5  # the farthest a shape moves in one shot / frame side
 # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer caption loses
 # detail only; half the text tokens of 32 make a DiT step cheaper
 DEMO_TEXT_LEN = 16
@@ -1161,7 +1162,8 @@ def demo(args, rank, world, device):
     if rank == 0:
         if len([f for f in os.listdir(raw) if f.endswith(".mp4")] if os.path.isdir(raw) else []) < n_videos:
             curate.make_synthetic(raw, n_videos, seed=cfg.seed, sizes=(DEMO_SOURCE,), size_p=(1.0,),
-                                  shape_size=DEMO_SHAPE_SIZE, workers=min(2, os.cpu_count() or 1))
+                                  shape_size=DEMO_SHAPE_SIZE, shape_travel=DEMO_SHAPE_TRAVEL,
+                                  workers=min(2, os.cpu_count() or 1))
         counts = curate.run(raw, curated, workers=min(2, os.cpu_count() or 1))
         print(f"curated: {counts}")
     barrier(world)
@@ -1261,7 +1263,8 @@ def lora_demo(args):
         clips, images = [], []
         for i, (c, shape, d) in enumerate(combos[:4] if args.quick else combos):
             if d:
-                frames = curate.render_shot(rng, W, H, 72, shape, c, d, size=DEMO_SHAPE_SIZE)
+                frames = curate.render_shot(rng, W, H, 72, shape, c, d, size=DEMO_SHAPE_SIZE,
+                                            travel=DEMO_SHAPE_TRAVEL)
             else:  # curate's backdrop and shapes, the shape moving 0.5 px per frame right and up
                 back = curate.texture(rng, H, W, rng.uniform(20, 34), rng.uniform(44, 58))
                 frames = np.stack([back.copy() for _ in range(72)])

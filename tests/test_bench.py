@@ -15,7 +15,7 @@ def demo_clip(rng, tmp_path, colour, shape, direction, name="c"):
     H, W, T, _ = cfg.stages[-1].buckets[0]
     n = (T - 1) * cfg.frame_stride + 1
     frames = curate.render_shot(rng, *train.DEMO_SOURCE, n, shape, colour, direction,
-                                size=train.DEMO_SHAPE_SIZE)
+                                size=train.DEMO_SHAPE_SIZE, travel=train.DEMO_SHAPE_TRAVEL)
     curate.write_video(str(tmp_path / "src.mp4"), frames)
     clip = train.read_clip(str(tmp_path / "src.mp4"), (H, W), 0, T, cfg.frame_stride)
     path = str(tmp_path / f"{name}.mp4")
