@@ -1854,8 +1854,8 @@ def make_synthetic(out_dir, n, seed=0, sizes=((456, 256), (640, 360), (960, 540)
     """Write n multi-shot demo videos (name.mp4 + name.json with the true captions) into out_dir; video i
     draws from its own generator (seed, i), so the files are the same for any number of workers.
     shape_size: the shapes' radius as a fraction of the frame's shorter side; shape_travel: the farthest a
-    shape moves over a shot, a fraction of the frame; shots: (fewest, most) shots
-    per video; shot_frames: (shortest, longest) regular shot."""
+    shape moves over a shot, a fraction of the frame; shots: (fewest, most) shots per video; shot_frames:
+    (shortest, longest) regular shot."""
     os.makedirs(out_dir, exist_ok=True)
     jobs = [(out_dir, seed, i, sizes, size_p, shape_size, shots, shot_frames, shape_travel) for i in range(n)]
     if workers > 1 and n > 1:

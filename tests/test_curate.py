@@ -1028,3 +1028,18 @@ def test_still_camera_logo_over_moving_content_is_still_an_overlay():
     mask = C.static_overlay(frames, still_camera=True)
     ys, xs = np.nonzero(mask)
     assert mask.any() and 55 <= ys.min() and ys.max() <= 80 and 145 <= xs.min() and xs.max() <= 200
+
+
+@pytest.mark.parametrize("travel", [0.1, 0.3])
+def test_render_shot_travel_caps_the_shapes_path(travel):
+    """A long shot's shape moves exactly `travel` of the frame (the cap binds), centred on the frame."""
+    w = h = 128
+    n = 150  # long enough that travel * w / n is below the slowest drawn speed (0.005 w per frame)
+    f = C.render_shot(np.random.default_rng(0), w, h, n, "square", "white", "right", size=0.1, travel=travel)
+
+    def centre_x(frame):  # the white square: every channel bright, the backdrop stays below 60
+        ys, xs = np.nonzero(frame.min(-1) > 150)
+        return xs.mean()
+    first, last = centre_x(f[0]), centre_x(f[-1])
+    assert abs((last - first) - travel * w * (n - 1) / n) < 1.0
+    assert abs((first + last) / 2 - w / 2) < 1.5
