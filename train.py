@@ -117,14 +117,15 @@ PRESETS = {
     # The embedded demo (`python train.py`): 64x64 px, 9-frame clips of coloured shapes, minutes on a 2-core
     # CPU. docs/demo.md has the measurements behind these values.
     "demo": TrainConfig(
-        # 8x8 tokens of 8x8 px per latent frame (a 4x VAE, 2x2 patches): a shape ~26 px across spans 3x3
+        # 8x8 tokens of 8x8 px per latent frame (a 4x VAE, 2x2 patches): a shape 32 px across spans 4x4
         # tokens, where an 8x VAE gave it under 2x2; a narrower DiT than the 1.3B's, same layout
         dit="tiny", dit_overrides=dict(in_channels=16, out_channels=16, hidden_size=128, num_heads=2,
                                        rope_axes=(16, 24, 24), depth_double=2, depth_single=2,
                                        guidance_embed=False),
-        # stills first, then mostly video: a shape's direction is the last thing the DiT learns
+        # stills first, then mostly video: a shape's direction is the last thing the DiT learns, and its
+        # corners come later still (at 2,500 video steps squares come out rounded: docs/demo.md)
         stages=(Stage("image", 300, buckets=(), image_buckets=((64, 64, 16),), image_ratio=1.0, lr=1e-3),
-                Stage("video", 2500, buckets=((64, 64, 9, 8),), image_buckets=((64, 64, 16),),
+                Stage("video", 3500, buckets=((64, 64, 9, 8),), image_buckets=((64, 64, 16),),
                       image_ratio=0.2, lr=1e-3)),
         warmup=50, ema_decay=0.995, ckpt_every=500,
         # a 9-frame clip spans 65 source frames, in which a shape moves 1/5 to 1/2 of the frame: the larger
@@ -134,13 +135,15 @@ PRESETS = {
         # the sampler's shifted schedule spends most steps at high noise, where layout and motion are decided
         sigma_mean=0.8,
         # the unconditional prompt is the empty caption the DiT was trained with (10% of captions), not the
-        # official negative prompt, whose words the demo's vocabulary never saw
-        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=7.0, negative_prompt=""),
+        # official negative prompt, whose words the demo's vocabulary never saw; a mild CFG scale, as higher
+        # ones draw ghost copies of the shape that merge with it (docs/demo.md)
+        sampling=dict(steps=30, shift=3.0, guidance=None, cfg_scale=3.0, negative_prompt=""),
         # the release's 16 latent channels at 4x spatial compression (three blocks): 16x16 cells of 4x4 px
         vae_overrides=dict(latent_channels=16, block_out_channels=(16, 32, 32), norm_groups=4,
                            spatial_compression=4),
-        # video steps on small crops (motion is local), stills at the full frame
-        vae_steps=800, vae_size=(32, 32, 9), vae_image_size=(64, 64), vae_batch=4, vae_image_ratio=0.5,
+        # video steps on small crops (motion is local), stills at the full frame; 1,600 steps, as at 800 the
+        # reconstructions already round a square's corners (docs/demo.md)
+        vae_steps=1600, vae_size=(32, 32, 9), vae_image_size=(64, 64), vae_batch=4, vae_image_ratio=0.5,
         vae_image_batch=8, vae_lr=2e-3,
         # demo-only (see TrainConfig): without the chroma and latent-RGB terms, red and blue reconstruct
         # green (docs/demo.md); crops of a quarter frame are often all backdrop without the crop tries
@@ -178,8 +181,10 @@ DEMO_PROMPTS = [f"a {c} {s} moving {d}" for c, s, d in [
     ("red", "circle", "down"), ("green", "square", "left"), ("blue", "triangle", "right"),
     ("yellow", "circle", "up"), ("white", "square", "down")]]
 DEMO_SOURCE = (256, 256)  # the generated videos' (width, height): square, so no crop cuts a shape off
-DEMO_SHAPE_SIZE = 0.2  # shape radius / frame side: ~13 px in the 64x64 frame
-DEMO_SHAPE_TRAVEL = 0.5  # the farthest a shape moves in one shot / frame side
+DEMO_SHAPE_SIZE = 0.25  # shape radius / frame side: 16 px in the 64x64 frame, a square 4x4 DiT tokens
+# the farthest a shape moves in one shot / frame side, centred on the frame: at most 0.15 of the side from
+# the middle, so with radius 0.25 a shape never touches the border (where the reader cannot measure it)
+DEMO_SHAPE_TRAVEL = 0.3
 # a whole short description (<= 8 word tokens) fits and leads every caption, so a longer caption loses
 # detail only; half the text tokens of 32 make a DiT step cheaper
 DEMO_TEXT_LEN = 16
