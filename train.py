@@ -128,7 +128,7 @@ PRESETS = {
                 Stage("video", 3500, buckets=((64, 64, 9, 8),), image_buckets=((64, 64, 16),),
                       image_ratio=0.2, lr=1e-3)),
         warmup=50, ema_decay=0.995, ckpt_every=500,
-        # a 9-frame clip spans 65 source frames, in which a shape moves 1/5 to 1/2 of the frame: the larger
+        # a 9-frame clip spans 65 source frames, in which a shape moves 1/8 to 1/4 of the frame: the larger
         # each clip's motion, the sooner the DiT ties it to the direction word
         frame_stride=8, clip_windows=4,
         short_only=0.6,  # the sample prompts are bare short descriptions

@@ -38,7 +38,7 @@ def test_reader_finds_no_shape_on_a_bare_backdrop_and_counts_a_ghost(tmp_path):
     back = np.stack([curate.texture(rng, 64, 64)] * 9)
     assert bench.read_demo_video(back)["shape"] == "none"
     video = demo_clip(rng, tmp_path, "red", "square", "left").copy()
-    for f in video:  # a second blob, a sixth the size, in a corner of every frame
-        curate.draw_shape(f, "circle", curate.COLOURS["green"], 7, 7, 6)
+    for f in video:  # a second blob, a sixth the size, in a corner of every frame, clear of the shape
+        curate.draw_shape(f, "circle", curate.COLOURS["green"], 7.5, 7.5, 7.5)
     got = bench.read_demo_video(video)
     assert got["ghosts"] == len(video) and got["shape"] == "square"
