@@ -1270,12 +1270,14 @@ def lora_demo(args):
             if d:
                 frames = curate.render_shot(rng, W, H, 72, shape, c, d, size=DEMO_SHAPE_SIZE,
                                             travel=DEMO_SHAPE_TRAVEL)
-            else:  # curate's backdrop and shapes, the shape moving 0.5 px per frame right and up
+            else:  # curate's backdrop and shapes, moving right and up at the demo's fastest speed per
+                # axis (its travel over the shot, centred), so the shape stays inside the frame
                 back = curate.texture(rng, H, W, rng.uniform(20, 34), rng.uniform(44, 58))
                 frames = np.stack([back.copy() for _ in range(72)])
-                x0, y0 = W / 2 - 16 + rng.uniform(-4, 4), H / 2 + 16 + rng.uniform(-2, 2)
+                v = DEMO_SHAPE_TRAVEL * min(H, W) / 72
+                x0, y0 = W / 2 - 36 * v + rng.uniform(-2, 2), H / 2 + 36 * v + rng.uniform(-2, 2)
                 for t, f in enumerate(frames):
-                    curate.draw_shape(f, shape, curate.COLOURS[c], x0 + 0.5 * t, y0 - 0.5 * t,
+                    curate.draw_shape(f, shape, curate.COLOURS[c], x0 + v * t, y0 - v * t,
                                       DEMO_SHAPE_SIZE * min(H, W))
             curate.write_video(os.path.join(data, f"clips/c{i}.mp4"), frames)
             cv2.imwrite(os.path.join(data, f"clips/i{i}.png"), frames[0][..., ::-1])
