@@ -1157,6 +1157,8 @@ def demo(args, rank, world, device):
         cfg = replace(cfg, vae_steps=4, ckpt_every=10,
                       stages=tuple(replace(s, steps=3) for s in cfg.stages))
         n_videos, n_samples = 2, 1
+    # worker processes for rendering and curation; for the quick run's two videos, starting them costs more
+    workers = 1 if args.quick else min(2, os.cpu_count() or 1)
     out = args.out or "out/demo"
     check_writable(out, 200 * 2**20)
     times = {}
@@ -1167,9 +1169,8 @@ def demo(args, rank, world, device):
     if rank == 0:
         if len([f for f in os.listdir(raw) if f.endswith(".mp4")] if os.path.isdir(raw) else []) < n_videos:
             curate.make_synthetic(raw, n_videos, seed=cfg.seed, sizes=(DEMO_SOURCE,), size_p=(1.0,),
-                                  shape_size=DEMO_SHAPE_SIZE, shape_travel=DEMO_SHAPE_TRAVEL,
-                                  workers=min(2, os.cpu_count() or 1))
-        counts = curate.run(raw, curated, workers=min(2, os.cpu_count() or 1))
+                                  shape_size=DEMO_SHAPE_SIZE, shape_travel=DEMO_SHAPE_TRAVEL, workers=workers)
+        counts = curate.run(raw, curated, workers=workers)
         print(f"curated: {counts}")
     barrier(world)
     clips, images = load_items(curated)
