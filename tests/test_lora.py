@@ -442,3 +442,18 @@ def test_quick_lora_demo_writes_its_picture_and_measurements(folder, tmp_path):
     assert all({"right_px", "up_px"} <= row.keys() and row["prompt"].endswith("diagonally") for row in rows)
     video = json.loads(open(os.path.join(folder[1], "config.json")).read())["video"]  # the model's frame
     assert img is not None and img.shape == (2 * 2 * video["height"], 300 + 5 * 2 * video["width"], 3)
+    # a diagonal training clip: the shape moves up and right by the demo's travel on each axis, centred, and
+    # stays inside the frame (the reader's foreground never reaches the border)
+    import numpy as np
+
+    import bench
+    import train
+    frames = bench.read_mp4(str(tmp_path / "d" / "data" / "clips" / "c0.mp4"))
+    dx, dy = bench.read_demo_video(frames)["move"]
+    side = min(video["height"], video["width"])
+    assert dx == pytest.approx(train.DEMO_SHAPE_TRAVEL * side * 71 / 72, abs=1.5)
+    assert dy == pytest.approx(-dx, abs=1.5)
+    f = frames.astype(np.float64)
+    far = np.abs(f - np.median(f.reshape(len(f), -1, 3), 1)[:, None, None]).sum(-1) > 120
+    assert far.any(axis=(1, 2)).all() and not (far[:, 0].any() or far[:, -1].any() or far[:, :, 0].any()
+                                                or far[:, :, -1].any())
