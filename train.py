@@ -1152,13 +1152,12 @@ def demo(args, rank, world, device):
     import curate
     t_start = time.perf_counter()
     cfg = replace(PRESETS["demo"], seed=args.seed)
-    n_videos, n_samples = 48, len(DEMO_PROMPTS)
-    if args.quick:  # CI: every stage runs, for a few steps
+    # worker processes for rendering and curation
+    n_videos, n_samples, workers = 48, len(DEMO_PROMPTS), min(2, os.cpu_count() or 1)
+    if args.quick:  # CI: every stage runs, for a few steps; for two videos, starting workers costs more
         cfg = replace(cfg, vae_steps=4, ckpt_every=10,
                       stages=tuple(replace(s, steps=3) for s in cfg.stages))
-        n_videos, n_samples = 2, 1
-    # worker processes for rendering and curation; for the quick run's two videos, starting them costs more
-    workers = 1 if args.quick else min(2, os.cpu_count() or 1)
+        n_videos, n_samples, workers = 2, 1, 1
     out = args.out or "out/demo"
     check_writable(out, 200 * 2**20)
     times = {}
