@@ -123,7 +123,12 @@ class RMSNorm(nn.Module):
 
 # RIFLEx (arXiv 2502.15894; thu-ml/RIFLEx hunyuanvideo.py, riflex_utils.py): the released model repeats its
 # video after one period of the temporal RoPE's 4th frequency theta^(-6/16), 50 latent frames (~200 frames).
-RIFLEX_K = 4  # that "intrinsic" frequency, counted from 1 as in the paper
+# Lowering one temporal frequency so that a period covers the whole video fixes it; two rules pick which:
+#   "paper": that intrinsic frequency, k = 4, once the video is longer than its period (sample.py --riflex);
+#   "i2v":   the official image-to-video sampler's, on there by default (HunyuanVideo-I2V inference.py,
+#            get_rotary_pos_embed): past 192 frames (49 latent frames), k = 2 + frames // 25 clipped to 4..8.
+RIFLEX_K = 4  # the intrinsic frequency, counted from 1 as in the paper
+RIFLEX_RULES = ("paper", "i2v")
 
 
 def riflex_period(m, theta):
@@ -131,21 +136,32 @@ def riflex_period(m, theta):
     return round(2 * math.pi * theta ** (2 * (RIFLEX_K - 1) / m))
 
 
-def rope_tables(grid, axes, theta, dtype=torch.float32, riflex=False):
+def riflex_k(rule, frames, m, theta):
+    """The temporal frequency (counted from 1) a RIFLEx rule lowers for `frames` latent frames, or None."""
+    k = None
+    if rule == "paper" and frames > riflex_period(m, theta):
+        k = RIFLEX_K
+    elif rule == "i2v" and frames >= 49:  # 4 * 49 - 3 = 193 frames; official: 2 + (frames + 3) // 100
+        k = min(8, max(4, 2 + frames // 25))
+    return k if k is not None and k <= m // 2 else None
+
+
+def rope_tables(grid, axes, theta, dtype=torch.float32, riflex=None):
     """3D RoPE (paper §4.2) cos/sin tables (L_img, head_dim), rows in token order (t slowest, w fastest);
     computed in fp32 like the official code (float64 only for reference checks).
 
     Positions are token indices per axis; each axis' sub-dim m gets m/2 frequencies theta^(-2k/m), and
     cos/sin are repeated x2 so they line up with adjacent (2i, 2i+1) pairs (official posemb_layers.py).
-    riflex: a video of more latent frames than the intrinsic period gets that temporal frequency lowered to
-    0.9 * 2 pi / frames, so one period covers the whole video (RIFLEx Eq. 8, with the official 0.9 margin).
+    riflex (None, "paper" or "i2v", see above): the chosen temporal frequency becomes 0.9 * 2 pi / frames,
+    so one period covers the whole video (RIFLEx Eq. 8, with the official 0.9 margin).
     """
     cos, sin = [], []
     mesh = torch.meshgrid(*[torch.arange(n, dtype=dtype) for n in grid], indexing="ij")
     for axis, (pos, m) in enumerate(zip(mesh, axes)):
         freqs = 1.0 / theta ** (torch.arange(0, m, 2, dtype=dtype) / m)
-        if riflex and axis == 0 and m // 2 >= RIFLEX_K and grid[0] > riflex_period(m, theta):
-            freqs[RIFLEX_K - 1] = 0.9 * 2 * math.pi / grid[0]
+        k = riflex_k(riflex, grid[0], m, theta) if axis == 0 else None
+        if k is not None:
+            freqs[k - 1] = 0.9 * 2 * math.pi / grid[0]
         ang = pos.reshape(-1, 1) * freqs  # (L, m/2)
         cos.append(ang.cos().repeat_interleave(2, dim=1))
         sin.append(ang.sin().repeat_interleave(2, dim=1))
@@ -570,7 +586,7 @@ class HunyuanVideoDiT(nn.Module):
         self.gradient_checkpointing = False
         self.sp_group = None  # a torch.distributed group: sequence-parallel sampling (sample.py sets it)
         self._rope_cache = {}
-        self.riflex = False  # long videos: RIFLEx on the temporal RoPE (sample.py --riflex sets it)
+        self.riflex = None  # long videos: a RIFLEx rule for the temporal RoPE (sample.py sets it)
         self.initialize_weights()
 
     def initialize_weights(self):

@@ -352,6 +352,8 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
                                device=device, dtype=vae_dtype)
     model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device, image=image)
     model.eval().requires_grad_(False)
+    if model.cfg.image_condition_type:  # the official I2V sampler lowers a temporal RoPE frequency past 192
+        model.riflex = "i2v"            # frames (dit.py, RIFLEx); the official T2V one never does
     for path, scale in loras:
         dit.load_lora(model, path, scale)
     if offload and device.type == "cuda":
@@ -596,7 +598,7 @@ def slug(prompt, n=60):
 
 def nearest(n, multiple, offset=0):
     """The valid value (offset + k*multiple, k >= 0) closest to n."""
-    k = max(0, math.floor((n - offset) / multiple + 0.5))  # ties round up, as the official size alignment
+    k = max(0, math.floor((n - offset) / multiple + 0.5))  # ties round up
     return offset + k * multiple
 
 
@@ -650,8 +652,8 @@ def check_args(args, prompts):
     for name in ("height", "width"):
         v = getattr(args, name)
         if v is not None and (v < 16 or v % 16):
-            bad.append(f"--{name} {v}: must be a positive multiple of 16; "
-                       f"nearest valid: {max(16, nearest(v, 16))}")
+            bad.append(f"--{name} {v}: must be a positive multiple of 16; use {max(16, -(-v // 16) * 16)} "
+                       "(what the official sampler renders: it rounds up, inference.py align_to)")
     if args.steps is not None and args.steps < 1:
         bad.append(f"--steps {args.steps}: must be at least 1 (official: 50)")
     if args.shift is not None and args.shift <= 0:
@@ -743,8 +745,10 @@ def main():
                     f"default thresholds {TeaCache.DEFAULT_THRESHOLD}, {MagCache.DEFAULT_THRESHOLD}, "
                     f"{EasyCache.DEFAULT_THRESHOLD}; 0 = every step, larger = more skipped; "
                     "docs/performance.md)")
-    ap.add_argument("--riflex", action="store_true", help="for videos longer than the model repeats at "
-                    "(13B: past ~200 frames): RIFLEx lowers the temporal RoPE's intrinsic frequency")
+    ap.add_argument("--riflex", nargs="?", const="paper", choices=[*dit.RIFLEX_RULES, "off"],
+                    help="videos longer than the model repeats at (13B: past ~200 frames): lower a temporal "
+                    "RoPE frequency. paper (the flag alone): RIFLEx's intrinsic one past its period; i2v: "
+                    "the official I2V sampler's rule, the default for I2V DiTs; off: the default else")
     ap.add_argument("--sparse", choices=["sta"], help="sliding-tile attention (approximate, off by "
                     "default): image tokens attend to a 3D window of 6x8x8-token tiles after "
                     "--sta-full-steps dense steps")
@@ -816,7 +820,8 @@ def main():
         pipe.dit.sp_group = dist.group.WORLD
     times = {"load": time.perf_counter() - t0}
     cache = cache_spec(args.cache, size[0] or pipe.video["height"]) if args.cache else None
-    pipe.dit.riflex = args.riflex
+    if args.riflex:  # else the pipeline's default: the official I2V sampler's rule for I2V DiTs, none for T2V
+        pipe.dit.riflex = None if args.riflex == "off" else args.riflex
     sparse = None
     if args.sparse == "sta":
         try:
@@ -844,13 +849,13 @@ def main():
         if cache is not None:
             print(f"{type(cache).__name__} {cache.threshold}: {cache.computed} of "
                   f"{cache.computed + cache.skipped} steps ran the DiT's blocks")
-        if args.riflex:
+        if pipe.dit.riflex:
             c = pipe.dit.cfg
-            period = dit.riflex_period(c.rope_axes[0], c.rope_theta)
-            latent = (T - 1) // pipe.vae.cfg.time_compression + 1
-            print(f"--riflex: {latent} latent frames, " + (f"past the {period} of one period of the temporal "
-                  "RoPE's intrinsic frequency: lowered" if latent > period else
-                  f"within one period ({period}) of the temporal RoPE's intrinsic frequency: RoPE unchanged"))
+            latent = ((args.frames or pipe.video["frames"]) - 1) // pipe.vae.cfg.time_compression + 1
+            k = dit.riflex_k(pipe.dit.riflex, latent, c.rope_axes[0], c.rope_theta)
+            if k is not None or args.riflex:
+                print(f"RIFLEx ({pipe.dit.riflex} rule), {latent} latent frames: " +
+                      (f"the temporal RoPE's frequency {k} lowered" if k is not None else "RoPE unchanged"))
         if device.type == "cuda":
             print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
     if world > 1:

@@ -208,7 +208,8 @@ def test_prompts_file_batch(ckpt, tmp_path):
 
 @pytest.mark.parametrize("args,needle", [
     (["--frames", "8"], "--frames 8: must be 4k+1"),
-    (["--height", "40"], "--height 40: must be a positive multiple of 16; nearest valid: 48"),
+    # rounded up, as the official sampler does (inference.py align_to), not to the nearest (32)
+    (["--height", "36"], "--height 36: must be a positive multiple of 16; use 48 (what the official"),
     (["--width", "0"], "--width 0"),
     (["--steps", "0"], "--steps 0: must be at least 1"),
     (["--prompt", "  "], "the prompt is empty"),
@@ -232,7 +233,8 @@ def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.splitlines() == [
         "error: --frames 8: must be 4k+1 (1 for an image); nearest valid: 9",
-        "error: --height 40: must be a positive multiple of 16; nearest valid: 48"]
+        "error: --height 40: must be a positive multiple of 16; use 48 (what the official sampler renders: "
+        "it rounds up, inference.py align_to)"]
 
 
 def test_ckpt_folder_trained_with_the_official_encoders(ckpt, tmp_path, monkeypatch):
