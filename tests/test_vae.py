@@ -635,6 +635,31 @@ def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), m.state_dict().values()))
 
 
+def test_tiled_paths_match_diffusers_on_grids_of_tiles_in_several_windows():
+    """Tiles in two dimensions inside each of three time windows (the last a short one), decode and
+    encode, against diffusers' tiled paths set to the official windows (tiny: 64 px tiles every 48, 16
+    frames every 12; diffusers' own defaults tile time in 16-frame windows where the official uses 64)."""
+    diffusers = pytest.importorskip("diffusers")
+    m = tiny()
+    c = m.cfg
+    ref = diffusers.AutoencoderKLHunyuanVideo(
+        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
+        norm_num_groups=c.norm_groups, latent_channels=c.latent_channels).eval()
+    ref.load_state_dict(m.state_dict(), strict=True)
+    ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48,
+                      tile_sample_stride_width=48, tile_sample_min_num_frames=16,
+                      tile_sample_stride_num_frames=12)
+    z = torch.randn(1, 4, 8, 10, 14, generator=torch.Generator().manual_seed(0))  # windows at 0, 3, 6
+    x = video(1, 29, 72, 120)  # windows at frames 0, 12, 24
+    with torch.no_grad():
+        out, want = m.decode(z, tiled=True), ref.decode(z).sample
+        mean, logvar = m.encode(x, tiled=True)
+        dist = ref.encode(x).latent_dist
+    assert out.shape == want.shape == (1, 3, 29, 80, 112) and rel(out, want) < 1e-5
+    assert mean.shape == dist.mean.shape == (1, 4, 8, 9, 15)
+    assert rel(mean, dist.mean) < 1e-5 and rel(logvar, dist.logvar) < 1e-5
+
+
 def test_chroma_term_is_the_error_orthogonal_to_grey():
     with pytest.warns(UserWarning):  # no LPIPS weights: said once
         loss_fn = vae.VAELoss(gan_start=10**9, disc_channels=8, disc_layers=2, w_kl=0.0, w_chroma=2.0)
