@@ -370,8 +370,15 @@ class SlidingTile:
     of 50), when the layout of the video forms. windows[layer][head] = (t, h, w) in tiles, layers counted
     double blocks first; a window of w tiles covers 2 (w // 2) + 1 of them, shifted inward at the edges."""
 
-    def __init__(self, windows, full_steps=15):
+    def __init__(self, windows, full_steps=15, per_step=None):
         self.windows, self.full_steps = windows, full_steps
+        self.per_step = per_step  # or one windows table per sampling step (FastVideo's strategy files)
+
+    def at(self, step):
+        """The SlidingTile for sampling step `step` (0-based), or None where that step is dense."""
+        if step < self.full_steps:
+            return None
+        return self if self.per_step is None else SlidingTile(self.per_step[step], self.full_steps)
 
     @classmethod
     def uniform(cls, cfg, window, full_steps=15):
@@ -381,26 +388,50 @@ class SlidingTile:
 
     @classmethod
     def from_file(cls, path, cfg, full_steps=15):
-        """A JSON file: a list of one list per layer (double blocks, then single blocks) of one [t, h, w]
-        per head, positive ints. ValueError, one line, for anything else."""
-        layers = cfg.depth_double + cfg.depth_single
+        """A JSON window table, one of:
+        - a list of one list per layer (double blocks, then single blocks) of one [t, h, w] per head, the
+          same for every sparse step;
+        - FastVideo's strategy files (its HunyuanVideo one, mask_strategy_hunyuan.json, was searched per
+          step, layer and head): {"STEP_LAYER_HEAD": [t, h, w]} for every step of the sampler, layers
+          counted the same way; the step's own windows are used from full_steps on.
+        ValueError, one line, for anything else."""
+        layers, heads = cfg.depth_double + cfg.depth_single, cfg.num_heads
         try:
             with open(path) as f:
                 table = json.load(f)
         except (OSError, ValueError) as e:
             raise ValueError(f"STA window table {path}: cannot read it as JSON ({type(e).__name__}); "
                              f"write [[[t, h, w] per head] per layer]") from None
+
+        def window(w):
+            return isinstance(w, list) and len(w) == 3 and all(type(n) is int and n >= 1 for n in w)
+
+        if isinstance(table, dict):
+            keys = [k.split("_") for k in table]
+            if not table or not all(len(k) == 3 and all(p.isdigit() for p in k) for k in keys):
+                raise ValueError(f"STA window table {path}: a dict's keys must be STEP_LAYER_HEAD "
+                                 f"(FastVideo's strategy files), e.g. \"15_0_3\"")
+            steps = 1 + max(int(k[0]) for k in keys)
+            for key in (f"{t}_{i}_{h}" for t in range(steps) for i in range(layers) for h in range(heads)):
+                if not window(table.get(key)):
+                    raise ValueError(f"STA window table {path}: {key} is missing or not [t, h, w] of "
+                                     f"positive ints; need every step < {steps}, layer < {layers}, "
+                                     f"head < {heads}")
+            if len(table) != steps * layers * heads:
+                raise ValueError(f"STA window table {path}: keys beyond {layers} layers x {heads} heads: is "
+                                 f"it for another model?")
+            per_step = tuple(tuple(tuple(tuple(table[f"{t}_{i}_{h}"]) for h in range(heads))
+                                   for i in range(layers)) for t in range(steps))
+            return cls(None, full_steps, per_step)
         if not isinstance(table, list) or len(table) != layers:
             raise ValueError(f"STA window table {path}: need a list of {layers} layers ({cfg.depth_double} "
                              f"double + {cfg.depth_single} single blocks), got "
                              f"{len(table) if isinstance(table, list) else type(table).__name__}")
-        for i, heads in enumerate(table):
-            if not isinstance(heads, list) or len(heads) != cfg.num_heads or not all(
-                    isinstance(w, list) and len(w) == 3 and all(type(n) is int and n >= 1 for n in w)
-                    for w in heads):
-                raise ValueError(f"STA window table {path}: layer {i} must list {cfg.num_heads} windows "
+        for i, row in enumerate(table):
+            if not isinstance(row, list) or len(row) != heads or not all(window(w) for w in row):
+                raise ValueError(f"STA window table {path}: layer {i} must list {heads} windows "
                                  "[t, h, w] of positive ints, one per head")
-        return cls(tuple(tuple(tuple(w) for w in heads) for heads in table), full_steps)
+        return cls(tuple(tuple(tuple(w) for w in row) for row in table), full_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------

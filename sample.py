@@ -59,7 +59,8 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
     guidance-distilled instead: `guidance` goes in through its embedder, x1000, cast to the DiT dtype
     first (so 6.0 becomes 6016 in bf16, as in the official pipeline). Latents stay fp32 between steps.
     cache: a TeaCache, MagCache or EasyCache, reset here, or None (every step runs the whole DiT).
-    sparse: a dit.SlidingTile, used from step sparse.full_steps on (dense before), or None.
+    sparse: a dit.SlidingTile, used from step sparse.full_steps on (dense before; with per-step windows,
+    each step's), or None.
     image: an I2V DiT's image latent (B, C, 1, h, w), scaled (official HunyuanVideo-I2V pipeline):
     token_replace makes it frame 0 of the latent before every step and at the end (the scheduler steps
     frames 1.. only); latent_concat gives the DiT [x ; the image latent on frame 0, zeros after ; a mask
@@ -71,6 +72,9 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
         extra = torch.zeros(noise.shape[0], noise.shape[1] + 1, *noise.shape[2:], device=noise.device)
         extra[:, :-1, :1] = image
         extra[:, -1, 0] = 1
+    if sparse is not None and sparse.per_step is not None and len(sparse.per_step) != steps:
+        raise ValueError(f"the STA window table has windows for {len(sparse.per_step)} steps: sample with "
+                         f"--steps {len(sparse.per_step)}, or pass a table of one window per layer and head")
     sigmas = flow_sigmas(steps, shift).to(noise.device)
     dtype = next(model.parameters()).dtype
     x = noise
@@ -90,7 +94,7 @@ def denoise(model, noise, cond, steps=50, shift=7.0, guidance=6.0, cfg_scale=1.0
         xin = torch.cat([x, extra], 1) if kind == "latent_concat" else x
         xin = torch.cat([xin, xin]) if use_cfg else xin
         t = (sigmas[i] * 1000).expand(B)
-        kw = {"sparse": sparse} if sparse is not None and i >= sparse.full_steps else {}
+        kw = {"sparse": sparse.at(i)} if sparse is not None and sparse.at(i) is not None else {}
         if cache is None:
             v = model(xin, t, text, mask, pooled, g, **kw)
         elif isinstance(cache, EasyCache):  # it sees the DiT's input and output only: it wraps the whole call
@@ -755,7 +759,8 @@ def main():
     ap.add_argument("--sta-window", default=STA_WINDOW, metavar="T,H,W",
                     help=f"the window in tiles for every layer and head (default {STA_WINDOW})")
     ap.add_argument("--sta-strategy", metavar="FILE", help="a JSON window table, one [t, h, w] per head "
-                    "per layer (double blocks first), instead of --sta-window")
+                    "per layer (double blocks first), or FastVideo's per-step strategy file, instead of "
+                    "--sta-window")
     ap.add_argument("--sta-full-steps", type=int, default=15, help="dense steps before the sparse ones "
                     "(default 15, FastVideo's HunyuanVideo strategy at 50 steps)")
     ap.add_argument("--image", help="image-to-video (HunyuanVideo-I2V checkpoints): the first frame, a png "
@@ -830,6 +835,11 @@ def main():
                 dit.SlidingTile.uniform(pipe.dit.cfg, window_spec(args.sta_window), args.sta_full_steps)
         except ValueError as e:
             sys.exit(f"error: {e}")
+        steps = args.steps or pipe.sampling["steps"]
+        if sparse.per_step is not None and len(sparse.per_step) != steps:
+            n = len(sparse.per_step)
+            sys.exit(f"error: --sta-strategy {args.sta_strategy} has windows for {n} steps, not {steps}: "
+                     f"sample with --steps {n}")
     # an empty --negative-prompt, too, means the default one (as official inference.py)
     videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
                       args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,

@@ -243,6 +243,57 @@ def test_window_table_file(tmp_path):
         assert needle in msg or needle == "not json" and "JSON" in msg or needle == "[t, h, w]", msg
 
 
+def fastvideo_table(steps, windows):
+    """A strategy file in FastVideo's format: {"STEP_LAYER_HEAD": [t, h, w]}, windows(step, layer, head)."""
+    layers = CFG.depth_double + CFG.depth_single
+    return {f"{t}_{i}_{h}": list(windows(t, i, h))
+            for t in range(steps) for i in range(layers) for h in range(CFG.num_heads)}
+
+
+def test_fastvideo_strategy_file_gives_each_step_its_windows(tmp_path, monkeypatch):
+    """FastVideo's per-step strategy files: each sparse step's DiT call gets that step's windows (layers
+    double blocks first); a file whose steps all hold the same table samples bit for bit as that table given
+    once; a sampler of another step count, a missing key, a foreign key are each one line."""
+    def varied(t, i, h):
+        return 1 + (t + i) % 2, 1 + h, 1 + t % 3
+
+    path = tmp_path / "fv.json"
+    path.write_text(json.dumps(fastvideo_table(4, varied)))
+    sta = dit.SlidingTile.from_file(str(path), CFG, full_steps=1)
+    model, (x, _, text, mask, pooled) = tiny_model().float(), tiny_inputs(T=3, H=18, W=18)
+    cond = (text.float(), mask, pooled.float())
+    seen, forward = [], model.forward
+
+    def spy(*args, sparse=None, **kw):
+        seen.append(None if sparse is None else sparse.windows)
+        return forward(*args, sparse=sparse, **kw)
+
+    monkeypatch.setattr(model, "forward", spy)
+    sample.denoise(model, x.float(), cond, steps=4, progress=False, sparse=sta)
+    want = [tuple(tuple(varied(t, i, h) for h in range(2)) for i in range(2)) for t in (1, 2, 3)]
+    assert seen == [None] + want
+    monkeypatch.undo()
+
+    path.write_text(json.dumps(fastvideo_table(3, lambda t, i, h: varied(0, i, h))))
+    per_step = sample.denoise(model, x.float(), cond, steps=3, progress=False,
+                              sparse=dit.SlidingTile.from_file(str(path), CFG, full_steps=1))
+    once = dit.SlidingTile(tuple(tuple(varied(0, i, h) for h in range(2)) for i in range(2)), full_steps=1)
+    assert torch.equal(per_step, sample.denoise(model, x.float(), cond, steps=3, progress=False, sparse=once))
+    with pytest.raises(ValueError, match="windows for 4 steps: sample with --steps 4"):
+        sample.denoise(model, x.float(), cond, steps=3, progress=False, sparse=sta)
+
+    good = fastvideo_table(2, varied)
+    bad = {"1_1_1 is missing": {k: v for k, v in good.items() if k != "1_1_1"},
+           "0_0_1 is missing or not [t, h, w]": dict(good, **{"0_0_1": [1, 0, 1]}),
+           "STEP_LAYER_HEAD": dict(good, **{"0_0": [1, 1, 1]}),
+           "another model": dict(good, **{"0_0_2": [1, 1, 1]})}
+    for needle, table in bad.items():
+        path.write_text(json.dumps(table))
+        with pytest.raises(ValueError) as e:
+            dit.SlidingTile.from_file(str(path), CFG)
+        assert needle in str(e.value) and str(path) in str(e.value) and "\n" not in str(e.value), e.value
+
+
 def test_cli_rejects_bad_sparse_options(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--ckpt", str(tmp_path),
                         "--sparse", "sta", "--sta-window", "3,3", "--sta-full-steps", "-1",
@@ -269,6 +320,14 @@ def test_sample_cli_end_to_end(tmp_path):
                        timeout=300)
     msg = r.stderr.strip()
     assert r.returncode != 0 and msg.startswith(f"error: STA window table {table}") and "\n" not in msg, msg
+    c = json.load(open(os.path.join(ckpt, "config.json")))["dit"]  # a FastVideo-style file for 3 steps
+    table.write_text(json.dumps({f"{t}_{i}_{h}": [1, 1, 1] for t in range(3)
+                                 for i in range(c["depth_double"] + c["depth_single"])
+                                 for h in range(c["num_heads"])}))
+    r = subprocess.run(run + ["--sta-strategy", str(table)], capture_output=True, text=True, cwd=ROOT,
+                       timeout=300)
+    assert r.returncode != 0 and r.stderr.strip() == f"error: --sta-strategy {table} has windows for 3 " \
+        f"steps, not 2: sample with --steps 3", r.stderr
 
 
 # -----------------------------------------------------------------------------
