@@ -1176,9 +1176,36 @@ def _linears(model):
     return out
 
 
-def read_lora(model, sd, source):
-    """A LoRA state dict in any of the three layouts -> {official module name: (A, B)}, each file alpha
-    folded into B (scale alpha / rank; no alpha: 1, as PEFT and diffusers read such files).
+def peft_config(metadata):
+    """The PEFT LoraConfig that diffusers saves in a LoRA file's metadata ("lora_adapter_metadata", JSON;
+    keys prefixed "transformer." when a pipeline saved it), or None."""
+    try:
+        cfg = json.loads(metadata.get("lora_adapter_metadata") or "null")
+    except ValueError:
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    inner = {k[len("transformer."):]: v for k, v in cfg.items() if k.startswith("transformer.")}
+    return inner or cfg
+
+
+def _peft_scale(cfg, module, rank):
+    """A layer's scale as PEFT builds it from its LoraConfig (peft tuners/lora: alpha_pattern's first key
+    whose regex ends the module's name, else lora_alpha, PEFT's default 8; over the rank, or its square
+    root with use_rslora). diffusers names its modules without the "transformer." prefix, as ours are here."""
+    alpha = cfg.get("lora_alpha", 8)
+    for pattern, value in (cfg.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            alpha = value
+            break
+    return alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+
+
+def read_lora(model, sd, source, peft=None):
+    """A LoRA state dict in any of the three layouts -> {official module name: (A, B)}, each adapter's
+    scale folded into B: alpha / rank where the file has .alpha keys (kohya/musubi); else the PEFT config
+    diffusers saved beside the tensors (`peft`, see peft_config); else 1, as PEFT and diffusers read a file
+    with neither.
 
     diffusers/PEFT keys name diffusers' separate q, k, v (and the single blocks' mlp) layers, each with its
     own A. On the official fused layer they become one adapter of rank r_q + r_k + r_v (+ r_mlp): the A's
@@ -1230,8 +1257,10 @@ def read_lora(model, sd, source):
             wrong.append(f"{module} A {got[0]}, B {got[1]} (layer {off}: in {in_f}, out {n})")
             continue
         work = torch.promote_types(A.dtype, torch.float32)
-        alpha = float(parts["alpha"]) if "alpha" in parts else A.shape[0]
-        B = B.to(work) * (alpha / A.shape[0])
+        rank = A.shape[0]
+        scale = float(parts["alpha"]) / rank if "alpha" in parts else \
+            _peft_scale(peft, module, rank) if peft is not None else 1.0
+        B = B.to(work) * scale
         adapters.setdefault(off, []).append((start, n, A.to(work), _swap_halves(B) if swap else B))
     if wrong:
         raise ValueError(f"{source}: {len(wrong)} adapter(s) do not fit their layer: {'; '.join(wrong[:3])}")
@@ -1257,8 +1286,8 @@ def load_lora(model, path, scale=1.0):
     to requantise W + BA to 4 significant bits, losing most of the adapter."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
-    sd, _ = read_safetensors(path)
-    for name, (A, B) in read_lora(model, sd, path).items():
+    sd, metadata = read_safetensors(path)
+    for name, (A, B) in read_lora(model, sd, path, peft_config(metadata)).items():
         module = model.get_submodule(name)
         target = module.base if isinstance(module, LoRALinear) else module
         if isinstance(target, nn.Linear):

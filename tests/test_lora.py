@@ -108,6 +108,46 @@ def test_diffusers_layout_equals_diffusers_transformer_with_the_adapters_merged(
     assert ((got - want).norm() / want.norm()).item() < 1e-4
 
 
+@pytest.mark.parametrize("rslora", [False, True])
+def test_diffusers_files_scale_by_the_peft_config_saved_beside_them(tmp_path, rslora):
+    """diffusers saves the adapter's PEFT LoraConfig in the file's metadata (HunyuanVideoPipeline.
+    save_lora_weights(..., transformer_lora_adapter_metadata=...)) and PEFT scales each layer by it: alpha
+    (alpha_pattern's key matching the module's name, else lora_alpha) over the rank (its square root with
+    use_rslora). Written here by diffusers itself; the merge in float64 by that rule, alphas spelled out."""
+    diffusers = pytest.importorskip("diffusers")
+    linears = {n: m for n, m in model64().named_modules() if isinstance(m, torch.nn.Linear)}
+    ranks = {"transformer_blocks.0.attn.to_q": 4, "transformer_blocks.0.attn.to_k": 2,
+             "transformer_blocks.1.ff.net.2": 4, "single_transformer_blocks.0.proj_mlp": 4,
+             "single_transformer_blocks.1.attn.to_v": 4}
+    alphas = {"transformer_blocks.0.attn.to_q": 7, "transformer_blocks.0.attn.to_k": 16,  # patterns below
+              "transformer_blocks.1.ff.net.2": 16, "single_transformer_blocks.0.proj_mlp": 3,
+              "single_transformer_blocks.1.attn.to_v": 16}
+    # where each lands: official layer, first row, rows (TINY: hidden 64, single-block MLP 256)
+    rows = {"transformer_blocks.0.attn.to_q": ("double_blocks.0.img_attn_qkv", 0, 64),
+            "transformer_blocks.0.attn.to_k": ("double_blocks.0.img_attn_qkv", 64, 64),
+            "transformer_blocks.1.ff.net.2": ("double_blocks.1.img_mlp.fc2", 0, 64),
+            "single_transformer_blocks.0.proj_mlp": ("single_blocks.0.linear1", 192, 256),
+            "single_transformer_blocks.1.attn.to_v": ("single_blocks.1.linear1", 128, 64)}
+    g = torch.Generator().manual_seed(4)
+    layers, deltas = {}, {}
+    for name, r in ranks.items():
+        off, start, n = rows[name]
+        A, B = rand_ab(n, linears[off].in_features, r, g)
+        layers[f"{name}.lora_A.weight"], layers[f"{name}.lora_B.weight"] = A, B  # float64: no rounding
+        scale = alphas[name] / (math.sqrt(r) if rslora else r)
+        delta = deltas.setdefault(off, torch.zeros(linears[off].weight.shape, dtype=torch.float64))
+        delta[start:start + n] += scale * B @ A
+    meta = {"r": 4, "lora_alpha": 16, "rank_pattern": {"to_k": 2}, "use_rslora": rslora,
+            "alpha_pattern": {"attn.to_q": 7, "proj_mlp": 3}, "target_modules": ["to_q", "to_k", "to_v"]}
+    diffusers.HunyuanVideoPipeline.save_lora_weights(str(tmp_path), transformer_lora_layers=layers,
+                                                     transformer_lora_adapter_metadata=meta)
+    base = model64()
+    got = dit.load_lora(copy.deepcopy(base), str(tmp_path / "pytorch_lora_weights.safetensors"))
+    for (name, a), b in zip(got.state_dict().items(), merged(base, deltas).state_dict().values()):
+        assert (a - b).abs().max().item() < 1e-12, name
+    assert (forward(got) - forward(base)).abs().max().item() > 1e-3  # the LoRA does change the output
+
+
 def test_scale_zero_is_the_base_and_two_loras_stack(tmp_path):
     g = torch.Generator().manual_seed(1)
     deltas = []
