@@ -31,6 +31,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -61,6 +62,9 @@ class CurateConfig:
     min_clip_frames: int = 33         # shorter shots are rejected ("too short"); clips are 4n+1 frames
     max_clip_frames: int = 129        # paper §4: the longest training clip (720x1280x129); a longer shot is
                                       # cut into clips back to back while the rest is min_clip_frames
+    max_aspect: float = 4.0           # a video's long side is at most this x its short side (the widest
+                                      # common format is 32:9; analysis frames are analysis_w wide, so a
+                                      # taller video costs memory and time as its height / width)
     # --- basic filters (paper §3.1; every accepted clip passes these, the tiers tighten them) ---
     min_clarity: float = 2.5          # clarity() at 256p: between blurred and sharp demo shots (docs/demo.md)
     min_motion: float = 0.5           # 99th-percentile flow, px per 1/24 s at analysis_w: below = static
@@ -141,8 +145,10 @@ def iter_frames(path, size=None):
         cap.release()
 
 
-def probe(path):
-    """(width, height, fps) of a readable video, else raise ValueError with the reason."""
+def probe(path, raw_fps=False):
+    """(width, height, fps) of a readable video, else raise ValueError with the reason. A frame rate the file
+    does not give, or one outside 1-240 fps (0, NaN, a broken header's 1000), is taken as 24.
+    raw_fps=True: a fourth value, the file's own frame rate as OpenCV reads it."""
     if os.path.getsize(path) == 0:
         raise ValueError("empty file")
     cap = cv2.VideoCapture(path)
@@ -153,7 +159,8 @@ def probe(path):
         if not ok or f is None:
             raise ValueError("no decodable frames")
         fps = cap.get(cv2.CAP_PROP_FPS)
-        return f.shape[1], f.shape[0], fps if 1 <= fps <= 240 else 24.0
+        out = f.shape[1], f.shape[0], fps if 1 <= fps <= 240 else 24.0
+        return out + (fps,) if raw_fps else out
     finally:
         cap.release()
 
@@ -821,15 +828,42 @@ def balance_weights(labels):
 
 def load_sidecar(video_path):
     """name.json ({"shots": [{"start", "end", "caption": {...}}]} or one caption dict for the whole
-    video) or name.txt (plain text = the short description), else None."""
+    video) or name.txt (plain text = the short description), else None. A sidecar that cannot be read as
+    either raises ValueError naming the file and what is wrong with it (its video's clips would otherwise
+    go out with no caption, or none at all)."""
     stem = os.path.splitext(video_path)[0]
     if os.path.exists(stem + ".json"):
-        with open(stem + ".json") as f:
-            side = json.load(f)
-        return side if "shots" in side else {"shots": [{"start": 0, "end": 1 << 62, "caption": side}]}
+        name = os.path.basename(stem) + ".json"
+        try:
+            with open(stem + ".json", encoding="utf-8") as f:
+                side = json.load(f)
+        except UnicodeDecodeError:
+            raise ValueError(f"{name} is not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name} is not valid JSON ({e.msg}, line {e.lineno} column {e.colno})") \
+                from None
+        if not isinstance(side, dict):
+            raise ValueError(f"{name} holds a JSON {type(side).__name__}, not an object with \"shots\" "
+                             f"or caption fields ({', '.join(CAPTION_FIELDS[:2])}, ...)")
+        if "shots" not in side:
+            if not any(isinstance(side.get(k), str) and side[k].strip() for k in CAPTION_FIELDS):
+                raise ValueError(f"{name} has neither \"shots\" nor a caption field "
+                                 f"({', '.join(CAPTION_FIELDS)})")
+            return {"shots": [{"start": 0, "end": 1 << 62, "caption": side}]}
+        shots = side["shots"]
+        for i, s in enumerate(shots if isinstance(shots, list) else [None]):
+            ok = (isinstance(s, dict) and isinstance(s.get("caption") or {}, dict)
+                  and all(type(s.get(k)) in (int, float) for k in ("start", "end")))
+            if not ok:
+                raise ValueError(f"{name}: \"shots\" must be a list of {{\"start\": frame, \"end\": frame, "
+                                 f"\"caption\": {{...}}}} (entry {i} is not)")
+        return side
     if os.path.exists(stem + ".txt"):
-        with open(stem + ".txt") as f:
-            text = f.read().strip()
+        try:
+            with open(stem + ".txt", encoding="utf-8") as f:
+                text = f.read().strip()
+        except UnicodeDecodeError:
+            raise ValueError(f"{os.path.basename(stem)}.txt is not UTF-8 text") from None
         if not text:
             return None
         return {"shots": [{"start": 0, "end": 1 << 62, "caption": {"short_description": text}}]}
@@ -838,10 +872,12 @@ def load_sidecar(video_path):
 
 def caption_for(side, start, end):
     """The sidecar caption of the shot overlapping [start, end) most, else None."""
-    if side:
+    if side and side["shots"]:
         best = max(side["shots"], key=lambda s: min(end, s["end"]) - max(start, s["start"]))
         if min(end, best["end"]) - max(start, best["start"]) > 0 and best.get("caption"):
-            return {k: v for k, v in best["caption"].items() if k in CAPTION_FIELDS + ("camera_movement",)}
+            cap = {k: v for k, v in best["caption"].items() if k in CAPTION_FIELDS + ("camera_movement",)}
+            if any(k in cap for k in CAPTION_FIELDS):   # (tags alone are no caption)
+                return cap
     return None
 
 
@@ -949,7 +985,9 @@ def _analyse_shot(small, grey, hires, p, e, shot, fps, cfg):
 
 def process_video(path, rel, out_dir, cfg=CFG):
     """Everything for one input file. Returns {"clips", "images", "rejected"} record lists; the clip and
-    image files are already written (temp + rename) under out_dir/clips/<id>/ and out_dir/images/<id>/."""
+    image files are already written (temp + rename) under out_dir/clips/<id>/ and out_dir/images/<id>/.
+    Also "retry": True where the fault is one the user fixes (a bad caption sidecar: redone on the next
+    run), "note": what the run should say about it (a frame rate assumed)."""
     def reject(reason, **kw):
         return {"path": rel, "reason": reason, **kw}
     ext = os.path.splitext(path)[1].lower()
@@ -957,11 +995,25 @@ def process_video(path, rel, out_dir, cfg=CFG):
         why = f"not a video file ({ext or 'no extension'})"
         return {"clips": [], "images": [], "rejected": [reject(why)]}
     vid = video_id(rel)
+    try:   # first: a broken sidecar fails fast; the video is redone on the next run once it is fixed
+        side = load_sidecar(path)
+    except (ValueError, OSError) as e:
+        why = f"bad caption sidecar: {e}: fix or remove it, then re-run (this video is redone)"
+        return {"clips": [], "images": [], "rejected": [reject(why)], "retry": True}
     try:
-        W, H, fps = probe(path)
+        W, H, fps, raw_fps = probe(path, raw_fps=True)
+        if min(W, H) < 16:
+            raise ValueError(f"too small: {W}x{H} px (a clip needs a short side of 16 px at least; the "
+                             f"smallest tier, {cfg.tier_names[0]}, needs {cfg.tier_side[0]})")
+        if max(W, H) > cfg.max_aspect * min(W, H):
+            raise ValueError(f"extreme aspect ratio: {W}x{H} px, over {cfg.max_aspect:g}:1 (crop the picture "
+                             f"out of it first)")
         shots = detect_shots(path, cfg)
     except (ValueError, cv2.error, OSError) as e:
-        return {"clips": [], "images": [], "rejected": [reject(f"unreadable: {e}")]}
+        why = str(e) if str(e).startswith(("too small", "extreme aspect")) else f"unreadable: {e}"
+        return {"clips": [], "images": [], "rejected": [reject(why)]}
+    # the frame rate: a file that gives none (0) or an absurd one is timed as 24 fps, and says so
+    fps_note = {} if fps == raw_fps else {"fps_assumed": True}
     n_frames = shots[-1][1] if shots else 0
     if n_frames < cfg.min_clip_frames:
         why = f"too short: {n_frames} frames in the whole file"
@@ -1016,7 +1068,6 @@ def process_video(path, rel, out_dir, cfg=CFG):
     # decide each clip
     fx, fy = W / aw, H / ah
     clips, images, rejected, writes = [], [], [], []
-    side = load_sidecar(path)
     for k, sd in enumerate(shot_data):
         bx0, by0, bx1, by1 = sd["box"]
         # one frame from each other shot (the clips of one shot show the same scene: not a second look)
@@ -1038,7 +1089,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
               for s_ in clarity_sides(size, cfg.tier_side, cfg)}
         crop = [f[y0:y1, x0:x1] for f in sd["sample"]]
         rec = {"clip": f"{vid}_{k:03d}", "video": rel, "shot": list(sd["shot"]), "start": sd["start"],
-               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), **size,
+               "end": sd["end"], "frames": sd["end"] - sd["start"], "fps": round(fps, 3), **fps_note,
+               **size,
                "crop": full,
                "clarity": round(float(np.median([clarity(g[gb[1]:gb[3], gb[0]:gb[2]], cfg, min(gsize))
                                                  for g in sd["grey"]])), 2),
@@ -1098,7 +1150,10 @@ def process_video(path, rel, out_dir, cfg=CFG):
     # pass 3: write clips and images at full resolution, each to a temp file renamed when complete
     if writes:
         write_segments(path, writes, out_dir, fps)
-    return {"clips": clips, "images": images, "rejected": rejected}
+    res = {"clips": clips, "images": images, "rejected": rejected}
+    if fps_note and (clips or images):
+        res["note"] = f"the file gives {raw_fps:g} fps (outside 1-240): its clips are timed as 24 fps"
+    return res
 
 
 def write_segments(path, writes, out_dir, fps):
@@ -1493,29 +1548,59 @@ def _worker(job):
     try:
         return rel, process_video(path, rel, out, cfg)
     except Exception as e:          # a broken input must never stop the run
-        reason = f"error: {type(e).__name__}: {e}"
+        reason = _one_line(f"error: {type(e).__name__}: {e}")    # (a cv2.error spans several lines)
         return rel, {"clips": [], "images": [], "rejected": [{"path": rel, "reason": reason}]}
 
 
 def _init_worker():
     cv2.setNumThreads(1)
+    # Ctrl-C reaches the whole process group: the main process stops the pool and says so in one line;
+    # a worker interrupted on its own would print a traceback each
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _redo(out, done, manifest, images, rejected):
+    """Inputs of `done` ({path: its done.jsonl record}) whose results went missing from out since they were
+    finished (a clip or still file deleted, manifest lines or the whole file gone): a re-run redoes them
+    rather than leaving records of missing files, or losing clips without a word. A record lists its
+    clips; those removed later on purpose (duplicates, low aesthetic scores: each logged in
+    rejected.jsonl) are no loss. Records of an earlier curate.py list none: only their files are checked.
+    Also the inputs marked for a retry."""
+    have, later = {r["clip"] for r in manifest}, {r["clip"] for r in rejected if "clip" in r}
+    redo = {p for p, d in done.items() if d.get("retry") or set(d.get("clips", ())) - have - later
+            or (d.get("images") and not os.path.exists(os.path.join(out, "images.jsonl")))}
+    redo |= {r["video"] for r in manifest + images if r["video"] in done and r.get("clip") not in later
+             and "path" in r and not os.path.exists(os.path.join(out, r["path"]))}
+    return redo
+
+
+def _one_line(reason):
+    return " ".join(str(reason).split())
 
 
 def run(inp, out, workers=1, labels=None, cfg=CFG, clip=None, aesthetic=None, captioner=None):
     """Curate every file under inp into out. Resumable: out/done.jsonl lists finished inputs; on start,
     records of unfinished inputs (a kill mid-video) are dropped and their files redone, so a kill at any
-    moment loses at most the videos in progress and never duplicates a line. clip, aesthetic, captioner:
-    the open models' paths (apply_models()); without them the stand-ins' values stay."""
+    moment loses at most the videos in progress and never duplicates a line. Each done record lists its
+    clips and counts its stills: an input whose results were deleted since is redone (_redo()).
+    clip, aesthetic, captioner: the open models' paths (apply_models()); without them the stand-ins'
+    values stay."""
     P = {k: os.path.join(out, k + ".jsonl") for k in ("done", "manifest", "rejected", "images")}
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.json"), "w") as f:   # the thresholds this output was made with
         json.dump(asdict(cfg), f, indent=1)
-    done = {r["path"] for r in _read_jsonl(P["done"])}
+    done = {r["path"]: r for r in _read_jsonl(P["done"])}
+    redo = _redo(out, done, *(_read_jsonl(P[k]) for k in ("manifest", "images", "rejected")))
+    retry = {p for p in redo if done[p].get("retry")}
+    if redo - retry:
+        print(f"resuming: redoing {len(redo - retry)} finished input(s) whose clips or stills are missing "
+              f"from {out} (e.g. {sorted(redo - retry)[0]})", file=sys.stderr)
+    done = set(done) - redo
     for k in ("done", "manifest", "rejected", "images"):   # drop torn lines and records of unfinished inputs
         recs = _read_jsonl(P[k])
-        kept = [r for r in recs if (r["path"] if k in ("done", "rejected") else r["video"]) in done]
         if k == "done":
-            kept = list({r["path"]: r for r in recs}.values())
+            recs = list({r["path"]: r for r in recs}.values())
+        kept = [r for r in recs if (r["path"] if k in ("done", "rejected") else r["video"]) in done]
         if os.path.exists(P[k]):
             _write_jsonl(P[k], kept)
     n_clips = len(_read_jsonl(P["manifest"]))
@@ -1539,7 +1624,16 @@ def run(inp, out, workers=1, labels=None, cfg=CFG, clip=None, aesthetic=None, ca
             _append(files_out["manifest"], res["clips"])
             _append(files_out["images"], res["images"])
             _append(files_out["rejected"], res["rejected"])
-            _append(files_out["done"], [{"path": rel}])    # last: the input counts as finished only now
+            # last: the input counts as finished only now; its clips let a re-run see lost results
+            fin = {"path": rel, "clips": [r["clip"] for r in res["clips"]], "images": len(res["images"])}
+            _append(files_out["done"], [{**fin, "retry": True} if res.get("retry") else fin])
+            # a file skipped whole (damaged, too short, a bad sidecar): one line each. A filter's verdict on a
+            # clip goes to rejected.jsonl only, and so does a file that is no video (photos, notes)
+            for r in res["rejected"]:
+                if "clip" not in r and not r["reason"].startswith("not a video file"):
+                    bar.write(f"skipped {rel}: {_one_line(r['reason'])}", file=sys.stderr)
+            if res.get("note"):
+                bar.write(f"note: {rel}: {res['note']}", file=sys.stderr)
             n_clips += len(res["clips"])
             bar.set_postfix(clips=n_clips)
     finally:
@@ -1641,6 +1735,19 @@ def main(argv=None):
     p.add_argument("--captioner", metavar="DIR", help="LLaVA folder (llava-llama-3-8b-v1_1, Hugging Face "
                    "layout): structured captions; a video's sidecar captions become the fallback")
     a = p.parse_args(argv)
+    # FFmpeg's own log lines (a damaged file's "moov atom not found", several per file) are left out: each
+    # skipped file gets one line from us, naming it and why (OPENCV_FFMPEG_LOGLEVEL=32 shows them again)
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if os.path.exists(a.output) and not os.path.isdir(a.output):
+        p.error(f"--output {a.output} is a file, not a folder: pass a new folder (or an earlier output "
+                "folder, to resume)")
+
+    def make_output():
+        try:
+            os.makedirs(a.output, exist_ok=True)
+        except OSError as e:
+            p.error(f"--output {a.output}: cannot create the folder ({e.strerror}): pass a writable folder")
+
     if a.synthetic is not None and (a.clip or a.aesthetic or a.captioner):
         p.error("--clip, --aesthetic and --captioner curate --input; --synthetic only writes raw videos")
     if a.synthetic is not None:
@@ -1648,12 +1755,19 @@ def main(argv=None):
             p.error("--synthetic N needs N >= 1")
         if a.input:
             p.error("--synthetic writes to --output; do not pass --input")
+        make_output()
         make_synthetic(a.output, a.synthetic, a.seed, workers=a.workers)
         return
     if not a.input:
         p.error("--input RAW_DIR is required (or --synthetic N)")
     if not os.path.isdir(a.input):
         p.error(f"--input {a.input} is not a folder")
+    if os.path.realpath(a.input) == os.path.realpath(a.output):
+        p.error(f"--output {a.output} is the --input folder: pass a new folder for the curated set (a "
+                "sub-folder of the input is fine: it is not read as input)")
+    if not any(os.path.splitext(f)[1].lower() in VIDEO_EXTS for f in list_inputs(a.input, a.output)):
+        p.error(f"--input {a.input} holds no video files ({' '.join(VIDEO_EXTS)}, in sub-folders too): pass "
+                "the folder of raw videos")
     if a.workers < 1:
         p.error("--workers must be >= 1")
     if a.labels and not os.path.isfile(a.labels):
@@ -1675,9 +1789,15 @@ def main(argv=None):
             load_aesthetic(a.aesthetic)      # a damaged file fails here, not after the per-video pass
         except ValueError as e:
             p.error(str(e))
+    make_output()
     t0 = time.time()
-    counts = run(a.input, a.output, a.workers, a.labels, clip=a.clip, aesthetic=a.aesthetic,
-                 captioner=a.captioner)
+    try:
+        counts = run(a.input, a.output, a.workers, a.labels, clip=a.clip, aesthetic=a.aesthetic,
+                     captioner=a.captioner)
+    except KeyboardInterrupt:   # every finished video is in the manifests already (see run())
+        print(f"\ncurate.py: interrupted: the videos finished so far are kept in {a.output}; run the same "
+              "command again to do the rest", file=sys.stderr)
+        sys.exit(130)
     print(json.dumps(counts), f"({time.time() - t0:.1f}s)")
 
 

@@ -1043,3 +1043,194 @@ def test_render_shot_travel_caps_the_shapes_path(travel):
     first, last = centre_x(f[0]), centre_x(f[-1])
     assert abs((last - first) - travel * w * (n - 1) / n) < 1.0
     assert abs((first + last) / 2 - w / 2) < 1.5
+
+
+# ---------------------------------------------------------------------------------------------------------
+# odd inputs a real folder holds: each is skipped with one line naming it and why, never a traceback, a
+# silent wrong result or lost finished work
+
+def small_videos(d, n, fps=24):
+    """n short 160x96 videos, each one moving shape: a clip and a still each, in ~0.2 s."""
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        write_mp4(d / f"v{i}.mp4", C.render_shot(np.random.default_rng(i), 160, 96, 40), fps=fps)
+    return d
+
+
+def test_tiny_and_extreme_aspect_videos_are_rejected_whole(tmp_path):
+    """8x8 was rejected clip by clip as "nothing but border", 1000x20 crashed DIS optical flow (a 256x6
+    analysis frame), 20x2000 took ~25 s and 2.7 GB for 40 frames (analysis frames 256 x 25600 px): each is
+    now rejected whole, before any decoding beyond the first frame."""
+    rng = np.random.default_rng(0)
+    for name, (w, h), why in (("tiny.mp4", (8, 8), "too small: 8x8"),
+                              ("wide.mp4", (1000, 20), "extreme aspect ratio: 1000x20"),
+                              ("tall.mp4", (20, 1000), "extreme aspect ratio: 20x1000")):
+        write_mp4(tmp_path / name, np.repeat(C.texture(rng, h, w)[None], 34, 0))
+        res = C.process_video(str(tmp_path / name), name, str(tmp_path / "out"))
+        assert not res["clips"] and [r["reason"][:len(why)] for r in res["rejected"]] == [why], res
+
+
+@pytest.mark.parametrize("name, text, why", [
+    ("v.json", "{not json", "v.json is not valid JSON"),
+    ("v.json", "[1, 2]", "v.json holds a JSON list"),
+    ("v.json", '{"uploader": "me", "duration": 3}', "v.json has neither \"shots\" nor a caption field"),
+    ("v.json", '{"shots": [{"caption": {"short_description": "a"}}]}', "v.json: \"shots\" must be a list"),
+    ("v.txt", b"caf\xe9", "v.txt is not UTF-8 text"),
+])
+def test_a_bad_caption_sidecar_is_named(tmp_path, name, text, why):
+    """Before: a JSONDecodeError / AttributeError / KeyError lost the whole video with a cryptic reason, and
+    a metadata file without caption fields gave its clips a caption with no description."""
+    (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ValueError, match=why.replace("(", r"\(")):
+        C.load_sidecar(str(tmp_path / "v.mp4"))
+
+
+def test_a_sidecar_with_no_shots_gives_no_caption(tmp_path):
+    (tmp_path / "v.json").write_text('{"shots": []}')      # before: max() of an empty list
+    assert C.caption_for(C.load_sidecar(str(tmp_path / "v.mp4")), 0, 40) is None
+
+
+def test_bad_sidecar_skips_its_video_with_one_line_and_is_redone_once_fixed(tmp_path, capsys):
+    raw = small_videos(tmp_path / "raw", 2)
+    (raw / "v1.json").write_text('{"short_description": "a red circle",}')   # a trailing comma
+    (raw / "empty.mp4").write_bytes(b"")
+    (raw / "notes.mp4").write_text("not a video")
+    out = tmp_path / "out"
+    C.run(str(raw), str(out), workers=1)
+    err = [l for l in capsys.readouterr().err.splitlines() if l.startswith("skipped")]
+    assert sorted(l.split(":")[0] for l in err) == ["skipped empty.mp4", "skipped notes.mp4",
+                                                     "skipped v1.mp4"]
+    assert "v1.json is not valid JSON" in [l for l in err if "v1.mp4" in l][0]
+    assert {r["video"] for r in C._read_jsonl(str(out / "manifest.jsonl"))} == {"v0.mp4"}
+    (raw / "v1.json").write_text('{"short_description": "a red circle"}')
+    C.run(str(raw), str(out), workers=1)
+    man = C._read_jsonl(str(out / "manifest.jsonl"))
+    assert [r["caption"]["short_description"] for r in man if r["video"] == "v1.mp4"] == ["a red circle"]
+    assert not [r for r in C._read_jsonl(str(out / "rejected.jsonl")) if r["path"] == "v1.mp4"]
+    assert "skipped v1.mp4" not in capsys.readouterr().err
+
+
+def test_an_absurd_frame_rate_is_taken_as_24_and_said(tmp_path):
+    """A file that says 1000 fps (or 0) was timed as 24 fps without a word."""
+    small_videos(tmp_path, 1, fps=1000)
+    res = C.process_video(str(tmp_path / "v0.mp4"), "v0.mp4", str(tmp_path / "out"))
+    assert res["clips"] and all(r["fps"] == 24 and r["fps_assumed"] for r in res["clips"])
+    assert "1000 fps" in res["note"]
+    small_videos(tmp_path / "ok", 1)
+    res = C.process_video(str(tmp_path / "ok" / "v0.mp4"), "v0.mp4", str(tmp_path / "out2"))
+    assert res["clips"] and "note" not in res and not any("fps_assumed" in r for r in res["clips"])
+
+
+def test_worker_error_reason_is_one_line(monkeypatch):
+    def boom(*a, **k):
+        raise cv2.error("OpenCV: error:\n (-201) bad size\n")
+    monkeypatch.setattr(C, "process_video", boom)
+    _, res = C._worker(("x.mp4", "x.mp4", "out", C.CFG, None))
+    assert res["rejected"][0]["reason"] == "error: error: OpenCV: error: (-201) bad size"
+
+
+def _cli_error(argv):
+    with pytest.raises(SystemExit) as e:
+        C.main(argv)
+    msg = str(e.value.code)
+    assert len(msg.strip().splitlines()) == 1, msg
+    return msg
+
+
+def test_cli_bad_folders_exit_with_one_line(tmp_path):
+    """Before: an --output that is a file (or lies under one) raised FileExistsError / NotADirectoryError
+    with a traceback; --output = --input curated the run's own clips as input on the next run; an input
+    folder with no videos "succeeded" with 0 clips."""
+    raw = small_videos(tmp_path / "raw", 1)
+    (tmp_path / "file").write_text("x")
+    assert "is a file, not a folder" in _cli_error(["--input", str(raw), "--output", str(tmp_path / "file")])
+    assert "cannot create the folder" in _cli_error(["--input", str(raw), "--output",
+                                                     str(tmp_path / "file" / "sub")])
+    assert "is the --input folder" in _cli_error(["--input", str(raw), "--output", str(raw)])
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+    for d in ("photos", "raw2"):
+        (tmp_path / d).mkdir(exist_ok=True)
+        assert "holds no video files" in _cli_error(["--input", str(tmp_path / d), "--output",
+                                                     str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_interrupted_run_keeps_finished_videos_and_resumes(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the second video's clip is being written: the first stays finished (whole lines only),
+    the re-run does only the rest and leaves no temp file; the command line says so in one line (exit
+    130), where it printed a KeyboardInterrupt traceback (one per worker with --workers 2)."""
+    raw = small_videos(tmp_path / "raw", 3)
+    out = tmp_path / "out"
+    real, calls, frames = C.process_video, [], []
+
+    def tracked(path, rel, *a, **k):
+        calls.append(rel)
+        return real(path, rel, *a, **k)
+
+    def ctrl_c_in_v1():      # write_segments asks this once per frame it writes (and _worker once)
+        if calls[-1:] == ["v1.mp4"]:
+            frames.append(1)
+            if len(frames) == 10:                # part of the clip is in its temp file
+                raise KeyboardInterrupt
+        return False
+    monkeypatch.setattr(C, "process_video", tracked)
+    monkeypatch.setattr(C, "_orphaned", ctrl_c_in_v1)
+    with pytest.raises(KeyboardInterrupt):
+        C.run(str(raw), str(out), workers=1)
+    assert calls == ["v0.mp4", "v1.mp4"] and [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+    assert [r["path"] for r in C._read_jsonl(str(out / "done.jsonl"))] == ["v0.mp4"]
+    lines = (out / "manifest.jsonl").read_text().splitlines()
+    assert lines and all(json.loads(l)["video"] == "v0.mp4" for l in lines)
+    first = _clip_keys(out)
+    monkeypatch.undo()
+    C.run(str(raw), str(out), workers=1)
+    keys = _clip_keys(out)
+    assert set(first) < set(keys) and len({k[0] for k in keys}) == len(keys) == 3
+    assert [r["path"] for r in C._read_jsonl(str(out / "done.jsonl"))] == ["v0.mp4", "v1.mp4", "v2.mp4"]
+    assert not [f for _, _, fs in os.walk(out) for f in fs if ".tmp" in f]
+
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(C, "run", ctrl_c)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        try:
+            C.main(["--input", str(raw), "--output", str(out)])
+        except KeyboardInterrupt:   # (escaping, it would stop the whole test session)
+            pytest.fail("main() let KeyboardInterrupt out: a traceback on Ctrl-C")
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 130 and len(err.splitlines()) == 1 and "run the same command again" in err
+
+
+def test_resume_redoes_inputs_whose_output_was_deleted(tmp_path, capsys):
+    """A deleted manifest.jsonl left a re-run with 0 clips and exit 0; a deleted clip file left its record
+    pointing at nothing. Both are redone now, and only those."""
+    raw = small_videos(tmp_path / "raw", 2)
+    out = tmp_path / "out"
+    C.run(str(raw), str(out), workers=1)
+    ref = _clip_keys(out)
+    assert len(ref) == 2
+    os.remove(out / "manifest.jsonl")
+    C.run(str(raw), str(out), workers=1)
+    assert _clip_keys(out) == ref and "redoing 2 finished input(s)" in capsys.readouterr().err
+    clip = C._read_jsonl(str(out / "manifest.jsonl"))[1]
+    os.remove(out / clip["path"])
+    mtime = os.path.getmtime(out / C._read_jsonl(str(out / "manifest.jsonl"))[0]["path"])
+    C.run(str(raw), str(out), workers=1)
+    assert _clip_keys(out) == ref and os.path.exists(out / clip["path"])
+    err = capsys.readouterr().err
+    assert "redoing 1 finished input(s) whose clips or stills are missing" in err and clip["video"] in err
+    assert os.path.getmtime(out / C._read_jsonl(str(out / "manifest.jsonl"))[0]["path"]) == mtime   # kept
+    C.run(str(raw), str(out), workers=1)
+    assert "redoing" not in capsys.readouterr().err
+    # a clip removed on purpose after the per-video pass (as --aesthetic drops a low score: logged in
+    # rejected.jsonl, file and record deleted) is no loss: nothing redone
+    manifest = C._read_jsonl(str(out / "manifest.jsonl"))
+    gone = manifest.pop()
+    with open(out / "rejected.jsonl", "a") as f:
+        f.write(json.dumps({"path": gone["video"], "clip": gone["clip"], "reason": "low aesthetic"}) + "\n")
+    os.remove(out / gone["path"])
+    C._write_jsonl(str(out / "manifest.jsonl"), manifest)
+    C.run(str(raw), str(out), workers=1)
+    assert "redoing" not in capsys.readouterr().err and not os.path.exists(out / gone["path"])
