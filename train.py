@@ -238,8 +238,57 @@ def lr_at(step, stage, cfg):
 # Data: clips and stills from curate.py's manifests, captions, buckets
 
 def read_jsonl(path):
+    """The rows of our own jsonl logs (metrics.jsonl); a line cut off by a killed run is left out (it was a
+    JSONDecodeError traceback on --resume)."""
+    rows = []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                pass
+    return [r for r in rows if isinstance(r, dict)]
+
+
+def read_manifest(path, fix):
+    """The records of a curate.py jsonl file. A torn last line (curate.py killed mid-append) is dropped with a
+    warning; any other line that is not a JSON record with a "path" is a one-line exit naming it and `fix`."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    recs, n = [], len(lines)
+    while n and not lines[n - 1].strip():
+        n -= 1
+    for i, line in enumerate(lines[:n]):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+            if i == n - 1:
+                print(f"warning: {path}: its last line is cut off (curate.py stopped mid-write?); "
+                      f"left out: {fix}", file=sys.stderr)
+                continue
+            raise SystemExit(f"error: {path} line {i + 1} is not valid JSON: delete or repair that line, "
+                             f"or {fix}")
+        if not isinstance(r, dict) or not isinstance(r.get("path"), str) or not r["path"]:
+            raise SystemExit(f"error: {path} line {i + 1} is not a clip/still record (a JSON object with a "
+                             f"\"path\"): delete or repair that line, or {fix}")
+        recs.append(r)
+    return recs
+
+
+def caption_of(r):
+    """A record's structured caption, or None if it has none to train on: a plain string counts as the short
+    description; a dict needs a short or dense description (curate.py leaves them out when captioning
+    failed: caption_error)."""
+    cap = r.get("caption")
+    if isinstance(cap, str):
+        cap = {"short_description": cap}
+    if not isinstance(cap, dict):
+        return None
+    cap = {k: v for k, v in cap.items() if isinstance(v, str) and v.strip()
+           or isinstance(v, list) and v and all(isinstance(x, str) for x in v)}
+    return cap if cap.get("short_description") or cap.get("dense_description") else None
 
 
 def load_items(data_dir, tier=None):
@@ -247,14 +296,22 @@ def load_items(data_dir, tier=None):
     for that stage: manifest_<tier>.jsonl, or finetune.jsonl for tier "finetune") and its stills
     (images.jsonl; with a tier, the largest of curate.py's image sets images_<side>p.jsonl not above the
     tier's side, as the paper's stages raise image and video resolution together), each with an absolute
-    path and its structured caption."""
+    path and its structured caption. Records without a caption are left out, said in one line."""
     name = "finetune.jsonl" if tier == "finetune" else f"manifest_{tier}.jsonl" if tier else "manifest.jsonl"
     path = os.path.join(data_dir, name)
+    fix = f"re-run `python curate.py --input RAW --output {data_dir}`"
     if not os.path.isfile(path):
+        if tier and os.path.isfile(os.path.join(data_dir, "manifest.jsonl")):
+            have = sorted(f[9:-6] for f in os.listdir(data_dir) if re.fullmatch(r"manifest_.+\.jsonl", f))
+            have += ["finetune"] if os.path.isfile(os.path.join(data_dir, "finetune.jsonl")) else []
+            raise SystemExit(f"error: --tier {tier}: --data {data_dir} has no {name}; "
+                             + (f"its tiers are {', '.join(have)}" if have else
+                                f"it has no tier sets (curate.py writes them when it finishes: {fix})")
+                             + ", or drop --tier")
         raise SystemExit(f"error: --data {data_dir}: no {name}; run "
                          f"`python curate.py --input RAW --output {data_dir}` first")
-    clips = [dict(r, path=os.path.join(data_dir, r["path"]), kind="video") for r in read_jsonl(path)
-             if r.get("caption")]
+    if os.path.isdir(path):
+        raise SystemExit(f"error: --data {data_dir}: {name} is a folder, not curate.py's manifest")
     img_name = "images.jsonl"
     if tier:
         side = int(tier[:-1]) if tier[:-1].isdigit() else 10**9  # finetune: the largest set
@@ -263,11 +320,73 @@ def load_items(data_dir, tier=None):
         if fits:
             img_name = sets[max(fits)]
     img_path = os.path.join(data_dir, img_name)
-    images = [dict(r, path=os.path.join(data_dir, r["path"]), kind="image") for r in read_jsonl(img_path)
-              if r.get("caption")] if os.path.isfile(img_path) else []
+    out = []
+    for p, kind in ((path, "video"), (img_path, "image")):
+        recs = read_manifest(p, fix) if os.path.isfile(p) else []
+        items = [dict(r, path=os.path.join(data_dir, r["path"]), kind=kind, caption=caption_of(r))
+                 for r in recs]
+        kept = [it for it in items if it["caption"]]
+        if len(kept) < len(items):
+            print(f"note: {len(items) - len(kept)} of {len(items)} records in {p} have no caption (no short "
+                  f"or dense description): left out", file=sys.stderr)
+        out.append(kept)
+    clips, images = out
     if not clips and not images:
         raise SystemExit(f"error: --data {data_dir}: no captioned clips or images in {name}")
     return clips, images
+
+
+def probe_media(path, kind):
+    """(width, height, frames) of a clip or still from its file, or None if it cannot be opened."""
+    import cv2
+    if kind == "image":
+        im = cv2.imread(path)
+        return None if im is None else (im.shape[1], im.shape[0], 1)
+    cap = cv2.VideoCapture(path)
+    try:
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        n = int(cap.get(cv2.CAP_PROP_FRAME_COUNT))
+    finally:
+        cap.release()
+    return (w, h, n) if w > 0 and h > 0 and n > 0 else None
+
+
+def usable_items(clips, images):
+    """The items train.py can read: a missing file is left out, and so is one whose size (and a clip's
+    frame count) the record lacks and its file cannot give; each said in one line with the first example.
+    Two records with one id (curate.py's "clip"/"image") but different files would share one latent cache
+    file: a one-line exit. Both empty: a one-line exit."""
+    out = []
+    for items, what in ((clips, "clip"), (images, "still")):
+        kept, missing, unreadable, ids = [], [], [], {}
+        for it in items:
+            if not os.path.isfile(it["path"]):
+                missing.append(it["path"])
+                continue
+            need = ("width", "height") + (("frames",) if it["kind"] == "video" else ())
+            ok = all(isinstance(it.get(k), (int, float)) and not isinstance(it.get(k), bool) and it[k] > 0
+                     for k in need)
+            if not ok:
+                got = probe_media(it["path"], it["kind"])
+                if got is None:
+                    unreadable.append(it["path"])
+                    continue
+                it = dict(it, width=got[0], height=got[1], frames=got[2]) if it["kind"] == "video" else \
+                    dict(it, width=got[0], height=got[1])
+            key = item_id(it)
+            if ids.setdefault(key, it["path"]) != it["path"]:
+                field = "clip" if it["kind"] == "video" else "image"
+                raise SystemExit(f"error: two {what}s are named {key!r} ({ids[key]} and {it['path']}): give "
+                                 f"each record its own \"{field}\" id")
+            kept.append(it)
+        for paths, why in ((missing, "missing"), (unreadable, "not readable")):
+            if paths:
+                print(f"warning: {len(paths)} of {len(items)} {what}s' files are {why} (first: {paths[0]}): "
+                      f"left out; paths in the manifest are relative to --data", file=sys.stderr)
+        out.append(kept)
+    if not out[0] and not out[1]:
+        raise SystemExit("error: --data: none of the manifest's clips or stills can be read (see above)")
+    return out
 
 
 CAPTION_ORDER = ("dense_description", "background", "style", "shot_type", "lighting", "atmosphere")
@@ -295,7 +414,13 @@ def read_clip(path, size, start=0, frames=None, stride=1):
     import cv2
     H, W = size
     if path.lower().endswith((".jpg", ".jpeg", ".png")):
-        raw = [cv2.imread(path)]
+        with open(path, "rb") as f:
+            data = f.read()
+        # OpenCV decodes a cut-off JPEG without an error, its missing rows grey (zeros in [-1, 1]): the end
+        # marker must follow the last scan (inside a scan 0xFF bytes are stuffed, so it cannot occur there)
+        if path.lower().endswith((".jpg", ".jpeg")) and data.find(b"\xff\xd9", data.rfind(b"\xff\xda")) < 0:
+            raise ValueError(f"{path}: the JPEG is cut off (no end marker)")
+        raw = [cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)]
     else:
         cap = cv2.VideoCapture(path)
         cap.set(cv2.CAP_PROP_POS_FRAMES, start)
@@ -317,6 +442,25 @@ def read_clip(path, size, start=0, frames=None, stride=1):
     out = np.stack([cv2.resize(f, (nw, nh), interpolation=cv2.INTER_AREA)[y:y + H, x:x + W, ::-1]
                     for f in raw])
     return torch.from_numpy(out.copy()).permute(3, 0, 1, 2)
+
+
+SKIPPED = set()  # the files this process found unreadable: each said once, then left out
+
+
+def read_or_skip(it, size, start=0, frames=None, stride=1):
+    """read_clip, or None for a file that cannot be decoded (damaged, cut off, shorter than its record
+    says): one warning line per file, and training goes on without it instead of stopping hours in."""
+    import cv2
+    try:
+        return read_clip(it["path"], size, start, frames, stride)
+    except (ValueError, OSError, cv2.error) as e:
+        if it["path"] not in SKIPPED:
+            SKIPPED.add(it["path"])
+            why = str(e).replace(it["path"] + ": ", "")
+            where = f" from frame {start} on" if start else ""
+            print(f"warning: skipping {it['path']}{where}: {why}; training goes on without it (re-run "
+                  f"curate.py or remove its line from the manifest)", file=sys.stderr)
+        return None
 
 
 def to_unit(x):
@@ -341,6 +485,50 @@ def assign_buckets(items, buckets, stride=1):
     return out
 
 
+def check_stages(cfg, clips, images, first=0, rank=0):
+    """At startup, not hours in when a stage begins: a stage that no clip or still fits is a one-line exit;
+    one whose video buckets no clip is long enough for (T frames at the frame stride) would train on stills
+    alone, and clips too short for a stage are left out of it: each said in one line."""
+    for stage in cfg.stages[first:]:
+        fit = sum(map(len, assign_buckets(clips, stage.buckets, cfg.frame_stride).values())) \
+            if stage.buckets else 0
+        stills = bool(stage.image_buckets and images)
+        if stage.buckets:
+            t = min(b[2] for b in stage.buckets)
+            need = (t - 1) * cfg.frame_stride + 1
+            longest = max((c["frames"] for c in clips), default=0)
+            why = (f"its shortest video bucket needs {need} source frames ({t} at frame stride "
+                   f"{cfg.frame_stride}), the longest clip has {longest}")
+        if not fit and not stills:
+            raise SystemExit(f"error: stage {stage.name}: no clip or still fits its buckets"
+                             + (f" ({why})" if stage.buckets and clips else "")
+                             + ": curate clips long enough (or stills) for this preset, or pick another one")
+        if rank == 0 and stage.buckets and fit < len(clips):
+            print(f"warning: stage {stage.name}: no clip fits its video buckets ({why}): it trains on stills "
+                  f"only; curate longer clips" if not fit else
+                  f"note: stage {stage.name}: {len(clips) - fit} of {len(clips)} clips are too short for it "
+                  f"({why}): left out of this stage", file=sys.stderr)
+
+
+def check_balance(clips):
+    """--balance draws clips by curate.py's k-means concept weights ("weight", mean 1): without them it would
+    silently draw uniformly, and a negative or non-number weight would stop the run at its first epoch."""
+    w = [c.get("weight") for c in clips]
+    if not clips or all(v is None for v in w):
+        raise SystemExit("error: --balance: the clips have no k-means concept weights (\"weight\", which "
+                         "curate.py writes when it finishes): re-run curate.py on --data, or drop --balance")
+    for c, v in zip(clips, w):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0
+                              or math.isinf(v)):
+            raise SystemExit(f"error: --balance: {c['path']} has weight {v!r}, not a number >= 0: fix its "
+                             f"record or re-run curate.py")
+    if not any(v is None or v > 0 for v in w):
+        raise SystemExit("error: --balance: every clip's concept weight is 0: nothing to draw")
+    if None in w:
+        print(f"warning: --balance: {w.count(None)} of {len(w)} clips have no concept weight: drawn with "
+              f"weight 1 (the mean)", file=sys.stderr)
+
+
 def bucket_batches(groups, batch_sizes, seed, epoch, world=1, weights=None):
     """One epoch of global batches: each bucket's items shuffled and cut into batches of its per-rank batch
     size x world, batches shuffled across buckets; every item appears exactly once, or, with weights
@@ -355,6 +543,8 @@ def bucket_batches(groups, batch_sizes, seed, epoch, world=1, weights=None):
             order = torch.randperm(len(groups[b]), generator=g)
         else:
             w = torch.tensor([float(weights[i]) for i in groups[b]], dtype=torch.float64)
+            if not w.sum() > 0:  # a bucket of weight-0 items only: never drawn
+                continue
             order = torch.multinomial(w, len(w), replacement=True, generator=g)
         idx = [groups[b][i] for i in order.tolist()]
         n = batch_sizes[b] * world
@@ -552,6 +742,34 @@ def resume_state(path, rank):
     return None
 
 
+def check_resume(path, arch, rank):
+    """--resume from `path` (or None: no checkpoint yet, said in one line): its model must be this run's
+    (arch: {"dit"|"vae": the model config, "lora": {rank, alpha, targets} or None}, as save_train_state's
+    meta holds it), else a one-line exit before any tensor is read; a mismatch used to be a size-mismatch
+    traceback, or (other LoRA targets or alpha) no error at all."""
+    from safetensors import safe_open
+    if path is None:
+        if rank == 0:
+            print("note: --resume: no checkpoint for this stage in --out yet: it starts at step 0",
+                  file=sys.stderr)
+        return
+    with safe_open(path, "pt") as f:
+        got = json.loads(f.metadata()["meta"]).get("arch") or {}
+    want = json.loads(json.dumps(arch))
+    diff = []
+    for part, have in got.items():
+        now = want.get(part, have)
+        if isinstance(have, dict) and isinstance(now, dict):
+            diff += [(f"{part}.{k}", have.get(k), now.get(k)) for k in sorted(set(have) | set(now))
+                     if have.get(k) != now.get(k)]
+        elif have != now:
+            diff.append((part, have, now))
+    if diff:
+        said = "; ".join(f"{k} {a!r} there, {b!r} now" for k, a, b in diff[:3])
+        raise SystemExit(f"error: --resume: {path} is from another model ({said}): resume with the options "
+                         f"it was started with, or start afresh in a new --out")
+
+
 def load_train_state(path, parts, ema, device, trainable_only=False):
     """The inverse of save_train_state; returns meta. Under torchrun rank 0 alone reads the weights, the
     optimizer states and the EMA, one part at a time, and sends every rank its shards (as the --init-dit
@@ -599,6 +817,9 @@ def load_train_state(path, parts, ema, device, trainable_only=False):
 
 def check_writable(out_dir, need_bytes):
     """Fail before training, not at the first checkpoint: the folder must be writable and have room."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise SystemExit(f"error: cannot write to {out_dir}: it is a file, not a folder; pass a folder as "
+                         f"--out")
     try:
         os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, f".write_test_{os.getpid()}")
@@ -635,10 +856,9 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     if need > 8 * 2**30:
         raise SystemExit(f"error: the VAE stage holds its clips in memory at {H}x{W}: {need / 2**30:.0f} "
                          f"GiB; train on a smaller tier or fine-tune the released VAE instead")
-    data = [read_clip(c["path"], (H, W), stride=stride)
-            for c in tqdm(clips, desc="read clips", disable=rank != 0)]
-    data = [d for d in data if d.shape[1] >= T]
-    stills = [read_clip(i["path"], (H, W)) for i in images]
+    data = [read_or_skip(c, (H, W), stride=stride) for c in tqdm(clips, desc="read clips", disable=rank != 0)]
+    data = [d for d in data if d is not None and d.shape[1] >= T]
+    stills = [d for d in (read_or_skip(i, (H, W)) for i in images) if d is not None]
     if not data:
         raise SystemExit(f"error: no clip has {T} frames for the VAE stage")
 
@@ -671,44 +891,54 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     schedule = Stage("vae", cfg.vae_steps, (), lr=cfg.vae_lr)  # the VAE's lr follows lr_at like a DiT stage
     path = os.path.join(out_dir, "vae_state.safetensors")
     parts = {"vae": (model, opt), "disc": (lossf.discriminator, opt_d)}
+    arch = {"vae": asdict(vae_config(cfg))}
     start = resume_state(path, rank) if resume else None
+    if resume:
+        check_resume(start, arch, rank)
     step = load_train_state(start, parts, {}, device)["step"] if start else 0
     core = model.module if world > 1 else model
     bar = tqdm(total=cfg.vae_steps, initial=step, desc="VAE", disable=rank != 0)
-    while step < cfg.vae_steps:
-        g = sample_rng(cfg.seed, step, rank)
-        image = bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
-        pool = stills if image else data
-        x = torch.stack([crop(pool[int(torch.randint(len(pool), (), generator=g))], g, 1 if image else T)
-                         for _ in range(cfg.vae_image_batch if image else cfg.vae_batch)])
-        x = to_unit(x).to(device)
-        if device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last_3d)
-        # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule, cfg)
-        recon, mean, logvar = model(x, sample_posterior=True, tile_prob=cfg.vae_tile_prob)
-        loss, terms = lossf(x, recon, mean, logvar, step)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; "
-                             f"the last good checkpoint is {path}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        d_loss = lossf.disc_loss(x, recon, step)
-        if d_loss.requires_grad:
-            opt_d.zero_grad(set_to_none=True)
-            d_loss.backward()
-            opt_d.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
-        if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
-            save_train_state(path, parts, {}, {"step": step}, rank)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.vae_steps):
-            log({"stage": "vae", "step": step - 1,
-                 **{f"vae_{k}": round(v.item(), 6) for k, v in terms.items()}})
+    safe = None  # Ctrl-C: as in train_dit
+    try:
+        while step < cfg.vae_steps:
+            safe = ({"step": step, "arch": arch}, rng_states())
+            g = sample_rng(cfg.seed, step, rank)
+            image = bool(stills) and torch.rand((), generator=g) < cfg.vae_image_ratio
+            pool = stills if image else data
+            x = torch.stack([crop(pool[int(torch.randint(len(pool), (), generator=g))], g, 1 if image else T)
+                             for _ in range(cfg.vae_image_batch if image else cfg.vae_batch)])
+            x = to_unit(x).to(device)
+            if device.type == "cpu":
+                x = x.contiguous(memory_format=torch.channels_last_3d)
+            # warmup + cosine decay, as in the DiT stages: the decay is what sharpens a short run's details
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, schedule, cfg)
+            recon, mean, logvar = model(x, sample_posterior=True, tile_prob=cfg.vae_tile_prob)
+            loss, terms = lossf(x, recon, mean, logvar, step)
+            if not torch.isfinite(loss):
+                raise SystemExit(f"error: VAE loss is {loss.item()} at step {step}; "
+                                 f"the last good checkpoint is {path}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            safe = None  # the update has begun
+            opt.step()
+            d_loss = lossf.disc_loss(x, recon, step)
+            if d_loss.requires_grad:
+                opt_d.zero_grad(set_to_none=True)
+                d_loss.backward()
+                opt_d.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix({k: f"{v.item():.4f}" for k, v in terms.items()})
+            if step % cfg.ckpt_every == 0 or step == cfg.vae_steps:
+                save_train_state(path, parts, {}, {"step": step, "arch": arch}, rank)
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.vae_steps):
+                log({"stage": "vae", "step": step - 1,
+                     **{f"vae_{k}": round(v.item(), 6) for k, v in terms.items()}})
+            safe = ({"step": step, "arch": arch}, rng_states())
+    except KeyboardInterrupt:
+        interrupted(path, parts, {}, safe, rank, world)
     bar.close()
     core.eval().requires_grad_(False)
     return core
@@ -724,6 +954,7 @@ def vae_size_for_scale(cfg):
 
 def item_id(it):
     base = it.get("clip") or it.get("image") or hashlib.sha1(it["path"].encode()).hexdigest()[:16]
+    base = re.sub(r"[/\\\x00]", "_", str(base))  # a hand-written id is a file name, not a path
     return base + (f"@{it['start']}" if it.get("start") else "")
 
 
@@ -763,9 +994,13 @@ def cache_latents(items, size, vae, cache_dir, device, rank=0, world=1, stride=1
     n = max(1, min(16, 2**22 // (H * W * T)))
     bar = tqdm(total=len(todo), desc=f"cache latents {H}x{W}x{T}", disable=rank != 0 or not todo)
     for i in range(0, len(todo), n):
-        chunk = todo[i:i + n]
-        x = torch.stack([to_unit(read_clip(it["path"], (H, W), it.get("start", 0),
-                                           T if it["kind"] == "video" else None, stride)) for it in chunk])
+        read = [(it, read_or_skip(it, (H, W), it.get("start", 0), T if it["kind"] == "video" else None,
+                                  stride)) for it in todo[i:i + n]]
+        chunk = [it for it, x in read if x is not None]  # an unreadable file gets no cache file
+        bar.update(len(read) - len(chunk))
+        if not chunk:
+            continue
+        x = torch.stack([to_unit(x) for _, x in read if x is not None])
         mean, logvar = vae.encode(x.to(device), tiled=max(H, W) > vae.cfg.tile_sample_size)
         for it, m, lv in zip(chunk, mean, logvar):
             f = os.path.join(folder, item_id(it) + ".safetensors")
@@ -856,12 +1091,20 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     ema = {} if lora else {n: p.detach().clone().float() for n, p in params.items()}
     path = os.path.join(out_dir, "lora_state.safetensors" if lora else "dit_state.safetensors")
     meta = {"stage": 0, "stage_step": 0, "step": 0, "data": {}}
+    arch = {"dit": asdict(mcfg), "lora": dict(zip(("rank", "alpha", "targets"), lora)) if lora else None}
     start = resume_state(path, rank) if resume else None
+    if resume:
+        check_resume(start, arch, rank)
     if start:
         meta = load_train_state(start, {"dit": (model, opt)}, ema, device, trainable_only=bool(lora))
         if rank == 0:
             name = cfg.stages[meta["stage"]].name if meta["stage"] < len(cfg.stages) else "done"
             print(f"resumed from {start} at step {meta['step']} (stage {name})")
+            if meta["stage"] >= len(cfg.stages):
+                print(f"note: --resume: this run had already finished (all {meta['step']} steps): nothing "
+                      f"left to train, its outputs are written again; a longer run needs a new --out",
+                      file=sys.stderr)
+    check_stages(cfg, clips, images, meta["stage"], rank)
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" and world == 1 else None
     # Checkpointing keeps only each block's input for the backward, but at 13B that is 60 x the hidden
     # states (~7 GiB at 49x512x768): offloaded, they wait in pinned CPU memory instead (docs/lora.md).
@@ -871,100 +1114,154 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     scale = vae.cfg.scaling_factor
     cache_dir = os.path.join(out_dir, "cache")
 
-    for si in range(meta["stage"], len(cfg.stages)):
-        stage = cfg.stages[si]
-        streams = {}
-        for kind, items, buckets in (("video", clips, [b for b in stage.buckets]),
-                                     ("image", images, [(h, w, 1, b) for h, w, b in stage.image_buckets])):
-            groups = assign_buckets(items, buckets, cfg.frame_stride) if buckets and items else {}
-            if kind == "video" and cfg.clip_windows > 1:
-                items, groups = clip_windows(items, groups, buckets, cfg.frame_stride, cfg.clip_windows)
-            if groups:
-                folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir, device,
-                                            rank, world, cfg.frame_stride)
-                           for b, idx in groups.items()}
-                streams[kind] = dict(items=items, buckets=buckets, groups=groups, folders=folders)
-        if not streams:
-            raise SystemExit(f"error: stage {stage.name}: no clip or image fits its buckets")
-        bar = tqdm(total=stage.steps, initial=meta["stage_step"], desc=f"DiT {stage.name}", disable=rank != 0)
-        while meta["stage_step"] < stage.steps:
-            step = meta["step"]
-            # every rank draws the same kind of batch (same seed, step): ranks stay in step
-            want_image = torch.rand((), generator=sample_rng(cfg.seed, step, -1)) < stage.image_ratio
-            kind = "image" if ("image" in streams and (want_image or "video" not in streams)) else "video"
-            st = streams[kind]
-            pos = meta["data"].setdefault(f"{si}/{kind}", [0, 0])  # (epoch, batch) of this stream
-            if st.get("epoch") is not None and pos[1] >= len(st["batches"]):
-                pos[0], pos[1] = pos[0] + 1, 0
-            if st.get("epoch") != pos[0]:  # an epoch's batch list is built once, not every step
-                st["epoch"] = pos[0]
-                weights = None
-                if cfg.balance_concepts:
-                    weights = {i: it.get("weight", 1.0) for i, it in enumerate(st["items"])}
-                st["batches"] = bucket_batches(st["groups"], {b: st["buckets"][b][3] for b in st["groups"]},
-                                               cfg.seed + 7 * si + (kind == "image"), pos[0], world, weights)
-                if pos[1] >= len(st["batches"]):  # resumed exactly at the end of an epoch
-                    pos[0], pos[1], st["epoch"] = pos[0] + 1, 0, None
-                    continue
-            b, batch = st["batches"][pos[1]]
-            pos[1] += 1
-            mine = rank_slice(batch, rank, world)
-            first = rank * len(mine)
-            x0, noise, sigma, caps = [], [], [], []
-            for j, i in enumerate(mine):
-                g = sample_rng(cfg.seed, step, first + j)
-                it = st["items"][i]
-                drop = torch.rand((), generator=g) < cfg.caption_dropout  # empty prompt: CFG learns uncond
-                caps.append("" if drop else build_caption(it["caption"], g, cfg))
-                z = load_latent(st["folders"][b], it, g, scale)
-                x0.append(z)
-                noise.append(torch.randn(z.shape, generator=g))
-                sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
-            x0, noise = torch.stack(x0).to(device), torch.stack(noise).to(device)
-            sigma = torch.cat(sigma).to(device)
-            cond = encoder(caps, video_length=st["buckets"][b][2], cache_dir=os.path.join(cache_dir, "text"))
-            cond = tuple(c.to(device) for c in cond)
-            guidance = None
-            if mcfg.guidance_embed:
-                guidance = torch.full((len(mine),), float(cfg.train_guidance) * 1000, device=device)
+    # Ctrl-C: between updates (safe holds the state as of the last step boundary) the run is checkpointed
+    # there and stops with one line; --resume goes on as if it never stopped
+    safe = None
+    try:
+        for si in range(meta["stage"], len(cfg.stages)):
+            stage = cfg.stages[si]
+            streams = {}
+            for kind, items, buckets in (
+                    ("video", clips, [b for b in stage.buckets]),
+                    ("image", images, [(h, w, 1, b) for h, w, b in stage.image_buckets])):
+                groups = assign_buckets(items, buckets, cfg.frame_stride) if buckets and items else {}
+                if kind == "video" and cfg.clip_windows > 1:
+                    items, groups = clip_windows(items, groups, buckets, cfg.frame_stride, cfg.clip_windows)
+                if groups:
+                    folders = {b: cache_latents([items[i] for i in idx], buckets[b][:3], vae, cache_dir,
+                                                device, rank, world, cfg.frame_stride)
+                               for b, idx in groups.items()}
+                    # the items whose file could not be decoded have no latent (cache_latents said which):
+                    # left out, the same on every rank (shared storage) and in a resumed run
+                    cached = {b: [i for i in idx if os.path.isfile(os.path.join(folders[b], item_id(items[i])
+                                                                                 + ".safetensors"))]
+                              for b, idx in groups.items()}
+                    groups = {b: idx for b, idx in cached.items() if idx}
+                if groups:
+                    streams[kind] = dict(items=items, buckets=buckets, groups=groups, folders=folders)
+            if not streams:
+                raise SystemExit(f"error: stage {stage.name}: no clip or image fits its buckets")
+            bar = tqdm(total=stage.steps, initial=meta["stage_step"], desc=f"DiT {stage.name}",
+                       disable=rank != 0)
+            while meta["stage_step"] < stage.steps:
+                safe = (json.loads(json.dumps(meta)), rng_states())
+                step = meta["step"]
+                # every rank draws the same kind of batch (same seed, step): ranks stay in step
+                want_image = torch.rand((), generator=sample_rng(cfg.seed, step, -1)) < stage.image_ratio
+                kind = "image" if ("image" in streams and (want_image or "video" not in streams)) else "video"
+                st = streams[kind]
+                pos = meta["data"].setdefault(f"{si}/{kind}", [0, 0])  # (epoch, batch) of this stream
+                if st.get("epoch") is not None and pos[1] >= len(st["batches"]):
+                    pos[0], pos[1] = pos[0] + 1, 0
+                if st.get("epoch") != pos[0]:  # an epoch's batch list is built once, not every step
+                    st["epoch"] = pos[0]
+                    weights = None
+                    if cfg.balance_concepts:
+                        weights = {i: 1.0 if it.get("weight") is None else it["weight"]
+                                   for i, it in enumerate(st["items"])}
+                    st["batches"] = bucket_batches(st["groups"],
+                                                   {b: st["buckets"][b][3] for b in st["groups"]},
+                                                   cfg.seed + 7 * si + (kind == "image"), pos[0], world,
+                                                   weights)
+                    if pos[1] >= len(st["batches"]):  # resumed exactly at the end of an epoch
+                        pos[0], pos[1], st["epoch"] = pos[0] + 1, 0, None
+                        continue
+                b, batch = st["batches"][pos[1]]
+                pos[1] += 1
+                mine = rank_slice(batch, rank, world)
+                first = rank * len(mine)
+                x0, noise, sigma, caps = [], [], [], []
+                for j, i in enumerate(mine):
+                    g = sample_rng(cfg.seed, step, first + j)
+                    it = st["items"][i]
+                    # empty prompt: CFG learns uncond
+                    drop = torch.rand((), generator=g) < cfg.caption_dropout
+                    caps.append("" if drop else build_caption(it["caption"], g, cfg))
+                    z = load_latent(st["folders"][b], it, g, scale)
+                    x0.append(z)
+                    noise.append(torch.randn(z.shape, generator=g))
+                    sigma.append(sample_sigma(1, cfg.sigma_mean, cfg.sigma_std, g))
+                x0, noise = torch.stack(x0).to(device), torch.stack(noise).to(device)
+                sigma = torch.cat(sigma).to(device)
+                cond = encoder(caps, video_length=st["buckets"][b][2],
+                               cache_dir=os.path.join(cache_dir, "text"))
+                cond = tuple(c.to(device) for c in cond)
+                guidance = None
+                if mcfg.guidance_embed:
+                    guidance = torch.full((len(mine),), float(cfg.train_guidance) * 1000, device=device)
 
-            for group in opt.param_groups:
-                group["lr"] = lr_at(meta["stage_step"], stage, cfg)
-            with autocast or torch.autocast("cpu", enabled=False), keep_on_cpu():
-                loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
-            loss.backward()
-            # the norm over all ranks' gradients
-            gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
-            gloss = all_mean(loss, world)
-            # A non-finite gradient can come with a finite loss (an overflow in backward); its update would
-            # turn the weights into NaN, and the next checkpoint with them. Both values agree on every rank.
-            for what, value in (("loss", gloss), ("gradient norm", gnorm)):
-                if not torch.isfinite(value):
-                    raise SystemExit(f"error: the {what} is {value.item()} at step {step} "
-                                     f"(stage {stage.name}); stopped before the update. The last good "
-                                     f"checkpoint is {path}: lower the lr and --resume")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))  # short warmup: early EMA tracks the model
-            with torch.no_grad():
-                for n, e in ema.items():
-                    e.lerp_(params[n].detach().float(), 1 - decay)
-            meta["step"] += 1
-            meta["stage_step"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{gloss.item():.4f}", kind=kind)
-            if rank == 0 and (step % cfg.log_every == 0 or meta["stage_step"] == stage.steps):
-                log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6),
-                     "lr": opt.param_groups[0]["lr"], "grad_norm": round(gnorm.item(), 4), "kind": kind,
-                     "time": round(time.time(), 2)})
-            if meta["step"] % cfg.ckpt_every == 0 or meta["stage_step"] == stage.steps:
-                saved = dict(meta, config=asdict(cfg))
-                if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
-                    saved.update(stage=si + 1, stage_step=0)
-                save_train_state(path, {"dit": (model, opt)}, ema, saved, rank, trainable_only=bool(lora))
-        bar.close()
-        meta.update(stage=si + 1, stage_step=0)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(meta["stage_step"], stage, cfg)
+                with autocast or torch.autocast("cpu", enabled=False), keep_on_cpu():
+                    loss = flow_matching_loss(model, x0, noise, sigma, cond, guidance)
+                loss.backward()
+                # the norm over all ranks' gradients
+                gnorm = full_tensor(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                gloss = all_mean(loss, world)
+                # A non-finite gradient can come with a finite loss (an overflow in backward); its update
+                # would turn the weights into NaN, and the next checkpoint with them. Both values agree on
+                # every rank.
+                for what, value in (("loss", gloss), ("gradient norm", gnorm)):
+                    if not torch.isfinite(value):
+                        raise SystemExit(f"error: the {what} is {value.item()} at step {step} "
+                                         f"(stage {stage.name}); stopped before the update. The last good "
+                                         f"checkpoint is {path}: lower the lr and --resume")
+                safe = None  # the update has begun: no consistent state until it and its bookkeeping end
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                # short warmup: early EMA tracks the model
+                decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                with torch.no_grad():
+                    for n, e in ema.items():
+                        e.lerp_(params[n].detach().float(), 1 - decay)
+                meta["step"] += 1
+                meta["stage_step"] += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{gloss.item():.4f}", kind=kind)
+                if rank == 0 and (step % cfg.log_every == 0 or meta["stage_step"] == stage.steps):
+                    log({"stage": stage.name, "step": step, "loss": round(gloss.item(), 6),
+                         "lr": opt.param_groups[0]["lr"], "grad_norm": round(gnorm.item(), 4), "kind": kind,
+                         "time": round(time.time(), 2)})
+                safe = (json.loads(json.dumps(meta)), rng_states())
+                if meta["step"] % cfg.ckpt_every == 0 or meta["stage_step"] == stage.steps:
+                    saved = dict(meta, config=asdict(cfg), arch=arch)
+                    if meta["stage_step"] == stage.steps:  # a finished stage resumes at the next one
+                        saved.update(stage=si + 1, stage_step=0)
+                    save_train_state(path, {"dit": (model, opt)}, ema, saved, rank, trainable_only=bool(lora))
+            bar.close()
+            meta.update(stage=si + 1, stage_step=0)
+    except KeyboardInterrupt:
+        if safe is not None:
+            done, rng = safe
+            if done["stage"] < len(cfg.stages) and done["stage_step"] >= cfg.stages[done["stage"]].steps:
+                done.update(stage=done["stage"] + 1, stage_step=0)  # a finished stage resumes at the next
+            safe = (dict(done, config=asdict(cfg), arch=arch), rng)
+        interrupted(path, {"dit": (model, opt)}, ema, safe, rank, world, bool(lora))
     return model, ema
+
+
+def rng_states():
+    """The CPU generator's state and the CUDA one's where CUDA is in use (the VAE's posterior samples)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None
+
+
+def interrupted(path, parts, ema, safe, rank, world, trainable_only=False):
+    """Ctrl-C in a training loop: one line, no traceback. On one process, if it came between updates (safe:
+    (meta, rng_states()) as of that step boundary), a checkpoint of that step first, so no finished step
+    is lost; otherwise (mid-update, or under torchrun, where saving is collective) the last checkpoint."""
+    if safe is not None and world == 1:
+        meta, (cpu, cuda) = safe
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        save_train_state(path, parts, ema, meta, rank, trainable_only)
+        print(f"\ninterrupted: step {meta['step']} saved in {path}; the same command with --resume goes on "
+              f"from there", file=sys.stderr)
+    elif rank == 0:
+        print(f"\ninterrupted: the command with --resume goes on from the last checkpoint, {path}"
+              if os.path.exists(path) else "\ninterrupted before the first checkpoint: nothing to resume",
+              file=sys.stderr)
+    raise SystemExit(130)
 
 
 def export_dit(model, ema, path, rank):
@@ -1002,8 +1299,9 @@ def run_pipeline(cfg, args, clips, images, out, rank, world, device, encoder):
             zs = []
             for c in clips[:32]:
                 if c["frames"] >= (T - 1) * cfg.frame_stride + 1:
-                    x = to_unit(read_clip(c["path"], (H, W), 0, T, cfg.frame_stride))[None]
-                    zs.append(vae.encode(x.to(device))[0])
+                    x = read_or_skip(c, (H, W), 0, T, cfg.frame_stride)
+                    if x is not None:
+                        zs.append(vae.encode(to_unit(x)[None].to(device))[0])
         if zs:
             std = torch.cat([z.flatten() for z in zs]).std().item()
             vae.cfg = replace(vae.cfg, scaling_factor=round(1.0 / std, 6))
@@ -1376,14 +1674,20 @@ def lora_main(args):
         sys.exit("error: --offload is for one GPU; under torchrun FSDP shards the DiT instead")
     out = args.out or os.path.join("out", "lora")
     check_writable(out, 2**28)
-    clips, images = load_items(args.data, args.tier)
+    clips, images = usable_items(*load_items(args.data, args.tier))
     base = None
     if args.from_dir:
-        with open(os.path.join(args.from_dir, "config.json")) as f:
-            t = json.load(f)["train"]
-        # a folder written before an option was removed still loads: its settings no longer exist
-        t = {k: v for k, v in t.items() if k in {fl.name for fl in fields(TrainConfig)}}
-        cfg = TrainConfig(**dict(t, stages=tuple(Stage(**st) for st in t["stages"])))
+        try:
+            with open(os.path.join(args.from_dir, "config.json")) as f:
+                t = json.load(f)["train"]
+            # a folder written before an option was removed still loads: its settings no longer exist
+            t = {k: v for k, v in t.items() if k in {fl.name for fl in fields(TrainConfig)}}
+            cfg = TrainConfig(**dict(t, stages=tuple(Stage(**st) for st in t["stages"])))
+            if not cfg.stages:
+                raise ValueError("no stages")
+        except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+            sys.exit(f"error: --from {args.from_dir}: its config.json is not a train.py run's (no training "
+                     f"config: {e!r}); pass a folder train.py wrote, or --init-dit FILE --vae ...")
         # the frozen base in bf16 on one GPU; fp32 under FSDP, whose shards keep one dtype (it gathers bf16)
         dtype = torch.bfloat16 if device.type == "cuda" and world == 1 else torch.float32
         try:
@@ -1403,6 +1707,9 @@ def lora_main(args):
         vae = read_vae(args.vae, cfg, device)
     if args.ckpt_every:
         cfg = replace(cfg, ckpt_every=args.ckpt_every)
+    if args.balance:  # (it used to be ignored with --lora)
+        check_balance(clips)
+        cfg = replace(cfg, balance_concepts=True)
     if args.batch:
         cfg = replace(cfg, stages=tuple(
             replace(s, buckets=tuple((h, w, t, args.batch) for h, w, t, _ in s.buckets),
@@ -1419,6 +1726,17 @@ def lora_main(args):
 
 
 def main():
+    """train.py's command line (cli below); Ctrl-C anywhere is one line, not a traceback (in the DiT loop
+    train_dit checkpoints the step it stopped at first)."""
+    try:
+        cli()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished work is kept (checkpoints, cached latents, curated files); the same "
+              "command with --resume goes on from there", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def cli():
     # Assembled captions are often longer than CLIP's 77 tokens; CLIP reads the first 77, as it does in the
     # official pipeline. That is expected here, not worth a warning per caption.
     import warnings
@@ -1467,6 +1785,21 @@ def main():
                     "GPU, gradient checkpointing on: the blocks' saved inputs wait in CPU memory; with 'all' "
                     "(the default) the frozen DiT blocks too, streamed to the GPU for forward and backward")
     args = ap.parse_args()
+    # 0 used to mean "the preset's" (--steps 0: all 20,000 steps), a negative --steps trained nothing and
+    # exported the untrained DiT, a negative --batch hung (no batch in any epoch)
+    for flag, v, ok, want in (("--steps", args.steps, lambda v: v >= 1, "at least 1"),
+                              ("--batch", args.batch, lambda v: v >= 1, "at least 1"),
+                              ("--ckpt-every", args.ckpt_every, lambda v: v >= 1, "at least 1"),
+                              ("--lr", args.lr, lambda v: 0 < v < math.inf, "a number > 0"),
+                              ("--lora-alpha", args.lora_alpha, lambda v: 0 < v < math.inf, "a number > 0"),
+                              ("--seed", args.seed, lambda v: 0 <= v < 2**32, "in 0 .. 2**32 - 1")):
+        if v is not None and not ok(v):
+            sys.exit(f"error: {flag} {v}: must be {want}")
+    # checked before the hours of work that come before they are read (the VAE stage, the latent caches)
+    for flag, p in (("--init-dit", args.init_dit), ("--vae", args.vae), ("--llm", args.llm),
+                    ("--clip", args.clip)):
+        if p and not os.path.exists(p):
+            sys.exit(f"error: {flag} {p}: no such file or folder")
     if args.i2v and (args.lora is not None or args.lora_demo or not args.data or args.llm):
         sys.exit("error: --i2v fine-tunes with --preset/--data and the small text encoders (which read the "
                  "prompt alone; the official I2V text path needs the full LLaVA), not with --lora or --llm")
@@ -1509,7 +1842,9 @@ def main():
         sys.exit("error: --preset needs --data, a curate.py output folder")
     out = args.out or os.path.join("out", args.preset or "demo")
     check_writable(out, 2**30)
-    clips, images = load_items(args.data, args.tier)
+    clips, images = usable_items(*load_items(args.data, args.tier))
+    if args.balance:
+        check_balance(clips)
     if args.llm or args.clip:
         if not (args.llm and args.clip):
             sys.exit("error: the official text encoders need both --llm and --clip")

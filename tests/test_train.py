@@ -250,12 +250,14 @@ def make_data(root):
     for i, (colour, shape, d) in enumerate([("red", "circle", "left"), ("green", "square", "right"),
                                             ("blue", "triangle", "up"), ("yellow", "circle", "down"),
                                             ("white", "square", "left"), ("red", "triangle", "right")]):
-        frames = curate.render_shot(rng, 112, 64, 40, shape, colour, d)  # >= the demo's 9 frames at stride 4
+        # 72 frames: the demo's video buckets take 9 frames at stride 8 (65 source frames); fewer, and its
+        # "video" steps would all be still ones (train.check_stages says so)
+        frames = curate.render_shot(rng, 112, 64, 72, shape, colour, d)
         path = f"clips/c{i}.mp4"
         curate.write_video(os.path.join(root, path), frames)
         cap = {"short_description": f"a {colour} {shape} moving {d}", "style": "flat",
                "camera_movement": "static shot"}
-        clips.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": 40,
+        clips.append({"clip": f"c{i}", "path": path, "width": 112, "height": 64, "frames": 72,
                       "caption": cap})
         if i < 4:
             cv2.imwrite(os.path.join(root, f"clips/i{i}.jpg"), frames[0][..., ::-1])
@@ -317,6 +319,8 @@ def test_fsdp_two_ranks_stopped_and_resumed_match_one_process(data, tmp_path):
     --resume, where rank 0 alone reads the checkpoint and sends each rank its shards."""
     one = run_train(data, str(tmp_path / "one"), "--batch", "4", "--ckpt-every", "100")
     assert one.returncode == 0, one.stderr[-3000:]
+    with open(tmp_path / "one" / "metrics.jsonl") as f:  # the video stage does train on clips
+        assert "video" in [r.get("kind") for r in map(json.loads, f)]
     cut = run_train(data, str(tmp_path / "two"), "--batch", "2", "--ckpt-every", "2", torchrun=True,
                     fault=("nan", 5))
     assert cut.returncode != 0 and "the loss is nan at step 5" in cut.stderr, cut.stderr[-3000:]
@@ -484,6 +488,252 @@ def test_contact_sheet_rows_hold_every_other_frame(tmp_path):
             np.testing.assert_array_equal(tile, videos[r, t].repeat(2, 0).repeat(2, 1))
             assert (img[36 * r + 32:36 * r + 36, 260 + 52 * k:260 + 52 * (k + 1)] == 255).all()
     assert (img[:, :260] < 128).any()  # the prompt's text
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Odd inputs: one line naming the problem and the fix, never a traceback or a silent wrong result
+
+def write_rows(path, rows):
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def test_manifest_lines_torn_invalid_or_uncaptioned(tmp_path, capsys):
+    """A torn last line (curate.py killed mid-append) is left out with a warning; any other line that is not
+    a JSON record is an error naming its line (it was a JSONDecodeError/AttributeError traceback); records
+    without a caption are left out and counted; a plain-string caption is the short description."""
+    cap = {"short_description": "a red circle"}
+    rows = [{"path": "a.mp4", "caption": cap}, {"path": "b.mp4", "caption": "a blue square"},
+            {"path": "c.mp4", "caption": {"short_description": " ", "style": "flat"}}, {"path": "d.mp4"}]
+    write_rows(tmp_path / "manifest.jsonl", rows + ['{"path": "e.mp4", "capt'])
+    clips, images = train.load_items(str(tmp_path))
+    assert [os.path.basename(c["path"]) for c in clips] == ["a.mp4", "b.mp4"] and images == []
+    assert clips[1]["caption"] == {"short_description": "a blue square"}
+    err = capsys.readouterr().err
+    assert "last line is cut off" in err and "2 of 4 records" in err and "no caption" in err
+    for bad, why in (('{"path": "x.mp4", "capt', "line 1 is not valid JSON"), ("[1, 2]", "line 1 is not a"),
+                     ('{"caption": "no path"}', "line 1 is not a")):
+        write_rows(tmp_path / "manifest.jsonl", [bad] + rows[:1])
+        with pytest.raises(SystemExit, match=why):
+            train.load_items(str(tmp_path))
+    write_rows(tmp_path / "manifest.jsonl", rows[2:])
+    with pytest.raises(SystemExit, match="no captioned clips or images"):
+        train.load_items(str(tmp_path))
+
+
+def test_a_tier_that_does_not_exist_names_the_ones_that_do(tmp_path):
+    row = {"path": "a.mp4", "caption": "x"}
+    write_rows(tmp_path / "manifest.jsonl", [row])
+    with pytest.raises(SystemExit, match="no tier sets"):
+        train.load_items(str(tmp_path), "360p")
+    for name in ("manifest_256p.jsonl", "finetune.jsonl"):
+        write_rows(tmp_path / name, [row])
+    with pytest.raises(SystemExit, match=r"--tier 720: .* its tiers are 256p, finetune, or drop --tier"):
+        train.load_items(str(tmp_path), "720")
+
+
+def test_missing_files_are_left_out_and_lacking_sizes_read_from_the_file(data, tmp_path, capsys):
+    """usable_items: a record whose file is missing is left out, said in one line (it crashed in the latent
+    cache hours in); one without width/height/frames gets them from its file (it was a KeyError, or with no
+    "frames" silently fit no video bucket); two records with one id would share a cache file: an error."""
+    clips, images = train.load_items(data)
+    bare = {k: v for k, v in clips[0].items() if k not in ("width", "height", "frames")}
+    gone = dict(clips[1], path=str(tmp_path / "gone.mp4"))
+    got, stills = train.usable_items([bare, gone, clips[2]], images[:1])
+    assert [c["clip"] for c in got] == ["c0", "c2"] and len(stills) == 1
+    assert (got[0]["width"], got[0]["height"], got[0]["frames"]) == (112, 64, 72)
+    assert "1 of 3 clips' files are missing (first: " + str(tmp_path / "gone.mp4") in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="two clips are named 'c0'"):
+        train.usable_items([clips[0], dict(clips[1], clip="c0")], [])
+    with pytest.raises(SystemExit, match="none of the manifest's clips or stills can be read"):
+        train.usable_items([gone], [])
+
+
+def test_an_undecodable_clip_or_still_is_skipped_once(data, tmp_path, capsys, monkeypatch):
+    """A damaged mp4 or a cut-off jpg in the latent cache: left out with one warning per file, and no cache
+    file, so train_dit leaves it out of its buckets (it was a ValueError traceback when the stage's cache
+    was built, hours into a run; a cut-off jpg decoded silently with its missing rows grey, i.e. zeros)."""
+    clips, images = train.load_items(data)
+    raw = open(images[0]["path"], "rb").read()
+    (tmp_path / "cut.jpg").write_bytes(raw[:len(raw) * 9 // 10])
+    (tmp_path / "bad.mp4").write_bytes(b"\0" * 2000)
+    cut = dict(images[0], image="cut", path=str(tmp_path / "cut.jpg"))
+    bad = dict(images[0], image="bad", path=str(tmp_path / "bad.mp4"))
+    with pytest.raises(ValueError, match="cut off"):
+        train.read_clip(cut["path"], (64, 112))
+    torch.manual_seed(0)
+    vae = vae_lib.CausalVAE(train.vae_config(train.PRESETS["demo"])).eval()
+    monkeypatch.setattr(train, "SKIPPED", set())
+    for _ in range(2):  # a second bucket (or stage) with the same files: not said again
+        folder = train.cache_latents([cut, images[1], bad], (64, 64, 1), vae, str(tmp_path),
+                                     torch.device("cpu"))
+    assert sorted(os.listdir(folder)) == ["i1.safetensors"]
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning: skipping" in line]
+    assert len(warned) == 2 and "cut.jpg" in warned[0] + warned[1] and "bad.mp4" in warned[0] + warned[1]
+
+
+def test_stages_nothing_fits_is_an_error_at_startup_and_stills_only_said(data, capsys):
+    """check_stages (train_dit, before any cache): a stage that nothing fits was an error only when it
+    began (after the stages before it); a video stage whose buckets no clip is long enough for trained on
+    stills alone without a word (as this file's clips did when they were 40 frames, under the demo's 65 at
+    stride 8)."""
+    clips, images = train.load_items(data)
+    cfg = train.PRESETS["demo"]
+    train.check_stages(cfg, clips, images)
+    assert "stage video" not in capsys.readouterr().err  # the fixture's 72-frame clips fit
+    train.check_stages(cfg, [dict(c, frames=40) for c in clips], images)
+    assert "stage video: no clip fits its video buckets (its shortest video bucket needs 65 source frames " \
+        "(9 at frame stride 8), the longest clip has 40): it trains on stills only" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="error: stage image: no clip or still fits its buckets"):
+        train.check_stages(cfg, clips, [])
+    short = dataclasses.replace(cfg, frame_stride=1)
+    train.check_stages(short, [dict(clips[0], frames=5)] + clips[1:], images)
+    assert "note: stage video: 1 of 6 clips are too short for it" in capsys.readouterr().err
+
+
+def test_balance_needs_concept_weights(data, capsys):
+    """--balance on clips without curate.py's k-means weights drew uniformly without a word."""
+    clips, _ = train.load_items(data)
+    with pytest.raises(SystemExit, match="--balance: the clips have no k-means concept weights"):
+        train.check_balance(clips)
+    with pytest.raises(SystemExit, match="has weight 'x', not a number"):
+        train.check_balance([dict(clips[0], weight="x")] + clips[1:])
+    with pytest.raises(SystemExit, match="every clip's concept weight is 0"):
+        train.check_balance([dict(c, weight=0) for c in clips])
+    train.check_balance([dict(clips[0], weight=2.0)] + clips[1:])
+    assert "5 of 6 clips have no concept weight" in capsys.readouterr().err
+    # a bucket of weight-0 items is never drawn (torch.multinomial raised on it)
+    batches = train.bucket_batches({0: [0, 1], 1: [2]}, {0: 2, 1: 2}, 0, 0, weights={0: 1, 1: 1, 2: 0})
+    assert [b for b, _ in batches] == [0]
+
+
+def test_resume_from_another_model_is_one_line(tmp_path, capsys):
+    """--resume with a checkpoint of another model size, LoRA rank/targets or --i2v: it was a size-mismatch
+    traceback (or, for other LoRA targets or alpha, silently a partial load); no checkpoint: said."""
+    model = nn.Linear(3, 2)
+    opt = torch.optim.AdamW(model.parameters())
+    path = str(tmp_path / "dit_state.safetensors")
+    arch = {"dit": {"hidden_size": 128, "depth_double": 2}, "lora": {"rank": 4, "alpha": 4, "targets": "x"}}
+    train.save_train_state(path, {"dit": (model, opt)}, {}, {"step": 3, "arch": arch}, rank=0)
+    train.check_resume(path, arch, 0)
+    other = {"dit": {"hidden_size": 3072, "depth_double": 2}, "lora": {"rank": 8, "alpha": 4, "targets": "x"}}
+    with pytest.raises(SystemExit, match=r"--resume: .*dit_state.safetensors is from another model "
+                       r"\(dit.hidden_size 128 there, 3072 now; lora.rank 4 there, 8 now\)"):
+        train.check_resume(path, other, 0)
+    train.check_resume(None, arch, 0)
+    assert "no checkpoint for this stage in --out yet" in capsys.readouterr().err
+
+
+def test_a_torn_metrics_line_does_not_stop_resume_and_out_may_not_be_a_file(tmp_path):
+    """A run killed while appending to metrics.jsonl left a cut-off line: --resume (open_metrics) and the loss
+    plot raised JSONDecodeError; the line is dropped instead. --out naming a file: said so."""
+    write_rows(tmp_path / "metrics.jsonl", [{"stage": "image", "step": 0, "loss": 1.0},
+                                            {"stage": "image", "step": 1, "loss": 0.5}, '{"stage": "ima'])
+    train.plot_losses(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    assert (tmp_path / "loss.png").is_file()
+    train.open_metrics(str(tmp_path), 0, True, {"dit": "dit_state.safetensors"})  # no checkpoint: all dropped
+    assert train.read_jsonl(str(tmp_path / "metrics.jsonl")) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="it is a file, not a folder"):
+        train.check_writable(str(tmp_path / "file"), 0)
+
+
+def run_in_process(monkeypatch, data, out, *extra):
+    """train.py's main() in this process (as run_train, without the subprocess): demo preset, 3 steps."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--preset", "demo", "--data", data, "--vae",
+                                      os.path.join(data, "vae.safetensors"), "--out", out, "--steps", "3",
+                                      *extra])
+    train.main()
+
+
+def test_ctrl_c_in_the_step_loop_checkpoints_that_step_and_resume_matches(data, tmp_path, monkeypatch,
+                                                                          capsys):
+    """KeyboardInterrupt in step 4's forward (ckpt-every 100: no checkpoint yet): one line, no traceback,
+    a checkpoint as of step 4's start (it was a traceback, and steps 0-3 were lost), and --resume ends where
+    the uninterrupted run does, bit for bit."""
+    from safetensors.torch import load_file
+    run_in_process(monkeypatch, data, str(tmp_path / "full"), "--ckpt-every", "100")
+    real, calls = train.flow_matching_loss, itertools.count()
+
+    def ctrl_c_at_4(*args, **kw):
+        if next(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(train, "flow_matching_loss", ctrl_c_at_4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_in_process(monkeypatch, data, str(tmp_path / "cut"), "--ckpt-every", "100")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and "Traceback" not in err
+    assert f"interrupted: step 4 saved in {tmp_path / 'cut' / 'dit_state.safetensors'}" in err
+    monkeypatch.setattr(train, "flow_matching_loss", real)
+    run_in_process(monkeypatch, data, str(tmp_path / "cut"), "--ckpt-every", "100", "--resume")
+    assert losses(str(tmp_path / "full")) == losses(str(tmp_path / "cut"))
+    a, b = (load_file(str(tmp_path / run / "dit.safetensors")) for run in ("full", "cut"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Ctrl-C outside the DiT loop (here: loading the data): one line too
+    monkeypatch.setattr(train, "load_items", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(SystemExit) as e:
+        run_in_process(monkeypatch, data, str(tmp_path / "x"))
+    assert e.value.code == 130 and "interrupted: finished work is kept" in capsys.readouterr().err
+
+
+def test_ctrl_c_in_the_vae_stage_checkpoints_that_step_and_resume_matches(data, tmp_path, monkeypatch,
+                                                                         capsys):
+    """The VAE loop likewise (its posterior samples draw from the global generator, restored as of the step
+    boundary): interrupted in step 2, resumed, the same weights as 4 uninterrupted steps."""
+    cfg = dataclasses.replace(train.PRESETS["demo"], vae_steps=4, ckpt_every=100, warmup=1,
+                              vae_frame_stride=4, vae_batch=1, vae_image_batch=1)
+    clips, images = train.load_items(data)
+    cpu = torch.device("cpu")
+
+    def run(out, resume=False):
+        os.makedirs(tmp_path / out, exist_ok=True)
+        return train.train_vae(cfg, clips[:2], images[:2], str(tmp_path / out), cpu, resume=resume,
+                               log=lambda r: None).state_dict()
+
+    full = run("full")
+    real, calls = train.lr_at, itertools.count()
+
+    def ctrl_c_at_2(*args):
+        if next(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "lr_at", ctrl_c_at_2)
+    with pytest.raises(SystemExit) as e:
+        run("cut")
+    assert e.value.code == 130 and "interrupted: step 2 saved in" in capsys.readouterr().err
+    monkeypatch.setattr(train, "lr_at", real)
+    again = run("cut", resume=True)
+    assert all(torch.equal(full[k], again[k]) for k in full)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--init-dit", "NOPE.pt"], "error: --init-dit NOPE.pt: no such file or folder"),
+    (["--batch", "-1"], "error: --batch -1: must be at least 1"),
+    (["--steps", "0"], "error: --steps 0: must be at least 1"),
+    (["--lora", "4", "--lora-alpha", "0", "--from", "FROM"], "error: --lora-alpha 0.0: must be a number > 0"),
+    (["--lora", "4", "--from", "FROM", "--out", "OUT/l"], "error: --from FROM: its config.json is not a "
+                                                          "train.py run's"),
+])
+def test_bad_options_are_one_line_before_any_work(data, tmp_path, monkeypatch, extra, message):
+    """A missing --init-dit (and --vae/--llm/--clip) is refused at startup: without --vae it came after the
+    whole VAE stage. --batch -1 hung (no batch in any epoch), --steps 0 ran the preset's 20,000 steps and
+    a negative one exported an untrained DiT, --lora-alpha 0 trained nothing. --from a folder whose
+    config.json is not train.py's (a diffusers folder has one) was a KeyError traceback."""
+    (tmp_path / "FROM").mkdir()
+    (tmp_path / "FROM" / "config.json").write_text('{"_class_name": "HunyuanVideoTransformer3DModel"}')
+    extra = [str(tmp_path / x) if x in ("NOPE.pt", "FROM", "OUT/l") else x for x in extra]
+    message = message.replace("NOPE.pt", str(tmp_path / "NOPE.pt")).replace("FROM", str(tmp_path / "FROM"))
+    argv = ["train.py", "--data", data, *extra] if "--lora" in extra else \
+        ["train.py", "--preset", "demo", "--data", data, "--out", str(tmp_path / "o"), *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as e:
+        train.main()
+    assert str(e.value.code).startswith(message), e.value.code
 
 
 if __name__ == "__main__":
