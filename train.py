@@ -167,7 +167,12 @@ PRESETS = {
         dit="13b", stages=(Stage("ft-540p", 5000,
                                  buckets=((544, 960, 65, 1), (960, 544, 65, 1), (720, 720, 65, 1)),
                                  image_buckets=((544, 960, 4),), image_ratio=0.1, lr=1e-5),),
-        # guidance 1: the distilled model's plain conditional velocity, which is the flow-matching target
+        # sigma as the official trainer draws it (HunyuanVideo-I2V run_train_image2video_lora.sh: logit-
+        # normal, then flow shift 7; s t / (1 + (s-1) t) of t = sigmoid(z) is sigmoid(z + ln s)): mostly
+        # high noise, where the sampler's shift 7 spends its steps
+        sigma_mean=math.log(7.0),
+        # guidance 1: the distilled model's plain conditional velocity, which is the flow-matching target (the
+        # official I2V trainer feeds 6, pulling the guided output toward the unguided target; musubi-tuner 1)
         grad_checkpointing=True, ema_decay=0.9999, vae="884-16c-hy", train_guidance=1.0, warmup=200),
 }
 

@@ -30,6 +30,15 @@ def test_sigma_sampler_is_logit_normal():
     assert abs(logit.mean().item() - 0.5) < 0.02 and abs(logit.std().item() - 0.8) < 0.02
 
 
+def test_the_13b_finetune_draws_sigma_as_the_official_trainer():
+    """HunyuanVideo-I2V's trainer (transport.py, run_train_image2video_lora.sh): t = sigmoid(z), z ~ N(0, 1),
+    then its flow shift 7, s t / (1 + (s - 1) t); the same draws z give the same sigmas here."""
+    cfg = train.PRESETS["13b-finetune"]
+    got = train.sample_sigma(1000, cfg.sigma_mean, cfg.sigma_std, torch.Generator().manual_seed(0))
+    t = torch.sigmoid(torch.randn(1000, generator=torch.Generator().manual_seed(0)).double())
+    torch.testing.assert_close(got.double(), 7 * t / (1 + 6 * t), rtol=0, atol=1e-6)
+
+
 def test_flow_matching_target_and_input():
     seen = {}
 
