@@ -1454,7 +1454,7 @@ def demo(args, rank, world, device):
     DiT (images, then video) -> samples. Everything sample.py needs ends up in out/demo."""
     import curate
     t_start = time.perf_counter()
-    cfg = replace(PRESETS["demo"], seed=args.seed)
+    cfg = replace(PRESETS["demo"], seed=args.seed or 0)
     # worker processes for rendering and curation
     n_videos, n_samples, workers = 48, len(DEMO_PROMPTS), min(2, os.cpu_count() or 1)
     if args.quick:  # CI: every stage runs, for a few steps; for two videos, starting workers costs more
@@ -1712,6 +1712,8 @@ def lora_main(args):
         vae = read_vae(args.vae, cfg, device)
     if args.ckpt_every:
         cfg = replace(cfg, ckpt_every=args.ckpt_every)
+    if args.seed is not None:  # else the preset's, or the --from folder's run's
+        cfg = replace(cfg, seed=args.seed)
     if args.balance:  # (it used to be ignored with --lora)
         check_balance(clips)
         cfg = replace(cfg, balance_concepts=True)
@@ -1765,7 +1767,8 @@ def cli():
     ap.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     ap.add_argument("--quick", action="store_true",
                     help="the demo with a few steps per stage (CI smoke test)")
-    ap.add_argument("--seed", type=int, default=0, help="the run's seed: data, initial weights, batches")
+    ap.add_argument("--seed", type=int, help="the run's seed: data, initial weights, batches (default 0; "
+                    "--lora --from: the folder's)")
     ap.add_argument("--steps", type=int, help="override every stage's step count")
     ap.add_argument("--batch", type=int, help="override every bucket's per-rank batch size")
     ap.add_argument("--ckpt-every", type=int, help="checkpoint every N steps (default: the preset's)")
@@ -1824,7 +1827,7 @@ def cli():
     if args.preset is None and args.data is None:
         demo(args, rank, world, device)
         return
-    cfg = replace(PRESETS[args.preset or "demo"], seed=args.seed)
+    cfg = replace(PRESETS[args.preset or "demo"], seed=args.seed or 0)
     if args.steps:
         cfg = replace(cfg, stages=tuple(replace(s, steps=args.steps) for s in cfg.stages),
                       vae_steps=min(cfg.vae_steps, args.steps))

@@ -324,6 +324,26 @@ def test_lora_training_resumes_exactly_also_from_the_previous_checkpoint(folder,
     assert not [k for k in state_keys if k.startswith("dit.model.") and "lora_" not in k]
 
 
+def test_lora_seed_is_the_folders_unless_given(folder, tmp_path, monkeypatch):
+    """--lora --from trains with the folder's run's seed; --seed, given, replaces it (it was ignored)."""
+    import train
+    seen = []
+
+    def stop(cfg, *a, **k):
+        seen.append(cfg.seed)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(train, "train_lora", stop)
+    with open(os.path.join(folder[1], "config.json")) as f:
+        own = json.load(f)["train"]["seed"]
+    for extra in ([], ["--seed", str(own + 5)]):
+        monkeypatch.setattr(sys, "argv", ["train.py", "--lora", "4", "--from", folder[1], "--data", folder[0],
+                                          "--out", str(tmp_path / "l"), *extra])
+        with pytest.raises(SystemExit):
+            train.main()
+    assert seen == [own, own + 5]
+
+
 def test_sample_loads_a_trained_lora_and_damaged_files_are_one_line(folder, tmp_path):
     import sample
     r = run_lora(folder, str(tmp_path / "l"), "--steps", "2")
