@@ -1313,8 +1313,8 @@ def add_lora(model, rank, alpha, targets=LORA_TARGETS, seed=0):
     model.requires_grad_(False)
     names = [n for n in _linears(model) if re.fullmatch(targets, n)]
     if not names:
-        raise ValueError(f"--lora-targets {targets!r} matches no linear layer of this DiT "
-                         f"(names look like double_blocks.0.img_attn_qkv)")
+        raise ValueError(f"--lora-targets {targets!r} matches no linear layer of this DiT: it must match a "
+                         f"whole name, like double_blocks.0.img_attn_qkv (e.g. '.*img_attn_qkv')")
     for name in names:
         base = model.get_submodule(name)
         out_f, in_f = base.weight.shape

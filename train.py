@@ -1782,8 +1782,8 @@ def cli():
                     "OUT/lora.safetensors (sample.py --lora reads it)")
     lo.add_argument("--lora-alpha", type=float, help="scale alpha/rank of the adapters (default: the rank)")
     lo.add_argument("--lora-targets", default=dit.LORA_TARGETS, metavar="REGEX", help="the linear layers "
-                    "that get adapters, by official module name (default, musubi-tuner's: every linear "
-                    "layer of the 60 blocks but the modulation)")
+                    "that get adapters: a regex matching whole official module names (default, "
+                    "musubi-tuner's: every linear layer of the 60 blocks but the modulation)")
     lo.add_argument("--from", dest="from_dir", metavar="DIR", help="a train.py output folder: its DiT, VAE, "
                     "text encoder and config (e.g. out/demo)")
     lo.add_argument("--lr", type=float, help=f"LoRA learning rate (default {LORA_LR})")

@@ -148,6 +148,15 @@ def test_diffusers_files_scale_by_the_peft_config_saved_beside_them(tmp_path, rs
     assert (forward(got) - forward(base)).abs().max().item() > 1e-3  # the LoRA does change the output
 
 
+def test_targets_match_whole_names():
+    """--lora-targets is matched against whole module names: a bare layer name adapts nothing and says how
+    to write it; '.*img_attn_qkv' takes every block's."""
+    with pytest.raises(ValueError, match=r"must match a whole name.*'\.\*img_attn_qkv'"):
+        dit.add_lora(random_model(TINY), 4, 4.0, targets="img_attn_qkv")
+    names = dit.add_lora(random_model(TINY), 4, 4.0, targets=".*img_attn_qkv")
+    assert names == [f"double_blocks.{i}.img_attn_qkv" for i in range(TINY.depth_double)]
+
+
 def test_scale_zero_is_the_base_and_two_loras_stack(tmp_path):
     g = torch.Generator().manual_seed(1)
     deltas = []
