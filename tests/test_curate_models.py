@@ -339,6 +339,7 @@ def test_captions_retry_fallback_and_cache(base, tmp_path, monkeypatch):
 def test_cli_model_options_fail_with_one_line(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
+    (raw / "v.mp4").write_bytes(b"")  # an input folder with no video at all is refused before these
     tiny_clip(tmp_path / "b16", projection_dim=512)
     torch.save(predictor().state_dict(), tmp_path / "aes.pth")
     (tmp_path / "bad.pth").write_bytes(b"\0" * 10)
