@@ -815,8 +815,9 @@ def kmeans(x, k, iters=30, seed=0, chunk=CHUNK):
 
 
 def balance_weights(labels):
-    """Resampling weight per clip, inverse to its concept's cluster size, mean 1: every concept is drawn
-    equally often (the paper balances concepts with k-means but does not give the rule)."""
+    """Resampling weight per clip, inverse to its concept's cluster size in `labels`, mean 1: every concept
+    of that set is drawn equally often (the paper balances concepts with k-means but does not give the
+    rule). finalize() makes them per set: the whole manifest, each tier set, the fine-tune set."""
     labels = np.asarray(labels)
     sizes = np.bincount(labels)[labels].astype(np.float64)
     w = 1 / sizes
@@ -1689,13 +1690,22 @@ def finalize(out, labels=None, cfg=CFG):
         w = balance_weights(lab)
     slim = []
     for i, r in enumerate(manifest):
+        r["concept"], r["weight"] = int(lab[i]), round(float(w[i]), 4)  # train.py --balance reads these
         s = {k: v for k, v in r.items() if k != "embedding"}
-        s["concept"], s["weight"] = int(lab[i]), round(float(w[i]), 4)
         s["tiers"] = tiers_of(r, cfg)
         slim.append(s)
+    if manifest:
+        _write_jsonl(os.path.join(out, "manifest.jsonl"), manifest)
+
+    def balanced(sel):
+        """A set's records with their weights made within it: a concept's share of a tier is not its share
+        of the whole manifest, and --balance should draw every concept of the set equally often."""
+        ws = balance_weights([s["concept"] for s in sel]) if sel else []
+        return [dict(s, weight=round(float(x), 4)) for s, x in zip(sel, ws)]
+
     counts = {}
     for name in cfg.tier_names:
-        sel = [s for s in slim if name in s["tiers"]]
+        sel = balanced([s for s in slim if name in s["tiers"]])
         _write_jsonl(os.path.join(out, f"manifest_{name}.jsonl"), sel)   # train.py --tier NAME reads this
         counts[name] = len(sel)
     if labels:   # human labels (paper §3.1: the fine-tune set is hand-picked): {"clip": id, "keep": bool}
@@ -1705,6 +1715,7 @@ def finalize(out, labels=None, cfg=CFG):
         side = cfg.tier_side[cfg.tier_names.index(cfg.finetune_tier)]
         ft = [s for s in slim if cfg.finetune_tier in s["tiers"] and s["quality"] >= cfg.finetune_quality
               and clarity_at(s, side, cfg) >= cfg.finetune_clarity]
+    ft = balanced(ft)
     _write_jsonl(os.path.join(out, "finetune.jsonl"), ft)
     counts["finetune"] = len(ft)
     for side in cfg.image_side:

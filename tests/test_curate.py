@@ -737,6 +737,30 @@ def test_records_without_clarity_at_use_the_256p_clarity(tmp_path, capsys):
     counts = C.finalize(str(tmp_path))
     assert counts["720p"] == 2 and capsys.readouterr().err.count("no clarity_at") == 1
 
+def test_balance_weights_are_made_within_each_set(tmp_path):
+    """--balance draws every concept of the set it trains on equally often: the weights are made within
+    the whole manifest (which carries them too, for train.py without --tier), each tier set and the
+    fine-tune set. They were the whole manifest's everywhere: here concept A (6 clips, 2 of them 720p) and
+    B (2 clips, 720p) would have split the 720p set 1:3 instead of 1:1."""
+    rec = {"video": "a.mp4", "start": 0, "end": 129, "frames": 129, "clarity": 30.0, "quality": 0.9,
+           "overlay": False, "caption": None}
+    sizes = [(384, 256)] * 4 + [(1280, 720)] * 4
+    # A: clips 0-5, B: 6-7; unit vectors (as clip_embedding's), cosine distance 0.1 within a concept
+    emb = [(np.array([3.0 * (i < 6), 3.0 * (i >= 6), *np.eye(8)[i]]) / 10 ** 0.5).tolist() for i in range(8)]
+    recs = [{**rec, "clip": f"a_{i:03d}", "path": f"clips/a/a_{i:03d}.mp4", "width": w, "height": h,
+             "embedding": e} for i, ((w, h), e) in enumerate(zip(sizes, emb))]
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    C.finalize(str(tmp_path), cfg=replace(C.CFG, clips_per_concept=4))   # 8 clips: 2 concepts
+    for name in ("manifest", "manifest_256p", "manifest_720p", "finetune"):
+        sel = C._read_jsonl(str(tmp_path / f"{name}.jsonl"))
+        by = {}
+        for r in sel:
+            by[r["concept"]] = by.get(r["concept"], 0.0) + r["weight"]
+        assert len(by) == 2 and np.isclose(*by.values(), atol=1e-3), (name, by)
+        assert np.isclose(sum(by.values()), len(sel), atol=1e-3), name          # mean 1
+    assert len(C._read_jsonl(str(tmp_path / "manifest_720p.jsonl"))) == 4
+
+
 # -----------------------------------------------------------------------------
 # the pipeline
 
