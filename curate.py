@@ -9,20 +9,25 @@ Per video: split into shots -> cut each shot into clips of up to 129 frames, eac
 crop letterbox borders -> measure clarity, motion, camera movement, static overlays, technical quality ->
 filter -> write the clip -> caption from a sidecar file. Across videos: de-duplicate by embedding cosine
 distance, balance concepts with k-means weights, and sort clips into nested resolution tiers, a
-fine-tuning set and two image sets. OUT_DIR gets manifest.jsonl, rejected.jsonl, images.jsonl, clips/,
-images/, and one manifest per tier (manifest_256p.jsonl ... manifest_720p.jsonl: what `train.py --tier
-256p` reads), finetune.jsonl, images_256p.jsonl, images_512p.jsonl (and caption_cache.jsonl with
---captioner).
+fine-tuning set and two image sets (the paper's come from a separate pool of image-text pairs; ours are
+the sharpest frame of each accepted shot, with its clip's caption). OUT_DIR gets manifest.jsonl,
+rejected.jsonl, images.jsonl, clips/, images/, and one manifest per tier (manifest_256p.jsonl ...
+manifest_720p.jsonl: what `train.py --tier 256p` reads), finetune.jsonl, images_256p.jsonl,
+images_512p.jsonl (and caption_cache.jsonl with --captioner).
 
 The paper uses in-house or heavy models we cannot ship. Open models take three of their places when
 given (apply_models(), after the per-video pass); without them a transparent stand-in does each job:
   VideoCLIP embedding -> --clip: CLIP ViT-L/14        (else clip_embedding(): thumbnails + colour histogram)
   DOVER quality       -> --aesthetic: LAION aesthetic predictor on CLIP ViT-L/14
                                                       (else quality_score(): exposure, contrast, noise)
-  VLM captioner       -> --captioner: LLaVA (llava-llama-3-8b)    (else captions come only from sidecars)
+  VLM captioner       -> --captioner: LLaVA (llava-llama-3-8b) on one frame per clip, so no motion or
+                         scene changes in its text: camera_movement() adds the camera's
+                                                      (else captions come only from sidecars)
   OCR / YOLOX overlay -> static_overlay()   (pixels that stay fixed while the picture changes)
   camera classifier   -> camera_movement()  (global motion model fitted to optical flow)
-PySceneDetect is replaced by detect_shots() (plain OpenCV; `bench.py curate` compares the two).
+  clarity model       -> clarity()          (a Laplacian measure, also for each clip's sharp first frame)
+PySceneDetect + TransNet v2 are replaced by detect_shots() (plain OpenCV; `bench.py curate` compares it with
+PySceneDetect).
 """
 import argparse
 import collections
@@ -58,14 +63,16 @@ class CurateConfig:
     analysis_w: int = 256             # width of the frames all measurements but clarity run on (the same
                                       # units at every input size)
     clarity_side: int = 256           # clarity is measured at this short side (the smallest tier's)
-    sharp_search: int = 12            # paper §3.1: a clip starts on the sharpest of its first N frames
+    sharp_search: int = 12            # paper §3.1: a clip starts on a clear frame; here the sharpest of
+                                      # its first N (N is ours: the paper gives no window)
     min_clip_frames: int = 33         # shorter shots are rejected ("too short"); clips are 4n+1 frames
     max_clip_frames: int = 129        # paper §4: the longest training clip (720x1280x129); a longer shot is
                                       # cut into clips back to back while the rest is min_clip_frames
     max_aspect: float = 4.0           # a video's long side is at most this x its short side (the widest
                                       # common format is 32:9; analysis frames are analysis_w wide, so a
                                       # taller video costs memory and time as its height / width)
-    # --- basic filters (paper §3.1; every accepted clip passes these, the tiers tighten them) ---
+    # --- basic filters (paper §3.1; every accepted clip passes these, the tiers tighten them; the paper
+    # states no threshold, and has no "too fast" filter: max_motion is ours) ---
     min_clarity: float = 2.5          # clarity() at 256p: between blurred and sharp demo shots (docs/demo.md)
     min_motion: float = 0.5           # 99th-percentile flow, px per 1/24 s at analysis_w: below = static
     max_motion: float = 25.0          # above = too fast (whip pans, strobing): ~10% of the width per 1/24 s
@@ -1207,7 +1214,9 @@ def write_segments(path, writes, out_dir, fps):
 KEY_FRAMES = 4          # frames a clip's CLIP embedding averages: the centres of four equal parts of the clip
 MODEL_BATCH = 16        # clips per CLIP forward pass
 CAPTION_TOKENS = 400    # room for the seven fields, a few sentences of dense description among them
-# paper §3.2's structured caption, asked for as JSON with the sidecar files' field names (CAPTION_FIELDS)
+# paper §3.2's structured caption, asked for as JSON with the sidecar files' field names (CAPTION_FIELDS),
+# of one frame (the clip's middle): the paper's dense description also tells scene changes and camera moves,
+# which one frame cannot show; the camera's comes from camera_movement() instead
 CAPTION_PROMPT = (
     "Describe this frame of a video for a text-to-video training set. Answer with one JSON object with "
     "these keys, each a string: \"short_description\" (one sentence: the main subject and what it does), "
