@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -328,32 +329,50 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
                                                              device=device, offload=big_encoders)
         vae = vae_lib.load_vae(vae_path, device=device, dtype=vae_dtype)
     else:
-        with open(os.path.join(ckpt, "config.json")) as f:
-            conf = json.load(f)
-        video.update(conf["video"])  # the last stage's size and its clips' frame rate (fps absent: 24)
-        sampling.update({k: v for k, v in conf.get("sample", {}).items() if v is not None})
-        t = conf["text"]
+        conf_path = os.path.join(ckpt, "config.json")
+        try:
+            with open(conf_path, encoding="utf-8") as f:
+                conf = json.load(f)
+            video.update(conf["video"])  # the last stage's size and its clips' frame rate (fps absent: 24)
+            sampling.update({k: v for k, v in conf.get("sample", {}).items() if v is not None})
+            t = conf["text"]
+            vae_cfg = vae_lib.VAEConfig(**conf["vae"])
+            text_len = t["text_len"]
+            if "llm_dir" in t:
+                encoder_dirs = (t["llm_dir"], t["clip_dir"])
+            else:
+                tok_path = os.path.join(ckpt, t["tokenizer"])
+                llm_cfg = text_encoder.LlamaConfig(**t["llm"])
+                clip_cfg = text_encoder.CLIPTextConfig(**t["clip"])
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, UTF-8, missing or odd entries
+            what = f"no {e} entry" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+            raise ValueError(f"{conf_path} is damaged ({what}); restore it from the run that wrote the "
+                             f"folder, or re-run train.py") from None
         if "llm_dir" in t:  # trained with the official encoders: config.json names their folders
-            for d in (t["llm_dir"], t["clip_dir"]):
+            for d in encoder_dirs:
                 if not os.path.isdir(d):
                     raise SystemExit(f"error: {ckpt}/config.json names the text encoder folder {d}, which is "
                                      f"not there; pass --dit/--vae/--llm/--clip instead of --ckpt")
             encoder = text_encoder.PromptEncoder.from_pretrained(
-                t["llm_dir"], t["clip_dir"], dtype=torch.float16, device=device, offload=big_encoders,
-                text_len=t["text_len"])
+                *encoder_dirs, dtype=torch.float16, device=device, offload=big_encoders,
+                text_len=text_len)
         else:  # train.py's small frozen encoders, stored in the folder with their tokenizer
-            llm = text_encoder.LlamaEncoder(text_encoder.LlamaConfig(**t["llm"]))
-            clip = text_encoder.CLIPTextEncoder(text_encoder.CLIPTextConfig(**t["clip"]))
+            llm = text_encoder.LlamaEncoder(llm_cfg)
+            clip = text_encoder.CLIPTextEncoder(clip_cfg)
             sd, _ = dit.read_safetensors(os.path.join(ckpt, "text_encoder.safetensors"))
             llm.load_state_dict({k[4:]: v for k, v in sd.items() if k.startswith("llm.")}, strict=True)
             clip.load_state_dict({k[5:]: v for k, v in sd.items() if k.startswith("clip.")}, strict=True)
-            tok = text_encoder.Tokenizer(os.path.join(ckpt, t["tokenizer"]))
+            try:
+                tok = text_encoder.Tokenizer(tok_path)
+            except RuntimeError as e:  # SentencePiece: "could not parse ModelProto"
+                raise ValueError(f"cannot read the tokenizer {tok_path}: the file is damaged ({e}); restore "
+                                 f"it from the run that wrote the folder, or re-run train.py") from None
             llm, clip = (m.to(device).eval().requires_grad_(False) for m in (llm, clip))
-            encoder = text_encoder.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=t["text_len"],
+            encoder = text_encoder.PromptEncoder(llm, clip, tok, tok, templates=None, text_len=text_len,
                                                  device=device)
         dit_path = os.path.join(ckpt, "dit.safetensors")
-        vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=vae_lib.VAEConfig(**conf["vae"]),
-                               device=device, dtype=vae_dtype)
+        vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=vae_cfg, device=device,
+                               dtype=vae_dtype)
     model = dit.load_dit(dit_path, dtype=dtype, device="cpu" if offload else device, image=image)
     model.eval().requires_grad_(False)
     if model.cfg.image_condition_type:  # the official I2V sampler lowers a temporal RoPE frequency past 192
@@ -572,13 +591,18 @@ def write_mp4(frames, path, fps=24):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.mp4"
     T, H, W, _ = frames.shape
-    w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
-    if not w.isOpened():
-        raise RuntimeError(f"OpenCV cannot write mp4 files here ({path}); reinstall opencv-python-headless")
-    for f in frames:
-        w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
-    w.release()
-    os.replace(tmp, path)
+    try:
+        w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
+        if not w.isOpened():
+            open(tmp, "wb").close()  # OSError if the place is not writable, which OpenCV does not say
+            raise RuntimeError(f"OpenCV cannot write mp4 files ({path}); reinstall opencv-python-headless")
+        for f in frames:
+            w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
+        w.release()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_strip(frames, path, n=8):
@@ -587,14 +611,63 @@ def write_strip(frames, path, n=8):
     idx = np.linspace(0, len(frames) - 1, min(n, len(frames))).round().astype(int)
     strip = np.concatenate([frames[i] for i in idx], axis=1)
     tmp = path + ".tmp.png"
-    cv2.imwrite(tmp, np.ascontiguousarray(strip[..., ::-1]))
-    os.replace(tmp, path)
+    try:
+        if not cv2.imwrite(tmp, np.ascontiguousarray(strip[..., ::-1])):
+            raise OSError(f"OpenCV could not write {tmp}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
-def slug(prompt, n=60):
-    """A file name from a prompt: its first n characters, non-alphanumerics as underscores."""
-    keep = "".join(ch if ch.isalnum() else "_" for ch in prompt.strip())[:n]
-    return keep.strip("_") or "prompt"
+def slug(prompt, n=60, max_bytes=120):
+    """A file name from a prompt: its first n characters (at most max_bytes in UTF-8, so that the seed and
+    the extensions stay under the 255-byte name limit), non-alphanumerics as underscores. A prompt that does
+    not read back from its name (punctuation, other whitespace than single spaces, cut short, or nothing
+    alphanumeric) gets 8 hex digits of its SHA-1 too, so that two prompts that look alike never write the
+    same file: "a cat, running" and "a cat running!" are different videos."""
+    import hashlib
+    text = prompt.strip()
+    keep = "".join(ch if ch.isalnum() else "_" for ch in text)[:n]
+    while len(keep.encode("utf-8")) > max_bytes:
+        keep = keep[:-1]
+    keep = keep.strip("_")
+    if keep and keep.replace("_", " ") == text:  # words and single spaces: the name says it all
+        return keep
+    return f"{keep or 'prompt'}_{hashlib.sha1(text.encode('utf-8')).hexdigest()[:8]}"
+
+
+def is_folder(out):
+    """--out names a folder (an existing one, or a path ending in a separator): the videos go in it, named
+    after their prompts."""
+    return os.path.isdir(out) or out.endswith(("/", os.sep))
+
+
+def output_paths(out, seed, prompts):
+    """The mp4 for each prompt: --out itself (a file), else <seed + i>_<slug>.mp4 in --out (a folder) or in
+    out/samples."""
+    if out and not is_folder(out):
+        return [out]
+    return [os.path.join(out or os.path.join("out", "samples"), f"{seed + i}_{slug(p)}.mp4")
+            for i, p in enumerate(prompts)]
+
+
+def unwritable(path):
+    """Why the file `path` could not be written (a file where its folder goes, or a folder that cannot be
+    written to), or None. Leaves nothing behind: it creates and removes a probe file in the nearest folder
+    above `path` that exists (the writer creates the ones missing below it)."""
+    import tempfile
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        return f"{folder} is a file, not a folder"
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".sample-probe-"):
+            pass
+    except OSError as e:
+        return f"{folder} is not writable: {e.strerror or e}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -607,14 +680,16 @@ def nearest(n, multiple, offset=0):
 
 
 def lora_spec(spec):
-    """--lora FILE[:SCALE] -> (FILE, SCALE); scale 1.0 when absent, None when not a number."""
+    """--lora FILE[:SCALE] -> (FILE, SCALE); scale 1.0 when absent, None when not a finite number. A Windows
+    path's drive letter (C:\\x.safetensors) is no scale."""
     path, sep, tail = spec.rpartition(":")
-    if not sep or os.path.isfile(spec):
+    if not sep or os.path.isfile(spec) or (len(path) == 1 and path.isalpha() and tail[:1] in ("\\", "/")):
         return spec, 1.0
     try:
-        return path, float(tail)
+        scale = float(tail)
     except ValueError:
         return path, None
+    return path, scale if math.isfinite(scale) else None
 
 
 def cache_spec(spec, height=720):
@@ -628,7 +703,7 @@ def cache_spec(spec, height=720):
         threshold = float(tail) if tail else kind.DEFAULT_THRESHOLD
     except ValueError:
         return None
-    if not threshold >= 0:  # negative or nan
+    if not 0 <= threshold < math.inf:  # negative, infinite or nan
         return None
     return MagCache(threshold, height) if kind is MagCache else kind(threshold)
 
@@ -648,8 +723,26 @@ def check_args(args, prompts):
     if not prompts or any(not p.strip() for p in prompts):
         bad.append("the prompt is empty: pass --prompt \"a red circle moving left\" or a --prompts file "
                    "with one per line")
-    if args.out and len(prompts) > 1:
-        bad.append("--out names one file; with --prompts the files are named after each prompt: drop --out")
+    if args.out and not is_folder(args.out):
+        if len(prompts) > 1:
+            folder = os.path.dirname(args.out) or "."
+            bad.append(f"--out {args.out} names one file; with --prompts the files are named after each "
+                       f"prompt: drop --out, or give a folder for them (--out {folder}/)")
+        elif os.path.splitext(args.out)[1].lower() != ".mp4":
+            bad.append(f"--out {args.out}: the video is an mp4; name it {os.path.splitext(args.out)[0]}.mp4 "
+                       f"(or end it with / for a folder)")
+    for out in output_paths(args.out, args.seed, prompts or [""])[:1]:
+        why = unwritable(out)
+        if why:
+            bad.append(f"--out {args.out or out}: cannot write there ({why}); pick another --out")
+    last = args.seed + max(len(prompts), 1) - 1  # prompt i is drawn from seed + i
+    if args.seed < -2 ** 63 or last >= 2 ** 64:
+        top = 2 ** 64 - 1 - (last - args.seed)
+        bad.append(f"--seed {args.seed}: must be between 0 and {top}"
+                   + (f" (prompt i takes seed + i, {len(prompts)} prompts)" if last != args.seed else "")
+                   + ": the noise generator's range")
+    if args.fps is not None and not 1 <= args.fps <= 65535:
+        bad.append(f"--fps {args.fps}: must be 1 to 65535 (the mp4's range; default 24 or the folder's own)")
     if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
         bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); "
                    f"nearest valid: {nearest(args.frames, 4, 1)}")
@@ -664,7 +757,7 @@ def check_args(args, prompts):
         bad.append(f"--shift {args.shift}: must be positive (official: 7.0)")
     if args.cache is not None and cache_spec(args.cache) is None:
         bad.append(f"--cache {args.cache}: write teacache, magcache or easycache, optionally with "
-                   f":THRESHOLD >= 0, e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
+                   f":THRESHOLD >= 0 (finite), e.g. --cache teacache:{TeaCache.DEFAULT_THRESHOLD}")
     if window_spec(args.sta_window) is None:
         bad.append(f"--sta-window {args.sta_window}: write three positive tile counts t,h,w, e.g. 3,3,7")
     if args.sta_full_steps < 0:
@@ -696,10 +789,11 @@ def check_args(args, prompts):
     for spec in args.lora or ():
         path, scale = lora_spec(spec)
         if scale is None:
-            bad.append(f"--lora {spec}: the scale after ':' must be a number, "
+            bad.append(f"--lora {spec}: the scale after ':' must be a finite number, "
                        f"e.g. --lora style.safetensors:0.8")
         elif not os.path.isfile(path):
-            bad.append(f"--lora {path}: no such file")
+            bad.append(f"--lora {path}: " + ("a folder; give its .safetensors file" if os.path.isdir(path)
+                                             else "no such file"))
     if args.image is not None and not os.path.isfile(args.image):
         bad.append(f"--image {args.image}: no such file")
     if args.image is not None and args.frames == 1:
@@ -710,6 +804,89 @@ def check_args(args, prompts):
         bad.append(f"--dit {args.dit}: its fp8 scale map {dit.fp8_map_path(args.dit)} is missing "
                    f"(released beside it)")
     return bad
+
+
+def memory_available(device):
+    """Bytes free for a run on `device`: a GPU's free memory plus what PyTorch holds unused; the CPU's
+    MemAvailable (Linux), else its physical memory. Swap is not counted: a run that needs it crawls."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def memory_shortfall(pipe, n, height, width, frames, cfg, world, device, dtype):
+    """Before the work starts: the first of the memory the run cannot do without (lower bounds, no more)
+    that exceeds what `device` (and the host) has free, as one sentence; None when all fit or unknown. The
+    DiT's widest activation, a single-stream block's input projection, B x tokens x hidden*(3 + mlp_ratio)
+    (B: the n prompts, twice with CFG; tokens split over the sequence-parallel ranks); the decoded videos in
+    the VAE's dtype plus one in fp32 (to_frames); the uint8 frames on the host."""
+    c, v = pipe.dit.cfg, pipe.vae.cfg
+    pt, ph, pw = c.patch_size
+    latent = ((frames - 1) // v.time_compression + 1, height // v.spatial_compression,
+              width // v.spatial_compression)
+    tokens = -(-latent[0] // pt) * -(-latent[1] // ph) * -(-latent[2] // pw)
+    tokens = -(-tokens // world) + getattr(pipe.encoder, "text_len", 0)
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    vae_itemsize = torch.empty(0, dtype=getattr(pipe.vae, "dtype", torch.float32)).element_size()
+    pixels = 3 * frames * height * width
+    dit_need = n * (2 if cfg else 1) * tokens * c.hidden_size * (3 + c.mlp_ratio) * itemsize
+    decode_need = n * pixels * vae_itemsize + pixels * 4
+    host_need = n * pixels + pixels * 4
+    device = torch.device(device)
+    checks = [(dit_need, "the DiT's activations", device), (decode_need, "the decoded video", device),
+              (host_need, "the frames to write", torch.device("cpu"))]
+    if device.type == "cpu":  # one memory: the decoded videos, one in fp32 and the uint8 frames at once
+        checks = [(dit_need, "the DiT's activations", device),
+                  (decode_need + n * pixels, "the decoded video", device)]
+    size = f"{n} video{'s' if n > 1 else ''} of {width}x{height}, {frames} frames"
+    for need, what, where in checks:
+        free = memory_available(where)
+        if free is not None and need > free:
+            kind = "GPU" if where.type == "cuda" else "CPU"
+            return (f"{size} need{'s' if n == 1 else ''} at least {need / 2**30:.1f} GiB of {kind} memory "
+                    f"for {what}, and {free / 2**30:.1f} GiB is free")
+    return None
+
+
+def read_prompts(path):
+    """--prompts FILE -> its non-blank lines, stripped (\\r of Windows line ends and a UTF-8 BOM too); exits
+    with one line for a folder, a missing, unreadable or non-UTF-8 file, or one with no prompt in it."""
+    if os.path.isdir(path):
+        sys.exit(f"error: --prompts {path} is a folder: give a text file with one prompt per line")
+    try:
+        with open(path, "rb") as f:
+            data = f.read().removeprefix(b"\xef\xbb\xbf")  # the BOM Windows editors write
+        prompts = [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
+    except FileNotFoundError:
+        sys.exit(f"error: --prompts {path}: no such file")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        sys.exit(f"error: --prompts {path} is not UTF-8 text (line {line} has the byte "
+                 f"{data[e.start:e.start + 1]!r}): save it as UTF-8")
+    except OSError as e:
+        sys.exit(f"error: --prompts {path}: cannot read it ({e.strerror or e})")
+    if not prompts:
+        sys.exit(f"error: --prompts {path} has no prompt (it is empty or blank): write one prompt a line")
+    return prompts
+
+
+def one_line_warnings(shown):
+    """A warnings.showwarning that prints each warning once, on one line (a truncated prompt, say)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text not in shown:
+            shown.add(text)
+            print(f"warning: {text}", file=sys.stderr)
+    return show
 
 
 def main():
@@ -777,10 +954,7 @@ def main():
 
     prompts = [args.prompt] if args.prompt else []
     if args.prompts:
-        if not os.path.isfile(args.prompts):
-            sys.exit(f"error: --prompts {args.prompts}: no such file")
-        with open(args.prompts) as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        prompts += read_prompts(args.prompts)
     if args.prompt is None and not args.prompts:
         prompts = [""]
     bad = check_args(args, prompts)
@@ -818,6 +992,13 @@ def main():
     if image is not None and args.dit and pipe.encoder.llava is None:
         sys.exit(f"error: --llm {args.llm} is a language model alone; HunyuanVideo-I2V reads the image with "
                  f"the full LLaVA: pass its text_encoder_i2v folder (llava-llama-3-8b-v1_1-transformers)")
+    cfg_scale = pipe.sampling["cfg_scale"] if args.cfg_scale is None else args.cfg_scale
+    if args.negative_prompt and cfg_scale <= 1:
+        sys.exit(f"error: --negative-prompt is read by real CFG alone, which is off (cfg scale "
+                 f"{cfg_scale:g}): add --cfg-scale > 1 (e.g. 6) or drop --negative-prompt")
+    if args.guidance is not None and not pipe.dit.cfg.guidance_embed:
+        sys.exit(f"error: --guidance {args.guidance:g}: this DiT has no guidance embedder (it is not "
+                 f"guidance-distilled), so it would be ignored: drop it, or use --cfg-scale (real CFG)")
     shift = args.shift
     if shift is None and image is not None and args.dit:  # official I2V scripts: 7 with stability, else 17
         shift = 7.0 if args.i2v_stability else 17.0
@@ -840,18 +1021,29 @@ def main():
             n = len(sparse.per_step)
             sys.exit(f"error: --sta-strategy {args.sta_strategy} has windows for {n} steps, not {steps}: "
                      f"sample with --steps {n}")
-    # an empty --negative-prompt, too, means the default one (as official inference.py)
-    videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
-                      args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
-                      cache=cache, sparse=sparse, image=image, stability=args.i2v_stability)
+    short = memory_shortfall(pipe, len(prompts), size[0] or pipe.video["height"],
+                             size[1] or pipe.video["width"], args.frames or pipe.video["frames"],
+                             cfg_scale > 1, world, device, dtype)
+    if short:
+        sys.exit(f"error: {short}: lower --height/--width/--frames, or sample fewer prompts at a time")
+    # an empty --negative-prompt, too, means the default one (as official inference.py); a prompt longer than
+    # the text encoders read is said once, on one line
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = one_line_warnings(set())
+        videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
+                          args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
+                          cache=cache, sparse=sparse, image=image, stability=args.i2v_stability)
     if rank == 0:
         t0 = time.perf_counter()
         fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
-        for i, (p, frames) in enumerate(zip(prompts, videos)):
-            out = args.out or os.path.join("out", "samples", f"{args.seed + i}_{slug(p)}.mp4")
-            png = (out[:-4] if out.endswith(".mp4") else out) + ".png"
-            write_mp4(frames, out, fps)
-            write_strip(frames, png)
+        for out, frames in zip(output_paths(args.out, args.seed, prompts), videos):
+            png = os.path.splitext(out)[0] + ".png"
+            try:
+                write_mp4(frames, out, fps)
+                write_strip(frames, png)
+            except OSError as e:
+                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out")
             T, H, W, _ = frames.shape
             print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
         times["write"] = time.perf_counter() - t0

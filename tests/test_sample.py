@@ -217,6 +217,19 @@ def test_prompts_file_batch(ckpt, tmp_path):
     (["--dit", "/nonexistent.pt"], "need all four"),
     (["--dit", "/x.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "--dit /x.pt: no such file"),
     (["--dit", "/x_fp8.pt", "--vae", "/x", "--llm", "/x", "--clip", "/x"], "/x_fp8_map.pt is missing"),
+    # were a traceback after the whole run (OpenCV refused the rate), or 0 silently meant 24
+    (["--fps", "0"], "--fps 0: must be 1 to 65535"),
+    (["--fps", "-5"], "--fps -5: must be 1 to 65535"),
+    (["--seed", str(2 ** 64)], f"--seed {2 ** 64}: must be between 0 and {2 ** 64 - 1}"),  # was a traceback
+    (["--lora", "x.safetensors:nan"], "the scale after ':' must be a finite number"),  # was a black video
+    (["--lora", "x.safetensors:inf"], "the scale after ':' must be a finite number"),
+    (["--lora", "C:\\x.safetensors"], "--lora C:\\x.safetensors: no such file"),  # a drive, not a scale
+    (["--cache", "teacache:inf"], "--cache teacache:inf: write teacache"),
+    (["--out", "v.avi"], "--out v.avi: the video is an mp4; name it v.mp4"),  # was an mp4 named .avi
+    (["--out", "/dev/null/x/v.mp4"], "cannot write there (/dev/null is a file, not a folder)"),
+    # ignored silently before: the tiny DiT has no guidance embedder, real CFG is off at --cfg-scale 1
+    (["--guidance", "3"], "--guidance 3: this DiT has no guidance embedder"),
+    (["--negative-prompt", "blurry"], "--negative-prompt is read by real CFG alone, which is off"),
 ])
 def test_bad_input_is_one_clean_line(ckpt, args, needle, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
@@ -226,6 +239,120 @@ def test_bad_input_is_one_clean_line(ckpt, args, needle, monkeypatch):
     msg = str(e.value.code)
     # a line per problem
     assert needle in msg and all(line.startswith("error: ") for line in msg.splitlines()), msg
+
+
+def test_bad_prompts_file_is_one_clean_line(ckpt, tmp_path, monkeypatch):
+    """--prompts: not UTF-8 (was a UnicodeDecodeError traceback), a folder, empty, blank lines only."""
+    (tmp_path / "latin1.txt").write_bytes("a red circle\nune b\xeate\n".encode("latin-1"))
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "blank.txt").write_text("\n  \r\n\n")
+    for name, needle in (("latin1.txt", "is not UTF-8 text (line 2 has the byte b'\\xea'): save it as UTF-8"),
+                         ("", "is a folder: give a text file"), ("empty.txt", "has no prompt (it is empty"),
+                         ("blank.txt", "has no prompt (it is empty or blank)")):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompts", str(tmp_path / name)])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert str(e.value.code).startswith("error: --prompts") and needle in str(e.value.code), e.value.code
+
+
+def test_prompts_file_from_windows(tmp_path):
+    """A UTF-8 BOM and \\r\\n line ends (Notepad) leave no trace: the BOM was read into the first prompt."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa red circle\r\n\r\nune bête\r\n".encode("utf-8"))
+    assert sample.read_prompts(str(tmp_path / "p.txt")) == ["a red circle", "une bête"]
+
+
+def test_file_names_from_prompts_never_collide():
+    """Prompts that differed only in punctuation got the same name, and a later run with the same seed
+    overwrote the earlier one's video; names stay within the file-name limit with 4-byte characters."""
+    assert sample.slug("a red circle moving left") == "a_red_circle_moving_left"  # plain words: unchanged
+    alike = ["a red circle, moving left", "a red circle moving left!", "a red_circle moving left", "!!!",
+             "🐱", "a" * 61, "a" * 62]
+    names = [sample.slug(p) for p in alike]
+    assert len(set(names)) == len(alike) and "a_red_circle_moving_left" not in names
+    assert names[0].startswith("a_red_circle__moving_left_") and names[3].startswith("prompt_")
+    assert len(f"{2 ** 64 - 1}_{sample.slug(chr(0x20000) * 80)}.mp4.tmp.mp4".encode()) <= 255
+
+
+def test_out_folder_names_each_video(ckpt, tmp_path, monkeypatch):
+    """--out an existing folder (was an IsADirectoryError after the run, a temp file left in place) or one
+    ending in /: the videos go in it named after their prompts, with --prompts too."""
+    monkeypatch.setattr(sample, "generate",
+                        lambda pipe, prompts, *a, **kw: np.zeros((len(prompts), 1, 32, 48, 3), np.uint8))
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "made").mkdir()
+    for out, extra in ((tmp_path / "made", ["--prompt", "a red circle"]),
+                       (str(tmp_path / "new") + "/", ["--prompts", str(tmp_path / "p.txt")])):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--out", str(out), *extra])
+        sample.main()
+    assert sorted(os.listdir(tmp_path / "made")) == ["0_a_red_circle.mp4", "0_a_red_circle.png"]
+    assert sorted(os.listdir(tmp_path / "new")) == ["0_a_red_circle.mp4", "0_a_red_circle.png",
+                                                    "1_a_blue_square.mp4", "1_a_blue_square.png"]
+
+
+def test_a_failed_write_is_one_line_and_leaves_no_temp_file(ckpt, tmp_path, monkeypatch):
+    """The disk fills up after the run: one line naming the file (was a traceback), no .tmp file left."""
+    frames = np.zeros((1, 16, 16, 3), np.uint8)
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(OSError):
+        sample.write_mp4(frames, str(tmp_path / "v.mp4"))
+    with pytest.raises(OSError):
+        sample.write_strip(frames, str(tmp_path / "v.png"))
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(os, "replace", real_replace)
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: frames[None])
+    monkeypatch.setattr(sample, "write_mp4", lambda *a: full(*a[:2]))
+    out = str(tmp_path / "v.mp4")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "x", "--out", out])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert e.value.code == f"error: cannot write {out} (No space left on device); pick another --out"
+
+
+def test_a_video_too_big_for_memory_is_refused_before_the_work(ckpt, monkeypatch):
+    """No more swapping for hours: the DiT activations and decoded frames are sized against free memory
+    (here 64 MiB) before the text encoders run."""
+    monkeypatch.setattr(sample, "memory_available", lambda device: 64 << 20)
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: pytest.fail("generate ran"))
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "x", "--height", "512",
+                                      "--width", "512", "--frames", "129"])
+    with pytest.raises(SystemExit) as e:
+        sample.main()
+    assert str(e.value.code).startswith("error: 1 video of 512x512, 129 frames needs at least 0.") and \
+        "GiB of CPU memory for the decoded video, and 0.1 GiB is free: lower --height" in str(e.value.code)
+    assert sample.memory_shortfall(sample.load_pipeline(ckpt), 1, 32, 48, 5, True, 1, "cpu", torch.float32) \
+        is None  # the tiny default fits
+
+
+def test_truncated_prompt_is_said_once_on_one_line(ckpt, tmp_path, monkeypatch, capsys):
+    """A prompt longer than the text encoders read: one 'warning:' line per encoder (the same prompt twice
+    says it once), not Python's two-line UserWarning with its source line."""
+    (tmp_path / "p.txt").write_text(("a red circle moving left " * 10 + "\n") * 2)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompts", str(tmp_path / "p.txt"),
+                                      "--steps", "1", "--frames", "1", "--out", str(tmp_path) + "/"])
+    sample.main()
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "truncated" in line]
+    assert [line.split(":")[0] for line in said] == ["warning", "warning"] and "warnings.warn" not in err
+    assert "truncated to 16: 'LLM prompt a red circle" in said[0] and "to 77: 'CLIP prompt" in said[1]
+
+
+def test_damaged_folder_files_are_one_line(ckpt, tmp_path, monkeypatch):
+    """A cut-short config.json (was an error naming no file) or tokenizer.model (was a traceback)."""
+    import shutil
+    for name, needle in (("config.json", "config.json is damaged (JSONDecodeError"),
+                         ("tokenizer.model", "cannot read the tokenizer")):
+        folder = tmp_path / name
+        shutil.copytree(ckpt, folder)
+        (folder / name).write_bytes((folder / name).read_bytes()[:100])
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", str(folder), "--prompt", "x"])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        msg = str(e.value.code)
+        assert msg.startswith("error: ") and needle in msg and str(folder) in msg and "\n" not in msg, msg
 
 
 def test_bad_input_from_the_command_line_has_no_traceback(ckpt):
