@@ -9,8 +9,9 @@ Per video: split into shots -> cut each shot into clips of up to 129 frames, eac
 crop letterbox borders -> measure clarity, motion, camera movement, static overlays, technical quality ->
 filter -> write the clip -> caption from a sidecar file. Across videos: de-duplicate by embedding cosine
 distance, balance concepts with k-means weights, and sort clips into nested resolution tiers, a
-fine-tuning set and two image sets (the paper's come from a separate pool of image-text pairs; ours are
-the sharpest frame of each accepted shot, with its clip's caption). OUT_DIR gets manifest.jsonl,
+fine-tuning set and two image sets (as the paper's, from image-text pairs: each photo in RAW_DIR
+(.jpg .jpeg .png .webp) with its sidecar caption, and the sharpest frame of each accepted shot, with its
+clip's caption). OUT_DIR gets manifest.jsonl,
 rejected.jsonl, images.jsonl, clips/, images/, and one manifest per tier (manifest_256p.jsonl ...
 manifest_720p.jsonl: what `train.py --tier 256p` reads), finetune.jsonl, images_256p.jsonl,
 images_512p.jsonl (and caption_cache.jsonl with --captioner).
@@ -128,6 +129,8 @@ class CurateConfig:
 
 CFG = CurateConfig()
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv")
+# photos: image-text pairs for the image sets (process_photo)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 CAPTION_FIELDS = ("short_description", "dense_description", "background", "style", "shot_type",
                   "lighting", "atmosphere")
 CAMERA_CLASSES = ("zoom in", "zoom out", "pan up", "pan down", "pan left", "pan right", "tilt up",
@@ -999,6 +1002,8 @@ def process_video(path, rel, out_dir, cfg=CFG):
     def reject(reason, **kw):
         return {"path": rel, "reason": reason, **kw}
     ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_EXTS:
+        return process_photo(path, rel, out_dir, cfg)
     if ext not in VIDEO_EXTS:
         why = f"not a video file ({ext or 'no extension'})"
         return {"clips": [], "images": [], "rejected": [reject(why)]}
@@ -1086,9 +1091,7 @@ def process_video(path, rel, out_dir, cfg=CFG):
         mask[by0:by1, bx0:bx1] = inner
         box, overlay = crop_overlay(sd["box"], mask, cfg)
         x0, y0, x1, y1 = box
-        full = [int(x0 * fx) // 2 * 2, int(y0 * fy) // 2 * 2,                 # even sizes for the encoder
-                int(np.ceil(x1 * fx)) // 2 * 2, int(np.ceil(y1 * fy)) // 2 * 2]
-        full[2], full[3] = min(full[2], W), min(full[3], H)
+        full = full_box(box, fx, fy, W, H)
         gb = [int(v * cs) for v in full]                 # the same box on the clarity-size grey frames...
         hb = [int(v * hs) for v in full]                 # ...and on the tier-size ones
         size = {"width": full[2] - full[0], "height": full[3] - full[1]}
@@ -1164,6 +1167,76 @@ def process_video(path, rel, out_dir, cfg=CFG):
     return res
 
 
+def full_box(box, fx, fy, W, H):
+    """A box on the analysis frames scaled to the W x H input: even sizes for the encoder."""
+    x0, y0, x1, y1 = box
+    full = [int(x0 * fx) // 2 * 2, int(y0 * fy) // 2 * 2, int(np.ceil(x1 * fx)) // 2 * 2,
+            int(np.ceil(y1 * fy)) // 2 * 2]
+    return [full[0], full[1], min(full[2], W), min(full[3], H)]
+
+
+def write_still(dst, bgr):
+    """A jpg written to a temp file renamed when complete: a kill never leaves half a still."""
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    cv2.imwrite(dst + f".{os.getpid()}.tmp.jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    os.replace(dst + f".{os.getpid()}.tmp.jpg", dst)
+
+
+def process_photo(path, rel, out_dir, cfg=CFG):
+    """One photo as an image-text pair (paper §3.1 builds its image sets from a pool of them): its sidecar
+    caption, the stills' letterbox crop and filters (no overlay test: it needs the picture to change
+    around a fixed mark), an embedding, the crop written to images/<id>/<id>.jpg. Returns process_video()'s
+    dict; "retry" where a caption is missing or broken, so that the photo is redone once one is added."""
+    from PIL import Image, ImageOps
+
+    def reject(reason, **kw):
+        return {"clips": [], "images": [], "rejected": [{"path": rel, "reason": reason}], **kw}
+    name, vid = os.path.splitext(os.path.basename(rel))[0], video_id(rel)
+    try:
+        cap = caption_for(load_sidecar(path), 0, 1)
+    except (ValueError, OSError) as e:
+        return reject(f"bad caption sidecar: {e}: fix or remove it, then re-run (this photo is redone)",
+                      retry=True)
+    if cap is None:      # train.py trains only captioned items: an uncaptioned photo would be dead weight
+        return reject(f"no caption: add {name}.txt (a short description) or {name}.json (caption fields) "
+                      "beside it, then re-run (this photo is redone)", retry=True)
+    try:   # PIL, not cv2.imread: cv2 decodes a truncated file with grey filler and no error
+        with Image.open(path) as im:
+            rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))   # upright, as a camera meant it
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return reject(_one_line(f"unreadable: {type(e).__name__}: {e}"))
+    H, W = rgb.shape[:2]
+    if min(W, H) < 16 or max(W, H) > cfg.max_aspect * min(W, H):
+        return reject(f"too small or extreme aspect ratio: {W}x{H} px")
+    # letterbox and quality on an analysis_w frame, as for video stills: the same units
+    aw = cfg.analysis_w
+    small = cv2.resize(rgb, (aw, max(2, int(round(H * aw / W / 2)) * 2)), interpolation=cv2.INTER_AREA)
+    x0, y0, x1, y1 = letterbox([small], cfg)
+    full = full_box((x0, y0, x1, y1), W / aw, H / small.shape[0], W, H)
+    crop = rgb[full[1]:full[3], full[0]:full[2]]
+    g = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
+    img = {"image": vid, "video": rel, "width": crop.shape[1], "height": crop.shape[0], "crop": full,
+           "clarity": round(clarity(g, cfg, min(W, H)), 2),
+           "quality": round(quality_score([small[y0:y1, x0:x1]]), 3), "overlay": False}
+    at = {str(s): round(clarity(g, cfg, min(W, H), s), 2) for s in clarity_sides(img, cfg.image_side, cfg)}
+    if at:
+        img["clarity_at"] = at
+    img["caption"] = caption_tags(cap, img, cfg)
+    why = []
+    if img["clarity"] < cfg.min_clarity:
+        why.append(f"blurry (clarity {img['clarity']:.1f} < {cfg.min_clarity})")
+    if min(img["width"], img["height"]) < 16:
+        why.append("nothing but border")
+    if img["quality"] < cfg.min_quality:
+        why.append(f"low quality ({img['quality']:.2f} < {cfg.min_quality})")
+    if why:
+        return reject("; ".join(why))
+    img["path"] = f"images/{vid}/{vid}.jpg"
+    img["embedding"] = [round(float(v), 4) for v in clip_embedding([small[y0:y1, x0:x1]])]
+    write_still(os.path.join(out_dir, img["path"]), np.ascontiguousarray(crop[..., ::-1]))
+    return {"clips": [], "images": [img], "rejected": []}
+
+
 def write_segments(path, writes, out_dir, fps):
     """Copy frame ranges [a, b) of `path`, cropped to box, to mp4 clips or jpg stills (one decode pass)."""
     todo = sorted(writes, key=lambda w: w[1])
@@ -1186,9 +1259,7 @@ def write_segments(path, writes, out_dir, fps):
             dst = os.path.join(out_dir, rel)
             crop = np.ascontiguousarray(f[y0:y1, x0:x1])
             if kind == "image":
-                os.makedirs(os.path.dirname(dst), exist_ok=True)
-                cv2.imwrite(dst + f".{os.getpid()}.tmp.jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, 95])
-                os.replace(dst + f".{os.getpid()}.tmp.jpg", dst)
+                write_still(dst, crop)
                 continue
             if w in starting:
                 os.makedirs(os.path.dirname(dst), exist_ok=True)
@@ -1528,12 +1599,14 @@ def _append(f, recs):
 
 
 def list_inputs(inp, out):
-    """Relative paths of every file under inp, except sidecar captions of a video, hidden files and out."""
+    """Relative paths of every file under inp, except sidecar captions of a video or photo, hidden files
+    and out."""
     files = []
     for root, dirs, names in os.walk(inp):
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and os.path.abspath(os.path.join(root, d)) != os.path.abspath(out))
-        stems = {os.path.splitext(n)[0] for n in names if os.path.splitext(n)[1].lower() in VIDEO_EXTS}
+        stems = {os.path.splitext(n)[0] for n in names
+                 if os.path.splitext(n)[1].lower() in VIDEO_EXTS + IMAGE_EXTS}
         for n in sorted(names):
             stem, ext = os.path.splitext(n)
             if n.startswith(".") or (ext.lower() in (".json", ".txt") and stem in stems):
@@ -1638,7 +1711,7 @@ def run(inp, out, workers=1, labels=None, cfg=CFG, clip=None, aesthetic=None, ca
             fin = {"path": rel, "clips": [r["clip"] for r in res["clips"]], "images": len(res["images"])}
             _append(files_out["done"], [{**fin, "retry": True} if res.get("retry") else fin])
             # a file skipped whole (damaged, too short, a bad sidecar): one line each. A filter's verdict on a
-            # clip goes to rejected.jsonl only, and so does a file that is no video (photos, notes)
+            # clip goes to rejected.jsonl only, and so does a file that is no video or photo (notes)
             for r in res["rejected"]:
                 if "clip" not in r and not r["reason"].startswith("not a video file"):
                     bar.write(f"skipped {rel}: {_one_line(r['reason'])}", file=sys.stderr)
@@ -1785,9 +1858,10 @@ def main(argv=None):
     if os.path.realpath(a.input) == os.path.realpath(a.output):
         p.error(f"--output {a.output} is the --input folder: pass a new folder for the curated set (a "
                 "sub-folder of the input is fine: it is not read as input)")
-    if not any(os.path.splitext(f)[1].lower() in VIDEO_EXTS for f in list_inputs(a.input, a.output)):
-        p.error(f"--input {a.input} holds no video files ({' '.join(VIDEO_EXTS)}, in sub-folders too): pass "
-                "the folder of raw videos")
+    media = VIDEO_EXTS + IMAGE_EXTS
+    if not any(os.path.splitext(f)[1].lower() in media for f in list_inputs(a.input, a.output)):
+        p.error(f"--input {a.input} holds no video files or photos ({' '.join(media)}, in sub-folders too): "
+                "pass the folder of raw videos")
     if a.workers < 1:
         p.error("--workers must be >= 1")
     if a.labels and not os.path.isfile(a.labels):

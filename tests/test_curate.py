@@ -1164,16 +1164,16 @@ def _cli_error(argv):
 def test_cli_bad_folders_exit_with_one_line(tmp_path):
     """Before: an --output that is a file (or lies under one) raised FileExistsError / NotADirectoryError
     with a traceback; --output = --input curated the run's own clips as input on the next run; an input
-    folder with no videos "succeeded" with 0 clips."""
+    folder with no videos or photos "succeeded" with 0 clips."""
     raw = small_videos(tmp_path / "raw", 1)
     (tmp_path / "file").write_text("x")
     assert "is a file, not a folder" in _cli_error(["--input", str(raw), "--output", str(tmp_path / "file")])
     assert "cannot create the folder" in _cli_error(["--input", str(raw), "--output",
                                                      str(tmp_path / "file" / "sub")])
     assert "is the --input folder" in _cli_error(["--input", str(raw), "--output", str(raw)])
-    (tmp_path / "photos").mkdir()
-    (tmp_path / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
-    for d in ("photos", "raw2"):
+    (tmp_path / "notes").mkdir()                         # (photos are inputs now: see test_photos_...)
+    (tmp_path / "notes" / "a.md").write_text("no video here")
+    for d in ("notes", "raw2"):
         (tmp_path / d).mkdir(exist_ok=True)
         assert "holds no video files" in _cli_error(["--input", str(tmp_path / d), "--output",
                                                      str(tmp_path / "o")])
@@ -1258,3 +1258,48 @@ def test_resume_redoes_inputs_whose_output_was_deleted(tmp_path, capsys):
     C._write_jsonl(str(out / "manifest.jsonl"), manifest)
     C.run(str(raw), str(out), workers=1)
     assert "redoing" not in capsys.readouterr().err and not os.path.exists(out / gone["path"])
+
+
+def test_photos_are_image_text_pairs_and_resume_like_videos(tmp_path, capsys):
+    """Photos in --input were rejected as "not a video file": now each captioned one is an image-text pair of
+    the image sets (paper §3.1), an uncaptioned or damaged one a one-line rejection."""
+    raw = small_videos(tmp_path / "raw", 1)
+    rng = np.random.default_rng(3)
+    cv2.imwrite(str(raw / "cat.jpg"), picture(rng, 540, 720)[..., ::-1])
+    (raw / "cat.txt").write_text("coloured shapes on a flat ground")
+    cv2.imwrite(str(raw / "dog.png"), picture(rng, 300, 400))
+    b = cv2.imencode(".jpg", picture(rng, 300, 400))[1].tobytes()
+    (raw / "broken.jpg").write_bytes(b[:len(b) // 2])                    # truncated: cv2 would decode it grey
+    (raw / "broken.txt").write_text("a broken photo")
+    out = tmp_path / "out"
+    C.run(str(raw), str(out), workers=1)
+    err = capsys.readouterr().err
+    imgs = {r["video"]: r for r in C._read_jsonl(str(out / "images.jsonl"))}
+    assert set(imgs) == {"v0.mp4", "cat.jpg"}                              # the video's still and the photo
+    cat = imgs["cat.jpg"]
+    assert (cat["width"], cat["height"]) == (720, 540) and len(cat["embedding"]) > 0
+    assert cat["caption"]["short_description"] == "coloured shapes on a flat ground"
+    assert cv2.imread(str(out / cat["path"])).shape == (540, 720, 3) and cat["path"].startswith("images/")
+    assert C.image_sets_of(cat) == ["256p", "512p"]                        # 540p: both sets
+    for side in ("256p", "512p"):
+        assert "cat.jpg" in {r["video"] for r in C._read_jsonl(str(out / f"images_{side}.jsonl"))}
+    rej = {r["path"]: r["reason"] for r in C._read_jsonl(str(out / "rejected.jsonl")) if "clip" not in r}
+    assert set(rej) == {"dog.png", "broken.jpg"}
+    assert rej["dog.png"].startswith("no caption: add dog.txt")
+    assert rej["broken.jpg"].startswith("unreadable") and "\n" not in rej["broken.jpg"]
+    assert "skipped broken.jpg: unreadable" in err and "skipped dog.png: no caption" in err
+    assert [r["video"] for r in C._read_jsonl(str(out / "manifest.jsonl"))] == ["v0.mp4"]
+
+    def state():
+        files = ("manifest", "images", "rejected", "images_256p", "images_512p")
+        recs = {f: sorted(map(json.dumps, C._read_jsonl(str(out / f"{f}.jsonl")))) for f in files}
+        return recs, {p: os.stat(p).st_mtime_ns for p in out.glob("[ci]*/*/*")}
+    before = state()
+    assert len(before[1]) == 3                                              # a clip, two stills
+    C.run(str(raw), str(out), workers=1)                                    # nothing new
+    assert state() == before
+    (raw / "dog.txt").write_text("shapes")                                  # a caption added: picked up
+    C.run(str(raw), str(out), workers=1)
+    dog = [r for r in C._read_jsonl(str(out / "images.jsonl")) if r["video"] == "dog.png"]
+    assert len(dog) == 1 and (out / dog[0]["path"]).exists() and dog[0]["width"] == 400
+    assert "dog.png" not in {r["path"] for r in C._read_jsonl(str(out / "rejected.jsonl"))}
