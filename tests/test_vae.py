@@ -612,7 +612,8 @@ def test_fused_stream_kernels_match_float64_and_the_torch_path(monkeypatch):
 # cross-check against diffusers' implementation of the same network (test-only dependency)
 
 
-def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
+def tiny_and_diffusers():
+    """The tiny VAE and diffusers' AutoencoderKLHunyuanVideo holding the same weights."""
     diffusers = pytest.importorskip("diffusers")
     m = tiny()
     c = m.cfg
@@ -620,6 +621,12 @@ def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
         block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
         norm_num_groups=c.norm_groups, latent_channels=c.latent_channels).eval()
     ref.load_state_dict(m.state_dict(), strict=True)
+    return m, ref
+
+
+def test_matches_diffusers_untiled_and_loads_its_dir(tmp_path):
+    m, ref = tiny_and_diffusers()
+    c = m.cfg
     ref.use_framewise_encoding = ref.use_framewise_decoding = False  # untiled: diffusers' time tiles differ
     for T in (1, 9):
         x = video(1, T, 16, 24)
@@ -639,13 +646,7 @@ def test_tiled_paths_match_diffusers_on_grids_of_tiles_in_several_windows():
     """Tiles in two dimensions inside each of three time windows (the last a short one), decode and
     encode, against diffusers' tiled paths set to the official windows (tiny: 64 px tiles every 48, 16
     frames every 12; diffusers' own defaults tile time in 16-frame windows where the official uses 64)."""
-    diffusers = pytest.importorskip("diffusers")
-    m = tiny()
-    c = m.cfg
-    ref = diffusers.AutoencoderKLHunyuanVideo(
-        block_out_channels=c.block_out_channels, layers_per_block=c.layers_per_block,
-        norm_num_groups=c.norm_groups, latent_channels=c.latent_channels).eval()
-    ref.load_state_dict(m.state_dict(), strict=True)
+    m, ref = tiny_and_diffusers()
     ref.enable_tiling(tile_sample_min_height=64, tile_sample_min_width=64, tile_sample_stride_height=48,
                       tile_sample_stride_width=48, tile_sample_min_num_frames=16,
                       tile_sample_stride_num_frames=12)
