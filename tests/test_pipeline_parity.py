@@ -127,7 +127,7 @@ def pipes(llama_tok_dir, clip_tok_dir, tmp_path_factory):  # noqa: F811
 
 # diffusers' default template carries the official crop_start 95, a count of llava-llama-3's tokens; left
 # out, its _get_llama_prompt_embeds counts the template's tokens with the tokenizer at hand (less the
-# placeholder and <|eot_id|>), which is what our PromptEncoder checks its crop_start against
+# prompt slot "{}" and <|eot_id|>), which is what our PromptEncoder checks its crop_start against
 VIDEO_TEMPLATE = {"template": te.PROMPT_TEMPLATE_ENCODE_VIDEO}
 
 
