@@ -586,19 +586,28 @@ def to_frames(video):
 
 
 def write_mp4(frames, path, fps=24):
-    """uint8 (T, H, W, 3) RGB -> mp4 (MPEG-4 through OpenCV, no ffmpeg needed); temp file + rename."""
-    import cv2
+    """uint8 (T, H, W, 3) RGB -> H.264 mp4 with the official save_videos_grid's settings (imageio.mimsave:
+    libx264 at its default quality, crf 23, yuv420p), which browsers play; temp file + rename. The ffmpeg
+    binary comes inside the imageio-ffmpeg wheel. OpenCV's own mp4v codec would need none, but browsers do not
+    play it and it is worse at a larger size (docs/performance.md, Video files)."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        raise RuntimeError("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    T, H, W, _ = frames.shape
+    if H % 2 or W % 2:  # yuv420p stores colour at half resolution
+        raise ValueError(f"an H.264 video needs an even size, not {W}x{H}: crop or pad the frames")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.mp4"
-    T, H, W, _ = frames.shape
     try:
-        w = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
-        if not w.isOpened():
-            open(tmp, "wb").close()  # OSError if the place is not writable, which OpenCV does not say
-            raise RuntimeError(f"OpenCV cannot write mp4 files ({path}); reinstall opencv-python-headless")
+        open(tmp, "wb").close()  # OSError if the place is not writable, before ffmpeg says it at length
+        out = imageio_ffmpeg.write_frames(tmp, (W, H), fps=fps, codec="libx264", quality=None,
+                                          pix_fmt_in="rgb24", pix_fmt_out="yuv420p", macro_block_size=1,
+                                          ffmpeg_log_level="error")
+        out.send(None)  # starts ffmpeg
         for f in frames:
-            w.write(np.ascontiguousarray(f[..., ::-1]))  # OpenCV wants BGR
-        w.release()
+            out.send(np.ascontiguousarray(f, dtype=np.uint8))
+        out.close()
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

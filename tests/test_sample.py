@@ -289,6 +289,39 @@ def test_out_folder_names_each_video(ckpt, tmp_path, monkeypatch):
                                                     "1_a_blue_square.mp4", "1_a_blue_square.png"]
 
 
+def test_mp4_is_the_official_writers_h264(tmp_path):
+    """The mp4 is H.264 in yuv420p (browsers play it; OpenCV's mp4v they do not), byte for byte what the
+    official save_videos_grid's imageio.mimsave writes from the same frames, and it decodes close to them."""
+    import cv2
+    imageio = pytest.importorskip("imageio")
+    yy, xx = np.mgrid[0:64, 0:96]
+    frames = np.stack([np.stack([(2 * xx + 5 * t) % 256, (3 * yy + t) % 256, 2 * (xx + yy) % 256], -1)
+                       for t in range(17)]).astype(np.uint8)
+    ours, official = str(tmp_path / "ours.mp4"), str(tmp_path / "official.mp4")
+    sample.write_mp4(frames, ours, fps=24)
+    imageio.mimsave(official, list(frames), fps=24)
+    assert open(ours, "rb").read() == open(official, "rb").read()
+    cap = cv2.VideoCapture(ours)
+    assert int(cap.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little") == b"h264" and cap.get(cv2.CAP_PROP_FPS) == 24
+    back = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        back.append(f[..., ::-1])
+    mse = ((np.stack(back).astype(float) - frames) ** 2).mean()
+    assert len(back) == 17 and 10 * np.log10(255 ** 2 / mse) > 30
+    with pytest.raises(ValueError, match="an H.264 video needs an even size, not 95x64"):
+        sample.write_mp4(frames[:, :, :95], ours)
+
+
+def test_mp4_without_imageio_ffmpeg_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    with pytest.raises(RuntimeError, match="^writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg$"):
+        sample.write_mp4(np.zeros((1, 16, 16, 3), np.uint8), str(tmp_path / "v.mp4"))
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_failed_write_is_one_line_and_leaves_no_temp_file(ckpt, tmp_path, monkeypatch):
     """The disk fills up after the run: one line naming the file (was a traceback), no .tmp file left."""
     frames = np.zeros((1, 16, 16, 3), np.uint8)
