@@ -573,8 +573,9 @@ def bench_lora(args):
     """One LoRA training step (forward, backward, AdamW on the adapters) of a random-weight 13B at 49x512x768,
     rank 128, batch 1, gradient checkpointing, bf16 autocast, as train.py --lora runs it: seconds and peak
     memory for each place the frozen weights and the checkpointed block inputs live. Variants: bf16 (all
-    on the GPU), act (bf16, the block inputs in CPU memory: train.py --offload activations), offload (the
-    frozen blocks streamed too: --offload), fp8 (FP8Linear weights). Targets: musubi-tuner's (every block
+    on the GPU), act (bf16, the block inputs in CPU memory: train.py --offload activations), mod (the blocks'
+    modulation weights streamed too: --offload modulation), offload (the frozen blocks streamed too:
+    --offload), fp8 (FP8Linear weights). Targets: musubi-tuner's (every block
     linear but the modulation, dit.LORA_TARGETS) and attention-only (finetrainers'). On a CPU: the tiny
     config, a smoke run."""
     import sample
@@ -597,20 +598,17 @@ def bench_lora(args):
             if variant == "fp8":
                 dit.quantize_fp8(model)
             names = dit.add_lora(model, rank, float(rank), regex)
-            if variant == "offload":  # the frozen blocks to pinned CPU memory; the adapters stay on the GPU
+            if variant in ("offload", "mod"):  # frozen block weights (all, or the modulation) to pinned CPU
+                sample.offload_blocks(model, torch.device(DEVICE),  # memory; the adapters stay on the GPU
+                                      only=sample.MODULATION if variant == "mod" else None)
                 if CUDA:
-                    for block in list(model.double_blocks) + list(model.single_blocks):
-                        for p in block.parameters():
-                            if not p.requires_grad:
-                                p.data = p.data.cpu()
                     torch.cuda.empty_cache()
-                sample.offload_blocks(model, torch.device(DEVICE))
             model.gradient_checkpointing = True
             model.train()
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(params, lr=1e-4, fused=CUDA)
             keep_on_cpu = contextlib.nullcontext  # as train.py sets it
-            if CUDA and variant in ("act", "offload"):
+            if CUDA and variant in ("act", "mod", "offload"):
                 keep_on_cpu = functools.partial(torch.autograd.graph.save_on_cpu, pin_memory=True)
 
             def step():
@@ -1112,8 +1110,8 @@ def main():
     p.add_argument("--no-peer", dest="peer", action="store_false", help="skip the diffusers comparison")
     p.set_defaults(fn=bench_train)
     p = sub.add_parser("lora", help="13B LoRA training step at 49x512x768, rank 128: s/step, peak memory")
-    p.add_argument("--variants", nargs="+", default=["bf16", "act", "offload", "fp8"],
-                   choices=["bf16", "act", "offload", "fp8"], help="where the frozen weights and the "
+    p.add_argument("--variants", nargs="+", default=["bf16", "act", "mod", "offload", "fp8"],
+                   choices=["bf16", "act", "mod", "offload", "fp8"], help="where the frozen weights and the "
                    "checkpointed activations live (see bench_lora)")
     p.add_argument("--targets", nargs="+", default=["musubi", "attention"], choices=["musubi", "attention"])
     p.add_argument("--iters", type=int, default=2, help="timed steps after one warm-up step")

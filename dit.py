@@ -180,9 +180,11 @@ def apply_rope(x, cos, sin):
 # Embedders
 
 def timestep_embedding(t, dim=256, max_period=10000, dtype=torch.float32):
-    """Sinusoid of a float timestep, [cos | sin] (cos first, as the official embed_layers.py), in fp32."""
+    """Sinusoid of a float timestep, [cos | sin] (cos first, as the official embed_layers.py), in fp32. The
+    frequencies are computed on the CPU and then moved, as there: the CPU's fp32 exp is not correctly rounded
+    for 2 of the 128, so another device's may differ, and one bit can change a bf16 guidance embedding."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype) / half).to(t.device)
     args = t.to(dtype)[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 

@@ -384,7 +384,12 @@ def load_pipeline(ckpt=None, dit_path=None, vae_path=None, llm_dir=None, clip_di
     return Pipeline(encoder, model, vae, video, sampling)
 
 
-def offload_blocks(model, device):
+# A block's adaLN modulation linears: a quarter of the 13B's weights (3.4 of 12.8 billion), acting on one
+# vector per sample, so streaming them costs their copy and hardly any compute waits on it
+MODULATION = ("img_mod.", "txt_mod.", "modulation.")
+
+
+def offload_blocks(model, device, only=None):
     """Keep the DiT's 60 blocks in (pinned) CPU memory; each block's weights come to `device` for its own
     forward and are dropped after, so the GPU holds the small embedders plus one block (~0.7 GB at 13B in
     bf16) and the activations. Slower: every step streams the whole model over PCIe once.
@@ -392,7 +397,9 @@ def offload_blocks(model, device):
     Training (train.py --lora --offload) uses it too, under gradient checkpointing: the backward re-runs
     each block's forward, which fetches its weights again. Trainable parameters (the adapters) are not
     streamed: they stay on `device`, where the optimizer updates them. Neither is block 0's img_mod:
-    step caching (TeaCache, MagCache) runs it alone every step, and a skipped step then streams no block."""
+    step caching (TeaCache, MagCache) runs it alone every step, and a skipped step then streams no block.
+    only: the name prefixes (within a block) of the weights to stream, the others staying on `device`;
+    train.py --offload modulation streams MODULATION alone."""
     for name, child in model.named_children():
         if name not in ("double_blocks", "single_blocks"):
             child.to(device)
@@ -417,13 +424,17 @@ def offload_blocks(model, device):
     for i, block in enumerate(list(model.double_blocks) + list(model.single_blocks)):
         host = {}
         for n, p in block.named_parameters():
-            if p.requires_grad or (i == 0 and n.startswith("img_mod.")):
+            if p.requires_grad or (i == 0 and n.startswith("img_mod.")) or \
+                    (only is not None and not n.startswith(only)):
                 p.data = p.data.to(device)
                 continue
             try:
-                host[n] = p.data.pin_memory() if torch.cuda.is_available() else p.data
+                host[n] = p.data.to("cpu").pin_memory() if torch.cuda.is_available() else p.data.to("cpu")
             except RuntimeError:  # no room for pinned memory: pageable copies work, more slowly
-                host[n] = p.data
+                host[n] = p.data.to("cpu")
+            p.data = host[n]  # a copy already on `device` is freed now, not at the first forward
+        for b in block.buffers():  # an FP8Linear's scale: tiny, and on `device` it costs no copy per use
+            b.data = b.data.to(device)
         block.register_forward_pre_hook(lambda mod, args, host=host: fetch(mod, host))
         block.register_forward_hook(lambda mod, args, out, host=host: drop(mod, host))
     return model

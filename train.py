@@ -1035,8 +1035,9 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
     lora = (rank, alpha, targets): the DiT (from init_dit, or `base`, an already loaded model) is frozen
     and only adapters on the targeted layers train (dit.add_lora); no EMA, and the checkpoints hold the
     adapters and their optimizer state only. offload (LoRA on one GPU, under gradient checkpointing):
-    "activations" keeps each block's checkpointed input in CPU memory until the backward needs it; "all"
-    also keeps the frozen blocks there, each visiting the GPU for its forward and its recomputation."""
+    "activations" keeps each block's checkpointed input in CPU memory until the backward needs it;
+    "modulation" also keeps the blocks' modulation linears there (sample.MODULATION), each fetched for its
+    block's forward and recomputation; "all" keeps the whole frozen blocks there, streamed the same way."""
     mcfg = dit_config(cfg)
     assert mcfg.guidance_embed == (cfg.train_guidance is not None), \
         "train_guidance must be set iff guidance_embed"
@@ -1080,8 +1081,8 @@ def train_dit(cfg, clips, images, encoder, vae, out_dir, device, rank=0, world=1
             model = dit.HunyuanVideoDiT(mcfg).to(device)
         if lora:
             dit.add_lora(model, *lora)
-        if offload == "all":
-            sample.offload_blocks(model, device)
+        if offload in ("all", "modulation"):
+            sample.offload_blocks(model, device, only=sample.MODULATION if offload == "modulation" else None)
         if world > 1:
             shard_model(model, device)
     model.gradient_checkpointing = cfg.grad_checkpointing
@@ -1789,9 +1790,11 @@ def cli():
     lo.add_argument("--lr", type=float, help=f"LoRA learning rate (default {LORA_LR})")
     lo.add_argument("--lora-demo", action="store_true", help="teach the demo model (--from, default "
                     "out/demo) 'moving diagonally' and picture it before/after (OUT/lora_demo.png)")
-    lo.add_argument("--offload", nargs="?", const="all", choices=("all", "activations"), help="LoRA on one "
-                    "GPU, gradient checkpointing on: the blocks' saved inputs wait in CPU memory; with 'all' "
-                    "(the default) the frozen DiT blocks too, streamed to the GPU for forward and backward")
+    lo.add_argument("--offload", nargs="?", const="all", choices=("all", "modulation", "activations"),
+                    help="LoRA on one GPU, gradient checkpointing on: 'activations', the blocks' saved "
+                    "inputs wait in CPU memory; 'modulation', the blocks' modulation weights too (a "
+                    "quarter of the DiT, streamed to the GPU per block); 'all' (the default), the whole "
+                    "frozen blocks")
     args = ap.parse_args()
     # 0 used to mean "the preset's" (--steps 0: all 20,000 steps), a negative --steps trained nothing and
     # exported the untrained DiT, a negative --batch hung (no batch in any epoch)

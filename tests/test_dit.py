@@ -369,6 +369,23 @@ def test_compiled_blocks_match_eager_and_do_not_recompile_for_new_text_lengths()
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_timestep_frequencies_are_computed_on_the_cpu_as_the_official(monkeypatch):
+    """Official embed_layers.py takes exp of the 128 frequencies on the CPU, then moves them to t's device:
+    another device's exp may round them differently. On a meta-device t (standing in for a GPU) every exp of
+    the embedding must still run on the CPU, and the values equal exp in float64 rounded to fp32 within an
+    ulp."""
+    import math
+    seen, exp = [], torch.exp
+    monkeypatch.setattr(torch, "exp", lambda x, *a, **k: seen.append(x.device.type) or exp(x, *a, **k))
+    emb = dit.timestep_embedding(torch.zeros(3, device="meta"))
+    assert emb.device.type == "meta" and emb.shape == (3, 256) and seen == ["cpu"]
+    monkeypatch.setattr(torch, "exp", exp)
+    t = torch.tensor([1000.0])
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float64) / 128)
+    ref = torch.cat([torch.cos(t.double()[:, None] * freqs), torch.sin(t.double()[:, None] * freqs)], -1)
+    assert (dit.timestep_embedding(t).double() - ref).abs().max() < 1e-4  # fp32 args of up to 1000
+
+
 def test_rope_is_a_relative_rotation():
     axes, theta = (8, 12, 12), 256.0
     cos, sin = dit.rope_tables((5, 6, 7), axes, theta)
