@@ -936,7 +936,7 @@ class Tokenizer:
         if os.path.isfile(path):  # SentencePiece
             import sentencepiece
             sp = sentencepiece.SentencePieceProcessor(model_file=path)
-            self._encode = sp.encode
+            self._encode = lambda texts, fix_text=False: sp.encode(texts)
             self.bos = [sp.bos_id()] if sp.bos_id() >= 0 else []
             self.eos = [sp.eos_id()] if sp.eos_id() >= 0 else []
             self.pad_id = max(sp.pad_id(), 0)
@@ -956,8 +956,8 @@ class Tokenizer:
             clean = None
         else:
             raise FileNotFoundError(f"{path!r} has neither tokenizer.json nor vocab.json + merges.txt")
-        self._encode = lambda texts: [e.ids for e in tok.encode_batch(
-            [clean(t) for t in texts] if clean else texts, add_special_tokens=False)]
+        self._encode = lambda texts, fix_text=False: [e.ids for e in tok.encode_batch(
+            [clean(t, fix_text) for t in texts] if clean else texts, add_special_tokens=False)]
         # which special tokens wrap a text (Llama 3: BOS only; CLIP: start and end of text), read off a probe
         full, body = tok.encode("a").ids, tok.encode("a", add_special_tokens=False).ids
         i = next(i for i in range(len(full) - len(body) + 1) if full[i:i + len(body)] == body)
@@ -972,12 +972,13 @@ class Tokenizer:
     def eos_id(self):
         return self.eos[-1] if self.eos else None
 
-    def __call__(self, texts, max_length, shown=None):
-        """list of str -> ids, mask: LongTensors (B, max_length). shown: what a truncation warning quotes."""
+    def __call__(self, texts, max_length, shown=None, fix_text=False):
+        """list of str -> ids, mask: LongTensors (B, max_length). shown: what a truncation warning quotes.
+        fix_text: CLIP's clean-up with ftfy (clip_clean), as the image-to-video release ran it."""
         budget = max_length - len(self.bos) - len(self.eos)
         ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         mask = torch.zeros(len(texts), max_length, dtype=torch.long)
-        for i, (text, body) in enumerate(zip(shown or texts, self._encode(list(texts)))):
+        for i, (text, body) in enumerate(zip(shown or texts, self._encode(list(texts), fix_text))):
             if len(body) > budget:
                 warnings.warn(f"{len(body) + len(self.bos) + len(self.eos)} tokens, truncated to "
                               f"{max_length}: {text[:80]!r}...")
@@ -993,16 +994,29 @@ _CJK = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73
 _CLIP_SPECIALS = re.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
 
 
-def clip_clean(text):
-    """The text clean-up of the transformers CLIPTokenizer the official code instantiates (no ftfy
-    installed, so its BasicTokenizer runs), in its order: control characters dropped and whitespace made
-    spaces; spaces around each CJK ideograph; NFC; split on whitespace; each word lower-cased by Python
-    (str.lower: a word-final capital sigma becomes the final form). The two special tokens typed literally in
-    a prompt are matched on the raw text first, as transformers does, and left as they are."""
+def clip_clean(text, fix_text=False):
+    """The text clean-up of the transformers CLIPTokenizer the official code instantiates. Text-to-video's
+    environment has no ftfy, so its BasicTokenizer runs, in this order: control characters dropped and
+    whitespace made spaces; spaces around each CJK ideograph; NFC; split on whitespace; each word lower-cased
+    by Python (str.lower: a word-final capital sigma becomes the final form). fix_text: the branch taken
+    where ftfy is installed, as in the image-to-video release's environment (its requirements.txt installs
+    OpenAI's CLIP, which needs ftfy): ftfy.fix_text (curly quotes straightened, full-width forms and
+    ligatures made plain, mojibake repaired), runs of whitespace made one space, lower case; no CJK spacing.
+    Either way the two special tokens typed literally in a prompt are matched on the raw text first, as
+    transformers does, and left as they are."""
+    if fix_text:
+        try:
+            import ftfy
+        except ImportError:
+            raise RuntimeError("image-to-video prompts need ftfy, which the official I2V CLIP tokenizer "
+                               "cleans them with: pip install ftfy") from None
     out = []
     for piece in _CLIP_SPECIALS.split(text):
         if _CLIP_SPECIALS.fullmatch(piece):
             out.append(piece)
+            continue
+        if fix_text:
+            out.append(re.sub(r"\s+", " ", ftfy.fix_text(piece)).strip().lower())
             continue
         chars = []
         for ch in piece:
@@ -1205,7 +1219,9 @@ class PromptEncoder:
         text = torch.cat([image, torch.stack(text)], 1)
         text_mask = torch.cat([torch.ones(B, image.shape[1], dtype=mask.dtype), torch.stack(text_mask)], 1)
 
-        ids2, mask2 = self.clip_tok(prompts, self.clip_len, shown=[f"CLIP prompt {p}" for p in prompts])
+        # the I2V release's CLIP tokenizer cleaned the text with ftfy (clip_clean)
+        ids2, mask2 = self.clip_tok(prompts, self.clip_len, shown=[f"CLIP prompt {p}" for p in prompts],
+                                    fix_text=True)
         if self.offload:
             self.clip.to(self.device)
         pooled = self.clip(ids2.to(self.device), mask2.to(self.device))

@@ -397,6 +397,8 @@ def test_i2v_prompt_path_matches_transformers_and_the_official_crop(i2v_tok_dir,
     pe = te.PromptEncoder(llava.language_model, clip, tok, tok, templates=None, text_len=text_len,
                           clip_len=16, llava=llava, i2v_template=tpl)
     assert pe.i2v_returns_before == 3  # as the official code's count (Llama 3 tokenizes "\n\n" alike)
+    clip_calls, clip_tok = [], pe.clip_tok  # CLIP's text cleaned with ftfy, as the I2V release's tokenizer
+    pe.clip_tok = lambda *a, **k: clip_calls.append(k.get("fix_text")) or clip_tok(*a, **k)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (50, 70, 3), dtype=np.uint8),
               rng.integers(0, 256, (90, 41, 3), dtype=np.uint8)]
@@ -422,6 +424,7 @@ def test_i2v_prompt_path_matches_transformers_and_the_official_crop(i2v_tok_dir,
         # CLIP's vector, as for text-to-video
         torch.testing.assert_close(pooled, pe.clip(*tok(ps, 16)), rtol=0, atol=0)
     assert mask[0, -1] == 1  # the cut prompt fills every position
+    assert clip_calls == [True, True]
     # the image changes the states of every text token after it
     other, _, _ = pe(prompts[:1], 129, images=[images[1]], interleave=interleave)
     first, _, _ = pe(prompts[:1], 129, images=[images[0]], interleave=interleave)

@@ -470,6 +470,33 @@ def test_clip_tokenizer_from_vocab_and_merges(clip_tok_dir):
     assert tok._encode(["<|startoftext|> a"])[0] == [sot] + a
 
 
+def test_clip_clean_with_ftfy_as_the_image_to_video_release(clip_tok_dir, monkeypatch):
+    """HunyuanVideo-I2V's environment has ftfy (its requirements install OpenAI's CLIP), so its transformers
+    4.39 CLIPTokenizer cleans with `whitespace_clean(ftfy.fix_text(text)).lower()` instead of the
+    BasicTokenizer: curly quotes, full-width forms and ligatures become plain, CJK is not spaced."""
+    import re
+
+    import ftfy
+    texts = ["It\u2019s \u201c\uff21\uff22\uff23\u201d  \ufb01ne", "\u6570\u5b57 a\tcat\n", "caf\u00c3\u00a9 OK",
+             "A <|endoftext|>Cat\u2019s"]
+    for text in texts:  # transformers 4.39's formula, piece by piece around a literal special token
+        pieces = re.split(r"(<\|endoftext\|>)", text)
+        want = " ".join(p if p == "<|endoftext|>" else re.sub(r"\s+", " ", ftfy.fix_text(p)).strip().lower()
+                        for p in pieces)
+        assert te.clip_clean(text, fix_text=True).split() == want.split()
+    assert te.clip_clean(texts[0], fix_text=True) == 'it\'s "abc" fine'
+    assert te.clip_clean(texts[2], fix_text=True) == "caf\u00e9 ok"  # mojibake repaired
+    assert te.clip_clean(texts[0]) != te.clip_clean(texts[0], fix_text=True)  # text-to-video's is not ftfy's
+    tok = te.Tokenizer(clip_tok_dir)
+    assert tok(["It\u2019s a CAT"], 16, fix_text=True)[0].tolist() == tok(["it's a cat"], 16)[0].tolist()
+    vocab = {v: k for k, v in json.loads(open(os.path.join(clip_tok_dir, "vocab.json")).read()).items()}
+    words = lambda ids, mask: "".join(vocab[i] for i in ids[0, 1:int(mask.sum()) - 1].tolist()).count("</w>")
+    assert words(*tok(["\u6570\u5b57"], 10, fix_text=True)) == 1 and words(*tok(["\u6570\u5b57"], 10)) == 2
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    with pytest.raises(RuntimeError, match="^image-to-video prompts need ftfy.*: pip install ftfy$"):
+        tok(["a"], 8, fix_text=True)
+
+
 def make_prompt_encoder(llama_tok_dir, clip_tok_dir, text_len=24, **kw):
     ltok, ctok = te.Tokenizer(llama_tok_dir), te.Tokenizer(clip_tok_dir)
     llm = tiny_llama(vocab_size=ltok.vocab_size)
