@@ -6,11 +6,13 @@ Sampling: prompt in, mp4 out, as the official HunyuanVideo pipeline (official sa
     torchrun --nproc_per_node 4 sample.py ...                # one video on 4 GPUs (sequence parallel)
     python sample.py ... --lora style.safetensors:0.8 --lora motion.safetensors   # LoRAs, stacked
     python sample.py --image first.jpg --prompt "..." --dit I2V.pt ...   # image-to-video (docs/i2v.md)
+    python sample.py --decode out/samples/0_a_cat.latents.safetensors --vae VAE_DIR   # a failed decode's
 
 Read top to bottom: the sampler (sigma schedule, Euler steps of the flow ODE), loading a pipeline (the
 official files or a train.py folder), generate() (encode the prompt with the LLM + CLIP, draw the noise,
 50 Euler steps from sigma=1 (noise) to 0 calling the DiT at t = sigma*1000, decode with the tiled VAE),
-writing (an mp4 at 24 fps and a PNG strip of frames), main().
+writing (an H.264 mp4 at 24 fps and a PNG strip of frames; the latents first, kept if the decode fails),
+main().
 """
 
 import argparse
@@ -508,7 +510,7 @@ def image_pixels(image, height, width):
 @torch.no_grad()
 def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=None, shift=None,
              guidance=None, cfg_scale=None, negative_prompt=None, tiled=True, times=None, cache=None,
-             sparse=None, image=None, stability=False):
+             sparse=None, image=None, stability=False, on_latents=None):
     """prompts -> uint8 videos (B, T, H, W, 3). Options left None take the pipeline's defaults; prompt i
     starts from seed + i's noise. Under sequence parallel (pipe.dit.sp_group set) every rank runs the same
     steps on the same noise and rank 0 alone decodes; the other ranks get None. `times`, if a dict, gets
@@ -523,7 +525,8 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     LLaVA reads it with the prompt where the encoder has one (the negative prompt gets a black image); a
     train.py folder's small encoders read the prompt alone. stability: the noise starts 0.1% of the way
     to the image latent repeated over all frames (official --i2v-stability). latent_concat drops the first
-    decoded frames as the official sampler does (T - 4 frames come back)."""
+    decoded frames as the official sampler does (T - 4 frames come back). on_latents: called with the
+    denoised latents (rank 0) before the VAE decodes them, to keep them should the decode fail."""
     H, W, T = (v or pipe.video[k] for k, v in (("height", height), ("width", width), ("frames", frames)))
     kind = pipe.dit.cfg.image_condition_type
     if (image is None) != (kind is None):
@@ -579,11 +582,18 @@ def generate(pipe, prompts, seed=0, height=None, width=None, frames=None, steps=
     lap("denoise")
     if rank != 0:
         return None
-    video = pipe.vae.decode(latents / c.scaling_factor, tiled=tiled)  # unscale; the release has no shift
-    if kind == "latent_concat":  # as the official pipeline_hunyuan_video.py: image[:, :, 4:]
-        video = video[:, :, 4:]
+    if on_latents is not None:
+        on_latents(latents)
+    frames = decode(pipe.vae, latents, tiled, drop=4 if kind == "latent_concat" else 0)
     lap("VAE decode")
-    return np.stack([to_frames(v) for v in video])
+    return frames
+
+
+def decode(vae, latents, tiled=True, drop=0):
+    """Denoised latents (B, C, t, h, w) -> uint8 videos (B, T - drop, H, W, 3). drop: frames cut from the
+    start, 4 for a latent_concat I2V DiT (official pipeline_hunyuan_video.py: image[:, :, 4:])."""
+    video = vae.decode(latents / vae.cfg.scaling_factor, tiled=tiled)  # unscale; the release has no shift
+    return np.stack([to_frames(v) for v in video[:, :, drop:]])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,6 +648,78 @@ def write_strip(frames, path, n=8):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def latents_path(out):
+    """Where the latents of the video `out` wait while the VAE decodes them."""
+    return os.path.splitext(out)[0] + ".latents.safetensors"
+
+
+def write_latents(path, latents, meta):
+    """One video's denoised latents (C, t, h, w) and what decoding them needs (meta: str -> str), as
+    safetensors; temp file + rename."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    try:
+        save_file({"latents": latents.detach().contiguous().cpu()}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_latents(path, vae):
+    """A latents file -> (latents (1, C, t, h, w), metadata); ValueError naming the problem for a missing,
+    damaged or foreign file, or latents the VAE cannot decode."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--decode {path}: no such file")
+    try:
+        sd, meta = dit.read_safetensors(path)
+    except ValueError as e:
+        raise ValueError(f"--decode: {e}") from None
+    z = sd.get("latents")
+    if z is None or z.dim() != 4 or not {"fps", "drop"} <= meta.keys():
+        raise ValueError(f"--decode {path} is not a latents file of sample.py (it writes "
+                         f"<video>.latents.safetensors)")
+    if z.shape[0] != vae.cfg.latent_channels:
+        raise ValueError(f"--decode {path} has {z.shape[0]} latent channels, this VAE "
+                         f"{vae.cfg.latent_channels}: pass the --ckpt or --vae it was sampled with")
+    return z[None], meta
+
+
+def decode_files(paths, ckpt, vae_path, device, tiled=True, fps=None):
+    """sample.py --decode: latents files kept by an earlier run -> <video>.mp4 and its strip beside each,
+    with the VAE of --vae (official) or of the --ckpt folder alone (no text encoder or DiT is loaded)."""
+    vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # as load_pipeline
+    try:
+        if vae_path:
+            vae = vae_lib.load_vae(vae_path, device=device, dtype=vae_dtype)
+        else:
+            conf_path = os.path.join(ckpt, "config.json")
+            try:
+                with open(conf_path, encoding="utf-8") as f:
+                    cfg = vae_lib.VAEConfig(**json.load(f)["vae"])
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{conf_path} is damaged or not a train.py folder's ({type(e).__name__}: "
+                                 f"{e}); pass --vae, or the --ckpt folder the latents were sampled with")
+            vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=cfg, device=device,
+                                   dtype=vae_dtype)
+        todo = [(p, *read_latents(p, vae)) for p in paths]
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    for path, z, meta in todo:
+        frames = decode(vae, z.to(device), tiled, int(meta["drop"]))[0]
+        out = path.removesuffix(".latents.safetensors") + ".mp4" if path.endswith(".latents.safetensors") \
+            else os.path.splitext(path)[0] + ".mp4"
+        rate = fps or float(meta["fps"])
+        try:
+            write_mp4(frames, out, rate)
+            write_strip(frames, os.path.splitext(out)[0] + ".png")
+        except OSError as e:
+            sys.exit(f"error: cannot write {out} ({e.strerror or e}); move {path} somewhere writable")
+        T, H, W, _ = frames.shape
+        print(f"wrote {out} ({T} frames, {W}x{H}, {rate:g} fps) from {path}")
 
 
 def slug(prompt, n=60, max_bytes=120):
@@ -968,9 +1050,19 @@ def main():
     ap.add_argument("--i2v-stability", action="store_true", help="with --image: start from 0.999 noise + "
                     "0.001 image latent (official --i2v-stability; the default shift is then 7, else 17)")
     ap.add_argument("--no-tiling", dest="tiling", action="store_false", help="decode the VAE in one piece")
+    ap.add_argument("--keep-latents", action="store_true", help="keep each video's denoised latents beside "
+                    "it (<video>.latents.safetensors; they are always written before the VAE decode, and "
+                    "kept when it fails)")
+    ap.add_argument("--decode", nargs="+", metavar="LATENTS", help="decode kept latents files to mp4s beside "
+                    "them, with the VAE of --ckpt or --vae alone (no prompt, no DiT)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
     args = ap.parse_args()
+    if args.decode:
+        if args.prompt or args.prompts or args.image:
+            sys.exit("error: --decode writes videos from kept latents alone: drop --prompt/--prompts/--image")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return decode_files(args.decode, args.ckpt, args.vae, device, args.tiling, args.fps)
 
     prompts = [args.prompt] if args.prompt else []
     if args.prompts:
@@ -1046,26 +1138,55 @@ def main():
                              cfg_scale > 1, world, device, dtype)
     if short:
         sys.exit(f"error: {short}: lower --height/--width/--frames, or sample fewer prompts at a time")
+    outs = output_paths(args.out, args.seed, prompts)
+    source = f"--vae {args.vae}" if args.dit else f"--ckpt {args.ckpt}"  # the VAE, for --decode
+    fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
+    kept = []  # the denoised latents, written before the VAE decode: a decode that fails loses no sampling
+
+    def keep(latents):
+        for i, (out, z) in enumerate(zip(outs, latents)):
+            meta = {"prompt": prompts[i], "seed": str(args.seed + i), "fps": str(fps),
+                    "drop": str(4 if kind == "latent_concat" else 0)}
+            try:
+                write_latents(latents_path(out), z, meta)
+                kept.append(latents_path(out))
+            except OSError as e:
+                print(f"warning: cannot keep the latents in {latents_path(out)} ({e.strerror or e})",
+                      file=sys.stderr)
+
     # an empty --negative-prompt, too, means the default one (as official inference.py); a prompt longer than
     # the text encoders read is said once, on one line
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = one_line_warnings(set())
-        videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
-                          args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
-                          cache=cache, sparse=sparse, image=image, stability=args.i2v_stability)
+        try:
+            videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
+                              args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
+                              cache=cache, sparse=sparse, image=image, stability=args.i2v_stability,
+                              on_latents=keep)
+        except (RuntimeError, MemoryError, KeyboardInterrupt) as e:
+            if not kept:  # before the latents: nothing finished to keep
+                raise
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e).splitlines() or ["?"])[0]
+            sys.exit(f"error: the VAE decode stopped ({why[:200]}); the sampled latents are kept, decode "
+                     f"them with: python sample.py --decode {' '.join(kept)} {source}")
     if rank == 0:
         t0 = time.perf_counter()
-        fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
-        for out, frames in zip(output_paths(args.out, args.seed, prompts), videos):
+        for out, frames in zip(outs, videos):
             png = os.path.splitext(out)[0] + ".png"
             try:
                 write_mp4(frames, out, fps)
                 write_strip(frames, png)
             except OSError as e:
-                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out")
+                saved = f"; its latents are in {latents_path(out)}" if latents_path(out) in kept else ""
+                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out{saved}")
             T, H, W, _ = frames.shape
             print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
+        for f in kept:
+            if args.keep_latents:
+                print(f"kept {f} (python sample.py --decode {f} {source} decodes it again)")
+            else:
+                os.remove(f)
         times["write"] = time.perf_counter() - t0
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         if cache is not None:

@@ -346,6 +346,76 @@ def test_a_failed_write_is_one_line_and_leaves_no_temp_file(ckpt, tmp_path, monk
     assert e.value.code == f"error: cannot write {out} (No space left on device); pick another --out"
 
 
+def test_latents_are_kept_when_the_decode_fails_and_decode_alone_later(ckpt, tmp_path, monkeypatch, capsys):
+    """The denoised latents are written before the VAE decode: a decode that runs out of memory (or Ctrl-C)
+    says so in one line with the command that finishes the job, and `--decode` makes the very mp4 the run
+    would have written, loading the VAE alone. Without a failure nothing is left behind unless asked."""
+    def run(*extra):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
+                                          "--steps", "2", *extra])
+        sample.main()
+    ok, failed = str(tmp_path / "ok.mp4"), str(tmp_path / "failed.mp4")
+    run("--out", ok)
+    assert sorted(os.listdir(tmp_path)) == ["ok.mp4", "ok.png"]
+    decode = sample.decode
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore text")
+    monkeypatch.setattr(sample, "decode", oom)
+    with pytest.raises(SystemExit) as e:
+        run("--out", failed)
+    kept = str(tmp_path / "failed.latents.safetensors")
+    assert e.value.code == (f"error: the VAE decode stopped (CUDA out of memory. Tried to allocate 9.00 GiB); "
+                            f"the sampled latents are kept, decode them with: python sample.py --decode {kept} "
+                            f"--ckpt {ckpt}")
+    monkeypatch.setattr(sample, "decode", decode)
+    loads = []
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: loads.append(a))  # must not be needed
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", kept, "--ckpt", ckpt])
+    sample.main()
+    assert not loads and open(failed, "rb").read() == open(ok, "rb").read()
+    assert os.path.isfile(str(tmp_path / "failed.png")) and "wrote " + failed in capsys.readouterr().out
+    # --keep-latents keeps them after a good run; they hold what --decode needs
+    monkeypatch.undo()
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
+                                      "--steps", "2", "--out", ok, "--keep-latents", "--seed", "3"])
+    sample.main()
+    sd, meta = dit.read_safetensors(str(tmp_path / "ok.latents.safetensors"))
+    assert sd["latents"].shape == (4, 2, 4, 6) and meta["seed"] == "3" and meta["drop"] == "0"
+    assert meta["prompt"] == "a red circle moving left" and float(meta["fps"]) == 24
+
+
+def test_decode_refuses_what_it_cannot_decode_in_one_line(ckpt, tmp_path, monkeypatch):
+    from safetensors.torch import save_file
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    save_file({"latents": torch.zeros(3, 2, 4, 6)}, str(tmp_path / "c3.latents.safetensors"),
+              metadata={"fps": "24", "drop": "0"})
+    (tmp_path / "cut.latents.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    for name, needle in (("none.latents.safetensors", "no such file"),
+                         ("other.safetensors", "is not a latents file of sample.py"),
+                         ("c3.latents.safetensors", "has 3 latent channels, this VAE 4: pass the --ckpt or "
+                                                    "--vae it was sampled with"),
+                         ("cut.latents.safetensors", "damaged or truncated")):
+        path = str(tmp_path / name)
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", path, "--ckpt", ckpt])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert str(e.value.code).startswith("error: --decode") and needle in e.value.code \
+            and "\n" not in e.value.code, e.value.code
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", path, "--prompt", "x"])
+    with pytest.raises(SystemExit, match="drop --prompt"):
+        sample.main()
+
+
+def test_decode_drops_the_latent_concat_frames():
+    """An I2V latent_concat DiT's video loses its first 4 decoded frames, in generate and --decode alike."""
+    vae = vae_lib.CausalVAE(vae_lib.CONFIGS["tiny"]).eval()
+    z = torch.randn(1, 4, 3, 4, 4)
+    with torch.no_grad():
+        full, cut = sample.decode(vae, z), sample.decode(vae, z, drop=4)
+    assert full.shape[1] == 9 and np.array_equal(cut, full[:, 4:])
+
+
 def test_a_video_too_big_for_memory_is_refused_before_the_work(ckpt, monkeypatch):
     """No more swapping for hours: the DiT activations and decoded frames are sized against free memory
     (here 64 MiB) before the text encoders run."""
