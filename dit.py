@@ -1282,9 +1282,10 @@ def read_lora(model, sd, source, peft=None):
 def load_lora(model, path, scale=1.0):
     """Apply the LoRA file at `path` to `model` in place, at `scale`; several calls stack.
 
-    Dense weights get the adapter merged, W <- W + scale * B A, computed in fp32 (float64 weights: float64)
-    and rounded to the weights' dtype once: no cost per step, and offloading, FSDP and sequence parallel
-    then move ordinary weights. fp8 weights (FP8Linear) keep it unmerged in a LoRALinear: a merge would have
+    Dense weights get the adapter merged, W <- W + scale * B A, computed in float64 and rounded to the
+    weights' dtype once: no cost per step, and offloading, FSDP and sequence parallel then move ordinary
+    weights. (In fp32 the CPU's and the GPU's matmuls round B A differently, so --offload, which merges on
+    the CPU, would change some bf16 weights by a step.) fp8 weights (FP8Linear) keep it unmerged in a LoRALinear: a merge would have
     to requantise W + BA to 4 significant bits, losing most of the adapter."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
@@ -1294,9 +1295,8 @@ def load_lora(model, path, scale=1.0):
         target = module.base if isinstance(module, LoRALinear) else module
         if isinstance(target, nn.Linear):
             w = target.weight
-            work = torch.float64 if w.dtype == torch.float64 else torch.float32
-            delta = B.to(w.device, work) @ A.to(w.device, work)
-            w.data = (w.data.to(work) + scale * delta).to(w.dtype)
+            delta = B.to(w.device, torch.float64) @ A.to(w.device, torch.float64)
+            w.data = (w.data.to(torch.float64) + scale * delta).to(w.dtype)
             continue
         if not isinstance(module, LoRALinear):
             parent, _, child = name.rpartition(".")

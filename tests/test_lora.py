@@ -69,6 +69,23 @@ def test_original_and_kohya_layouts_equal_a_float64_merge(tmp_path, layout):
     assert (got - forward(base)).abs().max().item() > 1e-3  # the LoRA does change the output
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_is_the_float64_sum_rounded_once(tmp_path, dtype):
+    """Merged weights are W + s B A taken in float64 and rounded once to the weights' dtype, so the result
+    does not depend on where the merge runs (fp32 matmuls round differently on a CPU and a GPU, and
+    sample.py --offload merges on the CPU)."""
+    g = torch.Generator().manual_seed(0)
+    name, (o, n) = "single_blocks.0.linear1", SHAPES["single_blocks.0.linear1"]
+    A, B = rand_ab(o, n, 4, g)
+    save_file({f"diffusion_model.{name}.lora_A.weight": A.float(), f"diffusion_model.{name}.lora_B.weight":
+               B.float()}, tmp_path / "l.safetensors")
+    model = random_model(TINY).to(dtype)
+    w = model.get_submodule(name).weight.detach().clone()
+    dit.load_lora(model, str(tmp_path / "l.safetensors"), scale=0.3)
+    want = (w.double() + 0.3 * (B.float().double() @ A.float().double())).to(dtype)
+    assert torch.equal(model.get_submodule(name).weight, want)
+
+
 def test_diffusers_layout_equals_diffusers_transformer_with_the_adapters_merged(tmp_path):
     """PEFT is not a dependency here: diffusers' own HunyuanVideoTransformer3DModel, given our weights in its
     layout and each diffusers-named adapter merged into its own (unfused) layer, is the reference. Covers
