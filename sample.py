@@ -16,13 +16,14 @@ main().
 """
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
@@ -606,29 +607,56 @@ def to_frames(video):
     return (v.permute(1, 2, 3, 0) * 255).cpu().numpy().astype(np.uint8)
 
 
+def mp4_writer_missing():
+    """Why write_mp4 cannot run here, or None: checked before any work, not after hours of sampling."""
+    try:
+        import imageio_ffmpeg
+        imageio_ffmpeg.get_ffmpeg_exe()
+    except ImportError:
+        return "writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg"
+    except RuntimeError as e:  # the wheel's binary is missing
+        return f"imageio-ffmpeg finds no ffmpeg ({e}): pip install --force-reinstall imageio-ffmpeg"
+    return None
+
+
 def write_mp4(frames, path, fps=24):
     """uint8 (T, H, W, 3) RGB -> H.264 mp4 with the official save_videos_grid's settings (imageio.mimsave:
     libx264 at its default quality, crf 23, yuv420p), which browsers play; temp file + rename. The ffmpeg
     binary comes inside the imageio-ffmpeg wheel. OpenCV's own mp4v codec would need none, but browsers do not
-    play it and it is worse at a larger size (docs/performance.md, Video files)."""
-    try:
-        import imageio_ffmpeg
-    except ImportError:
-        raise RuntimeError("writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg") from None
+    play it and it is worse at a larger size (docs/performance.md, Video files). OSError, one line, when
+    ffmpeg fails (a full disk, say): nothing is renamed into place then."""
+    import subprocess
+    import tempfile
+    from fractions import Fraction
+    why = mp4_writer_missing()
+    if why:
+        raise RuntimeError(why)
+    import imageio_ffmpeg
     T, H, W, _ = frames.shape
     if H % 2 or W % 2:  # yuv420p stores colour at half resolution
         raise ValueError(f"an H.264 video needs an even size, not {W}x{H}: crop or pad the frames")
+    if not 0 < fps < math.inf:
+        raise ValueError(f"an mp4's frame rate must be positive, not {fps}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.mp4"
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"
+    # the command imageio-ffmpeg's write_frames builds for imageio.mimsave, run here so that ffmpeg's exit
+    # status is read (imageio-ffmpeg does not: a failed ffmpeg left an empty or cut-off video)
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{W}x{H}",
+           "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
+           "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-v", "error", tmp]
     try:
-        open(tmp, "wb").close()  # OSError if the place is not writable, before ffmpeg says it at length
-        out = imageio_ffmpeg.write_frames(tmp, (W, H), fps=fps, codec="libx264", quality=None,
-                                          pix_fmt_in="rgb24", pix_fmt_out="yuv420p", macro_block_size=1,
-                                          ffmpeg_log_level="error")
-        out.send(None)  # starts ffmpeg
-        for f in frames:
-            out.send(np.ascontiguousarray(f, dtype=np.uint8))
-        out.close()
+        with tempfile.TemporaryFile() as log:  # a file, not a pipe: ffmpeg never blocks on its messages
+            p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+            try:
+                for f in frames:
+                    p.stdin.write(np.ascontiguousarray(f, dtype=np.uint8).tobytes())
+                p.stdin.close()
+            except BrokenPipeError:  # ffmpeg stopped early; its status and message say why
+                pass
+            if p.wait() != 0:
+                log.seek(0)
+                lines = log.read().decode(errors="replace").strip().splitlines()
+                raise OSError(f"ffmpeg failed: {lines[-1] if lines else f'exit status {p.returncode}'}")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -657,21 +685,31 @@ def latents_path(out):
 
 def write_latents(path, latents, meta):
     """One video's denoised latents (C, t, h, w) and what decoding them needs (meta: str -> str), as
-    safetensors; temp file + rename."""
+    safetensors; temp file + rename. OSError for any failure to write (safetensors has errors of its own)."""
     from safetensors.torch import save_file
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file({"latents": latents.detach().contiguous().cpu()}, tmp, metadata=meta)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # safetensors writes 0600; the mp4 beside it is as the umask says
         os.replace(tmp, path)
+    except OSError:
+        raise
+    except Exception as e:  # SafetensorError: "No space left on device", say
+        raise OSError(str(e)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def read_latents(path, vae):
+def read_latents(path):
     """A latents file -> (latents (1, C, t, h, w), metadata); ValueError naming the problem for a missing,
-    damaged or foreign file, or latents the VAE cannot decode."""
+    damaged or foreign file."""
+    if os.path.isdir(path):
+        files = os.path.join(path, "*.latents.safetensors")
+        raise ValueError(f"--decode {path} is a folder: pass its files ({files})")
     if not os.path.isfile(path):
         raise ValueError(f"--decode {path}: no such file")
     try:
@@ -679,47 +717,66 @@ def read_latents(path, vae):
     except ValueError as e:
         raise ValueError(f"--decode: {e}") from None
     z = sd.get("latents")
-    if z is None or z.dim() != 4 or not {"fps", "drop"} <= meta.keys():
+    if z is None or z.dim() != 4 or not {"fps", "drop", "vae", "vae_config"} <= meta.keys():
         raise ValueError(f"--decode {path} is not a latents file of sample.py (it writes "
                          f"<video>.latents.safetensors)")
-    if z.shape[0] != vae.cfg.latent_channels:
-        raise ValueError(f"--decode {path} has {z.shape[0]} latent channels, this VAE "
-                         f"{vae.cfg.latent_channels}: pass the --ckpt or --vae it was sampled with")
     return z[None], meta
 
 
-def decode_files(paths, ckpt, vae_path, device, tiled=True, fps=None):
-    """sample.py --decode: latents files kept by an earlier run -> <video>.mp4 and its strip beside each,
-    with the VAE of --vae (official) or of the --ckpt folder alone (no text encoder or DiT is loaded)."""
+def decode_files(paths, ckpt, vae_path, device, tiled=True, fps=None, out=None):
+    """sample.py --decode: latents files kept by an earlier run -> an mp4 and its strip each, beside the
+    file (or at --out: a file for one, a folder for several), with the VAE alone (no text encoder or DiT):
+    --vae's (official), a --ckpt folder's, else the one the latents were sampled with (their metadata)."""
+    import shlex
     vae_dtype = torch.float16 if device.type == "cuda" else torch.float32  # as load_pipeline
     try:
-        if vae_path:
-            vae = vae_lib.load_vae(vae_path, device=device, dtype=vae_dtype)
+        todo = [(p, *read_latents(p)) for p in paths]
+        if out and not is_folder(out) and len(paths) > 1:
+            raise ValueError(f"--out {out} names one file for {len(paths)} latents files: give a folder "
+                             f"(--out {os.path.dirname(out) or '.'}/) or drop --out")
+        source = ("--vae", vae_path) if vae_path else ("--ckpt", ckpt) if ckpt else \
+            tuple(json.loads(todo[0][2]["vae"]))
+        if source[0] == "--vae":
+            vae = vae_lib.load_vae(source[1], device=device, dtype=vae_dtype)
         else:
-            conf_path = os.path.join(ckpt, "config.json")
+            conf_path = os.path.join(source[1], "config.json")
             try:
                 with open(conf_path, encoding="utf-8") as f:
                     cfg = vae_lib.VAEConfig(**json.load(f)["vae"])
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{conf_path} is damaged or not a train.py folder's ({type(e).__name__}: "
                                  f"{e}); pass --vae, or the --ckpt folder the latents were sampled with")
-            vae = vae_lib.load_vae(os.path.join(ckpt, "vae.safetensors"), cfg=cfg, device=device,
+            vae = vae_lib.load_vae(os.path.join(source[1], "vae.safetensors"), cfg=cfg, device=device,
                                    dtype=vae_dtype)
-        todo = [(p, *read_latents(p, vae)) for p in paths]
+        for path, _, meta in todo:  # another VAE would decode them to noise, without an error of its own
+            if json.loads(meta["vae_config"]) != json.loads(json.dumps(asdict(vae.cfg))):
+                theirs = shlex.join(json.loads(meta["vae"]))
+                raise ValueError(f"--decode {path} was sampled with the VAE of {theirs}, not "
+                                 f"{shlex.join(source)}'s: pass that one")
     except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    done = []
     for path, z, meta in todo:
-        frames = decode(vae, z.to(device), tiled, int(meta["drop"]))[0]
-        out = path.removesuffix(".latents.safetensors") + ".mp4" if path.endswith(".latents.safetensors") \
-            else os.path.splitext(path)[0] + ".mp4"
+        stem = path.removesuffix(".latents.safetensors") if path.endswith(".latents.safetensors") \
+            else os.path.splitext(path)[0]
+        video = (os.path.join(out, os.path.basename(stem) + ".mp4") if is_folder(out) else out) if out \
+            else stem + ".mp4"
+        try:
+            frames = decode(vae, z.to(device), tiled, int(meta["drop"]))[0]
+        except (RuntimeError, MemoryError, KeyboardInterrupt) as e:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e).splitlines() or ["?"])[0]
+            sys.exit(f"error: decoding {path} stopped ({why[:200]}); {len(done)} of {len(todo)} written"
+                     + ("; short of GPU memory, CUDA_VISIBLE_DEVICES= decodes on the CPU"
+                        if device.type == "cuda" and not isinstance(e, KeyboardInterrupt) else ""))
         rate = fps or float(meta["fps"])
         try:
-            write_mp4(frames, out, rate)
-            write_strip(frames, os.path.splitext(out)[0] + ".png")
+            write_mp4(frames, video, rate)
+            write_strip(frames, os.path.splitext(video)[0] + ".png")
         except OSError as e:
-            sys.exit(f"error: cannot write {out} ({e.strerror or e}); move {path} somewhere writable")
+            sys.exit(f"error: cannot write {video} ({e.strerror or e}); pick another --out")
+        done.append(video)
         T, H, W, _ = frames.shape
-        print(f"wrote {out} ({T} frames, {W}x{H}, {rate:g} fps) from {path}")
+        print(f"wrote {video} ({T} frames, {W}x{H}, {rate:g} fps) from {path}")
 
 
 def slug(prompt, n=60, max_bytes=120):
@@ -898,6 +955,11 @@ def check_args(args, prompts):
                                              else "no such file"))
     if args.image is not None and not os.path.isfile(args.image):
         bad.append(f"--image {args.image}: no such file")
+    if args.image is not None and args.dit and importlib.util.find_spec("ftfy") is None:
+        bad.append("--image with the official encoders needs ftfy, which the release's CLIP tokenizer cleans "
+                   "prompts with: pip install ftfy")
+    if mp4_writer_missing():
+        bad.append(mp4_writer_missing())
     if args.image is not None and args.frames == 1:
         bad.append("--frames 1 with --image: the video's first frame is the image; ask for 4k+1 > 1 frames")
     if args.image is None and (args.i2v_resolution or args.i2v_stability):
@@ -995,8 +1057,7 @@ def main():
     ap = argparse.ArgumentParser(description="Sample videos with HunyuanVideo: prompt in, mp4 out.")
     ap.add_argument("--prompt", help="the text prompt")
     ap.add_argument("--prompts", help="a text file with one prompt per line (a batch)")
-    ap.add_argument("--ckpt", default="out/demo",
-                    help="a folder written by train.py (default: the embedded demo)")
+    ap.add_argument("--ckpt", help="a folder written by train.py (default: out/demo, the embedded demo)")
     ap.add_argument("--dit", help="official DiT weights (mp_rank_00_model_states.pt, or the fp8 one: "
                     "mp_rank_00_model_states_fp8.pt with its _map.pt beside it), or diffusers/ours "
                     "safetensors")
@@ -1058,11 +1119,25 @@ def main():
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
     args = ap.parse_args()
-    if args.decode:
-        if args.prompt or args.prompts or args.image:
-            sys.exit("error: --decode writes videos from kept latents alone: drop --prompt/--prompts/--image")
+    if args.decode:  # the VAE alone: every option of the sampling itself would go unused
+        defaults = {"seed": 0, "sta_window": STA_WINDOW, "sta_full_steps": 15, "dtype": "bf16"}
+        unused = [f"--{k.replace('_', '-')}" for k, v in vars(args).items()
+                  if k not in ("decode", "ckpt", "vae", "out", "fps", "tiling")
+                  and v not in (None, False, defaults.get(k))]
+        bad = [f"--decode makes videos from kept latents with the VAE alone: drop {' '.join(unused)}"]
+        bad = bad if unused else []
+        if args.fps is not None and not 1 <= args.fps <= 65535:
+            bad.append(f"--fps {args.fps}: must be 1 to 65535 (default: the latents' own rate)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            bad.append("--decode runs in one process: run it without torchrun")
+        if mp4_writer_missing():
+            bad.append(mp4_writer_missing())
+        if bad:
+            sys.exit("error: " + "\nerror: ".join(bad))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return decode_files(args.decode, args.ckpt, args.vae, device, args.tiling, args.fps)
+        return decode_files(args.decode, args.ckpt, args.vae, device, args.tiling, args.fps, args.out)
+    if args.ckpt is None:
+        args.ckpt = os.path.join("out", "demo")
 
     prompts = [args.prompt] if args.prompt else []
     if args.prompts:
@@ -1139,14 +1214,19 @@ def main():
     if short:
         sys.exit(f"error: {short}: lower --height/--width/--frames, or sample fewer prompts at a time")
     outs = output_paths(args.out, args.seed, prompts)
-    source = f"--vae {args.vae}" if args.dit else f"--ckpt {args.ckpt}"  # the VAE, for --decode
+    source = ["--vae", os.path.abspath(args.vae)] if args.dit else ["--ckpt", os.path.abspath(args.ckpt)]
     fps = args.fps or pipe.video["fps"]  # a train.py folder: the rate its training clips play at
     kept = []  # the denoised latents, written before the VAE decode: a decode that fails loses no sampling
+
+    def decode_command(files):
+        import shlex
+        return shlex.join(["python", "sample.py", "--decode", *files, *source])
 
     def keep(latents):
         for i, (out, z) in enumerate(zip(outs, latents)):
             meta = {"prompt": prompts[i], "seed": str(args.seed + i), "fps": str(fps),
-                    "drop": str(4 if kind == "latent_concat" else 0)}
+                    "drop": str(4 if kind == "latent_concat" else 0), "vae": json.dumps(source),
+                    "vae_config": json.dumps(asdict(pipe.vae.cfg))}
             try:
                 write_latents(latents_path(out), z, meta)
                 kept.append(latents_path(out))
@@ -1169,24 +1249,30 @@ def main():
                 raise
             why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e).splitlines() or ["?"])[0]
             sys.exit(f"error: the VAE decode stopped ({why[:200]}); the sampled latents are kept, decode "
-                     f"them with: python sample.py --decode {' '.join(kept)} {source}")
+                     f"them with: {decode_command(kept)}")
     if rank == 0:
         t0 = time.perf_counter()
-        for out, frames in zip(outs, videos):
+        for i, (out, frames) in enumerate(zip(outs, videos)):
             png = os.path.splitext(out)[0] + ".png"
             try:
                 write_mp4(frames, out, fps)
                 write_strip(frames, png)
             except OSError as e:
-                saved = f"; its latents are in {latents_path(out)}" if latents_path(out) in kept else ""
-                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out{saved}")
+                left = [f for f in map(latents_path, outs[i:]) if f in kept]
+                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out" +
+                         (f"; the latents of the videos not written are kept: {decode_command(left)} --out "
+                          f"FOLDER/" if left else ""))
             T, H, W, _ = frames.shape
             print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
-        for f in kept:
-            if args.keep_latents:
-                print(f"kept {f} (python sample.py --decode {f} {source} decodes it again)")
-            else:
-                os.remove(f)
+            if latents_path(out) in kept:
+                if args.keep_latents:
+                    print(f"kept {latents_path(out)} ({decode_command([latents_path(out)])} decodes it "
+                          f"again)")
+                else:
+                    try:
+                        os.remove(latents_path(out))
+                    except FileNotFoundError:  # another run wrote the same name and removed it
+                        pass
         times["write"] = time.perf_counter() - t0
         print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
         if cache is not None:

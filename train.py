@@ -104,6 +104,7 @@ class TrainConfig:
     vae_mse: float = 0.0                # extra MSE term (VAELoss w_mse): LPIPS/GAN need longer runs
     vae_chroma: float = 0.0             # extra MSE on the error's colour (w_chroma): small shapes' colours
     vae_latent_rgb: float = 0.0         # latent channels 0-2 held to each cell's mean RGB: colours far apart
+    vae_kl_sum: bool = False            # KL summed per sample (3THW x stronger): short runs' latents small
     vae_crop_tries: int = 1             # the most varied of n random crops: not all flat background
     # sample.py's defaults for the output folder (config.json "sample"); unset keys take the official ones
     sampling: dict = field(default_factory=dict)
@@ -146,8 +147,9 @@ PRESETS = {
         vae_steps=1600, vae_size=(32, 32, 9), vae_image_size=(64, 64), vae_batch=4, vae_image_ratio=0.5,
         vae_image_batch=8, vae_lr=2e-3,
         # demo-only (see TrainConfig): without the chroma and latent-RGB terms, red and blue reconstruct
-        # green (docs/demo.md); crops of a quarter frame are often all backdrop without the crop tries
-        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0),
+        # green (docs/demo.md); crops of a quarter frame are often all backdrop without the crop tries; the
+        # KL summed per sample, as the demo was tuned and measured with
+        vae_crop_tries=4, vae_mse=10.0, vae_chroma=30.0, vae_latent_rgb=10.0, vae_kl_sum=True),
     # a 1.3B DiT from scratch on one GPU: 256px images, then 256px video, then longer video. No guidance
     # embedder: the release's was distilled from a CFG teacher (train_guidance, above), which a run from
     # scratch has not got; left on, it would see one constant while training and 6000 at sampling. The
@@ -884,8 +886,12 @@ def train_vae(cfg, clips, images, out_dir, device, rank=0, world=1, resume=False
     if device.type == "cpu":  # oneDNN's 3D convolutions run faster on channels-last tensors
         model.to(memory_format=torch.channels_last_3d)
     gan_start = cfg.vae_steps // 2 if cfg.vae_steps > 2000 else 10**9  # short runs: no GAN term at all
+    if gan_start >= cfg.vae_steps and rank == 0:
+        log(f"VAE: {cfg.vae_steps} steps, too few for the GAN term of paper eq. 1 (it starts halfway through "
+            f"runs of more than 2000): L1 + KL{' + LPIPS' if lpips else ''} only")
     lossf = vae_lib.VAELoss(perceptual_weights=lpips, gan_start=gan_start, w_mse=cfg.vae_mse,
-                            w_chroma=cfg.vae_chroma, w_latent_rgb=cfg.vae_latent_rgb).to(device)
+                            w_chroma=cfg.vae_chroma, w_latent_rgb=cfg.vae_latent_rgb,
+                            kl_sum=cfg.vae_kl_sum).to(device)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel as DDP
         model, lossf.discriminator = DDP(model), DDP(lossf.discriminator)
@@ -1807,6 +1813,8 @@ def cli():
         if v is not None and not ok(v):
             sys.exit(f"error: {flag} {v}: must be {want}")
     # checked before the hours of work that come before they are read (the VAE stage, the latent caches)
+    if sample.mp4_writer_missing():  # the sample videos at the end
+        sys.exit(f"error: {sample.mp4_writer_missing()}")
     for flag, p in (("--init-dit", args.init_dit), ("--vae", args.vae), ("--llm", args.llm),
                     ("--clip", args.clip)):
         if p and not os.path.exists(p):

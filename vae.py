@@ -689,12 +689,16 @@ class VAELoss(nn.Module):
     - Fixed weight 0.05 (the paper's) switched on at `gan_start` steps, no LDM adaptive weight, which would
       replace the paper's 0.05 by a gradient-norm ratio; the delay lets reconstruction settle before the
       discriminator's gradients matter.
-    - Reductions: L1 and LPIPS are means; KL is summed over latent elements and averaged over the batch (the
-      official posterior's kl()), which is what makes 1e-6 a meaningful weight.
+    - Reductions: L1 and LPIPS are means over pixels; the KL (the official posterior's kl(), a sum over a
+      sample's latent elements) is divided by the sample's pixel elements 3 T H W. The recipes whose
+      weights eq. 1 reuses (LDM's autoencoder loss; Open-Sora's HunyuanVideo-VAE config, 0.1 / 0.05 / 1e-6)
+      sum both the reconstruction and the KL per sample, so 1e-6 weighs the KL against a per-pixel L1 the
+      same way whatever the crop. kl_sum=True keeps the KL summed (3 T H W times stronger): the demo's.
     - Perceptual: LPIPS only from a local weights file; without one the term is off, said once."""
 
     def __init__(self, perceptual_weights=None, gan_start=50_000, disc_channels=64, disc_layers=3,
-                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0, w_chroma=0.0, w_latent_rgb=0.0):
+                 w_perceptual=0.1, w_gan=0.05, w_kl=1e-6, w_mse=0.0, w_chroma=0.0, w_latent_rgb=0.0,
+                 kl_sum=False):
         super().__init__()
         self.discriminator = Discriminator3D(3, disc_channels, disc_layers)
         self.lpips = LPIPS(perceptual_weights) if perceptual_weights else None
@@ -702,6 +706,7 @@ class VAELoss(nn.Module):
             warnings.warn("VAELoss: no LPIPS/VGG weights given (perceptual_weights=...): "
                           "the 0.1 x perceptual term of paper eq. 1 is OFF for this run.", stacklevel=2)
         self.gan_start, self.w_perceptual, self.w_gan, self.w_kl = gan_start, w_perceptual, w_gan, w_kl
+        self.kl_sum = kl_sum
         # Not in the paper: an optional MSE term. L1 alone is median-seeking, so with neither LPIPS nor a GAN
         # (short CPU runs) a small bright object on a large background is ignored for a long time.
         self.w_mse = w_mse
@@ -717,7 +722,8 @@ class VAELoss(nn.Module):
         """The VAE's loss -> (total, dict of the terms). x, recon: (B, 3, T, H, W)."""
         err = x - recon
         logs = {"l1": err.abs().mean()}
-        logs["kl"] = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1).mean()
+        kl = 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
+        logs["kl"] = (kl if self.kl_sum else kl / x[0].numel()).mean()
         total = logs["l1"] + self.w_kl * logs["kl"]
         if self.w_mse:
             logs["mse"] = err.square().mean()

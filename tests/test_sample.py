@@ -1,6 +1,7 @@
 """sample.py: the official schedule, the Euler/CFG arithmetic, prompt -> mp4 end to end with tiny random
 models, sequence parallel == single process, and clean errors for bad input."""
 
+import json
 import os
 import subprocess
 import sys
@@ -348,15 +349,19 @@ def test_a_failed_write_is_one_line_and_leaves_no_temp_file(ckpt, tmp_path, monk
 
 def test_latents_are_kept_when_the_decode_fails_and_decode_alone_later(ckpt, tmp_path, monkeypatch, capsys):
     """The denoised latents are written before the VAE decode: a decode that runs out of memory (or Ctrl-C)
-    says so in one line with the command that finishes the job, and `--decode` makes the very mp4 the run
-    would have written, loading the VAE alone. Without a failure nothing is left behind unless asked."""
+    says so in one line with the command that finishes the job (quoted for a shell: paths with spaces), and
+    `--decode` makes the very mp4 the run would have written, loading the VAE alone (the one the latents name,
+    when no --ckpt/--vae is given). Without a failure nothing is left behind unless asked."""
+    import shlex
+    out = tmp_path / "my videos"
+
     def run(*extra):
         monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
                                           "--steps", "2", *extra])
         sample.main()
-    ok, failed = str(tmp_path / "ok.mp4"), str(tmp_path / "failed.mp4")
+    ok, failed = str(out / "ok.mp4"), str(out / "failed.mp4")
     run("--out", ok)
-    assert sorted(os.listdir(tmp_path)) == ["ok.mp4", "ok.png"]
+    assert sorted(os.listdir(out)) == ["ok.mp4", "ok.png"]
     decode = sample.decode
 
     def oom(*a, **k):
@@ -364,47 +369,109 @@ def test_latents_are_kept_when_the_decode_fails_and_decode_alone_later(ckpt, tmp
     monkeypatch.setattr(sample, "decode", oom)
     with pytest.raises(SystemExit) as e:
         run("--out", failed)
-    kept = str(tmp_path / "failed.latents.safetensors")
-    assert e.value.code == (f"error: the VAE decode stopped (CUDA out of memory. Tried to allocate 9.00 GiB); "
-                            f"the sampled latents are kept, decode them with: python sample.py --decode {kept} "
-                            f"--ckpt {ckpt}")
+    kept = str(out / "failed.latents.safetensors")
+    command = shlex.join(["python", "sample.py", "--decode", kept, "--ckpt", os.path.abspath(ckpt)])
+    assert e.value.code == ("error: the VAE decode stopped (CUDA out of memory. Tried to allocate 9.00 "
+                            f"GiB); the sampled latents are kept, decode them with: {command}")
+    assert "'" in command  # the space in the folder's name is quoted
     monkeypatch.setattr(sample, "decode", decode)
     loads = []
     monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: loads.append(a))  # must not be needed
-    monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", kept, "--ckpt", ckpt])
+    monkeypatch.setattr(sys, "argv", shlex.split(command)[1:])
     sample.main()
     assert not loads and open(failed, "rb").read() == open(ok, "rb").read()
-    assert os.path.isfile(str(tmp_path / "failed.png")) and "wrote " + failed in capsys.readouterr().out
+    assert os.path.isfile(str(out / "failed.png")) and "wrote " + failed in capsys.readouterr().out
+    # no --ckpt: the VAE the file names; --out a folder
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", kept, "--out", str(tmp_path / "again") + "/"])
+    sample.main()
+    assert open(str(tmp_path / "again" / "failed.mp4"), "rb").read() == open(ok, "rb").read()
     # --keep-latents keeps them after a good run; they hold what --decode needs
     monkeypatch.undo()
     monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle moving left",
                                       "--steps", "2", "--out", ok, "--keep-latents", "--seed", "3"])
     sample.main()
-    sd, meta = dit.read_safetensors(str(tmp_path / "ok.latents.safetensors"))
+    sd, meta = dit.read_safetensors(str(out / "ok.latents.safetensors"))
     assert sd["latents"].shape == (4, 2, 4, 6) and meta["seed"] == "3" and meta["drop"] == "0"
     assert meta["prompt"] == "a red circle moving left" and float(meta["fps"]) == 24
+    assert json.loads(meta["vae"]) == ["--ckpt", os.path.abspath(ckpt)]
+
+
+def test_a_latents_file_that_cannot_be_written_does_not_stop_the_run(ckpt, tmp_path, monkeypatch,
+                                                                     capsys):
+    """safetensors' own error (a full disk, say) is a warning: the video is still decoded and written."""
+    import safetensors.torch
+
+    def full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = str(tmp_path / "v.mp4")
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--ckpt", ckpt, "--prompt", "a red circle", "--steps", "2",
+                                      "--out", out])
+    sample.main()
+    assert sorted(os.listdir(tmp_path)) == ["v.mp4", "v.png"]
+    assert "warning: cannot keep the latents in " in capsys.readouterr().err
 
 
 def test_decode_refuses_what_it_cannot_decode_in_one_line(ckpt, tmp_path, monkeypatch):
+    from dataclasses import asdict
+
     from safetensors.torch import save_file
     save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    other_vae = asdict(vae_lib.replace(vae_lib.CONFIGS["tiny"], latent_channels=3))
     save_file({"latents": torch.zeros(3, 2, 4, 6)}, str(tmp_path / "c3.latents.safetensors"),
-              metadata={"fps": "24", "drop": "0"})
+              metadata={"fps": "24", "drop": "0", "vae": json.dumps(["--vae", "/x/vae"]),
+                        "vae_config": json.dumps(other_vae)})
     (tmp_path / "cut.latents.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     for name, needle in (("none.latents.safetensors", "no such file"),
                          ("other.safetensors", "is not a latents file of sample.py"),
-                         ("c3.latents.safetensors", "has 3 latent channels, this VAE 4: pass the --ckpt or "
-                                                    "--vae it was sampled with"),
-                         ("cut.latents.safetensors", "damaged or truncated")):
+                         ("c3.latents.safetensors", f"was sampled with the VAE of --vae /x/vae, not --ckpt "
+                                                    f"{ckpt}'s: pass that one"),
+                         ("cut.latents.safetensors", "damaged or truncated"),
+                         ("", "is a folder: pass its files")):
         path = str(tmp_path / name)
         monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", path, "--ckpt", ckpt])
         with pytest.raises(SystemExit) as e:
             sample.main()
         assert str(e.value.code).startswith("error: --decode") and needle in e.value.code \
             and "\n" not in e.value.code, e.value.code
-    monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", path, "--prompt", "x"])
-    with pytest.raises(SystemExit, match="drop --prompt"):
-        sample.main()
+    path = str(tmp_path / "c3.latents.safetensors")
+    for extra, needle in ((["--prompt", "x", "--steps", "3"], "with the VAE alone: drop --prompt --steps"),
+                          (["--lora", "a.safetensors", "--dtype", "fp32"], "drop --lora --dtype"),
+                          (["--fps", "0"], "--fps 0: must be 1 to 65535"),
+                          (["--out", str(tmp_path / "one.mp4"), "--decode", path, path],
+                           "names one file for 2 latents files")):
+        monkeypatch.setattr(sys, "argv", ["sample.py", "--decode", path, "--ckpt", ckpt, *extra])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert needle in str(e.value.code), e.value.code
+
+
+def test_a_failed_ffmpeg_is_an_error_and_leaves_the_old_video(tmp_path, monkeypatch):
+    """imageio-ffmpeg does not read ffmpeg's exit status; we do: a failing ffmpeg (here a stand-in that
+    says why and exits 1) is one OSError line, and the video already at that path is untouched."""
+    import imageio_ffmpeg
+    fake = tmp_path / "ffmpeg"
+    fake.write_text("#!/bin/sh\ncat > /dev/null\necho 'first line' >&2\necho 'No space left on device' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    path = tmp_path / "v.mp4"
+    path.write_bytes(b"an older good video")
+    monkeypatch.setattr(imageio_ffmpeg, "get_ffmpeg_exe", lambda: str(fake))
+    with pytest.raises(OSError, match="^ffmpeg failed: No space left on device$"):
+        sample.write_mp4(np.zeros((3, 16, 16, 3), np.uint8), str(path))
+    assert path.read_bytes() == b"an older good video" and sorted(os.listdir(tmp_path)) == ["ffmpeg", "v.mp4"]
+    with pytest.raises(ValueError, match="frame rate must be positive, not -5"):
+        sample.write_mp4(np.zeros((3, 16, 16, 3), np.uint8), str(path), fps=-5)
+
+
+def test_a_missing_mp4_writer_is_said_before_the_work(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)
+    monkeypatch.setattr(sample, "load_pipeline", lambda *a, **k: pytest.fail("loaded the models"))
+    for argv in (["--ckpt", ckpt, "--prompt", "x"], ["--decode", str(tmp_path / "v.latents.safetensors")]):
+        monkeypatch.setattr(sys, "argv", ["sample.py", *argv])
+        with pytest.raises(SystemExit) as e:
+            sample.main()
+        assert e.value.code == "error: writing mp4 needs imageio-ffmpeg: pip install imageio-ffmpeg"
 
 
 def test_decode_drops_the_latent_concat_frames():

@@ -479,10 +479,31 @@ def test_losses_finite_with_gradients(tmp_path):
     d.backward()
     assert torch.isfinite(d) and all(p.grad is not None for p in loss_fn.discriminator.parameters())
     # KL against its closed form; LPIPS of identical images is 0
-    kl = 0.5 * (mean.double() ** 2 + logvar.double().exp() - 1 - logvar.double()).sum() / 2
+    kl = 0.5 * (mean.double() ** 2 + logvar.double().exp() - 1 - logvar.double()).sum() / 2 / x[0].numel()
     assert abs(logs["kl"].item() - kl.item()) < 1e-3 * kl.item()
     img = x[:, :, 0]
     assert loss_fn.lpips(img, img).abs().max() < 1e-6 and (loss_fn.lpips(img, -img) > 0).all()
+
+
+def test_kl_is_weighed_per_pixel_as_the_recipes_eq1_reuses():
+    """LDM's autoencoder loss and Open-Sora's HunyuanVideo-VAE config (eq. 1's weights) sum reconstruction
+    and KL per sample; with our per-pixel L1 the KL is therefore the closed-form KL summed over a sample's
+    latent elements, divided by its 3 T H W pixel elements (kl_sum=True: not divided, the demo's)."""
+    import warnings
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 5, 16, 24, generator=g, dtype=torch.float64) * 2 - 1
+    recon = x + 0.1 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    mean = torch.randn(2, 4, 2, 2, 3, generator=g, dtype=torch.float64)
+    logvar = torch.randn(2, 4, 2, 2, 3, generator=g, dtype=torch.float64)
+    kl = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+                                           torch.distributions.Normal(0.0, 1.0)).flatten(1).sum(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        per_pixel, summed = vae.VAELoss(gan_start=10**9), vae.VAELoss(gan_start=10**9, kl_sum=True)
+    total, logs = per_pixel(x, recon, mean, logvar, 0)
+    torch.testing.assert_close(logs["kl"], (kl / (3 * 5 * 16 * 24)).mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(total, (x - recon).abs().mean() + 1e-6 * logs["kl"], rtol=1e-12, atol=0)
+    torch.testing.assert_close(summed(x, recon, mean, logvar, 0)[1]["kl"], kl.mean(), rtol=1e-12, atol=0)
 
 
 def test_lpips_refuses_incomplete_or_misshaped_weights(tmp_path):
