@@ -1234,62 +1234,72 @@ def main():
                 print(f"warning: cannot keep the latents in {latents_path(out)} ({e.strerror or e})",
                       file=sys.stderr)
 
-    # an empty --negative-prompt, too, means the default one (as official inference.py); a prompt longer than
-    # the text encoders read is said once, on one line
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        warnings.showwarning = one_line_warnings(set())
-        try:
-            videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift, args.guidance,
-                              args.cfg_scale, args.negative_prompt or None, tiled=args.tiling, times=times,
-                              cache=cache, sparse=sparse, image=image, stability=args.i2v_stability,
-                              on_latents=keep)
-        except (RuntimeError, MemoryError, KeyboardInterrupt) as e:
-            if not kept:  # before the latents: nothing finished to keep
-                raise
-            why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e).splitlines() or ["?"])[0]
-            sys.exit(f"error: the VAE decode stopped ({why[:200]}); the sampled latents are kept, decode "
-                     f"them with: {decode_command(kept)}")
-    if rank == 0:
-        t0 = time.perf_counter()
-        for i, (out, frames) in enumerate(zip(outs, videos)):
-            png = os.path.splitext(out)[0] + ".png"
+    failure = None
+    try:
+        # an empty --negative-prompt, too, means the default one (as official inference.py); a prompt longer
+        # than the text encoders read is said once, on one line
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = one_line_warnings(set())
             try:
-                write_mp4(frames, out, fps)
-                write_strip(frames, png)
-            except OSError as e:
-                left = [f for f in map(latents_path, outs[i:]) if f in kept]
-                sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out" +
-                         (f"; the latents of the videos not written are kept: {decode_command(left)} --out "
-                          f"FOLDER/" if left else ""))
-            T, H, W, _ = frames.shape
-            print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
-            if latents_path(out) in kept:
-                if args.keep_latents:
-                    print(f"kept {latents_path(out)} ({decode_command([latents_path(out)])} decodes it "
-                          f"again)")
-                else:
-                    try:
-                        os.remove(latents_path(out))
-                    except FileNotFoundError:  # another run wrote the same name and removed it
-                        pass
-        times["write"] = time.perf_counter() - t0
-        print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
-        if cache is not None:
-            print(f"{type(cache).__name__} {cache.threshold}: {cache.computed} of "
-                  f"{cache.computed + cache.skipped} steps ran the DiT's blocks")
-        if pipe.dit.riflex:
-            c = pipe.dit.cfg
-            latent = ((args.frames or pipe.video["frames"]) - 1) // pipe.vae.cfg.time_compression + 1
-            k = dit.riflex_k(pipe.dit.riflex, latent, c.rope_axes[0], c.rope_theta)
-            if k is not None or args.riflex:
-                print(f"RIFLEx ({pipe.dit.riflex} rule), {latent} latent frames: " +
-                      (f"the temporal RoPE's frequency {k} lowered" if k is not None else "RoPE unchanged"))
-        if device.type == "cuda":
-            print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
-    if world > 1:
-        dist.barrier()
+                videos = generate(pipe, prompts, args.seed, *size, args.frames, args.steps, shift,
+                                  args.guidance, args.cfg_scale, args.negative_prompt or None,
+                                  tiled=args.tiling, times=times, cache=cache, sparse=sparse, image=image,
+                                  stability=args.i2v_stability, on_latents=keep)
+            except (RuntimeError, MemoryError, KeyboardInterrupt) as e:
+                if not kept:  # before the latents: nothing finished to keep
+                    raise
+                why = "interrupted" if isinstance(e, KeyboardInterrupt) else (str(e).splitlines() or ["?"])[0]
+                sys.exit(f"error: the VAE decode stopped ({why[:200]}); the sampled latents are kept, decode "
+                         f"them with: {decode_command(kept)}")
+        if rank == 0:
+            t0 = time.perf_counter()
+            for i, (out, frames) in enumerate(zip(outs, videos)):
+                png = os.path.splitext(out)[0] + ".png"
+                try:
+                    write_mp4(frames, out, fps)
+                    write_strip(frames, png)
+                except OSError as e:
+                    left = [f for f in map(latents_path, outs[i:]) if f in kept]
+                    sys.exit(f"error: cannot write {out} ({e.strerror or e}); pick another --out" +
+                             (f"; the latents of the videos not written are kept: {decode_command(left)} "
+                              f"--out FOLDER/" if left else ""))
+                T, H, W, _ = frames.shape
+                print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
+                if latents_path(out) in kept:
+                    if args.keep_latents:
+                        print(f"kept {latents_path(out)} ({decode_command([latents_path(out)])} decodes it "
+                              f"again)")
+                    else:
+                        try:
+                            os.remove(latents_path(out))
+                        except FileNotFoundError:  # another run wrote the same name and removed it
+                            pass
+            times["write"] = time.perf_counter() - t0
+            print("seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
+            if cache is not None:
+                print(f"{type(cache).__name__} {cache.threshold}: {cache.computed} of "
+                      f"{cache.computed + cache.skipped} steps ran the DiT's blocks")
+            if pipe.dit.riflex:
+                c = pipe.dit.cfg
+                latent = ((args.frames or pipe.video["frames"]) - 1) // pipe.vae.cfg.time_compression + 1
+                k = dit.riflex_k(pipe.dit.riflex, latent, c.rope_axes[0], c.rope_theta)
+                if k is not None or args.riflex:
+                    print(f"RIFLEx ({pipe.dit.riflex} rule), {latent} latent frames: " +
+                          (f"the temporal RoPE's frequency {k} lowered" if k is not None
+                           else "RoPE unchanged"))
+            if device.type == "cuda":
+                print(f"peak GPU memory: {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB")
+    except SystemExit as e:  # rank 0's one line: under torchrun the other ranks hear of it first
+        if world == 1:
+            raise
+        failure = e.code
+    if world > 1:  # rank 0's outcome to every rank, so that none waits on a rank that has gone
+        status = [failure]
+        dist.broadcast_object_list(status, src=0)
         dist.destroy_process_group()
+        if rank == 0 and status[0] is not None:
+            sys.exit(status[0])
 
 
 if __name__ == "__main__":

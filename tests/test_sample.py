@@ -412,6 +412,28 @@ def test_a_latents_file_that_cannot_be_written_does_not_stop_the_run(ckpt, tmp_p
     assert "warning: cannot keep the latents in " in capsys.readouterr().err
 
 
+def test_under_torchrun_rank_0s_one_line_error_stops_the_others_cleanly(ckpt, tmp_path):
+    """Sequence parallel on 2 CPU processes, the VAE decode failing on rank 0 (a stand-in patched in by a
+    sitecustomize module): rank 0 says its one line and rank 1, told so, leaves without a traceback of its own
+    (it used to wait on a barrier for a rank that had gone: 'Connection closed by peer')."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import vae\n"
+        "def _oom(self, *a, **k):\n"
+        "    raise RuntimeError('CUDA out of memory (stand-in)')\n"
+        "vae.CausalVAE.decode = _oom\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(site), ROOT]))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29547", os.path.join(ROOT, "sample.py"), "--ckpt", ckpt,
+                        "--prompt", "a red circle", "--steps", "2", "--out", str(tmp_path / "v.mp4")],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert r.returncode != 0
+    assert "error: the VAE decode stopped (CUDA out of memory (stand-in)); the sampled latents" in r.stderr
+    assert "rank      : 0 (local_rank: 0)" in r.stderr and "<NO_OTHER_FAILURES>" in r.stderr, r.stderr[-3000:]
+    assert "Connection closed" not in r.stderr and (tmp_path / "v.latents.safetensors").is_file()
+
+
 def test_decode_refuses_what_it_cannot_decode_in_one_line(ckpt, tmp_path, monkeypatch):
     from dataclasses import asdict
 
