@@ -265,8 +265,18 @@ class LlamaAttention(nn.Module):
             if kv:
                 k, v = torch.cat([kv["k"], k], dim=2), torch.cat([kv["v"], v], dim=2)
             kv["k"], kv["v"] = k, v
-        # query head h reads key/value head h // (nh / nkv)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.nh != self.nkv)
+        # query head h reads key/value head h // (nh / nkv). The call transformers' SDPA Llama makes (the
+        # official environments': 4.46 and 4.39): k/v heads repeated, an additive mask of 0 / the dtype's
+        # min, contiguous tensors on a GPU; the same call lets SDPA pick the same GPU kernel (a boolean mask
+        # with enable_gqa would take another), so the fp16 states round the same way
+        if self.nh != self.nkv:
+            k, v = (t.repeat_interleave(self.nh // self.nkv, dim=1) for t in (k, v))
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, torch.finfo(q.dtype).min)
+        if q.device.type == "cuda" and mask is not None:
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(o.transpose(1, 2).reshape(B, L, self.nh * self.hd))
 
 

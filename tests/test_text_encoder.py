@@ -56,6 +56,23 @@ def tiny_llama(seed=0, dtype=torch.float32, **kw):
     return m.to(dtype).eval()
 
 
+def test_llama_attention_makes_transformers_sdpa_call(monkeypatch):
+    """The official environments' transformers (4.46, 4.39) call SDPA with the key/value heads repeated and
+    an additive fp16 mask of 0 / the dtype's min, no enable_gqa: the same call picks the same GPU kernel,
+    whose fp16 rounding a boolean mask with enable_gqa (another kernel) would not share."""
+    calls, sdpa = [], F.scaled_dot_product_attention
+
+    def record(q, k, v, attn_mask=None, **kw):
+        calls.append((q.shape, k.shape, attn_mask.dtype, attn_mask.min().item(), kw))
+        return sdpa(q, k, v, attn_mask=attn_mask, **kw)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", record)
+    m = tiny_llama(dtype=torch.float16)
+    ids = torch.randint(0, 300, (2, 7))
+    m(ids, torch.tensor([[1] * 7, [1] * 4 + [0] * 3]))
+    assert calls and all(q == k and dt == torch.float16 and lo == torch.finfo(torch.float16).min and not kw
+                         for q, k, dt, lo, kw in calls)
+
+
 def tiny_clip(seed=0, **kw):
     cfg = te.CLIPTextConfig(**{**dict(vocab_size=300, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=20),
