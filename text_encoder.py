@@ -380,7 +380,13 @@ class LlamaEncoder(nn.Module):
 
 
 class CLIPAttention(nn.Module):
-    """Multi-head self-attention with biased projections (causal through its mask in the text tower)."""
+    """Multi-head self-attention with biased projections (causal through its masks in the text tower).
+
+    masks: additive float masks (0 / the dtype's min), each None or broadcasting to (B, nh, L, L): the text
+    tower's causal one, then its padding one. Two arithmetics, each the call of one official environment,
+    so that its fp16 rounding is reproduced: SDPA on the masks' sum (transformers 4.46, text-to-video), or
+    with `eager` set, transformers 4.39's (HunyuanVideo-I2V's): q scaled before q k^T, each mask added in
+    turn, softmax in the states' dtype."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -388,12 +394,24 @@ class CLIPAttention(nn.Module):
         D = cfg.hidden_size
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
         self.out_proj = nn.Linear(D, D)
+        self.eager = False
 
-    def forward(self, x, mask):
+    def forward(self, x, masks=()):
         B, L, D = x.shape
-        q, k, v = (p(x).view(B, L, self.nh, D // self.nh).transpose(1, 2)  # (B, nh, L, hd)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        hd = D // self.nh
+        heads = lambda t: t.view(B, L, self.nh, hd).transpose(1, 2)  # (B, nh, L, hd)
+        masks = [m for m in masks if m is not None]
+        if self.eager:
+            q = heads(self.q_proj(x) * hd ** -0.5).reshape(B * self.nh, L, hd)
+            k, v = (heads(p(x)).reshape(B * self.nh, L, hd) for p in (self.k_proj, self.v_proj))
+            w = torch.bmm(q, k.transpose(1, 2))
+            for m in masks:
+                w = (w.view(B, self.nh, L, L) + m).view(B * self.nh, L, L)
+            o = torch.bmm(F.softmax(w, dim=-1), v).view(B, self.nh, L, hd)
+        else:
+            mask = None if not masks else masks[0] if len(masks) == 1 else masks[0] + masks[1]
+            q, k, v = (heads(p(x)) for p in (self.q_proj, self.k_proj, self.v_proj))
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=hd ** -0.5)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, D))
 
 
@@ -425,8 +443,8 @@ class CLIPLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
-    def forward(self, x, mask):
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def forward(self, x, masks=()):
+        x = x + self.self_attn(self.layer_norm1(x), masks)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -445,11 +463,13 @@ class CLIPTextEncoder(nn.Module):
         """input_ids (B, L <= 77) with an end-of-text token per row -> pooled (B, hidden)."""
         B, L = input_ids.shape
         x = self.token_embedding(input_ids) + self.position_embedding.weight[:L]
-        mask = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()[None, None]
+        low = torch.finfo(x.dtype).min  # transformers' additive masks, in the states' dtype
+        masks = [torch.full((L, L), low, dtype=x.dtype, device=x.device).triu(1)[None, None]]
         if attention_mask is not None:  # the official code passes it; it cannot change the pooled token
-            mask = mask & attention_mask.to(x.device, torch.bool)[:, None, None, :]
+            keep = attention_mask.to(x.device, torch.bool)[:, None, None, :]
+            masks.append(torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, low))
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, masks)
         x = self.final_layer_norm(x)
         if self.cfg.eos_token_id is None:
             # Old CLIP configs (openai's included) declare eos_token_id = 2, which is wrong; transformers then
@@ -552,7 +572,7 @@ class CLIPVisionEncoder(nn.Module):
         x = torch.cat([self.class_embedding.expand(B, 1, -1), x], dim=1) + self.position_embedding.weight
         states = [self.pre_layrnorm(x)]
         for layer in self.layers[:max(want)]:
-            states.append(layer(states[-1], None))  # no mask: every patch sees every patch
+            states.append(layer(states[-1]))  # no mask: every patch sees every patch
         return [states[i] for i in want]
 
     def forward(self, pixel_values):
@@ -1100,6 +1120,10 @@ class PromptEncoder:
         self.skip_layers = skip_layers
         self.device = torch.device(device) if device is not None else llm.embed_tokens.weight.device
         self.offload = offload
+        if llava is not None:  # image-to-video: the release ran transformers 4.39, whose CLIP attention (the
+            for m in [*clip.modules(), *llava.vision_tower.modules()]:  # text and vision towers') is eager
+                if isinstance(m, CLIPAttention):
+                    m.eager = True
         # names the encoders in cache keys: configs, settings and a few weights (seeds, checkpoints differ)
         probe = (llm.cfg, clip.cfg, templates, text_len, clip_len, skip_layers,
                  llm.embed_tokens.weight[0, :8].tolist(), clip.token_embedding.weight[0, :8].tolist())

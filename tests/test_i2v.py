@@ -397,6 +397,10 @@ def test_i2v_prompt_path_matches_transformers_and_the_official_crop(i2v_tok_dir,
     pe = te.PromptEncoder(llava.language_model, clip, tok, tok, templates=None, text_len=text_len,
                           clip_len=16, llava=llava, i2v_template=tpl)
     assert pe.i2v_returns_before == 3  # as the official code's count (Llama 3 tokenizes "\n\n" alike)
+    # the release's transformers 4.39 ran both CLIP towers' attention eagerly (the test's reference here is
+    # transformers 5: the same to fp32 rounding)
+    towers = [*clip.modules(), *llava.vision_tower.modules()]
+    assert all(m.eager for m in towers if isinstance(m, te.CLIPAttention))
     clip_calls, clip_tok = [], pe.clip_tok  # CLIP's text cleaned with ftfy, as the I2V release's tokenizer
     pe.clip_tok = lambda *a, **k: clip_calls.append(k.get("fix_text")) or clip_tok(*a, **k)
     rng = np.random.default_rng(0)

@@ -73,6 +73,43 @@ def test_llama_attention_makes_transformers_sdpa_call(monkeypatch):
                          for q, k, dt, lo, kw in calls)
 
 
+def test_clip_attention_has_each_official_environments_arithmetic():
+    """T2V's environment (transformers 4.46) runs CLIP through SDPA on the sum of its additive masks; I2V's
+    (4.39, image-to-video) eagerly: q * scale, q k^T, the causal then the padding mask added in turn, softmax
+    in the states' dtype. Each is reproduced bit for bit in fp16 (the I2V prompt path's vs the official
+    HunyuanVideo-I2V TextEncoder under 4.39.3 too, outside CI: docs/i2v.md); both agree with float64."""
+    torch.manual_seed(0)
+    cfg = te.CLIPTextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=16)
+    attn = te.CLIPAttention(cfg).half()
+    B, L, nh, hd = 2, 9, 4, 8
+    x = torch.randn(B, L, 32).half()
+    low = torch.finfo(torch.float16).min
+    causal = torch.full((L, L), low, dtype=torch.float16).triu(1)[None, None]
+    pad = torch.zeros(B, 1, 1, L, dtype=torch.float16)
+    pad[1, ..., 6:] = low
+    heads = lambda t: t.view(B, L, nh, hd).transpose(1, 2)
+    with torch.no_grad():
+        q, k, v = (heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=causal + pad, scale=hd ** -0.5)
+        want46 = attn.out_proj(sdpa.transpose(1, 2).reshape(B, L, 32))
+        q39 = heads(attn.q_proj(x) * hd ** -0.5).reshape(B * nh, L, hd)
+        w = torch.bmm(q39, k.reshape(B * nh, L, hd).transpose(1, 2))
+        w = (w.view(B, nh, L, L) + causal).view(B * nh, L, L)
+        w = (w.view(B, nh, L, L) + pad).view(B * nh, L, L)
+        o = torch.bmm(torch.softmax(w, -1), v.reshape(B * nh, L, hd)).view(B, nh, L, hd)
+        want39 = attn.out_proj(o.transpose(1, 2).reshape(B, L, 32))
+        got46 = attn(x, (causal, pad))
+        attn.eager = True
+        got39 = attn(x, (causal, pad))
+        ref = te.CLIPAttention(cfg).double()
+        ref.load_state_dict(attn.state_dict())
+        ref.eager = False
+        want64 = ref(x.double(), (causal.double().clamp(min=-1e30), pad.double().clamp(min=-1e30)))
+    assert torch.equal(got46, want46) and torch.equal(got39, want39) and not torch.equal(got46, got39)
+    assert (got39.double() - want64).abs().max() < 2e-2 and (got46.double() - want64).abs().max() < 2e-2
+
+
 def tiny_clip(seed=0, **kw):
     cfg = te.CLIPTextConfig(**{**dict(vocab_size=300, hidden_size=32, intermediate_size=48,
                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=20),
@@ -494,7 +531,8 @@ def test_clip_clean_with_ftfy_as_the_image_to_video_release(clip_tok_dir, monkey
     import re
 
     import ftfy
-    texts = ["It\u2019s \u201c\uff21\uff22\uff23\u201d  \ufb01ne", "\u6570\u5b57 a\tcat\n", "caf\u00c3\u00a9 OK",
+    texts = ["It\u2019s \u201c\uff21\uff22\uff23\u201d  \ufb01ne", "\u6570\u5b57 a\tcat\n",
+             "caf\u00c3\u00a9 OK",
              "A <|endoftext|>Cat\u2019s"]
     for text in texts:  # transformers 4.39's formula, piece by piece around a literal special token
         pieces = re.split(r"(<\|endoftext\|>)", text)
