@@ -901,7 +901,7 @@ def check_args(args, prompts):
                    + (f" (prompt i takes seed + i, {len(prompts)} prompts)" if last != args.seed else "")
                    + ": the noise generator's range")
     if args.fps is not None and not 1 <= args.fps <= 65535:
-        bad.append(f"--fps {args.fps}: must be 1 to 65535 (the mp4's range; default 24 or the folder's own)")
+        bad.append(f"--fps {args.fps:g}: must be 1 to 65535 (the mp4's range; default 24 or the folder's own)")
     if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
         bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); "
                    f"nearest valid: {nearest(args.frames, 4, 1)}")
@@ -1079,7 +1079,8 @@ def main():
                     "checkpoint folder's own, else the official negative prompt)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="output .mp4 (default out/samples/<seed>_<prompt>.mp4)")
-    ap.add_argument("--fps", type=int, help="default 24; for --ckpt the folder's own (its clips' frame rate)")
+    ap.add_argument("--fps", type=float, help="frames per second, e.g. 24 or 23.976 (default 24; for --ckpt "
+                    "the folder's own, its clips' frame rate)")
     ap.add_argument("--offload", action="store_true", help="stream the DiT's blocks (and the encoders) from "
                     "CPU memory")
     ap.add_argument("--lora", action="append", metavar="FILE[:SCALE]", help="a LoRA (diffusers/PEFT, "
@@ -1127,7 +1128,7 @@ def main():
         bad = [f"--decode makes videos from kept latents with the VAE alone: drop {' '.join(unused)}"]
         bad = bad if unused else []
         if args.fps is not None and not 1 <= args.fps <= 65535:
-            bad.append(f"--fps {args.fps}: must be 1 to 65535 (default: the latents' own rate)")
+            bad.append(f"--fps {args.fps:g}: must be 1 to 65535 (default: the latents' own rate)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             bad.append("--decode runs in one process: run it without torchrun")
         if mp4_writer_missing():
@@ -1265,7 +1266,7 @@ def main():
                              (f"; the latents of the videos not written are kept: {decode_command(left)} "
                               f"--out FOLDER/" if left else ""))
                 T, H, W, _ = frames.shape
-                print(f"wrote {out} ({T} frames, {W}x{H}, {fps} fps) and its strip {png}")
+                print(f"wrote {out} ({T} frames, {W}x{H}, {fps:g} fps) and its strip {png}")
                 if latents_path(out) in kept:
                     if args.keep_latents:
                         print(f"kept {latents_path(out)} ({decode_command([latents_path(out)])} decodes it "

@@ -313,6 +313,8 @@ def test_mp4_is_the_official_writers_h264(tmp_path):
         back.append(f[..., ::-1])
     mse = ((np.stack(back).astype(float) - frames) ** 2).mean()
     assert len(back) == 17 and 10 * np.log10(255 ** 2 / mse) > 30
+    sample.write_mp4(frames, ours, fps=23.976)  # a rate that is no integer (--fps takes one too)
+    assert abs(cv2.VideoCapture(ours).get(cv2.CAP_PROP_FPS) - 23.976) < 1e-3
     with pytest.raises(ValueError, match="an H.264 video needs an even size, not 95x64"):
         sample.write_mp4(frames[:, :, :95], ours)
 
