@@ -16,9 +16,10 @@ Speed and memory of each component, with the peer implementation measured in the
     python bench.py sta                                     # sliding-tile vs dense kernel forward, 720p
     python bench.py video                                   # 13B 720x1280x129 x 50 steps: dense, STA, +cache
 
-On a CPU every subcommand but attention runs a tiny config: a smoke run. GPU timings use CUDA events after
-warm-up and report the median. A peer that cannot run in this process is quoted from docs/performance.md,
-which records every figure with the command, GPU and date it was measured with.
+On a CPU every subcommand but attention, curate, cache and mp4 (CPU measurements) runs a tiny config: a smoke
+run. GPU timings use CUDA events after warm-up and report the median. A peer that cannot run in this process
+is quoted from docs/performance.md, which records every figure with the command, GPU and date it was measured
+with.
 """
 
 import argparse
@@ -1149,7 +1150,8 @@ def main():
     p = sub.add_parser("demo", help="colour, shape and direction read from the demo's samples (CPU)")
     p.add_argument("--ckpt", nargs="+", default=["out/demo"], help="train.py demo folders (one per seed)")
     p.set_defaults(fn=bench_demo)
-    p = sub.add_parser("i2v-demo", help="a train.py --i2v demo folder: direction from fresh first frames (CPU)")
+    p = sub.add_parser("i2v-demo", help="a train.py --i2v demo folder: direction from fresh first frames "
+                       "(CPU)")
     p.add_argument("--ckpt", default="out/i2v_demo", help="the train.py --i2v folder")
     p.set_defaults(fn=bench_i2v_demo)
     # everything after `attention` goes to attention_cuda/bench.py ('+' prefix: its -h and --flags pass)

@@ -1285,8 +1285,8 @@ def load_lora(model, path, scale=1.0):
     Dense weights get the adapter merged, W <- W + scale * B A, computed in float64 and rounded to the
     weights' dtype once: no cost per step, and offloading, FSDP and sequence parallel then move ordinary
     weights. (In fp32 the CPU's and the GPU's matmuls round B A differently, so --offload, which merges on
-    the CPU, would change some bf16 weights by a step.) fp8 weights (FP8Linear) keep it unmerged in a LoRALinear: a merge would have
-    to requantise W + BA to 4 significant bits, losing most of the adapter."""
+    the CPU, would change some bf16 weights by a step.) fp8 weights (FP8Linear) keep it unmerged in a
+    LoRALinear: a merge would have to requantise W + BA to 4 significant bits, losing most of the adapter."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"LoRA file not found: {path}")
     sd, metadata = read_safetensors(path)

@@ -6,7 +6,7 @@ Sampling: prompt in, mp4 out, as the official HunyuanVideo pipeline (official sa
     torchrun --nproc_per_node 4 sample.py ...                # one video on 4 GPUs (sequence parallel)
     python sample.py ... --lora style.safetensors:0.8 --lora motion.safetensors   # LoRAs, stacked
     python sample.py --image first.jpg --prompt "..." --dit I2V.pt ...   # image-to-video (docs/i2v.md)
-    python sample.py --decode out/samples/0_a_cat.latents.safetensors --vae VAE_DIR   # a failed decode's
+    python sample.py --decode out/samples/0_a_cat.latents.safetensors   # finish a decode that failed
 
 Read top to bottom: the sampler (sigma schedule, Euler steps of the flow ODE), loading a pipeline (the
 official files or a train.py folder), generate() (encode the prompt with the LLM + CLIP, draw the noise,
@@ -901,7 +901,8 @@ def check_args(args, prompts):
                    + (f" (prompt i takes seed + i, {len(prompts)} prompts)" if last != args.seed else "")
                    + ": the noise generator's range")
     if args.fps is not None and not 1 <= args.fps <= 65535:
-        bad.append(f"--fps {args.fps:g}: must be 1 to 65535 (the mp4's range; default 24 or the folder's own)")
+        bad.append(f"--fps {args.fps:g}: must be 1 to 65535 (the mp4's range; default 24 or the folder's "
+                   "own)")
     if args.frames is not None and (args.frames < 1 or (args.frames - 1) % 4):
         bad.append(f"--frames {args.frames}: must be 4k+1 (1 for an image); "
                    f"nearest valid: {nearest(args.frames, 4, 1)}")
@@ -1115,8 +1116,9 @@ def main():
     ap.add_argument("--keep-latents", action="store_true", help="keep each video's denoised latents beside "
                     "it (<video>.latents.safetensors; they are always written before the VAE decode, and "
                     "kept when it fails)")
-    ap.add_argument("--decode", nargs="+", metavar="LATENTS", help="decode kept latents files to mp4s beside "
-                    "them, with the VAE of --ckpt or --vae alone (no prompt, no DiT)")
+    ap.add_argument("--decode", nargs="+", metavar="LATENTS", help="decode kept latents files to mp4s, "
+                    "beside them or at --out, with a VAE alone (no prompt, no DiT): --vae's, --ckpt's, else "
+                    "the one they were sampled with")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                     help="DiT dtype (official bf16)")
     args = ap.parse_args()

@@ -9,11 +9,14 @@ A prompt is read twice:
     `text` (B, 256, 4096) with its right-padded `text_mask` (B, 256);
   - by CLIP ViT-L/14's text tower, whose final-normed state at the end-of-text token is `pooled` (B, 768).
 Both read the Hugging Face folders the official repo uses (config.json + *.safetensors, tokenizer files),
-so sampling the released model needs no `transformers`. Tokenizer files are read with `tokenizers`.
+so sampling the released model needs no `transformers`. Tokenizer files are read with `tokenizers`
+(image-to-video's CLIP prompts are cleaned with ftfy first, as the I2V release's tokenizer did).
 
 Numerics follow the official fp16 run (transformers 4.46.3): RMSNorm normalises in fp32, RoPE tables are
 built in fp32 from frequencies rounded to the weights' dtype and cast to it, everything else runs in the
 weights' dtype. (On CPU, small random checkpoints gave fp32 and fp16 outputs identical to transformers'.)
+Image-to-video follows HunyuanVideo-I2V's transformers 4.39.3 instead: both CLIP towers' attention runs
+eagerly (`CLIPAttention.eager`), bit-equal to that release's encoder in fp16 (docs/i2v.md).
 
 Use (sample.py):
     pe = PromptEncoder.from_pretrained("ckpts/text_encoder", "ckpts/text_encoder_2", device="cuda")
